@@ -1,0 +1,1 @@
+"""IR helpers onnx_ir lacks: quantization schemes, graph analysis, export."""

@@ -1,0 +1,117 @@
+"""Graph queries the passes share: which nodes are weight MatMuls, LM heads and embeddings, and the
+module path each node came from."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+
+import onnx_ir as ir
+
+#: Module-path leaf names that mark an output projection onto the vocabulary.
+LM_HEAD_NAMES = frozenset({"lm_head", "embed_out", "output_projection"})
+FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
+_NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+@dataclasses.dataclass
+class WeightUse:
+    """A node that multiplies activations by a constant 2-D weight.
+
+    ``kind`` is ``"matmul"`` (MatMul with B[K, N]), ``"gemm"`` (Gemm, transB handled by the caller),
+    ``"lm_head"`` (an output head: a MatMul named like an LM head, tied to an embedding table, or whose
+    output is a graph output) or ``"embedding"`` (a Gather from a [V, D] table).
+    """
+
+    node: ir.Node
+    weight: ir.Value
+    input_index: int
+    kind: str
+    layer: str
+
+
+def module_path(node: ir.Node) -> str:
+    """The PyTorch module a node came from (torch.onnx metadata), else the node's name."""
+    scopes = node.metadata_props.get(_NAME_SCOPES_KEY)
+    if scopes:
+        try:
+            names = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            names = []
+        # The last scope is the op itself ("linear"); the one before is the owning module.
+        if len(names) >= 2 and names[-2]:
+            return names[-2]
+    return node.name or "<unnamed>"
+
+
+def constant_array(value: ir.Value | None):
+    """The NumPy value of a constant (initializer or Constant output), else None."""
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def is_constant_weight(value: ir.Value | None) -> bool:
+    return (
+        value is not None
+        and value.const_value is not None
+        and value.dtype in FLOAT_TYPES
+        and len(value.const_value.shape) == 2
+    )
+
+
+def _is_tied_to_gather(value: ir.Value) -> bool:
+    """True when ``value`` is Transpose(table) and ``table`` also feeds a Gather (tied embeddings)."""
+    producer = value.producer()
+    if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
+        return False
+    source = producer.inputs[0]
+    return source is not None and any(use.node.op_type == "Gather" for use in source.uses())
+
+
+def _is_lm_head(node: ir.Node, weight: ir.Value, layer: str) -> bool:
+    if layer.rsplit(".", 1)[-1] in LM_HEAD_NAMES:
+        return True
+    if _is_tied_to_gather(weight):
+        return True
+    return any(output.is_graph_output() for output in node.outputs)
+
+
+def weight_uses(graph: ir.Graph) -> list[WeightUse]:
+    """Every weight MatMul / Gemm / LM head / embedding Gather of the main graph, in graph order.
+
+    A MatMul counts when its B input is a constant 2-D float tensor, or (for a tied LM head) a Transpose
+    of an embedding table that a Gather also reads; its A input must not be constant.
+    """
+    uses: list[WeightUse] = []
+    for node in graph:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        layer = module_path(node)
+        if node.op_type in ("MatMul", "Gemm") and len(node.inputs) >= 2:
+            activation, weight = node.inputs[0], node.inputs[1]
+            if activation is None or activation.const_value is not None or weight is None:
+                continue
+            tied = node.op_type == "MatMul" and _is_tied_to_gather(weight)
+            if not (is_constant_weight(weight) or tied):
+                continue
+            if _is_lm_head(node, weight, layer):
+                kind = "lm_head"
+            else:
+                kind = "gemm" if node.op_type == "Gemm" else "matmul"
+            uses.append(WeightUse(node, weight, 1, kind, layer))
+        elif node.op_type == "Gather" and len(node.inputs) == 2:
+            table = node.inputs[0]
+            if is_constant_weight(table) and node.attributes.get_int("axis", 0) == 0:
+                uses.append(WeightUse(node, table, 0, "embedding", layer))
+    return uses
+
+
+def weight_value_array(use: WeightUse):
+    """The weight as a NumPy array: the constant itself, or the transposed table of a tied LM head."""
+    direct = constant_array(use.weight)
+    if direct is not None:
+        return direct
+    producer = use.weight.producer()
+    table = constant_array(producer.inputs[0])
+    return table.T

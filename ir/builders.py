@@ -1,0 +1,74 @@
+"""Build the portable (stock ONNX) form of one quantized weight: initializers for codes, scales and zero
+points, and a blocked ``DequantizeLinear`` that reconstructs the float weight.
+
+Storage types: asymmetric codes are unsigned with a zero point of the same type; symmetric codes are
+signed with no zero point. 3-bit codes have no ONNX type and are stored in (U)INT4: correct, 4-bit size.
+INT4/UINT4/INT8/UINT8 need opset 21 and IR version 10; INT2/UINT2 need opset 25 and IR version 11.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.passes.quant.rtn import QuantizedWeight
+
+_UNSIGNED = {2: ir.DataType.UINT2, 3: ir.DataType.UINT4, 4: ir.DataType.UINT4, 8: ir.DataType.UINT8}
+_SIGNED = {2: ir.DataType.INT2, 3: ir.DataType.INT4, 4: ir.DataType.INT4, 8: ir.DataType.INT8}
+
+
+def required_opset(bits: int) -> int:
+    return 25 if bits == 2 else 21
+
+
+def required_ir_version(bits: int) -> int:
+    return 11 if bits == 2 else 10
+
+
+@dataclasses.dataclass
+class QdqWeight:
+    """The initializers and the DequantizeLinear node that stand for one quantized weight."""
+
+    initializers: list[ir.Value]
+    node: ir.Node
+
+    @property
+    def output(self) -> ir.Value:
+        return self.node.outputs[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(value.const_value.nbytes for value in self.initializers)
+
+
+def _initializer(name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    tensor = ir.Tensor(array, dtype=dtype, name=name) if dtype is not None else ir.tensor(array, name=name)
+    return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+
+
+def dequantize_linear(base_name: str, quantized: QuantizedWeight, float_dtype: ir.DataType) -> QdqWeight:
+    """Blocked ``DequantizeLinear(codes, scales[, zero_points], axis, block_size)`` for ``quantized``.
+
+    ``base_name`` prefixes the new initializer and value names; the caller keeps them unique.
+    """
+    scale_array = quantized.scales.astype(float_dtype.numpy())
+    if quantized.symmetric:
+        codes = _initializer(f"{base_name}.qweight", quantized.signed_codes(), _SIGNED[quantized.bits])
+        inputs = [codes, _initializer(f"{base_name}.scales", scale_array)]
+    else:
+        codes = _initializer(f"{base_name}.qweight", quantized.codes, _UNSIGNED[quantized.bits])
+        zero_points = _initializer(f"{base_name}.zero_points", quantized.zero_points, _UNSIGNED[quantized.bits])
+        inputs = [codes, _initializer(f"{base_name}.scales", scale_array), zero_points]
+    node = ir.node(
+        "DequantizeLinear",
+        inputs,
+        attributes={"axis": quantized.block_axis, "block_size": quantized.block_size},
+        name=f"{base_name}.DequantizeLinear",
+    )
+    output = node.outputs[0]
+    output.name = f"{base_name}.dequantized"
+    output.type = ir.TensorType(float_dtype)
+    output.shape = ir.Shape(quantized.codes.shape)
+    return QdqWeight(inputs, node)

@@ -1,0 +1,1 @@
+"""Custom-op kernels and their NumPy references."""

@@ -1,0 +1,148 @@
+"""The public API: load, export, optimize, save, and the Recipe that says how to quantize."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import onnx_ir as ir
+
+from lowbit.ir.scheme import GROUP_AXES, METHODS, QuantScheme
+from lowbit.passes import pipelines
+from lowbit.passes.report import OptimizeReport
+
+#: Above this many bytes of tensors, ``save`` writes them to an external data file (protobuf's 2 GB cap).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+_SOURCE_KEY = "lowbit.source_files"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How ``optimize`` quantizes a model.
+
+    ``axis="oc"``: classic groups of ``group_size`` input channels per output channel; ``axis="ic"``:
+    the AdaDim paper's groups of ``group_size`` output channels per input channel. ``group_size=-1``:
+    one group over the whole axis. The LM head and embedding tables stay in float unless opted in.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    axis: str = "oc"
+    method: str = "rtn"
+    symmetric: bool = False
+    include_lm_head: bool = False
+    include_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.axis == "adadim":
+            raise NotImplementedError(
+                "axis='adadim' (per-layer choice of the group dimension) needs calibration data and is not "
+                f"implemented yet; use one of {GROUP_AXES}"
+            )
+        if self.method == "gptq":
+            raise NotImplementedError("method='gptq' needs calibration data and is not implemented yet; use 'rtn'")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        self.scheme()  # validates bits, group_size, axis
+
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.group_size, self.axis, self.symmetric, self.method)
+
+
+@dataclasses.dataclass
+class OptimizeResult:
+    model: ir.Model
+    report: OptimizeReport
+
+
+def _external_files(model: ir.Model, base_dir: pathlib.Path) -> set[str]:
+    """Check every external-data reference stays inside ``base_dir`` and exists; return the files."""
+    files: set[str] = set()
+    root = base_dir.resolve()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = pathlib.Path(tensor.location)
+        if location.is_absolute():
+            raise ValueError(f"tensor {value.name!r} points to an absolute external-data path {tensor.location!r}")
+        target = (root / location).resolve()  # resolves '..' and symlinks
+        if not target.is_relative_to(root):
+            raise ValueError(
+                f"tensor {value.name!r} points outside the model's folder: {tensor.location!r} -> {target}"
+            )
+        if not target.is_file():
+            raise FileNotFoundError(f"external data file {str(target)!r} of tensor {value.name!r} is missing")
+        files.add(str(target))
+    return files
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX file as an ``onnx_ir.Model``; external data must lie inside the model's folder."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {str(path)!r}")
+    try:
+        model = ir.load(path)
+    except Exception as error:  # protobuf raises DecodeError, RuntimeWarning subclasses, ...
+        raise ValueError(f"{str(path)!r} is not a readable ONNX model: {error}") from error
+    sources = _external_files(model, path.parent) | {str(path.resolve())}
+    model.meta[_SOURCE_KEY] = sources
+    return model
+
+
+def export(module, example_args: tuple, **kwargs) -> ir.Model:
+    """Export a ``torch.nn.Module`` with the torch.onnx dynamo exporter (see ``lowbit.ir.export``)."""
+    from lowbit.ir.export import export as export_module
+
+    return export_module(module, example_args, **kwargs)
+
+
+def optimize(model: ir.Model, recipe: Recipe | None = None, calibration=None) -> OptimizeResult:
+    """Run the portable pipeline for ``recipe`` on ``model``.
+
+    The passes work **in place**: ``result.model`` is ``model``, transformed (load the file again to
+    keep a float copy). ``result.report`` lists per-pass and per-weight statistics.
+    """
+    if not isinstance(model, ir.Model):
+        raise TypeError(f"optimize() takes an onnx_ir.Model (see lowbit.load), got {type(model).__name__}")
+    recipe = recipe or Recipe()
+    if calibration is not None:
+        raise NotImplementedError(
+            "calibration data is used by method='gptq' and axis='adadim', which are not implemented yet"
+        )
+    report = OptimizeReport(recipe=dataclasses.asdict(recipe))
+    passes = pipelines.portable_pipeline(
+        recipe.scheme(), include_lm_head=recipe.include_lm_head, include_embeddings=recipe.include_embeddings
+    )
+    model = pipelines.run_pipeline(model, passes, report)
+    return OptimizeResult(model, report)
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
+
+
+def save(model: ir.Model, path: str | os.PathLike) -> pathlib.Path:
+    """Write ``model`` atomically to ``path``; tensors go to ``<name>.data`` beside it past ~1.8 GB.
+
+    Refuses to write over the file the model was loaded from or any external data it reads.
+    """
+    path = pathlib.Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"output path {str(path)!r} must end in .onnx")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist")
+    external = f"{path.name}.data" if _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD else None
+    protected = model.meta.get(_SOURCE_KEY, set())
+    for target in [path] + ([path.parent / external] if external else []):
+        if str(target.resolve()) in protected:
+            raise ValueError(f"refusing to overwrite {str(target)!r}: the model was loaded from it")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        ir.save(model, temporary, external_data=external)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,77 @@
+"""FoldWeightsPass: evaluate constant subgraphs on weights at compile time.
+
+Exporters leave layout and type ops on initializers (``Transpose(W)``, ``Cast(W)``, ``Reshape(W, shape)``,
+``Mul(W, c)``). Folding them turns the weight into a plain initializer that the quantizer can see and
+removes work from every inference. Lossless: the folded values are computed by ONNX's reference
+implementation of the same op.
+
+A node is folded when all its inputs are constants, its output is a float tensor that is not a graph
+output, and folding duplicates no large tensor: an input with more than ``SHARED_LIMIT`` elements must
+have no other consumer (a tied embedding's ``Transpose`` stays, or the file would carry the table twice).
+A MatMul's bias ``Add`` is not folded: its input is an activation, and ONNX Runtime fuses it as it is.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
+
+from lowbit.ir.analysis import FLOAT_TYPES, constant_array
+
+FOLDABLE_OPS = frozenset(
+    {"Transpose", "Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Mul", "Div", "Add", "Sub", "Neg"}
+)
+SHARED_LIMIT = 1024
+
+
+def _evaluate(node: ir.Node, opset: int) -> list:
+    proto = ir.serde.serialize_node(node)
+    feeds = {value.name: constant_array(value) for value in node.inputs if value is not None}
+    return ReferenceEvaluator(proto, opsets={"": opset}).run(None, feeds)
+
+
+class FoldWeightsPass(ir.passes.InPlacePass):
+    """Replace constant float subgraphs (layout, cast, scalar arithmetic on initializers) by initializers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.details: dict = {}
+
+    def _foldable(self, node: ir.Node) -> bool:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in FOLDABLE_OPS or len(node.outputs) != 1:
+            return False
+        output = node.outputs[0]
+        if output.is_graph_output() or output.dtype not in FLOAT_TYPES:
+            return False
+        inputs = [value for value in node.inputs if value is not None]
+        if not inputs or any(value.const_value is None or value.is_graph_input() for value in inputs):
+            return False
+        # Folding a node whose large input has other consumers would keep both copies.
+        return all(value.const_value.size <= SHARED_LIMIT or len(value.uses()) == 1 for value in inputs)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        opset = model.opset_imports.get("", 1)
+        folded: list[str] = []
+        for node in list(graph):
+            if not self._foldable(node):
+                continue
+            (array,) = _evaluate(node, opset)
+            output = node.outputs[0]
+            sources = [value for value in node.inputs if value is not None]
+            folded_value = ir.Value(
+                shape=ir.Shape(array.shape),
+                type=ir.TensorType(output.dtype),
+                const_value=ir.tensor(array),
+            )
+            ir.convenience.replace_all_uses_with(output, folded_value)
+            graph.remove(node, safe=True)
+            folded_value.name = folded_value.const_value.name = output.name
+            output.name = None
+            graph.register_initializer(folded_value)
+            for source in sources:
+                if source.is_initializer() and not source.uses() and not source.is_graph_output():
+                    graph.initializers.pop(source.name)
+            folded.append(f"{node.op_type} {node.name}")
+        self.details = {"folded_nodes": len(folded), "folded": folded}
+        return ir.passes.PassResult(model, modified=bool(folded))

@@ -1,0 +1,1 @@
+"""Pure quantization math (RTN, GPTQ, AdaDim, outliers): NumPy, no graph code."""

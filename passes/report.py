@@ -1,0 +1,88 @@
+"""OptimizeReport: what a pipeline did, per pass and per weight, JSON-serialisable."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    modified: bool
+    seconds: float
+    peak_rss_mb: float  # the process's peak resident memory once the pass has run
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the pass touched
+
+
+@dataclasses.dataclass
+class WeightRecord:
+    name: str  # the weight initializer's name in the input model
+    layer: str  # the module path (torch.onnx metadata) or the consuming node's name
+    kind: str  # matmul | gemm | lm_head | embedding
+    shape: list[int]  # [K, N] as multiplied (embeddings: [V, D])
+    bits: int
+    axis: str  # oc | ic (embeddings: groups along D, reported as "ic")
+    group_size: int
+    symmetric: bool
+    method: str
+    bytes_before: int
+    bytes_after: int
+    relative_error: float  # ||W - W_hat||_F / ||W||_F
+
+
+@dataclasses.dataclass
+class SkippedWeight:
+    name: str
+    layer: str
+    kind: str
+    reason: str
+
+
+@dataclasses.dataclass
+class OptimizeReport:
+    recipe: dict[str, Any] = dataclasses.field(default_factory=dict)
+    passes: list[PassRecord] = dataclasses.field(default_factory=list)
+    weights: list[WeightRecord] = dataclasses.field(default_factory=list)
+    skipped: list[SkippedWeight] = dataclasses.field(default_factory=list)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(w.bytes_before for w in self.weights)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(w.bytes_after for w in self.weights)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> OptimizeReport:
+        data = json.loads(text)
+        return cls(
+            recipe=data.get("recipe", {}),
+            passes=[PassRecord(**p) for p in data.get("passes", [])],
+            weights=[WeightRecord(**w) for w in data.get("weights", [])],
+            skipped=[SkippedWeight(**s) for s in data.get("skipped", [])],
+        )
+
+    def summary(self) -> str:
+        """A few lines for a terminal: passes, weights quantized and skipped, bytes."""
+        lines = [f"{'pass':<24}{'modified':>10}{'seconds':>10}{'peak RSS MB':>13}"]
+        lines += [f"{p.name:<24}{str(p.modified):>10}{p.seconds:>10.2f}{p.peak_rss_mb:>13.0f}" for p in self.passes]
+        if self.weights:
+            mean_error = sum(w.relative_error for w in self.weights) / len(self.weights)
+            lines.append(
+                f"quantized {len(self.weights)} weights: {self.bytes_before / 2**20:.1f} MiB -> "
+                f"{self.bytes_after / 2**20:.1f} MiB, mean relative weight error {mean_error:.4f}"
+            )
+        else:
+            lines.append("quantized no weights")
+        for skipped in self.skipped:
+            lines.append(f"left in float: {skipped.layer} ({skipped.kind}, {skipped.name}): {skipped.reason}")
+        return "\n".join(lines)

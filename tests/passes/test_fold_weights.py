@@ -1,0 +1,42 @@
+"""FoldWeightsPass: lossless, folds layout/cast ops on weights, never duplicates a shared table."""
+
+import numpy as np
+
+from lowbit.passes.fold_weights import FoldWeightsPass
+from tests import factories
+from tests.parity import assert_parity, check_valid, serialized
+
+
+def test_folds_transpose_and_cast_of_a_weight_losslessly():
+    reference = factories.transposed_weight()
+    model = factories.transposed_weight()
+    result = FoldWeightsPass()(model)
+    assert result.modified
+    assert [node.op_type for node in model.graph] == ["MatMul"]
+    weight = model.graph.node(0).inputs[1]
+    assert weight.is_initializer() and list(weight.shape) == [33, 20]
+    assert "w_nk" not in model.graph.initializers  # the unfolded source is gone
+    check_valid(model)
+    assert_parity(reference, model, factories.feeds_for(model), rtol=0, atol=0)
+
+
+def test_nothing_to_fold_leaves_the_model_byte_identical():
+    model = factories.mlp()
+    before = serialized(model)
+    result = FoldWeightsPass()(model)
+    assert not result.modified
+    assert serialized(model) == before
+
+
+def test_tied_embedding_transpose_is_not_duplicated():
+    model = factories.tied_lm()
+    before = serialized(model)
+    assert not FoldWeightsPass()(model).modified
+    assert serialized(model) == before
+
+
+def test_report_details_count_the_folded_nodes():
+    fold = FoldWeightsPass()
+    fold(factories.transposed_weight())
+    assert fold.details["folded_nodes"] == 2
+    np.testing.assert_equal(sorted(entry.split()[0] for entry in fold.details["folded"]), ["Cast", "Transpose"])

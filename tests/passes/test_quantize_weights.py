@@ -1,0 +1,137 @@
+"""QuantizeWeightsPass: the QDQ graph computes exactly x @ W_hat (W_hat from the NumPy RTN reference)."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.rtn import quantize_rtn
+from lowbit.passes.quantize_weights import QuantizeWeightsPass
+from tests import factories
+from tests.parity import check_valid, run, serialized
+
+SCHEMES = [
+    QuantScheme(bits, group, axis, symmetric)
+    for bits in (2, 3, 4, 8)
+    for group, axis in ((16, "oc"), (16, "ic"), (-1, "oc"), (7, "ic"))
+    for symmetric in (False, True)
+]
+
+
+def _expected_mlp_output(float_model, scheme, feeds):
+    w1 = float_model.graph.initializers["w1"].const_value.numpy()
+    b1 = float_model.graph.initializers["b1"].const_value.numpy()
+    w2 = float_model.graph.initializers["w2"].const_value.numpy()
+    b2 = float_model.graph.initializers["b2"].const_value.numpy()
+    w1_hat = quantize_rtn(w1, scheme).dequantize()
+    w2_hat = quantize_rtn(w2, scheme).dequantize()
+    hidden = np.maximum(feeds["x"].astype(np.float64) @ w1_hat + b1, 0)
+    return hidden @ w2_hat + b2
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_qdq_graph_equals_numpy_reference(scheme):
+    float_model = factories.mlp()
+    model = factories.mlp()
+    quantize = QuantizeWeightsPass(scheme)
+    assert quantize(model).modified
+    check_valid(model)
+    opset = model.opset_imports[""]
+    assert opset >= (25 if scheme.bits == 2 else 21)
+    dequantize_nodes = [node for node in model.graph if node.op_type == "DequantizeLinear"]
+    assert len(dequantize_nodes) == 2
+    assert all(node.attributes.get_int("axis") == scheme.block_axis for node in dequantize_nodes)
+    assert "w1" not in model.graph.initializers and "w2" not in model.graph.initializers
+    feeds = factories.feeds_for(model)
+    (actual,) = run(model, feeds)
+    expected = _expected_mlp_output(float_model, scheme, feeds)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-4)
+    records = {record.name: record for record in quantize.weight_records}
+    assert set(records) == {"w1", "w2"}
+    assert records["w1"].shape == [40, 72] and records["w1"].bits == scheme.bits
+    assert all(record.bytes_after < record.bytes_before for record in records.values())
+
+
+def test_storage_bytes_follow_the_bit_width():
+    """4-bit codes pack two per byte, 2-bit four per byte; 3-bit codes are stored in 4 bits."""
+    sizes = {}
+    for bits in (2, 3, 4, 8):
+        quantize = QuantizeWeightsPass(QuantScheme(bits, -1, "oc", symmetric=True))
+        quantize(factories.mlp(k=64, hidden=64, n=64))
+        sizes[bits] = quantize.weight_records[0].bytes_after - 64 * 4  # minus the scales
+    assert sizes == {2: 64 * 64 // 4, 3: 64 * 64 // 2, 4: 64 * 64 // 2, 8: 64 * 64}
+
+
+def test_lm_head_and_embedding_are_left_in_float_by_default_and_reported():
+    model = factories.tied_lm()
+    before = serialized(model)
+    quantize = QuantizeWeightsPass(QuantScheme(4, 8, "oc"))
+    assert not quantize(model).modified
+    assert serialized(model) == before
+    assert sorted(skipped.kind for skipped in quantize.skipped) == ["embedding", "lm_head"]
+
+
+def test_opted_in_tied_lm_head_and_embedding_are_quantized():
+    float_model = factories.tied_lm()
+    model = factories.tied_lm()
+    scheme = QuantScheme(8, 4, "oc")
+    quantize = QuantizeWeightsPass(scheme, include_lm_head=True, include_embeddings=True)
+    assert quantize(model).modified
+    check_valid(model)
+    assert sorted(record.kind for record in quantize.weight_records) == ["embedding", "lm_head"]
+    feeds = factories.feeds_for(model)
+    table = float_model.graph.initializers["embed"].const_value.numpy()
+    table_hat = quantize_rtn(table, QuantScheme(8, 4, "ic")).dequantize()  # rows grouped along D
+    head_hat = quantize_rtn(table.T.copy(), scheme).dequantize()
+    expected = np.maximum(table_hat[feeds["ids"]], 0) @ head_hat
+    np.testing.assert_allclose(run(model, feeds)[0], expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("trans_b, alpha, beta", [(1, 0.5, 2.0), (0, 1.0, 1.0)])
+def test_gemm_becomes_matmul_plus_bias(trans_b, alpha, beta):
+    float_model = factories.gemm(trans_b=trans_b, alpha=alpha, beta=beta)
+    model = factories.gemm(trans_b=trans_b, alpha=alpha, beta=beta)
+    scheme = QuantScheme(4, 8, "ic")
+    assert QuantizeWeightsPass(scheme, include_lm_head=True)(model).modified  # its output is the graph's
+    check_valid(model)
+    assert [node.op_type for node in model.graph] == ["DequantizeLinear", "MatMul", "Add"]
+    assert model.graph.outputs[0].name == "y"
+    w = float_model.graph.initializers["w"].const_value.numpy()
+    c = float_model.graph.initializers["c"].const_value.numpy()
+    w_hat = quantize_rtn((w.T if trans_b else w) * np.float32(alpha), scheme).dequantize()
+    feeds = factories.feeds_for(model)
+    np.testing.assert_allclose(run(model, feeds)[0], feeds["x"] @ w_hat + beta * c, rtol=1e-5, atol=1e-4)
+
+
+def test_a_matmul_producing_a_graph_output_is_an_output_head():
+    """Output heads (an LM head's logits, a classifier's scores) stay in float unless opted in."""
+    model = factories.shared_weight()
+    quantize = QuantizeWeightsPass(QuantScheme(4, 8, "oc"))
+    quantize(model)
+    assert [skipped.kind for skipped in quantize.skipped] == ["lm_head"]
+    quantize = QuantizeWeightsPass(QuantScheme(4, 8, "oc"), include_lm_head=True)
+    quantize(factories.shared_weight())
+    assert len(quantize.weight_records) == 1 and not quantize.skipped
+
+
+def test_shared_weight_is_quantized_once():
+    model = factories.shared_weight()
+    quantize = QuantizeWeightsPass(QuantScheme(4, 8, "oc"), include_lm_head=True)
+    quantize(model)
+    assert len(quantize.weight_records) == 1
+    assert sum(node.op_type == "DequantizeLinear" for node in model.graph) == 1
+    check_valid(model)
+
+
+def test_non_finite_weight_raises_naming_the_weight():
+    model = factories.mlp()
+    bad = model.graph.initializers["w2"].const_value.numpy().copy()
+    bad[3, 4] = np.nan
+    model.graph.initializers["w2"].const_value = ir.tensor(bad, name="w2")
+    with pytest.raises(ValueError, match="'w2'.*NaN"):
+        QuantizeWeightsPass(QuantScheme())(model)
+
+
+def test_gptq_is_refused_until_it_exists():
+    with pytest.raises(NotImplementedError, match="gptq"):
+        QuantizeWeightsPass(QuantScheme(method="gptq"))

@@ -1,0 +1,108 @@
+"""RTN group quantization: laws that hold for every weight (hypothesis) and edge cases."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.rtn import quantize_rtn, relative_error
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+weights = st.integers(1, 19).flatmap(lambda k: st.integers(1, 19).flatmap(lambda n: arrays(np.float32, (k, n), elements=finite)))
+schemes = st.builds(
+    QuantScheme,
+    bits=st.sampled_from([2, 3, 4, 8]),
+    group_size=st.sampled_from([-1, 1, 3, 4, 7, 16]),
+    axis=st.sampled_from(["oc", "ic"]),
+    symmetric=st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(weights, schemes)
+def test_codes_in_range_and_error_within_half_a_step(weight, scheme):
+    quantized = quantize_rtn(weight, scheme)
+    assert quantized.codes.dtype == np.uint8
+    assert quantized.codes.max() <= scheme.max_code
+    assert quantized.zero_points.max() <= scheme.max_code
+    length = weight.shape[scheme.block_axis]
+    groups = math.ceil(length / scheme.block_size(weight.shape))
+    assert quantized.scales.shape[scheme.block_axis] == groups
+    assert quantized.scales.shape[1 - scheme.block_axis] == weight.shape[1 - scheme.block_axis]
+    error = np.abs(quantized.dequantize().astype(np.float64) - weight)
+    half_step = quantized.expand(quantized.scales).astype(np.float64) / 2
+    # float32 rounding of w / scale and of the product adds a few ulps on top of the half step
+    assert np.all(error <= half_step * (1 + 1e-5) + 1e-6 * np.abs(weight) + 1e-30)
+
+
+@settings(max_examples=150, deadline=None)
+@given(weights, schemes)
+def test_per_ic_of_w_equals_per_oc_of_w_transposed(weight, scheme):
+    per_ic = quantize_rtn(weight, QuantScheme(scheme.bits, scheme.group_size, "ic", scheme.symmetric))
+    per_oc = quantize_rtn(np.ascontiguousarray(weight.T), QuantScheme(scheme.bits, scheme.group_size, "oc", scheme.symmetric))
+    np.testing.assert_array_equal(per_ic.codes, per_oc.codes.T)
+    np.testing.assert_array_equal(per_ic.scales, per_oc.scales.T)
+    np.testing.assert_array_equal(per_ic.zero_points, per_oc.zero_points.T)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_zero_weight_is_reconstructed_exactly(bits, symmetric):
+    weight = np.zeros((10, 6), np.float32)
+    quantized = quantize_rtn(weight, QuantScheme(bits, 4, "oc", symmetric))
+    np.testing.assert_array_equal(quantized.dequantize(), weight)
+    assert np.all(quantized.scales == 1.0)
+
+
+@pytest.mark.parametrize("value", [3.25, -0.5, 1e-6])
+@pytest.mark.parametrize("axis", ["oc", "ic"])
+def test_constant_groups_are_reconstructed(value, axis):
+    weight = np.full((8, 8), value, np.float32)
+    quantized = quantize_rtn(weight, QuantScheme(4, 4, axis))
+    np.testing.assert_allclose(quantized.dequantize(), weight, rtol=1e-6)
+
+
+def test_per_ic_isolates_an_outlier_input_channel_and_per_oc_smears_it():
+    """Input channel 0 holds tiny weights next to large ones in its per-OC groups: per-IC keeps its own scale."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((128, 64)).astype(np.float32)
+    weight[0] *= 1e-3
+    per_oc = quantize_rtn(weight, QuantScheme(4, 128, "oc")).dequantize()
+    per_ic = quantize_rtn(weight, QuantScheme(4, 64, "ic")).dequantize()
+    assert relative_error(weight[0], per_ic[0]) < 0.2
+    assert relative_error(weight[0], per_oc[0]) >= 0.99  # the tiny row rounds to zero on the shared grid
+
+
+def test_symmetric_codes_use_all_levels_in_the_signed_domain():
+    weight = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
+    quantized = quantize_rtn(weight, QuantScheme(4, -1, "oc", symmetric=True))
+    signed = quantized.signed_codes()
+    assert signed.min() == -8 and signed.max() == 7
+    assert np.all(quantized.zero_points == 8)
+
+
+@pytest.mark.parametrize(
+    "weight, message",
+    [
+        (np.array([[1.0, np.nan]], np.float32), "NaN or Inf"),
+        (np.array([[np.inf, 1.0]], np.float32), "NaN or Inf"),
+        (np.zeros((0, 4), np.float32), "empty"),
+        (np.zeros(4, np.float32), "2-D"),
+    ],
+)
+def test_bad_weights_raise(weight, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_rtn(weight, QuantScheme())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"bits": 5}, "bits"), ({"group_size": 0}, "group_size"), ({"group_size": -2}, "group_size"), ({"axis": "x"}, "axis"), ({"method": "awq"}, "method")],
+)
+def test_scheme_rejects_out_of_range_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantScheme(**kwargs)

@@ -1,0 +1,1 @@
+"""Tools: real-model export recipes, text corpora, evaluation, benchmarks, viewer."""
