@@ -87,6 +87,8 @@ def load(path: str | os.PathLike) -> ir.Model:
         model = ir.load(path)
     except Exception as error:  # protobuf raises DecodeError, RuntimeWarning subclasses, ...
         raise ValueError(f"{str(path)!r} is not a readable ONNX model: {error}") from error
+    if not model.opset_imports or not model.graph.outputs:
+        raise ValueError(f"{str(path)!r} is not a usable ONNX model: it has no opset import or no graph outputs")
     sources = _external_files(model, path.parent) | {str(path.resolve())}
     model.meta[_SOURCE_KEY] = sources
     return model

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bits", type=int, nargs="+", default=[4, 3], choices=SUPPORTED_BITS)
     demo.add_argument("--axes", nargs="+", default=["oc", "ic"], choices=GROUP_AXES)
     demo.add_argument("--group-size", type=int, default=128)
-    demo.add_argument("--windows", type=int, default=20, help="evaluation windows (perplexity)")
+    demo.add_argument("--windows", type=int, default=10, help="evaluation windows (perplexity)")
     demo.add_argument("--length", type=int, default=512, help="tokens per evaluation window")
     demo.set_defaults(handler=_command_demo)
     return parser

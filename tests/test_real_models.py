@@ -1,0 +1,53 @@
+"""The foundation on the two shipped real models: MiniLM (genuine fp32) and SmolLM2-135M."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import lowbit
+from lowbit.tools import text
+from lowbit.tools.eval_embedding import embedding_cosine
+from lowbit.tools.eval_perplexity import perplexity
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _optimize_to(source, path, recipe):
+    result = lowbit.optimize(lowbit.load(source), recipe)
+    lowbit.save(result.model, path)
+    return result.report
+
+
+@pytest.fixture(scope="module")
+def held_out_sentences(texts_available):
+    return text.sentences(text.play_text(text.EVALUATION_PLAY), count=64)
+
+
+@pytest.mark.parametrize("bits, minimum_cosine", [(8, 0.999), (4, 0.95)])
+def test_minilm_quantized_embeddings_stay_close(minilm_onnx, minilm_tokenizer, held_out_sentences, tmp_path, bits, minimum_cosine):
+    report = _optimize_to(minilm_onnx, tmp_path / f"minilm.w{bits}.onnx", lowbit.Recipe(bits=bits, group_size=128))
+    assert len(report.weights) == 36  # 6 layers x (q, k, v, attention output, intermediate, output)
+    cosine = embedding_cosine(minilm_onnx, tmp_path / f"minilm.w{bits}.onnx", minilm_tokenizer, held_out_sentences)
+    print(f"MiniLM W{bits} g128 per-OC: mean cosine {cosine['mean']:.5f}, min {cosine['min']:.5f}")
+    assert cosine["mean"] >= minimum_cosine
+
+
+@pytest.mark.parametrize("axis", ["oc", "ic"])
+def test_smollm2_w4_g128_runs_in_stock_onnxruntime(smollm2_onnx, eval_windows, tmp_path, axis):
+    path = tmp_path / f"smollm2.w4.{axis}.onnx"
+    report = _optimize_to(smollm2_onnx, path, lowbit.Recipe(bits=4, group_size=128, axis=axis))
+    leaves = sorted({w.layer.rsplit(".", 1)[-1] for w in report.weights})
+    assert leaves == sorted(DECODER_PROJECTIONS) and len(report.weights) == 30 * 7
+    assert sorted(s.kind for s in report.skipped) == ["embedding", "lm_head"]
+    assert path.stat().st_size < smollm2_onnx.stat().st_size / 3
+
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # no lowbit code involved
+    logits = plain.run(None, {"input_ids": eval_windows[:1, :32]})[0]
+    assert logits.shape == (1, 32, 49152) and np.isfinite(logits).all()
+
+    fp32 = perplexity(smollm2_onnx, eval_windows)
+    quantized = perplexity(path, eval_windows)
+    print(f"SmolLM2 W4 g128 {axis}: perplexity {quantized:.2f} vs fp32 {fp32:.2f}")
+    assert fp32 < quantized < 2.0 * fp32
