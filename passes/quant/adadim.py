@@ -1,0 +1,39 @@
+"""AdaDim axis selection: pick per layer the group layout (per-OC or per-IC) with the lower output error.
+
+For ``y = x B`` with ``B[K, N]`` and calibration inputs stacked in ``X``, replacing ``B`` by ``B_hat``
+changes the outputs by ``X dB``; summed over tokens its squared norm is
+``||X dB||_F^2 = trace(dB^T H dB)`` with ``H = X^T X`` (the Hessian GPTQ also uses). This is the
+paper's ``matrix`` selector; block-level and downstream selectors need the graph and live there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowbit.passes.quant.rtn import QuantizedWeight
+
+
+def output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
+    """``trace(dW^T H dW)`` with ``dW = weight - approx`` (both ``[K, N]``), in float64."""
+    diff = np.asarray(weight, dtype=np.float64) - np.asarray(approx, dtype=np.float64)
+    return float(np.sum((np.asarray(hessian, dtype=np.float64) @ diff) * diff))
+
+
+def relative_output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
+    """``output_error`` divided by the output energy ``trace(W^T H W)`` (raw error when that is 0)."""
+    energy = output_error(weight, np.zeros_like(weight), hessian)
+    error = output_error(weight, approx, hessian)
+    return error / energy if energy > 0 else error
+
+
+def choose_axis(
+    weight: np.ndarray, hessian: np.ndarray, candidates: dict[str, QuantizedWeight]
+) -> tuple[str, dict[str, float]]:
+    """The candidate key with the lowest output error, and every candidate's error.
+
+    Ties go to the earliest key, so list ``"oc"`` first to prefer the layout ORT fuses natively.
+    """
+    if not candidates:
+        raise ValueError("choose_axis needs at least one candidate")
+    errors = {name: output_error(weight, q.dequantize(), hessian) for name, q in candidates.items()}
+    return min(errors, key=errors.__getitem__), errors

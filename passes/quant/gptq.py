@@ -1,0 +1,173 @@
+"""GPTQ group quantization of a ``[K, N]`` weight: NumPy (torch for the factorisation), no graph code.
+
+GPTQ (Frantar et al., IST-DASLab/gptq) quantizes the input channels one at a time and spreads each
+channel's rounding error over the input channels not yet quantized, weighted by the inverse of the
+calibration Hessian ``H = X^T X``; this minimises the layer's *output* error ``trace(dW^T H dW)``
+rather than the weight error. The usual notation has ``W[N, K]`` and quantizes columns; our weight is
+``B = W^T [K, N]``, so here a "column" of GPTQ is a *row* of ``B`` (one input channel, N weights) and
+the updates are written transposed: ``B[k+1:] -= outer(U[k, k+1:], err_k)``.
+
+Implementation follows the reference: upper Cholesky factor ``U`` of ``(H + damp)^-1``, blocks of
+``block_size`` rows updated eagerly inside the block and lazily (one matmul) for the rows after it, and
+optional act-order (rows processed by decreasing ``diag(H)``). Codes, scales and zero points use
+rtn.py's ``group_params`` / ``quantize_with_params`` conventions, and the error that is propagated is
+computed from exactly the float32 values ``QuantizedWeight.dequantize()`` returns.
+
+Choices:
+
+* **Dead inputs** (``H[k, k] == 0``: the channel was always zero in calibration). As in GPTQ, ``H[k, k]``
+  is set to 1 so the factorisation exists; this decouples channel k, so no error flows into or out of
+  it. Unlike GPTQ the weight row is *not* zeroed: it is quantized from its original values (RTN
+  semantics within its group's parameters), so the model stays right if that channel is nonzero at
+  inference.
+* **Per-OC groups** (``"oc"``, g consecutive input channels = rows of ``B``). Without act-order a
+  group's parameters come from the *current* (error-updated) rows of the group when its first row is
+  reached (GPTQ's default; rows of the group past the current block get their pending lazy update
+  first, so block and group sizes need not align). With act-order the rows of a group are visited out
+  of order, so the parameters of every original group are computed once from the original weight
+  before any update (GPTQ's ``static_groups``); they are stored per original group, so blocked
+  ``DequantizeLinear(axis=0)`` reconstructs ``dequantize()`` exactly.
+* **Per-IC groups** (``"ic"``, groups along the N outputs of one input channel): all groups of a row
+  lie in that row, so its parameters come from its current values when it is quantized, in any order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.rtn import QuantizedWeight, group_params, quantize_with_params
+
+
+def quantize_gptq(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    scheme: QuantScheme,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = True,
+) -> QuantizedWeight:
+    """GPTQ-quantize a ``[K, N]`` weight given the ``[K, K]`` calibration Hessian ``X^T X``.
+
+    ``damp`` is added to the diagonal as a fraction of ``mean(diag(H))``; ``block_size`` is the number
+    of rows updated eagerly between lazy batch updates (it changes speed, not the result beyond float
+    round-off); ``act_order`` visits input channels by decreasing ``H[k, k]``.
+    """
+    weight, hessian = _checked_inputs(weight, hessian)
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if damp < 0:
+        raise ValueError(f"damp must be non-negative, got {damp}")
+    num_rows, num_cols = weight.shape
+    group = scheme.block_size(weight.shape)
+    axis = scheme.block_axis
+    static_groups = axis == 0 and act_order
+
+    hessian = hessian.copy()
+    dead = np.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(num_rows)
+    hessian = hessian[np.ix_(order, order)]
+    hessian[np.diag_indices(num_rows)] += damp * np.mean(np.diag(hessian))
+    inv_chol = _inverse_hessian_cholesky(hessian)
+
+    if static_groups:
+        scales, zero_points = group_params(weight, scheme.bits, group, 0, scheme.symmetric)
+    else:
+        param_shape = list(weight.shape)
+        param_shape[axis] = -(-param_shape[axis] // group)
+        scales = np.empty(param_shape, dtype=np.float32)
+        zero_points = np.empty(param_shape, dtype=np.uint8)
+    codes = np.empty(weight.shape, dtype=np.uint8)
+    current = weight[order]  # rows in processing order, updated in place as errors propagate
+
+    for start in range(0, num_rows, block_size):
+        stop = min(start + block_size, num_rows)
+        errors = np.empty((stop - start, num_cols), dtype=np.float32)
+        for row in range(start, stop):
+            local = row - start
+            original = order[row]
+            values = current[row : row + 1]
+            if axis == 1:
+                scales[original], zero_points[original] = group_params(
+                    values, scheme.bits, group, 1, scheme.symmetric
+                )
+            elif not static_groups and row % group == 0:
+                group_rows = _current_rows(current, inv_chol, errors[:local], start, stop, row, row + group)
+                scales[row // group], zero_points[row // group] = group_params(
+                    group_rows, scheme.bits, len(group_rows), 0, scheme.symmetric
+                )
+            index = original if axis == 1 else original // group
+            codes[original], rounded = _quantize_row(
+                values, scales[index : index + 1], zero_points[index : index + 1], scheme, group
+            )
+            errors[local] = (values[0] - rounded) / inv_chol[row, row]
+            current[row + 1 : stop] -= np.outer(inv_chol[row, row + 1 : stop], errors[local])
+        current[stop:] -= inv_chol[start:stop, stop:].T @ errors
+
+    return QuantizedWeight(codes, scales, zero_points, scheme.bits, group, axis, scheme.symmetric)
+
+
+def _checked_inputs(weight: np.ndarray, hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The weight as float32 and the Hessian as float64, after shape and finiteness checks."""
+    weight = np.array(weight, dtype=np.float32)
+    hessian = np.asarray(hessian, dtype=np.float64)
+    if weight.ndim != 2 or weight.size == 0:
+        raise ValueError(f"expected a non-empty 2-D [K, N] weight, got shape {weight.shape}")
+    num_rows = weight.shape[0]
+    if hessian.shape != (num_rows, num_rows):
+        raise ValueError(f"hessian must be [{num_rows}, {num_rows}] for a weight of shape {weight.shape}")
+    if not (np.isfinite(weight).all() and np.isfinite(hessian).all()):
+        raise ValueError("weight or hessian contains NaN or Inf; refusing to quantize")
+    return weight, hessian
+
+
+def _inverse_hessian_cholesky(hessian: np.ndarray) -> np.ndarray:
+    """Upper triangular ``U`` with ``U^T U = hessian^-1``, computed in float64, returned as float32.
+
+    With ``J`` the index reversal, ``J H J = L L^T`` gives ``H = R R^T`` for the upper triangular
+    ``R = J L J``, so ``U = R^-1``: one Cholesky and one triangular solve, cheaper than GPTQ's
+    Cholesky, inverse, Cholesky.
+    """
+    reversed_hessian = torch.from_numpy(hessian[::-1, ::-1].copy())
+    lower, info = torch.linalg.cholesky_ex(reversed_hessian)
+    if info.item() != 0:
+        raise ValueError("the damped Hessian is not positive definite; increase damp")
+    upper = lower.flip(0, 1)
+    identity = torch.eye(len(hessian), dtype=upper.dtype)
+    return torch.linalg.solve_triangular(upper, identity, upper=True).numpy().astype(np.float32)
+
+
+def _current_rows(
+    current: np.ndarray, inv_chol: np.ndarray, errors: np.ndarray, start: int, stop: int, first: int, last: int
+) -> np.ndarray:
+    """Rows ``first:last`` with every update so far, including the lazy one pending past the block.
+
+    Rows inside the block ``start:stop`` are updated eagerly; rows after it still miss the
+    contribution of the block's rows already quantized (``errors``), which is added here.
+    """
+    inside = current[first:min(last, stop)]
+    if last <= stop:
+        return inside
+    outside = current[stop:last] - inv_chol[start : start + len(errors), stop:last].T @ errors
+    return np.concatenate([inside, outside])
+
+
+def _quantize_row(
+    values: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray,
+    scheme: QuantScheme,
+    group: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and float32 reconstruction of one ``[1, N]`` row under its group parameters.
+
+    For per-OC groups the parameters are already the row's own ``[1, N]`` slice (block length 1).
+    """
+    axis = scheme.block_axis
+    block = group if axis == 1 else 1
+    codes = quantize_with_params(values, scales, zero_points, scheme.bits, block, axis)
+    row = QuantizedWeight(codes, scales, zero_points, scheme.bits, block, axis, scheme.symmetric)
+    return codes[0], row.dequantize()[0]

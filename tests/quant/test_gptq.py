@@ -1,0 +1,243 @@
+"""GPTQ on [K, N] weights: output error vs RTN, agreement with an unblocked reference, exactness laws."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.gptq import quantize_gptq
+from lowbit.passes.quant.rtn import (
+    QuantizedWeight,
+    expand_groups,
+    group_params,
+    quantize_rtn,
+    quantize_with_params,
+)
+
+LAWS = settings(max_examples=30, deadline=None)
+
+
+def correlated_layer(seed: int, rows: int, cols: int, tokens: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """A random weight and the Hessian X^T X of strongly correlated inputs with uneven channel scales."""
+    rng = np.random.default_rng(seed)
+    factors = rng.standard_normal((tokens, max(rows // 4, 1))) @ rng.standard_normal((max(rows // 4, 1), rows))
+    inputs = (factors + 0.1 * rng.standard_normal((tokens, rows))) * rng.lognormal(0.0, 1.0, rows)
+    weight = rng.standard_normal((rows, cols)).astype(np.float32)
+    return weight, inputs.T @ inputs
+
+
+def output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
+    diff = weight.astype(np.float64) - approx
+    return float(np.sum((hessian @ diff) * diff))
+
+
+def reference_gptq(weight, hessian, scheme, *, damp=0.01, act_order=True) -> np.ndarray:
+    """Unblocked float64 GPTQ in its OBQ form: explicit inverse Hessian, one row eliminated at a time."""
+    rows = weight.shape[0]
+    group, axis, bits, symmetric = scheme.block_size(weight.shape), scheme.block_axis, scheme.bits, scheme.symmetric
+    hessian = hessian.copy()
+    dead = np.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(rows)
+    hessian = hessian[np.ix_(order, order)]
+    inverse = np.linalg.inv(hessian + damp * np.mean(np.diag(hessian)) * np.eye(rows))
+    current = weight[order].astype(np.float64)
+    static_scales, static_zeros = group_params(weight, bits, group, 0, symmetric)
+    block = group if axis == 1 else 1  # per-OC: each row is quantized with its own [1, N] slice
+    result = np.empty(weight.shape, dtype=np.float32)
+    for i, k in enumerate(order):
+        row = current[i : i + 1].astype(np.float32)
+        if axis == 1:
+            scales, zeros = group_params(row, bits, group, 1, symmetric)
+        elif act_order:
+            scales, zeros = static_scales[k // group][None], static_zeros[k // group][None]
+        elif i % group == 0:
+            scales, zeros = group_params(current[i : i + group].astype(np.float32), bits, group, 0, symmetric)
+        codes = quantize_with_params(row, scales, zeros, bits, block, axis)
+        result[k] = QuantizedWeight(codes, scales, zeros, bits, block, axis, symmetric).dequantize()[0]
+        current[i + 1 :] -= np.outer(inverse[i + 1 :, i], (current[i] - result[k]) / inverse[i, i])
+        inverse -= np.outer(inverse[:, i], inverse[i, :]) / inverse[i, i]
+    return result
+
+
+def onnx_reconstruction(q: QuantizedWeight, scheme: QuantScheme) -> np.ndarray:
+    """What blocked DequantizeLinear(axis, block_size) computes from the stored tensors."""
+    shape = q.codes.shape
+    block = scheme.block_size(shape)
+    zero = expand_groups(q.zero_points, block, scheme.block_axis, shape).astype(np.int32)
+    scale = expand_groups(q.scales, block, scheme.block_axis, shape)
+    return (q.codes.astype(np.int32) - zero).astype(np.float32) * scale
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("axis", ["oc", "ic"])
+def test_output_error_below_rtn(axis, bits, symmetric, act_order):
+    weight, hessian = correlated_layer(bits * 10 + symmetric, 100, 72)  # group 32: ragged on both axes
+    scheme = QuantScheme(bits=bits, group_size=32, axis=axis, symmetric=symmetric)
+    gptq = output_error(weight, quantize_gptq(weight, hessian, scheme, act_order=act_order).dequantize(), hessian)
+    rtn = output_error(weight, quantize_rtn(weight, scheme).dequantize(), hessian)
+    assert gptq < 0.8 * rtn
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 128])
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize(("axis", "group_size"), [("oc", 8), ("oc", -1), ("ic", 8), ("ic", -1)])
+def test_matches_unblocked_reference(axis, group_size, act_order, block_size):
+    weight, hessian = correlated_layer(7, 30, 20)  # 30 rows, groups of 8 and blocks of 7: nothing aligns
+    scheme = QuantScheme(bits=3, group_size=group_size, axis=axis)
+    got = quantize_gptq(weight, hessian, scheme, block_size=block_size, act_order=act_order)
+    expected = reference_gptq(weight, hessian, scheme, act_order=act_order)
+    np.testing.assert_allclose(got.dequantize(), expected, rtol=0, atol=1e-5)
+
+
+@LAWS
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    symmetric=st.booleans(),
+    axis=st.sampled_from(["oc", "ic"]),
+    group_size=st.sampled_from([-1, 1, 4, 5, 16]),
+    act_order=st.booleans(),
+    shape=st.tuples(st.integers(1, 23), st.integers(1, 23)),
+    seed=st.integers(0, 2**16),
+)
+def test_stored_tensors_reconstruct_dequantize(bits, symmetric, axis, group_size, act_order, shape, seed):
+    weight, hessian = correlated_layer(seed, *shape, tokens=16)
+    scheme = QuantScheme(bits=bits, group_size=group_size, axis=axis, symmetric=symmetric)
+    q = quantize_gptq(weight, hessian, scheme, act_order=act_order, block_size=4)
+    param_shape = list(shape)
+    param_shape[scheme.block_axis] = -(-shape[scheme.block_axis] // scheme.block_size(shape))
+    assert q.scales.shape == q.zero_points.shape == tuple(param_shape)
+    assert q.codes.shape == shape
+    assert q.codes.max() <= scheme.max_code and q.zero_points.max() <= scheme.max_code
+    assert (q.block_size, q.block_axis) == (scheme.block_size(shape), scheme.block_axis)
+    assert (q.bits, q.symmetric) == (bits, symmetric)
+    np.testing.assert_array_equal(onnx_reconstruction(q, scheme), q.dequantize())
+
+
+@pytest.mark.parametrize("axis", ["oc", "ic"])
+def test_act_order_per_oc_keeps_parameters_per_original_group(axis):
+    """With act-order, per-OC parameters are those of the original consecutive groups (static groups)."""
+    weight, hessian = correlated_layer(3, 40, 24)
+    scheme = QuantScheme(bits=3, group_size=16, axis=axis)
+    q = quantize_gptq(weight, hessian, scheme, act_order=True)
+    rtn = quantize_rtn(weight, scheme)
+    first = int(np.argmax(np.diag(hessian)))  # processed first, so still holds its original values
+    if axis == "oc":
+        np.testing.assert_array_equal(q.scales, rtn.scales)
+        np.testing.assert_array_equal(q.zero_points, rtn.zero_points)
+    else:
+        np.testing.assert_array_equal(q.scales[first], rtn.scales[first])
+    np.testing.assert_array_equal(q.codes[first], rtn.codes[first])
+
+
+def grid_weight(rng, shape, bits, group, axis) -> np.ndarray:
+    """An asymmetric-grid weight that RTN reproduces exactly: every group holds codes 0 and 2**bits - 1.
+
+    Scales are powers of two so that min, max and the scale are exact in float32. A one-element group
+    can hold only one code, so its zero point is 0 (the code is 2**bits - 1). The symmetric grid has no
+    such weights: its scale 2 * max|w| / (2**bits - 1) is set by a value that is off the grid.
+    """
+    max_code = (1 << bits) - 1
+    moved = (shape[axis], shape[1 - axis])
+    position = np.arange(moved[0])
+    first = position % group == 0
+    last = (position % group == group - 1) | (position == moved[0] - 1)
+    groups = -(-moved[0] // group)
+    scales = 2.0 ** rng.integers(-8, 3, (groups, moved[1]))
+    zero_points = rng.integers(0, max_code + 1, (groups, moved[1]))
+    zero_points[first[::group] & last[::group]] = 0
+    codes = rng.integers(0, max_code + 1, moved)
+    codes[first] = 0
+    codes[last] = max_code
+    values = (codes - expand_groups(zero_points, group, 0, moved)) * expand_groups(scales, group, 0, moved)
+    return np.ascontiguousarray(np.moveaxis(values, 0, axis)).astype(np.float32)
+
+
+@LAWS
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    axis=st.sampled_from(["oc", "ic"]),
+    group_size=st.sampled_from([1, 3, 8, 20]),
+    act_order=st.booleans(),
+    shape=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+    seed=st.integers(0, 2**16),
+)
+def test_weight_on_grid_is_recovered_exactly(bits, axis, group_size, act_order, shape, seed):
+    scheme = QuantScheme(bits=bits, group_size=group_size, axis=axis, symmetric=False)
+    weight = grid_weight(np.random.default_rng(seed), shape, bits, scheme.block_size(shape), scheme.block_axis)
+    np.testing.assert_array_equal(quantize_rtn(weight, scheme).dequantize(), weight)  # the premise
+    _, hessian = correlated_layer(seed, shape[0], 1)
+    q = quantize_gptq(weight, hessian, scheme, act_order=act_order, block_size=8)
+    np.testing.assert_array_equal(q.dequantize(), weight)
+
+
+@LAWS
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    symmetric=st.booleans(),
+    axis=st.sampled_from(["oc", "ic"]),
+    group_size=st.sampled_from([-1, 4, 7]),
+    act_order=st.booleans(),
+    shape=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+    seed=st.integers(0, 2**16),
+)
+def test_uncorrelated_inputs_reduce_to_rtn(bits, symmetric, axis, group_size, act_order, shape, seed):
+    """A diagonal Hessian couples no input channels, so there is no error to propagate: GPTQ == RTN."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal(shape).astype(np.float32)
+    hessian = np.diag(rng.lognormal(0.0, 2.0, shape[0]))
+    scheme = QuantScheme(bits=bits, group_size=group_size, axis=axis, symmetric=symmetric)
+    q = quantize_gptq(weight, hessian, scheme, act_order=act_order, block_size=3)
+    rtn = quantize_rtn(weight, scheme)
+    np.testing.assert_array_equal(q.codes, rtn.codes)
+    np.testing.assert_array_equal(q.scales, rtn.scales)
+    np.testing.assert_array_equal(q.zero_points, rtn.zero_points)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("axis", ["oc", "ic"])
+def test_dead_inputs_keep_their_weights_with_rtn_semantics(axis, act_order):
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((48, 40)).astype(np.float32)
+    inputs = rng.standard_normal((200, 12)) @ rng.standard_normal((12, 48))
+    dead = np.array([0, 9, 10, 47])
+    inputs[:, dead] = 0.0
+    hessian = inputs.T @ inputs
+    scheme = QuantScheme(bits=3, group_size=16, axis=axis)
+    q = quantize_gptq(weight, hessian, scheme, act_order=act_order)
+    approx = q.dequantize()
+    assert np.isfinite(approx).all()
+    own_params = quantize_with_params(weight, q.scales, q.zero_points, 3, q.block_size, q.block_axis)
+    np.testing.assert_array_equal(q.codes[dead], own_params[dead])  # rounded from the original values
+    assert np.abs(approx[dead]).sum() > 0
+    rtn = quantize_rtn(weight, scheme)
+    assert output_error(weight, approx, hessian) < output_error(weight, rtn.dequantize(), hessian)
+
+
+def test_all_dead_hessian_gives_rtn():
+    weight = np.random.default_rng(0).standard_normal((20, 12)).astype(np.float32)
+    scheme = QuantScheme(bits=4, group_size=8, axis="oc")
+    q = quantize_gptq(weight, np.zeros((20, 20)), scheme)
+    np.testing.assert_array_equal(q.dequantize(), quantize_rtn(weight, scheme).dequantize())
+
+
+@pytest.mark.parametrize(
+    ("weight", "hessian", "kwargs"),
+    [
+        (np.ones((4, 3)), np.eye(3), {}),
+        (np.ones(4), np.eye(4), {}),
+        (np.full((2, 2), np.nan), np.eye(2), {}),
+        (np.ones((2, 2)), np.full((2, 2), np.inf), {}),
+        (np.ones((2, 2)), np.eye(2), {"block_size": 0}),
+        (np.ones((2, 2)), np.eye(2), {"damp": -1.0}),
+        (np.ones((2, 2)), -np.eye(2), {}),
+    ],
+)
+def test_rejects_bad_inputs(weight, hessian, kwargs):
+    with pytest.raises(ValueError):
+        quantize_gptq(weight, hessian, QuantScheme(), **kwargs)
