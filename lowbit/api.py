@@ -5,16 +5,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+from collections.abc import Iterable, Mapping
 
+import numpy as np
 import onnx_ir as ir
 
-from lowbit.ir.scheme import GROUP_AXES, METHODS, QuantScheme
+from lowbit.ir.scheme import GROUP_AXES, QuantScheme
 from lowbit.passes import pipelines
 from lowbit.passes.report import OptimizeReport
+from lowbit.runtime.calibration import CalibrationStats
 
 #: Above this many bytes of tensors, ``save`` writes them to an external data file (protobuf's 2 GB cap).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _SOURCE_KEY = "lowbit.source_files"
+
+
+SELECTORS = ("matrix",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +28,10 @@ class Recipe:
     """How ``optimize`` quantizes a model.
 
     ``axis="oc"``: classic groups of ``group_size`` input channels per output channel; ``axis="ic"``:
-    the AdaDim paper's groups of ``group_size`` output channels per input channel. ``group_size=-1``:
-    one group over the whole axis. The LM head and embedding tables stay in float unless opted in.
+    the AdaDim paper's groups of ``group_size`` output channels per input channel; ``axis="adadim"``:
+    per weight, the one of the two with the lower output error on calibration data (``selector``).
+    ``method="gptq"`` and ``axis="adadim"`` need calibration data. ``group_size=-1``: one group over the
+    whole axis. The LM head and embedding tables stay in float unless opted in.
     """
 
     bits: int = 4
@@ -31,23 +39,28 @@ class Recipe:
     axis: str = "oc"
     method: str = "rtn"
     symmetric: bool = False
+    selector: str = "matrix"
     include_lm_head: bool = False
     include_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        if self.axis == "adadim":
-            raise NotImplementedError(
-                "axis='adadim' (per-layer choice of the group dimension) needs calibration data and is not "
-                f"implemented yet; use one of {GROUP_AXES}"
-            )
-        if self.method == "gptq":
-            raise NotImplementedError("method='gptq' needs calibration data and is not implemented yet; use 'rtn'")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        self.scheme()  # validates bits, group_size, axis
+        if self.axis not in (*GROUP_AXES, "adadim"):
+            raise ValueError(f"axis must be one of {(*GROUP_AXES, 'adadim')}, got {self.axis!r}")
+        if self.selector not in SELECTORS:
+            raise NotImplementedError(f"selector {self.selector!r} is not implemented yet; available: {SELECTORS}")
+        self.scheme()  # validates bits, group_size, method
+
+    @property
+    def candidate_axes(self) -> tuple[str, ...]:
+        return GROUP_AXES if self.axis == "adadim" else (self.axis,)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq" or self.axis == "adadim"
 
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.group_size, self.axis, self.symmetric, self.method)
+        """The scheme of one weight (for ``adadim``, the first candidate axis; the pass picks per weight)."""
+        return QuantScheme(self.bits, self.group_size, self.candidate_axes[0], self.symmetric, self.method)
 
 
 @dataclasses.dataclass
@@ -101,22 +114,34 @@ def export(module, example_args: tuple, **kwargs) -> ir.Model:
     return export_module(module, example_args, **kwargs)
 
 
-def optimize(model: ir.Model, recipe: Recipe | None = None, calibration=None) -> OptimizeResult:
+def optimize(
+    model: ir.Model,
+    recipe: Recipe | None = None,
+    calibration: Iterable[Mapping[str, np.ndarray]] | CalibrationStats | None = None,
+) -> OptimizeResult:
     """Run the portable pipeline for ``recipe`` on ``model``.
 
+    ``calibration``: feed dicts for the float model (e.g. token windows), or statistics already
+    collected with ``lowbit.runtime.calibration.collect`` on the same graph. Needed by
+    ``method="gptq"`` and ``axis="adadim"``; with RTN it adds each weight's output error to the report.
     The passes work **in place**: ``result.model`` is ``model``, transformed (load the file again to
     keep a float copy). ``result.report`` lists per-pass and per-weight statistics.
     """
     if not isinstance(model, ir.Model):
         raise TypeError(f"optimize() takes an onnx_ir.Model (see lowbit.load), got {type(model).__name__}")
     recipe = recipe or Recipe()
-    if calibration is not None:
-        raise NotImplementedError(
-            "calibration data is used by method='gptq' and axis='adadim', which are not implemented yet"
+    if recipe.needs_calibration and calibration is None:
+        raise ValueError(
+            f"method={recipe.method!r}, axis={recipe.axis!r} needs calibration data: "
+            "optimize(model, recipe, calibration=[{input_name: array}, ...])"
         )
     report = OptimizeReport(recipe=dataclasses.asdict(recipe))
     passes = pipelines.portable_pipeline(
-        recipe.scheme(), include_lm_head=recipe.include_lm_head, include_embeddings=recipe.include_embeddings
+        recipe.scheme(),
+        candidate_axes=recipe.candidate_axes,
+        calibration=calibration,
+        include_lm_head=recipe.include_lm_head,
+        include_embeddings=recipe.include_embeddings,
     )
     model = pipelines.run_pipeline(model, passes, report)
     return OptimizeResult(model, report)

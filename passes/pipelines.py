@@ -14,6 +14,7 @@ import time
 import onnx_ir as ir
 
 from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.capture_calibration import CaptureCalibrationPass
 from lowbit.passes.cleanup import CleanupPass
 from lowbit.passes.fold_weights import FoldWeightsPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
@@ -23,14 +24,19 @@ DUMP_DIR_VARIABLE = "LOWBIT_DUMP_DIR"
 
 
 def portable_pipeline(
-    scheme: QuantScheme, *, include_lm_head: bool = False, include_embeddings: bool = False
+    scheme: QuantScheme,
+    *,
+    candidate_axes: tuple[str, ...] | None = None,
+    calibration=None,
+    include_lm_head: bool = False,
+    include_embeddings: bool = False,
 ) -> list[ir.passes.PassBase]:
-    """Fold weights, quantize them to blocked DequantizeLinear + MatMul, clean up: stock ONNX Runtime."""
-    return [
-        FoldWeightsPass(),
-        QuantizeWeightsPass(scheme, include_lm_head=include_lm_head, include_embeddings=include_embeddings),
-        CleanupPass(),
-    ]
+    """Fold weights, [calibrate,] quantize to blocked DequantizeLinear + MatMul, clean up: stock ONNX Runtime."""
+    quantize = QuantizeWeightsPass(
+        scheme, candidate_axes=candidate_axes, include_lm_head=include_lm_head, include_embeddings=include_embeddings
+    )
+    calibrate = [CaptureCalibrationPass(calibration)] if calibration is not None else []
+    return [FoldWeightsPass(), *calibrate, quantize, CleanupPass()]
 
 
 def _peak_rss_mb() -> float:

@@ -7,12 +7,19 @@ lists every weight left in float and why. Embedding tables ``[V, D]`` are groupe
 row on its own), whatever the scheme's axis, because a Gather reads whole rows.
 
 A weight shared by several MatMuls is quantized once and its DequantizeLinear output feeds them all.
+Methods: RTN, or GPTQ with the calibration Hessian of the weight's input. Axis: fixed (``"oc"`` or
+``"ic"``), or chosen per weight among ``candidate_axes`` (AdaDim, ``matrix`` selector): the axis whose
+RTN quantization has the lower output error ``trace(dW^T H dW)`` wins (the AdaDim paper's rule), and
+the method then quantizes along it. GPTQ and AdaDim read the statistics CaptureCalibrationPass left in
+``model.meta``.
+
 The model's default-domain opset is raised to what the storage types need (21, or 25 for 2-bit) with
 onnxscript's version converter, and its IR version to 10 (11 for 2-bit).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -21,22 +28,34 @@ import onnxscript.version_converter
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis, builders
-from lowbit.ir.scheme import QuantScheme
-from lowbit.passes.quant.rtn import quantize_rtn, relative_error
+from lowbit.ir.scheme import GROUP_AXES, QuantScheme
+from lowbit.passes.capture_calibration import CALIBRATION_KEY
+from lowbit.passes.quant.adadim import choose_axis, relative_output_error
+from lowbit.passes.quant.gptq import quantize_gptq
+from lowbit.passes.quant.rtn import QuantizedWeight, quantize_rtn, relative_error
 from lowbit.passes.report import SkippedWeight, WeightRecord
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
     """RTN-quantize weights to ``scheme`` and write them as blocked DequantizeLinear + MatMul."""
 
-    def __init__(self, scheme: QuantScheme, *, include_lm_head: bool = False, include_embeddings: bool = False):
+    def __init__(
+        self,
+        scheme: QuantScheme,
+        *,
+        candidate_axes: tuple[str, ...] | None = None,
+        include_lm_head: bool = False,
+        include_embeddings: bool = False,
+        gptq_damp: float = 0.01,
+        gptq_act_order: bool = True,
+    ):
         super().__init__()
-        if scheme.method != "rtn":
-            raise NotImplementedError(
-                f"QuantizeWeightsPass implements method='rtn' only; {scheme.method!r} needs calibration "
-                "statistics, which arrive with the calibration work (issue 8)"
-            )
+        self.candidate_axes = candidate_axes or (scheme.axis,)
+        if not set(self.candidate_axes) <= set(GROUP_AXES):
+            raise ValueError(f"candidate_axes must be drawn from {GROUP_AXES}, got {self.candidate_axes}")
         self.scheme = scheme
+        self.gptq_damp = gptq_damp
+        self.gptq_act_order = gptq_act_order
         self.include_lm_head = include_lm_head
         self.include_embeddings = include_embeddings
         self.weight_records: list[WeightRecord] = []
@@ -46,6 +65,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.weight_records, self.skipped = [], []
         graph = model.graph
+        statistics = model.meta.get(CALIBRATION_KEY)
+        if statistics is None and self.needs_calibration:
+            raise ValueError(
+                f"method={self.scheme.method!r} with axes {self.candidate_axes} needs calibration statistics: "
+                "run CaptureCalibrationPass first (lowbit.optimize(..., calibration=batches) does)"
+            )
         groups: dict[tuple[int, bool], list[analysis.WeightUse]] = {}
         for use in analysis.weight_uses(graph):
             groups.setdefault((id(use.weight), use.kind == "embedding"), []).append(use)
@@ -56,12 +81,16 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 culprit, reason = skip
                 self.skipped.append(SkippedWeight(culprit.weight.name or "", culprit.layer, culprit.kind, reason))
                 continue
-            self._quantize(graph, uses, names)
+            self._quantize(graph, uses, names, statistics)
         modified = bool(self.weight_records)
         if modified:
             _require_storage_support(model, self.scheme.bits)
         self.details = {"quantized": len(self.weight_records), "skipped": len(self.skipped)}
         return ir.passes.PassResult(model, modified=modified)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.scheme.method == "gptq" or len(self.candidate_axes) > 1
 
     def _skip_reason(self, uses: list[analysis.WeightUse]) -> tuple[analysis.WeightUse, str] | None:
         """The use that keeps this weight in float and why, or None to quantize it."""
@@ -82,7 +111,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     return use, f"Gemm {use.node.name!r} with a non-constant bias and beta != 1 is not supported"
         return None
 
-    def _quantize(self, graph: ir.Graph, uses: list[analysis.WeightUse], names: _NameAllocator) -> None:
+    def _quantize(
+        self, graph: ir.Graph, uses: list[analysis.WeightUse], names: _NameAllocator, statistics
+    ) -> None:
         first = uses[0]
         weight = np.asarray(analysis.weight_value_array(first), dtype=np.float32)
         if first.node.op_type == "Gemm":
@@ -93,18 +124,19 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             )
         if weight.size == 0:
             raise ValueError(f"weight {first.weight.name!r} of {first.layer!r} is empty")
-        scheme = self.scheme
-        if first.kind == "embedding":
-            scheme = QuantScheme(scheme.bits, scheme.group_size, "ic", scheme.symmetric, scheme.method)
-        quantized = quantize_rtn(weight, scheme)
+        hessian = None
+        if first.kind == "embedding":  # a Gather reads whole rows: groups along D, no calibration
+            axis, axis_errors = "ic", {}
+            quantized = quantize_rtn(weight, dataclasses.replace(self.scheme, axis="ic", method="rtn"))
+        else:
+            hessian = statistics.for_use(first).hessian if statistics is not None else None
+            axis, axis_errors, quantized = self._quantize_array(weight, hessian)
+        reconstructed = quantized.dequantize()
         float_dtype = first.weight.dtype
         qdq = builders.dequantize_linear(names.allocate(first.layer, first.weight.name), quantized, float_dtype)
         for initializer in qdq.initializers:
             graph.register_initializer(initializer)
         graph.insert_before(min((use.node for use in uses), key=_position(graph)), qdq.node)
-        layouts = {_weight_layout(use.node) for use in uses}
-        if len(layouts) > 1:
-            return f"shared by nodes that read it in different layouts {sorted(layouts)}"
         for use in uses:
             if use.node.op_type == "Gemm":
                 _replace_gemm(graph, use.node, qdq.output)
@@ -118,16 +150,47 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 layer=first.layer,
                 kind=first.kind,
                 shape=list(weight.shape),
-                bits=scheme.bits,
-                axis=scheme.axis,
+                bits=quantized.bits,
+                axis=axis,
                 group_size=quantized.block_size,
-                symmetric=scheme.symmetric,
-                method=scheme.method,
+                symmetric=quantized.symmetric,
+                method="rtn" if first.kind == "embedding" else self.scheme.method,
                 bytes_before=int(weight.size * float_dtype.itemsize),
                 bytes_after=qdq.nbytes,
-                relative_error=relative_error(weight, quantized.dequantize()),
+                relative_error=relative_error(weight, reconstructed),
+                output_error=None if hessian is None else relative_output_error(weight, reconstructed, hessian),
+                axis_errors=axis_errors,
             )
         )
+
+    def _quantize_array(self, weight: np.ndarray, hessian) -> tuple[str, dict[str, float], QuantizedWeight]:
+        """(chosen axis, RTN relative output error per candidate axis, quantized weight)."""
+        schemes = {axis: dataclasses.replace(self.scheme, axis=axis) for axis in self.candidate_axes}
+        axis_errors: dict[str, float] = {}
+        if len(schemes) > 1:
+            rtn = {axis: quantize_rtn(weight, scheme) for axis, scheme in schemes.items()}
+            axis, errors = choose_axis(weight, hessian, rtn)
+            energy = float(np.sum((hessian @ weight.astype(np.float64)) * weight))
+            axis_errors = {name: error / energy if energy > 0 else error for name, error in errors.items()}
+            if self.scheme.method == "rtn":
+                return axis, axis_errors, rtn[axis]
+        else:
+            (axis,) = schemes
+        if self.scheme.method == "gptq":
+            return axis, axis_errors, self._gptq(weight, hessian, schemes[axis])
+        return axis, axis_errors, quantize_rtn(weight, schemes[axis])
+
+    def _gptq(self, weight: np.ndarray, hessian: np.ndarray, scheme: QuantScheme) -> QuantizedWeight:
+        """GPTQ, retrying with 10x the dampening when the damped Hessian is not positive definite."""
+        damp = self.gptq_damp
+        for _ in range(4):
+            try:
+                return quantize_gptq(weight, hessian, scheme, damp=damp, act_order=self.gptq_act_order)
+            except ValueError as error:
+                if "positive definite" not in str(error):
+                    raise
+                damp *= 10
+        raise ValueError(f"GPTQ failed: the Hessian stays singular up to dampening {damp / 10}")
 
 
 class _NameAllocator:

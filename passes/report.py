@@ -30,6 +30,8 @@ class WeightRecord:
     bytes_before: int
     bytes_after: int
     relative_error: float  # ||W - W_hat||_F / ||W||_F
+    output_error: float | None = None  # trace(dW^T H dW) / trace(W^T H W), when calibrated
+    axis_errors: dict[str, float] = dataclasses.field(default_factory=dict)  # AdaDim: RTN output error per axis
 
 
 @dataclasses.dataclass

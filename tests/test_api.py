@@ -114,9 +114,14 @@ def test_load_rejects_a_symlink_that_escapes_the_folder(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [{"axis": "adadim"}, {"method": "gptq"}])
-def test_features_not_built_yet_raise_clearly(kwargs):
+def test_calibrated_recipes_without_calibration_are_refused(kwargs):
+    with pytest.raises(ValueError, match="needs calibration data"):
+        lowbit.optimize(factories.mlp(), lowbit.Recipe(**kwargs))
+
+
+def test_selectors_not_built_yet_raise_clearly():
     with pytest.raises(NotImplementedError, match="not implemented yet"):
-        lowbit.Recipe(**kwargs)
+        lowbit.Recipe(axis="adadim", selector="block")
 
 
 @pytest.mark.parametrize("kwargs", [{"bits": 5}, {"group_size": 0}, {"axis": "rows"}, {"method": "awq"}])
@@ -125,9 +130,14 @@ def test_recipe_rejects_bad_settings(kwargs):
         lowbit.Recipe(**kwargs)
 
 
-def test_optimize_rejects_calibration_until_it_is_used():
-    with pytest.raises(NotImplementedError, match="calibration"):
-        lowbit.optimize(factories.mlp(), lowbit.Recipe(), calibration=[{}])
+def test_optimize_with_calibration_runs_adadim_gptq_and_reports_output_error():
+    model = factories.mlp()
+    batches = [factories.feeds_for(model, seed=seed) for seed in range(4)]
+    result = lowbit.optimize(model, lowbit.Recipe(bits=3, group_size=16, axis="adadim", method="gptq"), calibration=batches)
+    assert [p.name for p in result.report.passes] == ["FoldWeightsPass", "CaptureCalibrationPass", "QuantizeWeightsPass", "CleanupPass"]
+    assert result.report.passes[1].details["batches"] == 4
+    assert all(w.method == "gptq" and w.output_error is not None and set(w.axis_errors) == {"oc", "ic"} for w in result.report.weights)
+    check_valid(result.model)
 
 
 def test_optimize_needs_an_ir_model(mlp_file):

@@ -33,8 +33,8 @@ def test_optimize_writes_model_and_report(mlp_file, tmp_path, capsys):
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--axis", "adadim"], "not implemented yet"),
-        (["--method", "gptq"], "not implemented yet"),
+        (["--axis", "adadim"], "needs calibration data"),
+        (["--method", "gptq"], "needs calibration data"),
         (["--group-size", "0"], "group_size"),
     ],
 )

@@ -1,0 +1,86 @@
+"""Calibration: run the float model in ONNX Runtime and stream statistics of every weight's input.
+
+The activation input of every weight MatMul/Gemm is added as an extra graph output of a *copy* of the
+model; each calibration batch is run once and folded into a ``HessianAccumulator`` (``H = X^T X`` in
+float64, per-channel abs-max and mean |x|, token count). Memory is O(sum of K^2) whatever the number
+of batches. Statistics are keyed by the activation's value name, so weights that read the same input
+(q/k/v, gate/up) share one H.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+from lowbit.ir import analysis
+from lowbit.passes.quant.hessian import HessianAccumulator
+from lowbit.runtime.session import session_options
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    """Per-activation statistics; ``for_weight`` finds the ones a weight's node reads."""
+
+    by_activation: dict[str, HessianAccumulator]
+    batches: int = 0
+
+    def for_use(self, use: analysis.WeightUse) -> HessianAccumulator:
+        name = use.node.inputs[0].name
+        if name not in self.by_activation:
+            raise KeyError(
+                f"no calibration statistics for the input {name!r} of {use.layer!r}; "
+                "collect them on the same graph (after FoldWeightsPass) that is being quantized"
+            )
+        return self.by_activation[name]
+
+
+def weight_activations(model: ir.Model) -> dict[str, int]:
+    """Activation value name -> input channels K, for every weight MatMul/Gemm (not embeddings)."""
+    activations: dict[str, int] = {}
+    for use in analysis.weight_uses(model.graph):
+        if use.kind == "embedding":
+            continue
+        weight = analysis.weight_value_array(use)
+        transposed = use.node.op_type == "Gemm" and use.node.attributes.get_int("transB", 0)
+        activations[use.node.inputs[0].name] = weight.shape[1] if transposed else weight.shape[0]
+    return activations
+
+
+def _session_with_outputs(model: ir.Model, names: list[str], providers: list[str] | None) -> ort.InferenceSession:
+    proto = ir.to_proto(model)
+    existing = {output.name for output in proto.graph.output}
+    for name in names:
+        if name not in existing:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    return ort.InferenceSession(
+        proto.SerializeToString(), session_options(), providers=providers or ["CPUExecutionProvider"]
+    )
+
+
+def collect(
+    model: ir.Model,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    providers: list[str] | None = None,
+    total: int | None = None,
+) -> CalibrationStats:
+    """Run ``model`` on every feed dict of ``batches`` and accumulate the weight-input statistics."""
+    activations = weight_activations(model)
+    if not activations:
+        raise ValueError("the model has no weight MatMul/Gemm to calibrate")
+    names = sorted(activations)
+    sess = _session_with_outputs(model, names, providers)
+    stats = CalibrationStats({name: HessianAccumulator(activations[name]) for name in names})
+    for feeds in tqdm(batches, desc="calibration", unit="batch", total=total):
+        for name, value in zip(names, sess.run(names, dict(feeds))):
+            stats.by_activation[name].update(value)
+        stats.batches += 1
+    if stats.batches == 0:
+        raise ValueError("calibration got no batches")
+    return stats

@@ -1,0 +1,57 @@
+"""Calibration through ONNX Runtime: streamed statistics equal the one-shot NumPy ones."""
+
+import numpy as np
+import pytest
+
+from lowbit.runtime.calibration import collect, weight_activations
+from tests import factories
+
+
+def _relu_hidden(model, x):
+    w1 = model.graph.initializers["w1"].const_value.numpy().astype(np.float64)
+    b1 = model.graph.initializers["b1"].const_value.numpy().astype(np.float64)
+    return np.maximum(x.astype(np.float64) @ w1 + b1, 0)
+
+
+def test_statistics_equal_numpy_on_every_weight_input():
+    model = factories.mlp()
+    batches = [factories.feeds_for(model, seed=seed) for seed in range(5)]
+    stats = collect(model, batches)
+    assert weight_activations(model) == {"x": 40, "act_out": 72}
+    assert stats.batches == 5
+    inputs = np.concatenate([b["x"].reshape(-1, 40) for b in batches]).astype(np.float64)
+    first = stats.by_activation["x"]
+    assert first.tokens == 5 * 15
+    np.testing.assert_allclose(first.hessian, inputs.T @ inputs, rtol=1e-12)
+    np.testing.assert_allclose(first.abs_max, np.abs(inputs).max(axis=0))
+    np.testing.assert_allclose(first.mean_abs, np.abs(inputs).mean(axis=0))
+    hidden = _relu_hidden(model, inputs)
+    np.testing.assert_allclose(stats.by_activation["act_out"].hessian, hidden.T @ hidden, rtol=1e-5)
+
+
+def test_weights_reading_the_same_input_share_one_hessian():
+    model = factories.shared_weight()
+    stats = collect(model, [factories.feeds_for(model)])
+    assert sorted(stats.by_activation) == ["first_out", "x"]
+
+
+def test_collect_leaves_the_model_unchanged():
+    from tests.parity import serialized
+
+    model = factories.mlp()
+    before = serialized(model)
+    collect(model, [factories.feeds_for(model)])
+    assert serialized(model) == before
+
+
+def test_no_batches_is_an_error():
+    with pytest.raises(ValueError, match="no batches"):
+        collect(factories.mlp(), [])
+
+
+def test_a_model_without_weights_is_an_error():
+    model = factories.mlp()
+    for use_name in ("w1", "w2"):
+        model.graph.initializers[use_name].const_value = None
+    with pytest.raises(ValueError, match="no weight MatMul"):
+        collect(model, [factories.feeds_for(model)])
