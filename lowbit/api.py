@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from lowbit.ir.scheme import GROUP_AXES, QuantScheme
 from lowbit.passes import pipelines
+from lowbit.passes.axis_selectors import SELECTORS
 from lowbit.passes.report import OptimizeReport
 from lowbit.runtime.calibration import CalibrationStats
 
@@ -20,16 +21,15 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _SOURCE_KEY = "lowbit.source_files"
 
 
-SELECTORS = ("matrix",)
-
-
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """How ``optimize`` quantizes a model.
 
     ``axis="oc"``: classic groups of ``group_size`` input channels per output channel; ``axis="ic"``:
     the AdaDim paper's groups of ``group_size`` output channels per input channel; ``axis="adadim"``:
-    per weight, the one of the two with the lower output error on calibration data (``selector``).
+    per weight, the one of the two with the lower output error on calibration data, judged by
+    ``selector``: ``matrix`` (the weight's own output), ``block`` (its attention/MLP module's output, the
+    paper's) or ``layer`` (the decoder layer's output); see ``lowbit.passes.axis_selectors``.
     ``method="gptq"`` and ``axis="adadim"`` need calibration data. ``group_size=-1``: one group over the
     whole axis. The LM head and embedding tables stay in float unless opted in.
     """
@@ -47,7 +47,7 @@ class Recipe:
         if self.axis not in (*GROUP_AXES, "adadim"):
             raise ValueError(f"axis must be one of {(*GROUP_AXES, 'adadim')}, got {self.axis!r}")
         if self.selector not in SELECTORS:
-            raise NotImplementedError(f"selector {self.selector!r} is not implemented yet; available: {SELECTORS}")
+            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
         self.scheme()  # validates bits, group_size, method
 
     @property
@@ -139,6 +139,7 @@ def optimize(
     passes = pipelines.portable_pipeline(
         recipe.scheme(),
         candidate_axes=recipe.candidate_axes,
+        selector=recipe.selector,
         calibration=calibration,
         include_lm_head=recipe.include_lm_head,
         include_embeddings=recipe.include_embeddings,

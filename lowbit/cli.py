@@ -3,6 +3,7 @@
     lowbit export smollm2 -o smollm2.onnx
     lowbit optimize smollm2.onnx -o smollm2.w4.onnx --bits 4 --group-size 128 --axis ic
     lowbit eval smollm2.w4.onnx
+    lowbit view smollm2.w4.onnx --compare smollm2.onnx --report report.json -o view.html
     lowbit demo
 
 Errors print one line and exit with status 2; ``--debug`` shows the traceback instead.
@@ -15,6 +16,7 @@ import pathlib
 import sys
 
 from lowbit.ir.scheme import GROUP_AXES, METHODS, SUPPORTED_BITS
+from lowbit.passes.axis_selectors import SELECTORS
 
 SHIPPED_MODELS = ("smollm2", "minilm")
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, PermissionError)
@@ -28,6 +30,14 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symmetric", action="store_true", help="symmetric codes (default: asymmetric)")
     parser.add_argument("--include-lm-head", action="store_true", help="also quantize the LM head")
     parser.add_argument("--include-embeddings", action="store_true", help="also quantize embedding tables")
+    parser.add_argument("--selector", default="matrix", choices=SELECTORS, help="AdaDim axis selector (with --axis adadim)")
+    parser.add_argument(
+        "--calibration-tokenizer",
+        help="calibrate on Shakespeare (the calibration plays) tokenized with this: smollm2, minilm or a "
+        "Hugging Face folder; needed by --method gptq and --axis adadim",
+    )
+    parser.add_argument("--calibration-windows", type=int, default=32, help="calibration windows")
+    parser.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration window")
 
 
 def _recipe(args: argparse.Namespace):
@@ -39,6 +49,7 @@ def _recipe(args: argparse.Namespace):
         axis=args.axis,
         method=args.method,
         symmetric=args.symmetric,
+        selector=args.selector,
         include_lm_head=args.include_lm_head,
         include_embeddings=args.include_embeddings,
     )
@@ -52,13 +63,32 @@ def _command_optimize(args: argparse.Namespace) -> None:
     if args.report and pathlib.Path(args.report).resolve() in (source.resolve(), target.resolve()):
         raise ValueError(f"--report {args.report!r} would overwrite a model file")
     model = lowbit.load(source)
-    result = lowbit.optimize(model, recipe)
+    calibration = None
+    if args.calibration_tokenizer:
+        from lowbit.tools import text
+
+        tokenizer = _tokenizer(args.calibration_tokenizer)
+        inputs = [value.name for value in model.graph.inputs]
+        calibration = text.calibration_feeds(tokenizer, inputs, args.calibration_length, args.calibration_windows)
+    result = lowbit.optimize(model, recipe, calibration=calibration)
     lowbit.save(result.model, target)
     print(result.report.summary())
     print(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB; input {source.stat().st_size / 2**20:.1f} MiB)")
     if args.report:
         pathlib.Path(args.report).write_text(result.report.to_json())
         print(f"wrote {args.report}")
+
+
+def _tokenizer(name: str):
+    from lowbit.tools import models
+
+    if name == "smollm2":
+        return models.smollm2_tokenizer()
+    if name == "minilm":
+        return models.minilm_tokenizer()
+    if not pathlib.Path(name).is_dir():
+        raise FileNotFoundError(f"tokenizer {name!r} is neither a shipped model {SHIPPED_MODELS} nor a folder")
+    return models.hf_tokenizer(name)
 
 
 def _command_export(args: argparse.Namespace) -> None:
@@ -81,6 +111,13 @@ def _command_eval(args: argparse.Namespace) -> None:
     from lowbit.tools import eval_perplexity
 
     eval_perplexity.main([args.model, "--play", args.play, "--windows", str(args.windows), "--length", str(args.length)])
+
+
+def _command_view(args: argparse.Namespace) -> None:
+    from lowbit.tools.viewer import write_view
+
+    path = write_view(args.model, args.output, compare=args.compare, report=args.report)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): open it in a browser, it needs no network")
 
 
 def _command_demo(args: argparse.Namespace) -> None:
@@ -113,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--windows", type=int, default=40)
     evaluate.add_argument("--length", type=int, default=512)
     evaluate.set_defaults(handler=_command_eval)
+
+    view = commands.add_parser("view", help="write a self-contained HTML view of a model: graph, overlays, diff, per-layer table")
+    view.add_argument("model", help="the .onnx to show")
+    view.add_argument("--compare", help="a second .onnx (e.g. the model before optimize), shown side by side with changes marked")
+    view.add_argument("--report", help="the JSON report of 'lowbit optimize --report': errors and bytes per layer")
+    view.add_argument("-o", "--output", required=True, help="the .html to write")
+    view.set_defaults(handler=_command_view)
 
     demo = commands.add_parser("demo", help="export SmolLM2, quantize it, compare size/perplexity/speed with fp32")
     demo.add_argument("--workdir", default="lowbit-demo", help="where the ONNX files go (reused between runs)")

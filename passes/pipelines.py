@@ -27,13 +27,18 @@ def portable_pipeline(
     scheme: QuantScheme,
     *,
     candidate_axes: tuple[str, ...] | None = None,
+    selector: str = "matrix",
     calibration=None,
     include_lm_head: bool = False,
     include_embeddings: bool = False,
 ) -> list[ir.passes.PassBase]:
     """Fold weights, [calibrate,] quantize to blocked DequantizeLinear + MatMul, clean up: stock ONNX Runtime."""
     quantize = QuantizeWeightsPass(
-        scheme, candidate_axes=candidate_axes, include_lm_head=include_lm_head, include_embeddings=include_embeddings
+        scheme,
+        candidate_axes=candidate_axes,
+        selector=selector,
+        include_lm_head=include_lm_head,
+        include_embeddings=include_embeddings,
     )
     calibrate = [CaptureCalibrationPass(calibration)] if calibration is not None else []
     return [FoldWeightsPass(), *calibrate, quantize, CleanupPass()]

@@ -8,10 +8,10 @@ row on its own), whatever the scheme's axis, because a Gather reads whole rows.
 
 A weight shared by several MatMuls is quantized once and its DequantizeLinear output feeds them all.
 Methods: RTN, or GPTQ with the calibration Hessian of the weight's input. Axis: fixed (``"oc"`` or
-``"ic"``), or chosen per weight among ``candidate_axes`` (AdaDim, ``matrix`` selector): the axis whose
-RTN quantization has the lower output error ``trace(dW^T H dW)`` wins (the AdaDim paper's rule), and
-the method then quantizes along it. GPTQ and AdaDim read the statistics CaptureCalibrationPass left in
-``model.meta``.
+``"ic"``), or chosen per weight among ``candidate_axes`` (AdaDim): the method quantizes the weight
+along every candidate axis and a selector (``passes/axis_selectors.py``: matrix, block or layer output
+error on calibration data) picks one. GPTQ and AdaDim read the statistics CaptureCalibrationPass left
+in ``model.meta``.
 
 The model's default-domain opset is raised to what the storage types need (21, or 25 for 2-bit) with
 onnxscript's version converter, and its IR version to 10 (11 for 2-bit).
@@ -29,21 +29,23 @@ from tqdm.auto import tqdm
 
 from lowbit.ir import analysis, builders
 from lowbit.ir.scheme import GROUP_AXES, QuantScheme
+from lowbit.passes import axis_selectors
 from lowbit.passes.capture_calibration import CALIBRATION_KEY
-from lowbit.passes.quant.adadim import choose_axis, relative_output_error
+from lowbit.passes.quant.adadim import relative_output_error
 from lowbit.passes.quant.gptq import quantize_gptq
 from lowbit.passes.quant.rtn import QuantizedWeight, quantize_rtn, relative_error
 from lowbit.passes.report import SkippedWeight, WeightRecord
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
-    """RTN-quantize weights to ``scheme`` and write them as blocked DequantizeLinear + MatMul."""
+    """Quantize weights to ``scheme`` (RTN or GPTQ; fixed axis or AdaDim) as blocked DequantizeLinear + MatMul."""
 
     def __init__(
         self,
         scheme: QuantScheme,
         *,
         candidate_axes: tuple[str, ...] | None = None,
+        selector: str = "matrix",
         include_lm_head: bool = False,
         include_embeddings: bool = False,
         gptq_damp: float = 0.01,
@@ -54,6 +56,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         if not set(self.candidate_axes) <= set(GROUP_AXES):
             raise ValueError(f"candidate_axes must be drawn from {GROUP_AXES}, got {self.candidate_axes}")
         self.scheme = scheme
+        self.selector = axis_selectors.make_selector(selector)
         self.gptq_damp = gptq_damp
         self.gptq_act_order = gptq_act_order
         self.include_lm_head = include_lm_head
@@ -62,35 +65,61 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.skipped: list[SkippedWeight] = []
         self.details: dict = {}
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.scheme.method == "gptq" or len(self.candidate_axes) > 1
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.weight_records, self.skipped = [], []
-        graph = model.graph
         statistics = model.meta.get(CALIBRATION_KEY)
         if statistics is None and self.needs_calibration:
             raise ValueError(
                 f"method={self.scheme.method!r} with axes {self.candidate_axes} needs calibration statistics: "
                 "run CaptureCalibrationPass first (lowbit.optimize(..., calibration=batches) does)"
             )
+        plans = self._plans(model.graph, statistics)
+        for plan in tqdm(plans, desc=f"quantize weights ({self.scheme.method})", unit="weight", leave=False):
+            plan.candidates = self._candidates(plan)
+        if self.selector is not None and len(self.candidate_axes) > 1:
+            choices = self.selector(model, plans, statistics.samples)
+            self.details["selection"] = self.selector.details
+        else:
+            choices = axis_selectors.select_matrix(plans)
+        names = _NameAllocator(model.graph)
+        for plan, axis in zip(plans, choices):
+            self._write(model.graph, plan, axis, names)
+        modified = bool(self.weight_records)
+        if modified:
+            _require_storage_support(model, self.scheme.bits)
+        self.details.update({"quantized": len(self.weight_records), "skipped": len(self.skipped)})
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _plans(self, graph: ir.Graph, statistics) -> list[axis_selectors.WeightPlan]:
+        """One plan per weight to quantize (shared weights once); skipped weights go to the report."""
         groups: dict[tuple[int, bool], list[analysis.WeightUse]] = {}
         for use in analysis.weight_uses(graph):
             groups.setdefault((id(use.weight), use.kind == "embedding"), []).append(use)
-        names = _NameAllocator(graph)
-        for uses in tqdm(list(groups.values()), desc="quantize weights", unit="weight", leave=False):
+        plans = []
+        for uses in groups.values():
             skip = self._skip_reason(uses)
             if skip is not None:
                 culprit, reason = skip
                 self.skipped.append(SkippedWeight(culprit.weight.name or "", culprit.layer, culprit.kind, reason))
                 continue
-            self._quantize(graph, uses, names, statistics)
-        modified = bool(self.weight_records)
-        if modified:
-            _require_storage_support(model, self.scheme.bits)
-        self.details = {"quantized": len(self.weight_records), "skipped": len(self.skipped)}
-        return ir.passes.PassResult(model, modified=modified)
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.scheme.method == "gptq" or len(self.candidate_axes) > 1
+            first = uses[0]
+            weight = np.asarray(analysis.weight_value_array(first), dtype=np.float32)
+            if first.node.op_type == "Gemm":
+                weight = _gemm_weight(first.node, weight)
+            if weight.size == 0:
+                raise ValueError(f"weight {first.weight.name!r} of {first.layer!r} is empty")
+            if not np.isfinite(weight).all():
+                raise ValueError(
+                    f"weight {first.weight.name!r} of {first.layer!r} contains NaN or Inf; fix the model before quantizing"
+                )
+            use_statistics = statistics is not None and first.kind != "embedding"
+            hessian = statistics.for_use(first).hessian if use_statistics else None
+            plans.append(axis_selectors.WeightPlan(uses, weight, hessian))
+        return plans
 
     def _skip_reason(self, uses: list[analysis.WeightUse]) -> tuple[analysis.WeightUse, str] | None:
         """The use that keeps this weight in float and why, or None to quantize it."""
@@ -111,74 +140,18 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     return use, f"Gemm {use.node.name!r} with a non-constant bias and beta != 1 is not supported"
         return None
 
-    def _quantize(
-        self, graph: ir.Graph, uses: list[analysis.WeightUse], names: _NameAllocator, statistics
-    ) -> None:
-        first = uses[0]
-        weight = np.asarray(analysis.weight_value_array(first), dtype=np.float32)
-        if first.node.op_type == "Gemm":
-            weight = _gemm_weight(first.node, weight)
-        if not np.isfinite(weight).all():
-            raise ValueError(
-                f"weight {first.weight.name!r} of {first.layer!r} contains NaN or Inf; fix the model before quantizing"
-            )
-        if weight.size == 0:
-            raise ValueError(f"weight {first.weight.name!r} of {first.layer!r} is empty")
-        hessian = None
-        if first.kind == "embedding":  # a Gather reads whole rows: groups along D, no calibration
-            axis, axis_errors = "ic", {}
-            quantized = quantize_rtn(weight, dataclasses.replace(self.scheme, axis="ic", method="rtn"))
-        else:
-            hessian = statistics.for_use(first).hessian if statistics is not None else None
-            axis, axis_errors, quantized = self._quantize_array(weight, hessian)
-        reconstructed = quantized.dequantize()
-        float_dtype = first.weight.dtype
-        qdq = builders.dequantize_linear(names.allocate(first.layer, first.weight.name), quantized, float_dtype)
-        for initializer in qdq.initializers:
-            graph.register_initializer(initializer)
-        graph.insert_before(min((use.node for use in uses), key=_position(graph)), qdq.node)
-        for use in uses:
-            if use.node.op_type == "Gemm":
-                _replace_gemm(graph, use.node, qdq.output)
+    def _candidates(self, plan: axis_selectors.WeightPlan) -> dict[str, QuantizedWeight]:
+        """The weight quantized along every candidate axis (embeddings: along D only, by RTN)."""
+        if plan.first.kind == "embedding":  # a Gather reads whole rows
+            return {"ic": quantize_rtn(plan.weight, dataclasses.replace(self.scheme, axis="ic", method="rtn"))}
+        candidates = {}
+        for axis in self.candidate_axes:
+            scheme = dataclasses.replace(self.scheme, axis=axis)
+            if scheme.method == "gptq":
+                candidates[axis] = self._gptq(plan.weight, plan.hessian, scheme)
             else:
-                use.node.replace_input_with(use.input_index, qdq.output)
-        if first.weight.is_initializer() and not first.weight.uses() and not first.weight.is_graph_output():
-            graph.initializers.pop(first.weight.name)
-        self.weight_records.append(
-            WeightRecord(
-                name=first.weight.name or "",
-                layer=first.layer,
-                kind=first.kind,
-                shape=list(weight.shape),
-                bits=quantized.bits,
-                axis=axis,
-                group_size=quantized.block_size,
-                symmetric=quantized.symmetric,
-                method="rtn" if first.kind == "embedding" else self.scheme.method,
-                bytes_before=int(weight.size * float_dtype.itemsize),
-                bytes_after=qdq.nbytes,
-                relative_error=relative_error(weight, reconstructed),
-                output_error=None if hessian is None else relative_output_error(weight, reconstructed, hessian),
-                axis_errors=axis_errors,
-            )
-        )
-
-    def _quantize_array(self, weight: np.ndarray, hessian) -> tuple[str, dict[str, float], QuantizedWeight]:
-        """(chosen axis, RTN relative output error per candidate axis, quantized weight)."""
-        schemes = {axis: dataclasses.replace(self.scheme, axis=axis) for axis in self.candidate_axes}
-        axis_errors: dict[str, float] = {}
-        if len(schemes) > 1:
-            rtn = {axis: quantize_rtn(weight, scheme) for axis, scheme in schemes.items()}
-            axis, errors = choose_axis(weight, hessian, rtn)
-            energy = float(np.sum((hessian @ weight.astype(np.float64)) * weight))
-            axis_errors = {name: error / energy if energy > 0 else error for name, error in errors.items()}
-            if self.scheme.method == "rtn":
-                return axis, axis_errors, rtn[axis]
-        else:
-            (axis,) = schemes
-        if self.scheme.method == "gptq":
-            return axis, axis_errors, self._gptq(weight, hessian, schemes[axis])
-        return axis, axis_errors, quantize_rtn(weight, schemes[axis])
+                candidates[axis] = quantize_rtn(plan.weight, scheme)
+        return candidates
 
     def _gptq(self, weight: np.ndarray, hessian: np.ndarray, scheme: QuantScheme) -> QuantizedWeight:
         """GPTQ, retrying with 10x the dampening when the damped Hessian is not positive definite."""
@@ -191,6 +164,42 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     raise
                 damp *= 10
         raise ValueError(f"GPTQ failed: the Hessian stays singular up to dampening {damp / 10}")
+
+    def _write(self, graph: ir.Graph, plan: axis_selectors.WeightPlan, axis: str, names: _NameAllocator) -> None:
+        """Replace the weight by its chosen candidate's QDQ form and record it."""
+        first, quantized = plan.first, plan.candidates[axis]
+        reconstructed = quantized.dequantize()
+        float_dtype = first.weight.dtype
+        qdq = builders.dequantize_linear(names.allocate(first.layer, first.weight.name), quantized, float_dtype)
+        for initializer in qdq.initializers:
+            graph.register_initializer(initializer)
+        graph.insert_before(min((use.node for use in plan.uses), key=_position(graph)), qdq.node)
+        for use in plan.uses:
+            if use.node.op_type == "Gemm":
+                _replace_gemm(graph, use.node, qdq.output)
+            else:
+                use.node.replace_input_with(use.input_index, qdq.output)
+        if first.weight.is_initializer() and not first.weight.uses() and not first.weight.is_graph_output():
+            graph.initializers.pop(first.weight.name)
+        has_choice = len(plan.candidates) > 1 and plan.hessian is not None
+        self.weight_records.append(
+            WeightRecord(
+                name=first.weight.name or "",
+                layer=first.layer,
+                kind=first.kind,
+                shape=list(plan.weight.shape),
+                bits=quantized.bits,
+                axis=axis,
+                group_size=quantized.block_size,
+                symmetric=quantized.symmetric,
+                method="rtn" if first.kind == "embedding" else self.scheme.method,
+                bytes_before=int(plan.weight.size * float_dtype.itemsize),
+                bytes_after=qdq.nbytes,
+                relative_error=relative_error(plan.weight, reconstructed),
+                output_error=None if plan.hessian is None else relative_output_error(plan.weight, reconstructed, plan.hessian),
+                axis_errors=axis_selectors.matrix_errors(plan) if has_choice else {},
+            )
+        )
 
 
 class _NameAllocator:

@@ -29,6 +29,8 @@ class CalibrationStats:
 
     by_activation: dict[str, HessianAccumulator]
     batches: int = 0
+    #: The first few feed dicts, kept for selectors that re-run subgraphs (small: token ids).
+    samples: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
 
     def for_use(self, use: analysis.WeightUse) -> HessianAccumulator:
         name = use.node.inputs[0].name
@@ -69,8 +71,10 @@ def collect(
     *,
     providers: list[str] | None = None,
     total: int | None = None,
+    keep_samples: int = 4,
 ) -> CalibrationStats:
-    """Run ``model`` on every feed dict of ``batches`` and accumulate the weight-input statistics."""
+    """Run ``model`` on every feed dict of ``batches`` and accumulate the weight-input statistics;
+    the first ``keep_samples`` feed dicts are kept in ``samples``."""
     activations = weight_activations(model)
     if not activations:
         raise ValueError("the model has no weight MatMul/Gemm to calibrate")
@@ -80,6 +84,8 @@ def collect(
     for feeds in tqdm(batches, desc="calibration", unit="batch", total=total):
         for name, value in zip(names, sess.run(names, dict(feeds))):
             stats.by_activation[name].update(value)
+        if len(stats.samples) < keep_samples:
+            stats.samples.append({name: np.asarray(value) for name, value in feeds.items()})
         stats.batches += 1
     if stats.batches == 0:
         raise ValueError("calibration got no batches")

@@ -119,9 +119,9 @@ def test_calibrated_recipes_without_calibration_are_refused(kwargs):
         lowbit.optimize(factories.mlp(), lowbit.Recipe(**kwargs))
 
 
-def test_selectors_not_built_yet_raise_clearly():
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        lowbit.Recipe(axis="adadim", selector="block")
+def test_unknown_selector_is_refused():
+    with pytest.raises(ValueError, match="selector"):
+        lowbit.Recipe(axis="adadim", selector="oracle")
 
 
 @pytest.mark.parametrize("kwargs", [{"bits": 5}, {"group_size": 0}, {"axis": "rows"}, {"method": "awq"}])

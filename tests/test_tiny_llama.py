@@ -56,3 +56,20 @@ def test_tiny_llama_quantizes_every_linear_but_the_tied_head(tiny_llama, axis):
     (quant_logits,) = run(result.model, feeds)
     relative = np.linalg.norm(quant_logits - float_logits) / np.linalg.norm(float_logits)
     assert relative < 0.02  # 8-bit g32 RTN on random weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("selector, modules", [("block", 4), ("layer", 2)])
+def test_graph_selectors_never_end_worse_than_the_matrix_choice(tiny_llama, selector, modules):
+    module, ids = tiny_llama
+    model = _export(tiny_llama)
+    batches = [{"input_ids": torch.randint(0, 96, (2, 16)).numpy()} for _ in range(6)]
+    recipe = lowbit.Recipe(bits=2, group_size=16, axis="adadim", method="rtn", selector=selector)
+    result = lowbit.optimize(model, recipe, calibration=batches)
+    check_valid(result.model)
+    selection = next(p for p in result.report.passes if p.name == "QuantizeWeightsPass").details["selection"]
+    assert selection["modules"] == modules  # (self_attn, mlp) x 2 layers, or the 2 decoder layers
+    assert selection["final_error"] <= selection["start_error"]
+    assert all(set(w.axis_errors) == {"oc", "ic"} for w in result.report.weights)
+    axes = {node.inputs[0].name: node.attributes.get_int("axis") for node in result.model.graph if node.op_type == "DequantizeLinear"}
+    assert len(axes) == len(result.report.weights) == 14

@@ -1,0 +1,222 @@
+"""AdaDim axis selectors: given per-OC and per-IC candidates of every weight, choose one axis per weight.
+
+* ``matrix`` — per weight, the candidate with the lower output error ``trace(dW^T H dW)``: the weight's
+  own output on the calibration tokens, with every other weight in float.
+* ``block`` — the AdaDim paper's: the error at the output of the weight's *parent module* (attention for
+  q/k/v/o, MLP for gate/up/down), measured by running that subgraph in ONNX Runtime on captured
+  calibration inputs, choosing greedily inside the module (start from ``matrix``, flip one weight at a
+  time, keep a flip when it lowers the module's output error). q/k/v interact through softmax and
+  gate/up through the gating product: the module output sees that, a per-matrix error does not.
+* ``layer`` — ours: the same greedy search on the output of the whole decoder layer (the residual
+  stream after it), so attention and MLP choices are judged together on what the next layer reads.
+
+Graph selectors judge only plain MatMul weights stored as initializers; any other weight keeps its
+``matrix`` choice. Modules are found from module paths (torch.onnx metadata): a graph without them
+gets ``matrix`` choices everywhere, and the report says so through the pass details.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx
+import onnx.utils
+import onnx_ir as ir
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+from lowbit.ir import analysis
+from lowbit.passes.quant.adadim import choose_axis, output_error
+from lowbit.passes.quant.rtn import QuantizedWeight
+from lowbit.runtime.session import session_options
+
+SELECTORS = ("matrix", "block", "layer")
+
+
+@dataclasses.dataclass
+class WeightPlan:
+    """One weight to quantize: its uses, its [K, N] value, its input's H and the candidates per axis."""
+
+    uses: list[analysis.WeightUse]
+    weight: np.ndarray
+    hessian: np.ndarray | None
+    candidates: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)
+
+    @property
+    def first(self) -> analysis.WeightUse:
+        return self.uses[0]
+
+
+def matrix_errors(plan: WeightPlan) -> dict[str, float]:
+    """Relative output error ``trace(dW^T H dW) / trace(W^T H W)`` of every candidate."""
+    weight = plan.weight.astype(np.float64)
+    energy = float(np.sum((plan.hessian @ weight) * weight))
+    errors = {axis: output_error(plan.weight, q.dequantize(), plan.hessian) for axis, q in plan.candidates.items()}
+    return {axis: error / energy if energy > 0 else error for axis, error in errors.items()}
+
+
+def select_matrix(plans: list[WeightPlan]) -> list[str]:
+    """Per weight, the axis with the lower output error (ties: the first candidate, i.e. per-OC)."""
+    return [
+        choose_axis(plan.weight, plan.hessian, plan.candidates)[0]
+        if len(plan.candidates) > 1 and plan.hessian is not None
+        else next(iter(plan.candidates))
+        for plan in plans
+    ]
+
+
+def parent_module(path: str) -> str | None:
+    """``a.b.self_attn.q_proj`` -> ``a.b.self_attn`` (the block a weight belongs to)."""
+    return path.rsplit(".", 1)[0] if "." in path else None
+
+
+def decoder_layer(path: str) -> str | None:
+    """``m.model.layers.3.mlp.up_proj`` -> ``m.model.layers.3`` (prefix through the first index)."""
+    match = re.match(r"^(.*?\.\d+)(\.|$)", path)
+    return match.group(1) if match else None
+
+
+def _in_module(path: str, module: str) -> bool:
+    return path == module or path.startswith(module + ".")
+
+
+@dataclasses.dataclass
+class _Module:
+    """A subgraph (one module) with its boundary values and the weight plans inside it."""
+
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    plan_indices: list[int]
+
+
+def _module_boundaries(graph: ir.Graph, paths: dict[int, str], module: str) -> tuple[list[str], list[str]]:
+    """Names of the non-constant values a module reads from outside, and of those it hands out."""
+    inside = [node for node in graph if _in_module(paths[id(node)], module)]
+    inside_ids = {id(node) for node in inside}
+    produced = {output.name for node in inside for output in node.outputs}
+    inputs: dict[str, None] = {}
+    outputs: dict[str, None] = {}
+    for node in inside:
+        for value in node.inputs:
+            if value is not None and value.name not in produced and value.const_value is None:
+                inputs.setdefault(value.name)
+        for output in node.outputs:
+            if output.is_graph_output() or any(id(use.node) not in inside_ids for use in output.uses()):
+                outputs.setdefault(output.name)
+    return list(inputs), list(outputs)
+
+
+class SubgraphSelector:
+    """Greedy axis search on the output error of each module (``group_of`` maps a weight's path to it)."""
+
+    def __init__(self, group_of: Callable[[str], str | None]):
+        self.group_of = group_of
+        self.details: dict = {}
+
+    def __call__(self, model: ir.Model, plans: list[WeightPlan], samples: list[Mapping[str, np.ndarray]]) -> list[str]:
+        choices = select_matrix(plans)
+        modules = self._modules(model.graph, plans)
+        if not modules or not samples:
+            self.details = {"modules": 0, "flips": 0, "start_error": 0.0, "final_error": 0.0}
+            return choices
+        proto = ir.to_proto(model)
+        captured = _capture(proto, modules, samples)
+        extractor = onnx.utils.Extractor(proto)
+        flips, start_error, final_error = 0, 0.0, 0.0
+        for module in tqdm(modules, desc="AdaDim selection", unit="module", leave=False):
+            module_flips, start, final = self._search(extractor, module, plans, choices, captured)
+            flips, start_error, final_error = flips + module_flips, start_error + start, final_error + final
+        self.details = {"modules": len(modules), "flips": flips, "start_error": start_error, "final_error": final_error}
+        return choices
+
+    def _modules(self, graph: ir.Graph, plans: list[WeightPlan]) -> list[_Module]:
+        grouped: dict[str, list[int]] = {}
+        for index, plan in enumerate(plans):
+            if len(plan.candidates) < 2 or plan.hessian is None:
+                continue
+            if any(use.node.op_type != "MatMul" for use in plan.uses) or not plan.first.weight.is_initializer():
+                continue
+            module = self.group_of(plan.first.layer)
+            if module is not None:
+                grouped.setdefault(module, []).append(index)
+        paths = {id(node): analysis.module_path(node) for node in graph}
+        modules = []
+        for name, indices in grouped.items():
+            inputs, outputs = _module_boundaries(graph, paths, name)
+            if outputs:
+                modules.append(_Module(name, inputs, outputs, indices))
+        return modules
+
+    def _search(self, extractor, module: _Module, plans, choices: list[str], captured) -> tuple[int, float, float]:
+        """Greedy flips inside one module; updates ``choices``; returns (flips, start error, final error)."""
+        weight_names = [plans[i].first.weight.name for i in module.plan_indices]
+        sess = _module_session(extractor, module, weight_names)
+
+        def error(assignment: dict[int, str]) -> float:
+            weights = {
+                plans[i].first.weight.name: plans[i].candidates[assignment[i]].dequantize() for i in module.plan_indices
+            }
+            total = 0.0
+            for sample in captured:
+                feeds = {name: sample[name] for name in module.inputs}
+                for got, name in zip(sess.run(module.outputs, {**feeds, **weights}), module.outputs):
+                    total += float(np.sum((got.astype(np.float64) - sample[name]) ** 2))
+            return total
+
+        assignment = {i: choices[i] for i in module.plan_indices}
+        start = best = error(assignment)
+        flips = 0
+        for i in module.plan_indices:
+            other = next(axis for axis in plans[i].candidates if axis != assignment[i])
+            trial = {**assignment, i: other}
+            trial_error = error(trial)
+            if trial_error < best:
+                assignment, best, flips = trial, trial_error, flips + 1
+        for i in module.plan_indices:
+            choices[i] = assignment[i]
+        return flips, start, best
+
+
+def _capture(proto: onnx.ModelProto, modules: list[_Module], samples) -> list[dict[str, np.ndarray]]:
+    """Run the float model once per sample, returning every module's boundary values."""
+    names = sorted({name for module in modules for name in (*module.inputs, *module.outputs)})
+    graph_inputs = {value.name for value in proto.graph.input}
+    extra = [name for name in names if name not in graph_inputs]
+    with_outputs = onnx.ModelProto()
+    with_outputs.CopyFrom(proto)
+    existing = {output.name for output in with_outputs.graph.output}
+    with_outputs.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra if name not in existing)
+    sess = ort.InferenceSession(with_outputs.SerializeToString(), session_options())
+    captured = []
+    for sample in samples:
+        values = dict(zip(extra, sess.run(extra, dict(sample))))
+        values.update({name: sample[name] for name in names if name in graph_inputs})
+        captured.append({name: np.asarray(value) for name, value in values.items()})
+    return captured
+
+
+def _module_session(extractor: onnx.utils.Extractor, module: _Module, weight_names: list[str]) -> ort.InferenceSession:
+    """The module's subgraph with its weights turned into graph inputs (fed with candidates)."""
+    sub = extractor.extract_model(module.inputs, module.outputs)
+    weights = {tensor.name: tensor for tensor in sub.graph.initializer if tensor.name in weight_names}
+    kept = [tensor for tensor in sub.graph.initializer if tensor.name not in weights]
+    del sub.graph.initializer[:]
+    sub.graph.initializer.extend(kept)
+    for name, tensor in weights.items():
+        sub.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    return ort.InferenceSession(sub.SerializeToString(), session_options())
+
+
+def make_selector(name: str):
+    """``matrix`` is a plain function of the plans; ``block`` and ``layer`` run subgraphs."""
+    if name == "block":
+        return SubgraphSelector(parent_module)
+    if name == "layer":
+        return SubgraphSelector(decoder_layer)
+    if name == "matrix":
+        return None
+    raise ValueError(f"unknown selector {name!r}; choose one of {SELECTORS}")
