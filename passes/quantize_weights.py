@@ -70,7 +70,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         return self.scheme.method == "gptq" or len(self.candidate_axes) > 1
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.weight_records, self.skipped = [], []
+        self.weight_records, self.skipped, self.details = [], [], {}
         statistics = model.meta.get(CALIBRATION_KEY)
         if statistics is None and self.needs_calibration:
             raise ValueError(
@@ -99,6 +99,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         groups: dict[tuple[int, bool], list[analysis.WeightUse]] = {}
         for use in analysis.weight_uses(graph):
             groups.setdefault((id(use.weight), use.kind == "embedding"), []).append(use)
+        if self.include_embeddings and self.include_lm_head:
+            self._share_tied_tables(groups)
         plans = []
         for uses in groups.values():
             skip = self._skip_reason(uses)
@@ -121,6 +123,23 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             plans.append(axis_selectors.WeightPlan(uses, weight, hessian))
         return plans
 
+    def _share_tied_tables(self, groups: dict[tuple[int, bool], list[analysis.WeightUse]]) -> None:
+        """A tied LM head reads Transpose(table): let that Transpose read the quantized table too.
+
+        The table's groups run along D, which for the head's ``B = table^T`` are per-OC groups, so one
+        quantized copy serves both and the file holds the table once.
+        """
+        for key in [key for key, uses in groups.items() if uses[0].kind == "lm_head"]:
+            transpose = groups[key][0].weight.producer()
+            if transpose is None or transpose.op_type != "Transpose":
+                continue
+            table_key = (id(transpose.inputs[0]), True)
+            if table_key in groups:
+                table_uses = groups[table_key]
+                table_uses.append(analysis.WeightUse(transpose, transpose.inputs[0], 0, "embedding", table_uses[0].layer))
+                del groups[key]
+                self.details["tied_lm_heads"] = self.details.get("tied_lm_heads", 0) + 1
+
     def _skip_reason(self, uses: list[analysis.WeightUse]) -> tuple[analysis.WeightUse, str] | None:
         """The use that keeps this weight in float and why, or None to quantize it."""
         for use in uses:
@@ -128,7 +147,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 return use, "output head (LM head) left in float by default (Recipe(include_lm_head=True) quantizes it)"
             if use.kind == "embedding" and not self.include_embeddings:
                 return use, "embedding table left in float by default (Recipe(include_embeddings=True) quantizes it)"
-        layouts = {_weight_layout(use.node) for use in uses}
+        layouts = {_weight_layout(use.node) for use in uses if use.node.op_type in ("MatMul", "Gemm")}
         if len(layouts) > 1:
             return uses[0], f"shared by nodes that read it in different layouts {sorted(layouts)}"
         for use in uses:

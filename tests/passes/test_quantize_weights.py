@@ -71,19 +71,35 @@ def test_lm_head_and_embedding_are_left_in_float_by_default_and_reported():
     assert sorted(skipped.kind for skipped in quantize.skipped) == ["embedding", "lm_head"]
 
 
-def test_opted_in_tied_lm_head_and_embedding_are_quantized():
+def test_opted_in_tied_table_is_quantized_once_for_embedding_and_lm_head():
+    float_model = factories.tied_lm()
+    model = factories.tied_lm()
+    quantize = QuantizeWeightsPass(QuantScheme(4, 4, "oc"), include_lm_head=True, include_embeddings=True)
+    assert quantize(model).modified
+    check_valid(model)
+    assert [record.kind for record in quantize.weight_records] == ["embedding"]
+    assert quantize.details["tied_lm_heads"] == 1
+    assert sum(node.op_type == "DequantizeLinear" for node in model.graph) == 1
+    assert "embed" not in model.graph.initializers
+    feeds = factories.feeds_for(model)
+    table = float_model.graph.initializers["embed"].const_value.numpy()
+    table_hat = quantize_rtn(table, QuantScheme(4, 4, "ic")).dequantize()  # rows grouped along D
+    expected = np.maximum(table_hat[feeds["ids"]], 0) @ table_hat.T
+    np.testing.assert_allclose(run(model, feeds)[0], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_opted_in_lm_head_alone_gets_its_own_copy_of_a_tied_table():
     float_model = factories.tied_lm()
     model = factories.tied_lm()
     scheme = QuantScheme(8, 4, "oc")
-    quantize = QuantizeWeightsPass(scheme, include_lm_head=True, include_embeddings=True)
+    quantize = QuantizeWeightsPass(scheme, include_lm_head=True)
     assert quantize(model).modified
     check_valid(model)
-    assert sorted(record.kind for record in quantize.weight_records) == ["embedding", "lm_head"]
+    assert [record.kind for record in quantize.weight_records] == ["lm_head"]
     feeds = factories.feeds_for(model)
     table = float_model.graph.initializers["embed"].const_value.numpy()
-    table_hat = quantize_rtn(table, QuantScheme(8, 4, "ic")).dequantize()  # rows grouped along D
     head_hat = quantize_rtn(table.T.copy(), scheme).dequantize()
-    expected = np.maximum(table_hat[feeds["ids"]], 0) @ head_hat
+    expected = np.maximum(table[feeds["ids"]], 0) @ head_hat
     np.testing.assert_allclose(run(model, feeds)[0], expected, rtol=1e-5, atol=1e-4)
 
 
