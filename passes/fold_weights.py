@@ -13,6 +13,7 @@ A MatMul's bias ``Add`` is not folded: its input is an activation, and ONNX Runt
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
@@ -57,6 +58,7 @@ class FoldWeightsPass(ir.passes.InPlacePass):
             if not self._foldable(node):
                 continue
             (array,) = _evaluate(node, opset)
+            array = np.ascontiguousarray(array)  # Transpose returns a view; byte-hashing passes need C order
             output = node.outputs[0]
             sources = [value for value in node.inputs if value is not None]
             folded_value = ir.Value(

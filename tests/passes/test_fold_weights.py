@@ -40,3 +40,17 @@ def test_report_details_count_the_folded_nodes():
     fold(factories.transposed_weight())
     assert fold.details["folded_nodes"] == 2
     np.testing.assert_equal(sorted(entry.split()[0] for entry in fold.details["folded"]), ["Cast", "Transpose"])
+
+
+def test_folded_transpose_survives_save_reload_and_the_full_pipeline(tmp_path):
+    """Regression: the folded Transpose used to be a non-contiguous view that broke initializer dedup."""
+    import onnx_ir as ir
+
+    import lowbit
+
+    path = tmp_path / "t.onnx"
+    ir.save(factories.transposed_weight(), path)
+    recipe = lowbit.Recipe(bits=4, group_size=8, axis="ic", include_lm_head=True)  # its MatMul is the output
+    result = lowbit.optimize(lowbit.load(path), recipe)
+    check_valid(result.model)
+    assert [record.shape for record in result.report.weights] == [[33, 20]]

