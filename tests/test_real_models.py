@@ -51,3 +51,20 @@ def test_smollm2_w4_g128_runs_in_stock_onnxruntime(smollm2_onnx, eval_windows, t
     quantized = perplexity(path, eval_windows)
     print(f"SmolLM2 W4 g128 {axis}: perplexity {quantized:.2f} vs fp32 {fp32:.2f}")
     assert fp32 < quantized < 2.0 * fp32
+
+
+def test_cli_calibrates_on_text_and_runs_adadim_gptq(minilm_onnx, tmp_path, texts_available):
+    import json
+
+    from lowbit.cli import main
+
+    output, report = tmp_path / "minilm.w3.onnx", tmp_path / "report.json"
+    code = main([
+        "optimize", str(minilm_onnx), "-o", str(output), "--bits", "3", "--axis", "adadim", "--method", "gptq",
+        "--calibration-tokenizer", "minilm", "--calibration-windows", "4", "--calibration-length", "64", "--report", str(report),
+    ])
+    assert code == 0
+    weights = json.loads(report.read_text())["weights"]
+    assert len(weights) == 36 and all(w["method"] == "gptq" and set(w["axis_errors"]) == {"oc", "ic"} for w in weights)
+    passes = {p["name"]: p for p in json.loads(report.read_text())["passes"]}
+    assert passes["CaptureCalibrationPass"]["details"]["tokens"] == 4 * 64

@@ -59,12 +59,10 @@ class Bench:
 
     # -- model-specific -------------------------------------------------------------------------
     def calibration_feeds(self) -> list[dict[str, np.ndarray]]:
-        corpus = "\n".join(text.play_text(play) for play in text.CALIBRATION_PLAYS)
         s = self.setting
         if s.model == "smollm2":
-            windows = text.token_windows(models.smollm2_tokenizer(), corpus, s.calibration_length, s.calibration_windows)
-            return [{"input_ids": window[None]} for window in windows]
-        sentences = text.sentences(corpus, count=16 * s.calibration_windows)
+            return text.calibration_feeds(models.smollm2_tokenizer(), ["input_ids"], s.calibration_length, s.calibration_windows)
+        sentences = text.sentences(text.calibration_text(), count=16 * s.calibration_windows)
         return _sentence_feeds(models.minilm_tokenizer(), sentences, batch=16)
 
     def quality(self, path: pathlib.Path) -> float:

@@ -101,3 +101,26 @@ def sentences(text: str, count: int, min_words: int = 6, max_words: int = 60) ->
                 if len(found) == count:
                     return list(found)
     raise ValueError(f"the text has only {len(found)} sentences of {min_words}..{max_words} words, asked for {count}")
+
+
+def calibration_text() -> str:
+    """The calibration plays joined (never the evaluation play)."""
+    return "\n".join(play_text(play) for play in CALIBRATION_PLAYS)
+
+
+def calibration_feeds(tokenizer, input_names: list[str], length: int, count: int) -> list[dict[str, np.ndarray]]:
+    """One feed dict per window of the calibration plays: ``input_ids [1, length]`` and, when the model
+    takes one, an all-ones ``attention_mask``. Other model inputs cannot be made from text."""
+    unknown = sorted(set(input_names) - {"input_ids", "attention_mask"})
+    if unknown or "input_ids" not in input_names:
+        raise ValueError(
+            f"text calibration feeds input_ids (and attention_mask); the model's inputs are {input_names}, "
+            f"and {unknown or ['input_ids missing']} cannot be made from text"
+        )
+    feeds = []
+    for window in token_windows(tokenizer, calibration_text(), length, count):
+        feed = {"input_ids": window[None]}
+        if "attention_mask" in input_names:
+            feed["attention_mask"] = np.ones_like(feed["input_ids"])
+        feeds.append(feed)
+    return feeds
