@@ -28,7 +28,7 @@ def tiny_llama():
         vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
     )
-    module = CausalLM(transformers.LlamaForCausalLM(config).eval())
+    module = CausalLM(transformers.LlamaForCausalLM(config)).eval()
     ids = torch.randint(0, 96, (2, 12))
     return module, ids
 
