@@ -1,0 +1,89 @@
+// The interface of lowbit::QuantMatMul (specified in kernels/reference.py): attribute and shape checks
+// shared by its CPU and CUDA kernels.
+#include <string>
+#include <vector>
+
+#include "quant_matmul.h"
+#include "quant_matmul_op.h"
+
+namespace lowbit {
+namespace {
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+[[noreturn]] void Fail(const std::string& message) {
+  ORT_CXX_API_THROW("QuantMatMul: " + message, ORT_INVALID_ARGUMENT);
+}
+
+void CheckShape(const char* name, const Ort::ConstValue& value, const std::vector<int64_t>& expected) {
+  const std::vector<int64_t> actual = value.GetTensorTypeAndShapeInfo().GetShape();
+  if (actual != expected)
+    Fail(std::string(name) + " must have shape " + ShapeString(expected) + ", got " + ShapeString(actual));
+}
+
+}  // namespace
+
+const std::vector<ONNXTensorElementDataType> kQuantMatMulInputTypes = {
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+
+QuantMatMulAttributes::QuantMatMulAttributes(const Ort::ConstKernelInfo& info)
+    : bits(static_cast<int>(info.GetAttribute<int64_t>("bits"))),
+      group_axis(static_cast<int>(info.GetAttribute<int64_t>("group_axis"))),
+      group_size(info.GetAttribute<int64_t>("group_size")),
+      K(info.GetAttribute<int64_t>("K")),
+      N(info.GetAttribute<int64_t>("N")) {
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 8) Fail("bits must be 2, 3, 4 or 8, got " + std::to_string(bits));
+  if (group_axis != 0 && group_axis != 1) Fail("group_axis must be 0 or 1");
+  if (group_size < 1 || K < 1 || N < 1) Fail("group_size, K and N must be >= 1");
+  groups = CeilDiv(group_axis == 0 ? K : N, group_size);
+  tiles = CeilDiv(N, kTile);
+  quads = CeilDiv(K, kQuad);
+  block_bytes = kTile * kQuad * bits / 8;
+}
+
+std::vector<int64_t> QuantMatMulAttributes::ParamsShape() const {
+  return group_axis == 0 ? std::vector<int64_t>{groups, N} : std::vector<int64_t>{K, groups};
+}
+
+QuantMatMulInputs::QuantMatMulInputs(const Ort::KernelContext& ctx, const QuantMatMulAttributes& at) {
+  const size_t count = ctx.GetInputCount();
+  if (count < 3) Fail("needs inputs A, packed and scales");
+  auto input = [&](QuantMatMulInput i) {
+    return i < static_cast<int>(count) ? ctx.GetInput(i) : Ort::ConstValue{nullptr};
+  };
+  a = input(kA);
+  packed = input(kPacked);
+  scales = input(kScales);
+  zero_points = input(kZeroPoints);
+  perm = input(kPerm);
+  bias = input(kBias);
+  y_shape = a.GetTensorTypeAndShapeInfo().GetShape();
+  if (y_shape.empty() || y_shape.back() != at.K)
+    Fail("A must have shape [..., " + std::to_string(at.K) + "], got " + ShapeString(y_shape));
+  CheckShape("packed", packed, {at.tiles, at.quads, at.block_bytes});
+  CheckShape("scales", scales, at.ParamsShape());
+  if (Present(zero_points)) CheckShape("zero_points", zero_points, at.ParamsShape());
+  if (Present(perm)) CheckShape("perm", perm, {at.K});
+  if (Present(bias)) CheckShape("bias", bias, {at.N});
+  M = 1;
+  for (size_t i = 0; i + 1 < y_shape.size(); ++i) M *= y_shape[i];
+  y_shape.back() = at.N;
+}
+
+Ort::Status InferQuantMatMulShape(Ort::ShapeInferContext& ctx) try {
+  Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(kA);
+  if (shape.empty()) return Ort::Status("QuantMatMul: A must have rank >= 1", ORT_INVALID_ARGUMENT);
+  shape.back() = Ort::ShapeInferContext::SymbolicInteger(ctx.GetAttrInt("N"));
+  return ctx.SetOutputShape(0, shape);
+} catch (const Ort::Exception& e) {
+  return Ort::Status(e);
+}
+
+}  // namespace lowbit

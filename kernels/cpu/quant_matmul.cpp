@@ -1,0 +1,219 @@
+// lowbit::QuantMatMul on ONNX Runtime's CPU execution provider: input validation, preparation of the
+// group parameters, the choice of kernels (instruction set, GEMV or batched path) and threading through
+// ORT's ParallelFor. The op is specified in kernels/reference.py; the math lives in kernels_impl.h.
+#include "quant_matmul.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "quant_matmul_op.h"
+
+namespace lowbit {
+namespace {
+
+// Work (weight bytes x rows) below which threads cost more than they save (a few microseconds).
+constexpr int64_t kMinParallelBytes = 96 * 1024;
+
+// Activations at or above this magnitude (or not finite) take the float batched path, whose arithmetic
+// is the reference's: the GEMV paths multiply x by s or by q - z before the other factor and could
+// overflow, and the integer path needs finite values.
+constexpr float kGemvMaxAbs = 1.2676506e30f;  // 2^100
+
+// Up to this many rows, the integer (VNNI) path beats dequantizing to float once per tile (measured on
+// 4096 x 4096, 4-bit: 1.2x faster at 8 rows, even at 12 to 16).
+constexpr int64_t kMaxIntRows = 8;
+
+// The integer path prepares the activations once per task: tasks of about this many weight bytes.
+constexpr int64_t kIntTaskBytes = 256 * 1024;
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+// The best kernels this CPU runs; LOWBIT_CPU_ISA=scalar|avx2|avx512|avx512vnni caps the choice (tests use it).
+struct QuantMatMulKernel::Isa {
+  const IsaKernels* kernels;
+  bool vnni;
+
+  Isa() {
+    const char* cap = std::getenv("LOWBIT_CPU_ISA");
+    const std::string limit = cap ? cap : "avx512vnni";
+    const char* levels[] = {"scalar", "avx2", "avx512", "avx512vnni"};
+    int level = 0;
+    while (level < 4 && limit != levels[level]) ++level;
+    if (level == 4)
+      ORT_CXX_API_THROW("LOWBIT_CPU_ISA must be scalar, avx2, avx512 or avx512vnni, got '" + limit + "'",
+                        ORT_INVALID_ARGUMENT);
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    kernels = level >= 2 && avx512 ? &kAvx512Kernels : level >= 1 && avx2 ? &kAvx2Kernels : &kScalarKernels;
+    vnni = level >= 3 && avx512 && __builtin_cpu_supports("avx512vnni");
+  }
+};
+
+// Scales and zero points in the layouts of GroupParams (quant_matmul.h); zero points absent = mid-point.
+struct QuantMatMulKernel::PreparedParams {
+  std::vector<float> scale, zero;
+
+  PreparedParams(const QuantMatMulAttributes& at, const float* scales, const uint8_t* zero_points) {
+    const float mid = static_cast<float>(1 << (at.bits - 1));
+    auto zero_at = [&](int64_t i) { return kMagic + (zero_points ? static_cast<float>(zero_points[i]) : mid); };
+    if (at.group_axis == 0) {  // [groups][N] -> [tiles][groups][64]
+      scale.assign(at.tiles * at.groups * kTile, 0.0f);
+      zero.assign(scale.size(), kMagic);
+      for (int64_t t = 0; t < at.tiles; ++t)
+        for (int64_t j = 0; j < at.groups; ++j)
+          for (int64_t i = 0, n = t * kTile; i < kTile && n < at.N; ++i, ++n) {
+            scale[(t * at.groups + j) * kTile + i] = scales[j * at.N + n];
+            zero[(t * at.groups + j) * kTile + i] = zero_at(j * at.N + n);
+          }
+    } else {  // [K][groups] -> [groups][K]
+      scale.resize(at.groups * at.K);
+      zero.resize(scale.size());
+      for (int64_t k = 0; k < at.K; ++k)
+        for (int64_t j = 0; j < at.groups; ++j) {
+          scale[j * at.K + k] = scales[k * at.groups + j];
+          zero[j * at.K + k] = zero_at(k * at.groups + j);
+        }
+    }
+  }
+
+  GroupParams View() const { return GroupParams{scale.data(), zero.data()}; }
+};
+
+QuantMatMulKernel::QuantMatMulKernel(const OrtApi*, const OrtKernelInfo* info)
+    : attrs_(Ort::ConstKernelInfo(info)), isa_(std::make_unique<Isa>()) {
+  // Scales and zero points that are initializers are prepared once, here.
+  Ort::ConstKernelInfo kernel_info(info);
+  int scales_constant = 0, zero_points_constant = 0;
+  const Ort::ConstValue scales = kernel_info.GetTensorConstantInput(kScales, &scales_constant);
+  const bool has_zero_points =
+      kernel_info.GetInputCount() > kZeroPoints && !kernel_info.GetInputName(kZeroPoints).empty();
+  const Ort::ConstValue zero_points = has_zero_points
+                                          ? kernel_info.GetTensorConstantInput(kZeroPoints, &zero_points_constant)
+                                          : Ort::ConstValue{nullptr};
+  const std::vector<int64_t> params_shape = attrs_.ParamsShape();
+  auto has_params_shape = [&](const Ort::ConstValue& value) {
+    return value.GetTensorTypeAndShapeInfo().GetShape() == params_shape;
+  };
+  // (a wrong shape is reported by the first Compute)
+  if (scales_constant && has_params_shape(scales) &&
+      (!has_zero_points || (zero_points_constant && has_params_shape(zero_points))))
+    constant_params_ = std::make_unique<PreparedParams>(
+        attrs_, scales.GetTensorData<float>(), has_zero_points ? zero_points.GetTensorData<uint8_t>() : nullptr);
+}
+
+QuantMatMulKernel::~QuantMatMulKernel() = default;
+
+namespace {
+
+enum class Path { kInt, kGemv, kGemm };
+
+// One call's work, split over tiles of output channels by ORT's thread pool.
+struct Job {
+  const IsaKernels* kernels;
+  Problem problem;
+  const float* a;  // [M][K], permuted
+  Path path;
+  int64_t tiles, tiles_per_task;
+
+  void Run(int64_t task) const {
+    const int64_t t0 = task * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
+    thread_local std::vector<float> scratch;  // kept between calls: no page faults per call
+    switch (path) {
+      case Path::kInt:
+        scratch.resize(GemmAvx512VnniScratchBytes(problem) / sizeof(float) + 1);
+        return GemmAvx512Vnni(problem, a, t0, t1, scratch.data());
+      case Path::kGemv: return kernels->gemv(problem, a, t0, t1);
+      case Path::kGemm:
+        scratch.resize((kKBlock + problem.M) * kTile);
+        return kernels->gemm(problem, a, t0, t1, scratch.data());
+    }
+  }
+};
+
+bool AllBelow(const float* x, int64_t n, float limit) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= std::fabs(x[i]) < limit;  // false for NaN
+  return ok;
+}
+
+}  // namespace
+
+Ort::Status QuantMatMulKernel::Compute(OrtKernelContext* context) try {
+  const QuantMatMulAttributes& at = attrs_;
+  Ort::KernelContext ctx(context);
+  const QuantMatMulInputs in(ctx, at);
+  const int64_t M = in.M;
+  float* y = ctx.GetOutput(0, in.y_shape).GetTensorMutableData<float>();
+  if (M == 0) return Ort::Status{nullptr};
+
+  const float* a_data = in.a.GetTensorData<float>();
+  std::vector<float> permuted;
+  if (in.Present(in.perm)) {  // A[..., perm]
+    const int64_t* index = in.perm.GetTensorData<int64_t>();
+    for (int64_t k = 0; k < at.K; ++k)
+      if (index[k] < 0 || index[k] >= at.K)
+        return Ort::Status(("QuantMatMul: perm values must be in [0, " + std::to_string(at.K) + ")").c_str(),
+                           ORT_INVALID_ARGUMENT);
+    permuted.resize(M * at.K);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < at.K; ++k) permuted[m * at.K + k] = a_data[m * at.K + index[k]];
+    a_data = permuted.data();
+  }
+
+  std::unique_ptr<PreparedParams> call_params;
+  if (!constant_params_)
+    call_params = std::make_unique<PreparedParams>(
+        at, in.scales.GetTensorData<float>(),
+        in.Present(in.zero_points) ? in.zero_points.GetTensorData<uint8_t>() : nullptr);
+  const PreparedParams& params = constant_params_ ? *constant_params_ : *call_params;
+
+  Job job;
+  job.kernels = isa_->kernels;
+  job.problem = Problem{M,
+                        at.K,
+                        at.N,
+                        at.bits,
+                        at.group_axis,
+                        at.group_size,
+                        at.groups,
+                        in.packed.GetTensorData<uint8_t>(),
+                        at.quads,
+                        at.block_bytes,
+                        params.View(),
+                        in.Present(in.bias) ? in.bias.GetTensorData<float>() : nullptr,
+                        y};
+  job.a = a_data;
+  job.tiles = at.tiles;
+  // The integer and GEMV paths need tame activations and groups they support; anything else is batched.
+  const bool few_tame_rows = M <= kMaxIntRows && AllBelow(a_data, M * at.K, kGemvMaxAbs);
+  const bool vector_groups = at.group_axis == 0 || at.groups == 1 || at.group_size % isa_->kernels->lanes == 0;
+  job.path = few_tame_rows && isa_->vnni && GemmAvx512VnniSupports(job.problem) ? Path::kInt
+             : few_tame_rows && M == 1 && vector_groups                         ? Path::kGemv
+                                                                                : Path::kGemm;
+  job.tiles_per_task = 1;
+  if (job.path == Path::kInt) {  // tasks of whole per-IC groups (the activations are prepared per group)
+    const int64_t unit = at.group_axis == 1 && at.groups > 1 ? at.group_size / kTile : 1;
+    job.tiles_per_task = unit * std::max<int64_t>(1, kIntTaskBytes / (unit * at.quads * at.block_bytes));
+  }
+
+  const int64_t weight_bytes = at.tiles * at.quads * at.block_bytes;
+  const int64_t tasks = CeilDiv(at.tiles, job.tiles_per_task);
+  if (weight_bytes * M < kMinParallelBytes || tasks == 1) {
+    job.tiles_per_task = at.tiles;
+    job.Run(0);
+  } else {
+    ctx.ParallelFor([](void* data, size_t task) { static_cast<const Job*>(data)->Run(static_cast<int64_t>(task)); },
+                    static_cast<size_t>(tasks), 0, &job);
+  }
+  return Ort::Status{nullptr};
+} catch (const Ort::Exception& e) {
+  return Ort::Status(e);
+}
+
+}  // namespace lowbit

@@ -1,0 +1,69 @@
+// lowbit::QuantMatMul as ONNX Runtime sees it: attributes and inputs checked against the op spec
+// (kernels/reference.py, op_io.cpp), shared by the CPU kernel and the CUDA kernel, both written for the
+// Lite custom-op API (Ort::Custom::CreateLiteCustomOp).
+#pragma once
+
+// Every translation unit is compiled with -DORT_API_MANUAL_INIT (kernels/build.py): the API table comes
+// from RegisterCustomOps (register.cpp), whatever the include order.
+#include <onnxruntime_cxx_api.h>
+
+#include <memory>
+#include <vector>
+
+namespace lowbit {
+
+enum QuantMatMulInput { kA = 0, kPacked, kScales, kZeroPoints, kPerm, kBias, kNumInputs };
+
+// The element types of the inputs, in order, and of the output.
+extern const std::vector<ONNXTensorElementDataType> kQuantMatMulInputTypes;
+constexpr ONNXTensorElementDataType kQuantMatMulOutputType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+
+struct QuantMatMulAttributes {
+  int bits, group_axis;
+  int64_t group_size, K, N;
+  int64_t groups, tiles, quads, block_bytes;  // implied
+
+  explicit QuantMatMulAttributes(const Ort::ConstKernelInfo& info);  // throws on invalid values
+  std::vector<int64_t> ParamsShape() const;                          // of scales and zero points
+};
+
+// The inputs of one call, with checked shapes; absent optional inputs are null values.
+struct QuantMatMulInputs {
+  Ort::ConstValue a{nullptr}, packed{nullptr}, scales{nullptr}, zero_points{nullptr}, perm{nullptr}, bias{nullptr};
+  int64_t M = 0;  // rows of A
+  std::vector<int64_t> y_shape;
+
+  QuantMatMulInputs(const Ort::KernelContext& ctx, const QuantMatMulAttributes& at);  // throws on bad shapes
+  static bool Present(const Ort::ConstValue& value) { return static_cast<const OrtValue*>(value) != nullptr; }
+};
+
+// Y has A's shape with the last dimension N.
+Ort::Status InferQuantMatMulShape(Ort::ShapeInferContext& ctx);
+
+// Inputs are read from the kernel context (not as Lite tensor arguments): an absent optional input in
+// the middle (no zero points, but a permutation) has no value the Lite argument types could bind to.
+struct QuantMatMulKernel {
+  QuantMatMulKernel(const OrtApi* api, const OrtKernelInfo* info);
+  ~QuantMatMulKernel();
+  Ort::Status Compute(OrtKernelContext* context);
+  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) { return InferQuantMatMulShape(ctx); }
+
+ private:
+  struct PreparedParams;
+  struct Isa;
+  QuantMatMulAttributes attrs_;
+  std::unique_ptr<Isa> isa_;
+  std::unique_ptr<PreparedParams> constant_params_;
+};
+
+// The CUDA kernel (kernels/cuda/quant_matmul_cuda.cpp), built when nvcc is found.
+struct QuantMatMulCudaKernel {
+  QuantMatMulCudaKernel(const OrtApi* api, const OrtKernelInfo* info);
+  Ort::Status Compute(OrtKernelContext* context);
+  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) { return InferQuantMatMulShape(ctx); }
+
+ private:
+  QuantMatMulAttributes attrs_;
+};
+
+}  // namespace lowbit

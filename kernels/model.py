@@ -1,0 +1,89 @@
+"""One-node ONNX models of ``lowbit::QuantMatMul``, for the kernel tests and benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lowbit.kernels import packing
+
+DOMAIN = "lowbit"
+OP_TYPE = "QuantMatMul"
+#: Input names in the op's order; an absent optional input is the empty name.
+INPUT_NAMES = ("A", "packed", "scales", "zero_points", "perm", "bias")
+
+
+@dataclasses.dataclass
+class QuantMatMulWeights:
+    """The constant inputs of one ``QuantMatMul`` (``zero_points``, ``perm``, ``bias`` optional)."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    perm: np.ndarray | None
+    bias: np.ndarray | None
+    bits: int
+    group_size: int
+    group_axis: int
+    K: int  # noqa: N815 -- the op's attribute names
+    N: int  # noqa: N815
+
+    @classmethod
+    def from_quantized(cls, quantized, perm=None, bias=None) -> QuantMatMulWeights:
+        """From a ``passes.quant.rtn.QuantizedWeight``; symmetric weights drop their (mid-point) zero points."""
+        k, n = quantized.codes.shape
+        zero_points = None if quantized.symmetric else quantized.zero_points
+        return cls(
+            packing.pack(quantized.codes, quantized.bits), quantized.scales.astype(np.float32), zero_points,
+            perm, bias, quantized.bits, quantized.block_size, quantized.block_axis, k, n,
+        )
+
+    @property
+    def attributes(self) -> dict[str, int]:
+        return {"bits": self.bits, "group_size": self.group_size, "group_axis": self.group_axis,
+                "K": self.K, "N": self.N}
+
+    def inputs(self) -> list[np.ndarray | None]:
+        """The op's inputs after ``A``, ``None`` where absent."""
+        return [self.packed, self.scales, self.zero_points, self.perm, self.bias]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel reads for the weight: codes, scales and zero points."""
+        return sum(x.nbytes for x in (self.packed, self.scales, self.zero_points) if x is not None)
+
+
+def quant_matmul_model(
+    weights: QuantMatMulWeights, a_shape: tuple[int | str, ...], *, constant_weights: bool = True
+) -> onnx.ModelProto:
+    """``Y = lowbit::QuantMatMul(A, ...)`` with ``A`` a graph input of ``a_shape`` (str = symbolic dim).
+
+    ``constant_weights=False`` makes the weight tensors graph inputs too (fed at run time, named as in
+    ``INPUT_NAMES``), which exercises the kernel's per-call preparation path.
+    """
+    node_inputs = ["A"]
+    graph_inputs = [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, list(a_shape))]
+    initializers = []
+    for name, array in zip(INPUT_NAMES[1:], weights.inputs()):
+        if array is None:
+            node_inputs.append("")
+            continue
+        node_inputs.append(name)
+        if constant_weights:
+            initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        else:
+            elem_type = helper.np_dtype_to_tensor_dtype(np.asarray(array).dtype)
+            graph_inputs.append(helper.make_tensor_value_info(name, elem_type, list(np.shape(array))))
+    while node_inputs[-1] == "":
+        node_inputs.pop()
+    node = helper.make_node(OP_TYPE, node_inputs, ["Y"], domain=DOMAIN, **weights.attributes)
+    y_shape = [*a_shape[:-1], weights.N]
+    graph = helper.make_graph(
+        [node], "quant_matmul", graph_inputs, [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, y_shape)],
+        initializer=initializers,
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)

@@ -1,0 +1,111 @@
+"""NumPy oracle of the lowbit custom ops.
+
+``lowbit::QuantMatMul`` (domain ``lowbit``, since version 1): ``Y = A[..., perm] @ W + bias`` with a
+group-quantized weight ``W[K, N]`` (the ONNX ``MatMul`` right operand; torch ``Linear.weight`` is
+``W.T``).
+
+Attributes (all int, required):
+
+* ``bits`` in {2, 3, 4, 8}; ``K >= 1`` input channels; ``N >= 1`` output channels;
+* ``group_axis``: 0 = per-OC groups (``g`` consecutive input channels of one output channel share a
+  scale; ``DequantizeLinear(axis=0, block_size=g)``), 1 = per-IC groups (``g`` consecutive output
+  channels of one input channel; ``axis=1``);
+* ``group_size`` ``g >= 1``; the last group along the axis may be shorter (``g`` larger than the
+  axis means one group).
+
+Inputs (``G = ceil(K / g)`` for axis 0, ``ceil(N / g)`` for axis 1):
+
+0. ``A``: float32 ``[..., K]``, rank >= 1.
+1. ``packed``: uint8 ``[ceil(N / 64), K, 8 * bits]``, the codes ``q[K, N]`` in the layout of
+   :mod:`lowbit.kernels.packing`.
+2. ``scales``: float32 ``[G, N]`` (axis 0) or ``[K, G]`` (axis 1), the layout of ONNX blocked
+   quantization and of ``QuantizedWeight.scales``.
+3. ``zero_points`` (optional): uint8, same shape as ``scales``, unsigned domain like the codes.
+   Absent: every zero point is the mid-point ``2**(bits - 1)`` (symmetric quantization).
+4. ``perm`` (optional): int64 ``[K]``, indices in ``[0, K)``; row ``k`` of ``W`` multiplies
+   ``A[..., perm[k]]``. Absent: identity.
+5. ``bias`` (optional): float32 ``[N]``.
+
+Output: ``Y``, float32 ``[..., N]``.
+
+Semantics: ``W[k, n] = float32(q[k, n] - z) * s`` with ``(s, z)`` the scale and zero point of the
+group holding ``(k, n)`` -- exactly ONNX ``DequantizeLinear`` -- and ``Y`` the IEEE product of
+``A[..., perm]`` and ``W`` plus ``bias``: NaN and Inf in ``A`` propagate as in a dense float matmul
+(``Inf * 0 = NaN``). Kernels may sum in any order; this oracle sums in float64 and rounds once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowbit.kernels import packing
+
+
+def group_count(length: int, group_size: int) -> int:
+    return -(-length // group_size)
+
+
+def params_shape(group_axis: int, group_size: int, k: int, n: int) -> tuple[int, int]:
+    """Shape of ``scales`` and ``zero_points`` for the given grouping."""
+    if group_axis == 0:
+        return (group_count(k, group_size), n)
+    if group_axis == 1:
+        return (k, group_count(n, group_size))
+    raise ValueError(f"group_axis must be 0 or 1, got {group_axis!r}")
+
+
+def dequantize(
+    codes: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    *,
+    bits: int,
+    group_size: int,
+    group_axis: int,
+) -> np.ndarray:
+    """``W[K, N] = float32(q - z) * s`` per group, as ONNX ``DequantizeLinear``."""
+    k, n = codes.shape
+    shape = params_shape(group_axis, group_size, k, n)
+    if scales.shape != shape:
+        raise ValueError(f"scales must have shape {shape}, got {scales.shape}")
+    if zero_points is None:
+        zero_points = np.full(shape, 1 << (bits - 1), dtype=np.uint8)
+    elif zero_points.shape != shape:
+        raise ValueError(f"zero_points must have shape {shape}, got {zero_points.shape}")
+    full_scales = np.repeat(scales.astype(np.float32), group_size, axis=group_axis)[:k, :n]
+    full_zero = np.repeat(zero_points.astype(np.int32), group_size, axis=group_axis)[:k, :n]
+    return (codes.astype(np.int32) - full_zero).astype(np.float32) * full_scales
+
+
+def quant_matmul(
+    a: np.ndarray,
+    packed: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None = None,
+    perm: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    *,
+    bits: int,
+    group_size: int,
+    group_axis: int,
+    K: int,  # noqa: N803 -- the op's attribute names
+    N: int,  # noqa: N803
+) -> np.ndarray:
+    """``lowbit::QuantMatMul`` (see the module docstring)."""
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim < 1 or a.shape[-1] != K:
+        raise ValueError(f"A must have shape [..., {K}], got {a.shape}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    codes = packing.unpack(packed, bits, K, N)
+    weight = dequantize(codes, scales, zero_points, bits=bits, group_size=group_size, group_axis=group_axis)
+    if perm is not None:
+        perm = np.asarray(perm)
+        if perm.shape != (K,) or perm.min() < 0 or perm.max() >= K:
+            raise ValueError(f"perm must be int64 [{K}] with values in [0, {K})")
+        a = a[..., perm]
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = a.astype(np.float64) @ weight.astype(np.float64)
+        if bias is not None:
+            y = y + np.asarray(bias, dtype=np.float64).reshape(N)
+        return y.astype(np.float32)

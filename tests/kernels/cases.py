@@ -1,0 +1,62 @@
+"""Shared cases of the kernel tests: weights, adversarial shapes, and the comparison with the reference.
+
+Tolerance: NaN/Inf exactly where the reference (float64 sums) has them, and elsewhere
+|y - ref| <= 1e-5 * (|A[..., perm]| @ |W| + |bias|), i.e. relative to the magnitude of the summed terms:
+the scale of float32 rounding (a cancelling sum may have a tiny result, and a wrong code or scale errs by
+a whole term).
+"""
+
+import numpy as np
+
+from lowbit.ir.scheme import QuantScheme
+from lowbit.kernels import packing, reference
+from lowbit.kernels.model import QuantMatMulWeights
+from lowbit.passes.quant.rtn import quantize_rtn
+
+RTOL = 1e-5
+BITS = (2, 3, 4, 8)
+AXES = ("oc", "ic")
+#: (K, N, group_size): ragged tails, K or N = 1, groups smaller than a vector, not a multiple of 8, one group.
+SHAPES = [(1, 1, 1), (1, 70, 64), (70, 1, 32), (200, 130, 64), (131, 67, 13), (64, 100, 16), (96, 200, 8),
+          (256, 192, 128), (50, 77, 1000)]
+
+
+def make_weights(weight, bits, group, axis, symmetric, extras, rng) -> QuantMatMulWeights:
+    quantized = quantize_rtn(weight, QuantScheme(bits=bits, group_size=group, axis=axis, symmetric=symmetric))
+    k, n = weight.shape
+    perm = rng.permutation(k).astype(np.int64) if extras else None
+    bias = rng.standard_normal(n).astype(np.float32) if extras else None
+    return QuantMatMulWeights.from_quantized(quantized, perm, bias)
+
+
+def term_magnitude(weights: QuantMatMulWeights, a: np.ndarray) -> np.ndarray:
+    """``|A[..., perm]| @ |W| + |bias|`` in float64."""
+    codes = packing.unpack(weights.packed, weights.bits, weights.K, weights.N)
+    w = reference.dequantize(codes, weights.scales, weights.zero_points, bits=weights.bits,
+                             group_size=weights.group_size, group_axis=weights.group_axis)
+    x = a if weights.perm is None else a[..., weights.perm]
+    with np.errstate(invalid="ignore", over="ignore"):
+        magnitude = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))
+    return magnitude if weights.bias is None else magnitude + np.abs(weights.bias)
+
+
+def assert_matches_reference(y: np.ndarray, weights: QuantMatMulWeights, a: np.ndarray) -> None:
+    ref = reference.quant_matmul(a, *weights.inputs(), **weights.attributes)
+    assert y.shape == ref.shape and y.dtype == np.float32
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_array_equal(np.where(np.isinf(ref), ref, 0), np.where(np.isinf(y), y, 0))
+    finite = np.isfinite(ref)
+    error = np.abs(y[finite].astype(np.float64) - ref[finite])
+    bound = RTOL * term_magnitude(weights, a)[finite] + 1e-30
+    worst = np.argmax(error / bound) if error.size else 0
+    assert np.all(error <= bound), f"error {error[worst]:.3g} > bound {bound[worst]:.3g} (ref {ref[finite][worst]:.3g})"
+
+
+def adversarial_weights(kind: str, rng) -> np.ndarray:
+    weight = rng.standard_normal((130, 72)).astype(np.float32)
+    if kind == "zero":
+        return np.zeros_like(weight)
+    if kind == "constant-groups":
+        return np.repeat(np.repeat(rng.standard_normal((5, 3)), 32, axis=0), 32, axis=1)[:130, :72].astype(np.float32)
+    weight[rng.integers(0, 130, 6), rng.integers(0, 72, 6)] = 1e4 * np.array([1, -1, 1, -1, 1, -1])  # outliers
+    return weight

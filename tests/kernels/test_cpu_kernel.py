@@ -1,0 +1,118 @@
+"""The C++ kernel of lowbit::QuantMatMul through ONNX Runtime against the NumPy reference.
+
+Every case runs with the kernels capped at each instruction set this CPU has (scalar, AVX2, AVX-512,
+AVX-512 VNNI), so the dispatch fallbacks are tested too; tolerance in ``cases.py``.
+"""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from lowbit.kernels.model import INPUT_NAMES, QuantMatMulWeights, quant_matmul_model
+from lowbit.runtime.session import session_options
+
+from .cases import AXES, BITS, SHAPES, adversarial_weights, assert_matches_reference, make_weights
+
+
+def run_kernel(weights: QuantMatMulWeights, a: np.ndarray, constant_weights=True, symbolic_k=False) -> np.ndarray:
+    a_shape = tuple(f"d{i}" for i in range(a.ndim - 1)) + ("K" if symbolic_k else weights.K,)
+    model = quant_matmul_model(weights, a_shape, constant_weights=constant_weights)
+    sess = ort.InferenceSession(model.SerializeToString(), session_options(2, use_lowbit_ops=True),
+                                providers=["CPUExecutionProvider"])
+    feeds = {"A": a}
+    if not constant_weights:
+        feeds.update({name: x for name, x in zip(INPUT_NAMES[1:], weights.inputs()) if x is not None})
+    return sess.run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "K{}xN{}g{}".format(*s))
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_random_weights_and_batches(ops_library, isa, shape, bits, axis, symmetric):
+    k, n, group = shape
+    rng = np.random.default_rng([k, n, group, bits])
+    extras = (k + bits + symmetric) % 2 == 0  # permutation and bias on half the cases
+    weights = make_weights(rng.standard_normal((k, n)).astype(np.float32), bits, group, axis, symmetric, extras, rng)
+    a = rng.standard_normal((17, k)).astype(np.float32)
+    for batch in (1, 3, 7, 17):  # GEMV or integer paths (up to 8 rows), and the batched float path
+        assert_matches_reference(run_kernel(weights, a[:batch]), weights, a[:batch])
+
+
+@pytest.mark.parametrize("axis", AXES)
+def test_3d_input_with_permutation_and_bias(ops_library, isa, axis):
+    rng = np.random.default_rng(3)
+    weights = make_weights(rng.standard_normal((96, 80)).astype(np.float32), 4, 32, axis, False, True, rng)
+    for shape in [(2, 5, 96), (1, 1, 96), (3, 0, 96)]:
+        a = rng.standard_normal(shape).astype(np.float32)
+        assert_matches_reference(run_kernel(weights, a), weights, a)
+
+
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("bits", BITS)
+def test_weights_fed_at_run_time(ops_library, isa, axis, bits):
+    rng = np.random.default_rng(4)
+    weights = make_weights(rng.standard_normal((70, 90)).astype(np.float32), bits, 64, axis, False, True, rng)
+    for batch in (1, 4):
+        a = rng.standard_normal((batch, 70)).astype(np.float32)
+        assert_matches_reference(run_kernel(weights, a, constant_weights=False), weights, a)
+
+
+@pytest.mark.parametrize("kind", ["zero", "constant-groups", "outliers"])
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_adversarial_weights(ops_library, isa, kind, axis, bits):
+    rng = np.random.default_rng(5)
+    weights = make_weights(adversarial_weights(kind, rng), bits, 32, axis, False, False, rng)
+    for batch in (1, 5):
+        a = rng.standard_normal((batch, 130)).astype(np.float32)
+        a[:, 7] *= 1e3  # an activation outlier channel too
+        assert_matches_reference(run_kernel(weights, a), weights, a)
+
+
+@pytest.mark.parametrize("axis", AXES)
+def test_activation_outlier_over_zero_weights(ops_library, isa, axis):
+    """A channel 1e4 times larger than the rest, multiplying zero weights in half the columns: there the
+    result comes from the small channels alone (the integer path's resolution is relative to the block's
+    largest activation)."""
+    rng = np.random.default_rng(8)
+    weight = rng.standard_normal((256, 128)).astype(np.float32)
+    weight[5, ::2] = 0.0
+    weights = make_weights(weight, 4, 64, axis, False, False, rng)
+    for batch in (1, 3):
+        a = rng.standard_normal((batch, 256)).astype(np.float32)
+        a[:, 5] = 1e4
+        assert_matches_reference(run_kernel(weights, a), weights, a)
+
+
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("bits", [3, 8])
+def test_nan_inf_and_huge_activations_propagate_like_the_reference(ops_library, isa, axis, bits):
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((100, 70)).astype(np.float32)
+    weight[3, ::2] = 0.0  # zero weights behind the infinite activation: inf * 0 = nan in some columns
+    weights = make_weights(weight, bits, 32, axis, False, True, rng)
+    perm = weights.perm
+    rows = rng.standard_normal((6, 100)).astype(np.float32)
+    rows[0, perm[3]] = np.inf
+    rows[1, perm[3]] = -np.inf
+    rows[2, 10] = np.nan
+    rows[3, perm[3]], rows[3, perm[4]] = np.inf, -np.inf
+    rows[4, 20] = 3e37  # finite but huge: must not overflow where the reference does not
+    for row in rows:  # one row at a time: the GEMV path
+        assert_matches_reference(run_kernel(weights, row[None]), weights, row[None])
+    assert_matches_reference(run_kernel(weights, rows), weights, rows)  # batched path
+
+
+def test_invalid_inputs_raise_clear_errors(ops_library):
+    rng = np.random.default_rng(7)
+    weights = make_weights(rng.standard_normal((16, 8)).astype(np.float32), 4, 8, "oc", False, True, rng)
+    with pytest.raises(Exception, match=r"A must have shape \[\.\.\., 16\]"):
+        run_kernel(weights, np.ones((2, 15), np.float32), symbolic_k=True)
+    weights.perm = np.full(16, 16, dtype=np.int64)
+    with pytest.raises(Exception, match=r"perm values must be in \[0, 16\)"):
+        run_kernel(weights, np.ones((1, 16), np.float32))
+    weights.perm = None
+    weights.scales = np.ones((3, 8), np.float32)
+    with pytest.raises(Exception, match=r"scales must have shape \[2, 8\], got \[3, 8\]"):
+        run_kernel(weights, np.ones((1, 16), np.float32))

@@ -1,0 +1,72 @@
+"""The NumPy oracle of lowbit::QuantMatMul against a plain dequantize-then-matmul of the RTN weight."""
+
+import numpy as np
+import pytest
+
+from lowbit.ir.scheme import QuantScheme
+from lowbit.kernels import reference
+from lowbit.kernels.model import QuantMatMulWeights
+from lowbit.passes.quant.rtn import quantize_rtn
+
+SCHEMES = [
+    QuantScheme(bits=bits, group_size=group, axis=axis, symmetric=symmetric)
+    for bits in (2, 3, 4, 8)
+    for axis in ("oc", "ic")
+    for symmetric in (False, True)
+    for group in (16, 7, -1)
+]
+
+
+def run(weights: QuantMatMulWeights, a: np.ndarray) -> np.ndarray:
+    return reference.quant_matmul(a, *weights.inputs(), **weights.attributes)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_matches_dequantize_then_matmul(scheme):
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((37, 70)).astype(np.float32)
+    quantized = quantize_rtn(weight, scheme)
+    perm = rng.permutation(37)
+    bias = rng.standard_normal(70).astype(np.float32)
+    a = rng.standard_normal((2, 3, 37)).astype(np.float32)
+    expected = a[..., perm].astype(np.float64) @ quantized.dequantize().astype(np.float64) + bias
+    y = run(QuantMatMulWeights.from_quantized(quantized, perm, bias), a)
+    assert y.dtype == np.float32 and y.shape == (2, 3, 70)
+    np.testing.assert_allclose(y, expected.astype(np.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_absent_zero_points_mean_the_mid_point():
+    weight = np.random.default_rng(1).standard_normal((16, 8))
+    quantized = quantize_rtn(weight, QuantScheme(bits=3, group_size=8, symmetric=True))
+    weights = QuantMatMulWeights.from_quantized(quantized)
+    assert weights.zero_points is None
+    a = np.eye(16, dtype=np.float32)
+    np.testing.assert_array_equal(run(weights, a), quantized.dequantize())
+
+
+def test_non_finite_activations_propagate_like_a_dense_matmul():
+    weight = np.array([[0.0, 1.0], [1.0, -1.0]], np.float32)
+    quantized = quantize_rtn(weight, QuantScheme(bits=4, group_size=2, axis="ic"))
+    weights = QuantMatMulWeights.from_quantized(quantized)
+    y = run(weights, np.array([[np.inf, 1.0], [np.nan, 0.0], [1.0, np.inf]], np.float32))
+    assert np.isnan(y[0, 0]) and y[0, 1] == np.inf  # inf * 0 = nan
+    assert np.isnan(y[1]).all()
+    assert y[2, 0] == np.inf and y[2, 1] == -np.inf
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(scales=np.ones((3, 3), np.float32)), "scales must have shape"),
+        (dict(perm=np.array([0, 4, 1, 2])), "perm must be"),
+        (dict(group_size=0), "group_size"),
+    ],
+)
+def test_rejects_inconsistent_inputs(change, message):
+    quantized = quantize_rtn(np.ones((4, 4), np.float32), QuantScheme(bits=4, group_size=2))
+    inputs = QuantMatMulWeights.from_quantized(quantized).inputs()
+    kwargs = dict(zip(("packed", "scales", "zero_points", "perm", "bias"), inputs))
+    kwargs.update(bits=4, group_size=2, group_axis=0, K=4, N=4)
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=message):
+        reference.quant_matmul(np.ones((1, 4), np.float32), **kwargs)
