@@ -94,7 +94,14 @@ class Bench:
             return self.rows[key]
         path = self.setting.out / f"{key.replace(' ', '_')}.onnx" if build else self.source
         start = time.perf_counter()
-        extra = build(path) if build else {}
+        try:
+            extra = build(path) if build else {}
+        except Exception as error:  # a baseline quantizer that crashes is a result too; say it and go on
+            row = {"error": f"{type(error).__name__}: {error}"}
+            print(f"{key}: FAILED {row['error']}")
+            self.rows[key] = row
+            self.rows_path.write_text(json.dumps(self.rows, indent=1))
+            return row
         seconds = time.perf_counter() - start
         row = {"quality": self.quality(path), "bytes": _model_bytes(path), "optimize_s": seconds, **extra}
         print(f"{key}: {row['quality']:.4f}, {row['bytes'] / 2**20:.1f} MiB, {seconds:.1f} s")
@@ -184,7 +191,12 @@ def markdown(rows: dict[str, dict], setting: Setting, metric: str) -> str:
         cells = []
         for bits in setting.bits:
             row = rows.get(f"W{bits} {method}")
-            cells.append(f"{row['quality']:.4g} ({row['bytes'] / 2**20:.0f} MiB)" if row else "n/a")
+            if row is None:
+                cells.append("n/a")
+            elif "error" in row:
+                cells.append("crashed")
+            else:
+                cells.append(f"{row['quality']:.4g} ({row['bytes'] / 2**20:.0f} MiB)")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -212,7 +224,7 @@ def plot(rows: dict[str, dict], setting: Setting, metric: str, path: pathlib.Pat
     methods = sorted({key.split(" ", 1)[1] for key in rows if key != "fp32"})
     figure, axes = plt.subplots(1, len(setting.bits), figsize=(5 * len(setting.bits), 0.35 * len(methods) + 1.5), sharey=True)
     for ax, bits in zip(np.atleast_1d(axes), setting.bits):
-        values = [rows.get(f"W{bits} {m}", {}).get("quality", np.nan) for m in methods]
+        values = [rows.get(f"W{bits} {m}", {}).get("quality", np.nan) for m in methods]  # crashed/missing: no bar
         ax.barh(methods, values, color=["tab:gray" if m.startswith("ORT") else "tab:blue" for m in methods])
         ax.axvline(rows["fp32"]["quality"], color="black", linestyle="--", label="fp32")
         ax.set_title(f"W{bits} g{setting.group_size}")
