@@ -30,7 +30,7 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symmetric", action="store_true", help="symmetric codes (default: asymmetric)")
     parser.add_argument("--include-lm-head", action="store_true", help="also quantize the LM head")
     parser.add_argument("--include-embeddings", action="store_true", help="also quantize embedding tables")
-    parser.add_argument("--selector", default="matrix", choices=SELECTORS, help="AdaDim axis selector (with --axis adadim)")
+    parser.add_argument("--selector", default="block", choices=SELECTORS, help="AdaDim axis selector (with --axis adadim)")
     parser.add_argument(
         "--calibration-tokenizer",
         help="calibrate on Shakespeare (the calibration plays) tokenized with this: smollm2, minilm or a "

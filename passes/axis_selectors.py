@@ -2,7 +2,7 @@
 
 * ``matrix`` — per weight, the candidate with the lower output error ``trace(dW^T H dW)``: the weight's
   own output on the calibration tokens, with every other weight in float.
-* ``block`` — the AdaDim paper's: the error at the output of the weight's *parent module* (attention for
+* ``block`` (the default) — the AdaDim paper's: the error at the output of the weight's *parent module* (attention for
   q/k/v/o, MLP for gate/up/down), measured by running that subgraph in ONNX Runtime on captured
   calibration inputs, choosing greedily inside the module (start from ``matrix``, flip one weight at a
   time, keep a flip when it lowers the module's output error). q/k/v interact through softmax and

@@ -27,7 +27,7 @@ def portable_pipeline(
     scheme: QuantScheme,
     *,
     candidate_axes: tuple[str, ...] | None = None,
-    selector: str = "matrix",
+    selector: str = "block",
     calibration=None,
     include_lm_head: bool = False,
     include_embeddings: bool = False,

@@ -45,7 +45,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         scheme: QuantScheme,
         *,
         candidate_axes: tuple[str, ...] | None = None,
-        selector: str = "matrix",
+        selector: str = "block",
         include_lm_head: bool = False,
         include_embeddings: bool = False,
         gptq_damp: float = 0.01,
