@@ -29,7 +29,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
-from lowbit.passes.quant.adadim import choose_axis, output_error
+from lowbit.passes.quant.adadim import choose_axis, relative_output_error
 from lowbit.passes.quant.rtn import QuantizedWeight
 from lowbit.runtime.session import session_options
 
@@ -52,10 +52,7 @@ class WeightPlan:
 
 def matrix_errors(plan: WeightPlan) -> dict[str, float]:
     """Relative output error ``trace(dW^T H dW) / trace(W^T H W)`` of every candidate."""
-    weight = plan.weight.astype(np.float64)
-    energy = float(np.sum((plan.hessian @ weight) * weight))
-    errors = {axis: output_error(plan.weight, q.dequantize(), plan.hessian) for axis, q in plan.candidates.items()}
-    return {axis: error / energy if energy > 0 else error for axis, error in errors.items()}
+    return {axis: relative_output_error(plan.weight, q.dequantize(), plan.hessian) for axis, q in plan.candidates.items()}
 
 
 def select_matrix(plans: list[WeightPlan]) -> list[str]:
