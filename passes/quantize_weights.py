@@ -200,7 +200,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 use.node.replace_input_with(use.input_index, qdq.output)
         if first.weight.is_initializer() and not first.weight.uses() and not first.weight.is_graph_output():
             graph.initializers.pop(first.weight.name)
-        has_choice = len(plan.candidates) > 1 and plan.hessian is not None
+        axis_errors = axis_selectors.matrix_errors(plan) if len(plan.candidates) > 1 and plan.hessian is not None else {}
+        if axis in axis_errors:  # AdaDim already measured the chosen candidate
+            output_error = axis_errors[axis]
+        elif plan.hessian is not None:
+            output_error = relative_output_error(plan.weight, reconstructed, plan.hessian)
+        else:
+            output_error = None
         self.weight_records.append(
             WeightRecord(
                 name=first.weight.name or "",
@@ -215,8 +221,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 bytes_before=int(plan.weight.size * float_dtype.itemsize),
                 bytes_after=qdq.nbytes,
                 relative_error=relative_error(plan.weight, reconstructed),
-                output_error=None if plan.hessian is None else relative_output_error(plan.weight, reconstructed, plan.hessian),
-                axis_errors=axis_selectors.matrix_errors(plan) if has_choice else {},
+                output_error=output_error,
+                axis_errors=axis_errors,
             )
         )
 
