@@ -26,6 +26,7 @@ import lowbit
 from lowbit.passes.axis_selectors import SELECTORS
 from lowbit.runtime.calibration import CalibrationStats, collect
 from lowbit.tools import models, text
+from lowbit.tools.demo import file_bytes
 
 LOWBIT_ROWS = [("rtn", "oc", None), ("rtn", "ic", None)] + [("rtn", "adadim", s) for s in SELECTORS]
 LOWBIT_ROWS += [("gptq", "oc", None), ("gptq", "ic", None)] + [("gptq", "adadim", s) for s in SELECTORS]
@@ -103,7 +104,7 @@ class Bench:
             self.rows_path.write_text(json.dumps(self.rows, indent=1))
             return row
         seconds = time.perf_counter() - start
-        row = {"quality": self.quality(path), "bytes": _model_bytes(path), "optimize_s": seconds, **extra}
+        row = {"quality": self.quality(path), "bytes": file_bytes(path), "optimize_s": seconds, **extra}
         print(f"{key}: {row['quality']:.4f}, {row['bytes'] / 2**20:.1f} MiB, {seconds:.1f} s")
         self.rows[key] = row
         self.rows_path.write_text(json.dumps(self.rows, indent=1))
@@ -174,11 +175,6 @@ def _sentence_feeds(tokenizer, sentences: list[str], batch: int) -> list[dict[st
         encoded = tokenizer(sentences[start : start + batch], padding=True, truncation=True, return_tensors="np")
         feeds.append({key: encoded[key].astype(np.int64) for key in ("input_ids", "attention_mask")})
     return feeds
-
-
-def _model_bytes(path: pathlib.Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def markdown(rows: dict[str, dict], setting: Setting, metric: str) -> str:
