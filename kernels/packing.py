@@ -101,3 +101,31 @@ def _unpack2(packed: np.ndarray) -> np.ndarray:
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+
+
+def pack_matmulnbits(codes: np.ndarray, block_size: int) -> np.ndarray:
+    """4-bit codes ``[K, N]`` in ``com.microsoft::MatMulNBits``' layout ``B[N, ceil(K/block), block/2]``.
+
+    Each output channel's K codes, padded with 0 to whole blocks, two per byte, the even input channel in
+    the low nibble (ONNX Runtime's ``MatMulNBits`` operator spec).
+    """
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8 or codes.ndim != 2 or int(codes.max(initial=0)) > 15:
+        raise ValueError("MatMulNBits codes must be a uint8 [K, N] array in 0..15")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"MatMulNBits needs a power-of-two block size >= 16, got {block_size}")
+    k, n = codes.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((n, blocks * block_size), dtype=np.uint8)
+    padded[:, :k] = codes.T
+    pairs = padded.reshape(n, blocks, block_size // 2, 2)
+    return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4))
+
+
+def pack_matmulnbits_zero_points(zero_points: np.ndarray) -> np.ndarray:
+    """4-bit zero points ``[G, N]`` (per-OC groups) as ``MatMulNBits`` wants them: ``[N * ceil(G/2)]``, two per byte."""
+    zero_points = np.asarray(zero_points, dtype=np.uint8)
+    groups, n = zero_points.shape
+    padded = np.zeros((n, groups + groups % 2), dtype=np.uint8)
+    padded[:, :groups] = zero_points.T
+    return np.ascontiguousarray((padded[:, 0::2] | (padded[:, 1::2] << 4)).reshape(-1))

@@ -16,7 +16,7 @@ Attributes (all int, required):
 Inputs (``G = ceil(K / g)`` for axis 0, ``ceil(N / g)`` for axis 1):
 
 0. ``A``: float32 ``[..., K]``, rank >= 1.
-1. ``packed``: uint8 ``[ceil(N / 64), K, 8 * bits]``, the codes ``q[K, N]`` in the layout of
+1. ``packed``: uint8 ``[ceil(N / 64), ceil(K / 4), 32 * bits]``, the codes ``q[K, N]`` in the layout of
    :mod:`lowbit.kernels.packing`.
 2. ``scales``: float32 ``[G, N]`` (axis 0) or ``[K, G]`` (axis 1), the layout of ONNX blocked
    quantization and of ``QuantizedWeight.scales``.

@@ -31,7 +31,9 @@ class Recipe:
     ``selector``: ``matrix`` (the weight's own output), ``block`` (its attention/MLP module's output, the
     paper's) or ``layer`` (the decoder layer's output); see ``lowbit.passes.axis_selectors``.
     ``method="gptq"`` and ``axis="adadim"`` need calibration data. ``group_size=-1``: one group over the
-    whole axis. The LM head and embedding tables stay in float unless opted in.
+    whole axis. The LM head and embedding tables stay in float unless opted in. ``fused=True`` writes fused
+    ops (``lowbit::QuantMatMul``, or ``MatMulNBits`` for per-OC 4-bit) that run fast but need lowbit's op
+    library (``lowbit.runtime.session``); the default is the portable QDQ form for stock ONNX Runtime.
     """
 
     bits: int = 4
@@ -42,6 +44,7 @@ class Recipe:
     selector: str = "block"  # best held-out perplexity at W3 g128; "layer" was 0.4 % better at W4 (bench_quality)
     include_lm_head: bool = False
     include_embeddings: bool = False
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if self.axis not in (*GROUP_AXES, "adadim"):
@@ -143,6 +146,7 @@ def optimize(
         calibration=calibration,
         include_lm_head=recipe.include_lm_head,
         include_embeddings=recipe.include_embeddings,
+        fused=recipe.fused,
     )
     model = pipelines.run_pipeline(model, passes, report)
     return OptimizeResult(model, report)

@@ -30,6 +30,10 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symmetric", action="store_true", help="symmetric codes (default: asymmetric)")
     parser.add_argument("--include-lm-head", action="store_true", help="also quantize the LM head")
     parser.add_argument("--include-embeddings", action="store_true", help="also quantize embedding tables")
+    parser.add_argument(
+        "--fused", action="store_true",
+        help="write fused ops (lowbit::QuantMatMul / MatMulNBits; run with lowbit.runtime.session) instead of QDQ",
+    )
     parser.add_argument("--selector", default="block", choices=SELECTORS, help="AdaDim axis selector (with --axis adadim)")
     parser.add_argument(
         "--calibration-tokenizer",
@@ -52,6 +56,7 @@ def _recipe(args: argparse.Namespace):
         selector=args.selector,
         include_lm_head=args.include_lm_head,
         include_embeddings=args.include_embeddings,
+        fused=args.fused,
     )
 
 

@@ -17,6 +17,7 @@ from lowbit.ir.scheme import QuantScheme
 from lowbit.passes.capture_calibration import CaptureCalibrationPass
 from lowbit.passes.cleanup import CleanupPass
 from lowbit.passes.fold_weights import FoldWeightsPass
+from lowbit.passes.fuse_qdq import FuseQDQPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.report import OptimizeReport, PassRecord
 
@@ -31,8 +32,13 @@ def portable_pipeline(
     calibration=None,
     include_lm_head: bool = False,
     include_embeddings: bool = False,
+    fused: bool = False,
 ) -> list[ir.passes.PassBase]:
-    """Fold weights, [calibrate,] quantize to blocked DequantizeLinear + MatMul, clean up: stock ONNX Runtime."""
+    """Fold weights, [calibrate,] quantize to blocked DequantizeLinear + MatMul, clean up: stock ONNX Runtime.
+
+    ``fused=True`` adds FuseQDQPass: the quantized MatMuls become lowbit's fused ops (lowbit's op library
+    needed at run time), or ONNX Runtime's MatMulNBits where that is the faster exact choice.
+    """
     quantize = QuantizeWeightsPass(
         scheme,
         candidate_axes=candidate_axes,
@@ -41,7 +47,8 @@ def portable_pipeline(
         include_embeddings=include_embeddings,
     )
     calibrate = [CaptureCalibrationPass(calibration)] if calibration is not None else []
-    return [FoldWeightsPass(), *calibrate, quantize, CleanupPass()]
+    fuse = [FuseQDQPass()] if fused else []
+    return [FoldWeightsPass(), *calibrate, quantize, *fuse, CleanupPass()]
 
 
 def _peak_rss_mb() -> float:

@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from lowbit.kernels import _lib
 from lowbit.tools import models, text
 
 #: Kept small so the real-model tests stay fast on 2 cores; the reported figures use 40 x 512.
@@ -83,3 +84,13 @@ def eval_windows(smollm2_tokenizer, texts_available):
 def calibration_windows(smollm2_tokenizer, texts_available):
     """SmolLM2 token windows ``[8, 256]`` of the first calibration play (never the evaluation play)."""
     return text.token_windows(smollm2_tokenizer, text.play_text(text.CALIBRATION_PLAYS[0]), EVAL_LENGTH, 8)
+
+
+@pytest.fixture(scope="session")
+def ops_library() -> str:
+    """Path of the built op library; skips the test when absent, except under CI (CI set) where it fails."""
+    if not _lib.is_built():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI: {_lib.not_built_error()}")
+        pytest.skip(f"lowbit op library not built; run `{_lib.BUILD_COMMAND}`")
+    return str(_lib.library_path())

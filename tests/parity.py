@@ -24,7 +24,7 @@ def check_valid(model: ir.Model) -> None:
     """The model passes onnx.checker (full check, with shape inference) and ONNX Runtime loads it."""
     proto = ir.to_proto(model)
     onnx.checker.check_model(proto, full_check=True)
-    ort.InferenceSession(proto.SerializeToString())
+    ort.InferenceSession(proto.SerializeToString(), session_options())
 
 
 def assert_parity(

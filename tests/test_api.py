@@ -151,3 +151,17 @@ def test_dump_dir_saves_the_model_after_each_pass(tmp_path, monkeypatch):
     dumped = sorted(p.name for p in (tmp_path / "dump").iterdir())
     assert dumped == ["00_FoldWeightsPass.onnx", "01_QuantizeWeightsPass.onnx", "02_CleanupPass.onnx"]
     check_valid(ir.load(tmp_path / "dump" / "02_CleanupPass.onnx"))
+
+
+def test_fused_recipe_writes_fused_ops_that_run_in_a_lowbit_session(mlp_file, tmp_path, ops_library):
+    from lowbit.runtime.session import session
+
+    portable = lowbit.optimize(lowbit.load(mlp_file), lowbit.Recipe(bits=3, group_size=16, axis="ic")).model
+    result = lowbit.optimize(lowbit.load(mlp_file), lowbit.Recipe(bits=3, group_size=16, axis="ic", fused=True))
+    assert [p.name for p in result.report.passes][-2:] == ["FuseQDQPass", "CleanupPass"]
+    assert [node.op_type for node in result.model.graph] == ["QuantMatMul", "Relu", "QuantMatMul"]
+    path = lowbit.save(result.model, tmp_path / "mlp.w3.fused.onnx")
+    feeds = factories.feeds_for(result.model)
+    fused = session(path).run(None, feeds)[0]
+    expected = run(portable, feeds)[0]
+    np.testing.assert_allclose(fused, expected, rtol=0, atol=1e-5 * np.abs(expected).max())

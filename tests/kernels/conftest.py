@@ -1,11 +1,8 @@
-"""Fixtures for the op-library tests: the built library (skip without it, fail under CI) and CPU ISAs."""
+"""Fixtures for the op-library tests: CPU ISAs (the built library, ``ops_library``, is in tests/conftest.py)."""
 
-import os
 from pathlib import Path
 
 import pytest
-
-from lowbit.kernels import _lib
 
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")
 _CPU_FLAGS = {
@@ -19,16 +16,6 @@ def _cpu_flags() -> set[str]:
     cpuinfo = Path("/proc/cpuinfo")
     text = cpuinfo.read_text() if cpuinfo.is_file() else ""
     return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
-
-
-@pytest.fixture(scope="session")
-def ops_library() -> str:
-    """Path of the built op library; skips the test when absent, except under CI (CI set) where it fails."""
-    if not _lib.is_built():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI: {_lib.not_built_error()}")
-        pytest.skip(f"lowbit op library not built; run `{_lib.BUILD_COMMAND}`")
-    return str(_lib.library_path())
 
 
 @pytest.fixture(params=ISAS)

@@ -1,0 +1,65 @@
+"""FuseQDQPass: ``DequantizeLinear + MatMul [+ bias Add]`` -> one fused op (``lowbit::QuantMatMul``, or
+``com.microsoft::MatMulNBits`` for per-OC 4-bit weights).
+
+ONNX Runtime fuses only per-OC ``DequantizeLinear(axis=0)`` into ``MatMulNBits``; per-IC, 3-bit and 2-bit
+weights run as a full float dequantization per call, many times slower than the float model. The fused
+form runs them on lowbit's kernels (``kernels/``), so the model needs lowbit's op library at run time
+(``lowbit.runtime.session`` registers it). Lossless with respect to the QDQ graph: the op dequantizes the
+same integer codes with the same scales (the sum order differs: float32 round-off).
+
+Rules: ``passes/rules/quant_matmul.py``. What is not fused (fp16 activations, a weight made by something
+other than a constant DequantizeLinear, ...) stays as it was and is listed in ``details["unfused"]`` with
+the reason. Dead DequantizeLinear nodes and their initializers are removed.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from lowbit.passes.rules import quant_matmul
+
+
+class FuseQDQPass(ir.passes.InPlacePass):
+    """Rewrite quantized weight MatMuls into fused ops.
+
+    ``use_matmulnbits``: per-OC weights whose codes fit 4 bits and whose group is a power of two >= 16 go
+    to ONNX Runtime's ``MatMulNBits`` (faster than lowbit's per-OC kernel at batch > 1), with
+    ``matmulnbits_accuracy_level`` (0: fp32 activations, the QDQ graph's numerics; 4: int8 activations,
+    faster, adds activation error). Everything else fp32 goes to ``lowbit::QuantMatMul``.
+    """
+
+    def __init__(self, *, use_matmulnbits: bool = True, matmulnbits_accuracy_level: int = 0):
+        super().__init__()
+        if matmulnbits_accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"matmulnbits_accuracy_level must be 0..4, got {matmulnbits_accuracy_level}")
+        self.use_matmulnbits = use_matmulnbits
+        self.matmulnbits_accuracy_level = matmulnbits_accuracy_level
+        self.details: dict = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        state = quant_matmul.FusionState(model.graph)
+        rule_sets = quant_matmul.rule_sets(
+            state, use_matmulnbits=self.use_matmulnbits, accuracy_level=self.matmulnbits_accuracy_level
+        )
+        bytes_before = _initializer_bytes(model.graph)
+        rewrites = sum(rule_set.apply_to_model(model) for rule_set in rule_sets)
+        if rewrites:
+            common.RemoveUnusedNodesPass()(model)
+            common.RemoveUnusedOpsetsPass()(model)
+        # A rejected weight producer that is still in the graph still feeds an unfused MatMul.
+        unfused = {
+            node.name or node.outputs[0].name or "<unnamed>": reason
+            for node, reason in state.rejected.items() if node.graph is not None
+        }
+        self.details = {
+            "fused": dict(sorted(state.fused.items())),
+            "unfused": unfused,
+            "initializer_bytes_before": bytes_before,
+            "initializer_bytes_after": _initializer_bytes(model.graph),
+        }
+        return ir.passes.PassResult(model, modified=bool(rewrites))
+
+
+def _initializer_bytes(graph: ir.Graph) -> int:
+    return sum(value.const_value.nbytes for value in graph.initializers.values() if value.const_value is not None)

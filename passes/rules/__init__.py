@@ -1,0 +1,1 @@
+"""onnxscript rewriter rules, one per module (docstring: the rewrite they make)."""

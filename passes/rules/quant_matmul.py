@@ -1,0 +1,259 @@
+"""Rewrite rules ``MatMul(A, DequantizeLinear(q, s[, z])) [+ bias] -> lowbit::QuantMatMul`` (or
+``com.microsoft::MatMulNBits``).
+
+The pattern is the MatMul (and its bias Add) alone; the ``DequantizeLinear`` that makes its weight is
+read in ``check``. So a DequantizeLinear shared by several MatMuls (or also read by a Gather) stays valid
+for its other readers, and every MatMul it feeds reuses one set of packed initializers; a DequantizeLinear
+left without readers is removed afterwards as dead code.
+
+Codes are repacked at the narrowest width that holds them exactly (3-bit codes that the portable form
+stores in UINT4 pack as 3 bits), so fusion is lossless: the op dequantizes the same integers with the
+same scales. ``MatMulNBits`` takes per-OC (``axis=0``) weights whose codes fit 4 bits and whose block is a
+power of two >= 16, when the fuse pass asks for it; everything else that is fp32 goes to
+``lowbit::QuantMatMul``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from lowbit.kernels import model as quant_matmul_op
+from lowbit.kernels import packing
+
+MATMULNBITS_DOMAIN = "com.microsoft"
+_SIGNED_CODE_TYPES = frozenset({ir.DataType.INT2, ir.DataType.INT4, ir.DataType.INT8})
+_CODE_TYPES = _SIGNED_CODE_TYPES | {ir.DataType.UINT2, ir.DataType.UINT4, ir.DataType.UINT8}
+
+
+@dataclasses.dataclass
+class DequantizedWeight:
+    """A constant ``DequantizeLinear`` output ``W[K, N]`` in the terms of ``lowbit::QuantMatMul``."""
+
+    codes: np.ndarray  # uint8 [K, N], unsigned domain
+    scales: np.ndarray  # float32, ``kernels.reference.params_shape``
+    zero_points: np.ndarray | None  # uint8, unsigned domain; None = the mid-point 2**(bits-1)
+    bits: int  # narrowest of 2, 3, 4, 8 that holds every code and zero point
+    group_axis: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+
+def _narrowest_bits(largest: int) -> int:
+    return next(bits for bits in packing.SUPPORTED_BITS if largest < 1 << bits)
+
+
+def _narrowest_signed_bits(codes: np.ndarray) -> int:
+    low, high = int(codes.min()), int(codes.max())
+    return next(bits for bits in packing.SUPPORTED_BITS if -(1 << (bits - 1)) <= low and high < 1 << (bits - 1))
+
+
+def read_dequantize(node: ir.Node) -> DequantizedWeight | str:
+    """The weight a 2-D constant ``DequantizeLinear`` produces, or the reason it cannot be fused."""
+    if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+        return f"the weight comes from {node.op_type}, not DequantizeLinear"
+    inputs = [*node.inputs, None, None][:3]
+    if any(value is not None and value.const_value is None for value in inputs) or inputs[1] is None:
+        return "DequantizeLinear inputs are not all constants"
+    code_type = inputs[0].const_value.dtype
+    if code_type not in _CODE_TYPES:
+        return f"codes of type {code_type} are not 2-, 4- or 8-bit integers"
+    signed = code_type in _SIGNED_CODE_TYPES
+    codes = inputs[0].const_value.numpy().astype(np.int16)  # from ml_dtypes' int2/int4 too
+    scales = inputs[1].const_value.numpy()
+    zero_points = inputs[2].const_value.numpy().astype(np.int16) if inputs[2] is not None else None
+    if codes.ndim != 2 or 0 in codes.shape:
+        return f"the quantized weight has shape {codes.shape}, not a non-empty [K, N]"
+    if scales.dtype != np.float32:
+        return f"scales are {scales.dtype}; the CPU kernel takes float32"
+    k, n = codes.shape
+    axis = node.attributes.get_int("axis", 1)
+    axis = axis + 2 if axis < 0 else axis
+    block_size = node.attributes.get_int("block_size", 0)
+    if block_size > 0 and axis in (0, 1):  # blocked: axis 0 = groups along K (per-OC), 1 = along N
+        group_axis, group_size = axis, block_size
+    elif scales.ndim == 1 and scales.size == (n if axis == 1 else k) and axis in (0, 1):  # per-axis
+        group_axis, group_size = 1 - axis, (k if axis == 1 else n)
+        scales = scales.reshape((1, n) if axis == 1 else (k, 1))
+        zero_points = None if zero_points is None else zero_points.reshape(scales.shape)
+    elif scales.size == 1:  # per-tensor
+        group_axis, group_size = 0, k
+        scales = np.full((1, n), scales.item(), dtype=np.float32)
+        zero_points = None if zero_points is None else np.full((1, n), zero_points.item(), dtype=np.int16)
+    else:
+        return f"unsupported DequantizeLinear layout (axis={axis}, block_size={block_size}, scales {scales.shape})"
+    if signed:
+        if zero_points is not None and np.any(zero_points != 0):
+            return "signed codes with non-zero zero points"
+        bits = _narrowest_signed_bits(codes)
+        unsigned = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+        return DequantizedWeight(unsigned, scales, None, bits, group_axis, group_size)
+    largest = max(int(codes.max()), int(zero_points.max()) if zero_points is not None else 0)
+    bits = _narrowest_bits(largest)
+    zero_points = np.zeros(scales.shape, np.uint8) if zero_points is None else zero_points.astype(np.uint8)
+    return DequantizedWeight(codes.astype(np.uint8), scales, zero_points, bits, group_axis, group_size)
+
+
+def fits_matmulnbits(weight: DequantizedWeight) -> bool:
+    """``MatMulNBits`` (4-bit) can hold the weight exactly: per-OC, codes in 4 bits, power-of-two block >= 16."""
+    size = weight.group_size
+    return weight.group_axis == 0 and weight.bits <= 4 and size >= 16 and size & (size - 1) == 0
+
+
+def _reads_dequantized(node: ir.Node) -> bool:
+    return any(value is not None and value.producer() is not None
+               and value.producer().op_type == "DequantizeLinear" for value in node.inputs)
+
+
+class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
+    """``MatMul(A, DequantizeLinear(...))`` [``+ bias``] -> one fused op; see the module docstring.
+
+    ``use_matmulnbits``: send weights that ``fits_matmulnbits`` to ``MatMulNBits`` (with
+    ``accuracy_level``); ``packed_cache`` maps a DequantizeLinear node to the initializers already made
+    for it, so shared weights are packed once. ``rejected`` collects ``(MatMul name, reason)``.
+    """
+
+    with_bias = False
+
+    def __init__(self, *, use_matmulnbits: bool, accuracy_level: int, state: FusionState):
+        super().__init__(type(self).__name__.lstrip("_"), remove_nodes=True)
+        self.use_matmulnbits = use_matmulnbits
+        self.accuracy_level = accuracy_level
+        self.state = state
+
+    def pattern(self, op, a, b):
+        return op.MatMul(a, b)
+
+    def check(self, context, a, b, bias=None, **_):
+        result = pattern.MatchResult()
+        producer = b.producer()
+        if producer is None or producer.op_type != "DequantizeLinear":
+            if producer is not None and _reads_dequantized(producer):  # e.g. a tied head: Transpose(DQ(table))
+                self.state.reject(producer, f"the weight is {producer.op_type} of a DequantizeLinear output")
+            return result.fail("the MatMul's right operand is not a DequantizeLinear output")
+        weight = self.state.dequantized(producer)
+        if isinstance(weight, str):
+            self.state.reject(producer, weight)
+            return result.fail(weight)
+        k, n = weight.shape
+        if a.dtype != ir.DataType.FLOAT:
+            reason = f"activations are {a.dtype}; the CPU kernel takes float32"
+            self.state.reject(producer, reason)
+            return result.fail(reason)
+        if a.shape is not None and isinstance(a.shape[-1], int) and a.shape[-1] != k:
+            return result.fail(f"activation width {a.shape[-1]} != K = {k}")
+        if self.with_bias:
+            if bias.const_value is None or bias.dtype != ir.DataType.FLOAT:
+                return result.fail("the Add is not a constant float32 bias")
+            if bias.const_value.numpy().size != n or (bias.shape is not None and len(bias.shape) != 1):
+                return result.fail(f"the bias is not a [{n}] vector")
+        return result
+
+    def rewrite(self, op, a, b, bias=None, **_):
+        dequantize = b.producer()
+        weight = self.state.dequantized(dequantize)
+        if self.use_matmulnbits and fits_matmulnbits(weight):
+            return self._matmulnbits(op, a, dequantize, weight, bias)
+        return self._quant_matmul(op, a, dequantize, weight, bias)
+
+    def _quant_matmul(self, op, a, dequantize, weight, bias):
+        k, n = weight.shape
+        constants = self.state.constants(op, dequantize, "lowbit", lambda: {
+            "packed": packing.pack(weight.codes, weight.bits),
+            "scales": weight.scales,
+            "zero_points": weight.zero_points,
+        })
+        inputs = [a, constants["packed"], constants["scales"], constants["zero_points"]]
+        if bias is not None:
+            inputs += [None, bias]
+        self.state.count(f"lowbit::QuantMatMul {'oc' if weight.group_axis == 0 else 'ic'}{weight.bits}")
+        return op.op(
+            quant_matmul_op.OP_TYPE, *inputs, _domain=quant_matmul_op.DOMAIN, _version=1,
+            bits=weight.bits, group_size=weight.group_size, group_axis=weight.group_axis, K=k, N=n,
+        )
+
+    def _matmulnbits(self, op, a, dequantize, weight, bias):
+        k, n = weight.shape
+        codes = weight.codes
+        if weight.zero_points is None:  # re-centre on MatMulNBits' implicit zero point, 8
+            codes = codes + np.uint8(8 - (1 << (weight.bits - 1)))
+        constants = self.state.constants(op, dequantize, "nbits", lambda: {
+            "packed": packing.pack_matmulnbits(codes, weight.group_size),
+            "scales": np.ascontiguousarray(weight.scales.T.reshape(-1)),
+            "zero_points": None if weight.zero_points is None else packing.pack_matmulnbits_zero_points(weight.zero_points),
+        })
+        inputs = [a, constants["packed"], constants["scales"], constants["zero_points"]]
+        if bias is not None:
+            inputs += [None, bias]
+        self.state.count("com.microsoft::MatMulNBits 4")
+        return op.op(
+            "MatMulNBits", *inputs, _domain=MATMULNBITS_DOMAIN, _version=1,
+            K=k, N=n, bits=4, block_size=weight.group_size, accuracy_level=self.accuracy_level,
+        )
+
+
+class _FuseDequantizeMatMulBias(_FuseDequantizeMatMul):
+    """The same with the bias ``Add`` that follows the MatMul folded into the op."""
+
+    with_bias = True
+
+    def pattern(self, op, a, b, bias):
+        return op.Add(op.MatMul(a, b), bias)
+
+
+class FusionState:
+    """What the rules of one fuse run share: read weights, packed initializers, counts, rejections."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self._weights: dict[ir.Node, DequantizedWeight | str] = {}
+        self._constants: dict[tuple[ir.Node, str], dict[str, ir.Value | None]] = {}
+        self.fused: dict[str, int] = {}
+        self.rejected: dict[ir.Node, str] = {}
+
+    def dequantized(self, node: ir.Node) -> DequantizedWeight | str:
+        if node not in self._weights:
+            self._weights[node] = read_dequantize(node)
+        return self._weights[node]
+
+    def reject(self, node: ir.Node, reason: str) -> None:
+        self.rejected[node] = reason
+
+    def count(self, target: str) -> None:
+        self.fused[target] = self.fused.get(target, 0) + 1
+
+    def constants(self, op, node: ir.Node, kind: str, make) -> dict[str, ir.Value | None]:
+        """The initializers for ``node``'s weight in layout ``kind``, made (by ``make()``) once per node."""
+        key = (node, kind)
+        if key not in self._constants:
+            base = node.inputs[0].name or node.name or "weight"
+            values = {}
+            for role, array in make().items():
+                values[role] = None if array is None else op.initializer(
+                    ir.tensor(array), name=self._unique(f"{base}.{kind}.{role}")
+                )
+            self._constants[key] = values
+        return self._constants[key]
+
+    def _unique(self, name: str) -> str:
+        candidate, index = name, 1
+        while candidate in self.graph.initializers:
+            candidate, index = f"{name}.{index}", index + 1
+        return candidate
+
+
+def rule_sets(state: FusionState, *, use_matmulnbits: bool, accuracy_level: int) -> list[pattern.RewriteRuleSet]:
+    """Apply in this order: the bias form over the whole graph first, so a MatMul followed by a bias Add
+    becomes one node (the rewriter visits a MatMul before its Add)."""
+    return [
+        pattern.RewriteRuleSet(
+            [rule.rule(use_matmulnbits=use_matmulnbits, accuracy_level=accuracy_level, state=state)], commute=True
+        )
+        for rule in (_FuseDequantizeMatMulBias, _FuseDequantizeMatMul)
+    ]
