@@ -1,5 +1,5 @@
-"""FuseQDQPass: ``DequantizeLinear + MatMul [+ bias Add]`` -> one fused op (``lowbit::QuantMatMul``, or
-``com.microsoft::MatMulNBits`` for per-OC 4-bit weights).
+"""FuseQDQPass: ``DequantizeLinear + MatMul [+ bias Add]`` -> one fused op (``lowbit::QuantMatMul``, or on
+request ``com.microsoft::MatMulNBits`` for per-OC 4-bit weights).
 
 ONNX Runtime fuses only per-OC ``DequantizeLinear(axis=0)`` into ``MatMulNBits``; per-IC, 3-bit and 2-bit
 weights run as a full float dequantization per call, many times slower than the float model. The fused
@@ -7,7 +7,12 @@ form runs them on lowbit's kernels (``kernels/``), so the model needs lowbit's o
 (``lowbit.runtime.session`` registers it). Lossless with respect to the QDQ graph: the op dequantizes the
 same integer codes with the same scales (the sum order differs: float32 round-off).
 
-Rules: ``passes/rules/quant_matmul.py``. What is not fused (fp16 activations, a weight made by something
+Quantized embedding tables read by a Gather become ``com.microsoft::GatherBlockQuantized`` (only the
+gathered rows are dequantized), and a tied LM head ``MatMul(x, Transpose(DequantizeLinear(table)))``
+becomes a ``lowbit::QuantMatMul`` of the transposed codes (its own packed copy: the table then costs
+its bytes twice, still far below float).
+
+Rules: ``passes/rules/quant_matmul.py`` and ``passes/rules/quantized_gather.py``. What is not fused (fp16 activations, a weight made by something
 other than a constant DequantizeLinear, ...) stays as it was and is listed in ``details["unfused"]`` with
 the reason. Dead DequantizeLinear nodes and their initializers are removed.
 """
@@ -17,19 +22,21 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from lowbit.passes.rules import quant_matmul
+from lowbit.passes.rules import quant_matmul, quantized_gather
 
 
 class FuseQDQPass(ir.passes.InPlacePass):
     """Rewrite quantized weight MatMuls into fused ops.
 
     ``use_matmulnbits``: per-OC weights whose codes fit 4 bits and whose group is a power of two >= 16 go
-    to ONNX Runtime's ``MatMulNBits`` (faster than lowbit's per-OC kernel at batch > 1), with
-    ``matmulnbits_accuracy_level`` (0: fp32 activations, the QDQ graph's numerics; 4: int8 activations,
-    faster, adds activation error). Everything else fp32 goes to ``lowbit::QuantMatMul``.
+    to ONNX Runtime's ``MatMulNBits`` instead, with ``matmulnbits_accuracy_level`` (0: fp32 activations,
+    the QDQ graph's numerics; 4: int8 activations, adds activation error). Off by default: measured on
+    SmolLM2 (tools/bench_matmul.py --model), lowbit's per-OC kernel was faster than MatMulNBits at level 0
+    for 1 and 128 tokens; level 4 is faster at 1 token but not lossless. Everything fp32 that is not sent
+    to MatMulNBits goes to ``lowbit::QuantMatMul``.
     """
 
-    def __init__(self, *, use_matmulnbits: bool = True, matmulnbits_accuracy_level: int = 0):
+    def __init__(self, *, use_matmulnbits: bool = False, matmulnbits_accuracy_level: int = 0):
         super().__init__()
         if matmulnbits_accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"matmulnbits_accuracy_level must be 0..4, got {matmulnbits_accuracy_level}")
@@ -43,6 +50,7 @@ class FuseQDQPass(ir.passes.InPlacePass):
             state, use_matmulnbits=self.use_matmulnbits, accuracy_level=self.matmulnbits_accuracy_level
         )
         bytes_before = _initializer_bytes(model.graph)
+        rule_sets.append(quantized_gather.rule_set(state))
         rewrites = sum(rule_set.apply_to_model(model) for rule_set in rule_sets)
         if rewrites:
             common.RemoveUnusedNodesPass()(model)

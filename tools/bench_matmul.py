@@ -10,6 +10,11 @@ For each ``K x N`` weight and batch ``M`` it times ``Y[M, N] = A[M, K] @ W`` as:
 * ``qdq-ic4``: per-IC 4-bit g128 ``DequantizeLinear(axis=1) + MatMul`` (ORT does not fuse it);
 * ``lowbit-{oc,ic}{4,3,2}``: ``lowbit::QuantMatMul``, g128, asymmetric.
 
+``--model smollm2.onnx`` adds end-to-end forward latency of SmolLM2 (the fp32 export of ``lowbit export
+smollm2``) quantized with RTN g128 in the portable QDQ form and in the fused form (``Recipe(fused=True)``),
+for a 128-token prompt and a single token, against the fp32 model, ONNX Runtime defaults otherwise
+(``--e2e-only`` skips the kernel table).
+
 Columns: median (and minimum) time per call, ``fp32/t`` (speed-up over fp32), ``GB/s`` (bytes of the stored weight,
 scales and zero points included, per second), and that rate as a share of two streaming-read bandwidths
 measured first (NumPy/OpenBLAS sgemv on all CPUs, which reads a matrix once): ``%dram`` of a 1 GiB buffer
@@ -166,13 +171,53 @@ def print_table(rows: list[tuple], dram: float, cache: float) -> None:
               f"{fp32[k, n, m] / t:7.2f} {rate / 1e9:7.1f} {100 * rate / dram:6.0f} {100 * rate / cache:6.0f}")
 
 
+#: (bits, axis, fused) of the end-to-end rows.
+E2E_SETTINGS = ((4, "oc", False), (4, "oc", True), (4, "ic", False), (4, "ic", True), (3, "oc", False),
+                (3, "oc", True), (3, "ic", False), (3, "ic", True), (2, "ic", False), (2, "ic", True))
+E2E_TOKENS = (128, 1)
+
+
+def end_to_end(source: Path, bench: Bench) -> list[tuple[str, int, dict[int, float]]]:
+    """(name, file bytes, {tokens: median seconds}) for fp32 and every ``E2E_SETTINGS`` model of ``source``."""
+    import lowbit
+    from lowbit.tools.demo import file_bytes
+
+    feeds = {tokens: {"input_ids": np.arange(tokens, dtype=np.int64)[None] % 1000 + 100} for tokens in E2E_TOKENS}
+    models = [("fp32", source)]
+    for bits, axis, fused in E2E_SETTINGS:
+        path = bench.workdir / f"smollm2.w{bits}.{axis}.{'fused' if fused else 'qdq'}.onnx"
+        recipe = lowbit.Recipe(bits=bits, group_size=GROUP, axis=axis, fused=fused)
+        lowbit.save(lowbit.optimize(lowbit.load(source), recipe).model, path)
+        models.append((f"W{bits} g{GROUP} {axis} {'fused' if fused else 'QDQ'}", path))
+    rows = []
+    for name, path in models:
+        sess = runtime.session(path, intra_op_threads=bench.threads)
+        times = {tokens: time_call(lambda f=feed: sess.run(None, f), bench.seconds * 10)[0] for tokens, feed in feeds.items()}
+        rows.append((name, file_bytes(path), times))
+        print(f"  {name}: " + ", ".join(f"{tokens} tokens {t * 1e3:.1f} ms" for tokens, t in times.items()), flush=True)
+    return rows
+
+
+def print_end_to_end(rows) -> None:
+    base = rows[0][2]
+    print("\n| SmolLM2-135M | MiB | " + " | ".join(f"{t} tokens ms | vs fp32" for t in E2E_TOKENS) + " |")
+    print("|---|---:|" + "---:|---:|" * len(E2E_TOKENS))
+    for name, nbytes, times in rows:
+        cells = " | ".join(f"{times[t] * 1e3:.1f} | {base[t] / times[t]:.2f}x" for t in E2E_TOKENS)
+        print(f"| {name} | {nbytes / 2**20:.1f} | {cells} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short measurements (noisier), smaller DRAM probe")
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2: both cores here)")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN weights")
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--model", type=Path, help="fp32 SmolLM2 ONNX (lowbit export smollm2): end-to-end rows")
+    parser.add_argument("--e2e-only", action="store_true", help="with --model: skip the kernel table")
     args = parser.parse_args(argv)
+    if args.e2e_only and args.model is None:
+        parser.error("--e2e-only needs --model")
     if not _lib.is_built():
         print(_lib.not_built_error(), file=sys.stderr)
         return 1
@@ -187,11 +232,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{cache / 1e9:.1f} GB/s from cache, 16 MiB (%cache)")
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
         bench = Bench(args.threads, seconds, Path(tmp))
-        rows = []
-        for shape in args.shapes:
-            k, n = (int(x) for x in shape.lower().split("x"))
-            rows += bench_shape(bench, k, n, args.batches, LOWBIT_METHODS, rng)
-    print_table(rows, dram, cache)
+        if not args.e2e_only:
+            rows = []
+            for shape in args.shapes:
+                k, n = (int(x) for x in shape.lower().split("x"))
+                rows += bench_shape(bench, k, n, args.batches, LOWBIT_METHODS, rng)
+            print_table(rows, dram, cache)
+        if args.model is not None:
+            print_end_to_end(end_to_end(args.model, bench))
     return 0
 
 

@@ -44,6 +44,14 @@ class DequantizedWeight:
     def shape(self) -> tuple[int, int]:
         return self.codes.shape
 
+    def transposed(self) -> DequantizedWeight:
+        """The weight of ``Transpose(W)``: groups along the other axis (a tied head's ``E^T``)."""
+        return DequantizedWeight(
+            np.ascontiguousarray(self.codes.T), np.ascontiguousarray(self.scales.T),
+            None if self.zero_points is None else np.ascontiguousarray(self.zero_points.T),
+            self.bits, 1 - self.group_axis, self.group_size,
+        )
+
 
 def _narrowest_bits(largest: int) -> int:
     return next(bits for bits in packing.SUPPORTED_BITS if largest < 1 << bits)
@@ -106,17 +114,29 @@ def fits_matmulnbits(weight: DequantizedWeight) -> bool:
     return weight.group_axis == 0 and weight.bits <= 4 and size >= 16 and size & (size - 1) == 0
 
 
+def weight_source(value: ir.Value) -> tuple[ir.Node, bool] | None:
+    """The DequantizeLinear that makes ``value`` and whether a 2-D ``Transpose`` lies between (a tied LM
+    head reads ``Transpose(DequantizeLinear(embedding table))``); None if ``value`` is made otherwise."""
+    producer, transposed = value.producer(), False
+    if producer is not None and producer.op_type == "Transpose" and producer.domain in ("", "ai.onnx"):
+        perm = producer.attributes.get_ints("perm", [1, 0])
+        source = producer.inputs[0].producer() if list(perm) == [1, 0] else None
+        producer, transposed = source, True
+    if producer is None or producer.op_type != "DequantizeLinear" or producer.domain not in ("", "ai.onnx"):
+        return None
+    return producer, transposed
+
+
 def _reads_dequantized(node: ir.Node) -> bool:
     return any(value is not None and value.producer() is not None
                and value.producer().op_type == "DequantizeLinear" for value in node.inputs)
 
 
 class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
-    """``MatMul(A, DequantizeLinear(...))`` [``+ bias``] -> one fused op; see the module docstring.
+    """``MatMul(A, [Transpose](DequantizeLinear(...)))`` -> one fused op; see the module docstring.
 
     ``use_matmulnbits``: send weights that ``fits_matmulnbits`` to ``MatMulNBits`` (with
-    ``accuracy_level``); ``packed_cache`` maps a DequantizeLinear node to the initializers already made
-    for it, so shared weights are packed once. ``rejected`` collects ``(MatMul name, reason)``.
+    ``accuracy_level``). ``state`` (a ``FusionState``) is shared by the rules of one run.
     """
 
     with_bias = False
@@ -132,12 +152,14 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
 
     def check(self, context, a, b, bias=None, **_):
         result = pattern.MatchResult()
-        producer = b.producer()
-        if producer is None or producer.op_type != "DequantizeLinear":
-            if producer is not None and _reads_dequantized(producer):  # e.g. a tied head: Transpose(DQ(table))
+        source = weight_source(b)
+        if source is None:
+            producer = b.producer()
+            if producer is not None and _reads_dequantized(producer):
                 self.state.reject(producer, f"the weight is {producer.op_type} of a DequantizeLinear output")
             return result.fail("the MatMul's right operand is not a DequantizeLinear output")
-        weight = self.state.dequantized(producer)
+        producer, transposed = source
+        weight = self.state.dequantized(producer, transposed)
         if isinstance(weight, str):
             self.state.reject(producer, weight)
             return result.fail(weight)
@@ -156,15 +178,15 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, a, b, bias=None, **_):
-        dequantize = b.producer()
-        weight = self.state.dequantized(dequantize)
+        source = weight_source(b)
+        weight = self.state.dequantized(*source)
         if self.use_matmulnbits and fits_matmulnbits(weight):
-            return self._matmulnbits(op, a, dequantize, weight, bias)
-        return self._quant_matmul(op, a, dequantize, weight, bias)
+            return self._matmulnbits(op, a, source, weight, bias)
+        return self._quant_matmul(op, a, source, weight, bias)
 
-    def _quant_matmul(self, op, a, dequantize, weight, bias):
+    def _quant_matmul(self, op, a, source, weight, bias):
         k, n = weight.shape
-        constants = self.state.constants(op, dequantize, "lowbit", lambda: {
+        constants = self.state.constants(op, source, "lowbit", lambda: {
             "packed": packing.pack(weight.codes, weight.bits),
             "scales": weight.scales,
             "zero_points": weight.zero_points,
@@ -178,12 +200,12 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
             bits=weight.bits, group_size=weight.group_size, group_axis=weight.group_axis, K=k, N=n,
         )
 
-    def _matmulnbits(self, op, a, dequantize, weight, bias):
+    def _matmulnbits(self, op, a, source, weight, bias):
         k, n = weight.shape
         codes = weight.codes
         if weight.zero_points is None:  # re-centre on MatMulNBits' implicit zero point, 8
             codes = codes + np.uint8(8 - (1 << (weight.bits - 1)))
-        constants = self.state.constants(op, dequantize, "nbits", lambda: {
+        constants = self.state.constants(op, source, "nbits", lambda: {
             "packed": packing.pack_matmulnbits(codes, weight.group_size),
             "scales": np.ascontiguousarray(weight.scales.T.reshape(-1)),
             "zero_points": None if weight.zero_points is None else packing.pack_matmulnbits_zero_points(weight.zero_points),
@@ -212,15 +234,18 @@ class FusionState:
 
     def __init__(self, graph: ir.Graph):
         self.graph = graph
-        self._weights: dict[ir.Node, DequantizedWeight | str] = {}
-        self._constants: dict[tuple[ir.Node, str], dict[str, ir.Value | None]] = {}
+        self._weights: dict[tuple[ir.Node, bool], DequantizedWeight | str] = {}
+        self._constants: dict[tuple[ir.Node, bool, str], dict[str, ir.Value | None]] = {}
         self.fused: dict[str, int] = {}
         self.rejected: dict[ir.Node, str] = {}
 
-    def dequantized(self, node: ir.Node) -> DequantizedWeight | str:
-        if node not in self._weights:
-            self._weights[node] = read_dequantize(node)
-        return self._weights[node]
+    def dequantized(self, node: ir.Node, transposed: bool = False) -> DequantizedWeight | str:
+        """``read_dequantize(node)`` (transposed on request), read once."""
+        key = (node, transposed)
+        if key not in self._weights:
+            weight = self.dequantized(node) if transposed else read_dequantize(node)
+            self._weights[key] = weight.transposed() if transposed and not isinstance(weight, str) else weight
+        return self._weights[key]
 
     def reject(self, node: ir.Node, reason: str) -> None:
         self.rejected[node] = reason
@@ -228,11 +253,13 @@ class FusionState:
     def count(self, target: str) -> None:
         self.fused[target] = self.fused.get(target, 0) + 1
 
-    def constants(self, op, node: ir.Node, kind: str, make) -> dict[str, ir.Value | None]:
-        """The initializers for ``node``'s weight in layout ``kind``, made (by ``make()``) once per node."""
-        key = (node, kind)
+    def constants(self, op, source: tuple[ir.Node, bool], kind: str, make) -> dict[str, ir.Value | None]:
+        """The initializers for the weight of ``source`` (``weight_source``) in layout ``kind``, made (by
+        ``make()``) once, so that every MatMul reading the same weight shares them."""
+        key = (*source, kind)
         if key not in self._constants:
-            base = node.inputs[0].name or node.name or "weight"
+            node, transposed = source
+            base = (node.inputs[0].name or node.name or "weight") + (".T" if transposed else "")
             values = {}
             for role, array in make().items():
                 values[role] = None if array is None else op.initializer(

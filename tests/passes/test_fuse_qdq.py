@@ -55,6 +55,7 @@ def test_fused_mlp_matches_qdq(ops_library, scheme):
     assert fuse(model).modified
     check_valid(model)
     ops = _op_types(model)
+    assert ops == ["QuantMatMul", "Relu", "QuantMatMul"]
     assert "DequantizeLinear" not in ops and "MatMul" not in ops and "Add" not in ops  # the bias Adds fused too
     assert sum(fuse.details["fused"].values()) == 2 and fuse.details["unfused"] == {}
     (fused,) = run(model, feeds)
@@ -86,7 +87,7 @@ def test_target_op(ops_library, scheme, use_matmulnbits, expected):
 
 def test_matmulnbits_accuracy_level_is_written(ops_library):
     model = _quantized(factories.mlp, QuantScheme(4, 16, "oc"))
-    FuseQDQPass(matmulnbits_accuracy_level=4)(model)
+    FuseQDQPass(use_matmulnbits=True, matmulnbits_accuracy_level=4)(model)
     levels = {node.attributes.get_int("accuracy_level") for node in model.graph if node.op_type == "MatMulNBits"}
     assert levels == {4}
     with pytest.raises(ValueError, match="0..4"):
@@ -117,16 +118,32 @@ def test_gemm_bias_is_fused(ops_library):
     _assert_close(fused, qdq)
 
 
-def test_tied_head_is_reported_not_fused(ops_library):
-    model = _quantized(factories.tied_lm, QuantScheme(4, 12, "oc"), include_lm_head=True, include_embeddings=True)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_tied_embedding_and_head_are_fused(ops_library, symmetric):
+    """Gather(DQ(E)) -> GatherBlockQuantized on the same initializers; MatMul(x, Transpose(DQ(E))) ->
+    QuantMatMul of E^T; the DequantizeLinear is gone."""
+    scheme = QuantScheme(4, 16, "oc", symmetric=symmetric)
+    model = _quantized(factories.tied_lm, scheme, include_lm_head=True, include_embeddings=True)
+    codes_before = next(node for node in model.graph if node.op_type == "DequantizeLinear").inputs[0]
     feeds = factories.feeds_for(model)
     (qdq,) = run(model, feeds)
     fuse = FuseQDQPass()
-    assert not fuse(model).modified
+    assert fuse(model).modified
+    check_valid(model)
+    assert _op_types(model) == ["GatherBlockQuantized", "Relu", "QuantMatMul"]
+    assert model.graph.node(0).inputs[0] is codes_before  # zero copy for the Gather
+    assert fuse.details["fused"] == {"com.microsoft::GatherBlockQuantized 4": 1, "lowbit::QuantMatMul oc4": 1}
+    (fused,) = run(model, feeds)
+    _assert_close(fused, qdq)
+
+
+def test_gather_of_an_unsupported_table_is_reported():
+    model = _quantized(factories.tied_lm, QuantScheme(4, 12, "oc"), include_lm_head=True, include_embeddings=True)
+    fuse = FuseQDQPass()
+    fuse(model)  # the head still fuses; the Gather cannot (block 12 is not a power of two)
     (reason,) = fuse.details["unfused"].values()
-    assert "Transpose of a DequantizeLinear output" in reason
-    (after,) = run(model, feeds)
-    np.testing.assert_array_equal(after, qdq)
+    assert "power-of-two" in reason
+    assert "Gather" in _op_types(model) and "DequantizeLinear" in _op_types(model)
 
 
 def test_float_model_is_left_byte_identical():
