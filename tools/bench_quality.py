@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import re
 import time
 
 import numpy as np
@@ -121,8 +122,7 @@ class Bench:
             lowbit.save(result.model, path)
             choices = {}
             for weight in result.report.weights:
-                leaf = weight.layer.rsplit(".", 1)[-1]
-                choices.setdefault(leaf, {"oc": 0, "ic": 0})[weight.axis] += 1
+                choices.setdefault(layer_type(weight.layer), {"oc": 0, "ic": 0})[weight.axis] += 1
             return {"choices": choices}
 
         return build
@@ -197,16 +197,19 @@ def markdown(rows: dict[str, dict], setting: Setting, metric: str) -> str:
     return "\n".join(lines)
 
 
+def layer_type(path: str) -> str:
+    """A weight's module path without the layer index: ``model.layers.3.self_attn.q_proj`` ->
+    ``self_attn.q_proj``, ``encoder.layer.3.attention.output.dense`` -> ``attention.output.dense``."""
+    return re.sub(r"^.*?\.\d+\.", "", path)
+
+
 def axis_choice_table(rows: dict[str, dict]) -> str:
-    """How often each layer type got per-IC groups under each AdaDim row."""
-    lines = ["| row | " + " | ".join(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]) + " |"]
-    lines.append("|---|" + "---:|" * 7)
-    for key, row in rows.items():
-        if "adadim" not in key or "choices" not in row:
-            continue
-        choices = row["choices"]
-        cells = [f"{c['ic']}/{c['ic'] + c['oc']}" if (c := choices.get(leaf)) else "-" for leaf in
-                 ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
+    """How often each layer type got per-IC groups under each AdaDim row (columns in order of appearance)."""
+    adadim = {key: row["choices"] for key, row in rows.items() if "adadim" in key and "choices" in row}
+    types = list(dict.fromkeys(layer for choices in adadim.values() for layer in choices))
+    lines = ["| row | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
+    for key, choices in adadim.items():
+        cells = [f"{c['ic']}/{c['ic'] + c['oc']}" if (c := choices.get(layer)) else "-" for layer in types]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
