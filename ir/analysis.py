@@ -61,12 +61,13 @@ def is_constant_weight(value: ir.Value | None) -> bool:
 
 
 def _is_tied_to_gather(value: ir.Value) -> bool:
-    """True when ``value`` is Transpose(table) and ``table`` also feeds a Gather (tied embeddings)."""
+    """True when ``value`` is Transpose(table), ``table`` a constant weight that a Gather also reads (tied
+    embeddings); a table already quantized (made by a DequantizeLinear) is no weight any more."""
     producer = value.producer()
     if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
         return False
     source = producer.inputs[0]
-    return source is not None and any(use.node.op_type == "Gather" for use in source.uses())
+    return is_constant_weight(source) and any(use.node.op_type == "Gather" for use in source.uses())
 
 
 def _is_lm_head(node: ir.Node, weight: ir.Value, layer: str) -> bool:

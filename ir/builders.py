@@ -2,7 +2,8 @@
 points, and a blocked ``DequantizeLinear`` that reconstructs the float weight.
 
 Storage types: asymmetric codes are unsigned with a zero point of the same type; symmetric codes are
-signed with no zero point. 3-bit codes have no ONNX type and are stored in (U)INT4: correct, 4-bit size.
+signed with no zero point. 3-bit codes have no ONNX type and are stored in (U)INT4: correct, 4-bit size
+(so are 2-bit per-OC codes where N is not a multiple of 4: see ``storage_bits``).
 INT4/UINT4/INT8/UINT8 need opset 21 and IR version 10; INT2/UINT2 need opset 25 and IR version 11.
 """
 
@@ -15,8 +16,17 @@ import onnx_ir as ir
 
 from lowbit.passes.quant.rtn import QuantizedWeight
 
-_UNSIGNED = {2: ir.DataType.UINT2, 3: ir.DataType.UINT4, 4: ir.DataType.UINT4, 8: ir.DataType.UINT8}
-_SIGNED = {2: ir.DataType.INT2, 3: ir.DataType.INT4, 4: ir.DataType.INT4, 8: ir.DataType.INT8}
+_UNSIGNED = {2: ir.DataType.UINT2, 4: ir.DataType.UINT4, 8: ir.DataType.UINT8}
+_SIGNED = {2: ir.DataType.INT2, 4: ir.DataType.INT4, 8: ir.DataType.INT8}
+
+
+def storage_bits(quantized: QuantizedWeight) -> int:
+    """Bits of the ONNX code type: 3-bit codes have none and go in 4 bits, and so do 2-bit per-OC codes
+    of a weight whose N is not a multiple of 4: ONNX Runtime 1.32 folds ``DequantizeLinear(2-bit,
+    axis=0) + MatMul`` into ``MatMulNBits`` with wrong results then (found by tests/fuzz)."""
+    if quantized.bits == 3 or (quantized.bits == 2 and quantized.block_axis == 0 and quantized.codes.shape[1] % 4):
+        return 4
+    return quantized.bits
 
 
 def required_opset(bits: int) -> int:
@@ -55,11 +65,12 @@ def dequantize_linear(base_name: str, quantized: QuantizedWeight, float_dtype: i
     """
     scale_array = quantized.scales.astype(float_dtype.numpy())
     if quantized.symmetric:
-        codes = _initializer(f"{base_name}.qweight", quantized.signed_codes(), _SIGNED[quantized.bits])
+        codes = _initializer(f"{base_name}.qweight", quantized.signed_codes(), _SIGNED[storage_bits(quantized)])
         inputs = [codes, _initializer(f"{base_name}.scales", scale_array)]
     else:
-        codes = _initializer(f"{base_name}.qweight", quantized.codes, _UNSIGNED[quantized.bits])
-        zero_points = _initializer(f"{base_name}.zero_points", quantized.zero_points, _UNSIGNED[quantized.bits])
+        code_type = _UNSIGNED[storage_bits(quantized)]
+        codes = _initializer(f"{base_name}.qweight", quantized.codes, code_type)
+        zero_points = _initializer(f"{base_name}.zero_points", quantized.zero_points, code_type)
         inputs = [codes, _initializer(f"{base_name}.scales", scale_array), zero_points]
     node = ir.node(
         "DequantizeLinear",

@@ -17,9 +17,13 @@ import sys
 
 from lowbit.ir.scheme import GROUP_AXES, METHODS, SUPPORTED_BITS
 from lowbit.passes.axis_selectors import SELECTORS
+from lowbit.passes.sequential import CALIBRATION_MODES
+from lowbit.passes.quant import reorder
+from lowbit.passes.quant.outliers import CRITERIA
 
 SHIPPED_MODELS = ("smollm2", "minilm")
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, PermissionError)
+#: Bad input or environment (a missing, unreadable or unwritable file): one line, no traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, NotImplementedError)
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +36,22 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-embeddings", action="store_true", help="also quantize embedding tables")
     parser.add_argument(
         "--fused", action="store_true",
-        help="write fused ops (lowbit::QuantMatMul / MatMulNBits; run with lowbit.runtime.session) instead of QDQ",
+        help="write fused lowbit::QuantMatMul ops (run them with lowbit.runtime.session) instead of QDQ",
+    )
+    parser.add_argument(
+        "--outlier-fraction", type=float, default=0.0,
+        help="keep this fraction of each weight's entries exact in a sparse float32 branch (e.g. 0.005)",
+    )
+    parser.add_argument(
+        "--outlier-criterion", default="magnitude", choices=CRITERIA,
+        help="rank outliers by |w| or by H_kk * w^2 (sensitivity: needs --calibration-tokenizer)",
+    )
+    parser.add_argument("--split", action="store_true", help="split weights into three value clusters quantized apart")
+    parser.add_argument("--fold-norms", action="store_true", help="fold norm scales into the weights that read the norm")
+    parser.add_argument(
+        "--reorder", choices=reorder.CRITERIA,
+        help="sort input channels by this calibration statistic where the permutation folds into the producing "
+        "weights (needs --calibration-tokenizer)",
     )
     parser.add_argument("--selector", default="block", choices=SELECTORS, help="AdaDim axis selector (with --axis adadim)")
     parser.add_argument(
@@ -42,6 +61,11 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--calibration-windows", type=int, default=32, help="calibration windows")
     parser.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration window")
+    parser.add_argument(
+        "--calibration-mode", default="parallel", choices=CALIBRATION_MODES,
+        help="sequential: quantize decoder layers one after another, each calibrated on the model whose earlier "
+        "layers are already quantized (needs --calibration-tokenizer)",
+    )
 
 
 def _recipe(args: argparse.Namespace):
@@ -57,6 +81,12 @@ def _recipe(args: argparse.Namespace):
         include_lm_head=args.include_lm_head,
         include_embeddings=args.include_embeddings,
         fused=args.fused,
+        outlier_fraction=args.outlier_fraction,
+        outlier_criterion=args.outlier_criterion,
+        split=args.split,
+        fold_norms=args.fold_norms,
+        reorder=args.reorder,
+        calibration_mode=args.calibration_mode,
     )
 
 
@@ -169,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bits", type=int, nargs="+", default=[4, 3], choices=SUPPORTED_BITS)
     demo.add_argument("--axes", nargs="+", default=["oc", "ic"], choices=GROUP_AXES)
     demo.add_argument("--group-size", type=int, default=128)
+    demo.add_argument("--gptq-bits", type=int, nargs="*", default=[3], choices=SUPPORTED_BITS,
+                      help="bit widths of the AdaDim + GPTQ rows (calibrated); none: skip them")
+    demo.add_argument("--calibration-windows", type=int, default=32, help="calibration windows of the GPTQ rows")
+    demo.add_argument("--form", default="fused", choices=("fused", "qdq"),
+                      help="fused kernels (default) or the portable QDQ form for stock ONNX Runtime")
     demo.add_argument("--windows", type=int, default=10, help="evaluation windows (perplexity)")
     demo.add_argument("--length", type=int, default=512, help="tokens per evaluation window")
     demo.set_defaults(handler=_command_demo)
@@ -183,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if args.debug:
             raise
-        print(f"lowbit: error: {error}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())  # one line
+        print(f"lowbit: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -7,32 +7,53 @@ Run it after FoldWeightsPass, so that the graph it measures is the one that gets
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 
 import numpy as np
 import onnx_ir as ir
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from lowbit.runtime.calibration import CalibrationStats, collect
+from lowbit.runtime.calibration import CalibrationStats, collect, weight_activations
 
 CALIBRATION_KEY = "lowbit.calibration"
+#: ONNX Runtime's own exception types (Fail, InvalidArgument, ...): they share no base but Exception.
+ORT_ERRORS = tuple(value for value in vars(_ort_state).values() if isinstance(value, type) and issubclass(value, Exception))
 
 
 class CaptureCalibrationPass(ir.passes.InPlacePass):
     """Collect ``H = X^T X`` and channel magnitudes of every weight's input over ``batches``
     (or keep statistics collected beforehand)."""
 
-    def __init__(self, batches: Iterable[Mapping[str, np.ndarray]] | CalibrationStats):
+    def __init__(
+        self,
+        batches: Iterable[Mapping[str, np.ndarray]] | CalibrationStats,
+        *,
+        keep_feeds: bool = False,
+        activations: Callable[[ir.Graph], Set[str]] | None = None,
+    ):
+        """``keep_feeds``: keep every feed dict (the sequential mode runs them again); ``activations``: which
+        activations of the graph to collect (default: every weight's input; none: the model is not run)."""
         super().__init__()
         self.batches = batches
+        self.keep_feeds = keep_feeds
+        self.activations = activations
         self.details: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if isinstance(self.batches, CalibrationStats):
             stats = self.batches
+        elif not weight_activations(model):  # no weight left to calibrate (e.g. all quantized): nothing to do
+            stats = CalibrationStats({})
         else:
             total = len(self.batches) if hasattr(self.batches, "__len__") else None
-            stats = collect(model, self.batches, total=total)
+            only = self.activations(model.graph) if self.activations is not None else None
+            try:
+                stats = collect(model, self.batches, total=total, keep_feeds=self.keep_feeds, only=only)
+            except ORT_ERRORS as error:  # an op it lacks, feeds of the wrong names or shapes
+                raise ValueError(f"calibration: ONNX Runtime cannot run the model on the batches: {error}") from error
         model.meta[CALIBRATION_KEY] = stats
         tokens = {accumulator.tokens for accumulator in stats.by_activation.values()}
-        self.details = {"batches": stats.batches, "activations": len(stats.by_activation), "tokens": max(tokens)}
+        self.details = {"batches": stats.batches, "activations": len(stats.by_activation), "tokens": max(tokens, default=0)}
+        if stats.feeds is not None:
+            self.details["feeds_kept"] = len(stats.feeds)
         return ir.passes.PassResult(model, modified=False)

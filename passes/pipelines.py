@@ -16,10 +16,13 @@ import onnx_ir as ir
 from lowbit.ir.scheme import QuantScheme
 from lowbit.passes.capture_calibration import CaptureCalibrationPass
 from lowbit.passes.cleanup import CleanupPass
+from lowbit.passes.fold_norm_scales import FoldNormScalesPass
 from lowbit.passes.fold_weights import FoldWeightsPass
 from lowbit.passes.fuse_qdq import FuseQDQPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
+from lowbit.passes.reorder_channels import ReorderChannelsPass
 from lowbit.passes.report import OptimizeReport, PassRecord
+from lowbit.passes.split_outliers import SplitOutliersPass
 
 DUMP_DIR_VARIABLE = "LOWBIT_DUMP_DIR"
 
@@ -33,22 +36,59 @@ def portable_pipeline(
     include_lm_head: bool = False,
     include_embeddings: bool = False,
     fused: bool = False,
+    outlier_fraction: float = 0.0,
+    outlier_criterion: str = "magnitude",
+    split: bool = False,
+    fold_norms: bool = False,
+    reorder: str | None = None,
+    calibration_mode: str = "parallel",
 ) -> list[ir.passes.PassBase]:
     """Fold weights, [calibrate,] quantize to blocked DequantizeLinear + MatMul, clean up: stock ONNX Runtime.
 
     ``fused=True`` adds FuseQDQPass: the quantized MatMuls become lowbit's fused ops (lowbit's op library
-    needed at run time), or ONNX Runtime's MatMulNBits where that is the faster exact choice.
+    needed at run time).
+    ``outlier_fraction > 0`` / ``split=True`` add SplitOutliersPass before quantization (dense-and-sparse
+    outliers ranked by ``outlier_criterion``; layer split into three value clusters).
+    ``fold_norms=True`` adds FoldNormScalesPass before calibration; ``reorder`` (a criterion of
+    ReorderChannelsPass: ``"absmax"`` or ``"hessian"``; needs calibration) adds it after calibration.
+    ``calibration_mode="sequential"``: decoder layers quantized one after another on statistics of the
+    partially-quantized model (``lowbit.passes.sequential``); the calibration pass then keeps the feeds and,
+    unless reordering or outlier splitting read them, collects only the statistics the sweep does not measure
+    (none by default: the float model is then not run at all).
     """
+    if reorder is not None and calibration is None:
+        raise ValueError(f"reorder={reorder!r} sorts channels by calibration statistics: pass calibration data")
     quantize = QuantizeWeightsPass(
         scheme,
         candidate_axes=candidate_axes,
         selector=selector,
         include_lm_head=include_lm_head,
         include_embeddings=include_embeddings,
+        calibration_mode=calibration_mode,
     )
-    calibrate = [CaptureCalibrationPass(calibration)] if calibration is not None else []
+    sequential = calibration_mode == "sequential"
+    # Reordering and outlier splitting read every weight's statistics; else the sweep measures the layers itself.
+    only_unswept = sequential and reorder is None and outlier_fraction == 0 and not split
+    activations = quantize.parallel_activations if only_unswept else None
+    calibrate = [CaptureCalibrationPass(calibration, keep_feeds=sequential, activations=activations)] if calibration is not None else []
     fuse = [FuseQDQPass()] if fused else []
-    return [FoldWeightsPass(), *calibrate, quantize, *fuse, CleanupPass()]
+    outliers = []
+    if outlier_fraction > 0 or split:
+        outliers = [
+            SplitOutliersPass(
+                outlier_fraction=outlier_fraction,
+                criterion=outlier_criterion,
+                split=split,
+                scheme=scheme,
+                candidate_axes=candidate_axes,
+                include_lm_head=include_lm_head,
+            )
+        ]
+    fold_norm_scales = [FoldNormScalesPass()] if fold_norms else []
+    reorder_channels = [ReorderChannelsPass(reorder)] if reorder is not None else []
+    return [
+        FoldWeightsPass(), *fold_norm_scales, *calibrate, *reorder_channels, *outliers, quantize, *fuse, CleanupPass()
+    ]
 
 
 def _peak_rss_mb() -> float:

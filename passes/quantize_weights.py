@@ -11,7 +11,9 @@ Methods: RTN, or GPTQ with the calibration Hessian of the weight's input. Axis: 
 ``"ic"``), or chosen per weight among ``candidate_axes`` (AdaDim): the method quantizes the weight
 along every candidate axis and a selector (``passes/axis_selectors.py``: matrix, block or layer output
 error on calibration data) picks one. GPTQ and AdaDim read the statistics CaptureCalibrationPass left
-in ``model.meta``.
+in ``model.meta``. ``calibration_mode="sequential"`` quantizes decoder layers one after another, each
+with statistics taken on the model whose earlier layers are already quantized (``passes/sequential.py``);
+its selectors judge a layer's modules on those partially-quantized inputs too.
 
 The model's default-domain opset is raised to what the storage types need (21, or 25 for 2-bit) with
 onnxscript's version converter, and its IR version to 10 (11 for 2-bit).
@@ -29,11 +31,11 @@ from tqdm.auto import tqdm
 
 from lowbit.ir import analysis, builders
 from lowbit.ir.scheme import GROUP_AXES, QuantScheme
-from lowbit.passes import axis_selectors
-from lowbit.passes.capture_calibration import CALIBRATION_KEY
+from lowbit.passes import axis_selectors, sequential
+from lowbit.passes.capture_calibration import CALIBRATION_KEY, ORT_ERRORS
 from lowbit.passes.quant.adadim import relative_output_error
 from lowbit.passes.quant.gptq import quantize_gptq
-from lowbit.passes.quant.rtn import QuantizedWeight, quantize_rtn, relative_error
+from lowbit.passes.quant.rtn import QuantizedWeight, check_weight, quantize_rtn, relative_error
 from lowbit.passes.report import SkippedWeight, WeightRecord
 
 
@@ -50,8 +52,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         include_embeddings: bool = False,
         gptq_damp: float = 0.01,
         gptq_act_order: bool = True,
+        calibration_mode: str = "parallel",
     ):
         super().__init__()
+        if calibration_mode not in sequential.CALIBRATION_MODES:
+            raise ValueError(f"calibration_mode must be one of {sequential.CALIBRATION_MODES}, got {calibration_mode!r}")
+        self.calibration_mode = calibration_mode
         self.candidate_axes = candidate_axes or (scheme.axis,)
         if not set(self.candidate_axes) <= set(GROUP_AXES):
             raise ValueError(f"candidate_axes must be drawn from {GROUP_AXES}, got {self.candidate_axes}")
@@ -67,7 +73,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.scheme.method == "gptq" or len(self.candidate_axes) > 1
+        return self.scheme.method == "gptq" or len(self.candidate_axes) > 1 or self.calibration_mode == "sequential"
+
+    @property
+    def _runs_subgraphs(self) -> bool:
+        """Whether the axis choice runs subgraphs (the block and layer selectors)."""
+        return self.selector is not None and len(self.candidate_axes) > 1
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.weight_records, self.skipped, self.details = [], [], {}
@@ -78,13 +89,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 "run CaptureCalibrationPass first (lowbit.optimize(..., calibration=batches) does)"
             )
         plans = self._plans(model.graph, statistics)
-        for plan in tqdm(plans, desc=f"quantize weights ({self.scheme.method})", unit="weight", leave=False):
-            plan.candidates = self._candidates(plan)
-        if self.selector is not None and len(self.candidate_axes) > 1:
-            choices = self.selector(model, plans, statistics.samples)
-            self.details["selection"] = self.selector.details
+        if self.calibration_mode == "sequential":
+            choices = self._choose_sequentially(model, plans, statistics)
         else:
-            choices = axis_selectors.select_matrix(plans)
+            choices = self._choose(model, plans, statistics.samples if statistics is not None else [])
         names = _NameAllocator(model.graph)
         for plan, axis in zip(plans, choices):
             self._write(model.graph, plan, axis, names)
@@ -93,6 +101,67 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             _require_storage_support(model, self.scheme.bits)
         self.details.update({"quantized": len(self.weight_records), "skipped": len(self.skipped)})
         return ir.passes.PassResult(model, modified=modified)
+
+    def _choose(self, model: ir.Model | None, plans: list[axis_selectors.WeightPlan], samples) -> list[str]:
+        """Quantize ``plans`` along every candidate axis and choose one axis each (selector details summed;
+        without a model to run, the ``matrix`` choice)."""
+        for plan in tqdm(plans, desc=f"quantize weights ({self.scheme.method})", unit="weight", leave=False):
+            plan.candidates = self._candidates(plan)
+        if not self._runs_subgraphs or model is None:
+            return axis_selectors.select_matrix(plans)
+        choices = self.selector(model, plans, samples)
+        selection = self.details.setdefault("selection", {})
+        for key, value in self.selector.details.items():
+            selection[key] = selection.get(key, 0) + value
+        return choices
+
+    def _choose_sequentially(self, model: ir.Model, plans: list[axis_selectors.WeightPlan], statistics) -> list[str]:
+        """Decoder layers in graph order on sequential statistics, then the other weights on the parallel ones."""
+        if statistics.feeds is None:
+            raise ValueError(
+                "calibration_mode='sequential' runs the calibration feeds again: pass the batches to optimize(), or "
+                "statistics collected with collect(..., keep_feeds=True)"
+            )
+        layers, rest = sequential.group_layers(plans)
+        choices: list[str | None] = [None] * len(plans)
+
+        def quantize(layer: sequential.Layer, step: sequential.LayerStep) -> dict[str, np.ndarray]:
+            layer_plans = [plans[i] for i in layer.indices]
+            layer_choices = self._choose(step.model if self._runs_subgraphs else None, layer_plans, step.samples)
+            for index, axis in zip(layer.indices, layer_choices):
+                choices[index] = axis
+            return {plan.first.weight.name: plan.candidates[axis].dequantize() for plan, axis in zip(layer_plans, layer_choices)}
+
+        stream_bytes = []
+        if layers:
+            sweep = sequential.LayerSweep(model, plans, layers, statistics.feeds, selector_samples=len(statistics.samples))
+            try:
+                sweep.run(quantize)
+            except ORT_ERRORS as error:  # e.g. feeds of the wrong shapes, met here first when no parallel pass ran
+                raise ValueError(f"sequential calibration: ONNX Runtime cannot run a layer on the calibration feeds: {error}") from error
+            stream_bytes = sweep.stream_bytes
+        for index, axis in zip(rest, self._choose(model, [plans[i] for i in rest], statistics.samples)):
+            choices[index] = axis
+        self.details["calibration"] = {
+            "mode": "sequential",
+            "layers": len(layers),
+            "stream_mb": max(stream_bytes, default=0) / 2**20,
+            "parallel_statistics": [plans[i].first.layer for i in rest if plans[i].hessian is not None],
+        }
+        return choices
+
+    def parallel_activations(self, graph: ir.Graph) -> set[str]:
+        """The activations whose parallel statistics this pass reads: the inputs of the weights it quantizes,
+        in sequential mode only of those outside decoder layers (the sweep measures the rest itself)."""
+        groups: dict[int, list[analysis.WeightUse]] = {}
+        for use in analysis.weight_uses(graph):
+            if use.kind != "embedding":
+                groups.setdefault(id(use.weight), []).append(use)
+        return {
+            uses[0].node.inputs[0].name
+            for uses in groups.values()
+            if self._skip_reason(uses) is None and (self.calibration_mode == "parallel" or sequential.layer_of(uses) is None)
+        }
 
     def _plans(self, graph: ir.Graph, statistics) -> list[axis_selectors.WeightPlan]:
         """One plan per weight to quantize (shared weights once); skipped weights go to the report."""
@@ -112,16 +181,25 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             weight = np.asarray(analysis.weight_value_array(first), dtype=np.float32)
             if first.node.op_type == "Gemm":
                 weight = _gemm_weight(first.node, weight)
-            if weight.size == 0:
-                raise ValueError(f"weight {first.weight.name!r} of {first.layer!r} is empty")
-            if not np.isfinite(weight).all():
-                raise ValueError(
-                    f"weight {first.weight.name!r} of {first.layer!r} contains NaN or Inf; fix the model before quantizing"
-                )
-            use_statistics = statistics is not None and first.kind != "embedding"
-            hessian = statistics.for_use(first).hessian if use_statistics else None
-            plans.append(axis_selectors.WeightPlan(uses, weight, hessian))
+            try:
+                check_weight(weight)
+            except ValueError as error:
+                raise ValueError(f"weight {first.weight.name!r} of {first.layer!r}: {error}; fix the model before quantizing") from error
+            deferred = self.calibration_mode == "sequential" and sequential.layer_of(uses) is not None
+            plans.append(axis_selectors.WeightPlan(uses, weight, None if deferred else self._hessian(first, statistics)))
         return plans
+
+    def _hessian(self, use: analysis.WeightUse, statistics) -> np.ndarray | None:
+        """H of the weight's input: None for embeddings, and for RTN where the statistics do not cover it
+        (collected before a pass made this weight); GPTQ and AdaDim cannot do without it."""
+        if statistics is None or use.kind == "embedding":
+            return None
+        try:
+            return statistics.for_use(use).hessian
+        except KeyError as error:
+            if self.needs_calibration:
+                raise ValueError(error.args[0]) from error
+            return None
 
     def _share_tied_tables(self, groups: dict[tuple[int, bool], list[analysis.WeightUse]]) -> None:
         """A tied LM head reads Transpose(table): let that Transpose read the quantized table too.
@@ -147,6 +225,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 return use, "output head (LM head) left in float by default (Recipe(include_lm_head=True) quantizes it)"
             if use.kind == "embedding" and not self.include_embeddings:
                 return use, "embedding table left in float by default (Recipe(include_embeddings=True) quantizes it)"
+        for use in uses:
+            if use.weight.is_graph_input():
+                return use, "also a graph input (a default the caller may override at run time), so it stays in float"
         layouts = {_weight_layout(use.node) for use in uses if use.node.op_type in ("MatMul", "Gemm")}
         if len(layouts) > 1:
             return uses[0], f"shared by nodes that read it in different layouts {sorted(layouts)}"
@@ -195,7 +276,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         graph.insert_before(min((use.node for use in plan.uses), key=_position(graph)), qdq.node)
         for use in plan.uses:
             if use.node.op_type == "Gemm":
-                _replace_gemm(graph, use.node, qdq.output)
+                _replace_gemm(graph, use.node, qdq.output, names)
             else:
                 use.node.replace_input_with(use.input_index, qdq.output)
         if first.weight.is_initializer() and not first.weight.uses() and not first.weight.is_graph_output():
@@ -244,6 +325,15 @@ class _NameAllocator:
         self.taken |= {f"{candidate}{tail}" for tail in (".qweight", ".scales", ".zero_points", ".dequantized")}
         return candidate
 
+    def fresh(self, name: str) -> str:
+        """``name``, else ``name_2``, ``name_3``, ...: the first one not taken (taken from now on)."""
+        candidate, suffix = name, 1
+        while candidate in self.taken:
+            suffix += 1
+            candidate = f"{name}_{suffix}"
+        self.taken.add(candidate)
+        return candidate
+
 
 def _position(graph: ir.Graph):
     order = {id(node): index for index, node in enumerate(graph)}
@@ -264,7 +354,7 @@ def _gemm_weight(node: ir.Node, weight: np.ndarray) -> np.ndarray:
     return weight * np.float32(node.attributes.get_float("alpha", 1.0))
 
 
-def _replace_gemm(graph: ir.Graph, gemm: ir.Node, weight: ir.Value) -> None:
+def _replace_gemm(graph: ir.Graph, gemm: ir.Node, weight: ir.Value, names: _NameAllocator) -> None:
     """Gemm(A, B, C) -> MatMul(A, DQ(B')) [+ Add(beta * C)], keeping the output's name."""
     activation = gemm.inputs[0]
     bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
@@ -275,7 +365,8 @@ def _replace_gemm(graph: ir.Graph, gemm: ir.Node, weight: ir.Value) -> None:
         beta = gemm.attributes.get_float("beta", 1.0)
         if beta != 1.0:
             scaled = ir.tensor(bias.const_value.numpy() * np.asarray(beta, dtype=bias.dtype.numpy()))
-            bias = ir.Value(name=f"{gemm.name}.bias", shape=bias.shape, type=bias.type, const_value=scaled)
+            name = names.fresh(f"{gemm.name}.bias")  # the Gemm's own bias may already carry that name
+            bias = ir.Value(name=name, shape=bias.shape, type=bias.type, const_value=scaled)
             graph.register_initializer(bias)
         add = ir.node("Add", [result, bias], name=f"{gemm.name}.Add")
         new_nodes.append(add)

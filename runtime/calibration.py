@@ -5,12 +5,15 @@ model; each calibration batch is run once and folded into a ``HessianAccumulator
 float64, per-channel abs-max and mean |x|, token count). Memory is O(sum of K^2) whatever the number
 of batches. Statistics are keyed by the activation's value name, so weights that read the same input
 (q/k/v, gate/up) share one H.
+
+For the sequential mode (``lowbit.passes.sequential``) ``collect`` can keep every feed dict (token ids:
+small) and collect only the activations that the sweep does not measure itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 
 import numpy as np
 import onnx
@@ -31,6 +34,8 @@ class CalibrationStats:
     batches: int = 0
     #: The first few feed dicts, kept for selectors that re-run subgraphs (small: token ids).
     samples: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
+    #: Every feed dict, kept only on request (``keep_feeds``): the sequential mode runs them again.
+    feeds: list[dict[str, np.ndarray]] | None = None
 
     def for_use(self, use: analysis.WeightUse) -> HessianAccumulator:
         name = use.node.inputs[0].name
@@ -72,20 +77,27 @@ def collect(
     providers: list[str] | None = None,
     total: int | None = None,
     keep_samples: int = 4,
+    keep_feeds: bool = False,
+    only: Set[str] | None = None,
 ) -> CalibrationStats:
     """Run ``model`` on every feed dict of ``batches`` and accumulate the weight-input statistics;
-    the first ``keep_samples`` feed dicts are kept in ``samples``."""
+    the first ``keep_samples`` feed dicts are kept in ``samples``, all of them in ``feeds`` with
+    ``keep_feeds``. ``only``: the activations to collect (default: all; none: the model is not run)."""
     activations = weight_activations(model)
     if not activations:
         raise ValueError("the model has no weight MatMul/Gemm to calibrate")
-    names = sorted(activations)
-    sess = _session_with_outputs(model, names, providers)
-    stats = CalibrationStats({name: HessianAccumulator(activations[name]) for name in names})
+    names = sorted(activations if only is None else set(activations) & set(only))
+    sess = _session_with_outputs(model, names, providers) if names else None
+    stats = CalibrationStats({name: HessianAccumulator(activations[name]) for name in names}, feeds=[] if keep_feeds else None)
     for feeds in tqdm(batches, desc="calibration", unit="batch", total=total):
-        for name, value in zip(names, sess.run(names, dict(feeds))):
-            stats.by_activation[name].update(value)
+        if sess is not None:
+            for name, value in zip(names, sess.run(names, dict(feeds))):
+                stats.by_activation[name].update(value)
+        kept = {name: np.asarray(value) for name, value in feeds.items()}
         if len(stats.samples) < keep_samples:
-            stats.samples.append({name: np.asarray(value) for name, value in feeds.items()})
+            stats.samples.append(kept)
+        if keep_feeds:
+            stats.feeds.append(kept)
         stats.batches += 1
     if stats.batches == 0:
         raise ValueError("calibration got no batches")

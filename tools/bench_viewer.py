@@ -51,9 +51,11 @@ class _Builder:
         return node.outputs[0]
 
     def weight(self, name: str, shape: tuple[int, ...]) -> ir.Value:
-        array = (self.rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+        return self.constant(name, (self.rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32))
+
+    def constant(self, name: str, array: np.ndarray) -> ir.Value:
         tensor = ir.tensor(array, name=name)
-        value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(_FLOAT), const_value=tensor)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
         self.initializers.append(value)
         return value
 
@@ -62,7 +64,8 @@ class _Builder:
         two = self.weight(f"{prefix}.two", (1,))
         epsilon = self.weight(f"{prefix}.eps", (1,))
         squared = self.op("Pow", [x, two], f"{prefix}.Pow")
-        mean = self.op("ReduceMean", [squared], f"{prefix}.ReduceMean", axes=[-1], keepdims=1)
+        axes = self.constant(f"{prefix}.axes", np.array([-1], dtype=np.int64))
+        mean = self.op("ReduceMean", [squared, axes], f"{prefix}.ReduceMean", keepdims=1)  # axes input: opset 18+
         root = self.op("Sqrt", [self.op("Add", [mean, epsilon], f"{prefix}.Add")], f"{prefix}.Sqrt")
         scaled = self.op("Mul", [x, self.op("Reciprocal", [root], f"{prefix}.Reciprocal")], f"{prefix}.Mul")
         return self.op("Mul", [scaled, self.weight(f"{prefix}.weight", (self.hidden,))], f"{prefix}.Mul_1")
@@ -105,7 +108,7 @@ def generated_model(num_nodes: int = 20_000, seed: int = 0, hidden: int = 32) ->
         y = builder.op("Identity", [y], f"model.norm.Identity_{len(builder.nodes)}")
     y = builder.linear(y, "lm_head", hidden, hidden)
     y.name = "logits"
-    graph = ir.Graph([x], [y], nodes=builder.nodes, initializers=builder.initializers, opset_imports={"": 21})
+    graph = ir.Graph([x], [y], nodes=builder.nodes, initializers=builder.initializers, opset_imports={"": 21}, name="generated_decoder")
     model = ir.Model(graph, ir_version=10)
     ShapeInferencePass()(model)
     return model

@@ -22,6 +22,7 @@ from lowbit.tools import models, text
 
 LATENCY_TOKENS = 128
 LATENCY_RUNS = 10
+CALIBRATION_LENGTH = 256
 
 
 @dataclasses.dataclass
@@ -61,20 +62,41 @@ def float_model(workdir: pathlib.Path, name: str) -> pathlib.Path:
     return export(path)
 
 
-def quantized_models(source: pathlib.Path, args: argparse.Namespace):
-    """Yield (name, path, optimize seconds) for every (bits, axis) of the run, then the first of them
-    again with the embedding table and LM head quantized too (the whole file's compression)."""
-    settings = [(bits, axis, False) for bits in args.bits for axis in args.axes]
-    settings.append((args.bits[0], args.axes[0], True))
+def demo_recipes(args: argparse.Namespace) -> list[tuple[str, lowbit.Recipe]]:
+    """(row name, recipe) for every (bits, axis) of the run with RTN; then AdaDim + GPTQ (lowbit's best,
+    calibrated on the calibration plays) for each of ``--gptq-bits``; then the first setting again with the
+    embedding table and LM head quantized too (the whole file's compression)."""
+    fused = args.form == "fused"
+    form = " (fused)" if fused else ""
+    recipes = [
+        (f"W{bits} g{args.group_size} {axis} RTN{form}",
+         lowbit.Recipe(bits=bits, group_size=args.group_size, axis=axis, fused=fused))
+        for bits in args.bits for axis in args.axes
+    ]
+    recipes += [
+        (f"W{bits} g{args.group_size} AdaDim GPTQ{form}",
+         lowbit.Recipe(bits=bits, group_size=args.group_size, axis="adadim", method="gptq", fused=fused))
+        for bits in args.gptq_bits
+    ]
+    bits, axis = args.bits[0], args.axes[0]
+    recipes.append((
+        f"W{bits} g{args.group_size} {axis} RTN{form} + embedding/head",
+        lowbit.Recipe(bits=bits, group_size=args.group_size, axis=axis, fused=fused,
+                      include_embeddings=True, include_lm_head=True),
+    ))
+    return recipes
+
+
+def quantized_models(source: pathlib.Path, args: argparse.Namespace, calibration_feeds):
+    """Yield (name, path, optimize seconds) for every ``demo_recipes`` row; ``calibration_feeds()`` makes
+    the calibration batches (only called when a recipe needs them)."""
     stem = source.name.split(".")[0]
-    for bits, axis, everything in settings:
-        name = f"W{bits} g{args.group_size} {axis}" + (" + embedding/head" if everything else "")
-        path = source.with_name(f"{stem}.w{bits}.g{args.group_size}.{axis}{'.all' if everything else ''}.onnx")
-        recipe = lowbit.Recipe(
-            bits=bits, group_size=args.group_size, axis=axis, include_embeddings=everything, include_lm_head=everything
-        )
+    for name, recipe in demo_recipes(args):
+        slug = name.lower().replace(" + ", ".").replace(" (", ".").replace(")", "").replace("/", "-").replace(" ", ".")
+        path = source.with_name(f"{stem}.{slug}.onnx")
         start = time.perf_counter()
-        result = lowbit.optimize(lowbit.load(source), recipe)
+        calibration = calibration_feeds() if recipe.needs_calibration else None
+        result = lowbit.optimize(lowbit.load(source), recipe, calibration=calibration)
         lowbit.save(result.model, path)
         yield name, path, time.perf_counter() - start
 
@@ -86,7 +108,11 @@ def run_smollm2(workdir: pathlib.Path, args: argparse.Namespace) -> list[Row]:
     windows = text.token_windows(models.smollm2_tokenizer(), text.evaluation_text(), args.length, args.windows)
     feeds = {"input_ids": windows[:1, :LATENCY_TOKENS]}
     rows = [Row("fp32", file_bytes(source), perplexity(source, windows), latency_ms(source, feeds))]
-    for name, path, seconds in quantized_models(source, args):
+
+    def calibration_feeds():
+        return text.calibration_feeds(models.smollm2_tokenizer(), ["input_ids"], CALIBRATION_LENGTH, args.calibration_windows)
+
+    for name, path, seconds in quantized_models(source, args, calibration_feeds):
         rows.append(Row(name, file_bytes(path), perplexity(path, windows), latency_ms(path, feeds), seconds))
     return rows
 
@@ -100,7 +126,11 @@ def run_minilm(workdir: pathlib.Path, args: argparse.Namespace) -> list[Row]:
     encoded = tokenizer(sentences[:8], padding=True, return_tensors="np")
     feeds = {key: encoded[key].astype(np.int64) for key in ("input_ids", "attention_mask")}
     rows = [Row("fp32", file_bytes(source), 1.0, latency_ms(source, feeds))]
-    for name, path, seconds in quantized_models(source, args):
+
+    def calibration_feeds():
+        return text.calibration_feeds(tokenizer, ["input_ids", "attention_mask"], CALIBRATION_LENGTH, args.calibration_windows)
+
+    for name, path, seconds in quantized_models(source, args, calibration_feeds):
         cosine = embedding_cosine(source, path, tokenizer, sentences)["mean"]
         rows.append(Row(name, file_bytes(path), cosine, latency_ms(path, feeds), seconds))
     return rows
@@ -141,4 +171,8 @@ def main(args: argparse.Namespace) -> None:
     print(
         "\nRows without '+ embedding/head' quantize the decoder's linear layers and keep the embedding table and"
         "\nLM head in float (lowbit's default; `lowbit optimize --include-embeddings --include-lm-head` includes them)."
+        "\n'(fused)': lowbit's fused kernels (`--fused`); `lowbit demo --form qdq` shows the portable QDQ form"
+        "\nthat stock ONNX Runtime runs (same accuracy, slower per-IC and 2/3-bit)."
+        f"\nAdaDim GPTQ rows are calibrated on {args.calibration_windows} x {CALIBRATION_LENGTH} tokens of "
+        f"{', '.join(text.CALIBRATION_PLAYS)}."
     )

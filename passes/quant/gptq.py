@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from lowbit.ir.scheme import QuantScheme
-from lowbit.passes.quant.rtn import QuantizedWeight, group_params, quantize_with_params
+from lowbit.passes.quant.rtn import QuantizedWeight, check_weight, group_params, quantize_with_params
 
 
 def quantize_gptq(
@@ -112,15 +112,13 @@ def quantize_gptq(
 
 def _checked_inputs(weight: np.ndarray, hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The weight as float32 and the Hessian as float64, after shape and finiteness checks."""
-    weight = np.array(weight, dtype=np.float32)
+    weight = np.array(check_weight(weight))  # a copy: GPTQ updates it in place
     hessian = np.asarray(hessian, dtype=np.float64)
-    if weight.ndim != 2 or weight.size == 0:
-        raise ValueError(f"expected a non-empty 2-D [K, N] weight, got shape {weight.shape}")
     num_rows = weight.shape[0]
     if hessian.shape != (num_rows, num_rows):
         raise ValueError(f"hessian must be [{num_rows}, {num_rows}] for a weight of shape {weight.shape}")
-    if not (np.isfinite(weight).all() and np.isfinite(hessian).all()):
-        raise ValueError("weight or hessian contains NaN or Inf; refusing to quantize")
+    if not np.isfinite(hessian).all():
+        raise ValueError("hessian contains NaN or Inf; refusing to quantize")
     return weight, hessian
 
 

@@ -94,15 +94,29 @@ def quantize_with_params(
     return np.clip(codes, 0, (1 << bits) - 1).astype(np.uint8)
 
 
-def quantize_rtn(weight: np.ndarray, scheme: QuantScheme) -> QuantizedWeight:
-    """RTN-quantize a finite 2-D ``[K, N]`` weight with ``scheme``'s bits, groups and symmetry."""
+#: Largest |w| a quantizer accepts: a group's range ``max - min`` and the grid's end points (up to
+#: ``2**bits - 1`` steps from the zero point) stay within float32 up to half its range.
+MAX_MAGNITUDE = float(np.finfo(np.float32).max) / 2
+
+
+def check_weight(weight: np.ndarray) -> np.ndarray:
+    """The weight as float32 after the checks every quantizer needs: 2-D, not empty, finite, not huge."""
     weight = np.asarray(weight, dtype=np.float32)
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D [K, N] weight, got shape {weight.shape}")
     if weight.size == 0:
-        raise ValueError("cannot quantize an empty weight")
+        raise ValueError(f"cannot quantize an empty weight (shape {weight.shape})")
     if not np.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf; refusing to quantize it")
+    largest = float(np.abs(weight).max())
+    if largest > MAX_MAGNITUDE:
+        raise ValueError(f"weight has |w| up to {largest:.3g}, beyond half the float32 range where its quantization grid overflows")
+    return weight
+
+
+def quantize_rtn(weight: np.ndarray, scheme: QuantScheme) -> QuantizedWeight:
+    """RTN-quantize a finite 2-D ``[K, N]`` weight with ``scheme``'s bits, groups and symmetry."""
+    weight = check_weight(weight)
     block_size = scheme.block_size(weight.shape)
     axis = scheme.block_axis
     scales, zero_points = group_params(weight, scheme.bits, block_size, axis, scheme.symmetric)

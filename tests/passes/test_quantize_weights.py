@@ -220,3 +220,61 @@ def test_adadim_chooses_per_ic_for_planted_outlier_input_channels():
     w1_record = next(r for r in quantize.weight_records if r.name == "w1")
     assert w1_record.axis == "ic"
     assert w1_record.axis_errors["ic"] < 0.5 * w1_record.axis_errors["oc"]
+
+
+# --- regressions found by tests/fuzz ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [17, 6, 8])
+def test_two_bit_per_oc_weights_compute_right_in_onnx_runtime(n):
+    """ONNX Runtime 1.32 folds 2-bit per-OC DequantizeLinear + MatMul into MatMulNBits wrongly when N is not
+    a multiple of 4 (outputs off by O(10)); such codes are stored in 4 bits, the others stay 2-bit."""
+    float_model, model = factories.mlp(k=32, hidden=n, n=8), factories.mlp(k=32, hidden=n, n=8)
+    scheme = QuantScheme(2, 16, "oc")
+    QuantizeWeightsPass(scheme)(model)
+    codes = {node.name: node.inputs[0].dtype for node in model.graph if node.op_type == "DequantizeLinear"}
+    assert codes["fc1.DequantizeLinear"] == (ir.DataType.UINT4 if n % 4 else ir.DataType.UINT2)
+    assert codes["fc2.DequantizeLinear"] == ir.DataType.UINT2
+    feeds = factories.feeds_for(model)
+    np.testing.assert_allclose(run(model, feeds)[0], _expected_mlp_output(float_model, scheme, feeds), rtol=1e-5, atol=1e-4)
+
+
+def test_gemm_whose_bias_already_has_the_scaled_bias_name():
+    """A Gemm ``g`` with beta != 1 and its bias named ``g.bias``: the scaled bias took the same name."""
+    model = factories.gemm(beta=2.0)
+    model.graph.initializers["c"].name = "gemm.bias"
+    assert QuantizeWeightsPass(QuantScheme(4, 8, "oc"), include_lm_head=True)(model).modified
+    check_valid(model)
+
+
+def test_rtn_quantizes_a_weight_the_statistics_miss_and_gptq_refuses_it():
+    """Statistics collected before FoldWeightsPass turned Cast(Transpose(W)) into a weight: RTN quantizes it
+    without an output error; GPTQ, which needs them, says so (it raised KeyError)."""
+    from lowbit.passes.capture_calibration import CaptureCalibrationPass
+    from lowbit.passes.fold_weights import FoldWeightsPass
+
+    for method in ("rtn", "gptq"):
+        model = factories.transposed_weight()
+        CaptureCalibrationPass([factories.feeds_for(model)])(model)  # nothing is a weight yet
+        FoldWeightsPass()(model)
+        quantize = QuantizeWeightsPass(QuantScheme(4, 8, "oc", method=method), include_lm_head=True)
+        if method == "gptq":
+            with pytest.raises(ValueError, match="no calibration statistics for the input 'x'"):
+                quantize(model)
+        else:
+            assert quantize(model).modified and quantize.weight_records[0].output_error is None
+
+
+@pytest.mark.parametrize("factory", [factories.mlp, factories.tied_lm])
+def test_calibrating_and_quantizing_a_quantized_model_finds_nothing_to_do(factory):
+    """With every weight quantized, CaptureCalibrationPass raised 'no weight to calibrate', and a tied LM head
+    reading Transpose(DequantizeLinear(table)) still counted as a weight and crashed (None.T)."""
+    from lowbit.passes.capture_calibration import CaptureCalibrationPass
+
+    model = factory()
+    options = {"include_lm_head": True, "include_embeddings": True}
+    assert QuantizeWeightsPass(QuantScheme(4, 4, "oc"), **options)(model).modified
+    before = serialized(model)
+    CaptureCalibrationPass([factories.feeds_for(model)])(model)
+    assert not QuantizeWeightsPass(QuantScheme(4, 4, "oc", method="gptq"), **options)(model).modified
+    assert serialized(model) == before

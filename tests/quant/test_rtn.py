@@ -92,6 +92,7 @@ def test_symmetric_codes_use_all_levels_in_the_signed_domain():
         (np.array([[np.inf, 1.0]], np.float32), "NaN or Inf"),
         (np.zeros((0, 4), np.float32), "empty"),
         (np.zeros(4, np.float32), "2-D"),
+        (np.array([[3e38, -3e38]], np.float32), "float32 range"),  # the symmetric scale was Inf, W_hat NaN
     ],
 )
 def test_bad_weights_raise(weight, message):

@@ -1,0 +1,236 @@
+"""FoldNormScalesPass: move normalisation scales into the weights that read the normalised tensor.
+
+``(z * gamma + beta) @ W == z @ (diag(gamma) W) + beta @ W``. The per-channel ``gamma`` of a
+``LayerNormalization``, an ``RMSNormalization`` (opset 23) or the decomposed RMSNorm exporters write
+(``Mul(gamma, x * rsqrt(mean(x^2) + eps))``; any ``Mul`` by a constant along the last axis folds the same
+way) scales the rows of every weight that reads the norm's output, and the norm's own gamma becomes 1.
+A LayerNorm's ``beta`` becomes the bias ``beta @ W`` of each reader: added into its bias ``Add`` when it
+has one, else a new ``Add``; the LayerNorm's bias input goes. The norm node stays (gamma = 1), so ONNX
+Runtime's norm fusions still apply and the node count grows only by the bias Adds a LayerNorm needs.
+
+It folds only when *every* reader of the norm's output is a weight MatMul whose constant weight no
+other node reads: a residual branch (post-LN encoders such as MiniLM), a tied LM head (its weight is
+the embedding table) or a shared weight keep the norm as it is, and the report says why.
+``BatchNormalization`` after a ``Conv`` folds into the Conv's weight and bias, and the BatchNorm goes.
+
+Why: the scale moves into the weights, where per-IC groups can isolate it. The calibration statistics
+then describe the unscaled normalised tensor, so run this before CaptureCalibrationPass. Lossless up
+to float round-off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.ir import analysis
+
+NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization"})
+
+
+class NotFoldable(Exception):
+    """This norm cannot be folded; the message says why."""
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.tensor(array).dtype),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _set_input_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, name: str) -> None:
+    """Give ``node`` input ``index`` the value ``array``: in place when no other node reads it, else a copy."""
+    value = node.inputs[index]
+    array = np.ascontiguousarray(array.astype(value.dtype.numpy()))
+    if len(value.uses()) == 1 and value.is_initializer():
+        value.const_value = ir.tensor(array, name=value.name)
+    else:
+        node.replace_input_with(index, _constant(graph, name, array))
+
+
+def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+    if value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output():
+        graph.initializers.pop(value.name)
+
+
+def _reroute(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Every reader of ``old`` (graph outputs included, keeping their name) reads ``new`` instead."""
+    for usage in list(old.uses()):
+        if usage.node is not new.producer():
+            usage.node.replace_input_with(usage.idx, new)
+    for index, output in enumerate(graph.outputs):
+        if output is old:
+            graph.outputs[index] = new
+            name, old.name = old.name, None
+            new.name = name
+
+
+class FoldNormScalesPass(ir.passes.InPlacePass):
+    """Fold norm gammas (and LayerNorm betas) into the weight MatMuls reading the norm; BatchNorm into Conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.details: dict = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        weights = {use.node: use for use in analysis.weight_uses(graph) if use.kind in ("matmul", "lm_head")}
+        folded, skipped = [], []
+        for node in list(graph):
+            try:
+                if node.op_type == "BatchNormalization":
+                    record = self._fold_batch_norm(graph, node)
+                else:
+                    record = self._fold_scale(graph, node, weights)
+            except NotFoldable as reason:
+                skipped.append({"node": node.name, "op": node.op_type, "reason": str(reason)})
+                continue
+            if record is not None:
+                folded.append(record)
+        self.details = {
+            "folded_norms": len(folded),
+            "scaled_weights": sum(len(record["weights"]) for record in folded),
+            "bias_adds": sum(record.get("new_adds", 0) for record in folded),
+            "skipped_norms": len(skipped),
+            "folded": folded,
+            "skipped": skipped,
+        }
+        return ir.passes.PassResult(model, modified=bool(folded))
+
+    @staticmethod
+    def _scale_operands(node: ir.Node) -> tuple[int, np.ndarray, np.ndarray | None] | None:
+        """(gamma input index, gamma as [C] or [1], beta or None) of a norm / per-channel Mul, else None."""
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type in NORM_OPS:
+            gamma = analysis.constant_array(node.inputs[1])
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            beta = analysis.constant_array(bias) if bias is not None else None
+            if gamma is None or (bias is not None and beta is None):
+                raise NotFoldable("its scale or bias is not a constant")
+            if gamma.ndim != 1:
+                raise NotFoldable(f"it normalises over several axes (scale shape {list(gamma.shape)})")
+            return 1, gamma, beta
+        if node.op_type != "Mul" or len(node.inputs) != 2:
+            return None
+        constants = [analysis.constant_array(value) for value in node.inputs]
+        if (constants[0] is None) == (constants[1] is None):
+            return None
+        index = 0 if constants[0] is not None else 1
+        gamma, other = constants[index], node.inputs[1 - index]
+        if gamma.dtype.kind != "f" or gamma.ndim == 0 or any(dim != 1 for dim in gamma.shape[:-1]):
+            return None
+        if gamma.ndim > 1 and (other.shape is None or len(other.shape) < gamma.ndim):
+            return None  # the Mul would also broadcast the activation to a higher rank
+        return index, gamma.reshape(-1), None
+
+    def _readers(self, node: ir.Node, weights: dict) -> list[analysis.WeightUse]:
+        """The weight MatMuls reading ``node``'s output; NotFoldable unless they are its only readers."""
+        output = node.outputs[0]
+        if output.is_graph_output():
+            raise NotFoldable("its output is a graph output")
+        readers = []
+        for usage in output.uses():
+            use = weights.get(usage.node)
+            if use is None or usage.idx != 0:
+                raise NotFoldable(f"{usage.node.op_type} {usage.node.name!r} reads its output")
+            if use.weight.const_value is None:
+                raise NotFoldable(f"{use.kind} {use.layer!r} reads a weight tied to the embedding table")
+            if len(use.weight.uses()) != 1:
+                raise NotFoldable(f"the weight {use.weight.name!r} of {use.layer!r} is shared with another node")
+            readers.append(use)
+        return readers
+
+    def _fold_scale(self, graph: ir.Graph, node: ir.Node, weights: dict) -> dict | None:
+        operands = self._scale_operands(node)
+        if operands is None:
+            return None
+        index, gamma, beta = operands
+        has_beta = beta is not None and np.any(beta != 0)
+        if np.all(gamma == 1) and not has_beta:
+            return None  # nothing to move
+        if node.op_type == "Mul" and not any(usage.node in weights for usage in node.outputs[0].uses()):
+            return None  # a Mul that feeds no weight: not a norm scale
+        readers = self._readers(node, weights)
+        if not readers:
+            raise NotFoldable("nothing reads its output")
+        rows = sorted({use.weight.const_value.shape[0] for use in readers})
+        if gamma.size != 1 and rows != [gamma.size]:
+            raise NotFoldable(f"its readers' weight rows {rows} do not match the scale's {gamma.size} channels")
+        new_adds = 0
+        for use in readers:
+            weight = use.weight.const_value.numpy()
+            if has_beta:
+                new_adds += self._add_bias(graph, use.node, beta.astype(np.float64) @ weight.astype(np.float64))
+            scaled = gamma.astype(np.float64).reshape(-1, 1) * weight
+            use.weight.const_value = ir.tensor(np.ascontiguousarray(scaled.astype(weight.dtype)), name=use.weight.name)
+        source_gamma = node.inputs[index]
+        _set_input_constant(graph, node, index, np.ones(source_gamma.const_value.shape), f"{node.name}_unit_scale")
+        _drop_if_unused(graph, source_gamma)
+        if beta is not None:
+            bias = node.inputs[2]
+            node.resize_inputs(2)  # drop it: ONNX Runtime 1.32 crashes on an empty ('') LayerNorm bias input
+            _drop_if_unused(graph, bias)
+        return {
+            "node": node.name,
+            "op": node.op_type,
+            "weights": [use.layer for use in readers],
+            "new_adds": new_adds,
+        }
+
+    @staticmethod
+    def _add_bias(graph: ir.Graph, matmul: ir.Node, bias: np.ndarray) -> int:
+        """Add ``bias`` to ``matmul``'s output: into its bias Add when it has one (0), else a new Add (1)."""
+        output = matmul.outputs[0]
+        uses = output.uses()
+        if len(uses) == 1 and not output.is_graph_output() and uses[0].node.op_type == "Add":
+            add = uses[0].node
+            other = 1 - uses[0].idx
+            existing = analysis.constant_array(add.inputs[other])
+            if existing is not None and existing.size == bias.size and existing.shape[-1] == bias.size:
+                total = existing.astype(np.float64) + bias.reshape(existing.shape)
+                _set_input_constant(graph, add, other, total, f"{add.name}_folded_bias")
+                return 0
+        value = _constant(graph, f"{matmul.name}_norm_bias", bias.astype(output.dtype.numpy()))
+        add = ir.node("Add", [output, value], name=f"{matmul.name}_norm_bias")
+        add.outputs[0].name = f"{output.name}_norm_bias"
+        add.outputs[0].shape, add.outputs[0].type = output.shape, output.type
+        graph.insert_after(matmul, add)
+        _reroute(graph, output, add.outputs[0])
+        return 1
+
+    @staticmethod
+    def _fold_batch_norm(graph: ir.Graph, node: ir.Node) -> dict:
+        """``BatchNormalization(Conv(x, W, b))`` -> ``Conv(x, W * s, (b - mean) * s + beta)``, s = gamma / sqrt(var + eps)."""
+        if node.attributes.get_int("training_mode", 0) or any(output.uses() for output in node.outputs[1:]):
+            raise NotFoldable("training mode (running statistics are outputs)")
+        conv = node.inputs[0].producer()
+        if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
+            raise NotFoldable("it does not follow a Conv")
+        if len(conv.outputs[0].uses()) != 1 or conv.outputs[0].is_graph_output():
+            raise NotFoldable(f"the output of Conv {conv.name!r} has other readers")
+        params = [analysis.constant_array(value) for value in node.inputs[1:5]]
+        weight = analysis.constant_array(conv.inputs[1])
+        has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
+        bias = analysis.constant_array(conv.inputs[2]) if has_bias else np.zeros(weight.shape[0] if weight is not None else 0)
+        if any(array is None for array in params) or weight is None or bias is None:
+            raise NotFoldable(f"Conv {conv.name!r} or the BatchNorm has a non-constant parameter")
+        if len(conv.inputs[1].uses()) != 1:
+            raise NotFoldable(f"the weight of Conv {conv.name!r} is shared")
+        gamma, beta, mean, var = (array.astype(np.float64) for array in params)
+        scale = gamma / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
+        new_weight = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+        conv.inputs[1].const_value = ir.tensor(new_weight.astype(weight.dtype), name=conv.inputs[1].name)
+        new_bias = ((bias - mean) * scale + beta).astype(weight.dtype)
+        if has_bias:
+            _set_input_constant(graph, conv, 2, new_bias, f"{conv.name}_folded_bias")
+        else:
+            conv.resize_inputs(3)
+            conv.replace_input_with(2, _constant(graph, f"{conv.name}_folded_bias", new_bias))
+        _reroute(graph, node.outputs[0], conv.outputs[0])
+        inputs = list(node.inputs)
+        graph.remove(node, safe=True)
+        for value in inputs[1:]:
+            _drop_if_unused(graph, value)
+        return {"node": node.name, "op": node.op_type, "weights": [conv.name], "new_adds": 0}

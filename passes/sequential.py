@@ -1,0 +1,217 @@
+"""Sequential calibration: each decoder layer's weight statistics taken on the model whose earlier
+layers are already quantized (GPTQ's order), for about two forward passes in all (each layer runs twice:
+with float weights for its statistics, with quantized ones for the next layer's input), not one per layer.
+
+The shortcut: cut the graph before every decoder layer. The cut ``C_i`` is the set of values produced
+before layer ``i`` and read at or after it that depend on some weight (the residual stream; values
+computed from graph inputs alone, such as rotary tables and masks, are recomputed instead). For every
+calibration sample the sweep keeps ``C_i`` in memory, runs only layer ``i``'s extracted subgraph (inputs:
+the graph inputs and ``C_i``) with float weights to accumulate ``H`` of its weights' inputs, lets the caller
+quantize the layer, and runs the subgraph again with the quantized weights to produce ``C_{i+1}``, which
+replaces ``C_i`` sample by sample. Memory: one cut for all samples (samples x tokens x hidden float32 for
+a residual stream: 128 x 256 x 576 floats = 75 MB for SmolLM2), never one per layer; past
+``max_stream_bytes`` (default 2 GiB; checked on the first sample of every cut) the sweep refuses.
+
+Which weights: MatMul weights (initializers) whose every use sits in one decoder layer (module path
+``...layers.<i>``, see ``axis_selectors.decoder_layer``). The others (LM head, embeddings, Gemm weights,
+weights of a graph without module paths) keep the ordinary (parallel) statistics, and weights outside
+the layers stay in float while the sweep runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx.utils
+import onnx_ir as ir
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+from lowbit.ir import analysis
+from lowbit.passes.axis_selectors import WeightPlan, _Module, _module_session, decoder_layer
+from lowbit.passes.quant.hessian import HessianAccumulator
+from lowbit.runtime.session import session_options
+
+CALIBRATION_MODES = ("parallel", "sequential")
+#: Refuse to hold more than this many bytes of layer inputs (one cut, all samples).
+MAX_STREAM_BYTES = 2 * 2**30
+
+
+def layer_of(uses: list[analysis.WeightUse]) -> str | None:
+    """The decoder layer that holds every use of a weight, or None when the sweep cannot take it."""
+    layers = {decoder_layer(use.layer) if use.kind == "matmul" and use.weight.is_initializer() else None for use in uses}
+    return layers.pop() if len(layers) == 1 else None
+
+
+@dataclasses.dataclass
+class Layer:
+    """A decoder layer's name and the indices of its weight plans."""
+
+    name: str
+    indices: list[int]
+
+
+def group_layers(plans: list[WeightPlan]) -> tuple[list[Layer], list[int]]:
+    """Plans grouped by decoder layer in graph order, and the indices of the plans outside any layer."""
+    layers: dict[str, Layer] = {}
+    rest = []
+    for index, plan in enumerate(plans):
+        name = layer_of(plan.uses)
+        if name is None:
+            rest.append(index)
+        else:
+            layers.setdefault(name, Layer(name, [])).indices.append(index)
+    return list(layers.values()), rest
+
+
+@dataclasses.dataclass
+class LayerStep:
+    """What the caller gets to quantize one layer: the layer as a float subgraph from its input cut to its
+    output cut (built on first use; None when nothing after it reads the layer), and that subgraph's feeds
+    for the first samples."""
+
+    build_model: Callable[[], ir.Model | None]
+    samples: list[dict[str, np.ndarray]]
+
+    @functools.cached_property
+    def model(self) -> ir.Model | None:
+        return self.build_model()
+
+
+#: Quantizes one layer (its plans' ``hessian`` already set); returns weight name -> quantized [K, N] value.
+LayerQuantizer = Callable[[Layer, LayerStep], Mapping[str, np.ndarray]]
+
+
+class LayerSweep:
+    """Quantize decoder layers in graph order, each calibrated on the model with earlier layers quantized."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        plans: list[WeightPlan],
+        layers: list[Layer],
+        feeds: list[Mapping[str, np.ndarray]],
+        *,
+        selector_samples: int = 4,
+        max_stream_bytes: int = MAX_STREAM_BYTES,
+    ):
+        if not feeds:
+            raise ValueError("sequential calibration got no calibration feeds")
+        expected = sorted(value.name for value in model.graph.inputs if not value.is_initializer())
+        if sorted(feeds[0]) != expected:
+            raise ValueError(f"calibration feeds name the inputs {sorted(feeds[0])}; the model takes {expected}")
+        self.model, self.plans, self.layers, self.feeds = model, plans, layers, feeds
+        self.selector_samples, self.max_stream_bytes = selector_samples, max_stream_bytes
+        self.graph_inputs = expected
+        self.cuts = _cuts(model.graph, plans, layers)
+        #: Bytes of layer inputs held while each layer was quantized (one cut, every sample).
+        self.stream_bytes: list[int] = []
+
+    def run(self, quantize: LayerQuantizer) -> None:
+        extractor = onnx.utils.Extractor(ir.to_proto(self.model))
+        stream = self._prefix(extractor)
+        for index, layer in enumerate(tqdm(self.layers, desc="sequential calibration", unit="layer")):
+            inputs, outputs = [*self.graph_inputs, *self.cuts[index]], self.cuts[index + 1]
+            self.stream_bytes.append(sum(value.nbytes for sample in stream for value in sample.values()))
+            self._set_hessians(extractor, layer, inputs, stream)
+            samples = [{**self.feeds[s], **stream[s]} for s in range(min(self.selector_samples, len(stream)))]
+            quantized = quantize(layer, LayerStep(functools.partial(_float_subgraph, extractor, inputs, outputs), samples))
+            if index + 1 < len(self.layers):
+                self._advance(extractor, _Module(layer.name, inputs, outputs, layer.indices), quantized, stream)
+
+    def _prefix(self, extractor: onnx.utils.Extractor) -> list[dict[str, np.ndarray]]:
+        """The first cut for every sample (e.g. the token embeddings)."""
+        stream: list[dict[str, np.ndarray]] = [{} for _ in self.feeds]
+        if self.cuts[0]:
+            sess = ort.InferenceSession(extractor.extract_model(self.graph_inputs, self.cuts[0]).SerializeToString(), session_options())
+            self._replace(stream, sess, self.cuts[0], {})
+        return stream
+
+    def _replace(self, stream, sess: ort.InferenceSession, names: list[str], weights: Mapping[str, np.ndarray]) -> None:
+        """Run ``sess`` on every sample (its feeds, its cut, ``weights``) and put the outputs in place of its
+        cut, one sample at a time (so that the old and new cuts are never both whole in memory)."""
+        for sample, feeds in enumerate(self.feeds):
+            stream[sample] = dict(zip(names, sess.run(names, {**feeds, **stream[sample], **weights})))
+            if sample == 0:
+                self._check_memory(stream[0])
+
+    def _check_memory(self, first: dict[str, np.ndarray]) -> None:
+        total = sum(value.nbytes for value in first.values()) * len(self.feeds)
+        if total > self.max_stream_bytes:
+            shapes = {name: list(value.shape) for name, value in first.items()}
+            raise ValueError(
+                f"sequential calibration would hold {total / 2**20:.0f} MiB of layer inputs ({len(self.feeds)} samples "
+                f"of {shapes}), over the limit of {self.max_stream_bytes / 2**20:.0f} MiB: use fewer or shorter "
+                "calibration windows, or calibration_mode='parallel'"
+            )
+
+    def _set_hessians(self, extractor, layer: Layer, inputs: list[str], stream) -> None:
+        """Run the layer with float weights on every sample and set its plans' H from its weights' inputs."""
+        activations: dict[str, int] = {}
+        for index in layer.indices:
+            plan = self.plans[index]
+            activations[plan.first.node.inputs[0].name] = plan.weight.shape[0]
+        computed = [name for name in activations if name not in inputs]
+        sess = ort.InferenceSession(extractor.extract_model(inputs, computed).SerializeToString(), session_options()) if computed else None
+        accumulators = {name: HessianAccumulator(channels) for name, channels in activations.items()}
+        for feeds, cut in zip(self.feeds, stream):
+            values = {**feeds, **cut}
+            if sess is not None:
+                values.update(zip(computed, sess.run(computed, values)))
+            for name, accumulator in accumulators.items():
+                accumulator.update(values[name])
+        for index in layer.indices:
+            plan = self.plans[index]
+            plan.hessian = accumulators[plan.first.node.inputs[0].name].hessian
+
+    def _advance(self, extractor, module: _Module, quantized: Mapping[str, np.ndarray], stream) -> None:
+        """Replace every sample's cut by the next one, computed with the layer's quantized weights."""
+        names = [self.plans[i].first.weight.name for i in module.plan_indices]
+        missing = sorted(set(names) - set(quantized))
+        if missing:
+            raise ValueError(f"layer {module.name!r}: the quantizer returned no value for the weights {missing}")
+        sess = _module_session(extractor, module, names)
+        self._replace(stream, sess, module.outputs, {name: np.asarray(quantized[name], dtype=np.float32) for name in names})
+
+
+def _float_subgraph(extractor: onnx.utils.Extractor, inputs: list[str], outputs: list[str]) -> ir.Model | None:
+    return ir.serde.deserialize_model(extractor.extract_model(inputs, outputs)) if outputs else None
+
+
+def _cuts(graph: ir.Graph, plans: list[WeightPlan], layers: list[Layer]) -> list[list[str]]:
+    """Value names of the cut before every layer and after the last one (``len(layers) + 1`` cuts)."""
+    nodes = list(graph)
+    position = {id(node): index for index, node in enumerate(nodes)}
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        name = decoder_layer(analysis.module_path(node))
+        if name is not None:
+            first.setdefault(name, index)
+            last[name] = index
+    points = [first[layer.name] for layer in layers] + [last[layers[-1].name] + 1]
+    for number, layer in enumerate(layers):
+        for index in layer.indices:
+            for use in plans[index].uses:
+                if not points[number] <= position[id(use.node)] < points[number + 1]:
+                    raise ValueError(
+                        f"decoder layer {layer.name!r}: its weight {use.weight.name!r} lies outside the layer's span "
+                        "in graph order, so layers cannot be calibrated one after another; use calibration_mode='parallel'"
+                    )
+    weight_nodes = {id(use.node) for use in analysis.weight_uses(graph)}
+    dependent: set[int] = set()  # values computed from some weight
+    for node in nodes:
+        if id(node) in weight_nodes or any(value is not None and id(value) in dependent for value in node.inputs):
+            dependent.update(id(output) for output in node.outputs)
+    cuts = []
+    for point in points:
+        cuts.append([
+            output.name
+            for node in nodes[:point]
+            for output in node.outputs
+            if id(output) in dependent and any(position.get(id(use.node), point) >= point for use in output.uses())
+        ])
+    return cuts

@@ -1,0 +1,342 @@
+"""SplitOutliersPass: dense-and-sparse decomposition (SqueezeLLM) and layer splitting (SplitQuant) of
+weights, before QuantizeWeightsPass quantizes them.
+
+Runs after CaptureCalibrationPass (the sensitivity criterion and the split decision read the Hessian of
+each weight's input) and before QuantizeWeightsPass. Every new MatMul reads the same activation as the
+original one, so the calibration statistics (keyed by activation name) serve it too. Lossless: the graph
+computes ``x @ W`` up to float32 round-off; the weights are decomposed exactly (``passes/quant/outliers.py``).
+
+**Dense and sparse** (``outlier_fraction > 0``): the top fraction of each weight's entries (by ``|w|`` or
+by ``H_kk * w**2``) leave the weight, which keeps zeros in their place and is quantized next; the outliers
+stay exact float32 in a side branch of standard ONNX, added to the MatMul's output. The branch works on
+the transposed activations, so that every gather moves a whole row of tokens, and sums each output
+channel's products as a difference of a running sum (the outliers are stored column by column, CSC)::
+
+    xt = Transpose(Reshape(x, [-1, K]))                  # [K, T], one per activation (q/k/v share it)
+    c  = CumSum(Mul(Gather(xt, rows), values), exclusive) # [nnz + 1, T]: running sum of x[:, k_i] * v_i
+    y  = y_dense + Reshape(Transpose(c[ptr[1:]] - c[ptr[:-1]]), Shape(y_dense))
+
+Measured on SmolLM2 shapes (128 tokens, ORT 1.32 CPU, 2 cores) against the quantized MatMul alone:
+1.3-1.7x its time at 0.1-0.5 % outliers, about 4x at 1 %. ``ScatterND(reduction="add")`` on the
+transposed output was as fast but is racy in ONNX Runtime's CPU kernel when indices repeat (several
+outliers in one output channel, always the case here): wrong sums that change from run to run
+(microsoft/onnxruntime#18048). ``ScatterElements`` on the last axis was 1.7-12x, an ELL gather
+(pad every output channel to the longest) 10-130x because a few output channels hold most outliers.
+The running sum is float32; its round-off, measured with activation channels 100x the others, stays
+below 2e-6 of the largest sparse output. The file holds ``rows`` (smallest unsigned type for K),
+``values`` (float32) and the column ``pointers`` ``[N + 1]``: 6 bytes an outlier for K <= 65536. Neither
+the branch nor its constants look like a weight to ``lowbit.ir.analysis.weight_uses``.
+
+**Layer split** (``split=True``): k-means on the values cuts the (remaining) weight into lower, middle and
+upper clusters; the middle one stays in the original MatMul, the other two get MatMuls of their own on
+the same input, and the three outputs are added. Each is then quantized with its own ranges. A weight is
+split only where RTN under ``scheme`` (each candidate axis, the best of them) lowers the weight's output
+error ``trace(dW^T H dW)`` (with calibration; else the Frobenius weight error) by at least
+``split_min_gain`` times: the split triples the weight's bytes and MatMul work.
+
+Output heads stay whole unless ``include_lm_head`` (a tied head never: its table is shared with the
+embedding); embeddings are never touched. A Gemm keeps its (dense or middle) weight and gets the branches
+on its output, which already holds the bias. The details list, per weight, the outliers kept (nnz, bytes), the split
+decision (errors, gain, cluster sizes), and every weight left alone with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from lowbit.ir import analysis
+from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.capture_calibration import CALIBRATION_KEY
+from lowbit.passes.quant import outliers
+from lowbit.passes.quantize_weights import _NameAllocator, _gemm_weight, _weight_layout
+
+#: CumSum appeared in opset 11.
+MIN_OPSET = 11
+#: The node metadata copied to new nodes: the module path (``analysis.module_path``); the rest (stack
+#: traces, class names) takes about 1 kB a node.
+_SCOPE_KEYS = ("pkg.torch.onnx.name_scopes",)
+
+
+class SplitOutliersPass(ir.passes.InPlacePass):
+    """Move each weight's outliers to an exact sparse side branch and/or split it into three clusters."""
+
+    def __init__(
+        self,
+        *,
+        outlier_fraction: float = 0.0,
+        criterion: str = "magnitude",
+        split: bool = False,
+        scheme: QuantScheme | None = None,
+        candidate_axes: tuple[str, ...] | None = None,
+        split_min_gain: float = 2.0,
+        include_lm_head: bool = False,
+    ):
+        super().__init__()
+        outliers.outlier_count(1, outlier_fraction)  # validates the fraction
+        if criterion not in outliers.CRITERIA:
+            raise ValueError(f"criterion must be one of {outliers.CRITERIA}, got {criterion!r}")
+        if split and scheme is None:
+            raise ValueError("split=True needs the quantization scheme, to measure what the split gains")
+        if split_min_gain <= 0:
+            raise ValueError(f"split_min_gain must be positive, got {split_min_gain}")
+        self.outlier_fraction = outlier_fraction
+        self.criterion = criterion
+        self.split = split
+        self.scheme = scheme
+        self.candidate_axes = candidate_axes or ((scheme.axis,) if scheme else ())
+        self.split_min_gain = split_min_gain
+        self.include_lm_head = include_lm_head
+        self.details: dict = {}
+        self._records: dict[str, list[dict]] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.details = {}
+        if self.outlier_fraction == 0 and not self.split:
+            return ir.passes.PassResult(model, modified=False)
+        statistics = model.meta.get(CALIBRATION_KEY)
+        if self.outlier_fraction > 0 and self.criterion == "sensitivity" and statistics is None:
+            raise ValueError(
+                "the sensitivity criterion needs calibration statistics: run CaptureCalibrationPass first "
+                "(lowbit.optimize(..., calibration=batches) does)"
+            )
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        self._records = {"outliers": [], "split": [], "skipped": []}  # not `skipped`: run_pipeline reads that name
+        targets = self._targets(model.graph)
+        if targets and self.outlier_fraction > 0 and opset < MIN_OPSET:
+            raise ValueError(
+                f"dense-and-sparse needs opset {MIN_OPSET} or later (CumSum), the model has "
+                f"{opset}; convert it first (onnxscript.version_converter)"
+            )
+        writer = _BranchWriter(model.graph)
+        for uses in tqdm(targets, desc="split outliers", unit="weight", leave=False):
+            hessian = statistics.for_use(uses[0]).hessian if statistics is not None else None
+            self._rewrite(writer, uses, hessian)
+        sparse_records, split_records = self._records["outliers"], self._records["split"]
+        self.details = {
+            "outlier_fraction": self.outlier_fraction,
+            "criterion": self.criterion,
+            "weights_with_outliers": len(sparse_records),
+            "nnz": sum(record["nnz"] for record in sparse_records),
+            "sparse_bytes": sum(record["bytes"] for record in sparse_records),
+            "weights_split": sum(record["split"] for record in split_records),
+            "split_min_gain": self.split_min_gain,
+            "nodes_added": writer.nodes_added,
+            **self._records,
+        }
+        return ir.passes.PassResult(model, modified=writer.nodes_added > 0)
+
+    def _targets(self, graph: ir.Graph) -> list[list[analysis.WeightUse]]:
+        """The uses of every weight to rewrite, grouped by weight; the others go to ``skipped``."""
+        groups: dict[int, list[analysis.WeightUse]] = {}
+        for use in analysis.weight_uses(graph):
+            if use.kind != "embedding":
+                groups.setdefault(id(use.weight), []).append(use)
+        targets = []
+        for uses in groups.values():
+            reason = self._skip_reason(uses)
+            if reason is None:
+                targets.append(uses)
+            else:
+                first = uses[0]
+                self._records["skipped"].append({"name": first.weight.name or "", "layer": first.layer, "reason": reason})
+        return targets
+
+    def _skip_reason(self, uses: list[analysis.WeightUse]) -> str | None:
+        first = uses[0]
+        if not first.weight.is_initializer() or first.weight.const_value is None:
+            return "tied output head (its table is shared with the embedding)"
+        if any(use.kind == "lm_head" for use in uses) and not self.include_lm_head:
+            return "output head left in float (include_lm_head=True splits it)"
+        if len({_weight_layout(use.node) for use in uses}) > 1:
+            return "shared by nodes that read it in different layouts"
+        if any(use.node.op_type == "Gemm" and use.node.attributes.get_int("transA", 0) for use in uses):
+            return "Gemm with transA=1"
+        if len(first.weight.uses()) != len(uses) or first.weight.is_graph_output():
+            return "the weight has readers other than weight MatMuls"
+        return None
+
+    def _rewrite(self, writer: _BranchWriter, uses: list[analysis.WeightUse], hessian: np.ndarray | None) -> None:
+        first = uses[0]
+        name, layer = first.weight.name or "", first.layer
+        weight = np.asarray(analysis.weight_value_array(first), dtype=np.float32)
+        if first.node.op_type == "Gemm":
+            weight = _gemm_weight(first.node, weight)
+        if not np.isfinite(weight).all():
+            raise ValueError(f"weight {name!r} of {layer!r} contains NaN or Inf; fix the model before quantizing")
+        if self.outlier_fraction > 0 and first.weight.dtype != ir.DataType.FLOAT:
+            raise NotImplementedError(
+                f"dense-and-sparse keeps float32 outliers and sums them in float32; weight {name!r} of {layer!r} "
+                f"is {first.weight.dtype.name}"
+            )
+        remaining, sparse = weight, None
+        if self.outlier_fraction > 0:
+            scores = outliers.outlier_scores(weight, self.criterion, hessian)
+            remaining, sparse = outliers.split_dense_sparse(weight, scores, self.outlier_fraction)
+        parts = self._split(name, layer, remaining, hessian) if self.split else [remaining]
+        if (sparse is None or sparse.nnz == 0) and len(parts) == 1:
+            return
+        nodes = [use.node for use in uses]
+        if sparse is not None and sparse.nnz:
+            nbytes = writer.add_sparse(nodes, name, sparse)
+            self._records["outliers"].append({"name": name, "layer": layer, "shape": list(weight.shape), "nnz": sparse.nnz, "bytes": nbytes})
+        if len(parts) > 1:
+            writer.add_split(nodes, name, parts)
+        writer.keep_in_weight(uses, parts[len(parts) // 2])
+
+    def _split(self, name: str, layer: str, weight: np.ndarray, hessian: np.ndarray | None) -> list[np.ndarray]:
+        """The three clusters when splitting gains ``split_min_gain``, else ``[weight]``; recorded either way."""
+        parts = outliers.split_clusters(weight)
+        base_error, split_error = (
+            min(
+                outliers.quantization_error(weight, candidate, dataclasses.replace(self.scheme, axis=axis, method="rtn"), hessian)
+                for axis in self.candidate_axes
+            )
+            for candidate in ([weight], parts)
+        )
+        gain = base_error / split_error if split_error > 0 else float("inf")
+        chosen = gain >= self.split_min_gain
+        self._records["split"].append(
+            {
+                "name": name,
+                "layer": layer,
+                "base_error": base_error,
+                "split_error": split_error,
+                "gain": gain,
+                "split": bool(chosen),
+                "cluster_sizes": [int(np.count_nonzero(part)) for part in parts],
+            }
+        )
+        return parts if chosen else [weight]
+
+
+class _BranchWriter:
+    """Graph edits of the pass: unique names, shared transposed activations, output rewiring."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.name = _NameAllocator(graph).fresh  # a name not yet in the graph
+        self.transposed: dict[int, ir.Value] = {}
+        self.nodes_added = 0
+
+    def constant(self, base: str, array: np.ndarray) -> ir.Value:
+        name = self.name(base)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.tensor(array).dtype), const_value=ir.tensor(array, name=name))
+        self.graph.register_initializer(value)
+        return value
+
+    def node(self, op: str, inputs: list[ir.Value], like: ir.Node, label: str, **attributes) -> ir.Node:
+        """A node named after ``like`` and carrying its module path, so it stays in its module."""
+        scopes = {key: like.metadata_props[key] for key in _SCOPE_KEYS if key in like.metadata_props}
+        node = ir.node(op, inputs, attributes=attributes, name=f"{like.name}.{label}", metadata_props=scopes)
+        node.outputs[0].name = self.name(f"{like.outputs[0].name}.{label}")
+        self.nodes_added += 1
+        return node
+
+    def keep_in_weight(self, uses: list[analysis.WeightUse], kept: np.ndarray) -> None:
+        """Zero the weight outside ``kept`` (``[K, N]``: the dense remainder or the middle cluster). A Gemm's
+        B keeps its own layout and values (alpha stays in the Gemm; QuantizeWeightsPass folds it later)."""
+        weight = uses[0].weight
+        mask = kept != 0
+        if uses[0].node.op_type == "Gemm" and uses[0].node.attributes.get_int("transB", 0):
+            mask = mask.T
+        original = weight.const_value.numpy()
+        weight.const_value = ir.tensor(np.where(mask, original, np.zeros((), original.dtype)), name=weight.name)
+
+    def _extend_output(self, matmul: ir.Node, build) -> None:
+        """Insert ``build(y) -> (nodes, new_y)`` after ``matmul`` and let every reader of ``y`` read ``new_y``
+        (which takes ``y``'s name, so calibration statistics and graph outputs keep their names)."""
+        output = matmul.outputs[0]
+        readers = list(output.uses())
+        nodes, result = build(output)
+        self.graph.insert_after(matmul, nodes)
+        for reader, index in readers:
+            reader.replace_input_with(index, result)
+        for position, graph_output in enumerate(self.graph.outputs):
+            if graph_output is output:
+                self.graph.outputs[position] = result
+        result.type, result.shape = output.type, output.shape
+        name, result.name = output.name, None
+        output.name = self.name(f"{name}.partial")
+        result.name = name
+
+    def add_split(self, nodes: list[ir.Node], name: str, parts: list[np.ndarray]) -> None:
+        """MatMuls on the lower and upper clusters, added to each MatMul's (middle-cluster) output."""
+        dtype = nodes[0].inputs[1].dtype.numpy()  # the parts hold the weight's own values: exact in its type
+        extra = [self.constant(f"{name}.split_{label}", part.astype(dtype)) for label, part in zip(("low", "high"), (parts[0], parts[2]))]
+
+        def build(output: ir.Value, matmul: ir.Node):
+            products = [self.node("MatMul", [matmul.inputs[0], weight], matmul, f"split_{label}") for label, weight in zip(("low", "high"), extra)]
+            first = self.node("Add", [output, products[0].outputs[0]], matmul, "split_add_low")
+            second = self.node("Add", [first.outputs[0], products[1].outputs[0]], matmul, "split_add_high")
+            return [*products, first, second], second.outputs[0]
+
+        for matmul in nodes:
+            self._extend_output(matmul, lambda output, matmul=matmul: build(output, matmul))
+
+    def add_sparse(self, nodes: list[ir.Node], name: str, sparse: outliers.SparseOutliers) -> int:
+        """The exact sparse side branch after each MatMul; returns the bytes its constants take in the file.
+
+        Stored: the CSC form (``rows``, ``values`` with one trailing zero entry, column ``pointers``) in
+        the smallest unsigned types; the index decoding (Cast, Slice) is constant-folded by ONNX Runtime.
+        """
+        k, n = sparse.shape
+        rows = self.constant(f"{name}.outlier_rows", np.append(sparse.rows, 0).astype(_index_type(k)))
+        values = self.constant(f"{name}.outlier_values", np.append(sparse.values, np.float32(0))[:, None])
+        pointers = self.constant(f"{name}.outlier_pointers", sparse.column_pointers().astype(_index_type(sparse.nnz + 1)))
+        like = nodes[0]
+        rows_cast = self.node("Cast", [rows], like, "outliers.rows", to=ir.DataType.INT64)
+        pointers_cast = self.node("Cast", [pointers], like, "outliers.pointers", to=ir.DataType.INT64)
+        bounds = [
+            self.node("Slice", [pointers_cast.outputs[0], *(self.int64(f"{name}.outlier_slice", [v]) for v in (start, stop, 0))], like, f"outliers.{label}")
+            for label, start, stop in (("starts", 0, n), ("ends", 1, n + 1))
+        ]
+        self.graph.insert_before(next(iter(self.graph)), [rows_cast, pointers_cast, *bounds])
+        starts, ends = (bound.outputs[0] for bound in bounds)
+        axis = self.int64(f"{name}.outlier_axis", 0)
+
+        def build(output: ir.Value, matmul: ir.Node):
+            gather = self.node("Gather", [self._transposed_input(matmul, k), rows_cast.outputs[0]], matmul, "outliers.gather", axis=0)
+            products = self.node("Mul", [gather.outputs[0], values], matmul, "outliers.mul")
+            running = self.node("CumSum", [products.outputs[0], axis], matmul, "outliers.cumsum", exclusive=1)
+            upper = self.node("Gather", [running.outputs[0], ends], matmul, "outliers.upper", axis=0)
+            lower = self.node("Gather", [running.outputs[0], starts], matmul, "outliers.lower", axis=0)
+            sums = self.node("Sub", [upper.outputs[0], lower.outputs[0]], matmul, "outliers.sums")
+            transposed = self.node("Transpose", [sums.outputs[0]], matmul, "outliers.transpose", perm=[1, 0])
+            shape = self.node("Shape", [output], matmul, "outliers.shape")
+            shaped = self.node("Reshape", [transposed.outputs[0], shape.outputs[0]], matmul, "outliers.reshape")
+            total = self.node("Add", [output, shaped.outputs[0]], matmul, "outliers.add")
+            return [gather, products, running, upper, lower, sums, transposed, shape, shaped, total], total.outputs[0]
+
+        for matmul in nodes:
+            self._extend_output(matmul, lambda output, matmul=matmul: build(output, matmul))
+        return sum(value.const_value.nbytes for value in (rows, values, pointers))
+
+    def int64(self, base: str, value) -> ir.Value:
+        return self.constant(base, np.array(value, np.int64))
+
+    def _transposed_input(self, matmul: ir.Node, k: int) -> ir.Value:
+        """``Transpose(Reshape(x, [-1, K]))`` of the MatMul's input, made once per activation, right after its producer."""
+        activation = matmul.inputs[0]
+        if id(activation) not in self.transposed:
+            flat_x = self.int64(f"{activation.name}.outlier_shape", [-1, k])
+            flat = self.node("Reshape", [activation, flat_x], matmul, "outliers.flatten_input")
+            transposed = self.node("Transpose", [flat.outputs[0]], matmul, "outliers.transpose_input", perm=[1, 0])
+            producer = activation.producer()
+            if producer is not None:
+                self.graph.insert_after(producer, [flat, transposed])
+            else:
+                self.graph.insert_before(next(iter(self.graph)), [flat, transposed])
+            self.transposed[id(activation)] = transposed.outputs[0]
+        return self.transposed[id(activation)]
+
+
+def _index_type(length: int) -> type:
+    """The smallest unsigned type that indexes ``length`` channels."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if length - 1 <= np.iinfo(dtype).max:
+            return dtype
+    return np.int64

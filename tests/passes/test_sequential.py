@@ -1,0 +1,268 @@
+"""Sequential calibration: the layer sweep equals the slow definition (calibrate the whole partially-quantized
+model) on a random-weight tiny Llama, holds one cut of layer inputs whatever the depth, and falls back to
+the parallel statistics outside decoder layers."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import tracemalloc
+import weakref
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import lowbit
+from lowbit import cli
+from lowbit.ir import analysis
+from lowbit.ir.scheme import QuantScheme
+from lowbit.passes import sequential
+from lowbit.passes.axis_selectors import WeightPlan
+from lowbit.passes.capture_calibration import CaptureCalibrationPass
+from lowbit.passes.fold_weights import FoldWeightsPass
+from lowbit.passes.quant.gptq import quantize_gptq
+from lowbit.passes.quantize_weights import QuantizeWeightsPass
+from lowbit.runtime.calibration import collect
+from tests import factories
+from tests.parity import check_valid
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers", reason="the 'models' extra (transformers) is not installed")
+
+from tests.test_tiny_llama import CausalLM  # noqa: E402  (needs torch and transformers)
+
+HIDDEN, VOCAB = 64, 96
+GPTQ = QuantScheme(3, 16, "oc", False, "gptq")
+
+
+@functools.cache
+def _llama_proto(layers: int) -> bytes:
+    """A random-weight Llama with ``layers`` decoder layers, exported and folded (serialized, so each test gets a copy)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=160, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    module = CausalLM(transformers.LlamaForCausalLM(config)).eval()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    model = lowbit.export(module, (ids,), dynamic_shapes={"input_ids": {1: "seq"}}, input_names=["input_ids"], output_names=["logits"])
+    FoldWeightsPass()(model)
+    return ir.to_proto(model).SerializeToString()
+
+
+def _llama(layers: int = 2) -> ir.Model:
+    return ir.from_proto(onnx.load_from_string(_llama_proto(layers)))
+
+
+def _feeds(count: int, tokens: int = 16, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": rng.integers(0, VOCAB, (2, tokens))} for _ in range(count)]  # the export fixed the batch at 2
+
+
+def _plans(model: ir.Model) -> list[WeightPlan]:
+    """One plan per decoder-layer weight (each read by one MatMul in the tiny Llama)."""
+    return [
+        WeightPlan([use], analysis.weight_value_array(use), None)
+        for use in analysis.weight_uses(model.graph)
+        if sequential.layer_of([use]) is not None
+    ]
+
+
+def _gptq_sweep(model: ir.Model, feeds, **options):
+    """Run the sweep with GPTQ per layer; returns (H per activation as the sweep measured it, the quantized weights, the sweep)."""
+    plans = _plans(model)
+    layers, rest = sequential.group_layers(plans)
+    assert not rest
+    hessians, quantized = {}, {}
+
+    def quantize(layer, step):
+        values = {}
+        for index in layer.indices:
+            plan = plans[index]
+            hessians[plan.first.node.inputs[0].name] = plan.hessian.copy()
+            values[plan.first.weight.name] = quantize_gptq(plan.weight, plan.hessian, GPTQ).dequantize()
+        quantized.update(values)
+        return values
+
+    sweep = sequential.LayerSweep(model, plans, layers, feeds, **options)
+    sweep.run(quantize)
+    return hessians, quantized, sweep
+
+
+def _layer_activations(model: ir.Model, layer: int) -> list[str]:
+    return sorted({
+        use.node.inputs[0].name
+        for use in analysis.weight_uses(model.graph)
+        if sequential.layer_of([use]) is not None and sequential.layer_of([use]).endswith(f".{layer}")
+    })
+
+
+@pytest.mark.slow
+def test_sweep_equals_calibrating_the_partially_quantized_model():
+    """Layer 0: the float model's statistics, bit for bit. Layer 1: those of the whole model with layer 0
+    replaced by its GPTQ weights (the slow definition), to float32 round-off; and not the float model's."""
+    feeds = _feeds(5)
+    hessians, quantized, _ = _gptq_sweep(_llama(), feeds)
+
+    parallel = collect(_llama(), feeds)
+    first, second = _layer_activations(_llama(), 0), _layer_activations(_llama(), 1)
+    assert len(first) == len(second) == 4  # q/k/v input, o input, gate/up input, down input
+    for name in first:
+        np.testing.assert_array_equal(hessians[name], parallel.by_activation[name].hessian)
+
+    partially_quantized = _llama()
+    for name, value in quantized.items():
+        if any(use.node.inputs[0].name in first for use in partially_quantized.graph.initializers[name].uses()):
+            partially_quantized.graph.initializers[name].const_value = ir.tensor(value.astype(np.float32), name=name)
+    slow = collect(partially_quantized, feeds)
+    for name in second:
+        want = slow.by_activation[name].hessian
+        np.testing.assert_allclose(hessians[name], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+        assert not np.allclose(hessians[name], parallel.by_activation[name].hessian, rtol=1e-3)
+
+
+def _traced_in_sweep() -> int:
+    """Bytes alive (after a collection) that were allocated with the sweep's code on the stack."""
+    gc.collect()
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, sequential.__file__, all_frames=True)])
+    return sum(stat.size for stat in snapshot.statistics("filename"))
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_layers():
+    """At every layer the sweep holds one cut of layer inputs (samples x tokens x hidden float32): the previous
+    layer's inputs are freed, and what else the sweep allocated and still holds is the same at layer 3 as at 1."""
+    feeds = _feeds(8)
+    model = _llama(4)
+    plans = _plans(model)
+    layers, _ = sequential.group_layers(plans)
+    previous, held = [], []
+
+    def quantize(layer, step):  # float weights: only memory is measured here
+        held.append(_traced_in_sweep())
+        assert all(ref() is None for ref in previous)  # the last layer's inputs are gone
+        previous[:] = [weakref.ref(value) for sample in step.samples for name, value in sample.items() if name != "input_ids"]
+        assert len(previous) == 4  # the residual stream of the first 4 samples
+        for index in layer.indices:
+            plans[index].hessian = None  # H is the caller's to keep or drop
+        return {plans[index].first.weight.name: plans[index].weight for index in layer.indices}
+
+    sweep = sequential.LayerSweep(model, plans, layers, feeds)
+    tracemalloc.start(25)
+    try:
+        sweep.run(quantize)
+    finally:
+        tracemalloc.stop()
+    assert sweep.stream_bytes == [len(feeds) * 2 * 16 * HIDDEN * 4] * 4
+    assert len(held) == 4 and max(held[1:]) - min(held[1:]) < 32 * 1024, held  # a layer's float subgraph alone is ~250 KiB
+
+
+@pytest.mark.slow
+def test_sweep_refuses_a_stream_over_the_limit():
+    with pytest.raises(ValueError, match=r"over the limit of 0 MiB.*calibration_mode='parallel'"):
+        _gptq_sweep(_llama(), _feeds(3), max_stream_bytes=1000)
+
+
+@pytest.mark.slow
+def test_feeds_must_name_the_model_inputs():
+    with pytest.raises(ValueError, match=r"name the inputs \['ids'\]; the model takes \['input_ids'\]"):
+        _gptq_sweep(_llama(), [{"ids": np.zeros((2, 4), np.int64)}])
+
+
+def _quantized_tensors(model: ir.Model) -> dict[str, np.ndarray]:
+    return {name: value.const_value.numpy() for name, value in model.graph.initializers.items() if name.endswith((".qweight", ".scales", ".zero_points"))}
+
+
+def _optimize(model: ir.Model, recipe: lowbit.Recipe, feeds):
+    result = lowbit.optimize(model, recipe, calibration=feeds)
+    check_valid(result.model)
+    return result, _quantized_tensors(result.model)
+
+
+@pytest.mark.slow
+def test_rtn_ignores_the_mode():
+    """RTN does not read H: both modes write the same codes, scales and zero points."""
+    feeds = _feeds(4)
+    _, parallel = _optimize(_llama(), lowbit.Recipe(bits=3, group_size=16), feeds)
+    result, seq = _optimize(_llama(), lowbit.Recipe(bits=3, group_size=16, calibration_mode="sequential"), feeds)
+    assert len(parallel) == 14 * 3 and parallel.keys() == seq.keys()
+    for name in parallel:
+        np.testing.assert_array_equal(seq[name], parallel[name])
+    details = next(p for p in result.report.passes if p.name == "QuantizeWeightsPass").details
+    assert details["calibration"] == {"mode": "sequential", "layers": 2, "stream_mb": 4 * 2 * 16 * HIDDEN * 4 / 2**20, "parallel_statistics": []}
+
+
+@pytest.mark.slow
+def test_gptq_sequential_changes_only_the_later_layers():
+    feeds = _feeds(4)
+    _, parallel = _optimize(_llama(), lowbit.Recipe(bits=3, group_size=16, method="gptq"), feeds)
+    _, seq = _optimize(_llama(), lowbit.Recipe(bits=3, group_size=16, method="gptq", calibration_mode="sequential"), feeds)
+    assert parallel.keys() == seq.keys()
+    for name in parallel:
+        if ".layers.0." in name:
+            np.testing.assert_array_equal(seq[name], parallel[name])
+    assert any(not np.array_equal(seq[name], parallel[name]) for name in parallel if ".layers.1." in name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("selector, modules", [("matrix", None), ("block", 4), ("layer", 2)])
+def test_adadim_selectors_in_sequential_mode(selector, modules):
+    """Each selector judges a layer on the partially-quantized model's inputs; layer 0 sees the float model's,
+    so its choices are the parallel mode's."""
+    feeds = _feeds(6)
+    recipe = lowbit.Recipe(bits=2, group_size=16, axis="adadim", method="gptq", selector=selector)
+    parallel, _ = _optimize(_llama(), recipe, feeds)
+    seq, _ = _optimize(_llama(), lowbit.Recipe(**{**recipe.__dict__, "calibration_mode": "sequential"}), feeds)
+    details = next(p for p in seq.report.passes if p.name == "QuantizeWeightsPass").details
+    if modules is not None:
+        assert details["selection"]["modules"] == modules
+        assert details["selection"]["final_error"] <= details["selection"]["start_error"]
+    assert len(seq.report.weights) == 14
+    axes = {mode: {w.name: w.axis for w in result.report.weights if ".layers.0." in w.layer} for mode, result in (("p", parallel), ("s", seq))}
+    assert len(axes["s"]) == 7 and axes["s"] == axes["p"]
+
+
+def test_graph_without_module_paths_keeps_parallel_statistics():
+    """No decoder layers to sweep: every weight is quantized on the parallel statistics, and the report says so."""
+    batches = [factories.feeds_for(factories.mlp(), seed) for seed in range(4)]
+    models = {}
+    for mode in sequential.CALIBRATION_MODES:
+        model = factories.mlp()
+        quantize = QuantizeWeightsPass(GPTQ, calibration_mode=mode)
+        CaptureCalibrationPass(batches, keep_feeds=mode == "sequential", activations=quantize.parallel_activations)(model)
+        quantize(model)
+        models[mode] = _quantized_tensors(model)
+    assert quantize.details["calibration"] == {"mode": "sequential", "layers": 0, "stream_mb": 0.0, "parallel_statistics": ["fc1", "fc2"]}
+    assert models["sequential"].keys() == models["parallel"].keys()
+    for name, value in models["parallel"].items():
+        np.testing.assert_array_equal(models["sequential"][name], value)
+
+
+def test_statistics_without_feeds_are_refused():
+    stats = collect(factories.mlp(), [factories.feeds_for(factories.mlp())])
+    with pytest.raises(ValueError, match=r"collect\(\.\.\., keep_feeds=True\)"):
+        lowbit.optimize(factories.mlp(), lowbit.Recipe(method="gptq", calibration_mode="sequential"), calibration=stats)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("include_lm_head", [False, True])
+def test_parallel_pass_collects_only_what_the_sweep_does_not(include_lm_head):
+    """By default nothing (the float model is not run at all); with the LM head quantized, its input only."""
+    recipe = lowbit.Recipe(bits=4, group_size=16, method="gptq", calibration_mode="sequential", include_lm_head=include_lm_head)
+    result, _ = _optimize(_llama(), recipe, _feeds(2))
+    details = {p.name: p.details for p in result.report.passes}
+    assert details["CaptureCalibrationPass"]["activations"] == int(include_lm_head)
+    assert details["CaptureCalibrationPass"]["feeds_kept"] == 2
+    assert details["QuantizeWeightsPass"]["calibration"]["parallel_statistics"] == (["model.lm_head"] if include_lm_head else [])
+    assert len(result.report.weights) == 14 + include_lm_head
+
+
+def test_recipe_and_command_line_take_the_mode():
+    with pytest.raises(ValueError, match="calibration_mode must be one of"):
+        lowbit.Recipe(calibration_mode="both")
+    with pytest.raises(ValueError, match="calibration_mode='sequential' needs calibration data"):
+        lowbit.optimize(factories.mlp(), lowbit.Recipe(calibration_mode="sequential"))
+    args = cli.build_parser().parse_args(["optimize", "in.onnx", "-o", "out.onnx", "--calibration-mode", "sequential"])
+    assert cli._recipe(args).calibration_mode == "sequential"
