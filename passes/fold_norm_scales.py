@@ -62,8 +62,9 @@ def _reroute(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     for index, output in enumerate(graph.outputs):
         if output is old:
             graph.outputs[index] = new
-            name, old.name = old.name, None
-            new.name = name
+            old_name, new_name = old.name, new.name
+            old.name, new.name = None, None  # free the names before swapping (names are unique in a graph)
+            old.name, new.name = new_name, old_name
 
 
 class FoldNormScalesPass(ir.passes.InPlacePass):

@@ -20,9 +20,11 @@ from lowbit.ir.scheme import GROUP_AXES, SUPPORTED_BITS, QuantScheme
 from lowbit.passes.axis_selectors import SELECTORS
 from lowbit.passes.capture_calibration import CaptureCalibrationPass
 from lowbit.passes.cleanup import CleanupPass
+from lowbit.passes.fold_norm_scales import FoldNormScalesPass
 from lowbit.passes.fold_weights import FoldWeightsPass
 from lowbit.passes.fuse_qdq import FuseQDQPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
+from lowbit.passes.reorder_channels import ReorderChannelsPass
 
 LOSSLESS, ANALYSIS, QUANTIZE = "lossless", "analysis", "quantize"
 GROUP_SIZES = (-1, 1, 4, 7, 8, 16, 32)
@@ -63,6 +65,8 @@ class Entry:
 PASSES: dict[str, Entry] = {
     "fold_weights": Entry(lambda context: FoldWeightsPass(), LOSSLESS),
     "capture_calibration": Entry(lambda context: CaptureCalibrationPass(context.batches), ANALYSIS),
+    "fold_norm_scales": Entry(lambda context: FoldNormScalesPass(), LOSSLESS),
+    "reorder_channels": Entry(lambda context: ReorderChannelsPass(context.pick(("absmax", "hessian"))), LOSSLESS, True),
     "quantize_rtn": Entry(lambda context: context.quantize("rtn"), QUANTIZE, rtn_reference=True),
     "quantize_rtn_adadim": Entry(lambda context: context.quantize("rtn", adadim=True), QUANTIZE, True, rtn_reference=True),
     "quantize_gptq": Entry(lambda context: context.quantize("gptq", adadim=context.flag()), QUANTIZE, True),
