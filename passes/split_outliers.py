@@ -16,12 +16,14 @@ channel's products as a difference of a running sum (the outliers are stored col
     c  = CumSum(Mul(Gather(xt, rows), values), exclusive) # [nnz + 1, T]: running sum of x[:, k_i] * v_i
     y  = y_dense + Reshape(Transpose(c[ptr[1:]] - c[ptr[:-1]]), Shape(y_dense))
 
-Measured on SmolLM2 shapes (128 tokens, ORT 1.32 CPU, 2 cores) against the quantized MatMul alone:
-1.3-1.7x its time at 0.1-0.5 % outliers, about 4x at 1 %. ``ScatterND(reduction="add")`` on the
+On SmolLM2 (one forward of 128 tokens, ORT 1.32 CPU, 2 cores) the whole model takes 1.2x the time of
+the quantized model without outliers at 0.1 %, 1.3-1.45x at 0.5 %, 1.6x at 1 % (table below).
+Alternatives, timed per weight against its quantized MatMul: ``ScatterND(reduction="add")`` on the
 transposed output was as fast but is racy in ONNX Runtime's CPU kernel when indices repeat (several
 outliers in one output channel, always the case here): wrong sums that change from run to run
-(microsoft/onnxruntime#18048). ``ScatterElements`` on the last axis was 1.7-12x, an ELL gather
-(pad every output channel to the longest) 10-130x because a few output channels hold most outliers.
+(microsoft/onnxruntime#18048). ``ScatterElements`` on the last axis took 1.7-12x, an ELL gather (every
+output channel padded to the longest) 10-130x, since a few output channels hold most outliers; a
+dense ``[used rows, N]`` slice (the outliers' rows are nearly all rows) stores a float32 weight again.
 The running sum is float32; its round-off, measured with activation channels 100x the others, stays
 below 2e-6 of the largest sparse output. The file holds ``rows`` (smallest unsigned type for K),
 ``values`` (float32) and the column ``pointers`` ``[N + 1]``: 6 bytes an outlier for K <= 65536. Neither
@@ -34,10 +36,32 @@ split only where RTN under ``scheme`` (each candidate axis, the best of them) lo
 error ``trace(dW^T H dW)`` (with calibration; else the Frobenius weight error) by at least
 ``split_min_gain`` times: the split triples the weight's bytes and MatMul work.
 
+Measured on SmolLM2-135M (perplexity on 10 x 512 held-out tokens, fp32 43.0; W3 g128; file bytes with
+the float embedding): dense-and-sparse pays for itself, the layer split does not.
+
+============================  =========  ===========  ==========  ===========  ==============
+                              base       0.5 % |w|    0.5 % H w²  1 % |w|      layer split
+============================  =========  ===========  ==========  ===========  ==============
+RTN per-OC                    173.4      119.1        99.5        99.2         52.1
+GPTQ per-OC                   81.7       73.0         67.8        64.8         47.4
+GPTQ AdaDim                   73.2       62.4         62.2        58.5         46.7
+file MB (per-OC)              174.7      179.1        179.1       182.3        288.6
+forward time (portable)       1.00x      1.34-1.38x   1.28-1.39x  1.58-1.61x   2.10-2.19x
+============================  =========  ===========  ==========  ===========  ==============
+
+At 0.1 % the gain is small (RTN 160.0, GPTQ 81.7, AdaDim 67.0). Sensitivity ranking at 0.5 % is worth
+magnitude at 1 %. The split gains a lot but costs three weights' bytes and MatMuls: RTN W8 (228.2 MB,
+43.1) beats it on both counts, RTN W4 (174.7 MB, 54.2, the bytes of W3 in the portable form) nearly
+matches it at 60 % of its bytes; at W2 RTN per-OC it takes 3.6e6 to 153 (208.7 MB; W3 RTN: 173.4 at
+174.7 MB). Its ~2.5x lower weight error is the same for every weight (2.2-2.8x), so no
+per-weight threshold separates them. Zeros inside each cluster's groups do cost: with every group's
+range over its cluster's members only (zeros kept exact by a mask), the W3 per-OC weight error would be
+0.067 instead of 0.088 (base 0.224), because the asymmetric range must include 0.
+
 Output heads stay whole unless ``include_lm_head`` (a tied head never: its table is shared with the
-embedding); embeddings are never touched. A Gemm keeps its (dense or middle) weight and gets the branches
-on its output, which already holds the bias. The details list, per weight, the outliers kept (nnz, bytes), the split
-decision (errors, gain, cluster sizes), and every weight left alone with the reason.
+embedding); embeddings are never touched. A Gemm keeps its (dense or middle) weight and gets the
+branches on its output, which already holds the bias. The details list, per weight, the outliers kept
+(nnz, bytes), the split decision (errors, gain, cluster sizes), and every weight left alone with the reason.
 """
 
 from __future__ import annotations
@@ -142,7 +166,8 @@ class SplitOutliersPass(ir.passes.InPlacePass):
                 targets.append(uses)
             else:
                 first = uses[0]
-                self._records["skipped"].append({"name": first.weight.name or "", "layer": first.layer, "reason": reason})
+                record = {"name": first.weight.name or "", "layer": first.layer, "reason": reason}
+                self._records["skipped"].append(record)
         return targets
 
     def _skip_reason(self, uses: list[analysis.WeightUse]) -> str | None:
@@ -182,7 +207,8 @@ class SplitOutliersPass(ir.passes.InPlacePass):
         nodes = [use.node for use in uses]
         if sparse is not None and sparse.nnz:
             nbytes = writer.add_sparse(nodes, name, sparse)
-            self._records["outliers"].append({"name": name, "layer": layer, "shape": list(weight.shape), "nnz": sparse.nnz, "bytes": nbytes})
+            record = {"name": name, "layer": layer, "shape": list(weight.shape), "nnz": sparse.nnz, "bytes": nbytes}
+            self._records["outliers"].append(record)
         if len(parts) > 1:
             writer.add_split(nodes, name, parts)
         writer.keep_in_weight(uses, parts[len(parts) // 2])
@@ -190,11 +216,9 @@ class SplitOutliersPass(ir.passes.InPlacePass):
     def _split(self, name: str, layer: str, weight: np.ndarray, hessian: np.ndarray | None) -> list[np.ndarray]:
         """The three clusters when splitting gains ``split_min_gain``, else ``[weight]``; recorded either way."""
         parts = outliers.split_clusters(weight)
+        schemes = [dataclasses.replace(self.scheme, axis=axis, method="rtn") for axis in self.candidate_axes]
         base_error, split_error = (
-            min(
-                outliers.quantization_error(weight, candidate, dataclasses.replace(self.scheme, axis=axis, method="rtn"), hessian)
-                for axis in self.candidate_axes
-            )
+            min(outliers.quantization_error(weight, candidate, scheme, hessian) for scheme in schemes)
             for candidate in ([weight], parts)
         )
         gain = base_error / split_error if split_error > 0 else float("inf")
@@ -224,7 +248,8 @@ class _BranchWriter:
 
     def constant(self, base: str, array: np.ndarray) -> ir.Value:
         name = self.name(base)
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.tensor(array).dtype), const_value=ir.tensor(array, name=name))
+        tensor = ir.tensor(array, name=name)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
         self.graph.register_initializer(value)
         return value
 
@@ -266,10 +291,11 @@ class _BranchWriter:
     def add_split(self, nodes: list[ir.Node], name: str, parts: list[np.ndarray]) -> None:
         """MatMuls on the lower and upper clusters, added to each MatMul's (middle-cluster) output."""
         dtype = nodes[0].inputs[1].dtype.numpy()  # the parts hold the weight's own values: exact in its type
-        extra = [self.constant(f"{name}.split_{label}", part.astype(dtype)) for label, part in zip(("low", "high"), (parts[0], parts[2]))]
+        labels = ("low", "high")
+        extra = [self.constant(f"{name}.split_{label}", part.astype(dtype)) for label, part in zip(labels, (parts[0], parts[2]))]
 
         def build(output: ir.Value, matmul: ir.Node):
-            products = [self.node("MatMul", [matmul.inputs[0], weight], matmul, f"split_{label}") for label, weight in zip(("low", "high"), extra)]
+            products = [self.node("MatMul", [matmul.inputs[0], weight], matmul, f"split_{label}") for label, weight in zip(labels, extra)]
             first = self.node("Add", [output, products[0].outputs[0]], matmul, "split_add_low")
             second = self.node("Add", [first.outputs[0], products[1].outputs[0]], matmul, "split_add_high")
             return [*products, first, second], second.outputs[0]
@@ -286,20 +312,22 @@ class _BranchWriter:
         k, n = sparse.shape
         rows = self.constant(f"{name}.outlier_rows", np.append(sparse.rows, 0).astype(_index_type(k)))
         values = self.constant(f"{name}.outlier_values", np.append(sparse.values, np.float32(0))[:, None])
-        pointers = self.constant(f"{name}.outlier_pointers", sparse.column_pointers().astype(_index_type(sparse.nnz + 1)))
+        pointer_array = sparse.column_pointers().astype(_index_type(sparse.nnz + 1))
+        pointers = self.constant(f"{name}.outlier_pointers", pointer_array)
         like = nodes[0]
         rows_cast = self.node("Cast", [rows], like, "outliers.rows", to=ir.DataType.INT64)
         pointers_cast = self.node("Cast", [pointers], like, "outliers.pointers", to=ir.DataType.INT64)
-        bounds = [
-            self.node("Slice", [pointers_cast.outputs[0], *(self.int64(f"{name}.outlier_slice", [v]) for v in (start, stop, 0))], like, f"outliers.{label}")
-            for label, start, stop in (("starts", 0, n), ("ends", 1, n + 1))
-        ]
+        bounds = []
+        for label, start, stop in (("starts", 0, n), ("ends", 1, n + 1)):
+            limits = [self.int64(f"{name}.outlier_slice", [v]) for v in (start, stop, 0)]
+            bounds.append(self.node("Slice", [pointers_cast.outputs[0], *limits], like, f"outliers.{label}"))
         self.graph.insert_before(next(iter(self.graph)), [rows_cast, pointers_cast, *bounds])
         starts, ends = (bound.outputs[0] for bound in bounds)
         axis = self.int64(f"{name}.outlier_axis", 0)
 
         def build(output: ir.Value, matmul: ir.Node):
-            gather = self.node("Gather", [self._transposed_input(matmul, k), rows_cast.outputs[0]], matmul, "outliers.gather", axis=0)
+            activations = self._transposed_input(matmul, k)
+            gather = self.node("Gather", [activations, rows_cast.outputs[0]], matmul, "outliers.gather", axis=0)
             products = self.node("Mul", [gather.outputs[0], values], matmul, "outliers.mul")
             running = self.node("CumSum", [products.outputs[0], axis], matmul, "outliers.cumsum", exclusive=1)
             upper = self.node("Gather", [running.outputs[0], ends], matmul, "outliers.upper", axis=0)
@@ -319,7 +347,7 @@ class _BranchWriter:
         return self.constant(base, np.array(value, np.int64))
 
     def _transposed_input(self, matmul: ir.Node, k: int) -> ir.Value:
-        """``Transpose(Reshape(x, [-1, K]))`` of the MatMul's input, made once per activation, right after its producer."""
+        """``Transpose(Reshape(x, [-1, K]))`` of the MatMul's input: once per activation, after its producer."""
         activation = matmul.inputs[0]
         if id(activation) not in self.transposed:
             flat_x = self.int64(f"{activation.name}.outlier_shape", [-1, k])

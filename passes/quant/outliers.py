@@ -86,13 +86,14 @@ def split_dense_sparse(weight: np.ndarray, scores: np.ndarray, fraction: float) 
     count = outlier_count(weight.size, fraction)
     count = min(count, int(np.count_nonzero(weight)))
     flat_scores = np.where(weight.ravel() != 0, scores.ravel(), -np.inf)
-    chosen = np.argpartition(flat_scores, weight.size - count)[weight.size - count :] if count else np.array([], np.int64)
+    chosen = np.argpartition(flat_scores, weight.size - count)[weight.size - count :] if count else np.zeros(0, np.int64)
     rows, cols = np.unravel_index(chosen, weight.shape)
     order = np.lexsort((rows, cols))
     rows, cols, chosen = rows[order], cols[order], chosen[order]
     dense = weight.copy()
     dense.ravel()[chosen] = 0.0
-    return dense, SparseOutliers(rows.astype(np.int64), cols.astype(np.int64), weight.ravel()[chosen], tuple(weight.shape))
+    sparse = SparseOutliers(rows.astype(np.int64), cols.astype(np.int64), weight.ravel()[chosen], tuple(weight.shape))
+    return dense, sparse
 
 
 def kmeans_1d(values: np.ndarray, clusters: int = 3, iterations: int = 100) -> np.ndarray:
@@ -129,7 +130,9 @@ def split_clusters(weight: np.ndarray, clusters: int = 3) -> list[np.ndarray]:
     return [np.where(labels == cluster, weight, np.float32(0)) for cluster in range(clusters)]
 
 
-def quantization_error(weight: np.ndarray, parts: list[np.ndarray], scheme: QuantScheme, hessian: np.ndarray | None) -> float:
+def quantization_error(
+    weight: np.ndarray, parts: list[np.ndarray], scheme: QuantScheme, hessian: np.ndarray | None
+) -> float:
     """Error of quantizing each part with RTN under ``scheme`` and summing: relative output error
     ``trace(dW^T H dW) / trace(W^T H W)`` with a Hessian, else relative Frobenius weight error."""
     approx = sum(quantize_rtn(part, scheme).dequantize() for part in parts)

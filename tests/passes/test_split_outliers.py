@@ -11,6 +11,7 @@ import lowbit
 from lowbit.cli import main
 from lowbit.ir import analysis
 from lowbit.ir.scheme import QuantScheme
+from lowbit.passes import pipelines
 from lowbit.passes.capture_calibration import CALIBRATION_KEY, CaptureCalibrationPass
 from lowbit.passes.quant import outliers
 from lowbit.passes.quant.rtn import quantize_rtn
@@ -269,3 +270,16 @@ def test_optimize_runs_the_pass_before_quantization_and_reports_it(tmp_path):
     assert details["weights_with_outliers"] == 2 and details["nnz"] == round(0.02 * 40 * 72) + round(0.02 * 72 * 24)
     assert data["recipe"]["outlier_fraction"] == 0.02 and data["recipe"]["split"] is True
     assert len(data["weights"]) == 2 + 2 * details["weights_split"]
+
+
+def test_outlier_pipeline_keeps_the_measured_setting_on():
+    with pytest.raises(ValueError, match="pass calibration data"):
+        pipelines.outlier_pipeline(SCHEME, calibration=None)
+    model = factories.mlp()
+    passes = pipelines.outlier_pipeline(SCHEME, calibration=[factories.feeds_for(model, seed=seed) for seed in range(3)])
+    split = next(pass_ for pass_ in passes if isinstance(pass_, SplitOutliersPass))
+    assert (split.outlier_fraction, split.criterion, split.split) == (0.005, "sensitivity", False)
+    pipelines.run_pipeline(model, passes, lowbit.OptimizeReport())
+    check_valid(model)
+    assert split.details["weights_with_outliers"] == 2
+
