@@ -51,6 +51,11 @@ def constant_array(value: ir.Value | None):
     return value.const_value.numpy()
 
 
+def initializer_bytes(graph: ir.Graph) -> int:
+    """Bytes of all initializer tensors of ``graph`` (as stored: 4-bit types count half a byte)."""
+    return sum(value.const_value.nbytes for value in graph.initializers.values() if value.const_value is not None)
+
+
 def is_constant_weight(value: ir.Value | None) -> bool:
     return (
         value is not None

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from lowbit.ir import analysis
 from lowbit.ir.scheme import GROUP_AXES, QuantScheme
 from lowbit.passes import pipelines
 from lowbit.passes.axis_selectors import SELECTORS
@@ -240,10 +241,6 @@ def optimize(
     return OptimizeResult(model, report)
 
 
-def _tensor_bytes(model: ir.Model) -> int:
-    return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
-
-
 def save(model: ir.Model, path: str | os.PathLike) -> pathlib.Path:
     """Write ``model`` atomically to ``path``; tensors go to ``<name>.data`` beside it past ~1.8 GB.
 
@@ -256,7 +253,7 @@ def save(model: ir.Model, path: str | os.PathLike) -> pathlib.Path:
         raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist")
     if path.is_dir():
         raise IsADirectoryError(f"output path {str(path)!r} is a folder")
-    external = f"{path.name}.data" if _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD else None
+    external = f"{path.name}.data" if analysis.initializer_bytes(model.graph) > EXTERNAL_DATA_THRESHOLD else None
     protected = model.meta.get(_SOURCE_KEY, set())
     for target in [path] + ([path.parent / external] if external else []):
         if str(target.resolve()) in protected:

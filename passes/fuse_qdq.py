@@ -22,6 +22,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from lowbit.ir import analysis
 from lowbit.passes.rules import quant_matmul, quantized_gather
 
 
@@ -49,7 +50,7 @@ class FuseQDQPass(ir.passes.InPlacePass):
         rule_sets = quant_matmul.rule_sets(
             state, use_matmulnbits=self.use_matmulnbits, accuracy_level=self.matmulnbits_accuracy_level
         )
-        bytes_before = _initializer_bytes(model.graph)
+        bytes_before = analysis.initializer_bytes(model.graph)
         rule_sets.append(quantized_gather.rule_set(state))
         rewrites = sum(rule_set.apply_to_model(model) for rule_set in rule_sets)
         if rewrites:
@@ -64,10 +65,7 @@ class FuseQDQPass(ir.passes.InPlacePass):
             "fused": dict(sorted(state.fused.items())),
             "unfused": unfused,
             "initializer_bytes_before": bytes_before,
-            "initializer_bytes_after": _initializer_bytes(model.graph),
+            "initializer_bytes_after": analysis.initializer_bytes(model.graph),
         }
         return ir.passes.PassResult(model, modified=bool(rewrites))
 
-
-def _initializer_bytes(graph: ir.Graph) -> int:
-    return sum(value.const_value.nbytes for value in graph.initializers.values() if value.const_value is not None)
