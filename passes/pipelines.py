@@ -23,6 +23,7 @@ from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.reorder_channels import ReorderChannelsPass
 from lowbit.passes.report import OptimizeReport, PassRecord
 from lowbit.passes.split_outliers import SplitOutliersPass
+from lowbit.runtime.calibration import CalibrationStats
 
 DUMP_DIR_VARIABLE = "LOWBIT_DUMP_DIR"
 
@@ -58,6 +59,11 @@ def portable_pipeline(
     """
     if reorder is not None and calibration is None:
         raise ValueError(f"reorder={reorder!r} sorts channels by calibration statistics: pass calibration data")
+    if fold_norms and isinstance(calibration, CalibrationStats):
+        raise ValueError(
+            "fold_norms=True changes the activations that weight MatMuls read (the norm's scale moves into the "
+            "weights), so statistics collected on the unfolded graph would be wrong: pass calibration feeds instead"
+        )
     quantize = QuantizeWeightsPass(
         scheme,
         candidate_axes=candidate_axes,

@@ -89,7 +89,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 "run CaptureCalibrationPass first (lowbit.optimize(..., calibration=batches) does)"
             )
         plans = self._plans(model.graph, statistics)
-        if self.calibration_mode == "sequential":
+        if self.calibration_mode == "sequential" and plans:  # no weight: nothing to sweep
             choices = self._choose_sequentially(model, plans, statistics)
         else:
             choices = self._choose(model, plans, statistics.samples if statistics is not None else [])

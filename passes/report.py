@@ -51,11 +51,17 @@ class OptimizeReport:
 
     @property
     def bytes_before(self) -> int:
-        return sum(w.bytes_before for w in self.weights)
+        """Float bytes of the quantized weights in the input model (not of the cluster weights that layer
+        splitting added: they are parts of an input weight)."""
+        return sum(w.bytes_before for w in self.weights) - self._pass_total("split_bytes")
 
     @property
     def bytes_after(self) -> int:
-        return sum(w.bytes_after for w in self.weights)
+        """Bytes of the quantized weights plus the float outliers kept beside them (dense-and-sparse)."""
+        return sum(w.bytes_after for w in self.weights) + self._pass_total("sparse_bytes")
+
+    def _pass_total(self, key: str) -> int:
+        return sum(int(record.details.get(key, 0)) for record in self.passes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

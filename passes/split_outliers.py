@@ -147,6 +147,7 @@ class SplitOutliersPass(ir.passes.InPlacePass):
             "nnz": sum(record["nnz"] for record in sparse_records),
             "sparse_bytes": sum(record["bytes"] for record in sparse_records),
             "weights_split": sum(record["split"] for record in split_records),
+            "split_bytes": writer.split_bytes,
             "split_min_gain": self.split_min_gain,
             "nodes_added": writer.nodes_added,
             **self._records,
@@ -245,6 +246,7 @@ class _BranchWriter:
         self.name = _NameAllocator(graph).fresh  # a name not yet in the graph
         self.transposed: dict[int, ir.Value] = {}
         self.nodes_added = 0
+        self.split_bytes = 0  # float bytes of the cluster weights added by layer splits
 
     def constant(self, base: str, array: np.ndarray) -> ir.Value:
         name = self.name(base)
@@ -293,6 +295,7 @@ class _BranchWriter:
         dtype = nodes[0].inputs[1].dtype.numpy()  # the parts hold the weight's own values: exact in its type
         labels = ("low", "high")
         extra = [self.constant(f"{name}.split_{label}", part.astype(dtype)) for label, part in zip(labels, (parts[0], parts[2]))]
+        self.split_bytes += sum(value.const_value.nbytes for value in extra)
 
         def build(output: ir.Value, matmul: ir.Node):
             products = [self.node("MatMul", [matmul.inputs[0], weight], matmul, f"split_{label}") for label, weight in zip(labels, extra)]
@@ -321,7 +324,10 @@ class _BranchWriter:
         for label, start, stop in (("starts", 0, n), ("ends", 1, n + 1)):
             limits = [self.int64(f"{name}.outlier_slice", [v]) for v in (start, stop, 0)]
             bounds.append(self.node("Slice", [pointers_cast.outputs[0], *limits], like, f"outliers.{label}"))
-        self.graph.insert_before(next(iter(self.graph)), [rows_cast, pointers_cast, *bounds])
+        # Right before the first reader, not at the top: the nodes carry the reader's module path, and the
+        # sequential calibration mode needs each decoder layer's nodes in one span of graph order.
+        readers = set(nodes)
+        self.graph.insert_before(next(node for node in self.graph if node in readers), [rows_cast, pointers_cast, *bounds])
         starts, ends = (bound.outputs[0] for bound in bounds)
         axis = self.int64(f"{name}.outlier_axis", 0)
 

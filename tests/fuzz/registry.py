@@ -24,7 +24,9 @@ from lowbit.passes.fold_norm_scales import FoldNormScalesPass
 from lowbit.passes.fold_weights import FoldWeightsPass
 from lowbit.passes.fuse_qdq import FuseQDQPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
+from lowbit.passes.quant.outliers import CRITERIA as OUTLIER_CRITERIA
 from lowbit.passes.reorder_channels import ReorderChannelsPass
+from lowbit.passes.split_outliers import SplitOutliersPass
 
 LOSSLESS, ANALYSIS, QUANTIZE = "lossless", "analysis", "quantize"
 GROUP_SIZES = (-1, 1, 4, 7, 8, 16, 32)
@@ -67,6 +69,17 @@ PASSES: dict[str, Entry] = {
     "capture_calibration": Entry(lambda context: CaptureCalibrationPass(context.batches), ANALYSIS),
     "fold_norm_scales": Entry(lambda context: FoldNormScalesPass(), LOSSLESS),
     "reorder_channels": Entry(lambda context: ReorderChannelsPass(context.pick(("absmax", "hessian"))), LOSSLESS, True),
+    "split_outliers": Entry(
+        lambda context: SplitOutliersPass(
+            outlier_fraction=context.pick((0.0, 0.001, 0.05, 0.3)),
+            criterion=context.pick(OUTLIER_CRITERIA),
+            split=context.flag(),
+            scheme=context.scheme(),
+            include_lm_head=context.flag(),
+        ),
+        LOSSLESS,
+        True,
+    ),
     "quantize_rtn": Entry(lambda context: context.quantize("rtn"), QUANTIZE, rtn_reference=True),
     "quantize_rtn_adadim": Entry(lambda context: context.quantize("rtn", adadim=True), QUANTIZE, True, rtn_reference=True),
     "quantize_gptq": Entry(lambda context: context.quantize("gptq", adadim=context.flag()), QUANTIZE, True),
@@ -87,4 +100,10 @@ def random_recipe(context: Context) -> lowbit.Recipe:
         include_lm_head=context.flag(),
         include_embeddings=context.flag(),
         fused=context.flag(),
+        outlier_fraction=context.pick((0.0, 0.0, 0.01, 0.2)),
+        outlier_criterion=context.pick(OUTLIER_CRITERIA),
+        split=context.flag(0.2),
+        fold_norms=context.flag(0.3),
+        reorder=context.pick((None, None, "absmax", "hessian")),
+        calibration_mode=context.pick(("parallel", "parallel", "sequential")),
     )

@@ -209,3 +209,18 @@ def test_minilm_post_layer_norms_all_have_residual_readers(minilm_onnx):
     assert not fold(model).modified
     assert fold.details["skipped_norms"] == 13
     assert all(entry["op"] == "LayerNormalization" for entry in fold.details["skipped"])
+
+
+def test_statistics_collected_before_folding_are_refused():
+    """Folding changes what the weight MatMuls read, so H collected on the unfolded graph is wrong for it:
+    optimize takes feeds (collected after folding) and refuses ready-made statistics."""
+    import lowbit
+    from lowbit.runtime.calibration import collect
+
+    model = decomposed_rms_qkv()
+    batches = [factories.feeds_for(model, seed=seed) for seed in range(2)]
+    recipe = lowbit.Recipe(bits=4, group_size=8, method="gptq", fold_norms=True)
+    with pytest.raises(ValueError, match="fold_norms=True changes the activations"):
+        lowbit.optimize(decomposed_rms_qkv(), recipe, calibration=collect(decomposed_rms_qkv(), batches))
+    folded_result = lowbit.optimize(decomposed_rms_qkv(), recipe, calibration=batches)
+    assert [p.name for p in folded_result.report.passes][:3] == ["FoldWeightsPass", "FoldNormScalesPass", "CaptureCalibrationPass"]

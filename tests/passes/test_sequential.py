@@ -266,3 +266,22 @@ def test_recipe_and_command_line_take_the_mode():
         lowbit.optimize(factories.mlp(), lowbit.Recipe(calibration_mode="sequential"))
     args = cli.build_parser().parse_args(["optimize", "in.onnx", "-o", "out.onnx", "--calibration-mode", "sequential"])
     assert cli._recipe(args).calibration_mode == "sequential"
+
+
+@pytest.mark.slow
+def test_outlier_branches_stay_inside_their_decoder_layer():
+    """SplitOutliersPass puts each branch's nodes inside the reader's layer span (found by the fuzzer: index
+    nodes at the top of the graph made every layer start at node 0, and the sweep refused the graph)."""
+    recipe = lowbit.Recipe(bits=3, group_size=16, method="gptq", calibration_mode="sequential", outlier_fraction=0.02, split=True)
+    result, _ = _optimize(_llama(), recipe, _feeds(3))
+    details = {p.name: p.details for p in result.report.passes}
+    assert details["SplitOutliersPass"]["weights_with_outliers"] == 14
+    assert details["QuantizeWeightsPass"]["calibration"]["layers"] == 2
+
+
+def test_a_graph_without_weights_has_nothing_to_sweep():
+    x = factories.graph_input("x", [2, 8])
+    relu = factories.node("Relu", [x], "relu", output="y")
+    model = factories.model([x], [relu.outputs[0]], [relu], [])
+    result = lowbit.optimize(model, lowbit.Recipe(calibration_mode="sequential"), calibration=[{"x": np.ones((2, 8), np.float32)}])
+    assert result.report.weights == [] and [n.op_type for n in result.model.graph] == ["Relu"]

@@ -270,6 +270,15 @@ def test_optimize_runs_the_pass_before_quantization_and_reports_it(tmp_path):
     assert details["weights_with_outliers"] == 2 and details["nnz"] == round(0.02 * 40 * 72) + round(0.02 * 72 * 24)
     assert data["recipe"]["outlier_fraction"] == 0.02 and data["recipe"]["split"] is True
     assert len(data["weights"]) == 2 + 2 * details["weights_split"]
+    report_object = lowbit.OptimizeReport.from_json(report.read_text())
+    assert details["weights_split"] >= 1
+    float_bytes = (40 * 72 + 72 * 24) * 4  # the two weights of the input model, not their split clusters
+    assert report_object.bytes_before == float_bytes
+    assert details["split_bytes"] == 2 * 4 * sum(
+        record["shape"][0] * record["shape"][1] for record in data["weights"] if record["name"].endswith(".split_low")
+    )
+    quantized = sum(record["bytes_after"] for record in data["weights"])
+    assert report_object.bytes_after == quantized + details["sparse_bytes"] > quantized
 
 
 def test_outlier_pipeline_keeps_the_measured_setting_on():
