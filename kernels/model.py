@@ -13,12 +13,12 @@ from lowbit.kernels import packing
 DOMAIN = "lowbit"
 OP_TYPE = "QuantMatMul"
 #: Input names in the op's order; an absent optional input is the empty name.
-INPUT_NAMES = ("A", "packed", "scales", "zero_points", "perm", "bias")
+INPUT_NAMES = ("A", "packed", "scales", "zero_points", "perm", "bias", "outlier_pointers", "outlier_rows", "outlier_values")
 
 
 @dataclasses.dataclass
 class QuantMatMulWeights:
-    """The constant inputs of one ``QuantMatMul`` (``zero_points``, ``perm``, ``bias`` optional)."""
+    """The constant inputs of one ``QuantMatMul`` (``zero_points``, ``perm``, ``bias``, the outliers optional)."""
 
     packed: np.ndarray
     scales: np.ndarray
@@ -30,6 +30,7 @@ class QuantMatMulWeights:
     group_axis: int
     K: int  # noqa: N815 -- the op's attribute names
     N: int  # noqa: N815
+    outliers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # CSC (pointers, rows, values)
 
     @classmethod
     def from_quantized(cls, quantized, perm=None, bias=None) -> QuantMatMulWeights:
@@ -48,7 +49,7 @@ class QuantMatMulWeights:
 
     def inputs(self) -> list[np.ndarray | None]:
         """The op's inputs after ``A``, ``None`` where absent."""
-        return [self.packed, self.scales, self.zero_points, self.perm, self.bias]
+        return [self.packed, self.scales, self.zero_points, self.perm, self.bias, *(self.outliers or (None,) * 3)]
 
     @property
     def nbytes(self) -> int:

@@ -1,8 +1,8 @@
 """NumPy oracle of the lowbit custom ops.
 
-``lowbit::QuantMatMul`` (domain ``lowbit``, since version 1): ``Y = A[..., perm] @ W + bias`` with a
-group-quantized weight ``W[K, N]`` (the ONNX ``MatMul`` right operand; torch ``Linear.weight`` is
-``W.T``).
+``lowbit::QuantMatMul`` (domain ``lowbit``, since version 1): ``Y = A[..., perm] @ W + bias (+ A[..., perm] @ S)``
+with a group-quantized weight ``W[K, N]`` (the ONNX ``MatMul`` right operand; torch ``Linear.weight`` is
+``W.T``) and optional exact float32 outliers ``S[K, N]`` stored sparse (dense-and-sparse quantization).
 
 Attributes (all int, required):
 
@@ -25,13 +25,19 @@ Inputs (``G = ceil(K / g)`` for axis 0, ``ceil(N / g)`` for axis 1):
 4. ``perm`` (optional): int64 ``[K]``, indices in ``[0, K)``; row ``k`` of ``W`` multiplies
    ``A[..., perm[k]]``. Absent: identity.
 5. ``bias`` (optional): float32 ``[N]``.
+6. ``outlier_pointers`` (optional): uint32 ``[N + 1]``, the CSC column pointers of ``S``: column ``n``'s
+   entries are ``[outlier_pointers[n], outlier_pointers[n + 1])``; starts at 0, never decreases, ends at nnz.
+7. ``outlier_rows`` (optional): uint16 ``[nnz]``, the row (in ``W``'s, i.e. permuted, order) of each entry.
+8. ``outlier_values`` (optional): float32 ``[nnz]``. Inputs 6-8 go together. ``S`` may repeat a position
+   (entries add up) and may hold a position where ``W`` is non-zero (they add up too).
 
 Output: ``Y``, float32 ``[..., N]``.
 
 Semantics: ``W[k, n] = float32(q[k, n] - z) * s`` with ``(s, z)`` the scale and zero point of the
 group holding ``(k, n)`` -- exactly ONNX ``DequantizeLinear`` -- and ``Y`` the IEEE product of
-``A[..., perm]`` and ``W`` plus ``bias``: NaN and Inf in ``A`` propagate as in a dense float matmul
-(``Inf * 0 = NaN``). Kernels may sum in any order; this oracle sums in float64 and rounds once.
+``A[..., perm]`` and ``W`` plus ``bias``, plus the product of ``A[..., perm]`` and ``S`` (summed apart): NaN and
+Inf in ``A`` propagate as in a dense float matmul (``Inf * 0 = NaN``; ``S``'s absent entries are not
+multiplied). Kernels may sum in any order; this oracle sums in float64 and rounds once per part.
 """
 
 from __future__ import annotations
@@ -84,6 +90,9 @@ def quant_matmul(
     zero_points: np.ndarray | None = None,
     perm: np.ndarray | None = None,
     bias: np.ndarray | None = None,
+    outlier_pointers: np.ndarray | None = None,
+    outlier_rows: np.ndarray | None = None,
+    outlier_values: np.ndarray | None = None,
     *,
     bits: int,
     group_size: int,
@@ -108,4 +117,23 @@ def quant_matmul(
         y = a.astype(np.float64) @ weight.astype(np.float64)
         if bias is not None:
             y = y + np.asarray(bias, dtype=np.float64).reshape(N)
-        return y.astype(np.float32)
+        y = y.astype(np.float32)
+        if outlier_pointers is not None:
+            y = y + outlier_product(a, outlier_pointers, outlier_rows, outlier_values, K=K, N=N)
+        return y
+
+
+def outlier_product(a: np.ndarray, pointers: np.ndarray, rows: np.ndarray, values: np.ndarray, *, K: int, N: int) -> np.ndarray:  # noqa: N803
+    """``a @ S`` for the CSC outliers of ``quant_matmul`` (float64 sums of the products, rounded once)."""
+    pointers, rows = np.asarray(pointers, np.int64), np.asarray(rows, np.int64)
+    values = np.asarray(values, np.float32)
+    nnz = rows.size
+    if pointers.shape != (N + 1,) or pointers[0] != 0 or pointers[-1] != nnz or np.any(np.diff(pointers) < 0):
+        raise ValueError(f"outlier_pointers must be [{N + 1}], from 0 to nnz = {nnz}, never decreasing")
+    if values.shape != (nnz,) or (nnz and (rows.min() < 0 or rows.max() >= K)):
+        raise ValueError(f"outlier_rows and outlier_values must be [nnz] with rows in [0, {K})")
+    columns = np.repeat(np.arange(N), np.diff(pointers))
+    out = np.zeros((*a.shape[:-1], N), np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        np.add.at(np.moveaxis(out, -1, 0), columns, np.moveaxis(a[..., rows].astype(np.float64) * values, -1, 0))
+    return out.astype(np.float32)

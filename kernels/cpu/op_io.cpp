@@ -31,7 +31,8 @@ void CheckShape(const char* name, const Ort::ConstValue& value, const std::vecto
 
 const std::vector<ONNXTensorElementDataType> kQuantMatMulInputTypes = {
     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 
 QuantMatMulAttributes::QuantMatMulAttributes(const Ort::ConstKernelInfo& info)
     : bits(static_cast<int>(info.GetAttribute<int64_t>("bits"))),
@@ -64,6 +65,9 @@ QuantMatMulInputs::QuantMatMulInputs(const Ort::KernelContext& ctx, const QuantM
   zero_points = input(kZeroPoints);
   perm = input(kPerm);
   bias = input(kBias);
+  outlier_pointers = input(kOutlierPointers);
+  outlier_rows = input(kOutlierRows);
+  outlier_values = input(kOutlierValues);
   y_shape = a.GetTensorTypeAndShapeInfo().GetShape();
   if (y_shape.empty() || y_shape.back() != at.K)
     Fail("A must have shape [..., " + std::to_string(at.K) + "], got " + ShapeString(y_shape));
@@ -72,6 +76,16 @@ QuantMatMulInputs::QuantMatMulInputs(const Ort::KernelContext& ctx, const QuantM
   if (Present(zero_points)) CheckShape("zero_points", zero_points, at.ParamsShape());
   if (Present(perm)) CheckShape("perm", perm, {at.K});
   if (Present(bias)) CheckShape("bias", bias, {at.N});
+  const int outlier_inputs = Present(outlier_pointers) + Present(outlier_rows) + Present(outlier_values);
+  if (outlier_inputs != 0 && outlier_inputs != 3)
+    Fail("outlier_pointers, outlier_rows and outlier_values go together: give all three or none");
+  if (outlier_inputs == 3) {
+    CheckShape("outlier_pointers", outlier_pointers, {at.N + 1});
+    const std::vector<int64_t> rows_shape = outlier_rows.GetTensorTypeAndShapeInfo().GetShape();
+    if (rows_shape.size() != 1) Fail("outlier_rows must be 1-D, got " + ShapeString(rows_shape));
+    outlier_count = rows_shape[0];
+    CheckShape("outlier_values", outlier_values, {outlier_count});
+  }
   M = 1;
   for (size_t i = 0; i + 1 < y_shape.size(); ++i) M *= y_shape[i];
   y_shape.back() = at.N;

@@ -113,6 +113,38 @@ namespace {
 
 enum class Path { kInt, kGemv, kGemm };
 
+// The exact float32 outliers kept beside the quantized weight (CSC over W's rows, i.e. the permuted A).
+struct SparseColumns {
+  const uint32_t* pointers;  // [N + 1]
+  const uint16_t* rows;      // [nnz]
+  const float* values;       // [nnz]
+};
+
+// y[m][n] += sum of a[m][rows[j]] * values[j] over column n's entries, for columns [n0, n1): the same
+// products as a dense matmul with the outliers in place (NaN/Inf propagate), summed apart and added.
+void AddOutliers(const SparseColumns& s, const float* a, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                 float* y) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = a + m * K;
+    for (int64_t n = n0; n < n1; ++n) {
+      float sum = 0.0f;
+      for (uint32_t j = s.pointers[n]; j < s.pointers[n + 1]; ++j) sum = std::fma(row[s.rows[j]], s.values[j], sum);
+      y[m * N + n] += sum;
+    }
+  }
+}
+
+// The outliers' index arrays must describe a CSC matrix of [K, N] with nnz entries.
+void CheckOutliers(const SparseColumns& s, int64_t K, int64_t N, int64_t nnz) {
+  auto fail = [](const std::string& message) { ORT_CXX_API_THROW("QuantMatMul: " + message, ORT_INVALID_ARGUMENT); };
+  if (s.pointers[0] != 0 || static_cast<int64_t>(s.pointers[N]) != nnz)
+    fail("outlier_pointers must start at 0 and end at the outlier count " + std::to_string(nnz));
+  for (int64_t n = 0; n < N; ++n)
+    if (s.pointers[n] > s.pointers[n + 1]) fail("outlier_pointers must not decrease");
+  for (int64_t j = 0; j < nnz; ++j)
+    if (s.rows[j] >= K) fail("outlier_rows values must be in [0, " + std::to_string(K) + ")");
+}
+
 // One call's work, split over tiles of output channels by ORT's thread pool.
 struct Job {
   const IsaKernels* kernels;
@@ -120,6 +152,7 @@ struct Job {
   const float* a;  // [M][K], permuted
   Path path;
   int64_t tiles, tiles_per_task;
+  const SparseColumns* outliers;  // or null
 
   void Run(int64_t task) const {
     const int64_t t0 = task * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
@@ -127,12 +160,16 @@ struct Job {
     switch (path) {
       case Path::kInt:
         scratch.resize(GemmAvx512VnniScratchBytes(problem) / sizeof(float) + 1);
-        return GemmAvx512Vnni(problem, a, t0, t1, scratch.data());
-      case Path::kGemv: return kernels->gemv(problem, a, t0, t1);
+        GemmAvx512Vnni(problem, a, t0, t1, scratch.data());
+        break;
+      case Path::kGemv: kernels->gemv(problem, a, t0, t1); break;
       case Path::kGemm:
         scratch.resize((kKBlock + problem.M) * kTile);
-        return kernels->gemm(problem, a, t0, t1, scratch.data());
+        kernels->gemm(problem, a, t0, t1, scratch.data());
+        break;
     }
+    if (outliers)
+      AddOutliers(*outliers, a, problem.M, problem.K, problem.N, t0 * kTile, std::min(problem.N, t1 * kTile), problem.y);
   }
 };
 
@@ -190,6 +227,14 @@ Ort::Status QuantMatMulKernel::Compute(OrtKernelContext* context) try {
                         y};
   job.a = a_data;
   job.tiles = at.tiles;
+  SparseColumns outliers{};
+  job.outliers = nullptr;
+  if (in.Present(in.outlier_pointers)) {
+    outliers = SparseColumns{in.outlier_pointers.GetTensorData<uint32_t>(), in.outlier_rows.GetTensorData<uint16_t>(),
+                             in.outlier_values.GetTensorData<float>()};
+    CheckOutliers(outliers, at.K, at.N, in.outlier_count);
+    job.outliers = &outliers;
+  }
   // The integer and GEMV paths need tame activations and groups they support; anything else is batched.
   const bool few_tame_rows = M <= kMaxIntRows && AllBelow(a_data, M * at.K, kGemvMaxAbs);
   const bool vector_groups = at.group_axis == 0 || at.groups == 1 || at.group_size % isa_->kernels->lanes == 0;

@@ -12,7 +12,18 @@
 
 namespace lowbit {
 
-enum QuantMatMulInput { kA = 0, kPacked, kScales, kZeroPoints, kPerm, kBias, kNumInputs };
+enum QuantMatMulInput {
+  kA = 0,
+  kPacked,
+  kScales,
+  kZeroPoints,
+  kPerm,
+  kBias,
+  kOutlierPointers,  // the sparse outliers, CSC: column pointers, rows, values (all or none)
+  kOutlierRows,
+  kOutlierValues,
+  kNumInputs
+};
 
 // The element types of the inputs, in order, and of the output.
 extern const std::vector<ONNXTensorElementDataType> kQuantMatMulInputTypes;
@@ -30,7 +41,9 @@ struct QuantMatMulAttributes {
 // The inputs of one call, with checked shapes; absent optional inputs are null values.
 struct QuantMatMulInputs {
   Ort::ConstValue a{nullptr}, packed{nullptr}, scales{nullptr}, zero_points{nullptr}, perm{nullptr}, bias{nullptr};
-  int64_t M = 0;  // rows of A
+  Ort::ConstValue outlier_pointers{nullptr}, outlier_rows{nullptr}, outlier_values{nullptr};
+  int64_t M = 0;             // rows of A
+  int64_t outlier_count = 0;  // nnz of the sparse outliers (0 when absent)
   std::vector<int64_t> y_shape;
 
   QuantMatMulInputs(const Ort::KernelContext& ctx, const QuantMatMulAttributes& at);  // throws on bad shapes

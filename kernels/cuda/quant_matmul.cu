@@ -1,7 +1,8 @@
 // CUDA kernel of lowbit::QuantMatMul (fp32). Not tuned yet -- written and compiled on a machine without
 // a GPU: one thread block per tile of 64 output channels and 8 rows; its 256 threads are 64 columns x 4
 // input-channel lanes (j = k % 4, the quad position), each dequantizing its weights exactly as
-// DequantizeLinear does and accumulating in fp32; the 4 lanes are summed through shared memory.
+// DequantizeLinear does and accumulating in fp32; the 4 lanes are summed through shared memory, and the
+// column's sparse outliers (if any) are added by the lane that writes the output.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -15,6 +16,19 @@ namespace {
 
 constexpr int kRows = 8;
 constexpr int64_t kMaxGridRows = 65535;
+
+// Row m's products with output channel n's outliers (CSC); malformed indices give NaN (the CPU kernel raises).
+__device__ float OutlierSum(const CudaProblem& p, int64_t n, int64_t m) {
+  const uint32_t begin = p.outlier_pointers[n], end = p.outlier_pointers[n + 1];
+  if (begin > end || end > p.outlier_count) return NAN;
+  float sum = 0.0f;
+  for (uint32_t e = begin; e < end; ++e) {
+    const int64_t k = p.outlier_rows[e], source = p.perm ? p.perm[k < p.K ? k : 0] : k;
+    if (k >= p.K || source < 0 || source >= p.K) return NAN;
+    sum = fmaf(p.a[m * p.K + source], p.outlier_values[e], sum);
+  }
+  return sum;
+}
 
 template <int Bits>
 __global__ void __launch_bounds__(kTile* kQuad) QuantMatMulKernel(CudaProblem p, int64_t row0) {
@@ -44,7 +58,8 @@ __global__ void __launch_bounds__(kTile* kQuad) QuantMatMulKernel(CudaProblem p,
   if (j == 0 && n < p.N)
     for (int r = 0; r < rows; ++r) {
       const float sum = ((partial[0][r][c] + partial[1][r][c]) + partial[2][r][c]) + partial[3][r][c];
-      p.y[(m0 + r) * p.N + n] = p.bias ? sum + p.bias[n] : sum;
+      const float dense = p.bias ? sum + p.bias[n] : sum;
+      p.y[(m0 + r) * p.N + n] = p.outlier_pointers ? dense + OutlierSum(p, n, m0 + r) : dense;
     }
 }
 

@@ -32,7 +32,11 @@ Ort::Status QuantMatMulCudaKernel::Compute(OrtKernelContext* context) try {
                             static_cast<const int64_t*>(data(in.perm)),
                             static_cast<const float*>(data(in.bias)),
                             static_cast<const float*>(data(in.a)),
-                            y};
+                            y,
+                            static_cast<const uint32_t*>(data(in.outlier_pointers)),
+                            static_cast<const uint16_t*>(data(in.outlier_rows)),
+                            static_cast<const float*>(data(in.outlier_values)),
+                            in.outlier_count};
   if (const char* error = LaunchQuantMatMulCuda(problem, ctx.GetGPUComputeStream()))
     return Ort::Status((std::string("QuantMatMul (CUDA): ") + error).c_str(), ORT_RUNTIME_EXCEPTION);
   return Ort::Status{nullptr};

@@ -19,6 +19,11 @@ struct CudaProblem {
   const float* bias;           // or null
   const float* a;              // [M][K]
   float* y;                    // [M][N]
+  // The sparse outliers (CSC over W's rows), or null pointers and outlier_count 0.
+  const uint32_t* outlier_pointers;  // [N + 1]
+  const uint16_t* outlier_rows;      // [outlier_count]
+  const float* outlier_values;       // [outlier_count]
+  int64_t outlier_count;
 };
 
 // Queues the computation on `stream` (a cudaStream_t); returns null, or the CUDA error message.

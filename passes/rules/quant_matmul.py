@@ -11,6 +11,11 @@ stores in UINT4 pack as 3 bits), so fusion is lossless: the op dequantizes the s
 same scales. ``MatMulNBits`` takes per-OC (``axis=0``) weights whose codes fit 4 bits and whose block is a
 power of two >= 16, when the fuse pass asks for it; everything else that is fp32 goes to
 ``lowbit::QuantMatMul``.
+
+The exact float32 outliers that ``SplitOutliersPass`` keeps beside a weight (a side branch of standard
+ONNX added to the MatMul's output) become the fused op's ``outlier_*`` inputs: the rules with outliers match
+the MatMul, the branch and the Add (and a bias Add before or after it), read the branch's constants in
+``check`` and leave its shared parts (the transposed activations, the index decoding) to dead-code removal.
 """
 
 from __future__ import annotations
@@ -140,6 +145,7 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
     """
 
     with_bias = False
+    with_outliers = False
 
     def __init__(self, *, use_matmulnbits: bool, accuracy_level: int, state: FusionState):
         super().__init__(type(self).__name__.lstrip("_"), remove_nodes=True)
@@ -150,7 +156,7 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
     def pattern(self, op, a, b):
         return op.MatMul(a, b)
 
-    def check(self, context, a, b, bias=None, **_):
+    def check(self, context, a, b, bias=None, **branch):
         result = pattern.MatchResult()
         source = weight_source(b)
         if source is None:
@@ -175,16 +181,31 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
                 return result.fail("the Add is not a constant float32 bias")
             if bias.const_value.numpy().size != n or (bias.shape is not None and len(bias.shape) != 1):
                 return result.fail(f"the bias is not a [{n}] vector")
+        if self.with_outliers:
+            outliers = read_outlier_branch(a, k, n, **branch)
+            if isinstance(outliers, str):
+                self.state.reject(branch["sums"].producer(), f"outliers left as a side branch: {outliers}")
+                return result.fail(outliers)
         return result
 
-    def rewrite(self, op, a, b, bias=None, **_):
+    def rewrite(self, op, a, b, bias=None, **branch):
         source = weight_source(b)
         weight = self.state.dequantized(*source)
+        if self.with_outliers:  # MatMulNBits has no input for them
+            return self._quant_matmul(op, a, source, weight, bias, self._outlier_constants(op, a, weight, branch))
         if self.use_matmulnbits and fits_matmulnbits(weight):
             return self._matmulnbits(op, a, source, weight, bias)
         return self._quant_matmul(op, a, source, weight, bias)
 
-    def _quant_matmul(self, op, a, source, weight, bias):
+    def _outlier_constants(self, op, a, weight, branch) -> list[ir.Value]:
+        """The outliers' CSC initializers, made once per branch constants (a shared weight has one set)."""
+        k, n = weight.shape
+        source = (branch["ends"].producer().inputs[0].producer(), False)  # the Cast of the stored pointers
+        arrays = read_outlier_branch(a, k, n, **branch)
+        constants = self.state.constants(op, source, "outlier", lambda: dict(zip(("pointers", "rows", "values"), arrays)))
+        return [constants["pointers"], constants["rows"], constants["values"]]
+
+    def _quant_matmul(self, op, a, source, weight, bias, outliers=None):
         k, n = weight.shape
         constants = self.state.constants(op, source, "lowbit", lambda: {
             "packed": packing.pack(weight.codes, weight.bits),
@@ -192,9 +213,12 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
             "zero_points": weight.zero_points,
         })
         inputs = [a, constants["packed"], constants["scales"], constants["zero_points"]]
-        if bias is not None:
+        if bias is not None or outliers is not None:
             inputs += [None, bias]
-        self.state.count(f"lowbit::QuantMatMul {'oc' if weight.group_axis == 0 else 'ic'}{weight.bits}")
+        if outliers is not None:
+            inputs += outliers
+        axis = "oc" if weight.group_axis == 0 else "ic"
+        self.state.count(f"lowbit::QuantMatMul {axis}{weight.bits}" + (" + outliers" if outliers else ""))
         return op.op(
             quant_matmul_op.OP_TYPE, *inputs, _domain=quant_matmul_op.DOMAIN, _version=1,
             bits=weight.bits, group_size=weight.group_size, group_axis=weight.group_axis, K=k, N=n,
@@ -227,6 +251,95 @@ class _FuseDequantizeMatMulBias(_FuseDequantizeMatMul):
 
     def pattern(self, op, a, b, bias):
         return op.Add(op.MatMul(a, b), bias)
+
+
+def _outlier_branch(op, y, xt, rows, values, axis, ends, starts):
+    """SplitOutliersPass's side branch on the MatMul output ``y`` (``passes/split_outliers.py``)."""
+    running = op.CumSum(op.Mul(op.Gather(xt, rows, axis=0), values), axis, exclusive=1)
+    sums = op.Sub(op.Gather(running, ends, axis=0), op.Gather(running, starts, axis=0), _outputs=["sums"])
+    return op.Reshape(op.Transpose(sums, perm=[1, 0]), op.Shape(y))
+
+
+class _FuseDequantizeMatMulOutliers(_FuseDequantizeMatMul):
+    """``MatMul + outlier branch`` -> one op with the outliers as inputs."""
+
+    with_outliers = True
+
+    def pattern(self, op, a, b, xt, rows, values, axis, ends, starts):
+        y = op.MatMul(a, b)
+        return op.Add(y, _outlier_branch(op, y, xt, rows, values, axis, ends, starts))
+
+
+class _FuseDequantizeMatMulOutliersBias(_FuseDequantizeMatMulOutliers):
+    """``MatMul + outlier branch + bias`` (a MatMul and its bias Add: the branch sits between them)."""
+
+    with_bias = True
+
+    def pattern(self, op, a, b, bias, xt, rows, values, axis, ends, starts):
+        y = op.MatMul(a, b)
+        return op.Add(op.Add(y, _outlier_branch(op, y, xt, rows, values, axis, ends, starts)), bias)
+
+
+class _FuseDequantizeMatMulBiasOutliers(_FuseDequantizeMatMulOutliers):
+    """``MatMul + bias + outlier branch`` (a Gemm's output, which holds the bias, got the branch)."""
+
+    with_bias = True
+
+    def pattern(self, op, a, b, bias, xt, rows, values, axis, ends, starts):
+        y = op.Add(op.MatMul(a, b), bias)
+        return op.Add(y, _outlier_branch(op, y, xt, rows, values, axis, ends, starts))
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    return None if value is None or value.const_value is None else value.const_value.numpy()
+
+
+def _producer_is(value: ir.Value, op_type: str) -> ir.Node | None:
+    node = value.producer()
+    return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+
+def _cast_constant(value: ir.Value) -> np.ndarray | None:
+    """The constant under ``Cast(constant, to=INT64)``, or None."""
+    cast = _producer_is(value, "Cast")
+    if cast is None or cast.attributes.get_int("to", 0) != ir.DataType.INT64:
+        return None
+    return _constant(cast.inputs[0])
+
+
+def _slice_of(value: ir.Value, start: int, stop: int) -> ir.Value | None:
+    """``x`` if ``value`` is ``Slice(x, [start], [stop], [0])`` (steps absent or 1), else None."""
+    node = _producer_is(value, "Slice")
+    if node is None or len(node.inputs) < 4:
+        return None
+    bounds = [_constant(v) for v in node.inputs[1:4]] + [_constant(node.inputs[4]) if len(node.inputs) > 4 else np.ones(1)]
+    if any(bound is None or bound.size != 1 for bound in bounds):
+        return None
+    return node.inputs[0] if [int(bound.item()) for bound in bounds] == [start, stop, 0, 1] else None
+
+
+def read_outlier_branch(a, k, n, *, xt, rows, values, axis, ends, starts, **_) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+    """The CSC outliers ``(pointers uint32 [N+1], rows uint16 [nnz], values float32 [nnz])`` of a matched side
+    branch, or the reason it cannot be an input of the fused op (or is not SplitOutliersPass's branch)."""
+    reshape = None
+    transpose = _producer_is(xt, "Transpose")
+    if transpose is not None and list(transpose.attributes.get_ints("perm", [])) == [1, 0]:
+        reshape = _producer_is(transpose.inputs[0], "Reshape")
+    if reshape is None or reshape.inputs[0] is not a or list(_constant(reshape.inputs[1]) if _constant(reshape.inputs[1]) is not None else []) != [-1, k]:
+        return "the branch does not read the MatMul's activations as Transpose(Reshape(A, [-1, K]))"
+    pointer_source = _slice_of(ends, 1, n + 1)
+    if pointer_source is None or _slice_of(starts, 0, n) is not pointer_source:
+        return "the branch's column bounds are not slices of one pointer array"
+    pointers, row_array, value_array = _cast_constant(pointer_source), _cast_constant(rows), _constant(values)
+    axis_array = _constant(axis)
+    if pointers is None or row_array is None or value_array is None or axis_array is None or axis_array.size != 1 or int(axis_array.item()) != 0:
+        return "the branch's indices or values are not constants"
+    nnz = int(pointers[-1]) if pointers.size else -1
+    if pointers.shape != (n + 1,) or value_array.dtype != np.float32 or row_array.shape != (nnz + 1,) or value_array.size != nnz + 1:
+        return "the branch's arrays do not form a CSC matrix of the weight's shape"
+    if k > 1 << 16 or nnz >= 1 << 32:
+        return f"K = {k} or {nnz} outliers exceed the op's uint16 rows / uint32 pointers"
+    return pointers.astype(np.uint32), row_array[:nnz].astype(np.uint16), value_array.reshape(-1)[:nnz].copy()
 
 
 class FusionState:
@@ -276,11 +389,18 @@ class FusionState:
 
 
 def rule_sets(state: FusionState, *, use_matmulnbits: bool, accuracy_level: int) -> list[pattern.RewriteRuleSet]:
-    """Apply in this order: the bias form over the whole graph first, so a MatMul followed by a bias Add
-    becomes one node (the rewriter visits a MatMul before its Add)."""
+    """Apply in this order: the forms with outliers, then the bias form over the whole graph, then the
+    plain one, so a MatMul with its outlier branch and bias Add becomes one node (the rewriter visits a
+    MatMul before its Adds)."""
     return [
         pattern.RewriteRuleSet(
             [rule.rule(use_matmulnbits=use_matmulnbits, accuracy_level=accuracy_level, state=state)], commute=True
         )
-        for rule in (_FuseDequantizeMatMulBias, _FuseDequantizeMatMul)
+        for rule in (
+            _FuseDequantizeMatMulOutliersBias,
+            _FuseDequantizeMatMulBiasOutliers,
+            _FuseDequantizeMatMulOutliers,
+            _FuseDequantizeMatMulBias,
+            _FuseDequantizeMatMul,
+        )
     ]

@@ -29,14 +29,32 @@ def make_weights(weight, bits, group, axis, symmetric, extras, rng) -> QuantMatM
     return QuantMatMulWeights.from_quantized(quantized, perm, bias)
 
 
+def add_outliers(weights: QuantMatMulWeights, fraction: float, rng, crowded: bool = False) -> QuantMatMulWeights:
+    """Give ``weights`` random CSC outliers (about ``fraction`` of K*N, some huge); ``crowded``: most of them
+    in one output channel, with repeated positions (their values add up)."""
+    k, n = weights.K, weights.N
+    nnz = max(1, round(fraction * k * n))
+    columns = np.where(rng.random(nnz) < 0.7, n // 2, rng.integers(0, n, nnz)) if crowded else rng.integers(0, n, nnz)
+    rows = rng.integers(0, k, nnz) if crowded else rng.integers(0, k, nnz)
+    order = np.lexsort((rows, columns))
+    values = rng.standard_normal(nnz).astype(np.float32) * np.where(rng.random(nnz) < 0.1, 1e4, 3).astype(np.float32)
+    pointers = np.concatenate([[0], np.cumsum(np.bincount(columns, minlength=n))]).astype(np.uint32)
+    weights.outliers = (pointers, rows[order].astype(np.uint16), values[order])
+    return weights
+
+
 def term_magnitude(weights: QuantMatMulWeights, a: np.ndarray) -> np.ndarray:
-    """``|A[..., perm]| @ |W| + |bias|`` in float64."""
+    """``|A[..., perm]| @ (|W| + |S|) + |bias|`` in float64."""
     codes = packing.unpack(weights.packed, weights.bits, weights.K, weights.N)
     w = reference.dequantize(codes, weights.scales, weights.zero_points, bits=weights.bits,
                              group_size=weights.group_size, group_axis=weights.group_axis)
     x = a if weights.perm is None else a[..., weights.perm]
+    w = np.abs(w.astype(np.float64))
+    if weights.outliers is not None:
+        pointers, rows, values = weights.outliers
+        np.add.at(w, (rows.astype(np.int64), np.repeat(np.arange(weights.N), np.diff(pointers.astype(np.int64)))), np.abs(values))
     with np.errstate(invalid="ignore", over="ignore"):
-        magnitude = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))
+        magnitude = np.abs(x.astype(np.float64)) @ w
     return magnitude if weights.bias is None else magnitude + np.abs(weights.bias)
 
 

@@ -11,7 +11,7 @@ import pytest
 from lowbit.kernels.model import INPUT_NAMES, QuantMatMulWeights, quant_matmul_model
 from lowbit.runtime.session import session_options
 
-from .cases import AXES, BITS, SHAPES, adversarial_weights, assert_matches_reference, make_weights
+from .cases import AXES, BITS, SHAPES, add_outliers, adversarial_weights, assert_matches_reference, make_weights
 
 
 def run_kernel(weights: QuantMatMulWeights, a: np.ndarray, constant_weights=True, symbolic_k=False) -> np.ndarray:
@@ -37,6 +37,36 @@ def test_random_weights_and_batches(ops_library, isa, shape, bits, axis, symmetr
     a = rng.standard_normal((17, k)).astype(np.float32)
     for batch in (1, 3, 7, 17):  # GEMV or integer paths (up to 8 rows), and the batched float path
         assert_matches_reference(run_kernel(weights, a[:batch]), weights, a[:batch])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "K{}xN{}g{}".format(*s))
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("axis", AXES)
+def test_sparse_outliers_on_every_path(ops_library, isa, shape, bits, axis):
+    """Y = A[..., perm] @ (W + S) + bias, S the CSC outliers: GEMV, integer and batched paths, with and
+    without permutation and bias, outliers spread or crowded into one output channel (repeated positions)."""
+    k, n, group = shape
+    rng = np.random.default_rng([k, n, group, bits, 9])
+    extras = (k + bits) % 2 == 0
+    weights = make_weights(rng.standard_normal((k, n)).astype(np.float32), bits, group, axis, False, extras, rng)
+    add_outliers(weights, 0.02, rng, crowded=bits == 3)
+    a = rng.standard_normal((17, k)).astype(np.float32)
+    for batch in (1, 3, 17):
+        assert_matches_reference(run_kernel(weights, a[:batch]), weights, a[:batch])
+    assert_matches_reference(run_kernel(weights, a[:5], constant_weights=False), weights, a[:5])
+
+
+def test_no_outliers_and_non_finite_activations(ops_library, isa):
+    rng = np.random.default_rng(8)
+    weights = make_weights(rng.standard_normal((64, 70)).astype(np.float32), 4, 16, "ic", False, True, rng)
+    a = rng.standard_normal((4, 64)).astype(np.float32)
+    weights.outliers = (np.zeros(71, np.uint32), np.zeros(0, np.uint16), np.zeros(0, np.float32))  # nnz = 0
+    plain = run_kernel(QuantMatMulWeights(**{**weights.__dict__, "outliers": None}), a)
+    np.testing.assert_array_equal(run_kernel(weights, a), plain)
+    add_outliers(weights, 0.05, rng)
+    a[0, 3], a[1, 5], a[2, 7] = np.inf, np.nan, 3e37
+    assert_matches_reference(run_kernel(weights, a), weights, a)
+    assert_matches_reference(run_kernel(weights, a[1:2]), weights, a[1:2])
 
 
 @pytest.mark.parametrize("axis", AXES)
@@ -113,6 +143,20 @@ def test_invalid_inputs_raise_clear_errors(ops_library):
     with pytest.raises(Exception, match=r"perm values must be in \[0, 16\)"):
         run_kernel(weights, np.ones((1, 16), np.float32))
     weights.perm = None
+    one = np.ones((1, 16), np.float32)
+    pointers, rows, values = np.array([0, 1, 1, 1, 1, 1, 1, 1, 2], np.uint32), np.array([3, 15], np.uint16), np.ones(2, np.float32)
+    for outliers, message in [
+        ((pointers, rows, None), "give all three or none"),
+        ((pointers[:-1], rows, values), r"outlier_pointers must have shape \[9\], got \[8\]"),
+        ((pointers, rows, values[:1]), r"outlier_values must have shape \[2\], got \[1\]"),
+        ((pointers + 1, rows, values), "must start at 0 and end at the outlier count 2"),
+        ((np.array([0, 2, 1, 1, 1, 1, 1, 1, 2], np.uint32), rows, values), "must not decrease"),
+        ((pointers, np.array([3, 16], np.uint16), values), r"outlier_rows values must be in \[0, 16\)"),
+    ]:
+        weights.outliers = outliers
+        with pytest.raises(Exception, match=message):
+            run_kernel(weights, one)
+    weights.outliers = None
     weights.scales = np.ones((3, 8), np.float32)
     with pytest.raises(Exception, match=r"scales must have shape \[2, 8\], got \[3, 8\]"):
-        run_kernel(weights, np.ones((1, 16), np.float32))
+        run_kernel(weights, one)

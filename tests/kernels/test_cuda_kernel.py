@@ -7,7 +7,7 @@ import pytest
 from lowbit.kernels.model import QuantMatMulWeights, quant_matmul_model
 from lowbit.runtime.session import session_options
 
-from .cases import AXES, BITS, SHAPES, adversarial_weights, assert_matches_reference, make_weights
+from .cases import AXES, BITS, SHAPES, add_outliers, adversarial_weights, assert_matches_reference, make_weights
 
 pytestmark = pytest.mark.gpu
 
@@ -46,3 +46,14 @@ def test_adversarial_weights_and_non_finite_activations(cuda_session, kind):
     a = rng.standard_normal((4, 130)).astype(np.float32)
     a[0, 3], a[1, 5], a[2, 7] = np.inf, np.nan, 1e3
     assert_matches_reference(cuda_session(weights, a), weights, a)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "K{}xN{}g{}".format(*s))
+@pytest.mark.parametrize("crowded", [False, True], ids=["spread", "crowded"])
+def test_sparse_outliers(cuda_session, shape, crowded):
+    k, n, group = shape
+    rng = np.random.default_rng([k, n, group, 9])
+    weights = add_outliers(make_weights(rng.standard_normal((k, n)).astype(np.float32), 3, group, "ic", False, True, rng), 0.02, rng, crowded)
+    for batch in (1, 17):
+        a = rng.standard_normal((batch, k)).astype(np.float32)
+        assert_matches_reference(cuda_session(weights, a), weights, a)

@@ -70,3 +70,32 @@ def test_rejects_inconsistent_inputs(change, message):
     kwargs.update(change)
     with pytest.raises(ValueError, match=message):
         reference.quant_matmul(np.ones((1, 4), np.float32), **kwargs)
+
+
+def test_sparse_outliers_add_a_dense_product_with_repeats_summed():
+    rng = np.random.default_rng(2)
+    quantized = quantize_rtn(rng.standard_normal((9, 5)).astype(np.float32), QuantScheme(bits=3, group_size=4, axis="ic"))
+    perm = rng.permutation(9)
+    rows, columns = np.array([0, 8, 8, 3, 3]), np.array([0, 0, 0, 2, 4])  # (8, 0) twice: the values add up
+    values = np.array([5.0, -2.0, 0.5, 1e4, 7.0], np.float32)
+    dense = np.zeros((9, 5), np.float64)
+    np.add.at(dense, (rows, columns), values)
+    pointers = np.array([0, 3, 3, 4, 4, 5], np.uint32)
+    weights = QuantMatMulWeights.from_quantized(quantized, perm)
+    weights.outliers = (pointers, rows.astype(np.uint16), values)
+    a = rng.standard_normal((2, 3, 9)).astype(np.float32)
+    x = a[..., perm].astype(np.float64)
+    expected = (x @ quantized.dequantize().astype(np.float64)).astype(np.float32) + (x @ dense).astype(np.float32)
+    np.testing.assert_array_equal(run(weights, a), expected)
+
+
+@pytest.mark.parametrize(
+    "pointers, rows, message",
+    [([0, 1, 2], [0], "from 0 to nnz"), ([0, 2, 1], [0, 1], "never decreasing"), ([0, 1, 2], [0, 4], r"rows in \[0, 4\)")],
+)
+def test_outliers_must_be_a_valid_csc_matrix(pointers, rows, message):
+    quantized = quantize_rtn(np.ones((4, 2), np.float32), QuantScheme(bits=4, group_size=2))
+    weights = QuantMatMulWeights.from_quantized(quantized)
+    weights.outliers = (np.array(pointers, np.uint32), np.array(rows, np.uint16), np.ones(len(rows), np.float32))
+    with pytest.raises(ValueError, match=message):
+        run(weights, np.ones((1, 4), np.float32))

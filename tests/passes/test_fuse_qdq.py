@@ -16,6 +16,7 @@ from lowbit.kernels import packing
 from lowbit.passes.fuse_qdq import FuseQDQPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.rules.quant_matmul import read_dequantize
+from lowbit.passes.split_outliers import SplitOutliersPass
 from tests import factories
 from tests.parity import check_valid, run, serialized
 
@@ -114,6 +115,73 @@ def test_gemm_bias_is_fused(ops_library):
     FuseQDQPass()(model)
     assert _op_types(model) == ["QuantMatMul"]
     assert model.graph.node(0).inputs[5] is not None
+    (fused,) = run(model, feeds)
+    _assert_close(fused, qdq)
+
+
+OUTLIER_SCHEMES = [QuantScheme(2, 16, "oc"), QuantScheme(3, 7, "ic"), QuantScheme(4, 32, "ic", True), QuantScheme(8, -1, "oc")]
+
+
+def _with_outliers(factory, scheme, fraction: float = 0.05) -> tuple[ir.Model, SplitOutliersPass]:
+    model = factory()
+    split = SplitOutliersPass(outlier_fraction=fraction, include_lm_head=True)
+    split(model)
+    QuantizeWeightsPass(scheme, include_lm_head=True)(model)
+    return model, split
+
+
+@pytest.mark.parametrize("scheme", OUTLIER_SCHEMES, ids=str)
+@pytest.mark.parametrize(
+    "factory, fused_ops",
+    [(factories.mlp, ["QuantMatMul", "Relu", "QuantMatMul"]),  # MatMul, outliers, bias Add
+     (factories.gemm, ["QuantMatMul"]),  # Gemm: bias, then outliers
+     (factories.shared_weight, ["QuantMatMul", "QuantMatMul"])],
+    ids=["mlp", "gemm", "shared"],
+)
+def test_outlier_branches_become_inputs_of_the_fused_op(ops_library, scheme, factory, fused_ops):
+    model, split = _with_outliers(factory, scheme)
+    feeds = factories.feeds_for(model)
+    (qdq,) = run(model, feeds)
+    fuse = FuseQDQPass()
+    assert fuse(model).modified
+    check_valid(model)
+    assert _op_types(model) == fused_ops  # no branch node, Cast, Slice or DequantizeLinear left
+    fused_nodes = [node for node in model.graph if node.op_type == "QuantMatMul"]
+    assert all(len(node.inputs) == 9 and node.inputs[6] is not None for node in fused_nodes)
+    assert list(fuse.details["fused"]) == [f"lowbit::QuantMatMul {scheme.axis}{scheme.bits} + outliers"]
+    assert fuse.details["unfused"] == {}
+    # CSC arrays: uint32 pointers [N + 1], uint16 rows and float32 values [nnz], one set per weight
+    outlier_names = [name for name in model.graph.initializers if ".outlier." in name]
+    assert len(outlier_names) == 3 * split.details["weights_with_outliers"]
+    for node in fused_nodes:
+        pointers, rows, values = (value.const_value.numpy() for value in node.inputs[6:])
+        assert pointers.dtype == np.uint32 and rows.dtype == np.uint16 and values.dtype == np.float32
+        assert pointers.shape == (node.attributes.get_int("N") + 1,) and rows.size == values.size == pointers[-1] > 0
+    if factory is factories.shared_weight:
+        assert fused_nodes[0].inputs[6] is fused_nodes[1].inputs[6]
+    (fused,) = run(model, feeds)
+    _assert_close(fused, qdq)
+
+
+def test_outliers_the_op_cannot_hold_stay_a_side_branch_with_the_reason(ops_library):
+    """K > 65536 does not fit the op's uint16 rows: the MatMul is fused, the branch stays, the report says why."""
+    rng = np.random.default_rng(0)
+    k = (1 << 16) + 3
+    x = factories.graph_input("x", [2, k])
+    w = factories.constant("w", rng.standard_normal((k, 3)).astype(np.float32))
+    matmul = factories.node("MatMul", [x, w], "wide", output="y")
+    model = factories.model([x], [matmul.outputs[0]], [matmul], [w])
+    SplitOutliersPass(outlier_fraction=0.01, include_lm_head=True)(model)
+    QuantizeWeightsPass(QuantScheme(4, 128, "oc"), include_lm_head=True)(model)
+    feeds = factories.feeds_for(model)
+    (qdq,) = run(model, feeds)
+    fuse = FuseQDQPass()
+    fuse(model)
+    check_valid(model)
+    assert "QuantMatMul" in _op_types(model) and "CumSum" in _op_types(model)
+    assert list(fuse.details["fused"]) == ["lowbit::QuantMatMul oc4"]
+    (reason,) = fuse.details["unfused"].values()
+    assert "outliers left as a side branch" in reason and "uint16" in reason
     (fused,) = run(model, feeds)
     _assert_close(fused, qdq)
 
