@@ -197,6 +197,9 @@ class ReorderChannelsPass(ir.passes.InPlacePass):
                 "ReorderChannelsPass needs calibration statistics: run CaptureCalibrationPass first "
                 "(lowbit.optimize(..., calibration=batches) does)"
             )
+        # The permuted statistics belong to this model only: the caller's object may serve other models.
+        statistics = dataclasses.replace(statistics, by_activation=dict(statistics.by_activation))
+        model.meta[CALIBRATION_KEY] = statistics
         uses = analysis.weight_uses(model.graph)
         producers = {use.node: use for use in uses if use.kind != "embedding"}
         by_input: dict[ir.Value, list[analysis.WeightUse]] = {}

@@ -290,3 +290,18 @@ def test_command_line_flags_reach_the_recipe():
     recipe = cli._recipe(args)
     assert recipe.fold_norms and recipe.reorder == "hessian"
     assert cli._recipe(cli.build_parser().parse_args(["optimize", "m.onnx", "-o", "o.onnx"])).reorder is None
+
+
+def test_statistics_passed_in_are_not_changed_so_they_can_serve_another_model():
+    """One collect() for several optimize() calls (as the benchmarks do): reordering one model must not
+    permute the caller's statistics (found when a second reorder saw sorted statistics and did nothing)."""
+    import lowbit
+
+    statistics = collect(gated_mlp(), batches(gated_mlp()))
+    before = {name: accumulator.hessian.copy() for name, accumulator in statistics.by_activation.items()}
+    recipe = lowbit.Recipe(bits=4, group_size=8, reorder="hessian")
+    reports = [lowbit.optimize(gated_mlp(), recipe, calibration=statistics).report for _ in range(2)]
+    for name, hessian in before.items():
+        np.testing.assert_array_equal(statistics.by_activation[name].hessian, hessian)
+    details = [next(p for p in report.passes if p.name == "ReorderChannelsPass").details for report in reports]
+    assert details[0]["reordered_weights"] == details[1]["reordered_weights"] == 1
