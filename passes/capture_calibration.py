@@ -42,8 +42,8 @@ class CaptureCalibrationPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if isinstance(self.batches, CalibrationStats):
             stats = self.batches
-        elif not weight_activations(model):  # no weight left to calibrate (e.g. all quantized): nothing to do
-            stats = CalibrationStats({})
+        elif not weight_activations(model):  # no weight left to calibrate (e.g. all quantized): nothing to run
+            stats = CalibrationStats({}, feeds=list(self.batches) if self.keep_feeds else None)
         else:
             total = len(self.batches) if hasattr(self.batches, "__len__") else None
             only = self.activations(model.graph) if self.activations is not None else None

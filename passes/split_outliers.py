@@ -243,7 +243,8 @@ class _BranchWriter:
 
     def __init__(self, graph: ir.Graph):
         self.graph = graph
-        self.name = _NameAllocator(graph).fresh  # a name not yet in the graph
+        self.name = _NameAllocator(graph).fresh  # a value name not yet in the graph
+        self.node_names = {node.name for node in graph}
         self.transposed: dict[int, ir.Value] = {}
         self.nodes_added = 0
         self.split_bytes = 0  # float bytes of the cluster weights added by layer splits
@@ -258,7 +259,12 @@ class _BranchWriter:
     def node(self, op: str, inputs: list[ir.Value], like: ir.Node, label: str, **attributes) -> ir.Node:
         """A node named after ``like`` and carrying its module path, so it stays in its module."""
         scopes = {key: like.metadata_props[key] for key in _SCOPE_KEYS if key in like.metadata_props}
-        node = ir.node(op, inputs, attributes=attributes, name=f"{like.name}.{label}", metadata_props=scopes)
+        name, suffix = f"{like.name}.{label}", 1
+        while name in self.node_names:  # the pass may run twice (ONNX Runtime refuses repeated node names)
+            suffix += 1
+            name = f"{like.name}.{label}_{suffix}"
+        self.node_names.add(name)
+        node = ir.node(op, inputs, attributes=attributes, name=name, metadata_props=scopes)
         node.outputs[0].name = self.name(f"{like.outputs[0].name}.{label}")
         self.nodes_added += 1
         return node

@@ -104,10 +104,15 @@ def fuzz(minutes: float, seed: int, out: pathlib.Path, max_blocks: int, pipeline
 
 
 def replay(path: pathlib.Path) -> None:
+    """Re-run a saved failure: its ``failure.json``, its folder, or an ``--out`` folder (every failure in it)."""
     generator, harness = _fuzz_modules()
-    case = json.loads(path.read_text())
-    _check(harness, case, generator.Spec.from_dict(case["spec"]))
-    print(f"{path}: passes now")
+    files = [path] if path.is_file() else sorted(path.glob("failure.json")) or sorted(path.glob("*/failure.json"))
+    if not files:
+        raise FileNotFoundError(f"no failure.json at {str(path)!r} or in its subfolders")
+    for file in files:
+        case = json.loads(file.read_text())
+        _check(harness, case, generator.Spec.from_dict(case["spec"]))
+        print(f"{file}: passes now")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("fuzz-out"), help="where minimized failures go")
     parser.add_argument("--max-blocks", type=int, default=12, help="most blocks in one generated graph")
     parser.add_argument("--pipeline-share", type=float, default=0.3, help="share of cases that run lowbit.optimize")
-    parser.add_argument("--replay", type=pathlib.Path, help="re-run one saved failure.json instead of fuzzing")
+    parser.add_argument("--replay", type=pathlib.Path, help="re-run a saved failure.json (or every one in a folder) instead of fuzzing")
     args = parser.parse_args(argv)
     if args.replay:
         replay(args.replay)

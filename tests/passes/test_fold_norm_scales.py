@@ -79,6 +79,19 @@ def layer_norm(seed: int = 0, hidden: int = 16, residual: bool = False) -> ir.Mo
     return factories.model([x], [y], nodes, [gamma, beta, bias, *weights])
 
 
+def layer_norm_gemm(seed: int = 0, hidden: int = 12, n: int = 5, trans_b: int = 1) -> ir.Model:
+    """x -> LayerNormalization (gamma, beta) -> Gemm(transB, alpha, C, beta): the weight stored [N, K]."""
+    rng = np.random.default_rng(seed)
+    x = graph_input("x", [4, hidden])
+    gamma = constant("gamma", rng.uniform(-2, 2, hidden).astype(np.float32))
+    beta = constant("beta", rng.standard_normal(hidden).astype(np.float32))
+    weight = constant("w", rng.standard_normal((n, hidden) if trans_b else (hidden, n)).astype(np.float32))
+    c = constant("c", rng.standard_normal(n).astype(np.float32))
+    nodes = [node("LayerNormalization", [x, gamma, beta], "norm", axis=-1, epsilon=1e-5)]
+    nodes.append(node("Gemm", [nodes[0].outputs[0], weight, c], "gemm", output="y", transB=trans_b, alpha=0.5, beta=2.0))
+    return factories.model([x], [nodes[-1].outputs[0]], nodes, [gamma, beta, weight, c])
+
+
 def tied_head(seed: int = 0, vocab: int = 30, hidden: int = 16) -> ir.Model:
     """ids -> Gather(E) -> RMSNorm -> MatMul(Transpose(E)): the final norm of a tied LM head."""
     rng = np.random.default_rng(seed)
@@ -145,6 +158,16 @@ def test_layer_norm_beta_goes_into_the_bias_add_or_a_new_add():
     assert len(norm.inputs) == 2
     assert "beta" not in model.graph.initializers
     assert fold.details["bias_adds"] == 1 and fold.details["folded"][0]["weights"] == ["a_proj", "b_proj"]
+
+
+@pytest.mark.parametrize("trans_b", [1, 0])
+def test_layer_norm_into_a_gemm_scales_its_input_channels_whatever_the_layout(trans_b):
+    """Found by the fuzzer: a Gemm with transB=1 stores W as [N, K]; gamma scales K and beta @ W gets alpha."""
+    reference, model, fold = folded(layer_norm_gemm, trans_b=trans_b)
+    gamma = reference.graph.initializers["gamma"].const_value.numpy()
+    before, after = (m.graph.initializers["w"].const_value.numpy() for m in (reference, model))
+    np.testing.assert_allclose(after, gamma[None, :] * before if trans_b else gamma[:, None] * before, rtol=1e-6)
+    assert fold.details["folded"][0]["new_adds"] == 1
 
 
 def test_post_layer_norm_with_a_residual_reader_is_reported_and_untouched():

@@ -285,3 +285,15 @@ def test_a_graph_without_weights_has_nothing_to_sweep():
     model = factories.model([x], [relu.outputs[0]], [relu], [])
     result = lowbit.optimize(model, lowbit.Recipe(calibration_mode="sequential"), calibration=[{"x": np.ones((2, 8), np.float32)}])
     assert result.report.weights == [] and [n.op_type for n in result.model.graph] == ["Relu"]
+
+
+def test_an_embedding_alone_is_quantized_in_sequential_mode():
+    """Found by the fuzzer: with no weight MatMul to calibrate, the feeds were not kept and the sequential
+    mode refused the graph; the embedding table needs no statistics at all."""
+    model = factories.tied_lm()
+    head = model.graph.node("lm_head")
+    model.graph.remove(head, safe=False)  # leave Gather(E) -> Relu
+    model.graph.outputs[0] = model.graph.node("act").outputs[0]
+    result = lowbit.optimize(model, lowbit.Recipe(method="gptq", include_embeddings=True, calibration_mode="sequential"),
+                             calibration=[factories.feeds_for(model)])
+    assert [w.kind for w in result.report.weights] == ["embedding"]

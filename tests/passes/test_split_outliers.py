@@ -292,3 +292,14 @@ def test_outlier_pipeline_keeps_the_measured_setting_on():
     check_valid(model)
     assert split.details["weights_with_outliers"] == 2
 
+
+
+def test_running_twice_keeps_node_names_unique():
+    """Found by the fuzzer: a second run named its nodes like the first, which ONNX Runtime refuses."""
+    reference, model = factories.mlp(), factories.mlp()
+    for _ in range(2):
+        SplitOutliersPass(outlier_fraction=0.02, split=True, scheme=SCHEME, split_min_gain=1.0)(model)
+    names = [node.name for node in model.graph]
+    assert len(names) == len(set(names))
+    check_valid(model)
+    assert_parity(reference, model, factories.feeds_for(model), **PARITY)

@@ -26,8 +26,11 @@ def test_a_failure_is_minimized_saved_and_replayed(tmp_path, monkeypatch):
     small = Spec.from_dict(record["spec"])
     assert len(small.blocks) == 1 and small.blocks[0].kind == "linear" and small.width == 1
     onnx.checker.check_model(str(folder / "model.onnx"), full_check=True)
-    with pytest.raises(harness.FuzzFailure, match="reference"):
-        fuzz.replay(folder / "failure.json")
+    for saved in (folder / "failure.json", folder, tmp_path):  # the file, its folder, the --out folder
+        with pytest.raises(harness.FuzzFailure, match="reference"):
+            fuzz.replay(saved)
+    with pytest.raises(FileNotFoundError, match="no failure.json"):
+        fuzz.replay(tmp_path / "nothing")
 
 
 def test_a_short_run_counts_what_it_ran(tmp_path):
