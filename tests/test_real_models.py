@@ -1,5 +1,7 @@
 """The foundation on the two shipped real models: MiniLM (genuine fp32) and SmolLM2-135M."""
 
+import dataclasses
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -70,16 +72,19 @@ def test_cli_calibrates_on_text_and_runs_adadim_gptq(minilm_onnx, tmp_path, text
     assert passes["CaptureCalibrationPass"]["details"]["tokens"] == 4 * 64
 
 
-@pytest.mark.parametrize("bits, axis", [(4, "ic"), (3, "oc"), (2, "ic")])
-def test_smollm2_fused_equals_qdq(smollm2_onnx, eval_windows, ops_library, tmp_path, bits, axis):
-    """The fused model (Recipe(fused=True)) computes the QDQ model's logits to float32 round-off."""
+@pytest.mark.parametrize("bits, axis, outlier_fraction", [(4, "ic", 0), (3, "oc", 0), (2, "ic", 0), (3, "ic", 0.005)])
+def test_smollm2_fused_equals_qdq(smollm2_onnx, eval_windows, ops_library, tmp_path, bits, axis, outlier_fraction):
+    """The fused model (Recipe(fused=True)) computes the QDQ model's logits to float32 round-off; with
+    dense-and-sparse outliers, every side branch becomes inputs of its fused op."""
     from lowbit.runtime.session import session
 
     qdq_path, fused_path = tmp_path / "qdq.onnx", tmp_path / "fused.onnx"
-    _optimize_to(smollm2_onnx, qdq_path, lowbit.Recipe(bits=bits, group_size=128, axis=axis))
-    report = _optimize_to(smollm2_onnx, fused_path, lowbit.Recipe(bits=bits, group_size=128, axis=axis, fused=True))
+    recipe = lowbit.Recipe(bits=bits, group_size=128, axis=axis, outlier_fraction=outlier_fraction)
+    _optimize_to(smollm2_onnx, qdq_path, recipe)
+    report = _optimize_to(smollm2_onnx, fused_path, dataclasses.replace(recipe, fused=True))
     fuse = next(p for p in report.passes if p.name == "FuseQDQPass")
     assert sum(fuse.details["fused"].values()) == 30 * 7 and fuse.details["unfused"] == {}
+    assert all(key.endswith("+ outliers") == (outlier_fraction > 0) for key in fuse.details["fused"])
     feeds = {"input_ids": eval_windows[:1, :64]}
     qdq = session(qdq_path, matmulnbits_accuracy_level=0).run(None, feeds)[0]
     fused = session(fused_path).run(None, feeds)[0]
