@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 #: Module-path leaf names that mark an output projection onto the vocabulary.
@@ -121,3 +122,17 @@ def weight_value_array(use: WeightUse):
     producer = use.weight.producer()
     table = constant_array(producer.inputs[0])
     return table.T
+
+
+def weight_layout(node: ir.Node) -> tuple:
+    """How a node reads its weight: op, transB and alpha (a shared weight must be read one way)."""
+    if node.op_type != "Gemm":
+        return (node.op_type, 0, 1.0)
+    return ("Gemm", node.attributes.get_int("transB", 0), node.attributes.get_float("alpha", 1.0))
+
+
+def gemm_weight_kn(node: ir.Node, weight: np.ndarray) -> np.ndarray:
+    """Gemm's B as the [K, N] operand of an equivalent MatMul, with alpha folded in."""
+    if node.attributes.get_int("transB", 0):
+        weight = weight.T
+    return weight * np.float32(node.attributes.get_float("alpha", 1.0))

@@ -10,6 +10,7 @@ INT4/UINT4/INT8/UINT8 need opset 21 and IR version 10; INT2/UINT2 need opset 25 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import onnx_ir as ir
@@ -83,3 +84,30 @@ def dequantize_linear(base_name: str, quantized: QuantizedWeight, float_dtype: i
     output.type = ir.TensorType(float_dtype)
     output.shape = ir.Shape(quantized.codes.shape)
     return QdqWeight(inputs, node)
+
+
+class NameAllocator:
+    """Readable, unique base names for new initializers (module path, else the weight's name)."""
+
+    def __init__(self, graph: ir.Graph):
+        self.taken = {value.name for value in graph.initializers.values()}
+        self.taken |= {output.name for node in graph for output in node.outputs}
+        self.taken |= {value.name for value in graph.inputs}
+
+    def allocate(self, layer: str, weight_name: str | None) -> str:
+        base = re.sub(r"[^A-Za-z0-9_.]", "_", layer or weight_name or "weight")
+        candidate, suffix = base, 1
+        while any(f"{candidate}{tail}" in self.taken for tail in (".qweight", ".scales", ".zero_points", ".dequantized")):
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        self.taken |= {f"{candidate}{tail}" for tail in (".qweight", ".scales", ".zero_points", ".dequantized")}
+        return candidate
+
+    def fresh(self, name: str) -> str:
+        """``name``, else ``name_2``, ``name_3``, ...: the first one not taken (taken from now on)."""
+        candidate, suffix = name, 1
+        while candidate in self.taken:
+            suffix += 1
+            candidate = f"{name}_{suffix}"
+        self.taken.add(candidate)
+        return candidate

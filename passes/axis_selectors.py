@@ -81,7 +81,7 @@ def _in_module(path: str, module: str) -> bool:
 
 
 @dataclasses.dataclass
-class _Module:
+class Module:
     """A subgraph (one module) with its boundary values and the weight plans inside it."""
 
     name: str
@@ -130,7 +130,7 @@ class SubgraphSelector:
         self.details = {"modules": len(modules), "flips": flips, "start_error": start_error, "final_error": final_error}
         return choices
 
-    def _modules(self, graph: ir.Graph, plans: list[WeightPlan]) -> list[_Module]:
+    def _modules(self, graph: ir.Graph, plans: list[WeightPlan]) -> list[Module]:
         grouped: dict[str, list[int]] = {}
         for index, plan in enumerate(plans):
             if len(plan.candidates) < 2 or plan.hessian is None:
@@ -145,13 +145,13 @@ class SubgraphSelector:
         for name, indices in grouped.items():
             inputs, outputs = _module_boundaries(graph, paths, name)
             if outputs:
-                modules.append(_Module(name, inputs, outputs, indices))
+                modules.append(Module(name, inputs, outputs, indices))
         return modules
 
-    def _search(self, extractor, module: _Module, plans, choices: list[str], captured) -> tuple[int, float, float]:
+    def _search(self, extractor, module: Module, plans, choices: list[str], captured) -> tuple[int, float, float]:
         """Greedy flips inside one module; updates ``choices``; returns (flips, start error, final error)."""
         weight_names = [plans[i].first.weight.name for i in module.plan_indices]
-        sess = _module_session(extractor, module, weight_names)
+        sess = module_session(extractor, module, weight_names)
 
         def error(assignment: dict[int, str]) -> float:
             weights = {
@@ -178,7 +178,7 @@ class SubgraphSelector:
         return flips, start, best
 
 
-def _capture(proto: onnx.ModelProto, modules: list[_Module], samples) -> list[dict[str, np.ndarray]]:
+def _capture(proto: onnx.ModelProto, modules: list[Module], samples) -> list[dict[str, np.ndarray]]:
     """Run the float model once per sample, returning every module's boundary values."""
     names = sorted({name for module in modules for name in (*module.inputs, *module.outputs)})
     graph_inputs = {value.name for value in proto.graph.input}
@@ -196,7 +196,7 @@ def _capture(proto: onnx.ModelProto, modules: list[_Module], samples) -> list[di
     return captured
 
 
-def _module_session(extractor: onnx.utils.Extractor, module: _Module, weight_names: list[str]) -> ort.InferenceSession:
+def module_session(extractor: onnx.utils.Extractor, module: Module, weight_names: list[str]) -> ort.InferenceSession:
     """The module's subgraph with its weights turned into graph inputs (fed with candidates)."""
     sub = extractor.extract_model(module.inputs, module.outputs)
     weights = {tensor.name: tensor for tensor in sub.graph.initializer if tensor.name in weight_names}

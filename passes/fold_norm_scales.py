@@ -39,16 +39,6 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _weight_kn(use: analysis.WeightUse) -> tuple[np.ndarray, float, bool]:
-    """The reader's weight as the ``[K, N]`` right operand, its scale (a Gemm's alpha, else 1) and whether
-    it is stored ``[N, K]`` (Gemm with transB=1)."""
-    weight = use.weight.const_value.numpy()
-    if use.node.op_type != "Gemm":
-        return weight, 1.0, False
-    transposed = bool(use.node.attributes.get_int("transB", 0))
-    return (weight.T if transposed else weight), use.node.attributes.get_float("alpha", 1.0), transposed
-
-
 def _set_input_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, name: str) -> None:
     """Give ``node`` input ``index`` the value ``array``: in place when no other node reads it, else a copy."""
     value = node.inputs[index]
@@ -168,17 +158,19 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
         readers = self._readers(node, weights)
         if not readers:
             raise NotFoldable("nothing reads its output")
-        rows = sorted({_weight_kn(use)[0].shape[0] for use in readers})
+        rows = sorted({analysis.gemm_weight_kn(use.node, use.weight.const_value.numpy()).shape[0] for use in readers})
         if gamma.size != 1 and rows != [gamma.size]:
             raise NotFoldable(f"its readers' weight rows {rows} do not match the scale's {gamma.size} channels")
         new_adds = 0
         for use in readers:
-            weight, alpha, stored_transposed = _weight_kn(use)
-            if has_beta:
-                new_adds += self._add_bias(graph, use.node, alpha * (beta.astype(np.float64) @ weight.astype(np.float64)))
-            scaled = (gamma.astype(np.float64).reshape(-1, 1) * weight).astype(weight.dtype)
-            stored = scaled.T if stored_transposed else scaled
-            use.weight.const_value = ir.tensor(np.ascontiguousarray(stored), name=use.weight.name)
+            weight = use.weight.const_value.numpy()
+            if has_beta:  # beta @ (alpha W) in the [K, N] layout of a MatMul
+                product = analysis.gemm_weight_kn(use.node, weight.astype(np.float64))
+                new_adds += self._add_bias(graph, use.node, beta.astype(np.float64) @ product)
+            input_axis = 1 if use.node.op_type == "Gemm" and use.node.attributes.get_int("transB", 0) else 0
+            scale = gamma.astype(np.float64).reshape((1, -1) if input_axis else (-1, 1))
+            scaled = (scale * weight).astype(weight.dtype)
+            use.weight.const_value = ir.tensor(np.ascontiguousarray(scaled), name=use.weight.name)
         source_gamma = node.inputs[index]
         _set_input_constant(graph, node, index, np.ones(source_gamma.const_value.shape), f"{node.name}_unit_scale")
         _drop_if_unused(graph, source_gamma)

@@ -22,7 +22,6 @@ onnxscript's version converter, and its IR version to 10 (11 for 2-bit).
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import numpy as np
 import onnx_ir as ir
@@ -93,7 +92,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             choices = self._choose_sequentially(model, plans, statistics)
         else:
             choices = self._choose(model, plans, statistics.samples if statistics is not None else [])
-        names = _NameAllocator(model.graph)
+        names = builders.NameAllocator(model.graph)
         for plan, axis in zip(plans, choices):
             self._write(model.graph, plan, axis, names)
         modified = bool(self.weight_records)
@@ -180,7 +179,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             first = uses[0]
             weight = np.asarray(analysis.weight_value_array(first), dtype=np.float32)
             if first.node.op_type == "Gemm":
-                weight = _gemm_weight(first.node, weight)
+                weight = analysis.gemm_weight_kn(first.node, weight)
             try:
                 check_weight(weight)
             except ValueError as error:
@@ -228,7 +227,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         for use in uses:
             if use.weight.is_graph_input():
                 return use, "also a graph input (a default the caller may override at run time), so it stays in float"
-        layouts = {_weight_layout(use.node) for use in uses if use.node.op_type in ("MatMul", "Gemm")}
+        layouts = {analysis.weight_layout(use.node) for use in uses if use.node.op_type in ("MatMul", "Gemm")}
         if len(layouts) > 1:
             return uses[0], f"shared by nodes that read it in different layouts {sorted(layouts)}"
         for use in uses:
@@ -265,7 +264,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 damp *= 10
         raise ValueError(f"GPTQ failed: the Hessian stays singular up to dampening {damp / 10}")
 
-    def _write(self, graph: ir.Graph, plan: axis_selectors.WeightPlan, axis: str, names: _NameAllocator) -> None:
+    def _write(self, graph: ir.Graph, plan: axis_selectors.WeightPlan, axis: str, names: builders.NameAllocator) -> None:
         """Replace the weight by its chosen candidate's QDQ form and record it."""
         first, quantized = plan.first, plan.candidates[axis]
         reconstructed = quantized.dequantize()
@@ -308,53 +307,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         )
 
 
-class _NameAllocator:
-    """Readable, unique base names for new initializers (module path, else the weight's name)."""
-
-    def __init__(self, graph: ir.Graph):
-        self.taken = {value.name for value in graph.initializers.values()}
-        self.taken |= {output.name for node in graph for output in node.outputs}
-        self.taken |= {value.name for value in graph.inputs}
-
-    def allocate(self, layer: str, weight_name: str | None) -> str:
-        base = re.sub(r"[^A-Za-z0-9_.]", "_", layer or weight_name or "weight")
-        candidate, suffix = base, 1
-        while any(f"{candidate}{tail}" in self.taken for tail in (".qweight", ".scales", ".zero_points", ".dequantized")):
-            suffix += 1
-            candidate = f"{base}_{suffix}"
-        self.taken |= {f"{candidate}{tail}" for tail in (".qweight", ".scales", ".zero_points", ".dequantized")}
-        return candidate
-
-    def fresh(self, name: str) -> str:
-        """``name``, else ``name_2``, ``name_3``, ...: the first one not taken (taken from now on)."""
-        candidate, suffix = name, 1
-        while candidate in self.taken:
-            suffix += 1
-            candidate = f"{name}_{suffix}"
-        self.taken.add(candidate)
-        return candidate
-
-
 def _position(graph: ir.Graph):
     order = {id(node): index for index, node in enumerate(graph)}
     return lambda node: order[id(node)]
 
 
-def _weight_layout(node: ir.Node) -> tuple:
-    """How a node reads its weight: op, transB and alpha (a shared weight must be read one way)."""
-    if node.op_type != "Gemm":
-        return (node.op_type, 0, 1.0)
-    return ("Gemm", node.attributes.get_int("transB", 0), node.attributes.get_float("alpha", 1.0))
-
-
-def _gemm_weight(node: ir.Node, weight: np.ndarray) -> np.ndarray:
-    """Gemm's B as the [K, N] operand of an equivalent MatMul, with alpha folded in."""
-    if node.attributes.get_int("transB", 0):
-        weight = weight.T
-    return weight * np.float32(node.attributes.get_float("alpha", 1.0))
-
-
-def _replace_gemm(graph: ir.Graph, gemm: ir.Node, weight: ir.Value, names: _NameAllocator) -> None:
+def _replace_gemm(graph: ir.Graph, gemm: ir.Node, weight: ir.Value, names: builders.NameAllocator) -> None:
     """Gemm(A, B, C) -> MatMul(A, DQ(B')) [+ Add(beta * C)], keeping the output's name."""
     activation = gemm.inputs[0]
     bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None

@@ -31,7 +31,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
-from lowbit.passes.axis_selectors import WeightPlan, _Module, _module_session, decoder_layer
+from lowbit.passes.axis_selectors import WeightPlan, Module, module_session, decoder_layer
 from lowbit.passes.quant.hessian import HessianAccumulator
 from lowbit.runtime.session import session_options
 
@@ -120,7 +120,7 @@ class LayerSweep:
             samples = [{**self.feeds[s], **stream[s]} for s in range(min(self.selector_samples, len(stream)))]
             quantized = quantize(layer, LayerStep(functools.partial(_float_subgraph, extractor, inputs, outputs), samples))
             if index + 1 < len(self.layers):
-                self._advance(extractor, _Module(layer.name, inputs, outputs, layer.indices), quantized, stream)
+                self._advance(extractor, Module(layer.name, inputs, outputs, layer.indices), quantized, stream)
 
     def _prefix(self, extractor: onnx.utils.Extractor) -> list[dict[str, np.ndarray]]:
         """The first cut for every sample (e.g. the token embeddings)."""
@@ -167,13 +167,13 @@ class LayerSweep:
             plan = self.plans[index]
             plan.hessian = accumulators[plan.first.node.inputs[0].name].hessian
 
-    def _advance(self, extractor, module: _Module, quantized: Mapping[str, np.ndarray], stream) -> None:
+    def _advance(self, extractor, module: Module, quantized: Mapping[str, np.ndarray], stream) -> None:
         """Replace every sample's cut by the next one, computed with the layer's quantized weights."""
         names = [self.plans[i].first.weight.name for i in module.plan_indices]
         missing = sorted(set(names) - set(quantized))
         if missing:
             raise ValueError(f"layer {module.name!r}: the quantizer returned no value for the weights {missing}")
-        sess = _module_session(extractor, module, names)
+        sess = module_session(extractor, module, names)
         self._replace(stream, sess, module.outputs, {name: np.asarray(quantized[name], dtype=np.float32) for name in names})
 
 

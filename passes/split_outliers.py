@@ -73,10 +73,10 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
+from lowbit.ir.builders import NameAllocator
 from lowbit.ir.scheme import QuantScheme
 from lowbit.passes.capture_calibration import CALIBRATION_KEY
 from lowbit.passes.quant import outliers
-from lowbit.passes.quantize_weights import _NameAllocator, _gemm_weight, _weight_layout
 
 #: CumSum appeared in opset 11.
 MIN_OPSET = 11
@@ -177,7 +177,7 @@ class SplitOutliersPass(ir.passes.InPlacePass):
             return "tied output head (its table is shared with the embedding)"
         if any(use.kind == "lm_head" for use in uses) and not self.include_lm_head:
             return "output head left in float (include_lm_head=True splits it)"
-        if len({_weight_layout(use.node) for use in uses}) > 1:
+        if len({analysis.weight_layout(use.node) for use in uses}) > 1:
             return "shared by nodes that read it in different layouts"
         if any(use.node.op_type == "Gemm" and use.node.attributes.get_int("transA", 0) for use in uses):
             return "Gemm with transA=1"
@@ -190,7 +190,7 @@ class SplitOutliersPass(ir.passes.InPlacePass):
         name, layer = first.weight.name or "", first.layer
         weight = np.asarray(analysis.weight_value_array(first), dtype=np.float32)
         if first.node.op_type == "Gemm":
-            weight = _gemm_weight(first.node, weight)
+            weight = analysis.gemm_weight_kn(first.node, weight)
         if not np.isfinite(weight).all():
             raise ValueError(f"weight {name!r} of {layer!r} contains NaN or Inf; fix the model before quantizing")
         if self.outlier_fraction > 0 and first.weight.dtype != ir.DataType.FLOAT:
@@ -243,7 +243,7 @@ class _BranchWriter:
 
     def __init__(self, graph: ir.Graph):
         self.graph = graph
-        self.name = _NameAllocator(graph).fresh  # a value name not yet in the graph
+        self.name = NameAllocator(graph).fresh  # a value name not yet in the graph
         self.node_names = {node.name for node in graph}
         self.transposed: dict[int, ir.Value] = {}
         self.nodes_added = 0

@@ -19,7 +19,6 @@ import lowbit
 from lowbit.ir import analysis
 from lowbit.ir.scheme import QuantScheme
 from lowbit.passes.quant.rtn import expand_groups, quantize_rtn
-from lowbit.passes.quantize_weights import _gemm_weight
 from lowbit.runtime.session import session_options
 from tests import factories
 from tests.fuzz.generator import Spec, build
@@ -143,7 +142,7 @@ def _weights(model: ir.Model) -> dict[str, np.ndarray]:
     weights = {}
     for use in analysis.weight_uses(model.graph):
         weight = np.asarray(analysis.weight_value_array(use), dtype=np.float32)
-        weights[use.node.name] = _gemm_weight(use.node, weight) if use.node.op_type == "Gemm" else weight
+        weights[use.node.name] = analysis.gemm_weight_kn(use.node, weight) if use.node.op_type == "Gemm" else weight
     return weights
 
 
