@@ -50,7 +50,9 @@ class Recipe:
     ``calibration_mode="sequential"`` (needs calibration) quantizes decoder layers one after another, each
     on statistics of the model whose earlier layers are already quantized (GPTQ's order; the AdaDim
     selectors then judge a layer on those inputs too); ``"parallel"`` (the default) calibrates the float
-    model once. See ``lowbit.passes.sequential``.
+    model once. See ``lowbit.passes.sequential``. ``choice_method="rtn"`` (with ``axis="adadim"``): the
+    selector compares RTN candidates and the recipe's method then quantizes the chosen axis only (the
+    AdaDim paper's way; with GPTQ, half the GPTQ work); None compares candidates made by ``method``.
     """
 
     bits: int = 4
@@ -68,6 +70,7 @@ class Recipe:
     fold_norms: bool = False
     reorder: str | None = None
     calibration_mode: str = "parallel"
+    choice_method: str | None = None
 
     def __post_init__(self) -> None:
         if self.axis not in (*GROUP_AXES, "adadim"):
@@ -81,6 +84,8 @@ class Recipe:
             raise ValueError(f"reorder must be None or one of {reorder.CRITERIA}, got {self.reorder!r}")
         if self.calibration_mode not in CALIBRATION_MODES:
             raise ValueError(f"calibration_mode must be one of {CALIBRATION_MODES}, got {self.calibration_mode!r}")
+        if self.choice_method not in (None, "rtn", "gptq"):
+            raise ValueError(f"choice_method must be None, 'rtn' or 'gptq', got {self.choice_method!r}")
         self.scheme()  # validates bits, group_size, method
 
     @property
@@ -236,6 +241,7 @@ def optimize(
         fold_norms=recipe.fold_norms,
         reorder=recipe.reorder,
         calibration_mode=recipe.calibration_mode,
+        choice_method=recipe.choice_method,
     )
     model = pipelines.run_pipeline(model, passes, report)
     return OptimizeResult(model, report)

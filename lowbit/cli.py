@@ -55,6 +55,11 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--selector", default="block", choices=SELECTORS, help="AdaDim axis selector (with --axis adadim)")
     parser.add_argument(
+        "--choice-method", choices=("rtn", "gptq"),
+        help="with --axis adadim: compare candidates made by this method (rtn: choose by RTN error, then run "
+        "--method on the chosen axis only); default: --method",
+    )
+    parser.add_argument(
         "--calibration-tokenizer",
         help="calibrate on Shakespeare (the calibration plays) tokenized with this: smollm2, minilm or a "
         "Hugging Face folder; needed by --method gptq and --axis adadim",
@@ -87,6 +92,7 @@ def _recipe(args: argparse.Namespace):
         fold_norms=args.fold_norms,
         reorder=args.reorder,
         calibration_mode=args.calibration_mode,
+        choice_method=args.choice_method,
     )
 
 

@@ -44,6 +44,8 @@ class WeightPlan:
     weight: np.ndarray
     hessian: np.ndarray | None
     candidates: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)
+    #: The candidates' output errors, kept when the chosen candidate is replaced afterwards (choice by RTN).
+    choice_errors: dict[str, float] | None = None
 
     @property
     def first(self) -> analysis.WeightUse:

@@ -43,6 +43,7 @@ def portable_pipeline(
     fold_norms: bool = False,
     reorder: str | None = None,
     calibration_mode: str = "parallel",
+    choice_method: str | None = None,
 ) -> list[ir.passes.PassBase]:
     """Fold weights, [calibrate,] quantize to blocked DequantizeLinear + MatMul, clean up: stock ONNX Runtime.
 
@@ -71,6 +72,7 @@ def portable_pipeline(
         include_lm_head=include_lm_head,
         include_embeddings=include_embeddings,
         calibration_mode=calibration_mode,
+        choice_method=choice_method,
     )
     sequential = calibration_mode == "sequential"
     # Reordering and outlier splitting read every weight's statistics; else the sweep measures the layers itself.

@@ -52,8 +52,15 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         gptq_damp: float = 0.01,
         gptq_act_order: bool = True,
         calibration_mode: str = "parallel",
+        choice_method: str | None = None,
     ):
+        """``choice_method``: the method whose candidates the AdaDim selector compares (``"rtn"``: choose the
+        axis by RTN error, then run ``scheme.method`` on the chosen axis only, as the AdaDim paper does);
+        None: ``scheme.method`` on every candidate axis."""
         super().__init__()
+        if choice_method not in (None, "rtn", "gptq"):
+            raise ValueError(f"choice_method must be None, 'rtn' or 'gptq', got {choice_method!r}")
+        self.choice_method = choice_method or scheme.method
         if calibration_mode not in sequential.CALIBRATION_MODES:
             raise ValueError(f"calibration_mode must be one of {sequential.CALIBRATION_MODES}, got {calibration_mode!r}")
         self.calibration_mode = calibration_mode
@@ -104,14 +111,21 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def _choose(self, model: ir.Model | None, plans: list[axis_selectors.WeightPlan], samples) -> list[str]:
         """Quantize ``plans`` along every candidate axis and choose one axis each (selector details summed;
         without a model to run, the ``matrix`` choice)."""
-        for plan in tqdm(plans, desc=f"quantize weights ({self.scheme.method})", unit="weight", leave=False):
-            plan.candidates = self._candidates(plan)
+        for plan in tqdm(plans, desc=f"quantize weights ({self.choice_method})", unit="weight", leave=False):
+            plan.candidates = self._candidates(plan, self.choice_method)
         if not self._runs_subgraphs or model is None:
-            return axis_selectors.select_matrix(plans)
-        choices = self.selector(model, plans, samples)
-        selection = self.details.setdefault("selection", {})
-        for key, value in self.selector.details.items():
-            selection[key] = selection.get(key, 0) + value
+            choices = axis_selectors.select_matrix(plans)
+        else:
+            choices = self.selector(model, plans, samples)
+            selection = self.details.setdefault("selection", {})
+            for key, value in self.selector.details.items():
+                selection[key] = selection.get(key, 0) + value
+        if self.choice_method != self.scheme.method:  # the chosen axis, by the recipe's own method
+            for plan, axis in tqdm(list(zip(plans, choices)), desc=f"quantize weights ({self.scheme.method})", unit="weight", leave=False):
+                if plan.first.kind != "embedding":
+                    if plan.hessian is not None:
+                        plan.choice_errors = axis_selectors.matrix_errors(plan)
+                    plan.candidates[axis] = self._quantize(plan, axis, self.scheme.method)
         return choices
 
     def _choose_sequentially(self, model: ir.Model, plans: list[axis_selectors.WeightPlan], statistics) -> list[str]:
@@ -239,18 +253,15 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     return use, f"Gemm {use.node.name!r} with a non-constant bias and beta != 1 is not supported"
         return None
 
-    def _candidates(self, plan: axis_selectors.WeightPlan) -> dict[str, QuantizedWeight]:
-        """The weight quantized along every candidate axis (embeddings: along D only, by RTN)."""
+    def _candidates(self, plan: axis_selectors.WeightPlan, method: str) -> dict[str, QuantizedWeight]:
+        """The weight quantized by ``method`` along every candidate axis (embeddings: along D only, by RTN)."""
         if plan.first.kind == "embedding":  # a Gather reads whole rows
             return {"ic": quantize_rtn(plan.weight, dataclasses.replace(self.scheme, axis="ic", method="rtn"))}
-        candidates = {}
-        for axis in self.candidate_axes:
-            scheme = dataclasses.replace(self.scheme, axis=axis)
-            if scheme.method == "gptq":
-                candidates[axis] = self._gptq(plan.weight, plan.hessian, scheme)
-            else:
-                candidates[axis] = quantize_rtn(plan.weight, scheme)
-        return candidates
+        return {axis: self._quantize(plan, axis, method) for axis in self.candidate_axes}
+
+    def _quantize(self, plan: axis_selectors.WeightPlan, axis: str, method: str) -> QuantizedWeight:
+        scheme = dataclasses.replace(self.scheme, axis=axis, method=method)
+        return self._gptq(plan.weight, plan.hessian, scheme) if method == "gptq" else quantize_rtn(plan.weight, scheme)
 
     def _gptq(self, weight: np.ndarray, hessian: np.ndarray, scheme: QuantScheme) -> QuantizedWeight:
         """GPTQ, retrying with 10x the dampening when the damped Hessian is not positive definite."""
@@ -280,8 +291,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 use.node.replace_input_with(use.input_index, qdq.output)
         if first.weight.is_initializer() and not first.weight.uses() and not first.weight.is_graph_output():
             graph.initializers.pop(first.weight.name)
-        axis_errors = axis_selectors.matrix_errors(plan) if len(plan.candidates) > 1 and plan.hessian is not None else {}
-        if axis in axis_errors:  # AdaDim already measured the chosen candidate
+        if plan.choice_errors is not None:  # the errors of the candidates the axis was chosen between
+            axis_errors = plan.choice_errors
+        else:
+            axis_errors = axis_selectors.matrix_errors(plan) if len(plan.candidates) > 1 and plan.hessian is not None else {}
+        if axis in axis_errors and plan.choice_errors is None:  # AdaDim already measured the chosen candidate
             output_error = axis_errors[axis]
         elif plan.hessian is not None:
             output_error = relative_output_error(plan.weight, reconstructed, plan.hessian)

@@ -31,7 +31,7 @@ class WeightRecord:
     bytes_after: int
     relative_error: float  # ||W - W_hat||_F / ||W||_F
     output_error: float | None = None  # trace(dW^T H dW) / trace(W^T H W), when calibrated
-    axis_errors: dict[str, float] = dataclasses.field(default_factory=dict)  # AdaDim: RTN output error per axis
+    axis_errors: dict[str, float] = dataclasses.field(default_factory=dict)  # AdaDim: output error of each axis's candidate
 
 
 @dataclasses.dataclass

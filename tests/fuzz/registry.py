@@ -106,4 +106,5 @@ def random_recipe(context: Context) -> lowbit.Recipe:
         fold_norms=context.flag(0.3),
         reorder=context.pick((None, None, "absmax", "hessian")),
         calibration_mode=context.pick(("parallel", "parallel", "sequential")),
+        choice_method=context.pick((None, None, "rtn")),
     )

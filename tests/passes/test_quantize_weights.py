@@ -278,3 +278,24 @@ def test_calibrating_and_quantizing_a_quantized_model_finds_nothing_to_do(factor
     CaptureCalibrationPass([factories.feeds_for(model)])(model)
     assert not QuantizeWeightsPass(QuantScheme(4, 4, "oc", method="gptq"), **options)(model).modified
     assert serialized(model) == before
+
+
+def test_choice_by_rtn_then_gptq_on_the_chosen_axis_only():
+    """choice_method='rtn': the axes are RTN-AdaDim's choices, the weights are GPTQ's on those axes."""
+    by_rtn = QuantizeWeightsPass(QuantScheme(2, 8, "oc"), candidate_axes=("oc", "ic"))
+    by_rtn(_calibrated_mlp())
+    chosen = {record.name: record for record in by_rtn.weight_records}
+    paper = QuantizeWeightsPass(QuantScheme(2, 8, "oc", method="gptq"), candidate_axes=("oc", "ic"), choice_method="rtn")
+    model = _calibrated_mlp()
+    paper(model)
+    check_valid(model)
+    for record in paper.weight_records:
+        assert record.method == "gptq" and record.axis == chosen[record.name].axis
+        assert record.axis_errors == pytest.approx(chosen[record.name].axis_errors)  # the errors it chose by
+        fixed = QuantizeWeightsPass(QuantScheme(2, 8, record.axis, method="gptq"))
+        fixed(_calibrated_mlp())
+        expected = next(r for r in fixed.weight_records if r.name == record.name)
+        assert record.output_error == pytest.approx(expected.output_error, rel=1e-6)
+        assert record.output_error < chosen[record.name].output_error
+    with pytest.raises(ValueError, match="choice_method"):
+        QuantizeWeightsPass(QuantScheme(2, 8, "oc"), choice_method="hqq")

@@ -268,6 +268,17 @@ def test_recipe_and_command_line_take_the_mode():
     assert cli._recipe(args).calibration_mode == "sequential"
 
 
+def test_recipe_and_command_line_take_the_choice_method():
+    with pytest.raises(ValueError, match="choice_method must be"):
+        lowbit.Recipe(choice_method="hqq")
+    args = cli.build_parser().parse_args(["optimize", "in.onnx", "-o", "out.onnx", "--axis", "adadim", "--choice-method", "rtn"])
+    assert cli._recipe(args).choice_method == "rtn"
+    batches = [factories.feeds_for(factories.mlp(), seed) for seed in range(3)]
+    recipe = lowbit.Recipe(bits=3, group_size=8, axis="adadim", method="gptq", choice_method="rtn")
+    result = lowbit.optimize(factories.mlp(), recipe, calibration=batches)
+    assert {w.method for w in result.report.weights} == {"gptq"} and result.report.recipe["choice_method"] == "rtn"
+
+
 @pytest.mark.slow
 def test_outlier_branches_stay_inside_their_decoder_layer():
     """SplitOutliersPass puts each branch's nodes inside the reader's layer span (found by the fuzzer: index
