@@ -122,16 +122,46 @@ struct SparseColumns {
 
 // y[m][n] += sum of a[m][rows[j]] * values[j] over column n's entries, for columns [n0, n1): the same
 // products as a dense matmul with the outliers in place (NaN/Inf propagate), summed apart and added.
-void AddOutliers(const SparseColumns& s, const float* a, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1,
-                 float* y) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* row = a + m * K;
+// Several rows read A transposed (a_t[K][M]): each entry is then one contiguous, vectorized axpy.
+void AddOutliers(const SparseColumns& s, const float* a, const float* a_t, int64_t M, int64_t K, int64_t N,
+                 int64_t n0, int64_t n1, float* y) {
+  if (M == 1) {
     for (int64_t n = n0; n < n1; ++n) {
       float sum = 0.0f;
-      for (uint32_t j = s.pointers[n]; j < s.pointers[n + 1]; ++j) sum = std::fma(row[s.rows[j]], s.values[j], sum);
-      y[m * N + n] += sum;
+      for (uint32_t j = s.pointers[n]; j < s.pointers[n + 1]; ++j) sum += a[s.rows[j]] * s.values[j];
+      y[n] += sum;
     }
+    return;
   }
+  // One tile of columns at a time: the sums of a column are contiguous (sums[c][m]), and the tile is added
+  // to y row by row (adding column by column would miss the cache on every row).
+  thread_local std::vector<float> sums;
+  for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+    const int64_t t1 = std::min(n1, t0 + kTile);
+    if (s.pointers[t0] == s.pointers[t1]) continue;
+    sums.assign(kTile * M, 0.0f);
+    for (int64_t n = t0; n < t1; ++n) {
+      float* acc = sums.data() + (n - t0) * M;
+      for (uint32_t j = s.pointers[n]; j < s.pointers[n + 1]; ++j) {
+        const float* column = a_t + static_cast<int64_t>(s.rows[j]) * M;
+        const float value = s.values[j];
+        for (int64_t m = 0; m < M; ++m) acc[m] += column[m] * value;
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = t0; n < t1; ++n) y[m * N + n] += sums[(n - t0) * M + m];
+  }
+}
+
+// out[K][M] = a[M][K], in blocks that keep the written lines in L1 (a plain loop misses on every write).
+void Transpose(const float* a, int64_t M, int64_t K, float* out) {
+  constexpr int64_t kBlock = 32;
+  for (int64_t m0 = 0; m0 < M; m0 += kBlock)
+    for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+      const int64_t m1 = std::min(M, m0 + kBlock), k1 = std::min(K, k0 + kBlock);
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t k = k0; k < k1; ++k) out[k * M + m] = a[m * K + k];
+    }
 }
 
 // The outliers' index arrays must describe a CSC matrix of [K, N] with nnz entries.
@@ -153,6 +183,7 @@ struct Job {
   Path path;
   int64_t tiles, tiles_per_task;
   const SparseColumns* outliers;  // or null
+  const float* a_t;               // with outliers and M > 1: a transposed, [K][M]
 
   void Run(int64_t task) const {
     const int64_t t0 = task * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
@@ -169,7 +200,8 @@ struct Job {
         break;
     }
     if (outliers)
-      AddOutliers(*outliers, a, problem.M, problem.K, problem.N, t0 * kTile, std::min(problem.N, t1 * kTile), problem.y);
+      AddOutliers(*outliers, a, a_t, problem.M, problem.K, problem.N, t0 * kTile, std::min(problem.N, t1 * kTile),
+                  problem.y);
   }
 };
 
@@ -228,12 +260,19 @@ Ort::Status QuantMatMulKernel::Compute(OrtKernelContext* context) try {
   job.a = a_data;
   job.tiles = at.tiles;
   SparseColumns outliers{};
+  std::vector<float> a_t;
   job.outliers = nullptr;
+  job.a_t = nullptr;
   if (in.Present(in.outlier_pointers)) {
     outliers = SparseColumns{in.outlier_pointers.GetTensorData<uint32_t>(), in.outlier_rows.GetTensorData<uint16_t>(),
                              in.outlier_values.GetTensorData<float>()};
     CheckOutliers(outliers, at.K, at.N, in.outlier_count);
     job.outliers = &outliers;
+    if (M > 1) {
+      a_t.resize(at.K * M);
+      Transpose(a_data, M, at.K, a_t.data());
+      job.a_t = a_t.data();
+    }
   }
   // The integer and GEMV paths need tame activations and groups they support; anything else is batched.
   const bool few_tame_rows = M <= kMaxIntRows && AllBelow(a_data, M * at.K, kGemvMaxAbs);
