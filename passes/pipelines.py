@@ -99,9 +99,10 @@ def portable_pipeline(
     ]
 
 
-#: The outlier setting kept on in ``outlier_pipeline``: it paid for itself on SmolLM2 at W3 g128 with GPTQ
-#: (held-out perplexity 81.7 -> 67.8 per-OC, 73.2 -> 62.2 AdaDim; +2.5 % file bytes; 1.3-1.45x the
-#: forward time in the portable form). Layer splitting did not: see ``lowbit.passes.split_outliers``.
+#: The outlier setting kept on in ``outlier_pipeline``: it paid for itself on SmolLM2 at W3 g128 (held-out
+#: perplexity, GPTQ: 81.7 -> 67.8 per-OC, 73.2 -> 62.2 AdaDim; RTN: 173.4 -> 99.5 per-OC; +2.5 % file
+#: bytes; 1.18x the forward time fused, 1.42x portable). 1 % gains a little more (AdaDim GPTQ 59.8) at
+#: +4.3 % bytes; norm folding, reordering and layer splitting did not pay: ``lowbit.passes.split_outliers``.
 OUTLIER_DEFAULTS = {"outlier_fraction": 0.005, "outlier_criterion": "sensitivity"}
 
 

@@ -36,24 +36,28 @@ split only where RTN under ``scheme`` (each candidate axis, the best of them) lo
 error ``trace(dW^T H dW)`` (with calibration; else the Frobenius weight error) by at least
 ``split_min_gain`` times: the split triples the weight's bytes and MatMul work.
 
-Measured on SmolLM2-135M (perplexity on 10 x 512 held-out tokens, fp32 43.0; W3 g128; file bytes with
-the float embedding): dense-and-sparse pays for itself, the layer split does not.
+Measured on SmolLM2-135M (``python -m lowbit.tools.bench_passes``: perplexity on 10 x 512 held-out tokens,
+fp32 43.0; W3 g128; outliers ranked by sensitivity; file MiB of the portable per-OC file with the float
+embedding; forward time of 128 tokens against the model without the pass, portable / fused form):
+dense-and-sparse pays for itself, the layer split does not.
 
-============================  =========  ===========  ==========  ===========  ==============
-                              base       0.5 % |w|    0.5 % H w²  1 % |w|      layer split
-============================  =========  ===========  ==========  ===========  ==============
-RTN per-OC                    173.4      119.1        99.5        99.2         52.1
-GPTQ per-OC                   81.7       73.0         67.8        64.8         47.4
-GPTQ AdaDim                   73.2       62.4         62.2        58.5         46.7
-file MB (per-OC)              174.7      179.1        179.1       182.3        288.6
-forward time (portable)       1.00x      1.34-1.38x   1.28-1.39x  1.58-1.61x   2.10-2.19x
-============================  =========  ===========  ==========  ===========  ==============
+============================  =========  ===========  ===========  ===========  ==============
+                              base       0.1 %        0.5 %        1 %          layer split
+============================  =========  ===========  ===========  ===========  ==============
+RTN per-OC                    173.4      132.7        99.5         90.3         52.1
+RTN AdaDim                    206.1      98.7         77.9         71.2         49.5
+GPTQ per-OC                   81.7       67.7         67.8         61.3         47.4
+GPTQ AdaDim                   73.2       65.1         62.2         59.8         (not run)
+file MiB                      166.6      168.3        170.8        173.8        275.2
+forward time portable         1.00x      1.22x        1.42x        1.65x        2.29x
+forward time fused            1.00x      1.11x        1.18x        1.23x        2.40x
+============================  =========  ===========  ===========  ===========  ==============
 
-At 0.1 % the gain is small (RTN 160.0, GPTQ 81.7, AdaDim 67.0). Sensitivity ranking at 0.5 % is worth
-magnitude at 1 %. The split gains a lot but costs three weights' bytes and MatMuls: RTN W8 (228.2 MB,
-43.1) beats it on both counts, RTN W4 (174.7 MB, 54.2, the bytes of W3 in the portable form) nearly
-matches it at 60 % of its bytes; at W2 RTN per-OC it takes 3.6e6 to 153 (208.7 MB; W3 RTN: 173.4 at
-174.7 MB). Its ~2.5x lower weight error is the same for every weight (2.2-2.8x), so no
+Sensitivity ranking beats magnitude (W3 RTN per-OC at 0.5 %: 99.5 against 119.1). The split gains a lot
+but costs three weights' bytes and MatMuls: RTN W8 (228.2 MB, 43.1) beats it on both counts, RTN W4
+(174.7 MB, 54.2, the bytes of W3 in the portable form) nearly matches it at 60 % of its bytes; at W2 RTN
+per-OC it takes 3.6e6 to 153 (208.7 MB; W3 RTN: 173.4 at 174.7 MB). Its ~2.5x lower weight error is
+the same for every weight (2.2-2.8x), so no
 per-weight threshold separates them. Zeros inside each cluster's groups do cost: with every group's
 range over its cluster's members only (zeros kept exact by a mask), the W3 per-OC weight error would be
 0.067 instead of 0.088 (base 0.224), because the asymmetric range must include 0.
