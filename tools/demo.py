@@ -17,6 +17,8 @@ import time
 import numpy as np
 
 import lowbit
+from lowbit.passes import pipelines
+from lowbit.runtime.calibration import collect
 from lowbit.runtime.session import session
 from lowbit.tools import models, text
 
@@ -63,9 +65,10 @@ def float_model(workdir: pathlib.Path, name: str) -> pathlib.Path:
 
 
 def demo_recipes(args: argparse.Namespace) -> list[tuple[str, lowbit.Recipe]]:
-    """(row name, recipe) for every (bits, axis) of the run with RTN; then AdaDim + GPTQ (lowbit's best,
-    calibrated on the calibration plays) for each of ``--gptq-bits``; then the first setting again with the
-    embedding table and LM head quantized too (the whole file's compression)."""
+    """(row name, recipe) for every (bits, axis) of the run with RTN; then AdaDim + GPTQ (calibrated on the
+    calibration plays) for each of ``--gptq-bits``, alone and with ``outlier_pipeline``'s sparse outliers
+    (lowbit's best); then the first setting again with the embedding table and LM head quantized too (the
+    whole file's compression)."""
     fused = args.form == "fused"
     form = " (fused)" if fused else ""
     recipes = [
@@ -73,11 +76,14 @@ def demo_recipes(args: argparse.Namespace) -> list[tuple[str, lowbit.Recipe]]:
          lowbit.Recipe(bits=bits, group_size=args.group_size, axis=axis, fused=fused))
         for bits in args.bits for axis in args.axes
     ]
-    recipes += [
-        (f"W{bits} g{args.group_size} AdaDim GPTQ{form}",
-         lowbit.Recipe(bits=bits, group_size=args.group_size, axis="adadim", method="gptq", fused=fused))
-        for bits in args.gptq_bits
-    ]
+    outliers = pipelines.OUTLIER_DEFAULTS
+    for bits in args.gptq_bits:
+        adadim = lowbit.Recipe(bits=bits, group_size=args.group_size, axis="adadim", method="gptq", fused=fused)
+        recipes.append((f"W{bits} g{args.group_size} AdaDim GPTQ{form}", adadim))
+        recipes.append((
+            f"W{bits} g{args.group_size} AdaDim GPTQ + {outliers['outlier_fraction']:.1%} outliers{form}",
+            dataclasses.replace(adadim, **outliers),
+        ))
     bits, axis = args.bits[0], args.axes[0]
     recipes.append((
         f"W{bits} g{args.group_size} {axis} RTN{form} + embedding/head",
@@ -89,13 +95,17 @@ def demo_recipes(args: argparse.Namespace) -> list[tuple[str, lowbit.Recipe]]:
 
 def quantized_models(source: pathlib.Path, args: argparse.Namespace, calibration_feeds):
     """Yield (name, path, optimize seconds) for every ``demo_recipes`` row; ``calibration_feeds()`` makes
-    the calibration batches (only called when a recipe needs them)."""
+    the calibration batches, whose statistics are collected once (by the first row that needs them, which
+    is charged the time) and shared by the rows after it."""
     stem = source.name.split(".")[0]
+    calibration_stats = None
     for name, recipe in demo_recipes(args):
-        slug = name.lower().replace(" + ", ".").replace(" (", ".").replace(")", "").replace("/", "-").replace(" ", ".")
-        path = source.with_name(f"{stem}.{slug}.onnx")
+        slug = name.lower().replace(" + ", ".").replace(" (", ".").replace(")", "").replace("/", "-")
+        path = source.with_name(f"{stem}.{slug.replace(' ', '.').replace('%', 'pct')}.onnx")
         start = time.perf_counter()
-        calibration = calibration_feeds() if recipe.needs_calibration else None
+        if recipe.needs_calibration and calibration_stats is None:
+            calibration_stats = collect(lowbit.load(source), calibration_feeds())
+        calibration = calibration_stats if recipe.needs_calibration else None
         result = lowbit.optimize(lowbit.load(source), recipe, calibration=calibration)
         lowbit.save(result.model, path)
         yield name, path, time.perf_counter() - start
