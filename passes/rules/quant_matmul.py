@@ -325,7 +325,8 @@ def read_outlier_branch(a, k, n, *, xt, rows, values, axis, ends, starts, **_) -
     transpose = _producer_is(xt, "Transpose")
     if transpose is not None and list(transpose.attributes.get_ints("perm", [])) == [1, 0]:
         reshape = _producer_is(transpose.inputs[0], "Reshape")
-    if reshape is None or reshape.inputs[0] is not a or list(_constant(reshape.inputs[1]) if _constant(reshape.inputs[1]) is not None else []) != [-1, k]:
+    shape = _constant(reshape.inputs[1]) if reshape is not None else None
+    if reshape is None or reshape.inputs[0] is not a or shape is None or shape.tolist() != [-1, k]:
         return "the branch does not read the MatMul's activations as Transpose(Reshape(A, [-1, K]))"
     pointer_source = _slice_of(ends, 1, n + 1)
     if pointer_source is None or _slice_of(starts, 0, n) is not pointer_source:
