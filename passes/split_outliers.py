@@ -47,7 +47,7 @@ dense-and-sparse pays for itself, the layer split does not.
 RTN per-OC                    173.4      132.7        99.5         90.3         52.1
 RTN AdaDim                    206.1      98.7         77.9         71.2         49.5
 GPTQ per-OC                   81.7       67.7         67.8         61.3         47.4
-GPTQ AdaDim                   73.2       65.1         62.2         59.8         (not run)
+GPTQ AdaDim                   73.2       65.1         62.2         59.8         46.7
 file MiB                      166.6      168.3        170.8        173.8        275.2
 forward time portable         1.00x      1.22x        1.42x        1.65x        2.29x
 forward time fused            1.00x      1.11x        1.18x        1.23x        2.40x
