@@ -31,6 +31,24 @@ constexpr int64_t kIntTaskBytes = 256 * 1024;
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The exact float32 outliers kept beside the quantized weight (CSC over W's rows, i.e. the permuted A).
+struct SparseColumns {
+  const uint32_t* pointers;  // [N + 1]
+  const uint16_t* rows;      // [nnz]
+  const float* values;       // [nnz]
+};
+
+// The outliers' index arrays must describe a CSC matrix of [K, N] with nnz entries.
+void CheckOutliers(const SparseColumns& s, int64_t K, int64_t N, int64_t nnz) {
+  auto fail = [](const std::string& message) { ORT_CXX_API_THROW("QuantMatMul: " + message, ORT_INVALID_ARGUMENT); };
+  if (s.pointers[0] != 0 || static_cast<int64_t>(s.pointers[N]) != nnz)
+    fail("outlier_pointers must start at 0 and end at the outlier count " + std::to_string(nnz));
+  for (int64_t n = 0; n < N; ++n)
+    if (s.pointers[n] > s.pointers[n + 1]) fail("outlier_pointers must not decrease");
+  for (int64_t j = 0; j < nnz; ++j)
+    if (s.rows[j] >= K) fail("outlier_rows values must be in [0, " + std::to_string(K) + ")");
+}
+
 }  // namespace
 
 // The best kernels this CPU runs; LOWBIT_CPU_ISA=scalar|avx2|avx512|avx512vnni caps the choice (tests use it).
@@ -105,6 +123,23 @@ QuantMatMulKernel::QuantMatMulKernel(const OrtApi*, const OrtKernelInfo* info)
       (!has_zero_points || (zero_points_constant && has_params_shape(zero_points))))
     constant_params_ = std::make_unique<PreparedParams>(
         attrs_, scales.GetTensorData<float>(), has_zero_points ? zero_points.GetTensorData<uint8_t>() : nullptr);
+  // Outlier indices that are initializers are checked once, here (a wrong shape: the first Compute).
+  auto present = [&](QuantMatMulInput i) {
+    return kernel_info.GetInputCount() > static_cast<size_t>(i) && !kernel_info.GetInputName(i).empty();
+  };
+  if (present(kOutlierPointers) && present(kOutlierRows)) {
+    int pointers_constant = 0, rows_constant = 0;
+    const Ort::ConstValue pointers = kernel_info.GetTensorConstantInput(kOutlierPointers, &pointers_constant);
+    const Ort::ConstValue rows = kernel_info.GetTensorConstantInput(kOutlierRows, &rows_constant);
+    if (pointers_constant && rows_constant) {
+      const std::vector<int64_t> rows_shape = rows.GetTensorTypeAndShapeInfo().GetShape();
+      if (pointers.GetTensorTypeAndShapeInfo().GetShape() == std::vector<int64_t>{attrs_.N + 1} && rows_shape.size() == 1) {
+        CheckOutliers(SparseColumns{pointers.GetTensorData<uint32_t>(), rows.GetTensorData<uint16_t>(), nullptr},
+                      attrs_.K, attrs_.N, rows_shape[0]);
+        constant_outliers_checked_ = true;
+      }
+    }
+  }
 }
 
 QuantMatMulKernel::~QuantMatMulKernel() = default;
@@ -113,18 +148,11 @@ namespace {
 
 enum class Path { kInt, kGemv, kGemm };
 
-// The exact float32 outliers kept beside the quantized weight (CSC over W's rows, i.e. the permuted A).
-struct SparseColumns {
-  const uint32_t* pointers;  // [N + 1]
-  const uint16_t* rows;      // [nnz]
-  const float* values;       // [nnz]
-};
-
 // y[m][n] += sum of a[m][rows[j]] * values[j] over column n's entries, for columns [n0, n1): the same
 // products as a dense matmul with the outliers in place (NaN/Inf propagate), summed apart and added.
 // Several rows read A transposed (a_t[K][M]): each entry is then one contiguous, vectorized axpy.
-void AddOutliers(const SparseColumns& s, const float* a, const float* a_t, int64_t M, int64_t K, int64_t N,
-                 int64_t n0, int64_t n1, float* y) {
+void AddOutliers(const SparseColumns& s, const float* a, const float* a_t, int64_t M, int64_t N, int64_t n0,
+                 int64_t n1, float* y) {
   if (M == 1) {
     for (int64_t n = n0; n < n1; ++n) {
       float sum = 0.0f;
@@ -164,17 +192,6 @@ void Transpose(const float* a, int64_t M, int64_t K, float* out) {
     }
 }
 
-// The outliers' index arrays must describe a CSC matrix of [K, N] with nnz entries.
-void CheckOutliers(const SparseColumns& s, int64_t K, int64_t N, int64_t nnz) {
-  auto fail = [](const std::string& message) { ORT_CXX_API_THROW("QuantMatMul: " + message, ORT_INVALID_ARGUMENT); };
-  if (s.pointers[0] != 0 || static_cast<int64_t>(s.pointers[N]) != nnz)
-    fail("outlier_pointers must start at 0 and end at the outlier count " + std::to_string(nnz));
-  for (int64_t n = 0; n < N; ++n)
-    if (s.pointers[n] > s.pointers[n + 1]) fail("outlier_pointers must not decrease");
-  for (int64_t j = 0; j < nnz; ++j)
-    if (s.rows[j] >= K) fail("outlier_rows values must be in [0, " + std::to_string(K) + ")");
-}
-
 // One call's work, split over tiles of output channels by ORT's thread pool.
 struct Job {
   const IsaKernels* kernels;
@@ -200,8 +217,7 @@ struct Job {
         break;
     }
     if (outliers)
-      AddOutliers(*outliers, a, a_t, problem.M, problem.K, problem.N, t0 * kTile, std::min(problem.N, t1 * kTile),
-                  problem.y);
+      AddOutliers(*outliers, a, a_t, problem.M, problem.N, t0 * kTile, std::min(problem.N, t1 * kTile), problem.y);
   }
 };
 
@@ -266,7 +282,7 @@ Ort::Status QuantMatMulKernel::Compute(OrtKernelContext* context) try {
   if (in.Present(in.outlier_pointers)) {
     outliers = SparseColumns{in.outlier_pointers.GetTensorData<uint32_t>(), in.outlier_rows.GetTensorData<uint16_t>(),
                              in.outlier_values.GetTensorData<float>()};
-    CheckOutliers(outliers, at.K, at.N, in.outlier_count);
+    if (!constant_outliers_checked_) CheckOutliers(outliers, at.K, at.N, in.outlier_count);
     job.outliers = &outliers;
     if (M > 1) {
       a_t.resize(at.K * M);

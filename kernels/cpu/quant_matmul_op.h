@@ -67,6 +67,7 @@ struct QuantMatMulKernel {
   QuantMatMulAttributes attrs_;
   std::unique_ptr<Isa> isa_;
   std::unique_ptr<PreparedParams> constant_params_;
+  bool constant_outliers_checked_ = false;  // outlier indices are initializers, checked at construction
 };
 
 // The CUDA kernel (kernels/cuda/quant_matmul_cuda.cpp), built when nvcc is found.

@@ -154,8 +154,9 @@ def test_invalid_inputs_raise_clear_errors(ops_library):
         ((pointers, np.array([3, 16], np.uint16), values), r"outlier_rows values must be in \[0, 16\)"),
     ]:
         weights.outliers = outliers
-        with pytest.raises(Exception, match=message):
-            run_kernel(weights, one)
+        for constant in (True, False):  # checked once at session creation, or on every call
+            with pytest.raises(Exception, match=message):
+                run_kernel(weights, one, constant_weights=constant)
     weights.outliers = None
     weights.scales = np.ones((3, 8), np.float32)
     with pytest.raises(Exception, match=r"scales must have shape \[2, 8\], got \[3, 8\]"):
