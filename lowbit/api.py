@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from lowbit.ir import analysis
-from lowbit.ir.scheme import GROUP_AXES, QuantScheme
+from lowbit.ir.scheme import GROUP_AXES, METHODS, QuantScheme
 from lowbit.passes import pipelines
 from lowbit.passes.axis_selectors import SELECTORS
 from lowbit.passes.quant import outliers, reorder
@@ -84,8 +84,8 @@ class Recipe:
             raise ValueError(f"reorder must be None or one of {reorder.CRITERIA}, got {self.reorder!r}")
         if self.calibration_mode not in CALIBRATION_MODES:
             raise ValueError(f"calibration_mode must be one of {CALIBRATION_MODES}, got {self.calibration_mode!r}")
-        if self.choice_method not in (None, "rtn", "gptq"):
-            raise ValueError(f"choice_method must be None, 'rtn' or 'gptq', got {self.choice_method!r}")
+        if self.choice_method not in (None, *METHODS):
+            raise ValueError(f"choice_method must be None or one of {METHODS}, got {self.choice_method!r}")
         self.scheme()  # validates bits, group_size, method
 
     @property

@@ -55,7 +55,7 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--selector", default="block", choices=SELECTORS, help="AdaDim axis selector (with --axis adadim)")
     parser.add_argument(
-        "--choice-method", choices=("rtn", "gptq"),
+        "--choice-method", choices=METHODS,
         help="with --axis adadim: compare candidates made by this method (rtn: choose by RTN error, then run "
         "--method on the chosen axis only); default: --method",
     )

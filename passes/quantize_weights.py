@@ -29,7 +29,7 @@ import onnxscript.version_converter
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis, builders
-from lowbit.ir.scheme import GROUP_AXES, QuantScheme
+from lowbit.ir.scheme import GROUP_AXES, METHODS, QuantScheme
 from lowbit.passes import axis_selectors, sequential
 from lowbit.passes.capture_calibration import CALIBRATION_KEY, ORT_ERRORS
 from lowbit.passes.quant.adadim import relative_output_error
@@ -58,8 +58,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         axis by RTN error, then run ``scheme.method`` on the chosen axis only, as the AdaDim paper does);
         None: ``scheme.method`` on every candidate axis."""
         super().__init__()
-        if choice_method not in (None, "rtn", "gptq"):
-            raise ValueError(f"choice_method must be None, 'rtn' or 'gptq', got {choice_method!r}")
+        if choice_method not in (None, *METHODS):
+            raise ValueError(f"choice_method must be None or one of {METHODS}, got {choice_method!r}")
         self.choice_method = choice_method or scheme.method
         if calibration_mode not in sequential.CALIBRATION_MODES:
             raise ValueError(f"calibration_mode must be one of {sequential.CALIBRATION_MODES}, got {calibration_mode!r}")
@@ -291,11 +291,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 use.node.replace_input_with(use.input_index, qdq.output)
         if first.weight.is_initializer() and not first.weight.uses() and not first.weight.is_graph_output():
             graph.initializers.pop(first.weight.name)
-        if plan.choice_errors is not None:  # the errors of the candidates the axis was chosen between
+        if plan.choice_errors is not None:  # chosen between other candidates: the written one is measured below
             axis_errors = plan.choice_errors
         else:
             axis_errors = axis_selectors.matrix_errors(plan) if len(plan.candidates) > 1 and plan.hessian is not None else {}
-        if axis in axis_errors and plan.choice_errors is None:  # AdaDim already measured the chosen candidate
+        if plan.choice_errors is None and axis in axis_errors:  # AdaDim already measured the written candidate
             output_error = axis_errors[axis]
         elif plan.hessian is not None:
             output_error = relative_output_error(plan.weight, reconstructed, plan.hessian)
