@@ -104,10 +104,15 @@ class NameAllocator:
         return candidate
 
     def fresh(self, name: str) -> str:
-        """``name``, else ``name_2``, ``name_3``, ...: the first one not taken (taken from now on)."""
-        candidate, suffix = name, 1
-        while candidate in self.taken:
-            suffix += 1
-            candidate = f"{name}_{suffix}"
-        self.taken.add(candidate)
-        return candidate
+        """A value name not yet taken (``fresh_name``)."""
+        return fresh_name(name, self.taken)
+
+
+def fresh_name(name: str, taken: set[str]) -> str:
+    """``name``, else ``name_2``, ``name_3``, ...: the first one not in ``taken`` (added to it)."""
+    candidate, suffix = name, 1
+    while candidate in taken:
+        suffix += 1
+        candidate = f"{name}_{suffix}"
+    taken.add(candidate)
+    return candidate

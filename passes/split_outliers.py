@@ -77,7 +77,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
-from lowbit.ir.builders import NameAllocator
+from lowbit.ir.builders import NameAllocator, fresh_name
 from lowbit.ir.scheme import QuantScheme
 from lowbit.passes.capture_calibration import CALIBRATION_KEY
 from lowbit.passes.quant import outliers
@@ -263,11 +263,8 @@ class _BranchWriter:
     def node(self, op: str, inputs: list[ir.Value], like: ir.Node, label: str, **attributes) -> ir.Node:
         """A node named after ``like`` and carrying its module path, so it stays in its module."""
         scopes = {key: like.metadata_props[key] for key in _SCOPE_KEYS if key in like.metadata_props}
-        name, suffix = f"{like.name}.{label}", 1
-        while name in self.node_names:  # the pass may run twice (ONNX Runtime refuses repeated node names)
-            suffix += 1
-            name = f"{like.name}.{label}_{suffix}"
-        self.node_names.add(name)
+        # unique: the pass may run twice, and ONNX Runtime refuses repeated node names
+        name = fresh_name(f"{like.name}.{label}", self.node_names)
         node = ir.node(op, inputs, attributes=attributes, name=name, metadata_props=scopes)
         node.outputs[0].name = self.name(f"{like.outputs[0].name}.{label}")
         self.nodes_added += 1
