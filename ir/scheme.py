@@ -1,4 +1,4 @@
-"""QuantScheme: how one weight is quantized (bits, grouping, symmetry, method).
+"""QuantScheme: how one weight is quantized (bits, grouping, symmetry, method, clipping).
 
 A weight is the ONNX ``MatMul`` right operand ``B`` of shape ``[K, N]`` (K input channels, N output
 channels). The two group layouts of the AdaDim paper map onto ONNX blocked quantization axes:
@@ -30,6 +30,8 @@ class QuantScheme:
     axis: str = "oc"
     symmetric: bool = False
     method: str = "rtn"
+    #: Search each group's clipping range (``rtn.search_group_params``) instead of taking its min-max range.
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:

@@ -53,6 +53,10 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         help="sort input channels by this calibration statistic where the permutation folds into the producing "
         "weights (needs --calibration-tokenizer)",
     )
+    parser.add_argument(
+        "--clip-search", action="store_true",
+        help="shrink each group's range where that lowers its (diag(H)-weighted) squared error (RTN and GPTQ)",
+    )
     parser.add_argument("--selector", default="block", choices=SELECTORS, help="AdaDim axis selector (with --axis adadim)")
     parser.add_argument(
         "--choice-method", choices=METHODS,
@@ -93,6 +97,7 @@ def _recipe(args: argparse.Namespace):
         reorder=args.reorder,
         calibration_mode=args.calibration_mode,
         choice_method=args.choice_method,
+        clip_search=args.clip_search,
     )
 
 

@@ -261,7 +261,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def _quantize(self, plan: axis_selectors.WeightPlan, axis: str, method: str) -> QuantizedWeight:
         scheme = dataclasses.replace(self.scheme, axis=axis, method=method)
-        return self._gptq(plan.weight, plan.hessian, scheme) if method == "gptq" else quantize_rtn(plan.weight, scheme)
+        if method == "gptq":
+            return self._gptq(plan.weight, plan.hessian, scheme)
+        channel_weights = None if plan.hessian is None else np.diag(plan.hessian)  # weights the clip search
+        return quantize_rtn(plan.weight, scheme, channel_weights)
 
     def _gptq(self, weight: np.ndarray, hessian: np.ndarray, scheme: QuantScheme) -> QuantizedWeight:
         """GPTQ, retrying with 10x the dampening when the damped Hessian is not positive definite."""

@@ -29,6 +29,11 @@ Choices:
   ``DequantizeLinear(axis=0)`` reconstructs ``dequantize()`` exactly.
 * **Per-IC groups** (``"ic"``, groups along the N outputs of one input channel): all groups of a row
   lie in that row, so its parameters come from its current values when it is quantized, in any order.
+* **Clip search** (``scheme.clip_search``): wherever group parameters are made, their range is searched
+  (``rtn.search_group_params``), per-OC groups weighting each input channel's error by ``H[k, k]`` (its
+  cost at the output; the original ``diag(H)``, before dead-channel and damping changes); a per-IC group
+  lies in one input channel, so its weighting is uniform. The GPTQ reference has the same search as its
+  ``mse`` option, on the unweighted error.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import numpy as np
 import torch
 
 from lowbit.ir.scheme import QuantScheme
-from lowbit.passes.quant.rtn import QuantizedWeight, check_weight, group_params, quantize_with_params
+from lowbit.passes.quant.rtn import QuantizedWeight, check_weight, quantize_with_params, scheme_group_params
 
 
 def quantize_gptq(
@@ -65,6 +70,7 @@ def quantize_gptq(
     axis = scheme.block_axis
     static_groups = axis == 0 and act_order
 
+    channel_weights = np.diag(hessian).copy()  # what an error on each input channel costs (clip search)
     hessian = hessian.copy()
     dead = np.diag(hessian) == 0
     hessian[dead, dead] = 1.0
@@ -74,7 +80,7 @@ def quantize_gptq(
     inv_chol = _inverse_hessian_cholesky(hessian)
 
     if static_groups:
-        scales, zero_points = group_params(weight, scheme.bits, group, 0, scheme.symmetric)
+        scales, zero_points = scheme_group_params(weight, scheme, group, 0, channel_weights)
     else:
         param_shape = list(weight.shape)
         param_shape[axis] = -(-param_shape[axis] // group)
@@ -91,13 +97,11 @@ def quantize_gptq(
             original = order[row]
             values = current[row : row + 1]
             if axis == 1:
-                scales[original], zero_points[original] = group_params(
-                    values, scheme.bits, group, 1, scheme.symmetric
-                )
+                scales[original], zero_points[original] = scheme_group_params(values, scheme, group, 1)
             elif not static_groups and row % group == 0:
                 group_rows = _current_rows(current, inv_chol, errors[:local], start, stop, row, row + group)
-                scales[row // group], zero_points[row // group] = group_params(
-                    group_rows, scheme.bits, len(group_rows), 0, scheme.symmetric
+                scales[row // group], zero_points[row // group] = scheme_group_params(
+                    group_rows, scheme, len(group_rows), 0, channel_weights[order[row : row + group]]
                 )
             index = original if axis == 1 else original // group
             codes[original], rounded = _quantize_row(

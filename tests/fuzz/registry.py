@@ -107,4 +107,5 @@ def random_recipe(context: Context) -> lowbit.Recipe:
         reorder=context.pick((None, None, "absmax", "hessian")),
         calibration_mode=context.pick(("parallel", "parallel", "sequential")),
         choice_method=context.pick((None, None, "rtn")),
+        clip_search=context.flag(),
     )

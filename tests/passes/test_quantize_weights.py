@@ -299,3 +299,39 @@ def test_choice_by_rtn_then_gptq_on_the_chosen_axis_only():
         assert record.output_error < chosen[record.name].output_error
     with pytest.raises(ValueError, match="choice_method"):
         QuantizeWeightsPass(QuantScheme(2, 8, "oc"), choice_method="hqq")
+
+
+@pytest.mark.parametrize(("method", "calibrated"), [("rtn", False), ("rtn", True), ("gptq", True)])
+def test_clip_search_graph_holds_the_searched_weights(method, calibrated):
+    """With clip_search the stored tensors are the searched ones: diag(H)-weighted where statistics exist
+    (GPTQ always has them), uniform otherwise; and the output error is no worse than min-max RTN's."""
+    from lowbit.passes.capture_calibration import CALIBRATION_KEY
+    from lowbit.passes.quant.gptq import quantize_gptq
+
+    model = _calibrated_mlp() if calibrated else factories.mlp()
+    hessian = model.meta[CALIBRATION_KEY].by_activation["x"].hessian if calibrated else None
+    w1 = model.graph.initializers["w1"].const_value.numpy().copy()
+    scheme = QuantScheme(2, 16, "oc", method=method, clip_search=True)
+    QuantizeWeightsPass(scheme)(model)
+    check_valid(model)
+    if method == "gptq":
+        expected = quantize_gptq(w1, hessian, scheme)
+    else:
+        expected = quantize_rtn(w1, scheme, None if hessian is None else np.diag(hessian))
+    dequantize = next(node for node in model.graph if node.op_type == "DequantizeLinear")
+    np.testing.assert_array_equal(dequantize.inputs[0].const_value.numpy(), expected.codes)
+    np.testing.assert_array_equal(dequantize.inputs[1].const_value.numpy(), expected.scales)
+    assert not np.array_equal(expected.scales, quantize_rtn(w1, QuantScheme(2, 16, "oc")).scales)
+
+
+def test_recipe_and_command_line_take_clip_search():
+    import lowbit
+    from lowbit import cli
+
+    assert lowbit.Recipe(clip_search=True).scheme().clip_search and not lowbit.Recipe().scheme().clip_search
+    args = cli.build_parser().parse_args(["optimize", "in.onnx", "-o", "out.onnx", "--clip-search"])
+    assert cli._recipe(args).clip_search
+    result = lowbit.optimize(factories.mlp(), lowbit.Recipe(bits=2, group_size=16, clip_search=True))
+    assert result.report.recipe["clip_search"] is True
+    plain = lowbit.optimize(factories.mlp(), lowbit.Recipe(bits=2, group_size=16))
+    assert sum(w.relative_error for w in result.report.weights) < sum(w.relative_error for w in plain.report.weights)
