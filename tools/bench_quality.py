@@ -1,5 +1,6 @@
-"""Quality benchmark: lowbit's RTN / GPTQ with per-OC, per-IC and AdaDim groups (each selector) against
-fp32 and ONNX Runtime's own weight-only quantizer, at W4 / W3 / W2 g128.
+"""Quality benchmark: lowbit's RTN / GPTQ with per-OC, per-IC and AdaDim groups (each selector), and the
+main ones with clip search (``+ clip``), against fp32 and ONNX Runtime's own weight-only quantizer, at
+W4 / W3 / W2 g128.
 
     python -m lowbit.tools.bench_quality --model smollm2 --out bench-quality
     python -m lowbit.tools.bench_quality --model minilm --out bench-quality-minilm
@@ -29,8 +30,10 @@ from lowbit.runtime.calibration import CalibrationStats, collect
 from lowbit.tools import models, text
 from lowbit.tools.demo import file_bytes
 
-LOWBIT_ROWS = [("rtn", "oc", None), ("rtn", "ic", None)] + [("rtn", "adadim", s) for s in SELECTORS]
-LOWBIT_ROWS += [("gptq", "oc", None), ("gptq", "ic", None)] + [("gptq", "adadim", s) for s in SELECTORS]
+#: (method, axis, AdaDim selector, clip search) of every lowbit row.
+LOWBIT_ROWS = [("rtn", "oc", None, False), ("rtn", "ic", None, False)] + [("rtn", "adadim", s, False) for s in SELECTORS]
+LOWBIT_ROWS += [("gptq", "oc", None, False), ("gptq", "ic", None, False)] + [("gptq", "adadim", s, False) for s in SELECTORS]
+LOWBIT_ROWS += [("rtn", "oc", None, True), ("gptq", "oc", None, True), ("gptq", "adadim", "block", True)]
 ORT_ALGORITHMS = {"DEFAULT": (2, 4, 8), "HQQ": (2, 4, 8), "GPTQ": (4,)}  # bit widths each supports
 
 
@@ -113,9 +116,10 @@ class Bench:
             path.unlink()  # keep the folder small; the row is cached
         return row
 
-    def lowbit_row(self, bits: int, method: str, axis: str, selector: str | None):
-        recipe = lowbit.Recipe(bits=bits, group_size=self.setting.group_size, axis=axis, method=method, selector=selector or "matrix")
-        calibrated = recipe.needs_calibration or method == "gptq"
+    def lowbit_row(self, bits: int, method: str, axis: str, selector: str | None, clip_search: bool):
+        recipe = lowbit.Recipe(bits=bits, group_size=self.setting.group_size, axis=axis, method=method,
+                               selector=selector or "matrix", clip_search=clip_search)
+        calibrated = recipe.needs_calibration or method == "gptq" or clip_search  # the search weighs channels by diag(H)
 
         def build(path):
             result = lowbit.optimize(lowbit.load(self.source), recipe, calibration=self.statistics() if calibrated else None)
@@ -161,12 +165,12 @@ class Bench:
             for algorithm, supported in ORT_ALGORITHMS.items():
                 if bits in supported:
                     self.run(f"W{bits} ORT {algorithm}", self.ort_row(bits, algorithm))
-            for method, axis, selector in LOWBIT_ROWS:
-                self.run(_lowbit_key(bits, method, axis, selector), self.lowbit_row(bits, method, axis, selector))
+            for row in LOWBIT_ROWS:
+                self.run(_lowbit_key(bits, *row), self.lowbit_row(bits, *row))
 
 
-def _lowbit_key(bits: int, method: str, axis: str, selector: str | None) -> str:
-    return f"W{bits} lowbit {method} {axis}" + (f" {selector}" if selector else "")
+def _lowbit_key(bits: int, method: str, axis: str, selector: str | None, clip_search: bool) -> str:
+    return f"W{bits} lowbit {method} {axis}" + (f" {selector}" if selector else "") + (" + clip" if clip_search else "")
 
 
 def _sentence_feeds(tokenizer, sentences: list[str], batch: int) -> list[dict[str, np.ndarray]]:
@@ -179,7 +183,7 @@ def _sentence_feeds(tokenizer, sentences: list[str], batch: int) -> list[dict[st
 
 def markdown(rows: dict[str, dict], setting: Setting, metric: str) -> str:
     """Rows = methods, columns = bit widths: quality (MiB)."""
-    methods = ["ORT DEFAULT", "ORT HQQ", "ORT GPTQ"] + [_lowbit_key(0, m, a, s)[3:] for m, a, s in LOWBIT_ROWS]
+    methods = ["ORT DEFAULT", "ORT HQQ", "ORT GPTQ"] + [_lowbit_key(0, *row)[3:] for row in LOWBIT_ROWS]
     header = "| method | " + " | ".join(f"W{b} g{setting.group_size}" for b in setting.bits) + " |"
     lines = [f"fp32: {metric} {rows['fp32']['quality']:.4f}, {rows['fp32']['bytes'] / 2**20:.1f} MiB", "", header]
     lines.append("|---|" + "---:|" * len(setting.bits))

@@ -22,3 +22,21 @@ def test_axis_choice_table_counts_per_ic_choices_per_type():
     assert lines[2] == "| W4 lowbit rtn adadim block | 3/4 | 2/2 |"
     assert lines[3] == "| W3 lowbit gptq adadim matrix | - | 0/2 |"
     assert len(lines) == 4  # non-AdaDim rows are not listed
+
+
+def test_markdown_has_a_line_per_row_with_clip_search_rows_apart(tmp_path):
+    import pathlib
+
+    from lowbit.tools.bench_quality import LOWBIT_ROWS, Setting, markdown
+
+    setting = Setting("smollm2", (4, 3), 128, 1, 8, 1, 8, pathlib.Path(tmp_path))
+    rows = {
+        "fp32": {"quality": 48.0, "bytes": 2**20},
+        "W4 lowbit gptq adadim block": {"quality": 52.5, "bytes": 2**20},
+        "W4 lowbit gptq adadim block + clip": {"quality": 50.5, "bytes": 2**20},
+        "W3 lowbit gptq adadim block + clip": {"error": "ValueError: boom"},
+    }
+    lines = markdown(rows, setting, "perplexity").splitlines()
+    assert len(lines) == 4 + 3 + len(LOWBIT_ROWS)  # fp32 line, blank, header, rule; ORT rows; lowbit rows
+    assert "| lowbit gptq adadim block | 52.5 (1 MiB) | n/a |" in lines
+    assert "| lowbit gptq adadim block + clip | 50.5 (1 MiB) | crashed |" in lines
