@@ -65,3 +65,26 @@ def test_empty_batch_and_fresh_accumulator():
 def test_rejects_bad_batches(batch):
     with pytest.raises(ValueError):
         HessianAccumulator(4).update(batch)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=hnp.arrays(np.int64, st.tuples(st.integers(2, 30), st.integers(1, 7)), elements=st.integers(-1000, 1000)))
+def test_reading_between_updates_gives_the_symmetric_sum_so_far(data):
+    """Updates add to one triangle and reads mirror it: a read between updates must not go stale or
+    double-count."""
+    accumulator = HessianAccumulator(data.shape[1])
+    exact = data.astype(np.float64)
+    for end in range(1, len(data) + 1):
+        accumulator.update(data[end - 1 : end].astype(np.float32))
+        np.testing.assert_array_equal(accumulator.hessian, exact[:end].T @ exact[:end])
+
+
+def test_assigned_hessian_is_kept_and_further_updates_add_to_it():
+    accumulator = HessianAccumulator(3)
+    start = np.array([[4.0, 1.0, 2.0], [1.0, 5.0, 0.0], [2.0, 0.0, 6.0]])
+    accumulator.hessian = start
+    np.testing.assert_array_equal(accumulator.hessian, start)
+    accumulator.update(np.array([[1.0, 2.0, 3.0]]))
+    np.testing.assert_array_equal(accumulator.hessian, start + np.outer([1, 2, 3], [1, 2, 3]))
+    with pytest.raises(ValueError, match=r"must be \[3, 3\]"):
+        accumulator.hessian = np.zeros((2, 2))
