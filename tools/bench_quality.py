@@ -119,7 +119,7 @@ class Bench:
     def lowbit_row(self, bits: int, method: str, axis: str, selector: str | None, clip_search: bool):
         recipe = lowbit.Recipe(bits=bits, group_size=self.setting.group_size, axis=axis, method=method,
                                selector=selector or "matrix", clip_search=clip_search)
-        calibrated = recipe.needs_calibration or method == "gptq" or clip_search  # the search weighs channels by diag(H)
+        calibrated = recipe.needs_calibration or clip_search  # the search weighs channels by diag(H)
 
         def build(path):
             result = lowbit.optimize(lowbit.load(self.source), recipe, calibration=self.statistics() if calibrated else None)

@@ -55,10 +55,10 @@ class HessianAccumulator:
 
     @hessian.setter
     def hessian(self, value: np.ndarray) -> None:
-        value = np.asarray(value, dtype=np.float64)
+        value = np.array(value, dtype=np.float64, order="F")  # a copy, in the layout BLAS updates in place
         if value.shape != (self.channels, self.channels):
             raise ValueError(f"hessian must be [{self.channels}, {self.channels}], got shape {value.shape}")
-        self._matrix = np.array(value, dtype=np.float64, order="F")
+        self._matrix = value
         self._mirrored = False  # the upper triangle is what counts, as after an update
 
     @property

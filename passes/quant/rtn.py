@@ -116,23 +116,23 @@ def search_group_params(
     ratios = np.asarray(ratios, dtype=np.float32)
     starts = group_starts(weight.shape[axis], block_size)
     chunk = max(1, _SEARCH_CHUNK_ELEMENTS // weight.size)
-    best_error = best_scales = best_zero_points = None
+    winners = []  # (error, scales, zero points) of each chunk's best ratio, per group
     for first in range(0, len(ratios), chunk):
         shrunk = ratios[first : first + chunk, None, None] * weight  # [R, K, N]: one candidate range per ratio
         scales, zero_points = group_params(shrunk, bits, block_size, axis + 1, symmetric)
         codes = quantize_with_params(np.broadcast_to(weight, shrunk.shape), scales, zero_points, bits, block_size, axis + 1)
         approx = QuantizedWeight(codes, scales, zero_points, bits, block_size, axis + 1, symmetric).dequantize()
         error = np.add.reduceat(row_weights[:, None] * np.square(weight - approx, dtype=np.float64), starts, axis=axis + 1)
-        pick = np.argmin(error, axis=0)[None]  # the first minimum: the earlier ratio wins ties
-        error, scales, zero_points = (np.take_along_axis(a, pick, axis=0)[0] for a in (error, scales, zero_points))
-        if best_error is None:
-            best_error, best_scales, best_zero_points = error, scales, zero_points
-            continue
-        better = error < best_error
-        best_error = np.where(better, error, best_error)
-        best_scales = np.where(better, scales, best_scales)
-        best_zero_points = np.where(better, zero_points, best_zero_points)
+        winners.append(_lowest_error(error, scales, zero_points))
+    _, best_scales, best_zero_points = _lowest_error(*(np.stack(parts) for parts in zip(*winners)))
     return best_scales, best_zero_points
+
+
+def _lowest_error(error: np.ndarray, *params: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per group, the error and parameters of the candidate (leading axis) with the lowest error; the first
+    minimum, so earlier candidates win ties."""
+    pick = np.argmin(error, axis=0)[None]
+    return tuple(np.take_along_axis(a, pick, axis=0)[0] for a in (error, *params))
 
 
 def quantize_with_params(
