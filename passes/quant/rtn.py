@@ -68,10 +68,15 @@ def group_params(
     weight: np.ndarray, bits: int, block_size: int, axis: int, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale (float32) and zero point (uint8) of every group of ``weight`` along ``axis``."""
-    max_code = (1 << bits) - 1
     starts = group_starts(weight.shape[axis], block_size)
     group_max = np.maximum.reduceat(weight, starts, axis=axis).astype(np.float32)
     group_min = np.minimum.reduceat(weight, starts, axis=axis).astype(np.float32)
+    return range_params(group_min, group_max, bits, symmetric)
+
+
+def range_params(group_min: np.ndarray, group_max: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (uint8) of groups whose values span ``[group_min, group_max]``."""
+    max_code = (1 << bits) - 1
     if symmetric:
         abs_max = np.maximum(np.abs(group_max), np.abs(group_min))
         scales = (2.0 * abs_max / max_code).astype(np.float32)
@@ -108,23 +113,43 @@ def search_group_params(
     uniform). Clipping a few extreme weights buys a finer step for all the others, which at 2-4 bits
     usually lowers the error. Ratios are tried in order and ties keep the earlier one; with 1.0 first
     (the default grid) the error is never above that of ``group_params``.
+
+    Ratios are positive, so a shrunk group's min and max are the ratio times the group's own (exactly, in
+    float32: rounding is monotonic); only the rounding error is evaluated per ratio, on the weight laid
+    out as ``[..., group, member, ...]`` (a short last group padded with its edge value, weighted zero).
     """
     weight = np.asarray(weight, dtype=np.float32)
     row_weights = np.ones(weight.shape[0]) if channel_weights is None else np.asarray(channel_weights, dtype=np.float64)
     if row_weights.shape != (weight.shape[0],):
         raise ValueError(f"channel_weights must have one entry per row ({weight.shape[0]}), got shape {row_weights.shape}")
     ratios = np.asarray(ratios, dtype=np.float32)
-    starts = group_starts(weight.shape[axis], block_size)
-    chunk = max(1, _SEARCH_CHUNK_ELEMENTS // weight.size)
-    winners = []  # (error, scales, zero points) of each chunk's best ratio, per group
+    length = weight.shape[axis]
+    num_groups = -(-length // block_size)
+    padding = num_groups * block_size - length
+    grouped_shape = list(weight.shape)
+    grouped_shape[axis : axis + 1] = [num_groups, block_size]
+    members = axis + 1  # the axis of a group's members in the grouped layout
+    if padding:
+        weight = np.pad(weight, [(0, padding) if a == axis else (0, 0) for a in range(2)], mode="edge")
+    grouped = weight.reshape(grouped_shape)
+    if axis == 0:  # rows are grouped: a padded row gets weight zero
+        element_weights = np.pad(row_weights, (0, padding)).reshape(num_groups, block_size, 1)
+    else:
+        real_members = (np.arange(num_groups * block_size) < length).reshape(num_groups, block_size)
+        element_weights = row_weights.reshape(-1, 1, 1) * real_members
+    group_min = grouped.min(axis=members, keepdims=True)
+    group_max = grouped.max(axis=members, keepdims=True)
+    chunk = max(1, _SEARCH_CHUNK_ELEMENTS // grouped.size)
+    candidates = []  # (error, scales, zero points) per ratio and group, one entry per chunk of ratios
     for first in range(0, len(ratios), chunk):
-        shrunk = ratios[first : first + chunk, None, None] * weight  # [R, K, N]: one candidate range per ratio
-        scales, zero_points = group_params(shrunk, bits, block_size, axis + 1, symmetric)
-        codes = quantize_with_params(np.broadcast_to(weight, shrunk.shape), scales, zero_points, bits, block_size, axis + 1)
-        approx = QuantizedWeight(codes, scales, zero_points, bits, block_size, axis + 1, symmetric).dequantize()
-        error = np.add.reduceat(row_weights[:, None] * np.square(weight - approx, dtype=np.float64), starts, axis=axis + 1)
-        winners.append(_lowest_error(error, scales, zero_points))
-    _, best_scales, best_zero_points = _lowest_error(*(np.stack(parts) for parts in zip(*winners)))
+        shrink = ratios[first : first + chunk].reshape(-1, 1, 1, 1)  # one candidate range per ratio
+        scales, zero_points = range_params(shrink * group_min, shrink * group_max, bits, symmetric)
+        offsets = zero_points.astype(np.float32)
+        codes = np.clip(np.round(grouped / scales) + offsets, 0, (1 << bits) - 1)
+        residual = grouped - (codes - offsets) * scales
+        error = np.sum(element_weights * np.square(residual, dtype=np.float64), axis=members + 1)
+        candidates.append((error, scales.squeeze(members + 1), zero_points.squeeze(members + 1)))
+    _, best_scales, best_zero_points = _lowest_error(*(np.concatenate(parts) for parts in zip(*candidates)))
     return best_scales, best_zero_points
 
 

@@ -129,6 +129,26 @@ def test_clip_search_never_raises_any_groups_weighted_error(weight, scheme, seed
     assert np.all(_weighted_group_error(weight, *searched, *args) <= _weighted_group_error(weight, *plain, *args))
 
 
+@settings(max_examples=200, deadline=None)
+@given(weights, schemes, st.integers(0, 2**16))
+def test_clip_search_finds_each_groups_best_ratio(weight, scheme, seed):
+    """Against a plain loop over the ratios (``group_params`` of the shrunk weight, error from the
+    dequantized weight): every group gets the lowest error any ratio gives, and these parameters."""
+    channel_weights = np.random.default_rng(seed).exponential(size=weight.shape[0])
+    block, axis = scheme.block_size(weight.shape), scheme.block_axis
+    args = (scheme.bits, block, axis, scheme.symmetric, channel_weights)
+    per_ratio = [group_params(np.float32(ratio) * weight, scheme.bits, block, axis, scheme.symmetric) for ratio in rtn.CLIP_RATIOS]
+    errors = np.stack([_weighted_group_error(weight, *params, *args) for params in per_ratio])
+    searched = search_group_params(weight, *args)
+    np.testing.assert_allclose(_weighted_group_error(weight, *searched, *args), errors.min(axis=0), rtol=1e-9, atol=0)
+    lowest, runner_up = np.sort(errors, axis=0)[:2] if len(errors) > 1 else (errors[0], np.inf)
+    clear_winner = runner_up - lowest > 1e-9 * lowest  # elsewhere two ratios tie to rounding and either may win
+    best = np.argmin(errors, axis=0)
+    for got, candidates in zip(searched, zip(*per_ratio)):
+        expected = np.take_along_axis(np.stack(candidates), best[None], axis=0)[0]
+        np.testing.assert_array_equal(got[clear_winner], expected[clear_winner])
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("axis", [0, 1])
 def test_clip_search_with_only_ratio_one_is_min_max(axis, symmetric):
