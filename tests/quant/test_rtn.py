@@ -141,7 +141,7 @@ def test_clip_search_finds_each_groups_best_ratio(weight, scheme, seed):
     errors = np.stack([_weighted_group_error(weight, *params, *args) for params in per_ratio])
     searched = search_group_params(weight, *args)
     np.testing.assert_allclose(_weighted_group_error(weight, *searched, *args), errors.min(axis=0), rtol=1e-9, atol=0)
-    lowest, runner_up = np.sort(errors, axis=0)[:2] if len(errors) > 1 else (errors[0], np.inf)
+    lowest, runner_up = np.sort(errors, axis=0)[:2]  # CLIP_RATIOS has 21 ratios
     clear_winner = runner_up - lowest > 1e-9 * lowest  # elsewhere two ratios tie to rounding and either may win
     best = np.argmin(errors, axis=0)
     for got, candidates in zip(searched, zip(*per_ratio)):
