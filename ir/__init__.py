@@ -1,1 +1,0 @@
-"""IR helpers onnx_ir lacks: quantization schemes, graph analysis, export."""

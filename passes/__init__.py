@@ -1,1 +1,0 @@
-"""Graph passes (one per file) and the declared pipelines."""

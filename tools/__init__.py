@@ -1,1 +1,0 @@
-"""Tools: real-model export recipes, text corpora, evaluation, benchmarks, viewer."""
