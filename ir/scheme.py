@@ -16,6 +16,12 @@ import dataclasses
 SUPPORTED_BITS = (2, 3, 4, 8)
 GROUP_AXES = ("oc", "ic")
 METHODS = ("rtn", "gptq")
+#: The recipe's other vocabularies, kept here at the bottom so that the recipe, the CLI and the passes
+#: that act on them read one list each without importing the passes' heavy modules.
+SELECTORS = ("matrix", "block", "layer")
+CALIBRATION_MODES = ("parallel", "sequential")
+OUTLIER_CRITERIA = ("magnitude", "sensitivity")
+REORDER_CRITERIA = ("absmax", "hessian")
 
 #: The ``B[K, N]`` axis along which the groups of each layout run.
 BLOCK_AXIS = {"oc": 0, "ic": 1}

@@ -13,100 +13,14 @@ import onnx
 import onnx_ir as ir
 
 from lowbit.ir import analysis
-from lowbit.ir.scheme import GROUP_AXES, METHODS, QuantScheme
 from lowbit.passes import pipelines
-from lowbit.passes.axis_selectors import SELECTORS
-from lowbit.passes.quant import outliers, reorder
-from lowbit.passes.sequential import CALIBRATION_MODES
+from lowbit.passes.recipe import Recipe
 from lowbit.passes.report import OptimizeReport
 from lowbit.runtime.calibration import CalibrationStats
 
 #: Above this many bytes of tensors, ``save`` writes them to an external data file (protobuf's 2 GB cap).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _SOURCE_KEY = "lowbit.source_files"
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """How ``optimize`` quantizes a model.
-
-    ``axis="oc"``: classic groups of ``group_size`` input channels per output channel; ``axis="ic"``:
-    the AdaDim paper's groups of ``group_size`` output channels per input channel; ``axis="adadim"``:
-    per weight, the one of the two with the lower output error on calibration data, judged by
-    ``selector``: ``matrix`` (the weight's own output), ``block`` (its attention/MLP module's output, the
-    paper's) or ``layer`` (the decoder layer's output); see ``lowbit.passes.axis_selectors``.
-    ``method="gptq"`` and ``axis="adadim"`` need calibration data. ``group_size=-1``: one group over the
-    whole axis. The LM head and embedding tables stay in float unless opted in. ``fused=True`` writes fused
-    ops (``lowbit::QuantMatMul``) that run fast but need lowbit's op
-    library (``lowbit.runtime.session``); the default is the portable QDQ form for stock ONNX Runtime.
-    ``outlier_fraction``: keep that fraction of each weight's entries (ranked by ``outlier_criterion``:
-    ``"magnitude"`` or ``"sensitivity"`` = ``H_kk * w**2``, which needs calibration) exact in a sparse
-    float32 side branch and quantize the rest; ``split=True``: split weights into three value clusters
-    quantized apart where that lowers their error enough. Both off by default; measured on SmolLM2 in
-    ``lowbit.passes.split_outliers``. ``fold_norms=True`` folds norm scales into the weights
-    that read the norm (``lowbit.passes.fold_norm_scales``); ``reorder`` (``"absmax"`` or ``"hessian"``,
-    needs calibration) sorts input channels by that statistic where the permutation folds into the
-    producing weights (``lowbit.passes.reorder_channels``). Both off by default.
-    ``calibration_mode="sequential"`` (needs calibration) quantizes decoder layers one after another, each
-    on statistics of the model whose earlier layers are already quantized (GPTQ's order; the AdaDim
-    selectors then judge a layer on those inputs too); ``"parallel"`` (the default) calibrates the float
-    model once. See ``lowbit.passes.sequential``. ``choice_method="rtn"`` (with ``axis="adadim"``): the
-    selector compares RTN candidates and the recipe's method then quantizes the chosen axis only (the
-    AdaDim paper's way; with GPTQ, half the GPTQ work); None compares candidates made by ``method``.
-    ``clip_search=True``: each group's range is its min-max range shrunk by the ratio (1.0 down to 0.5)
-    with the lowest squared error, input channels weighted by ``diag(H)`` where calibration exists
-    (``lowbit.passes.quant.rtn.search_group_params``; with GPTQ, wherever GPTQ makes group parameters).
-    Off by default (uncalibrated, it can hurt: README); on SmolLM2 W3 g128 GPTQ AdaDim it takes perplexity
-    from 70.0 to 56.9.
-    """
-
-    bits: int = 4
-    group_size: int = 128
-    axis: str = "oc"
-    method: str = "rtn"
-    symmetric: bool = False
-    selector: str = "block"  # best held-out perplexity at W3 g128; "layer" was 0.4 % better at W4 (bench_quality)
-    include_lm_head: bool = False
-    include_embeddings: bool = False
-    fused: bool = False
-    outlier_fraction: float = 0.0
-    outlier_criterion: str = "magnitude"
-    split: bool = False
-    fold_norms: bool = False
-    reorder: str | None = None
-    calibration_mode: str = "parallel"
-    choice_method: str | None = None
-    clip_search: bool = False
-
-    def __post_init__(self) -> None:
-        if self.axis not in (*GROUP_AXES, "adadim"):
-            raise ValueError(f"axis must be one of {(*GROUP_AXES, 'adadim')}, got {self.axis!r}")
-        if self.selector not in SELECTORS:
-            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
-        if self.outlier_criterion not in outliers.CRITERIA:
-            raise ValueError(f"outlier_criterion must be one of {outliers.CRITERIA}, got {self.outlier_criterion!r}")
-        outliers.outlier_count(1, self.outlier_fraction)  # validates the fraction: [0, 1)
-        if self.reorder is not None and self.reorder not in reorder.CRITERIA:
-            raise ValueError(f"reorder must be None or one of {reorder.CRITERIA}, got {self.reorder!r}")
-        if self.calibration_mode not in CALIBRATION_MODES:
-            raise ValueError(f"calibration_mode must be one of {CALIBRATION_MODES}, got {self.calibration_mode!r}")
-        if self.choice_method not in (None, *METHODS):
-            raise ValueError(f"choice_method must be None or one of {METHODS}, got {self.choice_method!r}")
-        self.scheme()  # validates bits, group_size, method
-
-    @property
-    def candidate_axes(self) -> tuple[str, ...]:
-        return GROUP_AXES if self.axis == "adadim" else (self.axis,)
-
-    @property
-    def needs_calibration(self) -> bool:
-        sensitivity = self.outlier_fraction > 0 and self.outlier_criterion == "sensitivity"
-        sequential = self.calibration_mode == "sequential"
-        return self.method == "gptq" or self.axis == "adadim" or sensitivity or self.reorder is not None or sequential
-
-    def scheme(self) -> QuantScheme:
-        """The scheme of one weight (for ``adadim``, the first candidate axis; the pass picks per weight)."""
-        return QuantScheme(self.bits, self.group_size, self.candidate_axes[0], self.symmetric, self.method, self.clip_search)
 
 
 @dataclasses.dataclass
@@ -225,30 +139,16 @@ def optimize(
     """
     if not isinstance(model, ir.Model):
         raise TypeError(f"optimize() takes an onnx_ir.Model (see lowbit.load), got {type(model).__name__}")
-    recipe = recipe or Recipe()
+    recipe = Recipe() if recipe is None else recipe
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"optimize() takes a lowbit.Recipe (e.g. lowbit.Recipe(bits=4)), got {type(recipe).__name__}")
     if recipe.needs_calibration and calibration is None:
         raise ValueError(
-            f"method={recipe.method!r}, axis={recipe.axis!r}, outlier_criterion={recipe.outlier_criterion!r}, "
-            f"reorder={recipe.reorder!r}, calibration_mode={recipe.calibration_mode!r} needs calibration data: "
+            f"{', '.join(recipe.calibration_reasons)} needs calibration data: "
             "optimize(model, recipe, calibration=[{input_name: array}, ...])"
         )
     report = OptimizeReport(recipe=dataclasses.asdict(recipe))
-    passes = pipelines.portable_pipeline(
-        recipe.scheme(),
-        candidate_axes=recipe.candidate_axes,
-        selector=recipe.selector,
-        calibration=calibration,
-        include_lm_head=recipe.include_lm_head,
-        include_embeddings=recipe.include_embeddings,
-        fused=recipe.fused,
-        outlier_fraction=recipe.outlier_fraction,
-        outlier_criterion=recipe.outlier_criterion,
-        split=recipe.split,
-        fold_norms=recipe.fold_norms,
-        reorder=recipe.reorder,
-        calibration_mode=recipe.calibration_mode,
-        choice_method=recipe.choice_method,
-    )
+    passes = pipelines.portable_pipeline(recipe, calibration=calibration)
     model = pipelines.run_pipeline(model, passes, report)
     return OptimizeResult(model, report)
 

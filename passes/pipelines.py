@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import resource
@@ -13,13 +14,13 @@ import time
 
 import onnx_ir as ir
 
-from lowbit.ir.scheme import QuantScheme
 from lowbit.passes.capture_calibration import CaptureCalibrationPass
 from lowbit.passes.cleanup import CleanupPass
 from lowbit.passes.fold_norm_scales import FoldNormScalesPass
 from lowbit.passes.fold_weights import FoldWeightsPass
 from lowbit.passes.fuse_qdq import FuseQDQPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
+from lowbit.passes.recipe import Recipe
 from lowbit.passes.reorder_channels import ReorderChannelsPass
 from lowbit.passes.report import OptimizeReport, PassRecord
 from lowbit.passes.split_outliers import SplitOutliersPass
@@ -28,72 +29,58 @@ from lowbit.runtime.calibration import CalibrationStats
 DUMP_DIR_VARIABLE = "LOWBIT_DUMP_DIR"
 
 
-def portable_pipeline(
-    scheme: QuantScheme,
-    *,
-    candidate_axes: tuple[str, ...] | None = None,
-    selector: str = "block",
-    calibration=None,
-    include_lm_head: bool = False,
-    include_embeddings: bool = False,
-    fused: bool = False,
-    outlier_fraction: float = 0.0,
-    outlier_criterion: str = "magnitude",
-    split: bool = False,
-    fold_norms: bool = False,
-    reorder: str | None = None,
-    calibration_mode: str = "parallel",
-    choice_method: str | None = None,
-) -> list[ir.passes.PassBase]:
+def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[ir.passes.PassBase]:
     """Fold weights, [calibrate,] quantize to blocked DequantizeLinear + MatMul, clean up: stock ONNX Runtime.
 
-    ``fused=True`` adds FuseQDQPass: the quantized MatMuls become lowbit's fused ops (lowbit's op library
+    ``recipe.fused`` adds FuseQDQPass: the quantized MatMuls become lowbit's fused ops (lowbit's op library
     needed at run time).
-    ``outlier_fraction > 0`` / ``split=True`` add SplitOutliersPass before quantization (dense-and-sparse
+    ``outlier_fraction > 0`` / ``split`` add SplitOutliersPass before quantization (dense-and-sparse
     outliers ranked by ``outlier_criterion``; layer split into three value clusters).
-    ``fold_norms=True`` adds FoldNormScalesPass before calibration; ``reorder`` (a criterion of
+    ``fold_norms`` adds FoldNormScalesPass before calibration; ``reorder`` (a criterion of
     ReorderChannelsPass: ``"absmax"`` or ``"hessian"``; needs calibration) adds it after calibration.
     ``calibration_mode="sequential"``: decoder layers quantized one after another on statistics of the
     partially-quantized model (``lowbit.passes.sequential``); the calibration pass then keeps the feeds and,
     unless reordering or outlier splitting read them, collects only the statistics the sweep does not measure
     (none by default: the float model is then not run at all).
     """
-    if reorder is not None and calibration is None:
-        raise ValueError(f"reorder={reorder!r} sorts channels by calibration statistics: pass calibration data")
-    if fold_norms and isinstance(calibration, CalibrationStats):
+    if recipe.reorder is not None and calibration is None:
+        raise ValueError(f"reorder={recipe.reorder!r} sorts channels by calibration statistics: pass calibration data")
+    if recipe.fold_norms and isinstance(calibration, CalibrationStats):
         raise ValueError(
             "fold_norms=True changes the activations that weight MatMuls read (the norm's scale moves into the "
             "weights), so statistics collected on the unfolded graph would be wrong: pass calibration feeds instead"
         )
+    scheme = recipe.scheme()
     quantize = QuantizeWeightsPass(
         scheme,
-        candidate_axes=candidate_axes,
-        selector=selector,
-        include_lm_head=include_lm_head,
-        include_embeddings=include_embeddings,
-        calibration_mode=calibration_mode,
-        choice_method=choice_method,
+        candidate_axes=recipe.candidate_axes,
+        selector=recipe.selector,
+        include_lm_head=recipe.include_lm_head,
+        include_embeddings=recipe.include_embeddings,
+        calibration_mode=recipe.calibration_mode,
+        choice_method=recipe.choice_method,
     )
-    sequential = calibration_mode == "sequential"
+    sequential = recipe.calibration_mode == "sequential"
+    splits = recipe.outlier_fraction > 0 or recipe.split
     # Reordering and outlier splitting read every weight's statistics; else the sweep measures the layers itself.
-    only_unswept = sequential and reorder is None and outlier_fraction == 0 and not split
+    only_unswept = sequential and recipe.reorder is None and not splits
     activations = quantize.parallel_activations if only_unswept else None
     calibrate = [CaptureCalibrationPass(calibration, keep_feeds=sequential, activations=activations)] if calibration is not None else []
-    fuse = [FuseQDQPass()] if fused else []
+    fuse = [FuseQDQPass()] if recipe.fused else []
     outliers = []
-    if outlier_fraction > 0 or split:
+    if splits:
         outliers = [
             SplitOutliersPass(
-                outlier_fraction=outlier_fraction,
-                criterion=outlier_criterion,
-                split=split,
+                outlier_fraction=recipe.outlier_fraction,
+                criterion=recipe.outlier_criterion,
+                split=recipe.split,
                 scheme=scheme,
-                candidate_axes=candidate_axes,
-                include_lm_head=include_lm_head,
+                candidate_axes=recipe.candidate_axes,
+                include_lm_head=recipe.include_lm_head,
             )
         ]
-    fold_norm_scales = [FoldNormScalesPass()] if fold_norms else []
-    reorder_channels = [ReorderChannelsPass(reorder)] if reorder is not None else []
+    fold_norm_scales = [FoldNormScalesPass()] if recipe.fold_norms else []
+    reorder_channels = [ReorderChannelsPass(recipe.reorder)] if recipe.reorder is not None else []
     return [
         FoldWeightsPass(), *fold_norm_scales, *calibrate, *reorder_channels, *outliers, quantize, *fuse, CleanupPass()
     ]
@@ -106,12 +93,12 @@ def portable_pipeline(
 OUTLIER_DEFAULTS = {"outlier_fraction": 0.005, "outlier_criterion": "sensitivity"}
 
 
-def outlier_pipeline(scheme: QuantScheme, *, calibration, **options) -> list[ir.passes.PassBase]:
-    """``portable_pipeline`` with dense-and-sparse outliers on (``OUTLIER_DEFAULTS``, overridable by
-    ``options``); the sensitivity ranking needs calibration data."""
+def outlier_pipeline(recipe: Recipe, *, calibration) -> list[ir.passes.PassBase]:
+    """``portable_pipeline`` with ``recipe``'s outlier options set to ``OUTLIER_DEFAULTS``; the sensitivity
+    ranking needs calibration data."""
     if calibration is None:
         raise ValueError("outlier_pipeline ranks outliers by H_kk * w**2: pass calibration data")
-    return portable_pipeline(scheme, calibration=calibration, **{**OUTLIER_DEFAULTS, **options})
+    return portable_pipeline(dataclasses.replace(recipe, **OUTLIER_DEFAULTS), calibration=calibration)
 
 
 def _peak_rss_mb() -> float:

@@ -31,11 +31,11 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
+from lowbit.ir.scheme import CALIBRATION_MODES
 from lowbit.passes.axis_selectors import WeightPlan, Module, module_session, decoder_layer
 from lowbit.passes.quant.hessian import HessianAccumulator
 from lowbit.runtime.session import session_options
 
-CALIBRATION_MODES = ("parallel", "sequential")
 #: Refuse to hold more than this many bytes of layer inputs (one cut, all samples).
 MAX_STREAM_BYTES = 2 * 2**30
 

@@ -20,11 +20,11 @@ import dataclasses
 
 import numpy as np
 
-from lowbit.ir.scheme import QuantScheme
+from lowbit.ir.scheme import OUTLIER_CRITERIA, QuantScheme
 from lowbit.passes.quant.adadim import relative_output_error
 from lowbit.passes.quant.rtn import quantize_rtn, relative_error
 
-CRITERIA = ("magnitude", "sensitivity")
+CRITERIA = OUTLIER_CRITERIA
 
 
 @dataclasses.dataclass

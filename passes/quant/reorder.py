@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowbit.ir.scheme import REORDER_CRITERIA
 from lowbit.passes.quant.hessian import HessianAccumulator
 
-CRITERIA = ("absmax", "hessian")
+CRITERIA = REORDER_CRITERIA
 
 
 def position_scores(statistics: HessianAccumulator, criterion: str) -> np.ndarray:

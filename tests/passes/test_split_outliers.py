@@ -283,9 +283,9 @@ def test_optimize_runs_the_pass_before_quantization_and_reports_it(tmp_path):
 
 def test_outlier_pipeline_keeps_the_measured_setting_on():
     with pytest.raises(ValueError, match="pass calibration data"):
-        pipelines.outlier_pipeline(SCHEME, calibration=None)
+        pipelines.outlier_pipeline(lowbit.Recipe(bits=3, group_size=8), calibration=None)
     model = factories.mlp()
-    passes = pipelines.outlier_pipeline(SCHEME, calibration=[factories.feeds_for(model, seed=seed) for seed in range(3)])
+    passes = pipelines.outlier_pipeline(lowbit.Recipe(bits=3, group_size=8), calibration=[factories.feeds_for(model, seed=seed) for seed in range(3)])
     split = next(pass_ for pass_ in passes if isinstance(pass_, SplitOutliersPass))
     assert (split.outlier_fraction, split.criterion, split.split) == (0.005, "sensitivity", False)
     pipelines.run_pipeline(model, passes, lowbit.OptimizeReport())

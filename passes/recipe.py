@@ -1,0 +1,157 @@
+"""Recipe: how ``optimize`` quantizes a model. The one definition of every option.
+
+Each field carries its help text (and its choices) in its metadata: ``lowbit optimize`` builds one flag
+per field from them, ``pipelines.portable_pipeline`` reads the recipe itself, and the report records it.
+Adding an option is one field here plus the pass that acts on it. This module imports only the scheme
+vocabulary, so the command line can read it without loading ONNX Runtime or torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+from lowbit.ir.scheme import (
+    CALIBRATION_MODES,
+    GROUP_AXES,
+    METHODS,
+    OUTLIER_CRITERIA,
+    REORDER_CRITERIA,
+    SELECTORS,
+    SUPPORTED_BITS,
+    QuantScheme,
+)
+
+AXES = (*GROUP_AXES, "adadim")
+
+
+def _option(default, help: str, choices: tuple | None = None, kind: type | None = None):
+    """A recipe field: its default, the help text the CLI shows, its allowed values and its Python type."""
+    kind = kind or type(default)
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "kind": kind})
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How ``optimize`` quantizes a model; every field's meaning is its ``help`` metadata (``lowbit optimize
+    --help`` prints them). ``method="gptq"``, ``axis="adadim"``, sensitivity outliers, ``reorder`` and the
+    sequential mode need calibration data (``needs_calibration``)."""
+
+    bits: int = _option(4, "bits per weight code", SUPPORTED_BITS)
+    group_size: int = _option(128, "weights per quantization group; -1 = one group over the whole axis")
+    axis: str = _option(
+        "oc",
+        "group layout: oc = groups of input channels per output channel (classic); ic = groups of output "
+        "channels per input channel (AdaDim's per-IC, isolates activation outliers); adadim = per weight, the "
+        "one with the lower output error on calibration data (judged by --selector)",
+        AXES,
+    )
+    method: str = _option(
+        "rtn", "rtn = round to nearest; gptq = error-compensating GPTQ (dampening 1 %, act-order; needs calibration)",
+        METHODS,
+    )
+    symmetric: bool = _option(False, "symmetric codes without zero points (default: asymmetric)")
+    selector: str = _option(
+        "block",
+        "how AdaDim judges an axis: matrix = the weight's own output error; block = its attention/MLP module's "
+        "output (the paper's); layer = the decoder layer's output",
+        SELECTORS,
+    )
+    include_lm_head: bool = _option(False, "also quantize the LM head (kept in float by default)")
+    include_embeddings: bool = _option(False, "also quantize embedding tables (kept in float by default)")
+    fused: bool = _option(
+        False,
+        "write lowbit's fused ops (lowbit::QuantMatMul: codes packed at their width, fast per-IC and 2/3-bit; "
+        "run with lowbit.runtime.session) instead of the portable DequantizeLinear + MatMul form that stock "
+        "ONNX Runtime runs",
+    )
+    outlier_fraction: float = _option(
+        0.0, "keep this fraction of each weight's entries exact in a sparse float32 branch (e.g. 0.005)", kind=float,
+    )
+    outlier_criterion: str = _option(
+        "magnitude", "rank outliers by |w| (magnitude) or by H_kk * w^2 (sensitivity: needs calibration)",
+        OUTLIER_CRITERIA,
+    )
+    split: bool = _option(False, "split each weight into three value clusters quantized apart, where that lowers its error")
+    fold_norms: bool = _option(False, "fold RMSNorm/LayerNorm scales into the weights that read the norm")
+    reorder: str | None = _option(
+        None,
+        "sort input channels by this calibration statistic where the permutation folds into the producing "
+        "weights (needs calibration)",
+        REORDER_CRITERIA, kind=str,
+    )
+    calibration_mode: str = _option(
+        "parallel",
+        "parallel = calibrate the float model once; sequential = quantize decoder layers one after another, each "
+        "calibrated on the model whose earlier layers are already quantized (needs calibration)",
+        CALIBRATION_MODES,
+    )
+    choice_method: str | None = _option(
+        None,
+        "with axis adadim: compare candidates made by this method (rtn: choose by RTN error, then run the "
+        "recipe's method on the chosen axis only); default: the recipe's method",
+        METHODS, kind=str,
+    )
+    clip_search: bool = _option(
+        False,
+        "shrink each group's range (1.0 down to 0.5) where that lowers its squared error, input channels "
+        "weighted by diag(H) where calibration exists",
+    )
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check_field(field, getattr(self, field.name))
+        if not 0.0 <= self.outlier_fraction < 1.0:
+            raise ValueError(f"outlier_fraction must be in [0, 1), got {self.outlier_fraction!r}")
+        self.scheme()  # validates group_size
+
+    @property
+    def candidate_axes(self) -> tuple[str, ...]:
+        return GROUP_AXES if self.axis == "adadim" else (self.axis,)
+
+    @property
+    def needs_calibration(self) -> bool:
+        sensitivity = self.outlier_fraction > 0 and self.outlier_criterion == "sensitivity"
+        sequential = self.calibration_mode == "sequential"
+        return self.method == "gptq" or self.axis == "adadim" or sensitivity or self.reorder is not None or sequential
+
+    @property
+    def calibration_reasons(self) -> list[str]:
+        """The options that make this recipe need calibration data, as ``name=value`` (empty if none)."""
+        reasons = []
+        if self.method == "gptq":
+            reasons.append("method='gptq'")
+        if self.axis == "adadim":
+            reasons.append("axis='adadim'")
+        if self.outlier_fraction > 0 and self.outlier_criterion == "sensitivity":
+            reasons.append("outlier_criterion='sensitivity'")
+        if self.reorder is not None:
+            reasons.append(f"reorder={self.reorder!r}")
+        if self.calibration_mode == "sequential":
+            reasons.append("calibration_mode='sequential'")
+        return reasons
+
+    def scheme(self) -> QuantScheme:
+        """The scheme of one weight (for ``adadim``, the first candidate axis; the pass picks per weight)."""
+        return QuantScheme(self.bits, self.group_size, self.candidate_axes[0], self.symmetric, self.method, self.clip_search)
+
+
+def _check_field(field: dataclasses.Field, value) -> None:
+    """Type and allowed values of one field, with a message that names it."""
+    kind, choices = field.metadata["kind"], field.metadata["choices"]
+    if value is None and field.default is None:
+        return
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        expected = kind.__name__ + (" or None" if field.default is None else "")
+        raise TypeError(f"Recipe.{field.name} must be a {expected}, got {value!r} ({type(value).__name__})")
+    if choices is not None and value not in choices:
+        none = " or None" if field.default is None else ""
+        raise ValueError(f"Recipe.{field.name} must be one of {choices}{none}, got {value!r}")
