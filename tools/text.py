@@ -11,6 +11,8 @@ Calibration and evaluation never share a text: calibrate on ``CALIBRATION_PLAYS`
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import pathlib
 import re
 import warnings
@@ -108,9 +110,39 @@ def calibration_text() -> str:
     return "\n".join(play_text(play) for play in CALIBRATION_PLAYS)
 
 
-def calibration_feeds(tokenizer, input_names: list[str], length: int, count: int) -> list[dict[str, np.ndarray]]:
-    """One feed dict per window of the calibration plays: ``input_ids [1, length]`` and, when the model
-    takes one, an all-ones ``attention_mask``. Other model inputs cannot be made from text."""
+def file_text(path: str | os.PathLike) -> str:
+    """The text of a user's calibration file: plain UTF-8 text, or JSONL (``.jsonl``/``.json`` lines, each
+    a JSON string or an object with a ``"text"`` field), joined by newlines."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no calibration text file at {str(path)!r}")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text: {error}") from error
+    if path.suffix not in (".jsonl", ".json"):
+        return content
+    lines = []
+    for number, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{str(path)!r} line {number} is not JSON: {error}") from error
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            record = record["text"]
+        if not isinstance(record, str):
+            raise ValueError(f"{str(path)!r} line {number}: expected a JSON string or an object with a \"text\" string")
+        lines.append(record)
+    return "\n".join(lines)
+
+
+def calibration_feeds(
+    tokenizer, input_names: list[str], length: int, count: int, text: str | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """One feed dict per window of ``text`` (default: the calibration plays): ``input_ids [1, length]``
+    and, when the model takes one, an all-ones ``attention_mask``. Other model inputs cannot be made from text."""
     unknown = sorted(set(input_names) - {"input_ids", "attention_mask"})
     if unknown or "input_ids" not in input_names:
         raise ValueError(
@@ -118,7 +150,7 @@ def calibration_feeds(tokenizer, input_names: list[str], length: int, count: int
             f"and {unknown or ['input_ids missing']} cannot be made from text"
         )
     feeds = []
-    for window in token_windows(tokenizer, calibration_text(), length, count):
+    for window in token_windows(tokenizer, calibration_text() if text is None else text, length, count):
         feed = {"input_ids": window[None]}
         if "attention_mask" in input_names:
             feed["attention_mask"] = np.ones_like(feed["input_ids"])

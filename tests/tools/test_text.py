@@ -72,3 +72,42 @@ def test_smollm2_windows_decode_to_the_start_of_the_text(smollm2_tokenizer):
     source = text.play_text(text.EVALUATION_PLAY)
     windows = text.token_windows(smollm2_tokenizer, source, length=64, count=5)
     assert source.startswith(smollm2_tokenizer.decode(windows.ravel()))
+
+
+def test_file_text_reads_plain_text_and_jsonl(tmp_path):
+    plain = tmp_path / "corpus.txt"
+    plain.write_text("first line\nsecond line\n", encoding="utf-8")
+    assert text.file_text(plain) == "first line\nsecond line\n"
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text('{"text": "one"}\n\n"two"\n{"text": "three", "id": 3}\n', encoding="utf-8")
+    assert text.file_text(jsonl) == "one\ntwo\nthree"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [('{"text": "one"}\nnot json\n', "line 2 is not JSON"), ('{"body": "x"}\n', 'line 1: expected a JSON string or an object with a "text"')],
+)
+def test_file_text_names_the_bad_jsonl_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        text.file_text(path)
+
+
+def test_file_text_refuses_missing_and_binary_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no calibration text file"):
+        text.file_text(tmp_path / "absent.txt")
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        text.file_text(binary)
+
+
+def test_calibration_feeds_take_the_users_text():
+    class Characters:
+        def __call__(self, text, add_special_tokens=False, verbose=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    feeds = text.calibration_feeds(Characters(), ["input_ids", "attention_mask"], 4, 2, "abcdefgh")
+    assert [feed["input_ids"].tolist() for feed in feeds] == [[[97, 98, 99, 100]], [[101, 102, 103, 104]]]
+    assert all(feed["attention_mask"].tolist() == [[1, 1, 1, 1]] for feed in feeds)
