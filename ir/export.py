@@ -6,7 +6,10 @@ module path, e.g. ``model.layers.0.self_attn.q_proj``), which the passes and the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +19,21 @@ import torch
 
 class ExportError(RuntimeError):
     """torch.onnx could not export a module; the cause is chained as ``__cause__``."""
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence what the user cannot act on: torch.onnx's notes that torchvision's ops are not registered
+    (we export no vision ops) and torch's own deprecation warnings about its pytree internals."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def _root_cause(error: BaseException) -> str:
@@ -44,15 +62,16 @@ def export(
         raise TypeError(f"example_args must be a tuple of the module's inputs, got {type(example_args).__name__}")
     name = type(module).__name__
     try:
-        program = torch.onnx.export(
-            module,
-            example_args,
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes,
-            input_names=input_names,
-            output_names=output_names,
-            verbose=False,
-        )
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                module,
+                example_args,
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=input_names,
+                output_names=output_names,
+                verbose=False,
+            )
     except Exception as error:  # torch.export and the ONNX translation raise many unrelated types
         raise ExportError(f"torch.onnx could not export {name}: {_root_cause(error)}") from error
     _make_initializers_contiguous(program.model)
