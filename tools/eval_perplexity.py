@@ -72,11 +72,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=40, help="number of windows (default: %(default)s)")
     parser.add_argument("--length", type=int, default=512, help="tokens per window (default: %(default)s)")
     parser.add_argument("--tokenizer", help="Hugging Face model folder with the tokenizer (default: SmolLM2's)")
+    parser.add_argument("--reference", help="also measure this model (e.g. the fp32 export) on the same windows")
     args = parser.parse_args(argv)
     tokenizer = models.hf_tokenizer(args.tokenizer) if args.tokenizer else models.smollm2_tokenizer()
     windows = text.token_windows(tokenizer, text.evaluation_text(args.play), args.length, args.windows)
+    where = f"{args.windows} windows x {args.length} tokens of {args.play}"
     value = perplexity(args.model, windows)
-    print(f"perplexity {value:.4f} ({args.windows} windows x {args.length} tokens of {args.play}; {args.model})")
+    print(f"perplexity {value:.4f} ({where}; {args.model})", flush=True)
+    if args.reference:
+        reference = perplexity(args.reference, windows)
+        change = (value - reference) / reference * 100
+        print(f"perplexity {reference:.4f} ({where}; reference {args.reference}): {change:+.2f} % for {args.model}")
 
 
 if __name__ == "__main__":

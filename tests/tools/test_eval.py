@@ -97,3 +97,20 @@ def test_embedding_cosine_of_a_model_with_itself_is_one(minilm_onnx, minilm_toke
     chosen = text.sentences(text.play_text(text.EVALUATION_PLAY), 20)
     score = eval_embedding.embedding_cosine(minilm_onnx, minilm_onnx, minilm_tokenizer, chosen)
     assert score == pytest.approx({"mean": 1.0, "min": 1.0}, abs=1e-6)
+
+
+def test_main_prints_the_change_against_a_reference(tmp_path, monkeypatch, capsys):
+    """``lowbit eval MODEL --reference FP32``: both perplexities on the same windows, and the change."""
+    uniform = bigram_onnx(tmp_path / "uniform.onnx", np.zeros((VOCAB, VOCAB)))
+    probabilities = np.random.default_rng(1).dirichlet(np.ones(VOCAB) * 5, size=VOCAB)
+    bigram = bigram_onnx(tmp_path / "bigram.onnx", np.log(probabilities))
+    tokens = np.random.default_rng(2).integers(0, VOCAB, size=64)
+    monkeypatch.setattr(models, "smollm2_tokenizer", lambda: lambda text, **kwargs: {"input_ids": tokens.tolist()})
+    monkeypatch.setattr(text, "evaluation_text", lambda play: "unused: the tokenizer above ignores the text")
+    eval_perplexity.main([str(uniform), "--reference", str(bigram), "--windows", "4", "--length", "16"])
+    lines = capsys.readouterr().out.splitlines()
+    windows = tokens.reshape(4, 16)
+    expected = np.exp(-np.mean(np.log(probabilities[windows[:, :-1], windows[:, 1:]])))
+    assert lines[0].startswith(f"perplexity {VOCAB:.4f} (4 windows x 16 tokens")
+    assert lines[1].startswith(f"perplexity {expected:.4f}") and "reference" in lines[1]
+    assert lines[1].endswith(f"{(VOCAB - expected) / expected * 100:+.2f} % for {uniform}")
