@@ -16,6 +16,7 @@ from lowbit.ir import analysis
 from lowbit.passes import pipelines
 from lowbit.passes.recipe import Recipe
 from lowbit.passes.report import OptimizeReport
+from lowbit.runtime import session as runtime_session
 from lowbit.runtime.calibration import CalibrationStats
 
 #: Above this many bytes of tensors, ``save`` writes them to an external data file (protobuf's 2 GB cap).
@@ -66,14 +67,45 @@ def _external_files(model: ir.Model, base_dir: pathlib.Path) -> set[str]:
     return files
 
 
+#: The checker's shape inference cannot read the constants it needs (Reshape shapes, axes) from external data.
+_EXTERNAL_CONSTANTS_COMPLAINT = "Cannot parse data from external tensors"
+
+
+def _check(path: pathlib.Path, full_check: bool = True) -> str | None:
+    try:
+        onnx.checker.check_model(str(path), full_check=full_check)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        return str(error).strip()
+    return None
+
+
 def _checker_complaint(path: pathlib.Path) -> str | None:
     """What ``onnx.checker`` (with strict shape inference) finds wrong with the file, or None.
 
     Run on the path, before the model is parsed, so that its copy and ours are not in memory together.
+    A file whose small constants (shapes, axes) are external data too (``onnx.save(...,
+    save_as_external_data=True, size_threshold=0)``) is valid, but the checker's shape inference cannot read
+    them: it is then checked without shape inference, and shape inference (as strict) runs on a copy
+    with those constants read inline and the large tensors left on disk.
     """
+    complaint = _check(path)
+    if complaint is None or _EXTERNAL_CONSTANTS_COMPLAINT not in complaint:
+        return complaint
+    structural = _check(path, full_check=False)
+    if structural is not None:
+        return structural
     try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        proto = onnx.load(path, load_external_data=False)
+        for tensor in runtime_session.proto_tensors(proto.graph):
+            if not onnx.external_data_helper.uses_external_data(tensor):
+                continue
+            if runtime_session.external_nbytes(tensor)[1] <= runtime_session.SMALL_EXTERNAL_TENSOR:
+                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
+    except Exception:  # noqa: BLE001 - a missing or escaping data file: load() says so by name
+        return complaint
+    try:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except onnx.shape_inference.InferenceError as error:
         return str(error).strip()
     return None
 

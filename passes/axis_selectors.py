@@ -32,7 +32,7 @@ from lowbit.ir import analysis
 from lowbit.ir.scheme import SELECTORS
 from lowbit.passes.quant.adadim import choose_axis, relative_output_error
 from lowbit.passes.quant.rtn import QuantizedWeight
-from lowbit.runtime.session import session_options
+from lowbit.runtime.session import external_data_dirs, session_from_proto
 
 
 @dataclasses.dataclass
@@ -122,11 +122,12 @@ class SubgraphSelector:
             self.details = {"modules": 0, "flips": 0, "start_error": 0.0, "final_error": 0.0}
             return choices
         proto = ir.to_proto(model)
-        captured = _capture(proto, modules, samples)
+        data_dirs = external_data_dirs(model)
+        captured = _capture(proto, data_dirs, modules, samples)
         extractor = onnx.utils.Extractor(proto)
         flips, start_error, final_error = 0, 0.0, 0.0
         for module in tqdm(modules, desc="AdaDim selection", unit="module", leave=False):
-            module_flips, start, final = self._search(extractor, module, plans, choices, captured)
+            module_flips, start, final = self._search(extractor, data_dirs, module, plans, choices, captured)
             flips, start_error, final_error = flips + module_flips, start_error + start, final_error + final
         self.details = {"modules": len(modules), "flips": flips, "start_error": start_error, "final_error": final_error}
         return choices
@@ -149,10 +150,10 @@ class SubgraphSelector:
                 modules.append(Module(name, inputs, outputs, indices))
         return modules
 
-    def _search(self, extractor, module: Module, plans, choices: list[str], captured) -> tuple[int, float, float]:
+    def _search(self, extractor, data_dirs, module: Module, plans, choices: list[str], captured) -> tuple[int, float, float]:
         """Greedy flips inside one module; updates ``choices``; returns (flips, start error, final error)."""
         weight_names = [plans[i].first.weight.name for i in module.plan_indices]
-        sess = module_session(extractor, module, weight_names)
+        sess = module_session(extractor, module, weight_names, data_dirs)
 
         def error(assignment: dict[int, str]) -> float:
             weights = {
@@ -179,8 +180,9 @@ class SubgraphSelector:
         return flips, start, best
 
 
-def _capture(proto: onnx.ModelProto, modules: list[Module], samples) -> list[dict[str, np.ndarray]]:
-    """Run the float model once per sample, returning every module's boundary values."""
+def _capture(proto: onnx.ModelProto, data_dirs: Mapping[str, str], modules: list[Module], samples) -> list[dict[str, np.ndarray]]:
+    """Run the float model once per sample, returning every module's boundary values (``data_dirs``:
+    ``runtime.session.external_data_dirs`` of the model)."""
     names = sorted({name for module in modules for name in (*module.inputs, *module.outputs)})
     graph_inputs = {value.name for value in proto.graph.input}
     extra = [name for name in names if name not in graph_inputs]
@@ -188,7 +190,7 @@ def _capture(proto: onnx.ModelProto, modules: list[Module], samples) -> list[dic
     with_outputs.CopyFrom(proto)
     existing = {output.name for output in with_outputs.graph.output}
     with_outputs.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra if name not in existing)
-    sess = ort.InferenceSession(with_outputs.SerializeToString(), session_options())
+    sess = session_from_proto(with_outputs, data_dirs)
     captured = []
     for sample in samples:
         values = dict(zip(extra, sess.run(extra, dict(sample))))
@@ -197,8 +199,11 @@ def _capture(proto: onnx.ModelProto, modules: list[Module], samples) -> list[dic
     return captured
 
 
-def module_session(extractor: onnx.utils.Extractor, module: Module, weight_names: list[str]) -> ort.InferenceSession:
-    """The module's subgraph with its weights turned into graph inputs (fed with candidates)."""
+def module_session(
+    extractor: onnx.utils.Extractor, module: Module, weight_names: list[str], data_dirs: Mapping[str, str]
+) -> ort.InferenceSession:
+    """The module's subgraph with its weights turned into graph inputs (fed with candidates); ``data_dirs``:
+    where the external data of the extracted model lies (``runtime.session.external_data_dirs``)."""
     sub = extractor.extract_model(module.inputs, module.outputs)
     weights = {tensor.name: tensor for tensor in sub.graph.initializer if tensor.name in weight_names}
     kept = [tensor for tensor in sub.graph.initializer if tensor.name not in weights]
@@ -206,7 +211,7 @@ def module_session(extractor: onnx.utils.Extractor, module: Module, weight_names
     sub.graph.initializer.extend(kept)
     for name, tensor in weights.items():
         sub.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
-    return ort.InferenceSession(sub.SerializeToString(), session_options())
+    return session_from_proto(sub, data_dirs)
 
 
 def make_selector(name: str):

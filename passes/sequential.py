@@ -34,7 +34,7 @@ from lowbit.ir import analysis
 from lowbit.ir.scheme import CALIBRATION_MODES
 from lowbit.passes.axis_selectors import WeightPlan, Module, module_session, decoder_layer
 from lowbit.passes.quant.hessian import HessianAccumulator
-from lowbit.runtime.session import session_options
+from lowbit.runtime.session import external_data_dirs, session_from_proto, set_external_data_dirs
 
 #: Refuse to hold more than this many bytes of layer inputs (one cut, all samples).
 MAX_STREAM_BYTES = 2 * 2**30
@@ -107,6 +107,8 @@ class LayerSweep:
         self.selector_samples, self.max_stream_bytes = selector_samples, max_stream_bytes
         self.graph_inputs = expected
         self.cuts = _cuts(model.graph, plans, layers)
+        #: Where the model's external data lies (sessions on its subgraphs read it from there).
+        self.data_dirs = external_data_dirs(model)
         #: Bytes of layer inputs held while each layer was quantized (one cut, every sample).
         self.stream_bytes: list[int] = []
 
@@ -118,7 +120,8 @@ class LayerSweep:
             self.stream_bytes.append(sum(value.nbytes for sample in stream for value in sample.values()))
             self._set_hessians(extractor, layer, inputs, stream)
             samples = [{**self.feeds[s], **stream[s]} for s in range(min(self.selector_samples, len(stream)))]
-            quantized = quantize(layer, LayerStep(functools.partial(_float_subgraph, extractor, inputs, outputs), samples))
+            build = functools.partial(_float_subgraph, extractor, inputs, outputs, self.data_dirs)
+            quantized = quantize(layer, LayerStep(build, samples))
             if index + 1 < len(self.layers):
                 self._advance(extractor, Module(layer.name, inputs, outputs, layer.indices), quantized, stream)
 
@@ -126,7 +129,7 @@ class LayerSweep:
         """The first cut for every sample (e.g. the token embeddings)."""
         stream: list[dict[str, np.ndarray]] = [{} for _ in self.feeds]
         if self.cuts[0]:
-            sess = ort.InferenceSession(extractor.extract_model(self.graph_inputs, self.cuts[0]).SerializeToString(), session_options())
+            sess = session_from_proto(extractor.extract_model(self.graph_inputs, self.cuts[0]), self.data_dirs)
             self._replace(stream, sess, self.cuts[0], {})
         return stream
 
@@ -155,7 +158,7 @@ class LayerSweep:
             plan = self.plans[index]
             activations[plan.first.node.inputs[0].name] = plan.weight.shape[0]
         computed = [name for name in activations if name not in inputs]
-        sess = ort.InferenceSession(extractor.extract_model(inputs, computed).SerializeToString(), session_options()) if computed else None
+        sess = session_from_proto(extractor.extract_model(inputs, computed), self.data_dirs) if computed else None
         accumulators = {name: HessianAccumulator(channels) for name, channels in activations.items()}
         for feeds, cut in zip(self.feeds, stream):
             values = {**feeds, **cut}
@@ -173,12 +176,17 @@ class LayerSweep:
         missing = sorted(set(names) - set(quantized))
         if missing:
             raise ValueError(f"layer {module.name!r}: the quantizer returned no value for the weights {missing}")
-        sess = module_session(extractor, module, names)
+        sess = module_session(extractor, module, names, self.data_dirs)
         self._replace(stream, sess, module.outputs, {name: np.asarray(quantized[name], dtype=np.float32) for name in names})
 
 
-def _float_subgraph(extractor: onnx.utils.Extractor, inputs: list[str], outputs: list[str]) -> ir.Model | None:
-    return ir.serde.deserialize_model(extractor.extract_model(inputs, outputs)) if outputs else None
+def _float_subgraph(
+    extractor: onnx.utils.Extractor, inputs: list[str], outputs: list[str], data_dirs: Mapping[str, str]
+) -> ir.Model | None:
+    """The layer's float subgraph, its external tensors read from the whole model's folders."""
+    if not outputs:
+        return None
+    return set_external_data_dirs(ir.serde.deserialize_model(extractor.extract_model(inputs, outputs)), data_dirs)
 
 
 def _cuts(graph: ir.Graph, plans: list[WeightPlan], layers: list[Layer]) -> list[list[str]]:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
 from lowbit.passes.quant.hessian import HessianAccumulator
-from lowbit.runtime.session import session_options
+from lowbit.runtime.session import external_data_dirs, session_from_proto
 
 
 @dataclasses.dataclass
@@ -65,9 +65,7 @@ def _session_with_outputs(model: ir.Model, names: list[str], providers: list[str
     for name in names:
         if name not in existing:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    return ort.InferenceSession(
-        proto.SerializeToString(), session_options(), providers=providers or ["CPUExecutionProvider"]
-    )
+    return session_from_proto(proto, external_data_dirs(model), providers=providers)
 
 
 def collect(

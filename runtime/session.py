@@ -6,6 +6,11 @@ error on top of the weight quantization. ``matmulnbits_accuracy_level=0`` keeps 
 use it to measure weight quantization alone (every accuracy figure lowbit reports does), and leave it
 ``None`` (ONNX Runtime's default) to measure deployment speed.
 
+Sessions on in-memory models (``session_from_model``, ``session_from_proto``: calibration, the AdaDim
+selectors, the sequential sweep) hand ONNX Runtime the model's external data files mapped into memory
+under the names the model gives them, so that a relative location is read from the model's folder, not
+from the process's working directory, and nothing is copied into the serialized model.
+
 Models with fused ``lowbit::`` ops need lowbit's custom-op library (``kernels/build.py``).
 ``use_lowbit_ops=None`` registers it when it is built, ``True`` requires it, ``False`` never registers it.
 """
@@ -14,8 +19,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
+import numpy as np
+import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from lowbit.kernels import _lib
@@ -81,3 +89,128 @@ def open_session(
             f"and an output {output!r}"
         )
     return model
+
+
+def _model_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every initializer and tensor attribute of the model, subgraphs included."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+        for node in graph:
+            for attribute in node.attributes.values():
+                if attribute.is_ref():
+                    continue
+                if attribute.type == ir.AttributeType.TENSOR and attribute.value is not None:
+                    yield attribute.value
+                elif attribute.type == ir.AttributeType.TENSORS and attribute.value is not None:
+                    yield from attribute.value
+
+
+def external_data_dirs(model: ir.Model) -> dict[str, str]:
+    """The folder (absolute) each external-data location of ``model`` is read from: ``{location: folder}``.
+
+    ``ir.to_proto`` writes external tensors as references by location, relative to the model's folder; a
+    session made from those bytes needs the folder (``session_from_proto``). One location read from two
+    folders (a model put together from two files) cannot be told apart in the proto: refused.
+    """
+    dirs: dict[str, str] = {}
+    for tensor in _model_tensors(model):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        folder = os.path.abspath(tensor.base_dir or os.curdir)
+        if dirs.setdefault(tensor.location, folder) != folder:
+            raise ValueError(
+                f"external data location {tensor.location!r} is read from two folders ({dirs[tensor.location]!r} and "
+                f"{folder!r}); save the model (lowbit.save) and load it again"
+            )
+    return dirs
+
+
+def set_external_data_dirs(model: ir.Model, dirs: Mapping[str, str]) -> ir.Model:
+    """Point the external tensors of ``model`` (e.g. a subgraph deserialized from an extracted proto, whose
+    tensors have no folder) at the folders ``dirs`` gives for their locations; returns ``model``."""
+    for tensor in _model_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor) and tensor.location in dirs:
+            tensor.base_dir = dirs[tensor.location]
+    return model
+
+
+def proto_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every initializer and tensor attribute of ``graph`` and its subgraphs (protobuf messages)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from proto_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from proto_tensors(subgraph)
+
+
+#: External tensors up to this many bytes (what onnx.save keeps inline by default) are read into the proto:
+#: shape inference (the ONNX checker's and ONNX Runtime's) cannot read the constants it needs (Reshape
+#: shapes, axes) from external data.
+SMALL_EXTERNAL_TENSOR = 1024
+
+
+def external_nbytes(tensor: onnx.TensorProto) -> tuple[int, int]:
+    """(offset, length) in bytes of an external tensor's data (length from its shape when not stored)."""
+    info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    length = info.length
+    if not length:
+        elements = int(np.prod(tensor.dims, dtype=np.int64))
+        length = int(np.ceil(elements * ir.DataType(tensor.data_type).itemsize))
+    return int(info.offset or 0), int(length)
+
+
+def session_from_proto(
+    proto: onnx.ModelProto,
+    data_dirs: Mapping[str, str],
+    options: ort.SessionOptions | None = None,
+    providers: list[str] | None = None,
+) -> ort.InferenceSession:
+    """An ``InferenceSession`` on ``proto`` (CPU by default), its external data read from ``data_dirs``
+    (``external_data_dirs`` of the model it was made from) whatever the working directory.
+
+    Each data file is memory-mapped read-only and given to ONNX Runtime under its location
+    (``add_external_initializers_from_files_in_memory``): no copy of the weights goes into the serialized
+    model. The maps are kept on the session (``_lowbit_data_files``) for its lifetime. External tensors of
+    at most ``SMALL_EXTERNAL_TENSOR`` bytes are read into ``proto`` (in place), for shape inference.
+    """
+    options = session_options() if options is None else options
+    external = [tensor for tensor in proto_tensors(proto.graph) if onnx.external_data_helper.uses_external_data(tensor)]
+    files: dict[str, np.ndarray] = {}
+    for tensor in external:
+        location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+        if location not in files:
+            if location not in data_dirs:
+                raise ValueError(f"tensor {tensor.name!r} reads external data {location!r}, whose folder is not known")
+            path = os.path.join(data_dirs[location], location)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"external data file {path!r} of tensor {tensor.name!r} is missing")
+            files[location] = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+        offset, length = external_nbytes(tensor)
+        if length <= SMALL_EXTERNAL_TENSOR:  # inline, where ONNX Runtime's shape inference can read it
+            tensor.raw_data = files[location][offset : offset + length].tobytes()
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    locations = sorted({
+        onnx.external_data_helper.ExternalDataInfo(tensor).location
+        for tensor in external if tensor.data_location == onnx.TensorProto.EXTERNAL
+    })
+    buffers = [files[location] for location in locations]
+    if locations:
+        options.add_external_initializers_from_files_in_memory(locations, buffers, [buffer.size for buffer in buffers])
+    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=providers or ["CPUExecutionProvider"])
+    sess._lowbit_data_files = buffers
+    return sess
+
+
+def session_from_model(
+    model: ir.Model, options: ort.SessionOptions | None = None, providers: list[str] | None = None
+) -> ort.InferenceSession:
+    """``session_from_proto`` of an in-memory ``onnx_ir`` model, its external data read from its own folders."""
+    return session_from_proto(ir.to_proto(model), external_data_dirs(model), options, providers)
