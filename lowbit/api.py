@@ -12,7 +12,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from lowbit.ir import analysis
 from lowbit.passes import pipelines
 from lowbit.passes.recipe import Recipe
 from lowbit.passes.report import OptimizeReport
@@ -185,10 +184,55 @@ def optimize(
     return OptimizeResult(model, report)
 
 
+def _detach_external_data(model: ir.Model) -> list:
+    """Replace every tensor of ``model`` that reads an external data file (initializers and tensor
+    attributes, subgraphs included) by a lazy tensor that reads the same bytes when serialized, so that
+    ``ir.save`` writes them inline or into the output's own data file instead of referencing the input's
+    file. Nothing is read here; returns the undo steps (``_restore``)."""
+    undo = []
+
+    def lazy(tensor: ir.ExternalTensor) -> ir.LazyTensor:
+        return ir.LazyTensor(
+            lambda: tensor, tensor.dtype, tensor.shape, name=tensor.name, doc_string=tensor.doc_string,
+            metadata_props=dict(tensor.metadata_props),
+        )
+
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                undo.append((value, "const_value", value.const_value))
+                value.const_value = lazy(value.const_value)
+        for node in graph:
+            for name, attribute in list(node.attributes.items()):
+                if attribute.is_ref():
+                    continue
+                if attribute.type == ir.AttributeType.TENSOR and isinstance(attribute.value, ir.ExternalTensor):
+                    replacement = ir.Attr(name, attribute.type, lazy(attribute.value), doc_string=attribute.doc_string)
+                elif attribute.type == ir.AttributeType.TENSORS and any(isinstance(t, ir.ExternalTensor) for t in attribute.value):
+                    tensors = [lazy(t) if isinstance(t, ir.ExternalTensor) else t for t in attribute.value]
+                    replacement = ir.Attr(name, attribute.type, tensors, doc_string=attribute.doc_string)
+                else:
+                    continue
+                undo.append((node.attributes, name, attribute))
+                node.attributes[name] = replacement
+    return undo
+
+
+def _restore(undo: list) -> None:
+    for owner, key, original in reversed(undo):
+        if key == "const_value":
+            owner.const_value = original
+        else:
+            owner[key] = original
+
+
 def save(model: ir.Model, path: str | os.PathLike) -> pathlib.Path:
     """Write ``model`` atomically to ``path``; tensors go to ``<name>.data`` beside it past ~1.8 GB.
 
-    Refuses to write over the file the model was loaded from or any external data it reads.
+    The output stands alone: tensors that the model still reads from its input's external data file (a
+    bias or norm weight left in float) are written inline, or into ``<name>.data`` past the threshold,
+    never referenced. Refuses to write over the file the model was loaded from or any external data it
+    reads. ``model`` is unchanged.
     """
     path = pathlib.Path(path)
     if path.suffix != ".onnx":
@@ -197,17 +241,33 @@ def save(model: ir.Model, path: str | os.PathLike) -> pathlib.Path:
         raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist")
     if path.is_dir():
         raise IsADirectoryError(f"output path {str(path)!r} is a folder")
-    external = f"{path.name}.data" if analysis.initializer_bytes(model.graph) > EXTERNAL_DATA_THRESHOLD else None
-    protected = model.meta.get(_SOURCE_KEY, set())
+    external = f"{path.name}.data" if _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD else None
+    protected = model.meta.get(_SOURCE_KEY, set()) | _external_data_paths(model)
     for target in [path] + ([path.parent / external] if external else []):
         if str(target.resolve()) in protected:
             raise ValueError(f"refusing to overwrite {str(target)!r}: the model was loaded from it")
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    undo = _detach_external_data(model)
     try:
         ir.save(model, temporary, external_data=external)
         os.replace(temporary, path)
     except OSError as error:  # name the output, not the temporary file (errno keeps the subclass)
         raise OSError(error.errno, f"cannot write {str(path)!r}: {error.strerror}") from error
     finally:
+        _restore(undo)
         temporary.unlink(missing_ok=True)
     return path
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    """Bytes of every tensor ``save`` writes (initializers and tensor attributes, subgraphs included)."""
+    return sum(tensor.nbytes for _, tensor in _tensors(model) if tensor is not None)
+
+
+def _external_data_paths(model: ir.Model) -> set[str]:
+    """The resolved files the model's external tensors read (whether it came from ``load`` or not)."""
+    paths = set()
+    for _, tensor in _tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            paths.add(str((pathlib.Path(tensor.base_dir or os.curdir) / tensor.location).resolve()))
+    return paths
