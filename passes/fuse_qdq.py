@@ -13,8 +13,12 @@ becomes a ``lowbit::QuantMatMul`` of the transposed codes (its own packed copy: 
 its bytes twice, still far below float).
 
 Rules: ``passes/rules/quant_matmul.py`` and ``passes/rules/quantized_gather.py``. What is not fused (fp16 activations, a weight made by something
-other than a constant DequantizeLinear, ...) stays as it was and is listed in ``details["unfused"]`` with
-the reason. Dead DequantizeLinear nodes and their initializers are removed.
+other than a constant DequantizeLinear, ...) stays as it was and is listed in ``details["unfused"]``
+(``{DequantizeLinear node name, i.e. "<layer>.DequantizeLinear": reason}``; in an ``OptimizeReport``, the
+details of the ``PassRecord`` named ``FuseQDQPass``). Dead DequantizeLinear nodes and their initializers
+are removed. Fusion needs no declared types: a file without value_info fuses every weight (an activation
+of unknown type is float32 like the weight it is multiplied with), and the fused ops' outputs get their
+type and, where the activation's shape is known, their shape.
 """
 
 from __future__ import annotations

@@ -132,6 +132,16 @@ def weight_source(value: ir.Value) -> tuple[ir.Node, bool] | None:
     return producer, transposed
 
 
+def typed_output(output: ir.Value, a: ir.Value, n: int) -> ir.Value:
+    """Give a fused MatMul's output its type and shape (float32, ``A``'s shape with the last dimension N):
+    no shape inference knows lowbit's op, and the next fusion reads its activation's type from here.
+    (The rewriter keeps the replaced output's own type and shape where those were known.)"""
+    output.dtype = ir.DataType.FLOAT
+    if a.shape is not None and len(a.shape) >= 1:
+        output.shape = ir.Shape([*a.shape[:-1], n])
+    return output
+
+
 def _reads_dequantized(node: ir.Node) -> bool:
     return any(value is not None and value.producer() is not None
                and value.producer().op_type == "DequantizeLinear" for value in node.inputs)
@@ -170,14 +180,16 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
             self.state.reject(producer, weight)
             return result.fail(weight)
         k, n = weight.shape
-        if a.dtype != ir.DataType.FLOAT:
+        # A MatMul's operands share one type and the weight is float32 (read_dequantize checked its scales):
+        # an activation of unknown type (a file without value_info, a fused op's output) is float32 too.
+        if a.dtype is not None and a.dtype != ir.DataType.FLOAT:
             reason = f"activations are {a.dtype}; the CPU kernel takes float32"
             self.state.reject(producer, reason)
             return result.fail(reason)
         if a.shape is not None and isinstance(a.shape[-1], int) and a.shape[-1] != k:
             return result.fail(f"activation width {a.shape[-1]} != K = {k}")
         if self.with_bias:
-            if bias.const_value is None or bias.dtype != ir.DataType.FLOAT:
+            if bias.const_value is None or bias.const_value.dtype != ir.DataType.FLOAT:
                 return result.fail("the Add is not a constant float32 bias")
             if bias.const_value.numpy().size != n or (bias.shape is not None and len(bias.shape) != 1):
                 return result.fail(f"the bias is not a [{n}] vector")
@@ -219,10 +231,10 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
             inputs += outliers
         axis = "oc" if weight.group_axis == 0 else "ic"
         self.state.count(f"lowbit::QuantMatMul {axis}{weight.bits}" + (" + outliers" if outliers else ""))
-        return op.op(
+        return typed_output(op.op(
             quant_matmul_op.OP_TYPE, *inputs, _domain=quant_matmul_op.DOMAIN, _version=1,
             bits=weight.bits, group_size=weight.group_size, group_axis=weight.group_axis, K=k, N=n,
-        )
+        ), a, n)
 
     def _matmulnbits(self, op, a, source, weight, bias):
         k, n = weight.shape
@@ -238,10 +250,10 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
         if bias is not None:
             inputs += [None, bias]
         self.state.count("com.microsoft::MatMulNBits 4")
-        return op.op(
+        return typed_output(op.op(
             "MatMulNBits", *inputs, _domain=MATMULNBITS_DOMAIN, _version=1,
             K=k, N=n, bits=4, block_size=weight.group_size, accuracy_level=self.accuracy_level,
-        )
+        ), a, n)
 
 
 class _FuseDequantizeMatMulBias(_FuseDequantizeMatMul):

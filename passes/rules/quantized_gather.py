@@ -30,7 +30,8 @@ def gather_blocker(gather: ir.Node, dequantize: ir.Node) -> str | None:
         return "GatherBlockQuantized needs blocks along the row (axis=1) of a power-of-two size >= 16"
     if gather.attributes.get_int("axis", 0) != 0:
         return "GatherBlockQuantized gathers rows (axis=0) only"
-    if dequantize.inputs[1].dtype != gather.outputs[0].dtype:
+    declared = gather.outputs[0].dtype  # None without value_info: a Gather's output has its table's type
+    if declared is not None and dequantize.inputs[1].dtype != declared:
         return "the table's scales and the Gather output differ in type"
     return None
 
@@ -61,10 +62,14 @@ class _FuseDequantizeGather(pattern.RewriteRuleClassBase):
         codes, scales, zero_points = [*dequantize.inputs, None][:3]
         self.state.count("com.microsoft::GatherBlockQuantized 4")
         inputs = [codes, ids, scales] + ([zero_points] if zero_points is not None else [])
-        return op.op(
+        gathered = op.op(
             "GatherBlockQuantized", *inputs, _domain=MATMULNBITS_DOMAIN, _version=1,
             bits=4, block_size=dequantize.attributes.get_int("block_size"), gather_axis=0, quantize_axis=1,
         )
+        gathered.dtype = scales.dtype  # the table's type; the rows: ids' shape + [D]
+        if ids.shape is not None:
+            gathered.shape = ir.Shape([*ids.shape, codes.const_value.shape[1]])
+        return gathered
 
 
 def rule_set(state: FusionState) -> pattern.RewriteRuleSet:
