@@ -414,6 +414,28 @@ def external_data_valid(folder, cleanup):
     return Case(model, _output(folder), None)
 
 
+def _no_external_data(output: pathlib.Path) -> None:
+    proto = onnx.load(output, load_external_data=False)
+    external = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert not external, f"the output still reads external data for {external}"
+
+
+@case
+def external_data_every_tensor(folder, cleanup):
+    """Every tensor external, the shape constants too (``size_threshold=0``): the biases, left in float,
+    are written into the output (issue 16), which must not read the input's data file."""
+    path = folder / "in" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    proto = ir.to_proto(factories.mlp())
+    shape = numpy_helper.from_array(np.array([-1, 24], np.int64), "flat_shape")  # a constant shape inference needs
+    proto.graph.initializer.append(shape)
+    proto.graph.node.append(helper.make_node("Reshape", ["y", "flat_shape"], ["y_flat"], name="flatten"))
+    proto.graph.output.append(helper.make_tensor_value_info("y_flat", onnx.TensorProto.FLOAT, [15, 24]))
+    onnx.save(proto, path, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    output = _output(folder)
+    return Case(path, output, None, check=lambda result: _no_external_data(output))
+
+
 # --- output paths --------------------------------------------------------------------------------
 
 
