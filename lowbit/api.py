@@ -173,6 +173,7 @@ def optimize(
     recipe = Recipe() if recipe is None else recipe
     if not isinstance(recipe, Recipe):
         raise TypeError(f"optimize() takes a lowbit.Recipe (e.g. lowbit.Recipe(bits=4)), got {type(recipe).__name__}")
+    _check_calibration(calibration)
     if recipe.needs_calibration and calibration is None:
         raise ValueError(
             f"{', '.join(recipe.calibration_reasons)} needs calibration data: "
@@ -224,6 +225,18 @@ def _restore(undo: list) -> None:
             owner.const_value = original
         else:
             owner[key] = original
+
+
+def _check_calibration(calibration) -> None:
+    """``calibration`` is None, collected statistics, or an iterable of feed dicts ``{input name: array}``."""
+    if calibration is None or isinstance(calibration, CalibrationStats):
+        return
+    if isinstance(calibration, Mapping) or isinstance(calibration, (str, bytes, np.ndarray)) or not isinstance(calibration, Iterable):
+        raise TypeError(
+            "calibration must be a list of feed dicts [{input_name: array}, ...] (one per batch) or statistics from "
+            f"lowbit.runtime.calibration.collect, got {type(calibration).__name__}"
+            + ("; wrap a single feed dict in a list" if isinstance(calibration, Mapping) else "")
+        )
 
 
 def save(model: ir.Model, path: str | os.PathLike) -> pathlib.Path:

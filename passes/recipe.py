@@ -99,8 +99,8 @@ class Recipe:
     )
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            _check_field(field, getattr(self, field.name))
+        for field in dataclasses.fields(self):  # frozen: normalise through object.__setattr__
+            object.__setattr__(self, field.name, _checked(field, getattr(self, field.name)))
         if not 0.0 <= self.outlier_fraction < 1.0:
             raise ValueError(f"outlier_fraction must be in [0, 1), got {self.outlier_fraction!r}")
         self.scheme()  # validates group_size
@@ -136,11 +136,12 @@ class Recipe:
         return QuantScheme(self.bits, self.group_size, self.candidate_axes[0], self.symmetric, self.method, self.clip_search)
 
 
-def _check_field(field: dataclasses.Field, value) -> None:
-    """Type and allowed values of one field, with a message that names it."""
+def _checked(field: dataclasses.Field, value):
+    """``value`` checked against the field's type and allowed values (a message that names the field), as
+    a plain Python value (NumPy numbers become int / float)."""
     kind, choices = field.metadata["kind"], field.metadata["choices"]
     if value is None and field.default is None:
-        return
+        return None
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:
@@ -155,3 +156,4 @@ def _check_field(field: dataclasses.Field, value) -> None:
     if choices is not None and value not in choices:
         none = " or None" if field.default is None else ""
         raise ValueError(f"Recipe.{field.name} must be one of {choices}{none}, got {value!r}")
+    return kind(value) if kind in (int, float) else value

@@ -87,3 +87,48 @@ def test_fused_recipe_writes_fused_ops_that_run_in_a_lowbit_session(mlp_file, tm
     fused = session(path).run(None, feeds)[0]
     expected = run(portable, feeds)[0]
     np.testing.assert_allclose(fused, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    ("recipe", "error", "message"),
+    [({"bits": 4}, TypeError, "optimize\\(\\) takes a lowbit.Recipe"),
+     ("rtn", TypeError, "optimize\\(\\) takes a lowbit.Recipe")],
+)
+def test_optimize_refuses_what_is_not_a_recipe(recipe, error, message):
+    with pytest.raises(error, match=message):
+        lowbit.optimize(factories.mlp(), recipe)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [({"symmetric": "no"}, TypeError, "Recipe.symmetric must be a bool, got 'no'"),
+     ({"bits": 4.0}, TypeError, "Recipe.bits must be a int"),
+     ({"bits": True}, TypeError, "Recipe.bits must be a int"),
+     ({"bits": 5}, ValueError, "Recipe.bits must be one of \\(2, 3, 4, 8\\)"),
+     ({"group_size": "128"}, TypeError, "Recipe.group_size must be a int"),
+     ({"axis": "rows"}, ValueError, "Recipe.axis must be one of"),
+     ({"reorder": "size"}, ValueError, "Recipe.reorder must be one of \\('absmax', 'hessian'\\) or None"),
+     ({"fused": 1}, TypeError, "Recipe.fused must be a bool"),
+     ({"outlier_fraction": 1.0}, ValueError, "outlier_fraction must be in \\[0, 1\\)"),
+     ({"outlier_fraction": "0.1"}, TypeError, "Recipe.outlier_fraction must be a float")],
+)
+def test_recipe_checks_every_fields_type_and_values(fields, error, message):
+    with pytest.raises(error, match=message):
+        lowbit.Recipe(**fields)
+
+
+def test_recipe_accepts_numpy_numbers():
+    recipe = lowbit.Recipe(bits=np.int64(3), group_size=np.int32(32), outlier_fraction=np.float32(0.01))
+    assert recipe.scheme().bits == 3
+
+
+@pytest.mark.parametrize(
+    ("calibration", "message"),
+    [({"x": np.zeros((2, 16), np.float32)}, "wrap a single feed dict in a list"),
+     (np.zeros((2, 16), np.float32), "got ndarray"),
+     ("batches.npz", "got str")],
+)
+def test_optimize_refuses_calibration_that_is_not_a_list_of_feeds(calibration, message):
+    recipe = lowbit.Recipe(bits=4, group_size=16, method="gptq")
+    with pytest.raises(TypeError, match=f"calibration must be a list of feed dicts.*{message}"):
+        lowbit.optimize(factories.mlp(), recipe, calibration=calibration)

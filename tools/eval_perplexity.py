@@ -74,13 +74,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokenizer", help="Hugging Face model folder with the tokenizer (default: SmolLM2's)")
     parser.add_argument("--reference", help="also measure this model (e.g. the fp32 export) on the same windows")
     args = parser.parse_args(argv)
+    # Both models are checked to be causal LMs before the tokenizer and the text are loaded.
+    model = open_session(args.model, ["input_ids"], "logits")
+    reference_model = open_session(args.reference, ["input_ids"], "logits") if args.reference else None
     tokenizer = models.hf_tokenizer(args.tokenizer) if args.tokenizer else models.smollm2_tokenizer()
     windows = text.token_windows(tokenizer, text.evaluation_text(args.play), args.length, args.windows)
     where = f"{args.windows} windows x {args.length} tokens of {args.play}"
-    value = perplexity(args.model, windows)
+    value = perplexity(model, windows)
     print(f"perplexity {value:.4f} ({where}; {args.model})", flush=True)
-    if args.reference:
-        reference = perplexity(args.reference, windows)
+    if reference_model is not None:
+        reference = perplexity(reference_model, windows)
         change = (value - reference) / reference * 100
         print(f"perplexity {reference:.4f} ({where}; reference {args.reference}): {change:+.2f} % for {args.model}")
 
