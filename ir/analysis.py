@@ -11,7 +11,9 @@ import onnx_ir as ir
 
 #: Module-path leaf names that mark an output projection onto the vocabulary.
 LM_HEAD_NAMES = frozenset({"lm_head", "embed_out", "output_projection"})
-FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
+#: Weight types the passes quantize (bfloat16 and double are quantized in float32 and cast back).
+FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+DEFAULT_DOMAINS = ("", "ai.onnx")
 _NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
@@ -136,3 +138,119 @@ def gemm_weight_kn(node: ir.Node, weight: np.ndarray) -> np.ndarray:
     if node.attributes.get_int("transB", 0):
         weight = weight.T
     return weight * np.float32(node.attributes.get_float("alpha", 1.0))
+
+
+def default_opset(model: ir.Model, default: int | None = None) -> int | None:
+    """The model's default-domain opset, whether the file spells the domain ``""`` or ``"ai.onnx"``."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", default))
+
+
+def normalize_default_domain(model: ir.Model) -> bool:
+    """Spell the default domain ``""`` everywhere (opset import, nodes of every graph and function), as
+    the version converter and the builders expect; True when anything changed."""
+    changed = False
+    if "ai.onnx" in model.opset_imports:
+        version = model.opset_imports.pop("ai.onnx")
+        model.opset_imports[""] = max(version, model.opset_imports.get("", version))
+        changed = True
+    graphs = list(model.graphs()) + list(model.functions.values())
+    for graph in graphs:
+        for node in graph:
+            if node.domain == "ai.onnx":
+                node.domain = ""
+                changed = True
+    return changed
+
+
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs a node's attributes hold (If branches, Loop/Scan bodies)."""
+    found = []
+    for attribute in node.attributes.values():
+        if attribute.is_ref():
+            continue
+        if attribute.type == ir.AttributeType.GRAPH:
+            found.append(attribute.value)
+        elif attribute.type == ir.AttributeType.GRAPHS:
+            found.extend(attribute.value)
+    return found
+
+
+def _constant_origin(value: ir.Value, memo: dict) -> str | None:
+    """How ``value`` is made when it does not depend on any graph input: ``"constant"`` (an initializer
+    or Constant output), ``"computed"`` (nodes on constants, run at every inference), ``"quantized"``
+    (behind a DequantizeLinear: a weight already quantized); None for an activation."""
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    memo[key] = None  # a cycle is no constant
+    if value.is_graph_input():
+        origin = None
+    elif value.const_value is not None:
+        origin = "constant"
+    else:
+        producer = value.producer()
+        if producer is None:
+            origin = None  # an outer-scope value of a subgraph, or an unknown input
+        elif producer.op_type == "Constant" and producer.domain in DEFAULT_DOMAINS:
+            origin = "constant"
+        elif producer.op_type == "DequantizeLinear" or producer.domain not in DEFAULT_DOMAINS or subgraphs(producer):
+            origin = "quantized" if producer.op_type == "DequantizeLinear" else None
+        else:
+            inputs = [_constant_origin(input_, memo) for input_ in producer.inputs if input_ is not None]
+            if not inputs or any(origin is None for origin in inputs):
+                origin = None
+            elif "quantized" in inputs:
+                origin = "quantized"
+            else:
+                origin = "computed"
+    memo[key] = origin
+    return origin
+
+
+def unquantizable_weights(graph: ir.Graph, weight_nodes: set[int]) -> list[tuple[ir.Node, ir.Value, str]]:
+    """(node, weight, reason) of every MatMul / Gemm (subgraphs included) that multiplies by a constant
+    operand that ``weight_uses`` does not offer for quantization (``weight_nodes``: ids of the nodes it
+    does); weights already quantized are not listed."""
+    found = []
+    memo: dict = {}
+
+    def visit(current: ir.Graph, inside: ir.Node | None) -> None:
+        for node in current:
+            for subgraph in subgraphs(node):
+                visit(subgraph, inside or node)
+            if node.op_type not in ("MatMul", "Gemm") or node.domain not in DEFAULT_DOMAINS or len(node.inputs) < 2:
+                continue
+            if id(node) in weight_nodes:
+                continue
+            activation, weight = node.inputs[0], node.inputs[1]
+            if weight is None or activation is None:
+                continue
+            origin = _constant_origin(weight, memo)
+            if origin is None or origin == "quantized":
+                continue
+            reason = _unquantizable_reason(node, activation, weight, origin, inside, memo)
+            found.append((node, weight, reason))
+
+    visit(graph, None)
+    return found
+
+
+def _unquantizable_reason(node, activation, weight, origin, inside, memo) -> str:
+    if inside is not None:
+        return f"inside a subgraph of {inside.op_type} {inside.name!r}: weights of subgraphs are not quantized"
+    if _constant_origin(activation, memo) is not None:
+        return "both operands are constants (a constant product, not a weight multiplication)"
+    if origin == "computed":
+        producer = weight.producer()
+        return (
+            f"the weight is computed at run time by {producer.op_type} {producer.name!r} from constants and was not "
+            "folded into an initializer (FoldWeightsPass folds Transpose/Cast/Reshape/scalar arithmetic)"
+        )
+    if weight.dtype is not None and weight.dtype not in FLOAT_TYPES:
+        return f"the weight's type {weight.dtype.name} is not a float type"
+    shape = weight.const_value.shape if weight.const_value is not None else weight.shape
+    if shape is not None and len(shape) != 2:
+        return f"the weight has shape {list(shape)}: only 2-D weights are quantized"
+    if weight.const_value is None:
+        return "the weight is a Constant node's output, not an initializer (FoldWeightsPass turns it into one)"
+    return "not recognised as a weight multiplication"

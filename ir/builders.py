@@ -38,16 +38,32 @@ def required_ir_version(bits: int) -> int:
     return 11 if bits == 2 else 10
 
 
+#: Float types a DequantizeLinear writes (opset 21 also allows bfloat16, which ONNX Runtime's CPU kernels
+#: do not implement); other weight types (bfloat16, double) are dequantized to float32 and cast.
+DEQUANTIZE_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
+
+
+def dequantized_type(float_dtype: ir.DataType) -> ir.DataType:
+    """The type the DequantizeLinear of a ``float_dtype`` weight writes (its scales' type)."""
+    return float_dtype if float_dtype in DEQUANTIZE_TYPES else ir.DataType.FLOAT
+
+
 @dataclasses.dataclass
 class QdqWeight:
-    """The initializers and the DequantizeLinear node that stand for one quantized weight."""
+    """The initializers and the nodes (a DequantizeLinear, then a Cast where the weight's type is not one
+    DequantizeLinear writes) that stand for one quantized weight."""
 
     initializers: list[ir.Value]
     node: ir.Node
+    cast: ir.Node | None = None
+
+    @property
+    def nodes(self) -> list[ir.Node]:
+        return [self.node] if self.cast is None else [self.node, self.cast]
 
     @property
     def output(self) -> ir.Value:
-        return self.node.outputs[0]
+        return (self.cast or self.node).outputs[0]
 
     @property
     def nbytes(self) -> int:
@@ -62,9 +78,12 @@ def _initializer(name: str, array: np.ndarray, dtype: ir.DataType | None = None)
 def dequantize_linear(base_name: str, quantized: QuantizedWeight, float_dtype: ir.DataType) -> QdqWeight:
     """Blocked ``DequantizeLinear(codes, scales[, zero_points], axis, block_size)`` for ``quantized``.
 
-    ``base_name`` prefixes the new initializer and value names; the caller keeps them unique.
+    ``base_name`` prefixes the new initializer and value names; the caller keeps them unique. The output
+    has the weight's type ``float_dtype``: a bfloat16 or double weight is dequantized to float32 (its
+    scales float32) and cast.
     """
-    scale_array = quantized.scales.astype(float_dtype.numpy())
+    scale_type = dequantized_type(float_dtype)
+    scale_array = quantized.scales.astype(scale_type.numpy())
     if quantized.symmetric:
         codes = _initializer(f"{base_name}.qweight", quantized.signed_codes(), _SIGNED[storage_bits(quantized)])
         inputs = [codes, _initializer(f"{base_name}.scales", scale_array)]
@@ -81,27 +100,86 @@ def dequantize_linear(base_name: str, quantized: QuantizedWeight, float_dtype: i
     )
     output = node.outputs[0]
     output.name = f"{base_name}.dequantized"
-    output.type = ir.TensorType(float_dtype)
+    output.type = ir.TensorType(scale_type)
     output.shape = ir.Shape(quantized.codes.shape)
-    return QdqWeight(inputs, node)
+    cast = None
+    if scale_type != float_dtype:
+        output.name = f"{base_name}.dequantized_float"
+        cast = ir.node("Cast", [output], attributes={"to": float_dtype}, name=f"{base_name}.Cast")
+        cast.outputs[0].name = f"{base_name}.dequantized"
+        cast.outputs[0].type = ir.TensorType(float_dtype)
+        cast.outputs[0].shape = ir.Shape(quantized.codes.shape)
+    return QdqWeight(inputs, node, cast)
+
+
+#: The names ``NameAllocator.allocate`` derives from a base name.
+_TAILS = (".qweight", ".scales", ".zero_points", ".dequantized", ".dequantized_float")
+
+
+def graph_names(graph: ir.Graph) -> set[str]:
+    """Every value name of ``graph`` and of the subgraphs of its nodes (If/Loop/Scan bodies, recursively):
+    ONNX Runtime needs names unique across a graph and the subgraphs that see it (outer-scope reads)."""
+    names: set[str] = set()
+    graphs = [graph]
+    while graphs:
+        current = graphs.pop()
+        names |= {value.name for value in current.initializers.values()}
+        names |= {value.name for value in current.inputs}
+        names |= {value.name for value in current.outputs}
+        for node in current:
+            names |= {output.name for output in node.outputs}
+            names |= {value.name for value in node.inputs if value is not None}
+            for attribute in node.attributes.values():
+                if attribute.is_ref():
+                    continue
+                if attribute.type == ir.AttributeType.GRAPH:
+                    graphs.append(attribute.value)
+                elif attribute.type == ir.AttributeType.GRAPHS:
+                    graphs.extend(attribute.value)
+    names.discard(None)
+    return names
+
+
+def node_names(graph: ir.Graph) -> set[str]:
+    """Every node name of ``graph`` and its subgraphs."""
+    names: set[str] = set()
+    graphs = [graph]
+    while graphs:
+        current = graphs.pop()
+        for node in current:
+            names.add(node.name)
+            for attribute in node.attributes.values():
+                if attribute.is_ref():
+                    continue
+                if attribute.type == ir.AttributeType.GRAPH:
+                    graphs.append(attribute.value)
+                elif attribute.type == ir.AttributeType.GRAPHS:
+                    graphs.extend(attribute.value)
+    names.discard(None)
+    return names
 
 
 class NameAllocator:
-    """Readable, unique base names for new initializers (module path, else the weight's name)."""
+    """Readable, unique base names for new initializers (module path, else the weight's name), unique
+    across the whole graph, its subgraphs included; and unique node names (``fresh_node``)."""
 
     def __init__(self, graph: ir.Graph):
-        self.taken = {value.name for value in graph.initializers.values()}
-        self.taken |= {output.name for node in graph for output in node.outputs}
-        self.taken |= {value.name for value in graph.inputs}
+        self.taken = graph_names(graph)
+        self.nodes = node_names(graph)
 
     def allocate(self, layer: str, weight_name: str | None) -> str:
         base = re.sub(r"[^A-Za-z0-9_.]", "_", layer or weight_name or "weight")
         candidate, suffix = base, 1
-        while any(f"{candidate}{tail}" in self.taken for tail in (".qweight", ".scales", ".zero_points", ".dequantized")):
+        while any(f"{candidate}{tail}" in self.taken or f"{candidate}{tail}" in self.nodes for tail in (*_TAILS, ".DequantizeLinear", ".Cast")):
             suffix += 1
             candidate = f"{base}_{suffix}"
-        self.taken |= {f"{candidate}{tail}" for tail in (".qweight", ".scales", ".zero_points", ".dequantized")}
+        self.taken |= {f"{candidate}{tail}" for tail in _TAILS}
+        self.nodes |= {f"{candidate}.DequantizeLinear", f"{candidate}.Cast"}
         return candidate
+
+    def fresh_node(self, name: str) -> str:
+        """A node name not yet taken."""
+        return fresh_name(name, self.nodes)
 
     def fresh(self, name: str) -> str:
         """A value name not yet taken (``fresh_name``)."""

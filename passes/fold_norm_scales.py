@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.ir import analysis
+from lowbit.ir.builders import NameAllocator
 
 NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization"})
 
@@ -78,12 +79,13 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
         graph = model.graph
         weights = {use.node: use for use in analysis.weight_uses(graph) if use.kind in ("matmul", "lm_head")}
         folded, skipped = [], []
+        names = NameAllocator(graph)  # new values and nodes unique across the graph and its subgraphs
         for node in list(graph):
             try:
                 if node.op_type == "BatchNormalization":
-                    record = self._fold_batch_norm(graph, node)
+                    record = self._fold_batch_norm(graph, node, names)
                 else:
-                    record = self._fold_scale(graph, node, weights)
+                    record = self._fold_scale(graph, node, weights, names)
             except NotFoldable as reason:
                 skipped.append({"node": node.name, "op": node.op_type, "reason": str(reason)})
                 continue
@@ -145,7 +147,7 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
             readers.append(use)
         return readers
 
-    def _fold_scale(self, graph: ir.Graph, node: ir.Node, weights: dict) -> dict | None:
+    def _fold_scale(self, graph: ir.Graph, node: ir.Node, weights: dict, names: NameAllocator) -> dict | None:
         operands = self._scale_operands(node)
         if operands is None:
             return None
@@ -166,13 +168,13 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
             weight = use.weight.const_value.numpy()
             if has_beta:  # beta @ (alpha W) in the [K, N] layout of a MatMul
                 product = analysis.gemm_weight_kn(use.node, weight.astype(np.float64))
-                new_adds += self._add_bias(graph, use.node, beta.astype(np.float64) @ product)
+                new_adds += self._add_bias(graph, use.node, beta.astype(np.float64) @ product, use.weight.dtype, names)
             input_axis = 1 if use.node.op_type == "Gemm" and use.node.attributes.get_int("transB", 0) else 0
             scale = gamma.astype(np.float64).reshape((1, -1) if input_axis else (-1, 1))
             scaled = (scale * weight).astype(weight.dtype)
             use.weight.const_value = ir.tensor(np.ascontiguousarray(scaled), name=use.weight.name)
         source_gamma = node.inputs[index]
-        _set_input_constant(graph, node, index, np.ones(source_gamma.const_value.shape), f"{node.name}_unit_scale")
+        _set_input_constant(graph, node, index, np.ones(source_gamma.const_value.shape), names.fresh(f"{node.name}_unit_scale"))
         _drop_if_unused(graph, source_gamma)
         if beta is not None:
             bias = node.inputs[2]
@@ -186,8 +188,9 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
         }
 
     @staticmethod
-    def _add_bias(graph: ir.Graph, matmul: ir.Node, bias: np.ndarray) -> int:
-        """Add ``bias`` to ``matmul``'s output: into its bias Add when it has one (0), else a new Add (1)."""
+    def _add_bias(graph: ir.Graph, matmul: ir.Node, bias: np.ndarray, dtype: ir.DataType, names: NameAllocator) -> int:
+        """Add ``bias`` to ``matmul``'s output: into its bias Add when it has one (0), else a new Add (1).
+        ``dtype``: the weight's type, which the product has (the file may carry no value_info)."""
         output = matmul.outputs[0]
         uses = output.uses()
         if len(uses) == 1 and not output.is_graph_output() and uses[0].node.op_type == "Add":
@@ -196,18 +199,18 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
             existing = analysis.constant_array(add.inputs[other])
             if existing is not None and existing.size == bias.size and existing.shape[-1] == bias.size:
                 total = existing.astype(np.float64) + bias.reshape(existing.shape)
-                _set_input_constant(graph, add, other, total, f"{add.name}_folded_bias")
+                _set_input_constant(graph, add, other, total, names.fresh(f"{add.name}_folded_bias"))
                 return 0
-        value = _constant(graph, f"{matmul.name}_norm_bias", bias.astype(output.dtype.numpy()))
-        add = ir.node("Add", [output, value], name=f"{matmul.name}_norm_bias")
-        add.outputs[0].name = f"{output.name}_norm_bias"
-        add.outputs[0].shape, add.outputs[0].type = output.shape, output.type
+        value = _constant(graph, names.fresh(f"{matmul.name}_norm_bias"), bias.astype(dtype.numpy()))
+        add = ir.node("Add", [output, value], name=names.fresh_node(f"{matmul.name}_norm_bias"))
+        add.outputs[0].name = names.fresh(f"{output.name}_norm_bias")
+        add.outputs[0].shape, add.outputs[0].type = output.shape, output.type or ir.TensorType(dtype)
         graph.insert_after(matmul, add)
         _reroute(graph, output, add.outputs[0])
         return 1
 
     @staticmethod
-    def _fold_batch_norm(graph: ir.Graph, node: ir.Node) -> dict:
+    def _fold_batch_norm(graph: ir.Graph, node: ir.Node, names: NameAllocator) -> dict:
         """``BatchNormalization(Conv(x, W, b))`` -> ``Conv(x, W * s, (b - mean) * s + beta)``, s = gamma / sqrt(var + eps)."""
         if node.attributes.get_int("training_mode", 0) or any(output.uses() for output in node.outputs[1:]):
             raise NotFoldable("training mode (running statistics are outputs)")
@@ -230,10 +233,10 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
         conv.inputs[1].const_value = ir.tensor(new_weight.astype(weight.dtype), name=conv.inputs[1].name)
         new_bias = ((bias - mean) * scale + beta).astype(weight.dtype)
         if has_bias:
-            _set_input_constant(graph, conv, 2, new_bias, f"{conv.name}_folded_bias")
+            _set_input_constant(graph, conv, 2, new_bias, names.fresh(f"{conv.name}_folded_bias"))
         else:
             conv.resize_inputs(3)
-            conv.replace_input_with(2, _constant(graph, f"{conv.name}_folded_bias", new_bias))
+            conv.replace_input_with(2, _constant(graph, names.fresh(f"{conv.name}_folded_bias"), new_bias))
         _reroute(graph, node.outputs[0], conv.outputs[0])
         inputs = list(node.inputs)
         graph.remove(node, safe=True)

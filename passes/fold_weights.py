@@ -9,6 +9,10 @@ A node is folded when all its inputs are constants, its output is a float tensor
 output, and folding duplicates no large tensor: an input with more than ``SHARED_LIMIT`` elements must
 have no other consumer (a tied embedding's ``Transpose`` stays, or the file would carry the table twice).
 A MatMul's bias ``Add`` is not folded: its input is an activation, and ONNX Runtime fuses it as it is.
+Every ``Constant`` node of the main graph (not a graph output) becomes an initializer first, so that a
+weight written as a Constant, or transposed / cast from one, is a weight the quantizer sees. The types
+come from the constants and the ops themselves (a Cast's ``to``), not from value_info: a file without
+shape information folds the same.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
-from lowbit.ir.analysis import FLOAT_TYPES, constant_array
+from lowbit.ir.analysis import DEFAULT_DOMAINS, FLOAT_TYPES, constant_array, default_opset
 
 FOLDABLE_OPS = frozenset(
     {"Transpose", "Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Mul", "Div", "Add", "Sub", "Neg"}
@@ -28,7 +32,15 @@ SHARED_LIMIT = 1024
 def _evaluate(node: ir.Node, opset: int) -> list:
     proto = ir.serde.serialize_node(node)
     feeds = {value.name: constant_array(value) for value in node.inputs if value is not None}
-    return ReferenceEvaluator(proto, opsets={"": opset}).run(None, feeds)
+    return ReferenceEvaluator(proto, opsets={"": opset, "ai.onnx": opset}).run(None, feeds)
+
+
+def _constant_tensor(node: ir.Node):
+    """A Constant node's tensor as it is stored (``value``), else its value evaluated (``value_float`` ...)."""
+    value = node.attributes.get("value")
+    if value is not None and value.type == ir.AttributeType.TENSOR:
+        return value.as_tensor()
+    return None
 
 
 class FoldWeightsPass(ir.passes.InPlacePass):
@@ -38,11 +50,24 @@ class FoldWeightsPass(ir.passes.InPlacePass):
         super().__init__()
         self.details: dict = {}
 
+    @staticmethod
+    def _output_type(node: ir.Node) -> ir.DataType | None:
+        """The type a foldable node writes, from its inputs and attributes (value_info may be missing)."""
+        if node.op_type == "Cast":
+            to = node.attributes.get("to")
+            return None if to is None else ir.DataType(to.as_int())
+        first = node.inputs[0] if node.inputs else None
+        return None if first is None else first.dtype
+
     def _foldable(self, node: ir.Node) -> bool:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in FOLDABLE_OPS or len(node.outputs) != 1:
+        if node.domain not in DEFAULT_DOMAINS or len(node.outputs) != 1:
+            return False
+        if node.op_type == "Constant":
+            return not node.outputs[0].is_graph_output()
+        if node.op_type not in FOLDABLE_OPS:
             return False
         output = node.outputs[0]
-        if output.is_graph_output() or output.dtype not in FLOAT_TYPES:
+        if output.is_graph_output() or self._output_type(node) not in FLOAT_TYPES:
             return False
         inputs = [value for value in node.inputs if value is not None]
         if not inputs or any(value.const_value is None or value.is_graph_input() for value in inputs):
@@ -52,20 +77,19 @@ class FoldWeightsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        opset = model.opset_imports.get("", 1)
+        opset = default_opset(model, 1)
         folded: list[str] = []
         for node in list(graph):
             if not self._foldable(node):
                 continue
-            (array,) = _evaluate(node, opset)
-            array = np.ascontiguousarray(array)  # Transpose returns a view; byte-hashing passes need C order
+            tensor = _constant_tensor(node) if node.op_type == "Constant" else None
+            if tensor is None:
+                (array,) = _evaluate(node, opset)
+                array = np.ascontiguousarray(array)  # Transpose returns a view; byte-hashing passes need C order
+                tensor = ir.tensor(array)
             output = node.outputs[0]
             sources = [value for value in node.inputs if value is not None]
-            folded_value = ir.Value(
-                shape=ir.Shape(array.shape),
-                type=ir.TensorType(output.dtype),
-                const_value=ir.tensor(array),
-            )
+            folded_value = ir.Value(shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
             ir.convenience.replace_all_uses_with(output, folded_value)
             graph.remove(node, safe=True)
             folded_value.name = folded_value.const_value.name = output.name

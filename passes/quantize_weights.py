@@ -15,8 +15,15 @@ in ``model.meta``. ``calibration_mode="sequential"`` quantizes decoder layers on
 with statistics taken on the model whose earlier layers are already quantized (``passes/sequential.py``);
 its selectors judge a layer's modules on those partially-quantized inputs too.
 
+Weights of any float type are quantized (bfloat16 and double in float32, written as a float32
+DequantizeLinear and a Cast back to the weight's type; float16 with float16 scales, the codes kept where
+their reconstruction is finite in float16: ``rtn.fit_to_type``). Every other MatMul/Gemm by a constant
+(in a subgraph, computed at run time, not 2-D, ...) is listed in the report as left in float, with why.
+
 The model's default-domain opset is raised to what the storage types need (21, or 25 for 2-bit) with
-onnxscript's version converter, and its IR version to 10 (11 for 2-bit).
+onnxscript's version converter, and its IR version to 10 (11 for 2-bit); a model with an op that does not
+exist (or is deprecated) in that opset, which the converter cannot replace, is refused before anything is
+written (ValueError naming the node).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxscript.version_converter
 from tqdm.auto import tqdm
@@ -34,7 +42,7 @@ from lowbit.passes import axis_selectors, sequential
 from lowbit.passes.capture_calibration import CALIBRATION_KEY, ORT_ERRORS
 from lowbit.passes.quant.adadim import relative_output_error
 from lowbit.passes.quant.gptq import quantize_gptq
-from lowbit.passes.quant.rtn import QuantizedWeight, check_weight, quantize_rtn, relative_error
+from lowbit.passes.quant.rtn import MAX_MAGNITUDE, QuantizedWeight, check_weight, fit_to_type, quantize_rtn, relative_error
 from lowbit.passes.report import SkippedWeight, WeightRecord
 
 
@@ -95,10 +103,14 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 "run CaptureCalibrationPass first (lowbit.optimize(..., calibration=batches) does)"
             )
         plans = self._plans(model.graph, statistics)
+        if plans:  # refuse before changing anything when the storage opset cannot hold the model
+            _check_convertible(model, builders.required_opset(self.scheme.bits))
         if self.calibration_mode == "sequential" and plans:  # no weight: nothing to sweep
             choices = self._choose_sequentially(model, plans, statistics)
         else:
             choices = self._choose(model, plans, statistics.samples if statistics is not None else [])
+        if plans:
+            analysis.normalize_default_domain(model)
         names = builders.NameAllocator(model.graph)
         for plan, axis in zip(plans, choices):
             self._write(model.graph, plan, axis, names)
@@ -179,8 +191,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def _plans(self, graph: ir.Graph, statistics) -> list[axis_selectors.WeightPlan]:
         """One plan per weight to quantize (shared weights once); skipped weights go to the report."""
         groups: dict[tuple[int, bool], list[analysis.WeightUse]] = {}
-        for use in analysis.weight_uses(graph):
+        uses = analysis.weight_uses(graph)
+        for use in uses:
             groups.setdefault((id(use.weight), use.kind == "embedding"), []).append(use)
+        for node, weight, reason in analysis.unquantizable_weights(graph, {id(use.node) for use in uses}):
+            kind = "gemm" if node.op_type == "Gemm" else "matmul"
+            self.skipped.append(SkippedWeight(weight.name or "", analysis.module_path(node), kind, reason))
         if self.include_embeddings and self.include_lm_head:
             self._share_tied_tables(groups)
         plans = []
@@ -191,10 +207,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 self.skipped.append(SkippedWeight(culprit.weight.name or "", culprit.layer, culprit.kind, reason))
                 continue
             first = uses[0]
-            weight = np.asarray(analysis.weight_value_array(first), dtype=np.float32)
-            if first.node.op_type == "Gemm":
-                weight = analysis.gemm_weight_kn(first.node, weight)
             try:
+                weight = _float32_weight(analysis.weight_value_array(first))
+                if first.node.op_type == "Gemm":
+                    weight = analysis.gemm_weight_kn(first.node, weight)
                 check_weight(weight)
             except ValueError as error:
                 raise ValueError(f"weight {first.weight.name!r} of {first.layer!r}: {error}; fix the model before quantizing") from error
@@ -280,13 +296,17 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def _write(self, graph: ir.Graph, plan: axis_selectors.WeightPlan, axis: str, names: builders.NameAllocator) -> None:
         """Replace the weight by its chosen candidate's QDQ form and record it."""
-        first, quantized = plan.first, plan.candidates[axis]
-        reconstructed = quantized.dequantize()
+        first = plan.first
         float_dtype = first.weight.dtype
+        try:
+            quantized = fit_to_type(plan.candidates[axis], builders.dequantized_type(float_dtype).numpy())
+        except ValueError as error:
+            raise ValueError(f"weight {first.weight.name!r} of {first.layer!r}: {error}") from error
+        reconstructed = quantized.dequantize()
         qdq = builders.dequantize_linear(names.allocate(first.layer, first.weight.name), quantized, float_dtype)
         for initializer in qdq.initializers:
             graph.register_initializer(initializer)
-        graph.insert_before(min((use.node for use in plan.uses), key=_position(graph)), qdq.node)
+        graph.insert_before(min((use.node for use in plan.uses), key=_position(graph)), qdq.nodes)
         for use in plan.uses:
             if use.node.op_type == "Gemm":
                 _replace_gemm(graph, use.node, qdq.output, names)
@@ -324,6 +344,14 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         )
 
 
+def _float32_weight(array) -> np.ndarray:
+    """The weight in float32 for the math; a double weight past the float32 range is refused, not made Inf."""
+    array = np.asarray(array)
+    if array.dtype == np.float64 and array.size and np.isfinite(array).all() and np.abs(array).max() > MAX_MAGNITUDE:
+        raise ValueError(f"weight has |w| up to {np.abs(array).max():.3g}, beyond half the float32 range in which it is quantized")
+    return np.asarray(array, dtype=np.float32)
+
+
 def _position(graph: ir.Graph):
     order = {id(node): index for index, node in enumerate(graph)}
     return lambda node: order[id(node)]
@@ -333,7 +361,7 @@ def _replace_gemm(graph: ir.Graph, gemm: ir.Node, weight: ir.Value, names: build
     """Gemm(A, B, C) -> MatMul(A, DQ(B')) [+ Add(beta * C)], keeping the output's name."""
     activation = gemm.inputs[0]
     bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
-    matmul = ir.node("MatMul", [activation, weight], name=f"{gemm.name}.MatMul")
+    matmul = ir.node("MatMul", [activation, weight], name=names.fresh_node(f"{gemm.name}.MatMul"))
     new_nodes = [matmul]
     result = matmul.outputs[0]
     if bias is not None:
@@ -343,7 +371,8 @@ def _replace_gemm(graph: ir.Graph, gemm: ir.Node, weight: ir.Value, names: build
             name = names.fresh(f"{gemm.name}.bias")  # the Gemm's own bias may already carry that name
             bias = ir.Value(name=name, shape=bias.shape, type=bias.type, const_value=scaled)
             graph.register_initializer(bias)
-        add = ir.node("Add", [result, bias], name=f"{gemm.name}.Add")
+        matmul.outputs[0].name = names.fresh(f"{gemm.name}.MatMul_out")
+        add = ir.node("Add", [result, bias], name=names.fresh_node(f"{gemm.name}.Add"))
         new_nodes.append(add)
         result = add.outputs[0]
     old_output = gemm.outputs[0]
@@ -355,14 +384,122 @@ def _replace_gemm(graph: ir.Graph, gemm: ir.Node, weight: ir.Value, names: build
     result.name = output_name
 
 
+def _unsupported_ops(model: ir.Model, opset: int) -> list[str]:
+    """'<op> node <name>' for every default-domain node (subgraphs included) whose op does not exist in
+    ``opset`` or is deprecated there (Upsample past 9, Scatter past 10): ONNX Runtime refuses those."""
+    found = []
+    for graph in model.graphs():
+        for node in graph:
+            if node.domain not in analysis.DEFAULT_DOMAINS:
+                continue
+            try:
+                schema = onnx.defs.get_schema(node.op_type, opset, "")
+            except onnx.defs.SchemaError:
+                found.append(f"{node.op_type} node {node.name!r} (no such op in opset {opset})")
+                continue
+            if schema.deprecated:
+                found.append(f"{node.op_type} node {node.name!r} (deprecated since opset {schema.since_version})")
+    return found
+
+
+def _check_convertible(model: ir.Model, target: int) -> None:
+    """Refuse a model whose ops do not exist in the storage opset ``target`` (when it must be raised to it)."""
+    current = analysis.default_opset(model)
+    if current is not None and current >= target:
+        return
+    unsupported = _unsupported_ops(model, target)
+    if unsupported:
+        raise ValueError(
+            f"the quantized weights need opset {target} (the model has {current}), and these ops do not exist there "
+            f"(ONNX Runtime would refuse the file): {'; '.join(unsupported[:5])}; replace them (e.g. Upsample by Resize, "
+            "Scatter by ScatterElements) before quantizing"
+        )
+
+
+#: Ops whose ``axes`` attribute became an input, and the opset where it did (onnxscript's version
+#: converter only raises the opset number of these; ONNX Runtime then refuses the attribute).
+_AXES_TO_INPUT = {
+    **dict.fromkeys(
+        ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+         "ReduceLogSumExp", "ReduceSumSquare"),
+        18,
+    ),
+    "ReduceSum": 13,
+    "Squeeze": 13,
+    "Unsqueeze": 13,
+}
+
+
+def _adapt_signatures(model: ir.Model, current: int, target: int) -> None:
+    """Rewrite the nodes whose signature changed between ``current`` and ``target`` and that onnxscript's
+    converter leaves as they are: ``axes`` attributes that became inputs, Split's ``split`` attribute
+    (an input from 13) and its ``num_outputs`` (required without ``split`` from 18)."""
+    names = builders.NameAllocator(model.graph)
+    for graph in model.graphs():
+        for node in list(graph):
+            if node.domain != "":
+                continue
+            if node.op_type in _AXES_TO_INPUT and current < _AXES_TO_INPUT[node.op_type] <= target:
+                _attribute_to_input(graph, node, "axes", 1, names)
+            elif node.op_type == "Split":
+                if current < 13 <= target:
+                    _attribute_to_input(graph, node, "split", 1, names)
+                split_given = len(node.inputs) > 1 and node.inputs[1] is not None
+                if current < 18 <= target and not split_given and "num_outputs" not in node.attributes:
+                    node.attributes["num_outputs"] = ir.AttrInt64("num_outputs", len(node.outputs))
+
+
+def _attribute_to_input(graph: ir.Graph, node: ir.Node, attribute: str, index: int, names: builders.NameAllocator) -> None:
+    """Move an int-list attribute of ``node`` to input ``index`` (a Constant node before it)."""
+    value = node.attributes.pop(attribute, None)
+    if value is None:
+        return
+    constant = ir.node(
+        "Constant", [], attributes={"value": ir.tensor(np.asarray(value.as_ints(), dtype=np.int64))},
+        name=names.fresh_node(f"{node.name or node.op_type}.{attribute}"),
+    )
+    constant.outputs[0].name = names.fresh(f"{node.name or node.op_type}.{attribute}")
+    graph.insert_before(node, constant)
+    if len(node.inputs) <= index:
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, constant.outputs[0])
+
+
+def _invalid_nodes(model: ir.Model, opset: int) -> list[str]:
+    """'<op> node <name>: <complaint>' of the default-domain nodes onnx.checker refuses at ``opset``."""
+    context = onnx.checker.C.CheckerContext()
+    context.ir_version = model.ir_version or onnx.IR_VERSION
+    context.opset_imports = {"": opset}
+    found = []
+    for graph in model.graphs():
+        for node in graph:
+            if node.domain != "" or analysis.subgraphs(node):  # a subgraph's own nodes are visited as well
+                continue
+            try:
+                onnx.checker.check_node(ir.serde.serialize_node(node), context)
+            except onnx.checker.ValidationError as error:
+                found.append(f"{node.op_type} node {node.name!r}: {str(error).strip().splitlines()[0]}")
+    return found
+
+
 def _require_storage_support(model: ir.Model, bits: int) -> None:
-    """Raise the default-domain opset and IR version to what the quantized storage types need."""
+    """Raise the default-domain opset and IR version to what the quantized storage types need, and check
+    that every node's op exists in that opset."""
     target = builders.required_opset(bits)
+    analysis.normalize_default_domain(model)
     current = model.opset_imports.get("", None)
     if current is None or current < target:
         try:
+            if current is not None:
+                _adapt_signatures(model, current, target)
             onnxscript.version_converter.convert_version(model, target)
         except Exception as error:  # the converter raises many types; name the cause
-            raise RuntimeError(f"could not convert the model from opset {current} to {target}: {error}") from error
+            raise ValueError(f"could not convert the model from opset {current} to {target}: {error}") from error
         model.opset_imports[""] = max(model.opset_imports.get("", target), target)
+        invalid = _unsupported_ops(model, model.opset_imports[""]) or _invalid_nodes(model, model.opset_imports[""])
+        if invalid:
+            raise ValueError(
+                f"converting the model from opset {current} to {target} left nodes that opset does not accept "
+                f"(ONNX Runtime would refuse the file): {'; '.join(invalid[:5])}"
+            )
     model.ir_version = max(model.ir_version or 0, builders.required_ir_version(bits))

@@ -190,6 +190,40 @@ def check_weight(weight: np.ndarray) -> np.ndarray:
     return weight
 
 
+def fit_to_type(quantized: QuantizedWeight, float_type) -> QuantizedWeight:
+    """``quantized`` as a ``DequantizeLinear`` writing ``float_type`` (float32, float16) reconstructs it.
+
+    The scales become the values that type stores (a positive scale below its smallest subnormal becomes
+    that subnormal rather than 0); a code whose reconstruction ``(q - zp) * scale`` leaves the type's
+    finite range (float16 weights near +-65504: a symmetric grid reaches ``2**(bits-1)`` steps below zero,
+    a rounded zero point half a step past the range) moves one step towards the zero point, so that the
+    dequantized weight stays finite and within one step of the float one. ``dequantize()`` of the result
+    is what the graph computes (before the product's own rounding to ``float_type``).
+    """
+    float_type = np.dtype(float_type)
+    info = np.finfo(float_type)
+    stored = quantized.scales.astype(float_type)
+    if not np.isfinite(stored).all():
+        raise ValueError(f"a group's scale exceeds the {float_type} range ({info.max:.6g})")
+    scales = stored.astype(np.float32)
+    scales = np.where((scales == 0) & (quantized.scales > 0), np.float32(info.smallest_subnormal), scales).astype(np.float32)
+    codes = quantized.codes
+    full_scales = quantized.expand(scales)
+    zero = quantized.expand(quantized.zero_points).astype(np.int32)
+    for _ in range(4):  # one step inwards suffices for a weight inside the range; a few for safety
+        centered = codes.astype(np.int32) - zero
+        with np.errstate(over="ignore"):
+            outside = ~np.isfinite((centered.astype(np.float32) * full_scales).astype(float_type))
+        if not outside.any():
+            break
+        codes = np.where(outside, codes.astype(np.int32) - np.sign(centered), codes).astype(np.uint8)
+    else:
+        raise ValueError(f"the quantized weight does not fit the {float_type} range ({info.max:.6g})")
+    if codes is quantized.codes and np.array_equal(scales, quantized.scales):
+        return quantized
+    return dataclasses.replace(quantized, codes=codes, scales=scales)
+
+
 def scheme_group_params(
     weight: np.ndarray, scheme: QuantScheme, block_size: int, axis: int, channel_weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -51,6 +51,8 @@ class Case:
                 arguments += ["--symmetric"] if value else []
             elif key == "include_lm_head":
                 arguments += ["--include-lm-head"] if value else []
+            elif key == "fold_norms":
+                arguments += ["--fold-norms"] if value else []
             else:
                 arguments += [_CLI_FLAGS[key], str(value)]
         return arguments
@@ -584,3 +586,177 @@ def calibration_feeds_of_the_wrong_shape(folder, cleanup):
 @api_case
 def calibration_without_batches(folder, cleanup):
     return _simple(folder, _mlp_proto(), ValueError, "optimize", ("no batches",), recipe={"axis": "adadim"}, calibration=lambda model: [])
+
+
+# --- issue 16: weights in other types and forms, float16 limits, missing shapes, opsets, names ---------
+
+
+def _quantized(*names):
+    """A check: exactly these weights are quantized and none is left in float unreported."""
+
+    def check(result):
+        assert sorted(record.name for record in result.report.weights) == sorted(names), result.report.summary()
+
+    return check
+
+
+def _typed_mlp(array: np.ndarray, elem: int, raw: bytes | None = None, *, constant: bool = False) -> onnx.ModelProto:
+    """x[2, 16] @ W[16, 8] -> Relu in ``elem`` throughout; W an initializer or a Constant node."""
+    x = helper.make_tensor_value_info("x", elem, [2, 16])
+    y = helper.make_tensor_value_info("y", elem, [2, 8])
+    tensor = helper.make_tensor("w", elem, [16, 8], raw, raw=True) if raw is not None else numpy_helper.from_array(array, "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node("Relu", ["h"], ["y"], name="act")]
+    if constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["w"], name="w_constant", value=tensor))
+    graph = helper.make_graph(nodes, "g", [x], [y], [] if constant else [tensor])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+def _weight16x8(dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((16, 8)).astype(dtype)
+
+
+@case
+def bfloat16_weight(folder, cleanup):
+    """A bfloat16 model: quantized in float32, dequantized to float32 and cast to bfloat16 (ONNX Runtime's
+    CPU has no bfloat16 MatMul, so only the checker judges the file)."""
+    import ml_dtypes
+
+    raw = _weight16x8().astype(ml_dtypes.bfloat16).view(np.uint16).tobytes()
+    return _simple(folder, _typed_mlp(None, onnx.TensorProto.BFLOAT16, raw), None, runs_in_ort=False, check=_quantized("w"))
+
+
+@case
+def float64_weight(folder, cleanup):
+    return _simple(folder, _typed_mlp(_weight16x8(np.float64), onnx.TensorProto.DOUBLE), None, check=_quantized("w"))
+
+
+@case
+def float64_weight_beyond_float32(folder, cleanup):
+    weight = _weight16x8(np.float64)
+    weight[2, 3] = -1e200
+    return _simple(folder, _typed_mlp(weight, onnx.TensorProto.DOUBLE), ValueError, "optimize", ("w", "float32 range"))
+
+
+@case
+def weight_from_a_constant_node(folder, cleanup):
+    return _simple(folder, _typed_mlp(_weight16x8(), onnx.TensorProto.FLOAT, constant=True), None, check=_quantized("w"))
+
+
+@case
+def transposed_weight_without_value_info(folder, cleanup):
+    """MatMul(x, Transpose(W^T)) in a file without value_info: the Transpose folds, the weight is quantized."""
+    proto = _mlp_proto()
+    weight = _initializer(proto, "w1")
+    weight.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weight).T), "w1_t"))
+    proto.graph.node.insert(0, helper.make_node("Transpose", ["w1_t"], ["w1"], name="w1_transpose", perm=[1, 0]))
+    del proto.graph.value_info[:]
+    return _simple(folder, proto, None, check=_quantized("w1", "w2"))
+
+
+def _finite_outputs(result):
+    feeds = {"x": (np.random.default_rng(1).standard_normal((2, 16)) * 1e-3).astype(np.float16)}
+    import onnxruntime as ort
+
+    (output,) = ort.InferenceSession(ir.to_proto(result.model).SerializeToString()).run(None, feeds)
+    assert np.isfinite(output).all()
+
+
+@case
+def float16_weights_at_the_float16_limit(folder, cleanup):
+    """+-65504 in one group: a symmetric 2-bit grid reaches 2 steps below zero, past -65504 (was Inf)."""
+    weight = _weight16x8(np.float16)
+    weight[:, 0], weight[::2, 1] = 65504, -65504
+    return _simple(
+        folder, _typed_mlp(weight, onnx.TensorProto.FLOAT16), None, recipe={"bits": 2, "symmetric": True, "group_size": 4},
+        check=_finite_outputs,
+    )
+
+
+@case
+def layer_norm_bias_without_value_info(folder, cleanup):
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 16).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "beta"),
+        numpy_helper.from_array(_weight16x8(), "w"),
+    ]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["normed"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["normed", "w"], ["h"], name="fc"),
+        helper.make_node("Relu", ["h"], ["y"], name="act"),
+    ]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializers), opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    return _simple(folder, proto, None, recipe={"fold_norms": True}, check=_quantized("w"))
+
+
+@case
+def default_domain_spelled_ai_onnx(folder, cleanup):
+    proto = _mlp_proto()
+    proto.opset_import[0].domain = "ai.onnx"
+    return _simple(folder, proto, None, check=_quantized("w1", "w2"))
+
+
+def _old_op_proto(op: str) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 16])
+    initializers = [numpy_helper.from_array(_weight16x8(), "w")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc")]
+    if op == "Upsample":
+        initializers.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+        nodes.append(helper.make_node("Upsample", ["h", "scales"], ["y"], name="upsample", mode="nearest"))
+        y, opset = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 8, 16]), 9
+    else:
+        initializers += [
+            numpy_helper.from_array(np.zeros((1, 1, 1, 8), np.int64), "indices"),
+            numpy_helper.from_array(np.ones((1, 1, 1, 8), np.float32), "updates"),
+        ]
+        nodes.append(helper.make_node("Scatter", ["h", "indices", "updates"], ["y"], name="scatter", axis=2))
+        y, opset = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 4, 8]), 10
+    graph = helper.make_graph(nodes, "g", [x], [y], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+@case
+def opset9_upsample(folder, cleanup):
+    """Upsample is deprecated from opset 10: the storage opset 21 has no such op."""
+    return _simple(folder, _old_op_proto("Upsample"), ValueError, "optimize", ("Upsample", "upsample"))
+
+
+@case
+def opset10_scatter(folder, cleanup):
+    return _simple(folder, _old_op_proto("Scatter"), ValueError, "optimize", ("Scatter", "scatter"))
+
+
+@case
+def opset13_reduce_mean_axes_attribute(folder, cleanup):
+    """ReduceMean's axes became an input at 18: the conversion to 21 must move it."""
+    proto = _mlp_proto()
+    proto.opset_import[0].version = 13
+    proto.graph.node[-1].CopyFrom(helper.make_node("ReduceMean", ["fc2_out"], ["y"], name="fc2_mean", axes=[-1], keepdims=1))
+    del proto.graph.value_info[:]
+    proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 5, 1]))
+    return _simple(folder, proto, None, check=_quantized("w1", "w2"))
+
+
+@case
+def subgraph_names_like_generated_ones(folder, cleanup):
+    """An If branch whose values are named like the quantizer's (fc1.scales, fc1.dequantized)."""
+    proto = _mlp_proto()
+    fc2_bias = next(node for node in proto.graph.node if node.name == "fc2_bias")
+    then_graph = helper.make_graph(
+        [helper.make_node("Relu", [fc2_bias.output[0]], ["fc1.dequantized"], name="then_relu"),
+         helper.make_node("Neg", ["fc1.dequantized"], ["fc1.scales"], name="then_neg")],
+        "then", [], [helper.make_tensor_value_info("fc1.scales", onnx.TensorProto.FLOAT, [3, 5, 24])],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", [fc2_bias.output[0]], ["fc1.qweight"], name="fc1.DequantizeLinear")],
+        "else", [], [helper.make_tensor_value_info("fc1.qweight", onnx.TensorProto.FLOAT, [3, 5, 24])],
+    )
+    fc2_bias.output[0] = "fc2_sum"
+    then_graph.node[0].input[0] = else_graph.node[0].input[0] = "fc2_sum"
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    proto.graph.node.append(helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph))
+    del proto.graph.value_info[:]
+    return _simple(folder, proto, None, check=_quantized("w1", "w2"))
