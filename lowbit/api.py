@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import pathlib
-from collections.abc import Iterable, Mapping
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from lowbit.ir import files as model_files
 from lowbit.passes import pipelines
 from lowbit.passes.recipe import Recipe
 from lowbit.passes.report import OptimizeReport
@@ -20,7 +26,6 @@ from lowbit.runtime.calibration import CalibrationStats
 
 #: Above this many bytes of tensors, ``save`` writes them to an external data file (protobuf's 2 GB cap).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-_SOURCE_KEY = "lowbit.source_files"
 
 
 @dataclasses.dataclass
@@ -29,22 +34,11 @@ class OptimizeResult:
     report: OptimizeReport
 
 
-def _tensors(model: ir.Model):
-    """(name, tensor) of every initializer and tensor attribute, in the main graph and its subgraphs."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            yield value.name, value.const_value
-        for node in graph:
-            for attribute in node.attributes.values():
-                if attribute.type == ir.AttributeType.TENSOR:
-                    yield f"{node.name}.{attribute.name}", attribute.value
-
-
 def _external_files(model: ir.Model, base_dir: pathlib.Path) -> set[str]:
     """Check every external-data reference stays inside ``base_dir`` and its file holds the data; return the files."""
     files: set[str] = set()
     root = base_dir.resolve()
-    for name, tensor in _tensors(model):
+    for name, tensor in model_files.tensors(model):
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         location = pathlib.Path(tensor.location)
@@ -144,7 +138,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     if complaint:
         raise ValueError(f"{str(path)!r} is not a valid ONNX model: {complaint}")
     _check_opsets_and_names(model, path)
-    model.meta[_SOURCE_KEY] = sources
+    model.meta[model_files.SOURCE_KEY] = sources
     return model
 
 
@@ -239,48 +233,62 @@ def _check_calibration(calibration) -> None:
         )
 
 
-def save(model: ir.Model, path: str | os.PathLike) -> pathlib.Path:
+def save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> pathlib.Path:
     """Write ``model`` atomically to ``path``; tensors go to ``<name>.data`` beside it past ~1.8 GB.
 
     The output stands alone: tensors that the model still reads from its input's external data file (a
     bias or norm weight left in float) are written inline, or into ``<name>.data`` past the threshold,
     never referenced. Refuses to write over the file the model was loaded from or any external data it
-    reads. ``model`` is unchanged.
+    reads. The files are written in a private folder beside the output and moved into place once
+    complete, so an error, Ctrl-C or SIGTERM leaves the previous output and no partial file. ``model`` is
+    unchanged (an ``onnx.ModelProto`` is accepted too).
     """
-    path = pathlib.Path(path)
-    if path.suffix != ".onnx":
-        raise ValueError(f"output path {str(path)!r} must end in .onnx")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(f"output path {str(path)!r} is a folder")
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    elif not isinstance(model, ir.Model):
+        raise TypeError(
+            f"save() takes an onnx_ir.Model (from lowbit.load / optimize) or an onnx.ModelProto, got {type(model).__name__}"
+        )
+    path = model_files.check_writable_file(path, "output", suffix=".onnx")
     external = f"{path.name}.data" if _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD else None
-    protected = model.meta.get(_SOURCE_KEY, set()) | _external_data_paths(model)
-    for target in [path] + ([path.parent / external] if external else []):
-        if str(target.resolve()) in protected:
-            raise ValueError(f"refusing to overwrite {str(target)!r}: the model was loaded from it")
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    targets = [path] + ([path.parent / external] if external else [])
+    model_files.refuse_input_files(targets, model_files.files_read(model), "model")
     undo = _detach_external_data(model)
+    staging = None
     try:
-        ir.save(model, temporary, external_data=external)
-        os.replace(temporary, path)
-    except OSError as error:  # name the output, not the temporary file (errno keeps the subclass)
+        with _cleanup_on_sigterm():
+            staging = pathlib.Path(tempfile.mkdtemp(prefix=".lowbit-save-", dir=path.parent))  # unique per call
+            ir.save(model, staging / path.name, external_data=external)
+            if external:
+                os.replace(staging / external, path.parent / external)
+            os.replace(staging / path.name, path)
+    except OSError as error:  # name the output, not the staging file (errno keeps the subclass)
         raise OSError(error.errno, f"cannot write {str(path)!r}: {error.strerror}") from error
     finally:
         _restore(undo)
-        temporary.unlink(missing_ok=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+@contextlib.contextmanager
+def _cleanup_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while writing, so the ``finally`` that removes partial files runs (as it
+    does for Ctrl-C). Only where Python can: the main thread, with no handler of the caller's installed."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _tensor_bytes(model: ir.Model) -> int:
     """Bytes of every tensor ``save`` writes (initializers and tensor attributes, subgraphs included)."""
-    return sum(tensor.nbytes for _, tensor in _tensors(model) if tensor is not None)
-
-
-def _external_data_paths(model: ir.Model) -> set[str]:
-    """The resolved files the model's external tensors read (whether it came from ``load`` or not)."""
-    paths = set()
-    for _, tensor in _tensors(model):
-        if isinstance(tensor, ir.ExternalTensor):
-            paths.add(str((pathlib.Path(tensor.base_dir or os.curdir) / tensor.location).resolve()))
-    return paths
+    return sum(tensor.nbytes for _, tensor in model_files.tensors(model) if tensor is not None)

@@ -80,11 +80,20 @@ def _command_optimize(args: argparse.Namespace) -> None:
         raise ValueError(f"{needs} needs calibration data: add {CALIBRATION_FLAGS}")
     if args.calibration_text and not args.calibration_tokenizer:
         raise ValueError("--calibration-text needs --calibration-tokenizer to turn the text into tokens")
-    if args.report and pathlib.Path(args.report).resolve() in (source.resolve(), target.resolve()):
-        raise ValueError(f"--report {args.report!r} would overwrite a model file")
+    from lowbit.ir import files
+
+    files.check_writable_file(target, "output", suffix=".onnx")  # every output path checked before any work
+    if args.report:
+        files.check_writable_file(args.report, "--report")
+        if pathlib.Path(args.report).resolve() == target.resolve():
+            raise ValueError(f"--report {args.report!r} is the output model's path")
     import lowbit
 
     model = lowbit.load(source)
+    inputs = files.files_read(model)
+    files.refuse_input_files([target, target.with_name(target.name + ".data")], inputs, "output model")
+    if args.report:
+        files.refuse_input_files([args.report], inputs, "--report JSON")
     calibration = None
     if args.calibration_tokenizer:
         from lowbit.tools import text
@@ -152,8 +161,17 @@ def _command_eval(args: argparse.Namespace) -> None:
 
 
 def _command_view(args: argparse.Namespace) -> None:
+    import onnx_ir as ir
+
+    from lowbit.ir import files
     from lowbit.tools.viewer import write_view
 
+    files.check_writable_file(args.output, "-o")
+    inputs = {str(pathlib.Path(path).resolve()) for path in (args.model, args.compare, args.report) if path}
+    for path in (args.model, args.compare):
+        if path and pathlib.Path(path).is_file():
+            inputs |= files.files_read(ir.load(path))
+    files.refuse_input_files([args.output], inputs, "HTML view")
     path = write_view(args.model, args.output, compare=args.compare, report=args.report)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): open it in a browser, it needs no network")
 

@@ -42,6 +42,7 @@ class CaptureCalibrationPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if isinstance(self.batches, CalibrationStats):
             stats = self.batches
+            _check_statistics_fit(stats, weight_activations(model))
         elif not weight_activations(model):  # no weight left to calibrate (e.g. all quantized): nothing to run
             stats = CalibrationStats({}, feeds=list(self.batches) if self.keep_feeds else None)
         else:
@@ -57,3 +58,15 @@ class CaptureCalibrationPass(ir.passes.InPlacePass):
         if stats.feeds is not None:
             self.details["feeds_kept"] = len(stats.feeds)
         return ir.passes.PassResult(model, modified=False)
+
+
+def _check_statistics_fit(stats: CalibrationStats, activations: dict[str, int]) -> None:
+    """Statistics collected on another model (other widths) must be refused here, by name, not fail later
+    inside NumPy."""
+    for name, channels in activations.items():
+        accumulator = stats.by_activation.get(name)
+        if accumulator is not None and accumulator.channels != channels:
+            raise ValueError(
+                f"the calibration statistics do not fit this model: activation {name!r} has {channels} channels here "
+                f"and {accumulator.channels} in the statistics (collected on another model?)"
+            )

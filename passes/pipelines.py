@@ -14,6 +14,7 @@ import time
 
 import onnx_ir as ir
 
+from lowbit.ir import files
 from lowbit.passes.capture_calibration import CaptureCalibrationPass
 from lowbit.passes.cleanup import CleanupPass
 from lowbit.passes.fold_norm_scales import FoldNormScalesPass
@@ -122,5 +123,7 @@ def run_pipeline(model: ir.Model, passes: list[ir.passes.PassBase], report: Opti
         if dump_dir:
             path = pathlib.Path(dump_dir)
             path.mkdir(parents=True, exist_ok=True)
-            ir.save(model, path / f"{index:02d}_{name}.onnx")
+            dump = path / f"{index:02d}_{name}.onnx"
+            files.refuse_input_files([dump], files.files_read(model), f"{DUMP_DIR_VARIABLE} dump")
+            ir.save(model, dump)
     return model

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import pathlib
 
 import numpy as np
 import onnx_ir as ir
@@ -132,3 +133,73 @@ def test_optimize_refuses_calibration_that_is_not_a_list_of_feeds(calibration, m
     recipe = lowbit.Recipe(bits=4, group_size=16, method="gptq")
     with pytest.raises(TypeError, match=f"calibration must be a list of feed dicts.*{message}"):
         lowbit.optimize(factories.mlp(), recipe, calibration=calibration)
+
+
+def test_statistics_of_another_model_are_refused_by_name():
+    from lowbit.runtime.calibration import collect
+
+    narrow = factories.mlp(k=16)
+    stats = collect(narrow, [factories.feeds_for(narrow, seed=seed) for seed in range(2)])
+    with pytest.raises(ValueError, match="statistics do not fit this model: activation .* channels"):
+        lowbit.optimize(factories.mlp(k=32), lowbit.Recipe(bits=4, group_size=8, method="gptq"), calibration=stats)
+
+
+def test_save_accepts_an_onnx_model_proto_and_refuses_other_objects(tmp_path):
+    proto = ir.to_proto(factories.mlp())
+    path = lowbit.save(proto, tmp_path / "from_proto.onnx")
+    check_valid(lowbit.load(path))
+    with pytest.raises(TypeError, match="save\\(\\) takes an onnx_ir.Model .* got dict"):
+        lowbit.save({"graph": None}, tmp_path / "x.onnx")
+
+
+def test_save_names_a_parent_that_is_a_file(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="'.*a_file' is a file, not a folder"):
+        lowbit.save(factories.mlp(), tmp_path / "a_file" / "m.onnx")
+
+
+def test_a_long_legal_output_name_saves(tmp_path):
+    name = "m" * 250 + ".onnx"  # 255 bytes: the longest a name can be; the staging name must not be longer
+    path = lowbit.save(factories.mlp(), tmp_path / name)
+    assert path.is_file() and sorted(p.name for p in tmp_path.iterdir()) == [name]
+    with pytest.raises(ValueError, match="bytes; this file system allows 255"):
+        lowbit.save(factories.mlp(), tmp_path / ("m" * 251 + ".onnx"))
+
+
+def test_threads_saving_to_one_path_never_leave_a_corrupt_file(tmp_path):
+    import concurrent.futures
+
+    models = [factories.mlp(seed=seed) for seed in range(4)]
+    path = tmp_path / "shared.onnx"
+    for _ in range(5):
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda model: lowbit.save(model, path), models))
+        check_valid(lowbit.load(path))  # one complete model, whichever thread finished last
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.onnx"]
+
+
+def test_sigterm_during_save_leaves_no_partial_file(tmp_path):
+    """SIGTERM while the tensors are written: the previous output stays and nothing else is left."""
+    import subprocess
+    import sys
+    import textwrap
+
+    output = tmp_path / "model.onnx"
+    output.write_bytes(b"previous output")
+    script = textwrap.dedent(f"""
+        import os, signal, time, onnx_ir as ir
+        import lowbit
+        from tests import factories
+        real_save = ir.save
+        def slow_save(model, path, **kwargs):
+            real_save(model, path, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives after the staging file is written, before it moves
+            time.sleep(5)
+        ir.save = slow_save
+        lowbit.save(factories.mlp(), {str(output)!r})
+    """)
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                               cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert completed.returncode == 128 + 15, completed.stderr
+    assert output.read_bytes() == b"previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
