@@ -129,6 +129,12 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise ValueError(f"{str(path)!r} is not a readable ONNX model: {error}") from error
     if not proto.opset_import or not proto.graph.output:
         raise ValueError(f"{str(path)!r} is not a usable ONNX model: it has no opset import or no graph outputs")
+    sparse = [tensor.values.name or tensor.indices.name for tensor in proto.graph.sparse_initializer]
+    if sparse:
+        raise ValueError(
+            f"{str(path)!r} has sparse initializers ({', '.join(sparse[:5])}), which lowbit does not read: store them "
+            "dense (onnx.numpy_helper.to_array of the dense tensor) or as Constant nodes with a sparse_value"
+        )
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as error:  # onnx_ir's message names the graph only; the checker's says what is wrong
@@ -160,10 +166,13 @@ def optimize(
     collected with ``lowbit.runtime.calibration.collect`` on the same graph. Needed by
     ``method="gptq"`` and ``axis="adadim"``; with RTN it adds each weight's output error to the report.
     The passes work **in place**: ``result.model`` is ``model``, transformed (load the file again to
-    keep a float copy). ``result.report`` lists per-pass and per-weight statistics.
+    keep a float copy); an ``onnx.ModelProto`` is converted first and left as it is. ``result.report``
+    lists per-pass and per-weight statistics.
     """
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)  # unambiguous: the result is this new model
     if not isinstance(model, ir.Model):
-        raise TypeError(f"optimize() takes an onnx_ir.Model (see lowbit.load), got {type(model).__name__}")
+        raise TypeError(f"optimize() takes an onnx_ir.Model (see lowbit.load) or an onnx.ModelProto, got {type(model).__name__}")
     recipe = Recipe() if recipe is None else recipe
     if not isinstance(recipe, Recipe):
         raise TypeError(f"optimize() takes a lowbit.Recipe (e.g. lowbit.Recipe(bits=4)), got {type(recipe).__name__}")

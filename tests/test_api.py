@@ -203,3 +203,30 @@ def test_sigterm_during_save_leaves_no_partial_file(tmp_path):
     assert completed.returncode == 128 + 15, completed.stderr
     assert output.read_bytes() == b"previous output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_optimize_takes_an_onnx_model_proto_and_leaves_it_alone():
+    proto = ir.to_proto(factories.mlp())
+    before = proto.SerializeToString()
+    result = lowbit.optimize(proto, lowbit.Recipe(bits=4, group_size=8))
+    assert len(result.report.weights) == 2 and proto.SerializeToString() == before
+    check_valid(result.model)
+
+
+def test_load_names_sparse_initializers(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    values = helper.make_tensor("w_values", TensorProto.FLOAT, [2], [1.0, 2.0])
+    indices = helper.make_tensor("w_indices", TensorProto.INT64, [2], [0, 5])
+    sparse = helper.make_sparse_tensor(values, indices, [4, 3])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_values"], ["y"])], "sparse",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        sparse_initializer=[sparse],
+    )
+    path = tmp_path / "sparse.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    with pytest.raises(ValueError, match="has sparse initializers \\(w_values\\), which lowbit does not read"):
+        lowbit.load(path)

@@ -114,3 +114,19 @@ def test_main_prints_the_change_against_a_reference(tmp_path, monkeypatch, capsy
     assert lines[0].startswith(f"perplexity {VOCAB:.4f} (4 windows x 16 tokens")
     assert lines[1].startswith(f"perplexity {expected:.4f}") and "reference" in lines[1]
     assert lines[1].endswith(f"{(VOCAB - expected) / expected * 100:+.2f} % for {uniform}")
+
+
+def test_main_checks_the_model_before_loading_a_tokenizer(tmp_path, monkeypatch):
+    """A model that is not a causal LM is named as such, whether or not the tokenizer's packages exist."""
+    from tests import factories
+    import onnx_ir as ir
+
+    path = tmp_path / "mlp.onnx"
+    ir.save(factories.mlp(), path)
+
+    def no_tokenizer():
+        raise AssertionError("the tokenizer must not be loaded for a model that is not a causal LM")
+
+    monkeypatch.setattr(models, "smollm2_tokenizer", no_tokenizer)
+    with pytest.raises(ValueError, match="expected inputs \\['input_ids'\\] and an output 'logits'"):
+        eval_perplexity.main([str(path)])
