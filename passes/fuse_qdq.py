@@ -35,10 +35,9 @@ class FuseQDQPass(ir.passes.InPlacePass):
 
     ``use_matmulnbits``: per-OC weights whose codes fit 4 bits and whose group is a power of two >= 16 go
     to ONNX Runtime's ``MatMulNBits`` instead, with ``matmulnbits_accuracy_level`` (0: fp32 activations,
-    the QDQ graph's numerics; 4: int8 activations, adds activation error). Off by default: measured on
-    SmolLM2 (tools/bench_matmul.py --model), lowbit's per-OC kernel was faster than MatMulNBits at level 0
-    for 1 and 128 tokens; level 4 is faster at 1 token but not lossless. Everything fp32 that is not sent
-    to MatMulNBits goes to ``lowbit::QuantMatMul``.
+    the QDQ graph's numerics; 4: int8 activations, adds activation error). Off by default: level 0 is
+    lossless but slower than lowbit's own kernel, level 4 is not lossless (bench_matmul's tables, README).
+    Every other weight whose activation is float32, or of unknown type, goes to ``lowbit::QuantMatMul``.
     """
 
     def __init__(self, *, use_matmulnbits: bool = False, matmulnbits_accuracy_level: int = 0):

@@ -87,10 +87,9 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[ir.passes.Pas
     ]
 
 
-#: The outlier setting kept on in ``outlier_pipeline``: it paid for itself on SmolLM2 at W3 g128 (held-out
-#: perplexity, GPTQ: 81.7 -> 67.8 per-OC, 73.2 -> 62.2 AdaDim; RTN: 173.4 -> 99.5 per-OC; +2.5 % file
-#: bytes; 1.18x the forward time fused, 1.42x portable). 1 % gains a little more (AdaDim GPTQ 59.8) at
-#: +4.3 % bytes; norm folding, reordering and layer splitting did not pay: ``lowbit.passes.split_outliers``.
+#: The outlier setting kept on in ``outlier_pipeline``: the one that paid for its bytes and time in the
+#: measurements of ``python -m lowbit.tools.bench_passes`` (README, "Passes"); norm folding, reordering
+#: and layer splitting did not.
 OUTLIER_DEFAULTS = {"outlier_fraction": 0.005, "outlier_criterion": "sensitivity"}
 
 

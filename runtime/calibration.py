@@ -28,7 +28,7 @@ from lowbit.runtime.session import external_data_dirs, session_from_proto
 
 @dataclasses.dataclass
 class CalibrationStats:
-    """Per-activation statistics; ``for_weight`` finds the ones a weight's node reads."""
+    """Per-activation statistics; ``for_use`` finds the ones a weight's node reads."""
 
     by_activation: dict[str, HessianAccumulator]
     batches: int = 0

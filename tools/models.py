@@ -146,11 +146,6 @@ def _hf_causal_lm(folder: str | os.PathLike) -> torch.nn.Module:
     return model.eval()
 
 
-def load_hf_causal_lm(folder: str | os.PathLike):
-    """(fp32 causal LM in eval mode, tokenizer) from a local Hugging Face folder."""
-    return _hf_causal_lm(folder), hf_tokenizer(folder)
-
-
 class SentenceEmbedding(torch.nn.Module):
     """Token encoder + mean pooling over the attention mask + L2 normalisation (sentence-transformers)."""
 

@@ -44,9 +44,6 @@ class Hierarchy:
     node_group: list[int]  # the group each node sits in directly
     num_nodes: int
 
-    def is_group(self, item: int) -> bool:
-        return item >= self.num_nodes
-
     def ancestors(self, node: int) -> list[int]:
         """Group indices from the root down to the node's own group."""
         chain = []
