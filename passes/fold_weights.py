@@ -12,7 +12,8 @@ A MatMul's bias ``Add`` is not folded: its input is an activation, and ONNX Runt
 Every ``Constant`` node of the main graph (not a graph output) becomes an initializer first, so that a
 weight written as a Constant, or transposed / cast from one, is a weight the quantizer sees. The types
 come from the constants and the ops themselves (a Cast's ``to``), not from value_info: a file without
-shape information folds the same.
+shape information folds the same. A default domain spelled ``"ai.onnx"`` is respelled ``""`` (the
+version converter and onnx_ir's unused-opset cleanup know only that spelling).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
-from lowbit.ir.analysis import DEFAULT_DOMAINS, FLOAT_TYPES, constant_array, default_opset
+from lowbit.ir.analysis import DEFAULT_DOMAINS, FLOAT_TYPES, constant_array, default_opset, normalize_default_domain
 
 FOLDABLE_OPS = frozenset(
     {"Transpose", "Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Mul", "Div", "Add", "Sub", "Neg"}
@@ -99,5 +100,6 @@ class FoldWeightsPass(ir.passes.InPlacePass):
                 if source.is_initializer() and not source.uses() and not source.is_graph_output():
                     graph.initializers.pop(source.name)
             folded.append(f"{node.op_type} {node.name}")
-        self.details = {"folded_nodes": len(folded), "folded": folded}
-        return ir.passes.PassResult(model, modified=bool(folded))
+        respelled = normalize_default_domain(model)
+        self.details = {"folded_nodes": len(folded), "folded": folded, "respelled_default_domain": respelled}
+        return ir.passes.PassResult(model, modified=bool(folded) or respelled)

@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxscript.version_converter
+from onnx_ir.passes.common import ShapeInferencePass
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis, builders
@@ -105,6 +106,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         plans = self._plans(model.graph, statistics)
         if plans:  # refuse before changing anything when the storage opset cannot hold the model
             _check_convertible(model, builders.required_opset(self.scheme.bits))
+            if self._runs_subgraphs or self.calibration_mode == "sequential":
+                _infer_missing_types(model)  # the selectors and the sweep cut subgraphs at typed values
         if self.calibration_mode == "sequential" and plans:  # no weight: nothing to sweep
             choices = self._choose_sequentially(model, plans, statistics)
         else:
@@ -342,6 +345,17 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 axis_errors=axis_errors,
             )
         )
+
+
+def _infer_missing_types(model: ir.Model) -> None:
+    """Fill in value types and shapes where the file carries none (ONNX shape inference), so that
+    subgraphs cut out of the model for the axis selectors have typed inputs and outputs."""
+    if all(output.type is not None for node in model.graph for output in node.outputs):
+        return
+    try:
+        ShapeInferencePass()(model)
+    except Exception as error:  # noqa: BLE001 - a custom op without inference: name it
+        raise ValueError(f"the model carries no value types and ONNX shape inference failed on it: {error}") from error
 
 
 def _float32_weight(array) -> np.ndarray:

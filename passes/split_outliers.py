@@ -187,6 +187,9 @@ class SplitOutliersPass(ir.passes.InPlacePass):
             return "Gemm with transA=1"
         if len(first.weight.uses()) != len(uses) or first.weight.is_graph_output():
             return "the weight has readers other than weight MatMuls"
+        if self.outlier_fraction > 0 and first.weight.dtype != ir.DataType.FLOAT:
+            # the sparse branch keeps float32 outliers and sums them in float32; quantized as a whole instead
+            return f"dense-and-sparse needs a float32 weight, this one is {first.weight.dtype.name}"
         return None
 
     def _rewrite(self, writer: _BranchWriter, uses: list[analysis.WeightUse], hessian: np.ndarray | None) -> None:

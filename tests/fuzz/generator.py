@@ -7,6 +7,11 @@ and RMS norms, per-channel scales, Transpose, Reshape, and branches (``fork`` ke
 ``merge`` adds or multiplies it back). With ``vocab`` the input is token ids read from an embedding
 table, which a ``tied`` block multiplies by again (a tied LM head). Every block adapts to the shape it
 receives, so any subset of a spec's blocks still builds: that is what ``smaller`` relies on.
+
+Issue 16 added what odd files carry: weights in float16 / bfloat16 / float64 (a cast weight, or a MatMul in
+that type between Casts), weights from ``Constant`` nodes, files without value_info, the default domain
+spelled ``"ai.onnx"``, older opsets (13-17: Gelu, LayerNormalization and ReduceMean's axes input adapt) and
+an ``If`` whose branches name values like the quantizer's (``<layer>.scales``, ``<layer>.dequantized``).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import onnx_ir as ir
 from tests import factories
 
 KINDS = ("linear", "act", "norm", "affine", "transpose", "reshape", "fork", "merge")
+OPSETS = (13, 15, 17, 20)
 KIND_WEIGHTS = (0.38, 0.14, 0.1, 0.08, 0.07, 0.07, 0.09, 0.07)
 VARIANTS = {
-    "linear": ("matmul", "bias", "gemm", "gemm_t", "transposed", "fp16", "scaled", "tied"),
+    "linear": ("matmul", "bias", "gemm", "gemm_t", "transposed", "fp16", "scaled", "tied", "constant", "bf16", "f64", "f16_native"),
     "act": ("Relu", "Gelu", "Sigmoid", "Tanh", "silu"),
     "norm": ("layer", "rms"),
     "affine": ("mul", "add"),
@@ -51,6 +57,10 @@ class Spec:
     blocks: tuple[Block, ...]
     vocab: int = 0  # > 0: the input is token ids into an embedding table [vocab, width]
     outputs: int = 1  # 2: the first block's result is a graph output as well
+    opset: int = 20
+    value_info: bool = True  # False: no type or shape on any intermediate value
+    domain: str = ""  # the default domain's spelling: "" or "ai.onnx"
+    subgraph: bool = False  # the result goes through an If whose branches use the quantizer's names
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -73,7 +83,14 @@ def random_spec(rng: np.random.Generator, max_blocks: int = 10) -> Spec:
         blocks.append(Block(kind, variant, width, share))
     vocab = VOCAB if rank == 3 and rng.random() < 0.25 else 0
     outputs = 2 if rng.random() < 0.2 else 1
-    return Spec(int(rng.integers(2**31)), batch, int(rng.choice(WIDTHS)), tuple(blocks), vocab, outputs)
+    odd = rng.random(4)
+    return Spec(
+        int(rng.integers(2**31)), batch, int(rng.choice(WIDTHS)), tuple(blocks), vocab, outputs,
+        opset=int(rng.choice(OPSETS)) if odd[0] < 0.3 else 20,
+        value_info=bool(odd[1] >= 0.3),
+        domain="ai.onnx" if odd[2] < 0.15 else "",
+        subgraph=bool(odd[3] < 0.2),
+    )
 
 
 def smaller(spec: Spec) -> Iterator[Spec]:
@@ -83,6 +100,9 @@ def smaller(spec: Spec) -> Iterator[Spec]:
             yield dataclasses.replace(spec, blocks=spec.blocks[:index] + spec.blocks[index + 1 :])
     if spec.outputs > 1:
         yield dataclasses.replace(spec, outputs=1)
+    for field, default in (("opset", 20), ("value_info", True), ("domain", ""), ("subgraph", False)):
+        if getattr(spec, field) != default:
+            yield dataclasses.replace(spec, **{field: default})
     if spec.vocab:
         yield dataclasses.replace(spec, vocab=0)
     if len(spec.batch) > 1:
@@ -102,8 +122,22 @@ def smaller(spec: Spec) -> Iterator[Spec]:
 
 
 def build(spec: Spec) -> ir.Model:
-    """The ONNX model (opset 20, typed and shaped) that ``spec`` describes."""
-    return _Builder(spec).model()
+    """The ONNX model (``spec.opset``, typed and shaped unless ``spec.value_info`` is off) of ``spec``."""
+    model = _Builder(spec).model()
+    if not spec.value_info:
+        graph = model.graph
+        keep = {id(value) for value in (*graph.inputs, *graph.outputs, *graph.initializers.values())}
+        for node in graph:
+            for output in node.outputs:
+                if id(output) not in keep:
+                    output.type, output.shape = None, None
+    if spec.domain:
+        version = model.opset_imports.pop("")
+        model.opset_imports[spec.domain] = version
+        for node in model.graph:
+            if node.domain == "":
+                node.domain = spec.domain
+    return model
 
 
 class _Builder:
@@ -150,9 +184,28 @@ class _Builder:
             current, shape = getattr(self, block.kind)(block, name, current, shape)
             if index == 0 and spec.outputs > 1 and current is not inputs[0]:
                 outputs.append(current)
+        if spec.subgraph:
+            current = self.branch(current)
         if current is inputs[0] or current in outputs:
             current = self.op("Identity", [current], "result")
-        return factories.model(inputs, [current, *outputs], self.nodes, self.initializers)
+        return factories.model(inputs, [current, *outputs], self.nodes, self.initializers, opset=spec.opset)
+
+    def branch(self, x: ir.Value) -> ir.Value:
+        """If(True) whose branches name their values like the quantizer names a layer's (SSA trap)."""
+        layers = [f"layers.{i // 4}.m{i // 2 % 2}.{b.kind}{i}" for i, b in enumerate(self.spec.blocks) if b.kind == "linear"]
+        base = layers[0] if layers else "branch"
+        then_nodes = [factories.node("Relu", [x], "branch.then_relu", output=f"{base}.dequantized")]
+        then_nodes.append(factories.node("Identity", [then_nodes[0].outputs[0]], "branch.then_id", output=f"{base}.scales"))
+        else_nodes = [factories.node("Identity", [x], f"{base}.DequantizeLinear", output=f"{base}.qweight")]
+        for nodes in (then_nodes, else_nodes):
+            nodes[-1].outputs[0].type, nodes[-1].outputs[0].shape = x.type, x.shape
+        then_graph = ir.Graph([], [then_nodes[-1].outputs[0]], nodes=then_nodes, name="then")
+        else_graph = ir.Graph([], [else_nodes[-1].outputs[0]], nodes=else_nodes, name="else")
+        condition = self.constant("branch.cond", np.array(True))
+        node = ir.node("If", [condition], attributes={"then_branch": then_graph, "else_branch": else_graph}, name="branch")
+        node.outputs[0].name = "branch_out"
+        self.nodes.append(node)
+        return node.outputs[0]
 
     def linear(self, block: Block, name: str, x: ir.Value, shape: tuple[int, ...]):
         k, n = shape[-1], block.width
@@ -180,6 +233,23 @@ class _Builder:
             half = self.constant(f"{name}.weight_fp16", (scale * self.rng.standard_normal((k, n))).astype(np.float16))
             weight = self.op("Cast", [half], f"{name}.cast", to=ir.DataType.FLOAT)
             self.linears.append(None)
+        elif variant == "constant":
+            array = (scale * self.rng.standard_normal((k, n))).astype(np.float32)
+            weight = self.op("Constant", [], f"{name}.weight_constant", value=ir.tensor(array))
+            self.linears.append(None)
+        elif variant == "bf16":
+            import ml_dtypes
+
+            array = (scale * self.rng.standard_normal((k, n))).astype(ml_dtypes.bfloat16)
+            weight = self.op("Cast", [self.constant(f"{name}.weight_bf16", array)], f"{name}.cast", to=ir.DataType.FLOAT)
+            self.linears.append(None)
+        elif variant in ("f64", "f16_native"):  # the MatMul itself in that type, between Casts
+            dtype, elem = (np.float64, ir.DataType.DOUBLE) if variant == "f64" else (np.float16, ir.DataType.FLOAT16)
+            weight = self.constant(f"{name}.weight_{variant}", (scale * self.rng.standard_normal((k, n))).astype(dtype))
+            self.linears.append(None)
+            cast = self.op("Cast", [x], f"{name}.cast_in", to=elem)
+            y = self.op("MatMul", [cast, weight], name)
+            return self.op("Cast", [y], f"{name}.cast_out", to=ir.DataType.FLOAT), (*shape[:-1], n)
         elif variant == "scaled":
             factor = self.constant(f"{name}.factor", np.array(self.rng.uniform(0.5, 2.0), np.float32))
             weight = self.op("Mul", [self.normal(f"{name}.weight_s", (k, n), scale), factor], f"{name}.scale")
@@ -200,6 +270,8 @@ class _Builder:
         return None
 
     def act(self, block: Block, name: str, x: ir.Value, shape):
+        if block.variant == "Gelu" and self.spec.opset < 20:
+            return self.op("Tanh", [x], name), shape
         if block.variant == "silu":
             return self.op("Mul", [x, self.op("Sigmoid", [x], f"{name}.sigmoid")], name), shape
         return self.op(block.variant, [x], name), shape
@@ -207,13 +279,17 @@ class _Builder:
     def norm(self, block: Block, name: str, x: ir.Value, shape):
         width = shape[-1]
         gamma = self.constant(f"{name}.gamma", self.rng.uniform(0.5, 1.5, width).astype(np.float32))
-        if block.variant == "layer":
+        if block.variant == "layer" and self.spec.opset >= 17:
             beta = self.normal(f"{name}.beta", (width,), 0.1)
             return self.op("LayerNormalization", [x, gamma, beta], name, axis=-1), shape
         # RMSNorm as exporters decompose it: x / sqrt(mean(x^2) + eps) * gamma
-        axes = self.constant(f"{name}.axes", np.array([-1], np.int64))
         eps = self.constant(f"{name}.eps", np.array(1e-5, np.float32))
-        mean = self.op("ReduceMean", [self.op("Mul", [x, x], f"{name}.square"), axes], f"{name}.mean", keepdims=1)
+        square = self.op("Mul", [x, x], f"{name}.square")
+        if self.spec.opset >= 18:
+            axes = self.constant(f"{name}.axes", np.array([-1], np.int64))
+            mean = self.op("ReduceMean", [square, axes], f"{name}.mean", keepdims=1)
+        else:  # axes is an attribute before opset 18
+            mean = self.op("ReduceMean", [square], f"{name}.mean", keepdims=1, axes=[-1])
         root = self.op("Sqrt", [self.op("Add", [mean, eps], f"{name}.eps_add")], f"{name}.sqrt")
         return self.op("Mul", [self.op("Div", [x, root], f"{name}.div"), gamma], name), shape
 

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import lowbit
 from lowbit.ir import analysis
 from lowbit.ir.scheme import QuantScheme
-from lowbit.passes.quant.rtn import expand_groups, quantize_rtn
+from lowbit.passes.quant.rtn import expand_groups, fit_to_type, quantize_rtn
 from lowbit.runtime.session import session_options
 from tests import factories
 from tests.fuzz.generator import Spec, build
@@ -159,7 +159,10 @@ def _dequantize(node: ir.Node, bits: int, step: str) -> tuple[np.ndarray, np.nda
     full_scales = expand_groups(scales, block, axis, codes.shape)
     centered = codes if symmetric else codes - expand_groups(zero.const_value.numpy().astype(np.int64), block, axis, codes.shape)
     scheme = QuantScheme(bits, block, ("oc", "ic")[axis], symmetric)
-    return centered.astype(np.float32) * full_scales, full_scales.astype(np.float64) / 2, scheme
+    half_step = full_scales.astype(np.float64) / 2
+    if node.inputs[1].dtype != ir.DataType.FLOAT:  # codes rounded on the float32 grid, stored scales rounded to float16
+        half_step = half_step + np.abs(centered) * full_scales.astype(np.float64) * float(np.finfo(np.float16).eps)
+    return centered.astype(np.float32) * full_scales, half_step, scheme
 
 
 def _check_rtn(model: ir.Model, weights: dict, known: set[int], bits: int, feeds: dict, step: str) -> None:
@@ -171,6 +174,8 @@ def _check_rtn(model: ir.Model, weights: dict, known: set[int], bits: int, feeds
         if operand is None:
             continue
         producer, transposed = node.inputs[operand].producer(), False
+        if producer is not None and producer.op_type == "Cast":  # a bfloat16 / double weight: DQ to float32, Cast
+            producer = producer.inputs[0].producer()
         if producer is not None and producer.op_type == "Transpose":
             producer, transposed = producer.inputs[0].producer(), True
         if producer is None or producer.op_type != "DequantizeLinear" or id(producer) in known:
@@ -180,7 +185,8 @@ def _check_rtn(model: ir.Model, weights: dict, known: set[int], bits: int, feeds
             raise FuzzFailure(step, "bound", f"{node.name} reads a new DequantizeLinear but had no float weight")
         w_hat, half_step, scheme = _dequantize(producer, bits, step)
         stored = original.T if transposed else original  # the DequantizeLinear's own layout
-        reference = quantize_rtn(stored, scheme).dequantize()
+        # the scales as the DequantizeLinear's type stores them (float16 weights: float16 scales)
+        reference = fit_to_type(quantize_rtn(stored, scheme), producer.inputs[1].dtype.numpy()).dequantize()
         if not np.array_equal(w_hat, reference):
             raise FuzzFailure(step, "reference", f"{node.name}: W_hat differs from the NumPy RTN reference by {np.abs(w_hat - reference).max()}")
         excess = np.abs(w_hat.astype(np.float64) - stored) - half_step * (1 + 1e-5) - 1e-6 * np.abs(stored)
@@ -195,7 +201,11 @@ def _check_rtn(model: ir.Model, weights: dict, known: set[int], bits: int, feeds
     for node, weight, w_hat, half_step in products:
         x = np.abs(values[node.inputs[0].name].astype(np.float64))
         error = np.abs(values[node.outputs[0].name] - values[node.inputs[0].name].astype(np.float64) @ weight)
-        allowed = x @ half_step * (1 + 1e-6) + ACCUMULATION * (x @ np.abs(w_hat.astype(np.float64))) + 1e-6
+        # a float16 MatMul rounds its inputs and its output to float16
+        precision = max(ACCUMULATION, float(np.finfo(values[node.outputs[0].name].dtype).eps))
+        allowed = x @ half_step * (1 + 1e-6) + precision * (x @ np.abs(w_hat.astype(np.float64))) + 1e-6
+        if precision > ACCUMULATION:
+            allowed += precision * np.abs(values[node.inputs[0].name].astype(np.float64) @ weight)
         if (error > allowed).any():
             worst = np.unravel_index(np.argmax(error - allowed), error.shape)
             raise FuzzFailure(step, "bound", f"{node.name}: output error {error[worst]:.3g} > bound {allowed[worst]:.3g}")
