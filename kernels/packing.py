@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowbit.ir.scheme import SUPPORTED_BITS
+
 #: Output channels per tile, input channels per quad.
 TILE = 64
 QUAD = 4
-SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def block_bytes(bits: int) -> int:

@@ -83,3 +83,17 @@ def test_pack_rejects_bad_input(codes, bits, message):
 def test_unpack_checks_the_shape():
     with pytest.raises(ValueError, match="packed codes must be uint8 of shape"):
         packing.unpack(np.zeros((1, 3, 128), np.uint8), 4, 3, 10)
+
+
+def test_the_cpp_kernel_accepts_exactly_the_supported_bits():
+    """One list of bit widths (lowbit.ir.scheme.SUPPORTED_BITS): the packing code imports it, and the C++
+    kernel's check must name the same set."""
+    import pathlib
+    import re
+
+    from lowbit.ir.scheme import SUPPORTED_BITS
+
+    assert packing.SUPPORTED_BITS is SUPPORTED_BITS
+    source = (pathlib.Path(packing.__file__).parent / "cpu" / "op_io.cpp").read_text()
+    (check,) = re.findall(r"if \(((?:bits != \d+(?: && )?)+)\) Fail\(\"bits must be", source)
+    assert tuple(sorted(int(value) for value in re.findall(r"bits != (\d+)", check))) == SUPPORTED_BITS
