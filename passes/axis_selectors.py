@@ -11,14 +11,17 @@
   stream after it), so attention and MLP choices are judged together on what the next layer reads.
 
 Graph selectors judge only plain MatMul weights stored as initializers; any other weight keeps its
-``matrix`` choice. Modules are found from module paths (torch.onnx metadata): a graph without them
-gets ``matrix`` choices everywhere, and the report says so through the pass details.
+``matrix`` choice. Modules are found from module paths: torch.onnx metadata, else slashed node names
+(``/model/layers.0/attn/qkv_proj/MatMul``, as the onnxruntime-genai builder writes them). A graph with
+neither gets ``matrix`` choices everywhere, with a warning, and the pass details count the weights in no
+module (``unmatched``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -66,14 +69,32 @@ def select_matrix(plans: list[WeightPlan]) -> list[str]:
     ]
 
 
+def dotted_path(path: str) -> str:
+    """A module path in torch's dotted form. Node names of graphs made without torch's name scopes (the
+    onnxruntime-genai model builder, the TorchScript exporter) spell the module as a slashed path ending in
+    the op: ``/model/layers.0/attn/qkv_proj/MatMul`` -> ``model.layers.0.attn.qkv_proj``. Others pass as they are."""
+    if not path.startswith("/"):
+        return path
+    parts = [part for part in path.split("/") if part]
+    return ".".join(parts[:-1]) if len(parts) > 1 else (parts[0] if parts else path)
+
+
+def node_module(node: ir.Node) -> str:
+    """The module a node belongs to, dotted (``analysis.module_path`` through ``dotted_path``)."""
+    return dotted_path(analysis.module_path(node))
+
+
 def parent_module(path: str) -> str | None:
-    """``a.b.self_attn.q_proj`` -> ``a.b.self_attn`` (the block a weight belongs to)."""
+    """``a.b.self_attn.q_proj`` -> ``a.b.self_attn`` (the block a weight belongs to); builder node names too
+    (``/model/layers.0/attn/qkv_proj/MatMul`` -> ``model.layers.0.attn``)."""
+    path = dotted_path(path)
     return path.rsplit(".", 1)[0] if "." in path else None
 
 
 def decoder_layer(path: str) -> str | None:
-    """``m.model.layers.3.mlp.up_proj`` -> ``m.model.layers.3`` (prefix through the first index)."""
-    match = re.match(r"^(.*?\.\d+)(\.|$)", path)
+    """``m.model.layers.3.mlp.up_proj`` -> ``m.model.layers.3`` (prefix through the first index); builder node
+    names too (``/model/layers.3/mlp/up_proj/MatMul`` -> ``model.layers.3``)."""
+    match = re.match(r"^(.*?\.\d+)(\.|$)", dotted_path(path))
     return match.group(1) if match else None
 
 
@@ -98,14 +119,20 @@ def _module_boundaries(graph: ir.Graph, paths: dict[int, str], module: str) -> t
     produced = {output.name for node in inside for output in node.outputs}
     inputs: dict[str, None] = {}
     outputs: dict[str, None] = {}
+    read_outside: dict[str, None] = {}
     for node in inside:
         for value in node.inputs:
             if value is not None and value.name not in produced and value.const_value is None:
                 inputs.setdefault(value.name)
         for output in node.outputs:
-            if output.is_graph_output() or any(id(use.node) not in inside_ids for use in output.uses()):
+            if any(id(use.node) not in inside_ids for use in output.uses()):
+                read_outside.setdefault(output.name)
+            if output.is_graph_output() or output.name in read_outside:
                 outputs.setdefault(output.name)
-    return list(inputs), list(outputs)
+    # A KV-cache graph's attention also hands out its present keys/values as graph outputs. The module's
+    # output is what the rest of the graph reads (as in a graph without a cache): graph outputs that no
+    # node outside reads count only when the module has no other output.
+    return list(inputs), list(read_outside or outputs)
 
 
 class SubgraphSelector:
@@ -114,12 +141,19 @@ class SubgraphSelector:
     def __init__(self, group_of: Callable[[str], str | None]):
         self.group_of = group_of
         self.details: dict = {}
+        self.unmatched = 0
 
     def __call__(self, model: ir.Model, plans: list[WeightPlan], samples: list[Mapping[str, np.ndarray]]) -> list[str]:
         choices = select_matrix(plans)
         modules = self._modules(model.graph, plans)
+        if not modules and self.unmatched:  # no silent fallback: say that every choice is the matrix one
+            warnings.warn(
+                f"AdaDim selector found no module for any of {self.unmatched} weight(s) (no torch name scopes and no "
+                "slashed module paths in the node names): their axes are the matrix selector's",
+                stacklevel=2,
+            )
         if not modules or not samples:
-            self.details = {"modules": 0, "flips": 0, "start_error": 0.0, "final_error": 0.0}
+            self.details = {"modules": 0, "flips": 0, "start_error": 0.0, "final_error": 0.0, "unmatched": self.unmatched}
             return choices
         proto = ir.to_proto(model)
         data_dirs = external_data_dirs(model)
@@ -129,11 +163,17 @@ class SubgraphSelector:
         for module in tqdm(modules, desc="AdaDim selection", unit="module", leave=False):
             module_flips, start, final = self._search(extractor, data_dirs, module, plans, choices, captured)
             flips, start_error, final_error = flips + module_flips, start_error + start, final_error + final
-        self.details = {"modules": len(modules), "flips": flips, "start_error": start_error, "final_error": final_error}
+        self.details = {
+            "modules": len(modules), "flips": flips, "start_error": start_error, "final_error": final_error,
+            "unmatched": self.unmatched,
+        }
         return choices
 
     def _modules(self, graph: ir.Graph, plans: list[WeightPlan]) -> list[Module]:
+        """The modules holding the weights the search can judge; ``self.unmatched``: how many of those lie in
+        no module (they keep their matrix choice)."""
         grouped: dict[str, list[int]] = {}
+        self.unmatched = 0
         for index, plan in enumerate(plans):
             if len(plan.candidates) < 2 or plan.hessian is None:
                 continue
@@ -142,7 +182,9 @@ class SubgraphSelector:
             module = self.group_of(plan.first.layer)
             if module is not None:
                 grouped.setdefault(module, []).append(index)
-        paths = {id(node): analysis.module_path(node) for node in graph}
+            else:
+                self.unmatched += 1
+        paths = {id(node): node_module(node) for node in graph}
         modules = []
         for name, indices in grouped.items():
             inputs, outputs = _module_boundaries(graph, paths, name)

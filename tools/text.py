@@ -16,6 +16,7 @@ import os
 import pathlib
 import re
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -140,19 +141,29 @@ def file_text(path: str | os.PathLike) -> str:
 
 def calibration_feeds(
     tokenizer, input_names: list[str], length: int, count: int, text: str | None = None,
+    *, past: Mapping[str, np.ndarray] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """One feed dict per window of ``text`` (default: the calibration plays): ``input_ids [1, length]``
-    and, when the model takes one, an all-ones ``attention_mask``. Other model inputs cannot be made from text."""
-    unknown = sorted(set(input_names) - {"input_ids", "attention_mask"})
+    and, when the model takes one, an all-ones ``attention_mask``. ``past``: fixed feeds of a KV-cache graph
+    (empty past tensors, e.g. ``lowbit.tools.genai.empty_past``, made from the graph's input shapes and the
+    genai config), added to every window; with a past the attention mask spans past + window. Other model
+    inputs cannot be made from text."""
+    past = dict(past or {})
+    unknown = sorted(set(input_names) - {"input_ids", "attention_mask"} - set(past))
     if unknown or "input_ids" not in input_names:
         raise ValueError(
             f"text calibration feeds input_ids (and attention_mask); the model's inputs are {input_names}, "
             f"and {unknown or ['input_ids missing']} cannot be made from text"
         )
+    past_lengths = {value.shape[2] for value in past.values() if np.ndim(value) == 4}
+    if len(past_lengths) > 1:
+        raise ValueError(f"the past feeds disagree on the past length: {sorted(past_lengths)}")
+    past_length = past_lengths.pop() if past_lengths else 0
     feeds = []
     for window in token_windows(tokenizer, calibration_text() if text is None else text, length, count):
         feed = {"input_ids": window[None]}
         if "attention_mask" in input_names:
-            feed["attention_mask"] = np.ones_like(feed["input_ids"])
+            feed["attention_mask"] = np.ones((1, past_length + length), dtype=np.int64)
+        feed.update((name, value) for name, value in past.items() if name in input_names)
         feeds.append(feed)
     return feeds

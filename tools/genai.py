@@ -1,0 +1,428 @@
+"""onnxruntime-genai folders: make them (the genai model builder, run as a library), quantize them, run them.
+
+A genai folder holds ``genai_config.json``, the decoder graph (``model.onnx`` + external data) with the
+inputs ``input_ids``, ``attention_mask``, ``past_key_values.N.key/value`` ([batch, kv_heads, past,
+head_dim]) and the outputs ``logits``, ``present.N.key/value``, and the tokenizer files; ``og.Model(folder)``
+runs it with a KV cache.
+
+* ``export_genai("smollm2" | HF_FOLDER, OUT)``: the fp32 folder made by
+  ``onnxruntime_genai.models.builder`` (``-e cpu -p fp32``). SmolLM2 ships as a GGUF file: it is first
+  written as a Hugging Face folder (in a temporary folder, removed afterwards).
+* ``optimize_folder(IN, OUT, recipe, ...)``: ``lowbit.optimize`` on the folder's decoder graph, written as a
+  new folder with its ``genai_config.json`` kept consistent with the graph (file name; for the fused form
+  lowbit's op library registered through the decoder's session options, ``custom_ops_library``) and copies
+  of the other files (tokenizer, chat template). Calibration feeds the KV inputs as empty tensors (past
+  length 0) and an all-ones attention mask.
+* ``generate(FOLDER, prompt)``: stream tokens through og, with tokens/s.
+
+Workarounds (onnxruntime-genai 0.18):
+* transformers 5.x refuses ``save_pretrained`` of a model loaded from GGUF ("quantized with gguf and is
+  not serializable") although its weights are dense fp32 after loading: the GGUF quantizer is detached
+  from the model (and its config) before saving.
+* The builder's ``--help`` crashes and its ``int4_*`` option aliases are ignored; we call
+  ``parse_extra_options`` + ``create_model`` with no extra options, and redirect its chatter to stderr.
+* The builder declares the KV inputs' last dimension symbolic (``kv_cache_dim``): the empty past's head
+  size comes from ``genai_config.json`` (``head_size``) where the graph leaves it open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+CONFIG_NAME = "genai_config.json"
+#: The genai config's default names of the KV inputs (``%d``: the layer).
+PAST_KEY_NAMES, PAST_VALUE_NAMES = "past_key_values.%d.key", "past_key_values.%d.value"
+_OG_HINT = "pip install 'onnxruntime-genai>=0.18,<0.19'"
+#: Model components other than the decoder that a genai config may name (multimodal pipelines).
+_OTHER_COMPONENTS = ("vision", "speech", "embedding", "encoder")
+
+
+def _og():
+    try:
+        import onnxruntime_genai as og
+    except ImportError as error:
+        raise ModuleNotFoundError(f"onnxruntime-genai is not installed; install it with: {_OG_HINT}") from error
+    return og
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a folder
+
+
+def is_genai_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder with a ``genai_config.json``."""
+    path = pathlib.Path(path)
+    return path.is_dir() and (path / CONFIG_NAME).is_file()
+
+
+@dataclasses.dataclass
+class GenaiFolder:
+    """A checked genai folder: its config and the decoder graph's path."""
+
+    folder: pathlib.Path
+    config: dict
+
+    @property
+    def decoder(self) -> dict:
+        return self.config["model"]["decoder"]
+
+    @property
+    def model_path(self) -> pathlib.Path:
+        return self.folder / self.decoder["filename"]
+
+
+def read_folder(folder: str | os.PathLike) -> GenaiFolder:
+    """Check that ``folder`` is a decoder-only genai folder whose config names files that exist."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder at {str(folder)!r}")
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not an onnxruntime-genai folder: it has no {CONFIG_NAME}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not JSON: {error}") from error
+    decoder = config.get("model", {}).get("decoder") if isinstance(config, dict) else None
+    if not isinstance(decoder, dict) or not isinstance(decoder.get("filename"), str):
+        raise ValueError(f"{str(path)!r} names no decoder model (model.decoder.filename)")
+    others = [name for name in _OTHER_COMPONENTS if isinstance(config["model"].get(name), dict)]
+    if others:
+        raise NotImplementedError(f"{str(path)!r} describes a pipeline with {others} besides the decoder; lowbit takes decoder-only folders")
+    model = folder / decoder["filename"]
+    if not model.is_file():
+        raise FileNotFoundError(f"{str(path)!r} names the decoder file {decoder['filename']!r}, which is missing from {str(folder)!r}")
+    library = decoder.get("session_options", {}).get("custom_ops_library")
+    if library and not pathlib.Path(library).is_file():
+        raise FileNotFoundError(f"{str(path)!r} names the custom op library {library!r}, which is missing")
+    return GenaiFolder(folder, config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration feeds
+
+
+def _past_patterns(config: Mapping | None) -> list[re.Pattern]:
+    inputs = (config or {}).get("model", {}).get("decoder", {}).get("inputs", {})
+    patterns = [inputs.get("past_key_names", PAST_KEY_NAMES), inputs.get("past_value_names", PAST_VALUE_NAMES)]
+    return [re.compile(re.escape(pattern).replace("%d", r"\d+") + "$") for pattern in patterns]
+
+
+def empty_past(model, config: Mapping | None = None) -> dict[str, np.ndarray]:
+    """Empty KV-cache feeds (past length 0, batch 1) for every ``past_key_values`` input of ``model``.
+
+    Shapes come from the graph's input types ([batch, kv_heads, past, head_dim]); a dimension the graph
+    leaves symbolic (the builder's ``kv_cache_dim``) comes from ``config`` (the genai config:
+    ``num_key_value_heads``, ``head_size``)."""
+    import onnx_ir as ir
+
+    decoder = (config or {}).get("model", {}).get("decoder", {})
+    from_config = {1: decoder.get("num_key_value_heads"), 3: decoder.get("head_size")}
+    patterns = _past_patterns(config)
+    feeds = {}
+    for value in model.graph.inputs:
+        if not any(pattern.match(value.name) for pattern in patterns):
+            continue
+        shape = value.shape
+        if shape is None or len(shape) != 4 or value.dtype is None:
+            raise ValueError(f"KV input {value.name!r} has shape {shape} and type {value.dtype}; expected a rank-4 tensor")
+        dims = []
+        for axis, dim in enumerate(shape):
+            if axis == 0:
+                dims.append(1)  # batch
+            elif axis == 2:
+                dims.append(0)  # past length
+            elif isinstance(dim, int):
+                dims.append(dim)
+            elif isinstance(from_config[axis], int):
+                dims.append(from_config[axis])
+            else:
+                what = "num_key_value_heads" if axis == 1 else "head_size"
+                raise ValueError(f"KV input {value.name!r}: dimension {axis} is {dim} in the graph and the genai config gives no {what}")
+        feeds[value.name] = np.zeros(dims, dtype=ir.DataType(value.dtype).numpy())
+    return feeds
+
+
+def calibration_feeds(model, config: Mapping | None, tokenizer, length: int, count: int, text: str | None = None):
+    """Text calibration feeds for a genai decoder graph: ``input_ids``, an all-ones ``attention_mask`` and
+    empty past KV tensors."""
+    from lowbit.tools import text as text_module
+
+    names = [value.name for value in model.graph.inputs if not value.is_initializer()]
+    return text_module.calibration_feeds(tokenizer, names, length, count, text, past=empty_past(model, config))
+
+
+# --------------------------------------------------------------------------------------------------
+# Making a folder: the builder
+
+
+def _check_new_folder(out: pathlib.Path, overwrite: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise NotADirectoryError(f"output {str(out)!r} is a file, not a folder")
+        if any(out.iterdir()) and not (overwrite and is_genai_folder(out)):
+            hint = "; pass overwrite to replace a genai folder" if is_genai_folder(out) else ""
+            raise FileExistsError(f"output folder {str(out)!r} exists and is not empty{hint}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output folder's parent {str(out.parent)!r} does not exist")
+
+
+def _install(staging: pathlib.Path, out: pathlib.Path) -> None:
+    """Move a finished ``staging`` folder to ``out``, replacing what was there."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _staging(out: pathlib.Path):
+    """A private folder beside ``out``, removed unless it was installed."""
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.lowbit-", dir=out.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_genai(hf_folder: str | os.PathLike, out: str | os.PathLike, *, precision: str = "fp32", overwrite: bool = False) -> pathlib.Path:
+    """Run the onnxruntime-genai model builder (``-e cpu -p precision``) on a local Hugging Face folder."""
+    og_builder = _builder()
+    hf_folder, out = pathlib.Path(hf_folder), pathlib.Path(out)
+    if not (hf_folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(hf_folder)!r} is not a Hugging Face model folder (no config.json)")
+    _check_new_folder(out, overwrite)
+    with _staging(out) as staging, tempfile.TemporaryDirectory(prefix="lowbit-builder-cache-") as cache:
+        target = staging / "folder"
+        print(f"[lowbit] onnxruntime-genai builder: {hf_folder} -> {out} ({precision}, cpu) ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # the builder prints progress on stdout
+            options = og_builder.parse_extra_options("", str(hf_folder), str(target), precision, "cpu", cache, [])
+            og_builder.create_model("", str(hf_folder), str(target), precision, "cpu", cache, **options)
+        print(f"[lowbit] builder: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        read_folder(target)
+        _install(target, out)
+    return out
+
+
+def _builder():
+    _og()
+    from onnxruntime_genai.models import builder
+
+    return builder
+
+
+def write_smollm2_hf_folder(folder: str | os.PathLike) -> pathlib.Path:
+    """SmolLM2-135M-Instruct (from its GGUF file, de-quantized to fp32) written as a Hugging Face folder."""
+    from lowbit.tools import models
+
+    folder = pathlib.Path(folder)
+    model, tokenizer = models.load_smollm2()
+    # Workaround (transformers 5.x): a GGUF-loaded model carries a GGUF quantizer that refuses to save,
+    # although the loaded weights are dense fp32. Detach it, so save_pretrained writes plain safetensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def export_genai(model: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+    """The fp32 genai folder of ``"smollm2"`` or of a local Hugging Face causal-LM folder."""
+    out = pathlib.Path(out)
+    _check_new_folder(out, overwrite)
+    if str(model) == "smollm2":
+        with tempfile.TemporaryDirectory(prefix="lowbit-smollm2-hf-") as hf_folder:
+            write_smollm2_hf_folder(hf_folder)
+            return build_genai(hf_folder, out, overwrite=overwrite)
+    if not pathlib.Path(model).is_dir():
+        raise FileNotFoundError(f"{str(model)!r} is neither 'smollm2' nor a folder")
+    return build_genai(model, out, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantizing a folder
+
+
+def _inside(path: pathlib.Path, folder: pathlib.Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_folder(source: str | os.PathLike, out: str | os.PathLike) -> tuple[GenaiFolder, pathlib.Path]:
+    """The checked input folder and the output folder, refused before any work when they overlap or the output
+    holds something other than a genai folder."""
+    src = read_folder(source)
+    out = pathlib.Path(out)
+    a, b = src.folder.resolve(), out.resolve()
+    if _inside(a, b) or _inside(b, a):
+        raise ValueError(f"output folder {str(out)!r} is, contains or lies inside the input folder {str(source)!r}; choose another")
+    _check_new_folder(out, overwrite=True)
+    return src, out
+
+
+def optimize_folder(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    recipe,
+    *,
+    calibration=None,
+    tokenizer=None,
+    calibration_text: str | None = None,
+    calibration_length: int = 256,
+    calibration_windows: int = 32,
+):
+    """Quantize the decoder of the genai folder ``source`` with ``recipe`` into the new genai folder ``out``.
+
+    ``calibration``: feed dicts (or statistics) for ``lowbit.optimize``; else, when the recipe needs them,
+    text windows tokenized by ``tokenizer`` (default: the folder's own tokenizer). Returns the
+    ``OptimizeResult``; ``out`` is written whole or not at all."""
+    import lowbit
+    from lowbit.ir import files
+
+    src, out = check_output_folder(source, out)
+    model = lowbit.load(src.model_path)
+    if calibration is None and recipe.needs_calibration:
+        if tokenizer is None:
+            tokenizer = _folder_tokenizer(src.folder)
+        calibration = calibration_feeds(model, src.config, tokenizer, calibration_length, calibration_windows, calibration_text)
+    read = files.files_read(model)
+    result = lowbit.optimize(model, recipe, calibration=calibration)
+    with _staging(out) as staging:
+        target = staging / "folder"
+        target.mkdir()
+        lowbit.save(result.model, target / src.model_path.name)
+        config = copy.deepcopy(src.config)
+        check_consistent(result.model, config)
+        if recipe.fused:
+            from lowbit.kernels import _lib
+
+            options = config["model"]["decoder"].setdefault("session_options", {})
+            options["custom_ops_library"] = str(_lib.library_path().resolve())
+        (target / CONFIG_NAME).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
+        for path in sorted(src.folder.iterdir()):
+            if path.is_file() and path.name != CONFIG_NAME and str(path.resolve()) not in read:
+                shutil.copy2(path, target / path.name)
+        _install(target, out)
+    return result
+
+
+def _folder_tokenizer(folder: pathlib.Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def check_consistent(model, config: Mapping) -> None:
+    """Raise when the genai config names decoder inputs or outputs the graph lacks."""
+    decoder = config["model"]["decoder"]
+    layers = decoder.get("num_hidden_layers")
+    inputs = {value.name for value in model.graph.inputs}
+    outputs = {value.name for value in model.graph.outputs}
+    for kind, names, have in (("inputs", decoder.get("inputs", {}), inputs), ("outputs", decoder.get("outputs", {}), outputs)):
+        for key, name in names.items():
+            expanded = [name % layer for layer in range(layers)] if "%d" in name and isinstance(layers, int) else [name]
+            if key in ("input_ids", "logits", "past_key_names", "past_value_names", "present_key_names", "present_value_names"):
+                missing = [item for item in expanded if item not in have]
+                if missing:
+                    raise ValueError(f"the genai config's decoder {kind} name {missing[:3]}, which the graph lacks")
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a folder
+
+
+def greedy_tokens(folder: str | os.PathLike, prompt_ids: Sequence[int], new_tokens: int) -> list[int]:
+    """The greedy continuation of ``prompt_ids`` by og (stops early at an end-of-sequence token)."""
+    og = _og()
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(list(map(int, prompt_ids)))
+    tokens = []
+    while not generator.is_done() and len(tokens) < new_tokens:
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+@dataclasses.dataclass
+class Generation:
+    prompt_tokens: int
+    tokens: list[int]
+    text: str
+    prompt_seconds: float
+    decode_seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first over the time they took."""
+        later = len(self.tokens) - 1
+        return later / self.decode_seconds if later > 0 and self.decode_seconds > 0 else float("nan")
+
+
+def generate(
+    folder: str | os.PathLike,
+    prompt: str,
+    *,
+    max_tokens: int = 128,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    stream=None,
+) -> Generation:
+    """Generate from ``prompt`` with og, writing each piece of text to ``stream`` (a file) as it comes."""
+    og = _og()
+    src = read_folder(folder)
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    model = og.Model(str(src.folder))
+    tokenizer = og.Tokenizer(model)
+    ids = list(tokenizer.encode(prompt))
+    options = {"max_length": len(ids) + max_tokens, "do_sample": not greedy}
+    if not greedy:
+        options.update(temperature=float(temperature), top_p=float(top_p))
+        if top_k is not None:
+            options["top_k"] = int(top_k)
+    params = og.GeneratorParams(model)
+    params.set_search_options(**options)
+    generator = og.Generator(model, params)
+    decoder = tokenizer.create_stream()
+    tokens, pieces = [], []
+    start = time.perf_counter()
+    generator.append_tokens(ids)
+    first = None
+    while not generator.is_done() and len(tokens) < max_tokens:
+        generator.generate_next_token()
+        token = int(generator.get_next_tokens()[0])
+        if first is None:
+            first = time.perf_counter()
+        tokens.append(token)
+        piece = decoder.decode(token)
+        pieces.append(piece)
+        if stream is not None:
+            stream.write(piece)
+            stream.flush()
+    end = time.perf_counter()
+    first = first or end
+    return Generation(len(ids), tokens, "".join(pieces), first - start, end - first)
