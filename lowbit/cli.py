@@ -5,6 +5,7 @@
     lowbit eval smollm2.w4.onnx
     lowbit view smollm2.w4.onnx --compare smollm2.onnx --report report.json -o view.html
     lowbit demo
+    lowbit export smollm2 --genai -o smollm2-genai && lowbit generate smollm2-genai --prompt "Hello"
 
 Errors print one line and exit with status 2; ``--debug`` shows the traceback instead.
 """
@@ -75,6 +76,10 @@ def _flag(reason: str) -> str:
 def _command_optimize(args: argparse.Namespace) -> None:
     source, target = pathlib.Path(args.model), pathlib.Path(args.output)
     recipe = _recipe(args)
+    if source.is_dir():  # an onnxruntime-genai folder in, one out
+        from lowbit.tools import genai
+
+        return genai.command_optimize(args, recipe)
     if recipe.needs_calibration and not args.calibration_tokenizer:
         needs = ", ".join(_flag(reason) for reason in recipe.calibration_reasons)
         raise ValueError(f"{needs} needs calibration data: add {CALIBRATION_FLAGS}")
@@ -141,6 +146,14 @@ def _command_export(args: argparse.Namespace) -> None:
     from lowbit.tools import models
 
     output = pathlib.Path(args.output)
+    if args.genai:
+        if args.model == "minilm":
+            raise ValueError("--genai makes generation folders of causal LMs: smollm2 or a Hugging Face causal-LM folder")
+        from lowbit.tools import genai
+
+        path = genai.export_genai(args.model, output, overwrite=args.overwrite)
+        print(f"wrote {path}/ ({genai.folder_mib(path):.1f} MiB, onnxruntime-genai folder, fp32)")
+        return
     if args.model == "smollm2":
         path = models.export_smollm2(output, overwrite=args.overwrite, cache=True)
     elif args.model == "minilm":
@@ -158,6 +171,12 @@ def _command_eval(args: argparse.Namespace) -> None:
 
     argv = [args.model, "--play", args.play, "--windows", str(args.windows), "--length", str(args.length)]
     eval_perplexity.main(argv + (["--reference", args.reference] if args.reference else []))
+
+
+def _command_generate(args: argparse.Namespace) -> None:
+    from lowbit.tools import genai
+
+    genai.command_generate(args)
 
 
 def _command_view(args: argparse.Namespace) -> None:
@@ -188,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     optimize = commands.add_parser("optimize", formatter_class=_HelpFormatter, help="quantize the weights of an ONNX model")
-    optimize.add_argument("model", help="input .onnx")
-    optimize.add_argument("-o", "--output", required=True, help="output .onnx (never the input)")
+    optimize.add_argument("model", help="input .onnx, or an onnxruntime-genai folder (genai_config.json)")
+    optimize.add_argument("-o", "--output", required=True, help="output .onnx, or folder for a genai folder (never the input)")
     optimize.add_argument("--report", help="write the per-pass / per-weight report as JSON here")
     _add_recipe_arguments(optimize)
     optimize.set_defaults(handler=_command_optimize)
@@ -198,7 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model", help=f"one of {SHIPPED_MODELS}, or a Hugging Face model folder")
     export.add_argument("-o", "--output", required=True, help="the .onnx to write")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    export.add_argument("--genai", action="store_true",
+                        help="write an onnxruntime-genai folder (KV cache; the genai model builder, fp32) at -o")
     export.set_defaults(handler=_command_export)
+
+    generate = commands.add_parser("generate", formatter_class=_HelpFormatter, help="stream text from an onnxruntime-genai folder")
+    generate.add_argument("model", help="an onnxruntime-genai folder (lowbit export --genai, lowbit optimize)")
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
+    generate.add_argument("--greedy", action="store_true", help="greedy decoding (the default without sampling options)")
+    generate.add_argument("--temperature", type=float, help="sample at this temperature")
+    generate.add_argument("--top-p", type=float, help="sample from the smallest token set of this probability")
+    generate.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    generate.set_defaults(handler=_command_generate)
 
     evaluate = commands.add_parser("eval", formatter_class=_HelpFormatter, help="perplexity of an ONNX causal LM on a held-out play")
     evaluate.add_argument("model", help="ONNX causal LM (input_ids -> logits)")

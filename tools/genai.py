@@ -107,7 +107,7 @@ def read_folder(folder: str | os.PathLike) -> GenaiFolder:
     if not model.is_file():
         raise FileNotFoundError(f"{str(path)!r} names the decoder file {decoder['filename']!r}, which is missing from {str(folder)!r}")
     library = decoder.get("session_options", {}).get("custom_ops_library")
-    if library and not pathlib.Path(library).is_file():
+    if library and not (folder / library).is_file():
         raise FileNotFoundError(f"{str(path)!r} names the custom op library {library!r}, which is missing")
     return GenaiFolder(folder, config)
 
@@ -299,7 +299,7 @@ def optimize_folder(
     from lowbit.ir import files
 
     src, out = check_output_folder(source, out)
-    model = lowbit.load(src.model_path)
+    model = load_decoder(src.model_path)
     if calibration is None and recipe.needs_calibration:
         if tokenizer is None:
             tokenizer = _folder_tokenizer(src.folder)
@@ -312,17 +312,50 @@ def optimize_folder(
         lowbit.save(result.model, target / src.model_path.name)
         config = copy.deepcopy(src.config)
         check_consistent(result.model, config)
-        if recipe.fused:
-            from lowbit.kernels import _lib
-
-            options = config["model"]["decoder"].setdefault("session_options", {})
-            options["custom_ops_library"] = str(_lib.library_path().resolve())
-        (target / CONFIG_NAME).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
         for path in sorted(src.folder.iterdir()):
             if path.is_file() and path.name != CONFIG_NAME and str(path.resolve()) not in read:
                 shutil.copy2(path, target / path.name)
+        if recipe.fused:
+            # Workaround (og 0.18): og loads a custom_ops_library only from inside the model's folder ("path is
+            # not within an allowed directory" otherwise), so the op library travels with the folder.
+            from lowbit.kernels import _lib
+
+            library = _lib.library_path()
+            shutil.copy2(library, target / library.name)
+            options = config["model"]["decoder"].setdefault("session_options", {})
+            options["custom_ops_library"] = library.name
+        (target / CONFIG_NAME).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
         _install(target, out)
     return result
+
+
+def load_decoder(path: str | os.PathLike):
+    """The decoder graph of a genai folder as an ``onnx_ir.Model`` (external data left on disk).
+
+    Workaround: the builder writes ``SimplifiedLayerNormalization`` (an ONNX Runtime op) in the ONNX domain,
+    which ``onnx.checker`` refuses ("No Op registered"), so ``lowbit.load`` (which runs the checker) refuses
+    every builder graph. This loads it with lowbit.load's other checks (external data inside the folder and
+    complete, opsets, unique node names); ONNX Runtime validates the graph when calibration or og runs it."""
+    import onnx
+    import onnx_ir as ir
+
+    from lowbit import api
+    from lowbit.ir import files
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {str(path)!r}")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+        model = ir.serde.deserialize_model(proto)
+    except Exception as error:  # protobuf and onnx_ir raise their own types
+        raise ValueError(f"{str(path)!r} is not a readable ONNX model: {error}") from error
+    del proto
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    sources = api._external_files(model, path.parent) | {str(path.resolve())}
+    api._check_opsets_and_names(model, path)
+    model.meta[files.SOURCE_KEY] = sources
+    return model
 
 
 def _folder_tokenizer(folder: pathlib.Path):
@@ -426,3 +459,71 @@ def generate(
     end = time.perf_counter()
     first = first or end
     return Generation(len(ids), tokens, "".join(pieces), first - start, end - first)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line (lowbit optimize FOLDER, lowbit generate)
+
+
+def folder_mib(folder: str | os.PathLike) -> float:
+    """Bytes of the files in a folder (not its subfolders), in MiB."""
+    return sum(path.stat().st_size for path in pathlib.Path(folder).iterdir() if path.is_file()) / 2**20
+
+
+def command_optimize(args, recipe) -> None:
+    """``lowbit optimize IN_FOLDER -o OUT_FOLDER [recipe flags]``: every check before any work."""
+    from lowbit.ir import files
+
+    src, out = check_output_folder(args.model, args.output)
+    if args.calibration_text and not args.calibration_tokenizer and not recipe.needs_calibration:
+        raise ValueError("--calibration-text is given but the recipe needs no calibration")
+    if args.report:
+        report = files.check_writable_file(args.report, "--report").resolve()
+        if _inside(report, src.folder.resolve()) or _inside(report, out.resolve()):
+            raise ValueError(f"--report {args.report!r} lies inside the input or the output folder")
+    tokenizer = corpus = None
+    if recipe.needs_calibration:
+        from lowbit.cli import _tokenizer
+        from lowbit.tools import text
+
+        tokenizer = _tokenizer(args.calibration_tokenizer) if args.calibration_tokenizer else _folder_tokenizer(src.folder)
+        corpus = text.file_text(args.calibration_text) if args.calibration_text else None
+    result = optimize_folder(
+        src.folder, out, recipe, tokenizer=tokenizer, calibration_text=corpus,
+        calibration_length=args.calibration_length, calibration_windows=args.calibration_windows,
+    )
+    print(result.report.summary())
+    if recipe.fused and result.report.unfused:
+        print(f"lowbit: warning: {len(result.report.unfused)} quantized weight(s) stay in the portable form, not "
+              "fused (listed above with the reasons)", file=sys.stderr)
+    form = ("fused lowbit ops (og loads the op library named in genai_config.json)" if recipe.fused
+            else "portable QDQ (stock onnxruntime-genai)")
+    print(f"wrote {out}/ ({folder_mib(out):.1f} MiB, onnxruntime-genai folder, {form}; input {folder_mib(src.folder):.1f} MiB)")
+    if args.report:
+        pathlib.Path(args.report).write_text(result.report.to_json())
+        print(f"wrote {args.report}")
+
+
+def command_generate(args) -> None:
+    """``lowbit generate FOLDER --prompt TEXT``: the text streams to stdout, the speed to stderr."""
+    if not args.greedy and args.temperature is None and args.top_p is None and args.top_k is None:
+        args.greedy = True  # greedy unless a sampling option is given
+    if args.greedy and (args.temperature is not None or args.top_p is not None or args.top_k is not None):
+        raise ValueError("--greedy cannot be combined with --temperature / --top-p / --top-k")
+    if args.temperature is not None and args.temperature <= 0:
+        raise ValueError(f"--temperature must be positive, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    sys.stdout.write(args.prompt)
+    result = generate(
+        args.model, args.prompt, max_tokens=args.max_tokens, greedy=args.greedy,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k, stream=sys.stdout,
+    )
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(
+        f"{len(result.tokens)} tokens; prompt {result.prompt_tokens} tokens in {result.prompt_seconds * 1000:.0f} ms; "
+        f"decode {result.tokens_per_second:.1f} tokens/s",
+        file=sys.stderr,
+    )
