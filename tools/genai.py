@@ -475,6 +475,8 @@ def command_optimize(args, recipe) -> None:
     from lowbit.ir import files
 
     src, out = check_output_folder(args.model, args.output)
+    if out.suffix == ".onnx" and not out.is_dir():
+        raise ValueError(f"the input {str(args.model)!r} is an onnxruntime-genai folder, so -o names the output folder, not a .onnx file")
     if args.calibration_text and not args.calibration_tokenizer and not recipe.needs_calibration:
         raise ValueError("--calibration-text is given but the recipe needs no calibration")
     if args.report:

@@ -142,6 +142,7 @@ def test_bad_folders_get_a_clear_error_and_nothing_is_written(tmp_path, capsys):
         (good, good, "is, contains or lies inside the input folder"),
         (good, good / "sub", "is, contains or lies inside the input folder"),
         (good, tmp_path, "is, contains or lies inside the input folder"),
+        (good, tmp_path / "out.onnx", "-o names the output folder, not a .onnx file"),
     ]
     before = {folder: _snapshot(folder) for folder in (plain, missing, good)}
     listing = sorted(path.name for path in tmp_path.iterdir())
