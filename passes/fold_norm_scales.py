@@ -140,6 +140,8 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
                 raise NotFoldable(f"{usage.node.op_type} {usage.node.name!r} reads its output")
             if use.weight.const_value is None:
                 raise NotFoldable(f"{use.kind} {use.layer!r} reads a weight tied to the embedding table")
+            if not use.weight.is_initializer():  # a Constant node's output: its attribute, not const_value, is saved
+                raise NotFoldable(f"the weight of {use.layer!r} is a Constant node's output, not an initializer")
             if use.node.op_type == "Gemm" and use.node.attributes.get_int("transA", 0):
                 raise NotFoldable(f"Gemm {use.layer!r} has transA=1")
             if len(use.weight.uses()) != 1:

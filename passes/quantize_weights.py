@@ -300,7 +300,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def _write(self, graph: ir.Graph, plan: axis_selectors.WeightPlan, axis: str, names: builders.NameAllocator) -> None:
         """Replace the weight by its chosen candidate's QDQ form and record it."""
         first = plan.first
-        float_dtype = first.weight.dtype
+        float_dtype = _weight_type(first)
         try:
             quantized = fit_to_type(plan.candidates[axis], builders.dequantized_type(float_dtype).numpy())
         except ValueError as error:
@@ -345,6 +345,15 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 axis_errors=axis_errors,
             )
         )
+
+
+def _weight_type(use: analysis.WeightUse) -> ir.DataType:
+    """The weight's float type, also where the file carries no value_info (a tied head's Transpose output)."""
+    if use.weight.dtype is not None:
+        return use.weight.dtype
+    if use.weight.const_value is not None:
+        return use.weight.const_value.dtype
+    return use.weight.producer().inputs[0].dtype
 
 
 def _infer_missing_types(model: ir.Model) -> None:

@@ -161,7 +161,7 @@ def _dequantize(node: ir.Node, bits: int, step: str) -> tuple[np.ndarray, np.nda
     scheme = QuantScheme(bits, block, ("oc", "ic")[axis], symmetric)
     half_step = full_scales.astype(np.float64) / 2
     if node.inputs[1].dtype != ir.DataType.FLOAT:  # codes rounded on the float32 grid, stored scales rounded to float16
-        half_step = half_step + np.abs(centered) * full_scales.astype(np.float64) * float(np.finfo(np.float16).eps)
+        half_step = half_step + (np.abs(centered) + 1) * full_scales.astype(np.float64) * float(np.finfo(np.float16).eps)
     return centered.astype(np.float32) * full_scales, half_step, scheme
 
 
