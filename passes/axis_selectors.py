@@ -53,6 +53,13 @@ class WeightPlan:
     def first(self) -> analysis.WeightUse:
         return self.uses[0]
 
+    def session_input(self, axis: str) -> np.ndarray:
+        """The ``axis`` candidate, dequantized, in the weight initializer's own type (fp16, bf16, float64 or
+        float32): what a subgraph session that reads the weight takes as its input."""
+        dtype = self.first.weight.dtype
+        array = self.candidates[axis].dequantize()
+        return array if dtype is None else array.astype(dtype.numpy())
+
 
 def matrix_errors(plan: WeightPlan) -> dict[str, float]:
     """Relative output error ``trace(dW^T H dW) / trace(W^T H W)`` of every candidate."""
@@ -199,7 +206,7 @@ class SubgraphSelector:
 
         def error(assignment: dict[int, str]) -> float:
             weights = {
-                plans[i].first.weight.name: plans[i].candidates[assignment[i]].dequantize() for i in module.plan_indices
+                plans[i].first.weight.name: plans[i].session_input(assignment[i]) for i in module.plan_indices
             }
             total = 0.0
             for sample in captured:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from lowbit.ir.analysis import normalize_default_domain
+
 
 class CleanupPass(ir.passes.InPlacePass):
     """Remove unused nodes/initializers/opsets, deduplicate equal initializers, sort topologically."""
@@ -22,9 +24,11 @@ class CleanupPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         nodes_before, initializers_before = len(model.graph), len(model.graph.initializers)
+        # onnx_ir drops an "ai.onnx" opset import as unused when the nodes say "": spell it "" first.
+        respelled = normalize_default_domain(model)
         result = self._steps(model)
         self.details = {
             "removed_nodes": nodes_before - len(model.graph),
             "removed_initializers": initializers_before - len(model.graph.initializers),
         }
-        return ir.passes.PassResult(model, modified=result.modified)
+        return ir.passes.PassResult(model, modified=result.modified or respelled)

@@ -158,7 +158,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             layer_choices = self._choose(step.model if self._runs_subgraphs else None, layer_plans, step.samples)
             for index, axis in zip(layer.indices, layer_choices):
                 choices[index] = axis
-            return {plan.first.weight.name: plan.candidates[axis].dequantize() for plan, axis in zip(layer_plans, layer_choices)}
+            return {plan.first.weight.name: plan.session_input(axis) for plan, axis in zip(layer_plans, layer_choices)}
 
         stream_bytes = []
         if layers:

@@ -171,13 +171,14 @@ class LayerSweep:
             plan.hessian = accumulators[plan.first.node.inputs[0].name].hessian
 
     def _advance(self, extractor, module: Module, quantized: Mapping[str, np.ndarray], stream) -> None:
-        """Replace every sample's cut by the next one, computed with the layer's quantized weights."""
+        """Replace every sample's cut by the next one, computed with the layer's quantized weights (arrays in
+        each weight's own type: ``WeightPlan.session_input``)."""
         names = [self.plans[i].first.weight.name for i in module.plan_indices]
         missing = sorted(set(names) - set(quantized))
         if missing:
             raise ValueError(f"layer {module.name!r}: the quantizer returned no value for the weights {missing}")
         sess = module_session(extractor, module, names, self.data_dirs)
-        self._replace(stream, sess, module.outputs, {name: np.asarray(quantized[name], dtype=np.float32) for name in names})
+        self._replace(stream, sess, module.outputs, {name: np.asarray(quantized[name]) for name in names})
 
 
 def _float_subgraph(

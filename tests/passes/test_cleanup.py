@@ -25,3 +25,13 @@ def test_dead_node_and_its_initializer_are_removed():
     assert cleanup.details == {"removed_nodes": 1, "removed_initializers": 1}
     check_valid(model)
     assert_parity(reference, model, factories.feeds_for(model), rtol=0, atol=0)
+
+
+def test_a_default_domain_spelled_ai_onnx_keeps_its_opset_import():
+    """onnx_ir's unused-opset removal would drop an "ai.onnx" import that the nodes ("") still need."""
+    model = factories.mlp()
+    version = model.opset_imports.pop("")
+    model.opset_imports["ai.onnx"] = version
+    result = CleanupPass()(model)
+    assert result.modified and model.opset_imports.get("") == version and "ai.onnx" not in model.opset_imports
+    check_valid(model)
