@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.ir.scheme import SUPPORTED_BITS
+from lowbit.passes.quant.scheme import SUPPORTED_BITS
 
 #: Output channels per tile, input channels per quad.
 TILE = 64

@@ -18,7 +18,7 @@ import pathlib
 import sys
 
 # Only light modules at the top: --help must not wait for torch, ONNX or ONNX Runtime.
-from lowbit.ir.scheme import GROUP_AXES, SUPPORTED_BITS
+from lowbit.passes.quant.scheme import GROUP_AXES, SUPPORTED_BITS
 from lowbit.passes.recipe import Recipe
 
 SHIPPED_MODELS = ("smollm2", "minilm")
@@ -103,7 +103,9 @@ def _command_optimize(args: argparse.Namespace) -> None:
     if args.calibration_tokenizer:
         from lowbit.tools import text
 
-        tokenizer = _tokenizer(args.calibration_tokenizer)
+        from lowbit.tools import models
+
+        tokenizer = models.named_tokenizer(args.calibration_tokenizer)
         corpus = text.file_text(args.calibration_text) if args.calibration_text else None
         inputs = [value.name for value in model.graph.inputs]
         calibration = text.calibration_feeds(tokenizer, inputs, args.calibration_length, args.calibration_windows, corpus)
@@ -128,18 +130,6 @@ def _model_mib(path: pathlib.Path) -> float:
     from lowbit.tools.demo import file_bytes
 
     return file_bytes(path) / 2**20
-
-
-def _tokenizer(name: str):
-    from lowbit.tools import models
-
-    if name == "smollm2":
-        return models.smollm2_tokenizer()
-    if name == "minilm":
-        return models.minilm_tokenizer()
-    if not pathlib.Path(name).is_dir():
-        raise FileNotFoundError(f"tokenizer {name!r} is neither a shipped model {SHIPPED_MODELS} nor a folder")
-    return models.hf_tokenizer(name)
 
 
 def _command_export(args: argparse.Namespace) -> None:

@@ -38,7 +38,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis, builders
-from lowbit.ir.scheme import GROUP_AXES, METHODS, QuantScheme
+from lowbit.passes.quant.scheme import GROUP_AXES, METHODS, QuantScheme
 from lowbit.passes import axis_selectors, sequential
 from lowbit.passes.capture_calibration import CALIBRATION_KEY, ORT_ERRORS
 from lowbit.passes.quant.adadim import relative_output_error

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
-from lowbit.ir.scheme import (
+from lowbit.passes.quant.scheme import (
     CALIBRATION_MODES,
     GROUP_AXES,
     METHODS,

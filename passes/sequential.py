@@ -31,7 +31,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
-from lowbit.ir.scheme import CALIBRATION_MODES
+from lowbit.passes.quant.scheme import CALIBRATION_MODES
 from lowbit.passes.axis_selectors import WeightPlan, Module, module_session, decoder_layer
 from lowbit.passes.quant.hessian import HessianAccumulator
 from lowbit.runtime.session import external_data_dirs, session_from_proto, set_external_data_dirs

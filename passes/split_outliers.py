@@ -78,7 +78,7 @@ from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
 from lowbit.ir.builders import NameAllocator, fresh_name
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.capture_calibration import CALIBRATION_KEY
 from lowbit.passes.quant import outliers
 

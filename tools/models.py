@@ -125,6 +125,17 @@ def load_minilm():
     return model.eval(), minilm_tokenizer()
 
 
+def named_tokenizer(name: str):
+    """The tokenizer of a shipped model (``smollm2``, ``minilm``) or of a local Hugging Face folder."""
+    if name == "smollm2":
+        return smollm2_tokenizer()
+    if name == "minilm":
+        return minilm_tokenizer()
+    if not pathlib.Path(name).is_dir():
+        raise FileNotFoundError(f"tokenizer {name!r} is neither a shipped model ('smollm2', 'minilm') nor a folder")
+    return hf_tokenizer(name)
+
+
 def _hf_folder(folder: str | os.PathLike) -> pathlib.Path:
     folder = pathlib.Path(folder)
     if not (folder / "config.json").is_file():

@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.rtn import QuantizedWeight, check_weight, quantize_with_params, scheme_group_params
 
 

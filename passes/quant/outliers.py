@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from lowbit.ir.scheme import OUTLIER_CRITERIA, QuantScheme
+from lowbit.passes.quant.scheme import OUTLIER_CRITERIA, QuantScheme
 from lowbit.passes.quant.adadim import relative_output_error
 from lowbit.passes.quant.rtn import quantize_rtn, relative_error
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.ir.scheme import REORDER_CRITERIA
+from lowbit.passes.quant.scheme import REORDER_CRITERIA
 from lowbit.passes.quant.hessian import HessianAccumulator
 
 CRITERIA = REORDER_CRITERIA

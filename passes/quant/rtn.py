@@ -23,7 +23,7 @@ import dataclasses
 
 import numpy as np
 
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 
 
 @dataclasses.dataclass

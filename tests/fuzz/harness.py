@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 import lowbit
 from lowbit.ir import analysis
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.rtn import expand_groups, fit_to_type, quantize_rtn
 from lowbit.runtime.session import session_options
 from tests import factories

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 import lowbit
-from lowbit.ir.scheme import GROUP_AXES, SUPPORTED_BITS, QuantScheme
+from lowbit.passes.quant.scheme import GROUP_AXES, SUPPORTED_BITS, QuantScheme
 from lowbit.passes.axis_selectors import SELECTORS
 from lowbit.passes.capture_calibration import CaptureCalibrationPass
 from lowbit.passes.cleanup import CleanupPass

@@ -13,7 +13,7 @@ import pytest
 
 from tests import factories
 from tests.fuzz import registry
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from tests.fuzz.generator import VARIANTS, Block, Spec, build, minimize, random_spec, smaller
 from tests.fuzz.harness import FuzzFailure, check_order, check_pipeline, random_order

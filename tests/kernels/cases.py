@@ -8,7 +8,7 @@ a whole term).
 
 import numpy as np
 
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.kernels import packing, reference
 from lowbit.kernels.model import QuantMatMulWeights
 from lowbit.passes.quant.rtn import quantize_rtn

@@ -86,12 +86,12 @@ def test_unpack_checks_the_shape():
 
 
 def test_the_cpp_kernel_accepts_exactly_the_supported_bits():
-    """One list of bit widths (lowbit.ir.scheme.SUPPORTED_BITS): the packing code imports it, and the C++
+    """One list of bit widths (lowbit.passes.quant.scheme.SUPPORTED_BITS): the packing code imports it, and the C++
     kernel's check must name the same set."""
     import pathlib
     import re
 
-    from lowbit.ir.scheme import SUPPORTED_BITS
+    from lowbit.passes.quant.scheme import SUPPORTED_BITS
 
     assert packing.SUPPORTED_BITS is SUPPORTED_BITS
     source = (pathlib.Path(packing.__file__).parent / "cpu" / "op_io.cpp").read_text()

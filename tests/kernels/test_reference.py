@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.kernels import reference
 from lowbit.kernels.model import QuantMatMulWeights
 from lowbit.passes.quant.rtn import quantize_rtn

@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.kernels import _lib, reference
 from lowbit.kernels.model import QuantMatMulWeights, quant_matmul_model
 from lowbit.passes.quant.rtn import quantize_rtn

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.kernels import packing
 from lowbit.passes.fuse_qdq import FuseQDQPass
 from lowbit.passes.quantize_weights import QuantizeWeightsPass

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
 from lowbit.ir import builders
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.fold_norm_scales import FoldNormScalesPass
 from lowbit.passes.quant.rtn import expand_groups, fit_to_type, quantize_rtn
 from lowbit.runtime.session import session_options

@@ -4,7 +4,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.rtn import quantize_rtn
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from tests import factories

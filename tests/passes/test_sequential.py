@@ -17,7 +17,7 @@ import pytest
 import lowbit
 from lowbit import cli
 from lowbit.ir import analysis
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes import sequential
 from lowbit.passes.axis_selectors import WeightPlan
 from lowbit.passes.capture_calibration import CaptureCalibrationPass

@@ -10,7 +10,7 @@ import pytest
 import lowbit
 from lowbit.cli import main
 from lowbit.ir import analysis
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes import pipelines
 from lowbit.passes.capture_calibration import CALIBRATION_KEY, CaptureCalibrationPass
 from lowbit.passes.quant import outliers

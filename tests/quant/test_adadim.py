@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.adadim import choose_axis, output_error, relative_output_error
 from lowbit.passes.quant.gptq import quantize_gptq
 from lowbit.passes.quant.rtn import quantize_rtn

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.gptq import quantize_gptq
 from lowbit.passes.quant.rtn import (
     QuantizedWeight,

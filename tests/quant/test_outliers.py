@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant import outliers
 from lowbit.passes.quant.adadim import relative_output_error
 from lowbit.passes.quant.rtn import quantize_rtn, relative_error

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from lowbit.ir.scheme import QuantScheme
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant import rtn
 from lowbit.passes.quant.rtn import group_params, quantize_rtn, relative_error, search_group_params
 
