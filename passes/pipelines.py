@@ -88,7 +88,7 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[ir.passes.Pas
 
 
 #: The outlier setting kept on in ``outlier_pipeline``: the one that paid for its bytes and time in the
-#: measurements of ``python -m lowbit.tools.bench_passes`` (README, "Passes"); norm folding, reordering
+#: measurements of ``python -m lowbit.tools.dev.bench_passes`` (README, "Passes"); norm folding, reordering
 #: and layer splitting did not.
 OUTLIER_DEFAULTS = {"outlier_fraction": 0.005, "outlier_criterion": "sensitivity"}
 

@@ -36,7 +36,7 @@ split only where RTN under ``scheme`` (each candidate axis, the best of them) lo
 error ``trace(dW^T H dW)`` (with calibration; else the Frobenius weight error) by at least
 ``split_min_gain`` times: the split triples the weight's bytes and MatMul work.
 
-Measured on SmolLM2-135M (``python -m lowbit.tools.bench_passes``: perplexity on 10 x 512 held-out tokens,
+Measured on SmolLM2-135M (``python -m lowbit.tools.dev.bench_passes``: perplexity on 10 x 512 held-out tokens,
 fp32 43.0; W3 g128; outliers ranked by sensitivity; file MiB of the portable per-OC file with the float
 embedding; forward time of 128 tokens against the model without the pass, portable / fused form):
 dense-and-sparse pays for itself, the layer split does not.

@@ -68,3 +68,21 @@ def test_lowbit_imports_from_the_root_and_elsewhere(tmp_path):
             cwd=cwd, capture_output=True, text=True, timeout=300,
         )
         assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_wheel_ships_the_product_and_not_the_development_scripts(tmp_path):
+    """The links in lowbit/ carry the subpackages into the wheel; tools/dev (benchmarks, fuzzer) stays out."""
+    import os
+    import zipfile
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "LOWBIT_BUILD_KERNELS": "0"},
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    (wheel,) = tmp_path.glob("lowbit-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("lowbit/cli.py", "lowbit/passes/quant/scheme.py", "lowbit/ir/builders.py", "lowbit/runtime/session.py",
+                   "lowbit/kernels/packing.py", "lowbit/tools/demo.py", "lowbit/tools/viewer/viewer.js"):
+        assert module in names
+    assert not [name for name in names if name.startswith("lowbit/tools/dev/")]

@@ -1,4 +1,4 @@
-"""Short fuzz run with fixed seeds (the long run is ``tools/fuzz.py``): generated graphs are valid, every
+"""Short fuzz run with fixed seeds (the long run is ``tools/dev/fuzz.py``): generated graphs are valid, every
 registry pass and random pass orders keep them valid and within their tolerance or bound, random
 recipes through ``lowbit.optimize`` give valid models; and the harness does catch broken passes."""
 

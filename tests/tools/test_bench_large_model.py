@@ -1,11 +1,11 @@
-"""tools/bench_large_model.py on a tiny model: the generated file is valid ONNX with external data that
+"""tools/dev/bench_large_model.py on a tiny model: the generated file is valid ONNX with external data that
 load -> optimize -> save reads, and the measurement reports every stage (the > 2 GB run is not for CI)."""
 
 from __future__ import annotations
 
 import onnx
 
-from lowbit.tools import bench_large_model
+from lowbit.tools.dev import bench_large_model
 
 
 def test_generated_model_is_valid_and_measured_per_stage(tmp_path):

@@ -1,6 +1,6 @@
 """bench_passes' tables: one row per variant, a cell per (bits, method, axis), ratios against the base."""
 
-from lowbit.tools.bench_passes import VARIANTS, latency_table, quality_table
+from lowbit.tools.dev.bench_passes import VARIANTS, latency_table, quality_table
 
 
 def test_quality_table_has_a_row_per_variant_and_marks_missing_and_crashed_cells():

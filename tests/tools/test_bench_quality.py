@@ -1,6 +1,6 @@
 """bench_quality's tables: layer types without the layer index, per-IC counts per type."""
 
-from lowbit.tools.bench_quality import axis_choice_table, layer_type
+from lowbit.tools.dev.bench_quality import axis_choice_table, layer_type
 
 
 def test_layer_type_drops_the_layer_index():
@@ -27,7 +27,7 @@ def test_axis_choice_table_counts_per_ic_choices_per_type():
 def test_markdown_has_a_line_per_row_with_clip_search_rows_apart(tmp_path):
     import pathlib
 
-    from lowbit.tools.bench_quality import LOWBIT_ROWS, Setting, markdown
+    from lowbit.tools.dev.bench_quality import LOWBIT_ROWS, Setting, markdown
 
     setting = Setting("smollm2", (4, 3), 128, 1, 8, 1, 8, pathlib.Path(tmp_path))
     rows = {

@@ -1,4 +1,4 @@
-"""tools/fuzz.py: a failure is minimized (graph and pass order), saved with its seed and error, and replays."""
+"""tools/dev/fuzz.py: a failure is minimized (graph and pass order), saved with its seed and error, and replays."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import onnx
 import pytest
 
-from lowbit.tools import fuzz
+from lowbit.tools.dev import fuzz
 from tests.fuzz import harness, registry
 from tests.fuzz.generator import Block, Spec
 from tests.fuzz.test_fuzz import _OffByOneCode

@@ -11,7 +11,7 @@ import pytest
 
 import lowbit
 from lowbit.cli import main
-from lowbit.tools.bench_viewer import generated_model
+from lowbit.tools.dev.bench_viewer import generated_model
 from lowbit.tools.viewer import build_view_data, write_view
 from lowbit.tools.viewer.graph_data import index_graph, node_path
 from lowbit.tools.viewer.hierarchy import MAX_CHILDREN, build_hierarchy

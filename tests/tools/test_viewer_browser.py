@@ -11,7 +11,7 @@ import pathlib
 import pytest
 
 import lowbit
-from lowbit.tools.bench_viewer import generated_model
+from lowbit.tools.dev.bench_viewer import generated_model
 from lowbit.tools.viewer import write_view
 from lowbit.tools.viewer.browser import Browser, find_chromium
 

@@ -1,7 +1,7 @@
 """Headless Chromium driven through the DevTools protocol over a pipe (``--remote-debugging-pipe``).
 
 Standard library only: no websocket client, no chromedriver. Used by the viewer's browser test and
-by ``tools/bench_viewer.py``. Debian: ``apt-get install -y chromium``; ``LOWBIT_CHROMIUM`` overrides
+by ``tools/dev/bench_viewer.py``. Debian: ``apt-get install -y chromium``; ``LOWBIT_CHROMIUM`` overrides
 which executable is used.
 
     with Browser() as browser:

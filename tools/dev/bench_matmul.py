@@ -1,6 +1,6 @@
 """Benchmark weight-quantized MatMul on ONNX Runtime's CPU provider against fp32 and memory bandwidth.
 
-    python tools/bench_matmul.py [--quick] [--threads 2] [--shapes 4096x4096 ...] [--batches 1 8 32]
+    python -m lowbit.tools.dev.bench_matmul [--quick] [--threads 2] [--shapes 4096x4096 ...] [--batches 1 8 32]
 
 For each ``K x N`` weight and batch ``M`` it times ``Y[M, N] = A[M, K] @ W`` as:
 

@@ -1,6 +1,6 @@
 """Peak memory of load -> optimize (RTN W4) -> save on a generated model over 2 GB (external data).
 
-    python -m lowbit.tools.bench_large_model --layers 22 --width 5120 --workdir /tmp/lowbit-large
+    python -m lowbit.tools.dev.bench_large_model --layers 22 --width 5120 --workdir /tmp/lowbit-large
 
 The model is a chain of fp32 ``MatMul`` + ``Relu`` layers whose weights are written straight into one
 external data file, a block of rows at a time, so the generator itself stays small. A fresh process
@@ -109,7 +109,7 @@ def measure(model_path: pathlib.Path, output: pathlib.Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.bench_large_model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.dev.bench_large_model", description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--width", type=int, default=5120, help="each weight is [width, width] fp32")
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("lowbit-large-model"))
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"generated {model_path} + {weight_bytes / 2**30:.2f} GiB of external data in {time.perf_counter() - start:.0f} s", flush=True)
         (args.workdir / "out").mkdir()
         child = subprocess.run(
-            [sys.executable, "-m", "lowbit.tools.bench_large_model", "--measure", str(model_path), str(args.workdir / "out" / "model.w4.onnx")],
+            [sys.executable, "-m", "lowbit.tools.dev.bench_large_model", "--measure", str(model_path), str(args.workdir / "out" / "model.w4.onnx")],
             capture_output=True, text=True, check=False,
         )
         if child.returncode != 0:

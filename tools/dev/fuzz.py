@@ -2,8 +2,8 @@
 pass by tests/fuzz/harness.py; each new kind of failure is minimized (delta debugging: blocks dropped,
 dimensions halved while the same pass fails the same check) and saved with its seed and error.
 
-    python -m lowbit.tools.fuzz --minutes 10 --seed 0 --out fuzz-out
-    python -m lowbit.tools.fuzz --replay fuzz-out/<failure>/failure.json
+    python -m lowbit.tools.dev.fuzz --minutes 10 --seed 0 --out fuzz-out
+    python -m lowbit.tools.dev.fuzz --replay fuzz-out/<failure>/failure.json
 
 Needs a source checkout: the generator and the checks live in tests/fuzz/.
 """
@@ -21,12 +21,12 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # tools/dev/fuzz.py -> the checkout
 
 
 def _fuzz_modules():
     if not (ROOT / "tests" / "fuzz").is_dir():
-        raise SystemExit(f"lowbit.tools.fuzz needs a source checkout with tests/fuzz/ (looked in {ROOT})")
+        raise SystemExit(f"lowbit.tools.dev.fuzz needs a source checkout with tests/fuzz/ (looked in {ROOT})")
     sys.path.insert(0, str(ROOT))
     from tests.fuzz import generator, harness
 
@@ -116,7 +116,7 @@ def replay(path: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.fuzz", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.dev.fuzz", description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("fuzz-out"), help="where minimized failures go")

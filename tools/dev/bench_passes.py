@@ -1,8 +1,8 @@
 """What each compile-time pass buys on SmolLM2: norm folding, channel reordering, dense-and-sparse
 outliers at 0.1 / 0.5 / 1 %, and layer splitting, on top of RTN and GPTQ with per-OC and AdaDim groups.
 
-    python -m lowbit.tools.bench_passes --bits 3 2 --out bench-passes              # perplexity and bytes
-    python -m lowbit.tools.bench_passes --latency --out bench-passes               # forward-time cost
+    python -m lowbit.tools.dev.bench_passes --bits 3 2 --out bench-passes              # perplexity and bytes
+    python -m lowbit.tools.dev.bench_passes --latency --out bench-passes               # forward-time cost
 
 Quality: every (bits, method, axis, variant) cell is quantized from the fp32 export, its perplexity taken on
 ``--eval-windows`` x 512 held-out tokens, its file bytes counted; rows are cached in ``--out/rows.json``
@@ -25,8 +25,9 @@ import sys
 import lowbit
 from lowbit.passes.fuse_qdq import FuseQDQPass
 from lowbit.runtime import session as runtime
-from lowbit.tools import bench_quality, models, text
-from lowbit.tools.bench_matmul import time_call
+from lowbit.tools import models, text
+from lowbit.tools.dev import bench_quality
+from lowbit.tools.dev.bench_matmul import time_call
 from lowbit.tools.demo import file_bytes
 
 #: Variant name -> Recipe fields added to the base recipe.
@@ -119,7 +120,7 @@ def latency_table(rows: list[tuple[str, str, int, dict[int, float]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.bench_passes", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.dev.bench_passes", description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 2])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--settings", nargs="+", default=[f"{m}-{a}" for m, a in SETTINGS],

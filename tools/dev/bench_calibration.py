@@ -1,6 +1,6 @@
 """Calibration cost: peak memory and time for N and 2N calibration windows (each in a fresh process).
 
-    python -m lowbit.tools.bench_calibration smollm2.onnx --windows 16 32 64
+    python -m lowbit.tools.dev.bench_calibration smollm2.onnx --windows 16 32 64
 
 Statistics are streamed (``H = X^T X`` and channel magnitudes per weight input), so peak memory should
 not grow with the number of windows; this prints the figures that show whether it does.
@@ -40,7 +40,7 @@ def measure(path: str, windows: int, length: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.bench_calibration", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.dev.bench_calibration", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="SmolLM2 fp32 ONNX (lowbit export smollm2 -o ...)")
     parser.add_argument("--windows", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--length", type=int, default=256)

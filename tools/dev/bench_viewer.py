@@ -1,7 +1,7 @@
 """Benchmark the viewer: HTML size and time to first render in headless Chromium.
 
-    python tools/bench_viewer.py                                   # the generated 20,000-node graph
-    python tools/bench_viewer.py --smollm2 smol.onnx --quantized smol.w4.onnx --report smol.report.json
+    python -m lowbit.tools.dev.bench_viewer                                   # the generated 20,000-node graph
+    python -m lowbit.tools.dev.bench_viewer --smollm2 smol.onnx --quantized smol.w4.onnx --report smol.report.json
 
 Cases: a seeded generated graph of ``--nodes`` nodes (a stack of transformer-like layers named by
 module path, after a run of unnamed preprocessing nodes), the same graph quantized with

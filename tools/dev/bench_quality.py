@@ -2,8 +2,8 @@
 main ones with clip search (``+ clip``), against fp32 and ONNX Runtime's own weight-only quantizer, at
 W4 / W3 / W2 g128.
 
-    python -m lowbit.tools.bench_quality --model smollm2 --out bench-quality
-    python -m lowbit.tools.bench_quality --model minilm --out bench-quality-minilm
+    python -m lowbit.tools.dev.bench_quality --model smollm2 --out bench-quality
+    python -m lowbit.tools.dev.bench_quality --model minilm --out bench-quality-minilm
 
 SmolLM2: calibration on 128 windows x 256 tokens of the calibration plays, perplexity on 40 x 512 tokens
 of the held-out play (activations fp32 everywhere: ONNX Runtime's MatMulNBits at accuracy level 0).
@@ -239,7 +239,7 @@ def plot(rows: dict[str, dict], setting: Setting, metric: str, path: pathlib.Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.bench_quality", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.dev.bench_quality", description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("smollm2", "minilm"), default="smollm2")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--group-size", type=int, default=128)
