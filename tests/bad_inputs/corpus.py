@@ -26,7 +26,6 @@ from onnx import helper, numpy_helper
 from tests import factories
 
 STAGES = ("recipe", "load", "optimize", "save")
-_CLI_FLAGS = {"bits": "--bits", "group_size": "--group-size", "axis": "--axis", "method": "--method", "selector": "--selector"}
 
 
 @dataclasses.dataclass
@@ -44,17 +43,15 @@ class Case:
     check: Callable[[object], None] | None = None  # extra check of the OptimizeResult (success cases)
 
     def cli_arguments(self) -> list[str]:
-        """``lowbit optimize`` arguments for this case (not for ``api_case``: the CLI calibrates on text)."""
+        """``lowbit optimize`` arguments for this case (not for ``api_case``: the CLI calibrates on text);
+        every Recipe field is the flag of its name, switches given when True."""
         arguments = ["optimize", str(self.model), "-o", str(self.output)]
         for key, value in self.recipe.items():
-            if key == "symmetric":
-                arguments += ["--symmetric"] if value else []
-            elif key == "include_lm_head":
-                arguments += ["--include-lm-head"] if value else []
-            elif key == "fold_norms":
-                arguments += ["--fold-norms"] if value else []
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                arguments += [flag] if value else []
             else:
-                arguments += [_CLI_FLAGS[key], str(value)]
+                arguments += [flag, str(value)]
         return arguments
 
 
@@ -760,3 +757,141 @@ def subgraph_names_like_generated_ones(folder, cleanup):
     proto.graph.node.append(helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph))
     del proto.graph.value_info[:]
     return _simple(folder, proto, None, check=_quantized("w1", "w2"))
+
+
+# --- issue 16: recipes of the wrong type, calibration of the wrong kind, outputs that cannot be written ----
+
+
+def _recipe_type_case(folder, field, **recipe) -> Case:
+    """A Recipe field of the wrong Python type: a TypeError that names the field (the CLI cannot pass one)."""
+    return _simple(folder, _mlp_proto(), TypeError, "recipe", (f"Recipe.{field}",), recipe=recipe)
+
+
+@api_case
+def recipe_symmetric_is_a_string(folder, cleanup):
+    """``symmetric="no"`` was accepted and quantized symmetric."""
+    return _recipe_type_case(folder, "symmetric", symmetric="no")
+
+
+@api_case
+def recipe_bits_is_a_float(folder, cleanup):
+    return _recipe_type_case(folder, "bits", bits=4.0)
+
+
+@api_case
+def recipe_group_size_is_a_string(folder, cleanup):
+    return _recipe_type_case(folder, "group_size", group_size="128")
+
+
+@api_case
+def recipe_fused_is_an_int(folder, cleanup):
+    return _recipe_type_case(folder, "fused", fused=1)
+
+
+@case
+def recipe_outlier_fraction_of_one(folder, cleanup):
+    return _recipe_case(folder, ("outlier_fraction",), outlier_fraction=1.0)
+
+
+@case
+def recipe_unknown_reorder(folder, cleanup):
+    return _recipe_case(folder, ("reorder",), reorder="size")
+
+
+@case
+def recipe_unknown_calibration_mode(folder, cleanup):
+    return _recipe_case(folder, ("interleaved",), calibration_mode="interleaved")
+
+
+@case
+def recipe_unknown_outlier_criterion(folder, cleanup):
+    return _recipe_case(folder, ("entropy",), outlier_fraction=0.01, outlier_criterion="entropy")
+
+
+@case
+def recipe_unknown_choice_method(folder, cleanup):
+    return _recipe_case(folder, ("awq",), axis="adadim", choice_method="awq")
+
+
+@api_case
+def calibration_a_single_feed_dict(folder, cleanup):
+    """One dict instead of a list of them: named, with the fix."""
+    feeds = lambda model: factories.feeds_for(model)  # noqa: E731
+    return _simple(folder, _mlp_proto(), TypeError, "optimize", ("wrap a single feed dict in a list",),
+                   recipe={"method": "gptq"}, calibration=feeds)
+
+
+@api_case
+def calibration_an_array(folder, cleanup):
+    feeds = lambda model: np.zeros((3, 5, 40), np.float32)  # noqa: E731
+    return _simple(folder, _mlp_proto(), TypeError, "optimize", ("calibration must be a list of feed dicts",),
+                   recipe={"method": "gptq"}, calibration=feeds)
+
+
+@api_case
+def calibration_statistics_of_another_model(folder, cleanup):
+    """Statistics collected on a narrower model: refused by name, not a NumPy core-dimension error."""
+    from lowbit.runtime.calibration import collect
+
+    def statistics(model):
+        other = factories.mlp(k=16)
+        return collect(other, [factories.feeds_for(other, seed=seed) for seed in range(2)])
+
+    return _simple(folder, _mlp_proto(), ValueError, "optimize", ("do not fit this model", "x"),
+                   recipe={"method": "gptq"}, calibration=statistics)
+
+
+@case
+def output_parent_is_a_file(folder, cleanup):
+    model = _write(folder, _mlp_proto())
+    (folder / "out").write_text("a file where the output folder should be")
+    return Case(model, folder / "out" / "model.out.onnx", NotADirectoryError, "save", ("is a file, not a folder", "out"))
+
+
+@case
+def output_name_longer_than_the_file_system_allows(folder, cleanup):
+    model = _write(folder, _mlp_proto())
+    (folder / "out").mkdir()
+    return Case(model, folder / "out" / ("m" * 251 + ".onnx"), ValueError, "save", ("this file system allows",))
+
+
+@case
+def output_longest_legal_name(folder, cleanup):
+    """255 bytes: legal, so it must save (the staging name must not be longer)."""
+    model = _write(folder, _mlp_proto())
+    (folder / "out").mkdir()
+    return Case(model, folder / "out" / ("m" * 250 + ".onnx"), None)
+
+
+@case
+def output_over_the_inputs_data_file(folder, cleanup):
+    """An external data file that happens to end in .onnx, named as the output: never overwritten."""
+    model = _external(folder, "data.onnx", factories.mlp().graph.initializers["w1"].const_value.tobytes())
+    return Case(model, model.parent / "data.onnx", ValueError, "save", ("refusing to overwrite", "data.onnx"))
+
+
+@case
+def sparse_initializer(folder, cleanup):
+    """Sparse initializers: named as such, not onnx's shape-inference error."""
+    values = helper.make_tensor("w_values", onnx.TensorProto.FLOAT, [2], [1.0, 2.0])
+    indices = helper.make_tensor("w_indices", onnx.TensorProto.INT64, [2], [0, 5])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_values"], ["y"], name="fc")], "sparse",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+        sparse_initializer=[helper.make_sparse_tensor(values, indices, [4, 3])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return _simple(folder, proto, ValueError, "load", ("sparse initializers", "w_values"))
+
+
+@case
+def fused_with_float16_activations(folder, cleanup):
+    """An fp16 model: the weight is quantized (fp16 scales), but the CPU kernel takes float32, so it stays in
+    the portable form, and the report says why (the CLI warns)."""
+    proto = _typed_mlp(_weight16x8(np.float16), onnx.TensorProto.FLOAT16)
+
+    def check(result):
+        assert len(result.report.weights) == 1 and any("float16" in reason for reason in result.report.unfused.values())
+
+    return _simple(folder, proto, None, recipe={"group_size": 8, "fused": True}, check=check)
