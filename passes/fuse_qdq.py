@@ -55,10 +55,16 @@ class FuseQDQPass(ir.passes.InPlacePass):
         )
         bytes_before = analysis.initializer_bytes(model.graph)
         rule_sets.append(quantized_gather.rule_set(state))
+        # Matching evaluates Constant nodes and may give their outputs a type: undone when nothing is fused,
+        # so that a pass with nothing to do leaves the model byte-identical.
+        declared = {id(value): (value, value.type, value.shape) for node in model.graph for value in node.outputs}
         rewrites = sum(rule_set.apply_to_model(model) for rule_set in rule_sets)
         if rewrites:
             common.RemoveUnusedNodesPass()(model)
             common.RemoveUnusedOpsetsPass()(model)
+        else:
+            for value, type_, shape in declared.values():
+                value.type, value.shape = type_, shape
         # A rejected weight producer that is still in the graph still feeds an unfused MatMul.
         unfused = {
             node.name or node.outputs[0].name or "<unnamed>": reason

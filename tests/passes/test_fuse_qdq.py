@@ -223,6 +223,23 @@ def test_float_model_is_left_byte_identical():
     assert fuse.details["fused"] == {} and fuse.details["unfused"] == {}
 
 
+def test_a_weight_from_a_constant_node_without_types_is_left_byte_identical():
+    """Matching evaluates the Constant and types its output; with nothing fused that is undone (fuzz seed 300)."""
+    from onnx import TensorProto, helper
+
+    constant = helper.make_tensor("w", TensorProto.FLOAT, [2, 3], [0.5, -1.0, 2.0, 0.25, 1.5, -0.75])
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w_out"], name="w_constant", value=constant),
+         helper.make_node("MatMul", ["x", "w_out"], ["y"], name="fc")],
+        "constant_weight", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    before = serialized(model)
+    assert not FuseQDQPass()(model).modified
+    assert serialized(model) == before
+
+
 def test_fp16_activations_are_left_with_the_reason():
     model = factories.mlp()
     QuantizeWeightsPass(QuantScheme(4, 16, "ic"))(model)
