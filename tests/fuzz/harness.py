@@ -172,7 +172,10 @@ def _dequantize(node: ir.Node, bits: int, step: str) -> tuple[np.ndarray, np.nda
     scheme = QuantScheme(bits, block, ("oc", "ic")[axis], symmetric)
     half_step = full_scales.astype(np.float64) / 2
     if node.inputs[1].dtype != ir.DataType.FLOAT:  # codes rounded on the float32 grid, stored scales rounded to float16
-        half_step = half_step + (np.abs(centered) + 1) * full_scales.astype(np.float64) * float(np.finfo(np.float16).eps)
+        # a stored scale is off by at most its relative precision, or by the subnormal spacing below 6.1e-5
+        float16 = np.finfo(np.float16)
+        rounding = np.maximum(full_scales.astype(np.float64) * float(float16.eps), float(float16.smallest_subnormal))
+        half_step = half_step + (np.abs(centered) + 1) * rounding
     return centered.astype(np.float32) * full_scales, half_step, scheme
 
 
