@@ -153,7 +153,9 @@ class SubgraphSelector:
     def __call__(self, model: ir.Model, plans: list[WeightPlan], samples: list[Mapping[str, np.ndarray]]) -> list[str]:
         choices = select_matrix(plans)
         modules = self._modules(model.graph, plans)
-        if not modules and self.unmatched:  # no silent fallback: say that every choice is the matrix one
+        # No silent fallback: a graph with no module paths at all gets every choice from the matrix selector.
+        # (Top-level weights such as the LM head lie in no module in any graph: they need no warning.)
+        if not modules and self.unmatched and not any("." in node_module(node) for node in model.graph):
             warnings.warn(
                 f"AdaDim selector found no module for any of {self.unmatched} weight(s) (no torch name scopes and no "
                 "slashed module paths in the node names): their axes are the matrix selector's",

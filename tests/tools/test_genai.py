@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -118,6 +118,17 @@ def test_builder_node_names_name_layers_and_modules(path, layer, parent):
     assert axis_selectors.parent_module(path) == parent
 
 
+def test_a_graph_without_module_paths_warns_that_the_selector_fell_back():
+    from tests import factories
+
+    batches = [factories.feeds_for(factories.mlp(), seed) for seed in range(3)]
+    recipe = lowbit.Recipe(bits=3, group_size=8, axis="adadim", method="rtn", selector="block")
+    with pytest.warns(UserWarning, match="found no module for any of 2 weight"):
+        result = lowbit.optimize(factories.mlp(), recipe, calibration=batches)
+    details = {record.name: record.details for record in result.report.passes}["QuantizeWeightsPass"]
+    assert details["selection"]["modules"] == 0 and details["selection"]["unmatched"] == 2
+
+
 def _fake_folder(folder: pathlib.Path, filename: str = "model.onnx", make_model: bool = True) -> pathlib.Path:
     folder.mkdir()
     config = {"model": {"decoder": {"filename": filename, "inputs": {}, "outputs": {}}, "type": "llama"}}
@@ -220,7 +231,8 @@ def test_fp32_folder_generates_torch_greedy_tokens(tiny_genai, tiny_hf, og):
 RECIPES = {
     "gptq-adadim-block": (dict(bits=4, group_size=32, axis="adadim", method="gptq", selector="block"), 2 * LAYERS),
     "gptq-adadim-layer-sequential": (
-        dict(bits=3, group_size=32, axis="adadim", method="gptq", selector="layer", calibration_mode="sequential"), LAYERS,
+        dict(bits=3, group_size=32, axis="adadim", method="gptq", selector="layer", calibration_mode="sequential",
+             include_lm_head=True), LAYERS,
     ),
     "rtn-ic-fused": (dict(bits=4, group_size=32, axis="ic", fused=True), None),
 }
@@ -237,15 +249,18 @@ def test_optimized_folder_runs_in_og(name, tiny_genai, tiny_hf, tmp_path, og):
             pytest.skip(f"lowbit op library not built; run `{_lib.BUILD_COMMAND}`")
     before = _snapshot(tiny_genai)
     out = tmp_path / "out"
-    result = genai.optimize_folder(
-        tiny_genai, out, lowbit.Recipe(**kwargs), calibration_text=TEXT, calibration_length=32, calibration_windows=4,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="AdaDim selector found no module")
+        result = genai.optimize_folder(
+            tiny_genai, out, lowbit.Recipe(**kwargs), calibration_text=TEXT, calibration_length=32, calibration_windows=4,
+        )
     assert _snapshot(tiny_genai) == before
-    assert len(result.report.weights) == 5 * LAYERS  # qkv, o, gate, up, down; the LM head left in float
+    # qkv, o, gate, up, down; the LM head too where asked (the tied table behind the embedding's Transpose stays float)
+    assert len(result.report.weights) == 5 * LAYERS + bool(kwargs.get("include_lm_head"))
     details = {record.name: record.details for record in result.report.passes}["QuantizeWeightsPass"]
     if modules is not None:  # the selectors found the builder's modules, none fell back to the matrix choice
         assert details["selection"]["modules"] == modules
-        assert details["selection"]["unmatched"] == 0
+        assert details["selection"]["unmatched"] == bool(kwargs.get("include_lm_head"))  # only the head: in no module
         assert details["selection"]["final_error"] <= details["selection"]["start_error"]
     if kwargs.get("calibration_mode") == "sequential":
         assert details["calibration"]["layers"] == LAYERS
