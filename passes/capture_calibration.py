@@ -1,7 +1,8 @@
 """CaptureCalibrationPass: run the float model on calibration batches and keep the statistics.
 
-An analysis pass: the graph is not changed (``modified=False``). The statistics go to
-``model.meta[CALIBRATION_KEY]`` (in memory, never serialized), where QuantizeWeightsPass reads them.
+An analysis pass: the graph is not changed (``modified=False``). The statistics are kept with
+the model (``lowbit.runtime.calibration.set_calibration``: in memory, never serialized), where the later
+passes read them (``calibration_of``).
 Run it after FoldWeightsPass, so that the graph it measures is the one that gets quantized.
 """
 
@@ -11,16 +12,13 @@ from collections.abc import Callable, Iterable, Mapping, Set
 
 import numpy as np
 import onnx_ir as ir
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from lowbit.runtime.calibration import CalibrationStats, collect, weight_activations
-
-CALIBRATION_KEY = "lowbit.calibration"
-#: ONNX Runtime's own exception types (Fail, InvalidArgument, ...): they share no base but Exception.
-ORT_ERRORS = tuple(value for value in vars(_ort_state).values() if isinstance(value, type) and issubclass(value, Exception))
+from lowbit.passes.base import LowbitPass
+from lowbit.runtime.calibration import CalibrationStats, collect, set_calibration, weight_activations
+from lowbit.runtime.session import ORT_ERRORS
 
 
-class CaptureCalibrationPass(ir.passes.InPlacePass):
+class CaptureCalibrationPass(LowbitPass):
     """Collect ``H = X^T X`` and channel magnitudes of every weight's input over ``batches``
     (or keep statistics collected beforehand)."""
 
@@ -37,7 +35,6 @@ class CaptureCalibrationPass(ir.passes.InPlacePass):
         self.batches = batches
         self.keep_feeds = keep_feeds
         self.activations = activations
-        self.details: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if isinstance(self.batches, CalibrationStats):
@@ -52,7 +49,7 @@ class CaptureCalibrationPass(ir.passes.InPlacePass):
                 stats = collect(model, self.batches, total=total, keep_feeds=self.keep_feeds, only=only)
             except ORT_ERRORS as error:  # an op it lacks, feeds of the wrong names or shapes
                 raise ValueError(f"calibration: ONNX Runtime cannot run the model on the batches: {error}") from error
-        model.meta[CALIBRATION_KEY] = stats
+        set_calibration(model, stats)
         tokens = {accumulator.tokens for accumulator in stats.by_activation.values()}
         self.details = {"batches": stats.batches, "activations": len(stats.by_activation), "tokens": max(tokens, default=0)}
         if stats.feeds is not None:

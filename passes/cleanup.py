@@ -7,14 +7,14 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from lowbit.ir.analysis import normalize_default_domain
+from lowbit.passes.base import LowbitPass
 
 
-class CleanupPass(ir.passes.InPlacePass):
+class CleanupPass(LowbitPass):
     """Remove unused nodes/initializers/opsets, deduplicate equal initializers, sort topologically."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.details: dict = {}
         self._steps = ir.passes.Sequential(
             common.RemoveUnusedNodesPass(),
             common.DeduplicateHashedInitializersPass(),

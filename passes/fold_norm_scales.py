@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from lowbit.ir import analysis
 from lowbit.ir.builders import NameAllocator
+from lowbit.passes.base import LowbitPass
 
 NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization"})
 
@@ -68,12 +69,8 @@ def _reroute(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
             old.name, new.name = new_name, old_name
 
 
-class FoldNormScalesPass(ir.passes.InPlacePass):
+class FoldNormScalesPass(LowbitPass):
     """Fold norm gammas (and LayerNorm betas) into the weight MatMuls reading the norm; BatchNorm into Conv."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.details: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

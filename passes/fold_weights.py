@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
 from lowbit.ir.analysis import DEFAULT_DOMAINS, FLOAT_TYPES, constant_array, default_opset, normalize_default_domain
+from lowbit.passes.base import LowbitPass
 
 FOLDABLE_OPS = frozenset(
     {"Transpose", "Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Mul", "Div", "Add", "Sub", "Neg"}
@@ -44,12 +45,8 @@ def _constant_tensor(node: ir.Node):
     return None
 
 
-class FoldWeightsPass(ir.passes.InPlacePass):
+class FoldWeightsPass(LowbitPass):
     """Replace constant float subgraphs (layout, cast, scalar arithmetic on initializers) by initializers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.details: dict = {}
 
     @staticmethod
     def _output_type(node: ir.Node) -> ir.DataType | None:

@@ -27,10 +27,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from lowbit.ir import analysis
+from lowbit.passes.base import LowbitPass
 from lowbit.passes.rules import quant_matmul, quantized_gather
 
 
-class FuseQDQPass(ir.passes.InPlacePass):
+class FuseQDQPass(LowbitPass):
     """Rewrite quantized weight MatMuls into fused ops.
 
     ``use_matmulnbits``: per-OC weights whose codes fit 4 bits and whose group is a power of two >= 16 go
@@ -46,7 +47,6 @@ class FuseQDQPass(ir.passes.InPlacePass):
             raise ValueError(f"matmulnbits_accuracy_level must be 0..4, got {matmulnbits_accuracy_level}")
         self.use_matmulnbits = use_matmulnbits
         self.matmulnbits_accuracy_level = matmulnbits_accuracy_level
-        self.details: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         state = quant_matmul.FusionState(model.graph)

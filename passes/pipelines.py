@@ -15,6 +15,7 @@ import time
 import onnx_ir as ir
 
 from lowbit.ir import files
+from lowbit.passes.base import LowbitPass
 from lowbit.passes.capture_calibration import CaptureCalibrationPass
 from lowbit.passes.cleanup import CleanupPass
 from lowbit.passes.fold_norm_scales import FoldNormScalesPass
@@ -30,7 +31,7 @@ from lowbit.runtime.calibration import CalibrationStats
 DUMP_DIR_VARIABLE = "LOWBIT_DUMP_DIR"
 
 
-def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[ir.passes.PassBase]:
+def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     """Fold weights, [calibrate,] quantize to blocked DequantizeLinear + MatMul, clean up: stock ONNX Runtime.
 
     ``recipe.fused`` adds FuseQDQPass: the quantized MatMuls become lowbit's fused ops (lowbit's op library
@@ -93,7 +94,7 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[ir.passes.Pas
 OUTLIER_DEFAULTS = {"outlier_fraction": 0.005, "outlier_criterion": "sensitivity"}
 
 
-def outlier_pipeline(recipe: Recipe, *, calibration) -> list[ir.passes.PassBase]:
+def outlier_pipeline(recipe: Recipe, *, calibration) -> list[LowbitPass]:
     """``portable_pipeline`` with ``recipe``'s outlier options set to ``OUTLIER_DEFAULTS``; the sensitivity
     ranking needs calibration data."""
     if calibration is None:
@@ -106,8 +107,9 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def run_pipeline(model: ir.Model, passes: list[ir.passes.PassBase], report: OptimizeReport) -> ir.Model:
-    """Run ``passes`` in order on ``model`` (in place), recording each in ``report``."""
+def run_pipeline(model: ir.Model, passes: list[LowbitPass], report: OptimizeReport) -> ir.Model:
+    """Run ``passes`` in order on ``model`` (in place), recording each in ``report`` (what every
+    ``LowbitPass`` reports: ``details``, ``weight_records``, ``skipped``)."""
     dump_dir = os.environ.get(DUMP_DIR_VARIABLE)
     for index, pass_ in enumerate(passes):
         start = time.perf_counter()
@@ -115,10 +117,9 @@ def run_pipeline(model: ir.Model, passes: list[ir.passes.PassBase], report: Opti
         model = result.model
         name = type(pass_).__name__
         seconds = time.perf_counter() - start
-        details = dict(getattr(pass_, "details", {}))
-        report.passes.append(PassRecord(name, result.modified, seconds, _peak_rss_mb(), details))
-        report.weights.extend(getattr(pass_, "weight_records", []))
-        report.skipped.extend(getattr(pass_, "skipped", []))
+        report.passes.append(PassRecord(name, result.modified, seconds, _peak_rss_mb(), dict(pass_.details)))
+        report.weights.extend(pass_.weight_records)
+        report.skipped.extend(pass_.skipped)
         if dump_dir:
             path = pathlib.Path(dump_dir)
             path.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,9 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.ir import analysis
-from lowbit.passes.capture_calibration import CALIBRATION_KEY
+from lowbit.passes.base import LowbitPass
 from lowbit.passes.quant import reorder
+from lowbit.runtime.calibration import calibration_of, set_calibration
 
 #: Elementwise ops of one data input whose output position k depends on input position k only.
 UNARY_OPS = frozenset(
@@ -179,7 +180,7 @@ class Component:
     constants: list[tuple[ir.Node, int]]  # per-channel constant inputs on the chain
 
 
-class ReorderChannelsPass(ir.passes.InPlacePass):
+class ReorderChannelsPass(LowbitPass):
     """Sort input channels by calibration ``criterion`` (``absmax`` or ``hessian``) where the
     permutation folds into the producing weights; leave other weights as they are, with a reason."""
 
@@ -188,18 +189,17 @@ class ReorderChannelsPass(ir.passes.InPlacePass):
         if criterion not in reorder.CRITERIA:
             raise ValueError(f"criterion must be one of {reorder.CRITERIA}, got {criterion!r}")
         self.criterion = criterion
-        self.details: dict = {}
+
+    needs_calibration = True
+
+    def calibration_use(self) -> str:
+        return f"it sorts channels by their {self.criterion}"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        statistics = model.meta.get(CALIBRATION_KEY)
-        if statistics is None:
-            raise ValueError(
-                "ReorderChannelsPass needs calibration statistics: run CaptureCalibrationPass first "
-                "(lowbit.optimize(..., calibration=batches) does)"
-            )
+        statistics = calibration_of(model)
         # The permuted statistics belong to this model only: the caller's object may serve other models.
         statistics = dataclasses.replace(statistics, by_activation=dict(statistics.by_activation))
-        model.meta[CALIBRATION_KEY] = statistics
+        set_calibration(model, statistics)
         uses = analysis.weight_uses(model.graph)
         producers = {use.node: use for use in uses if use.kind != "embedding"}
         by_input: dict[ir.Value, list[analysis.WeightUse]] = {}
@@ -260,6 +260,8 @@ class ReorderChannelsPass(ir.passes.InPlacePass):
             return f"{use.layer!r} is a {use.node.op_type}, not a MatMul"
         if len(use.weight.uses()) != 1:
             return f"the weight of {use.layer!r} is shared with another node"
+        if not use.weight.is_initializer():  # a Constant node's output: its attribute, not const_value, is saved
+            return f"the weight of {use.layer!r} is a Constant node's output, not an initializer"
         return None
 
     def _trace(self, x: ir.Value, targets: list[analysis.WeightUse], producers: dict) -> Component:

@@ -79,8 +79,9 @@ from tqdm.auto import tqdm
 from lowbit.ir import analysis
 from lowbit.ir.builders import NameAllocator, fresh_name
 from lowbit.passes.quant.scheme import QuantScheme
-from lowbit.passes.capture_calibration import CALIBRATION_KEY
+from lowbit.passes.base import LowbitPass
 from lowbit.passes.quant import outliers
+from lowbit.runtime.calibration import calibration_of
 
 #: CumSum appeared in opset 11.
 MIN_OPSET = 11
@@ -89,7 +90,7 @@ MIN_OPSET = 11
 _SCOPE_KEYS = ("pkg.torch.onnx.name_scopes",)
 
 
-class SplitOutliersPass(ir.passes.InPlacePass):
+class SplitOutliersPass(LowbitPass):
     """Move each weight's outliers to an exact sparse side branch and/or split it into three clusters."""
 
     def __init__(
@@ -115,22 +116,22 @@ class SplitOutliersPass(ir.passes.InPlacePass):
         self.criterion = criterion
         self.split = split
         self.scheme = scheme
-        self.candidate_axes = candidate_axes or ((scheme.axis,) if scheme else ())
+        self.candidate_axes = candidate_axes or ((scheme.group_axis,) if scheme else ())
         self.split_min_gain = split_min_gain
         self.include_lm_head = include_lm_head
-        self.details: dict = {}
         self._records: dict[str, list[dict]] = {}
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.outlier_fraction > 0 and self.criterion == "sensitivity"
+
+    def calibration_use(self) -> str:
+        return "the sensitivity criterion ranks weights by H_kk * w**2"
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.details = {}
         if self.outlier_fraction == 0 and not self.split:
             return ir.passes.PassResult(model, modified=False)
-        statistics = model.meta.get(CALIBRATION_KEY)
-        if self.outlier_fraction > 0 and self.criterion == "sensitivity" and statistics is None:
-            raise ValueError(
-                "the sensitivity criterion needs calibration statistics: run CaptureCalibrationPass first "
-                "(lowbit.optimize(..., calibration=batches) does)"
-            )
+        statistics = calibration_of(model)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         self._records = {"outliers": [], "split": [], "skipped": []}  # not `skipped`: run_pipeline reads that name
         targets = self._targets(model.graph)
@@ -224,7 +225,7 @@ class SplitOutliersPass(ir.passes.InPlacePass):
     def _split(self, name: str, layer: str, weight: np.ndarray, hessian: np.ndarray | None) -> list[np.ndarray]:
         """The three clusters when splitting gains ``split_min_gain``, else ``[weight]``; recorded either way."""
         parts = outliers.split_clusters(weight)
-        schemes = [dataclasses.replace(self.scheme, axis=axis, method="rtn") for axis in self.candidate_axes]
+        schemes = [dataclasses.replace(self.scheme, group_axis=axis, method="rtn") for axis in self.candidate_axes]
         base_error, split_error = (
             min(outliers.quantization_error(weight, candidate, scheme, hessian) for scheme in schemes)
             for candidate in ([weight], parts)

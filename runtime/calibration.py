@@ -8,6 +8,9 @@ of batches. Statistics are keyed by the activation's value name, so weights that
 
 For the sequential mode (``lowbit.passes.sequential``) ``collect`` can keep every feed dict (token ids:
 small) and collect only the activations that the sweep does not measure itself.
+
+The passes find the statistics of a model with ``calibration_of(model)`` (CaptureCalibrationPass stores
+them with ``set_calibration``): kept in ``model.meta``, in memory, never serialized.
 """
 
 from __future__ import annotations
@@ -45,6 +48,19 @@ class CalibrationStats:
                 "collect them on the same graph (after FoldWeightsPass) that is being quantized"
             )
         return self.by_activation[name]
+
+
+_CALIBRATION_KEY = "lowbit.calibration"
+
+
+def calibration_of(model: ir.Model) -> CalibrationStats | None:
+    """The calibration statistics kept with ``model`` (``set_calibration``), or None."""
+    return model.meta.get(_CALIBRATION_KEY)
+
+
+def set_calibration(model: ir.Model, stats: CalibrationStats) -> None:
+    """Keep ``stats`` with ``model`` for the passes that run after (in memory, never serialized)."""
+    model.meta[_CALIBRATION_KEY] = stats
 
 
 def weight_activations(model: ir.Model) -> dict[str, int]:

@@ -25,8 +25,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from lowbit.kernels import _lib
+
+#: ONNX Runtime's own exception types (Fail, InvalidArgument, ...): they share no base but Exception.
+ORT_ERRORS = tuple(value for value in vars(_ort_state).values() if isinstance(value, type) and issubclass(value, Exception))
 
 #: ORT's error for a node of our domain when no library registered it.
 _LOWBIT_OP_MISSING = re.compile(r"\blowbit:\w+\(-?\d+\) is not a registered function/op")

@@ -8,7 +8,7 @@ rather than the weight error. The usual notation has ``W[N, K]`` and quantizes c
 the updates are written transposed: ``B[k+1:] -= outer(U[k, k+1:], err_k)``.
 
 Implementation follows the reference: upper Cholesky factor ``U`` of ``(H + damp)^-1``, blocks of
-``block_size`` rows updated eagerly inside the block and lazily (one matmul) for the rows after it, and
+``update_width`` rows updated eagerly inside the block and lazily (one matmul) for the rows after it, and
 optional act-order (rows processed by decreasing ``diag(H)``). Codes, scales and zero points use
 rtn.py's ``group_params`` / ``quantize_with_params`` conventions, and the error that is propagated is
 computed from exactly the float32 values ``QuantizedWeight.dequantize()`` returns.
@@ -45,24 +45,29 @@ from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.rtn import QuantizedWeight, check_weight, quantize_with_params, scheme_group_params
 
 
+class HessianNotPositiveDefinite(ValueError):
+    """The damped Hessian has no Cholesky factor: more dampening (``damp``) may give one."""
+
+
 def quantize_gptq(
     weight: np.ndarray,
     hessian: np.ndarray,
     scheme: QuantScheme,
     *,
     damp: float = 0.01,
-    block_size: int = 128,
+    update_width: int = 128,
     act_order: bool = True,
 ) -> QuantizedWeight:
     """GPTQ-quantize a ``[K, N]`` weight given the ``[K, K]`` calibration Hessian ``X^T X``.
 
-    ``damp`` is added to the diagonal as a fraction of ``mean(diag(H))``; ``block_size`` is the number
-    of rows updated eagerly between lazy batch updates (it changes speed, not the result beyond float
+    ``damp`` is added to the diagonal as a fraction of ``mean(diag(H))``; ``update_width`` is the number
+    of rows updated eagerly between lazy batch updates (GPTQ's ``blocksize``; not the group length, which
+    is the scheme's) (it changes speed, not the result beyond float
     round-off); ``act_order`` visits input channels by decreasing ``H[k, k]``.
     """
     weight, hessian = _checked_inputs(weight, hessian)
-    if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+    if update_width < 1:
+        raise ValueError(f"update_width must be positive, got {update_width}")
     if damp < 0:
         raise ValueError(f"damp must be non-negative, got {damp}")
     num_rows, num_cols = weight.shape
@@ -89,8 +94,8 @@ def quantize_gptq(
     codes = np.empty(weight.shape, dtype=np.uint8)
     current = weight[order]  # rows in processing order, updated in place as errors propagate
 
-    for start in range(0, num_rows, block_size):
-        stop = min(start + block_size, num_rows)
+    for start in range(0, num_rows, update_width):
+        stop = min(start + update_width, num_rows)
         errors = np.empty((stop - start, num_cols), dtype=np.float32)
         for row in range(start, stop):
             local = row - start
@@ -136,7 +141,7 @@ def _inverse_hessian_cholesky(hessian: np.ndarray) -> np.ndarray:
     reversed_hessian = torch.from_numpy(hessian[::-1, ::-1].copy())
     lower, info = torch.linalg.cholesky_ex(reversed_hessian)
     if info.item() != 0:
-        raise ValueError("the damped Hessian is not positive definite; increase damp")
+        raise HessianNotPositiveDefinite("the damped Hessian is not positive definite; increase damp")
     upper = lower.flip(0, 1)
     identity = torch.eye(len(hessian), dtype=upper.dtype)
     return torch.linalg.solve_triangular(upper, identity, upper=True).numpy().astype(np.float32)

@@ -33,7 +33,8 @@ class QuantScheme:
 
     bits: int = 4
     group_size: int = 128
-    axis: str = "oc"
+    #: The group layout, ``"oc"`` or ``"ic"`` (the recipe's ``axis``); ``block_axis`` is its ONNX axis.
+    group_axis: str = "oc"
     symmetric: bool = False
     method: str = "rtn"
     #: Search each group's clipping range (``rtn.search_group_params``) instead of taking its min-max range.
@@ -46,15 +47,15 @@ class QuantScheme:
             raise ValueError(f"group_size must be an int, got {self.group_size!r}")
         if self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"group_size must be a positive int or -1 (whole axis), got {self.group_size}")
-        if self.axis not in GROUP_AXES:
-            raise ValueError(f"axis must be one of {GROUP_AXES}, got {self.axis!r}")
+        if self.group_axis not in GROUP_AXES:
+            raise ValueError(f"group_axis must be one of {GROUP_AXES}, got {self.group_axis!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
 
     @property
     def block_axis(self) -> int:
         """Axis of ``B[K, N]`` along which groups run (0 for per-OC, 1 for per-IC)."""
-        return BLOCK_AXIS[self.axis]
+        return BLOCK_AXIS[self.group_axis]
 
     @property
     def max_code(self) -> int:

@@ -22,7 +22,7 @@ SHAPES = [(1, 1, 1), (1, 70, 64), (70, 1, 32), (200, 130, 64), (131, 67, 13), (6
 
 
 def make_weights(weight, bits, group, axis, symmetric, extras, rng) -> QuantMatMulWeights:
-    quantized = quantize_rtn(weight, QuantScheme(bits=bits, group_size=group, axis=axis, symmetric=symmetric))
+    quantized = quantize_rtn(weight, QuantScheme(bits=bits, group_size=group, group_axis=axis, symmetric=symmetric))
     k, n = weight.shape
     perm = rng.permutation(k).astype(np.int64) if extras else None
     bias = rng.standard_normal(n).astype(np.float32) if extras else None

@@ -9,7 +9,7 @@ from lowbit.kernels.model import QuantMatMulWeights
 from lowbit.passes.quant.rtn import quantize_rtn
 
 SCHEMES = [
-    QuantScheme(bits=bits, group_size=group, axis=axis, symmetric=symmetric)
+    QuantScheme(bits=bits, group_size=group, group_axis=axis, symmetric=symmetric)
     for bits in (2, 3, 4, 8)
     for axis in ("oc", "ic")
     for symmetric in (False, True)
@@ -46,7 +46,7 @@ def test_absent_zero_points_mean_the_mid_point():
 
 def test_non_finite_activations_propagate_like_a_dense_matmul():
     weight = np.array([[0.0, 1.0], [1.0, -1.0]], np.float32)
-    quantized = quantize_rtn(weight, QuantScheme(bits=4, group_size=2, axis="ic"))
+    quantized = quantize_rtn(weight, QuantScheme(bits=4, group_size=2, group_axis="ic"))
     weights = QuantMatMulWeights.from_quantized(quantized)
     y = run(weights, np.array([[np.inf, 1.0], [np.nan, 0.0], [1.0, np.inf]], np.float32))
     assert np.isnan(y[0, 0]) and y[0, 1] == np.inf  # inf * 0 = nan
@@ -74,7 +74,7 @@ def test_rejects_inconsistent_inputs(change, message):
 
 def test_sparse_outliers_add_a_dense_product_with_repeats_summed():
     rng = np.random.default_rng(2)
-    quantized = quantize_rtn(rng.standard_normal((9, 5)).astype(np.float32), QuantScheme(bits=3, group_size=4, axis="ic"))
+    quantized = quantize_rtn(rng.standard_normal((9, 5)).astype(np.float32), QuantScheme(bits=3, group_size=4, group_axis="ic"))
     perm = rng.permutation(9)
     rows, columns = np.array([0, 8, 8, 3, 3]), np.array([0, 0, 0, 2, 4])  # (8, 0) twice: the values add up
     values = np.array([5.0, -2.0, 0.5, 1e4, 7.0], np.float32)

@@ -15,7 +15,7 @@ from lowbit.runtime import session
 @pytest.fixture
 def lowbit_model(tmp_path):
     weight = np.random.default_rng(0).standard_normal((32, 16))
-    quantized = quantize_rtn(weight, QuantScheme(bits=4, group_size=16, axis="ic"))
+    quantized = quantize_rtn(weight, QuantScheme(bits=4, group_size=16, group_axis="ic"))
     weights = QuantMatMulWeights.from_quantized(quantized)
     path = tmp_path / "quant_matmul.onnx"
     onnx.save(quant_matmul_model(weights, ("M", 32)), path)

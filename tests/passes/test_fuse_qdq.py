@@ -148,7 +148,7 @@ def test_outlier_branches_become_inputs_of_the_fused_op(ops_library, scheme, fac
     assert _op_types(model) == fused_ops  # no branch node, Cast, Slice or DequantizeLinear left
     fused_nodes = [node for node in model.graph if node.op_type == "QuantMatMul"]
     assert all(len(node.inputs) == 9 and node.inputs[6] is not None for node in fused_nodes)
-    assert list(fuse.details["fused"]) == [f"lowbit::QuantMatMul {scheme.axis}{scheme.bits} + outliers"]
+    assert list(fuse.details["fused"]) == [f"lowbit::QuantMatMul {scheme.group_axis}{scheme.bits} + outliers"]
     assert fuse.details["unfused"] == {}
     # CSC arrays: uint32 pointers [N + 1], uint16 rows and float32 values [nnz], one set per weight
     outlier_names = [name for name in model.graph.initializers if ".outlier." in name]

@@ -391,9 +391,9 @@ def test_name_allocator_sees_subgraph_names():
 
 def test_a_conversion_that_leaves_invalid_nodes_is_refused_naming_the_node(monkeypatch):
     """The guard after conversion: without the axes adapter, ReduceMean keeps an attribute opset 21 lacks."""
-    from lowbit.passes import quantize_weights
+    from lowbit.passes import storage_opset
 
-    monkeypatch.setattr(quantize_weights, "_adapt_signatures", lambda model, current, target: None)
+    monkeypatch.setattr(storage_opset, "adapt_signatures", lambda model, current, target: None)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, K])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1])
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node("ReduceMean", ["h"], ["y"], name="mean", axes=[-1])]

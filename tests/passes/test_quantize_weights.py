@@ -164,11 +164,11 @@ def test_gptq_without_calibration_is_refused():
 
 @pytest.mark.parametrize("axis", ["oc", "ic"])
 def test_gptq_graph_holds_exactly_the_gptq_weights(axis):
-    from lowbit.passes.capture_calibration import CALIBRATION_KEY
+    from lowbit.runtime.calibration import calibration_of
     from lowbit.passes.quant.gptq import quantize_gptq
 
     model = _calibrated_mlp()
-    stats = model.meta[CALIBRATION_KEY]
+    stats = calibration_of(model)
     w1 = model.graph.initializers["w1"].const_value.numpy().copy()
     scheme = QuantScheme(3, 16, axis, method="gptq")
     quantize = QuantizeWeightsPass(scheme)
@@ -305,11 +305,11 @@ def test_choice_by_rtn_then_gptq_on_the_chosen_axis_only():
 def test_clip_search_graph_holds_the_searched_weights(method, calibrated):
     """With clip_search the stored tensors are the searched ones: diag(H)-weighted where statistics exist
     (GPTQ always has them), uniform otherwise; and the output error is no worse than min-max RTN's."""
-    from lowbit.passes.capture_calibration import CALIBRATION_KEY
+    from lowbit.runtime.calibration import calibration_of
     from lowbit.passes.quant.gptq import quantize_gptq
 
     model = _calibrated_mlp() if calibrated else factories.mlp()
-    hessian = model.meta[CALIBRATION_KEY].by_activation["x"].hessian if calibrated else None
+    hessian = calibration_of(model).by_activation["x"].hessian if calibrated else None
     w1 = model.graph.initializers["w1"].const_value.numpy().copy()
     scheme = QuantScheme(2, 16, "oc", method=method, clip_search=True)
     QuantizeWeightsPass(scheme)(model)

@@ -7,7 +7,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from lowbit.passes.capture_calibration import CALIBRATION_KEY, CaptureCalibrationPass
+from lowbit.passes.capture_calibration import CaptureCalibrationPass
+from lowbit.runtime.calibration import calibration_of
 from lowbit.passes.quant.reorder import position_scores
 from lowbit.passes.reorder_channels import ReorderChannelsPass
 from lowbit.runtime.calibration import collect
@@ -139,7 +140,7 @@ def test_mlp_permutation_is_folded_losslessly_without_new_nodes():
 def test_statistics_after_reorder_equal_fresh_statistics_and_are_sorted(criterion):
     model = calibrated(gated_mlp)
     ReorderChannelsPass(criterion)(model)
-    kept = model.meta[CALIBRATION_KEY].by_activation
+    kept = calibration_of(model).by_activation
     fresh = collect(model, batches(model)).by_activation
     assert set(kept) == set(fresh)
     for name in fresh:
@@ -168,7 +169,7 @@ def test_gqa_attention_permutes_within_kv_heads_and_copies_the_shared_bias():
     assert local[0] == local[1] == local[2] and local[3] == local[4] == local[5]
     assert local[0] != [0, 1, 2, 3] or local[3] != [0, 1, 2, 3]
     fresh = collect(model, batches(model)).by_activation["context_flat_out"]
-    np.testing.assert_allclose(model.meta[CALIBRATION_KEY].by_activation["context_flat_out"].hessian, fresh.hessian, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(calibration_of(model).by_activation["context_flat_out"].hessian, fresh.hessian, rtol=1e-6, atol=1e-9)
 
 
 def test_reasons_for_weights_it_cannot_reorder():

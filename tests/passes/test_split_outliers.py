@@ -12,7 +12,8 @@ from lowbit.cli import main
 from lowbit.ir import analysis
 from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes import pipelines
-from lowbit.passes.capture_calibration import CALIBRATION_KEY, CaptureCalibrationPass
+from lowbit.passes.capture_calibration import CaptureCalibrationPass
+from lowbit.runtime.calibration import calibration_of
 from lowbit.passes.quant import outliers
 from lowbit.passes.quant.rtn import quantize_rtn
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
@@ -137,7 +138,7 @@ def test_sensitivity_needs_calibration_and_ranks_by_the_captured_hessian():
     model = factories.mlp()
     CaptureCalibrationPass([factories.feeds_for(model, seed=seed) for seed in range(4)])(model)
     weight = _initial(model, "w1").copy()
-    hessian = model.meta[CALIBRATION_KEY].by_activation["x"].hessian
+    hessian = calibration_of(model).by_activation["x"].hessian
     SplitOutliersPass(outlier_fraction=0.05, criterion="sensitivity")(model)
     _, expected = outliers.split_dense_sparse(weight, outliers.outlier_scores(weight, "sensitivity", hessian), 0.05)
     sparse = _sparse_from_graph(model, "w1", weight.shape)

@@ -22,7 +22,7 @@ QUANTIZERS = {
 def candidates(weight, hessian, quantizer, bits=3, group_size=16):
     quantize = QUANTIZERS[quantizer]
     return {
-        axis: quantize(weight, hessian, QuantScheme(bits=bits, group_size=group_size, axis=axis))
+        axis: quantize(weight, hessian, QuantScheme(bits=bits, group_size=group_size, group_axis=axis))
         for axis in ("oc", "ic")
     }
 

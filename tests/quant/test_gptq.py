@@ -82,19 +82,19 @@ def onnx_reconstruction(q: QuantizedWeight, scheme: QuantScheme) -> np.ndarray:
 @pytest.mark.parametrize("axis", ["oc", "ic"])
 def test_output_error_below_rtn(axis, bits, symmetric, act_order, clip_search):
     weight, hessian = correlated_layer(bits * 10 + symmetric, 100, 72)  # group 32: ragged on both axes
-    scheme = QuantScheme(bits=bits, group_size=32, axis=axis, symmetric=symmetric, clip_search=clip_search)
+    scheme = QuantScheme(bits=bits, group_size=32, group_axis=axis, symmetric=symmetric, clip_search=clip_search)
     gptq = output_error(weight, quantize_gptq(weight, hessian, scheme, act_order=act_order).dequantize(), hessian)
     rtn = output_error(weight, quantize_rtn(weight, scheme, np.diag(hessian)).dequantize(), hessian)
     assert gptq < 0.8 * rtn
 
 
-@pytest.mark.parametrize("block_size", [1, 7, 128])
+@pytest.mark.parametrize("update_width", [1, 7, 128])
 @pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize(("axis", "group_size"), [("oc", 8), ("oc", -1), ("ic", 8), ("ic", -1)])
-def test_matches_unblocked_reference(axis, group_size, act_order, block_size):
+def test_matches_unblocked_reference(axis, group_size, act_order, update_width):
     weight, hessian = correlated_layer(7, 30, 20)  # 30 rows, groups of 8 and blocks of 7: nothing aligns
-    scheme = QuantScheme(bits=3, group_size=group_size, axis=axis)
-    got = quantize_gptq(weight, hessian, scheme, block_size=block_size, act_order=act_order)
+    scheme = QuantScheme(bits=3, group_size=group_size, group_axis=axis)
+    got = quantize_gptq(weight, hessian, scheme, update_width=update_width, act_order=act_order)
     expected = reference_gptq(weight, hessian, scheme, act_order=act_order)
     np.testing.assert_allclose(got.dequantize(), expected, rtol=0, atol=1e-5)
 
@@ -112,8 +112,8 @@ def test_matches_unblocked_reference(axis, group_size, act_order, block_size):
 )
 def test_stored_tensors_reconstruct_dequantize(bits, symmetric, axis, group_size, act_order, shape, seed, clip_search):
     weight, hessian = correlated_layer(seed, *shape, tokens=16)
-    scheme = QuantScheme(bits=bits, group_size=group_size, axis=axis, symmetric=symmetric, clip_search=clip_search)
-    q = quantize_gptq(weight, hessian, scheme, act_order=act_order, block_size=4)
+    scheme = QuantScheme(bits=bits, group_size=group_size, group_axis=axis, symmetric=symmetric, clip_search=clip_search)
+    q = quantize_gptq(weight, hessian, scheme, act_order=act_order, update_width=4)
     param_shape = list(shape)
     param_shape[scheme.block_axis] = -(-shape[scheme.block_axis] // scheme.block_size(shape))
     assert q.scales.shape == q.zero_points.shape == tuple(param_shape)
@@ -128,7 +128,7 @@ def test_stored_tensors_reconstruct_dequantize(bits, symmetric, axis, group_size
 def test_act_order_per_oc_keeps_parameters_per_original_group(axis):
     """With act-order, per-OC parameters are those of the original consecutive groups (static groups)."""
     weight, hessian = correlated_layer(3, 40, 24)
-    scheme = QuantScheme(bits=3, group_size=16, axis=axis)
+    scheme = QuantScheme(bits=3, group_size=16, group_axis=axis)
     q = quantize_gptq(weight, hessian, scheme, act_order=True)
     rtn = quantize_rtn(weight, scheme)
     first = int(np.argmax(np.diag(hessian)))  # processed first, so still holds its original values
@@ -173,11 +173,11 @@ def grid_weight(rng, shape, bits, group, axis) -> np.ndarray:
     seed=st.integers(0, 2**16),
 )
 def test_weight_on_grid_is_recovered_exactly(bits, axis, group_size, act_order, shape, seed):
-    scheme = QuantScheme(bits=bits, group_size=group_size, axis=axis, symmetric=False)
+    scheme = QuantScheme(bits=bits, group_size=group_size, group_axis=axis, symmetric=False)
     weight = grid_weight(np.random.default_rng(seed), shape, bits, scheme.block_size(shape), scheme.block_axis)
     np.testing.assert_array_equal(quantize_rtn(weight, scheme).dequantize(), weight)  # the premise
     _, hessian = correlated_layer(seed, shape[0], 1)
-    q = quantize_gptq(weight, hessian, scheme, act_order=act_order, block_size=8)
+    q = quantize_gptq(weight, hessian, scheme, act_order=act_order, update_width=8)
     np.testing.assert_array_equal(q.dequantize(), weight)
 
 
@@ -196,8 +196,8 @@ def test_uncorrelated_inputs_reduce_to_rtn(bits, symmetric, axis, group_size, ac
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal(shape).astype(np.float32)
     hessian = np.diag(rng.lognormal(0.0, 2.0, shape[0]))
-    scheme = QuantScheme(bits=bits, group_size=group_size, axis=axis, symmetric=symmetric)
-    q = quantize_gptq(weight, hessian, scheme, act_order=act_order, block_size=3)
+    scheme = QuantScheme(bits=bits, group_size=group_size, group_axis=axis, symmetric=symmetric)
+    q = quantize_gptq(weight, hessian, scheme, act_order=act_order, update_width=3)
     rtn = quantize_rtn(weight, scheme)
     np.testing.assert_array_equal(q.codes, rtn.codes)
     np.testing.assert_array_equal(q.scales, rtn.scales)
@@ -213,7 +213,7 @@ def test_dead_inputs_keep_their_weights_with_rtn_semantics(axis, act_order):
     dead = np.array([0, 9, 10, 47])
     inputs[:, dead] = 0.0
     hessian = inputs.T @ inputs
-    scheme = QuantScheme(bits=3, group_size=16, axis=axis)
+    scheme = QuantScheme(bits=3, group_size=16, group_axis=axis)
     q = quantize_gptq(weight, hessian, scheme, act_order=act_order)
     approx = q.dequantize()
     assert np.isfinite(approx).all()
@@ -226,7 +226,7 @@ def test_dead_inputs_keep_their_weights_with_rtn_semantics(axis, act_order):
 
 def test_all_dead_hessian_gives_rtn():
     weight = np.random.default_rng(0).standard_normal((20, 12)).astype(np.float32)
-    scheme = QuantScheme(bits=4, group_size=8, axis="oc")
+    scheme = QuantScheme(bits=4, group_size=8, group_axis="oc")
     q = quantize_gptq(weight, np.zeros((20, 20)), scheme)
     np.testing.assert_array_equal(q.dequantize(), quantize_rtn(weight, scheme).dequantize())
 
@@ -238,7 +238,7 @@ def test_all_dead_hessian_gives_rtn():
         (np.ones(4), np.eye(4), {}),
         (np.full((2, 2), np.nan), np.eye(2), {}),
         (np.ones((2, 2)), np.full((2, 2), np.inf), {}),
-        (np.ones((2, 2)), np.eye(2), {"block_size": 0}),
+        (np.ones((2, 2)), np.eye(2), {"update_width": 0}),
         (np.ones((2, 2)), np.eye(2), {"damp": -1.0}),
         (np.ones((2, 2)), -np.eye(2), {}),
     ],
@@ -253,7 +253,7 @@ def test_clip_search_with_act_order_per_oc_searches_the_static_groups_by_diag_h(
     """Static per-OC groups are made once from the original weight: by the search, each input channel's
     error weighted by its H_kk, exactly as ``search_group_params`` does it."""
     weight, hessian = correlated_layer(11, 48, 20)
-    scheme = QuantScheme(bits=3, group_size=16, axis="oc", symmetric=symmetric, clip_search=True)
+    scheme = QuantScheme(bits=3, group_size=16, group_axis="oc", symmetric=symmetric, clip_search=True)
     got = quantize_gptq(weight, hessian, scheme, act_order=True)
     scales, zero_points = search_group_params(weight, 3, 16, 0, symmetric, np.diag(hessian))
     np.testing.assert_array_equal(got.scales, scales)
@@ -272,7 +272,7 @@ def test_clip_search_lowers_gptq_output_error_of_gaussian_weights(axis, act_orde
     inputs = (rng.standard_normal((1024, 128)) + 0.3 * rng.standard_normal((1024, 1))) * rng.lognormal(0.0, 1.0, 128)
     hessian = inputs.T @ inputs
     weight = rng.normal(size=(128, 96)).astype(np.float32)
-    scheme = QuantScheme(bits=3, group_size=32, axis=axis)
+    scheme = QuantScheme(bits=3, group_size=32, group_axis=axis)
     plain = output_error(weight, quantize_gptq(weight, hessian, scheme, act_order=act_order).dequantize(), hessian)
     clipped_scheme = dataclasses.replace(scheme, clip_search=True)
     clipped = output_error(weight, quantize_gptq(weight, hessian, clipped_scheme, act_order=act_order).dequantize(), hessian)

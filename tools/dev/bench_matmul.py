@@ -132,17 +132,17 @@ def check_nbits_fused(bench: Bench, model: ir.Model) -> bool:
 
 def bench_shape(bench: Bench, k: int, n: int, batches, methods, rng) -> list[tuple]:
     weight = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
-    oc4 = quantize_rtn(weight, QuantScheme(bits=4, group_size=GROUP, axis="oc"))
+    oc4 = quantize_rtn(weight, QuantScheme(bits=4, group_size=GROUP, group_axis="oc"))
     models = {"fp32": (fp32_model(weight), weight.nbytes, None)}
     nbits_bytes = oc4.codes.size // 2 + oc4.scales.nbytes + oc4.zero_points.size // 2
     fused = check_nbits_fused(bench, qdq_model(oc4))
     for level in (0, 4):
         models[f"nbits-acc{level}" + ("" if fused else "(UNFUSED)")] = (qdq_model(oc4), nbits_bytes, level)
-    ic4 = quantize_rtn(weight, QuantScheme(bits=4, group_size=GROUP, axis="ic"))
+    ic4 = quantize_rtn(weight, QuantScheme(bits=4, group_size=GROUP, group_axis="ic"))
     models["qdq-ic4"] = (qdq_model(ic4), ic4.codes.size // 2 + ic4.scales.nbytes + ic4.zero_points.size // 2, None)
     for method in methods:
         axis, bits = method[len("lowbit-"):-1], int(method[-1])
-        quantized = quantize_rtn(weight, QuantScheme(bits=bits, group_size=GROUP, axis=axis))
+        quantized = quantize_rtn(weight, QuantScheme(bits=bits, group_size=GROUP, group_axis=axis))
         weights = QuantMatMulWeights.from_quantized(quantized)
         models[method] = (ir.from_proto(quant_matmul_model(weights, ("M", k))), weights.nbytes, None)
 
