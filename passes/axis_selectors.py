@@ -32,9 +32,9 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
-from lowbit.passes.quant.scheme import SELECTORS
 from lowbit.passes.quant.adadim import choose_axis, relative_output_error
 from lowbit.passes.quant.rtn import QuantizedWeight
+from lowbit.passes.quant.scheme import SELECTORS
 from lowbit.runtime.session import external_data_dirs, session_from_proto
 
 

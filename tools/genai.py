@@ -97,9 +97,10 @@ def read_folder(folder: str | os.PathLike) -> GenaiFolder:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{str(path)!r} is not JSON: {error}") from error
-    decoder = config.get("model", {}).get("decoder") if isinstance(config, dict) else None
-    if not isinstance(decoder, dict) or not isinstance(decoder.get("filename"), str):
-        raise ValueError(f"{str(path)!r} names no decoder model (model.decoder.filename)")
+    section = config.get("model") if isinstance(config, dict) else None
+    decoder = section.get("decoder") if isinstance(section, dict) else None
+    if not isinstance(decoder, dict) or not isinstance(decoder.get("filename"), str):  # a bad file's content: ValueError
+        raise ValueError(f"{str(path)!r} names no decoder model (model.decoder.filename)")  # noqa: TRY004
     others = [name for name in _OTHER_COMPONENTS if isinstance(config["model"].get(name), dict)]
     if others:
         raise NotImplementedError(f"{str(path)!r} describes a pipeline with {others} besides the decoder; lowbit takes decoder-only folders")

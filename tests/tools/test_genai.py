@@ -229,12 +229,13 @@ def test_fp32_folder_generates_torch_greedy_tokens(tiny_genai, tiny_hf, og):
 
 
 RECIPES = {
-    "gptq-adadim-block": (dict(bits=4, group_size=32, axis="adadim", method="gptq", selector="block"), 2 * LAYERS),
+    "gptq-adadim-block": ({"bits": 4, "group_size": 32, "axis": "adadim", "method": "gptq", "selector": "block"}, 2 * LAYERS),
     "gptq-adadim-layer-sequential": (
-        dict(bits=3, group_size=32, axis="adadim", method="gptq", selector="layer", calibration_mode="sequential",
-             include_lm_head=True), LAYERS,
+        {"bits": 3, "group_size": 32, "axis": "adadim", "method": "gptq", "selector": "layer",
+         "calibration_mode": "sequential", "include_lm_head": True},
+        LAYERS,
     ),
-    "rtn-ic-fused": (dict(bits=4, group_size=32, axis="ic", fused=True), None),
+    "rtn-ic-fused": ({"bits": 4, "group_size": 32, "axis": "ic", "fused": True}, None),
 }
 
 
