@@ -30,7 +30,7 @@ from lowbit.passes.base import LowbitPass
 NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization"})
 
 
-class NotFoldable(Exception):
+class NormNotFoldable(Exception):
     """This norm cannot be folded; the message says why."""
 
 
@@ -83,7 +83,7 @@ class FoldNormScalesPass(LowbitPass):
                     record = self._fold_batch_norm(graph, node, names)
                 else:
                     record = self._fold_scale(graph, node, weights, names)
-            except NotFoldable as reason:
+            except NormNotFoldable as reason:
                 skipped.append({"node": node.name, "op": node.op_type, "reason": str(reason)})
                 continue
             if record is not None:
@@ -108,9 +108,9 @@ class FoldNormScalesPass(LowbitPass):
             bias = node.inputs[2] if len(node.inputs) > 2 else None
             beta = analysis.constant_array(bias) if bias is not None else None
             if gamma is None or (bias is not None and beta is None):
-                raise NotFoldable("its scale or bias is not a constant")
+                raise NormNotFoldable("its scale or bias is not a constant")
             if gamma.ndim != 1:
-                raise NotFoldable(f"it normalises over several axes (scale shape {list(gamma.shape)})")
+                raise NormNotFoldable(f"it normalises over several axes (scale shape {list(gamma.shape)})")
             return 1, gamma, beta
         if node.op_type != "Mul" or len(node.inputs) != 2:
             return None
@@ -126,23 +126,23 @@ class FoldNormScalesPass(LowbitPass):
         return index, gamma.reshape(-1), None
 
     def _readers(self, node: ir.Node, weights: dict) -> list[analysis.WeightUse]:
-        """The weight MatMuls reading ``node``'s output; NotFoldable unless they are its only readers."""
+        """The weight MatMuls reading ``node``'s output; NormNotFoldable unless they are its only readers."""
         output = node.outputs[0]
         if output.is_graph_output():
-            raise NotFoldable("its output is a graph output")
+            raise NormNotFoldable("its output is a graph output")
         readers = []
         for usage in output.uses():
             use = weights.get(usage.node)
             if use is None or usage.idx != 0:
-                raise NotFoldable(f"{usage.node.op_type} {usage.node.name!r} reads its output")
+                raise NormNotFoldable(f"{usage.node.op_type} {usage.node.name!r} reads its output")
             if use.weight.const_value is None:
-                raise NotFoldable(f"{use.kind} {use.layer!r} reads a weight tied to the embedding table")
+                raise NormNotFoldable(f"{use.kind} {use.layer!r} reads a weight tied to the embedding table")
             if not use.weight.is_initializer():  # a Constant node's output: its attribute, not const_value, is saved
-                raise NotFoldable(f"the weight of {use.layer!r} is a Constant node's output, not an initializer")
+                raise NormNotFoldable(f"the weight of {use.layer!r} is a Constant node's output, not an initializer")
             if use.node.op_type == "Gemm" and use.node.attributes.get_int("transA", 0):
-                raise NotFoldable(f"Gemm {use.layer!r} has transA=1")
+                raise NormNotFoldable(f"Gemm {use.layer!r} has transA=1")
             if len(use.weight.uses()) != 1:
-                raise NotFoldable(f"the weight {use.weight.name!r} of {use.layer!r} is shared with another node")
+                raise NormNotFoldable(f"the weight {use.weight.name!r} of {use.layer!r} is shared with another node")
             readers.append(use)
         return readers
 
@@ -158,10 +158,10 @@ class FoldNormScalesPass(LowbitPass):
             return None  # a Mul that feeds no weight: not a norm scale
         readers = self._readers(node, weights)
         if not readers:
-            raise NotFoldable("nothing reads its output")
+            raise NormNotFoldable("nothing reads its output")
         rows = sorted({analysis.gemm_weight_kn(use.node, use.weight.const_value.numpy()).shape[0] for use in readers})
         if gamma.size != 1 and rows != [gamma.size]:
-            raise NotFoldable(f"its readers' weight rows {rows} do not match the scale's {gamma.size} channels")
+            raise NormNotFoldable(f"its readers' weight rows {rows} do not match the scale's {gamma.size} channels")
         new_adds = 0
         for use in readers:
             weight = use.weight.const_value.numpy()
@@ -212,20 +212,20 @@ class FoldNormScalesPass(LowbitPass):
     def _fold_batch_norm(graph: ir.Graph, node: ir.Node, names: NameAllocator) -> dict:
         """``BatchNormalization(Conv(x, W, b))`` -> ``Conv(x, W * s, (b - mean) * s + beta)``, s = gamma / sqrt(var + eps)."""
         if node.attributes.get_int("training_mode", 0) or any(output.uses() for output in node.outputs[1:]):
-            raise NotFoldable("training mode (running statistics are outputs)")
+            raise NormNotFoldable("training mode (running statistics are outputs)")
         conv = node.inputs[0].producer()
         if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
-            raise NotFoldable("it does not follow a Conv")
+            raise NormNotFoldable("it does not follow a Conv")
         if len(conv.outputs[0].uses()) != 1 or conv.outputs[0].is_graph_output():
-            raise NotFoldable(f"the output of Conv {conv.name!r} has other readers")
+            raise NormNotFoldable(f"the output of Conv {conv.name!r} has other readers")
         params = [analysis.constant_array(value) for value in node.inputs[1:5]]
         weight = analysis.constant_array(conv.inputs[1])
         has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
         bias = analysis.constant_array(conv.inputs[2]) if has_bias else np.zeros(weight.shape[0] if weight is not None else 0)
         if any(array is None for array in params) or weight is None or bias is None:
-            raise NotFoldable(f"Conv {conv.name!r} or the BatchNorm has a non-constant parameter")
+            raise NormNotFoldable(f"Conv {conv.name!r} or the BatchNorm has a non-constant parameter")
         if len(conv.inputs[1].uses()) != 1:
-            raise NotFoldable(f"the weight of Conv {conv.name!r} is shared")
+            raise NormNotFoldable(f"the weight of Conv {conv.name!r} is shared")
         gamma, beta, mean, var = (array.astype(np.float64) for array in params)
         scale = gamma / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
         new_weight = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))

@@ -43,7 +43,7 @@ LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand"
 SHAPE_READERS = frozenset({"Shape", "Size"})
 
 
-class NotFoldable(Exception):
+class PermutationNotFoldable(Exception):
     """The permutation of one target cannot be folded; the message says why."""
 
 
@@ -71,7 +71,7 @@ class Layout:
     def aligned(self, rank: int) -> Layout:
         """The layout broadcast (numpy rules) to ``rank`` axes."""
         if rank < self.channel.ndim:
-            raise NotFoldable(f"rank {self.channel.ndim} tensor broadcast to rank {rank}")
+            raise PermutationNotFoldable(f"rank {self.channel.ndim} tensor broadcast to rank {rank}")
         extra = (1,) * (rank - self.channel.ndim)
         return Layout(self.channel.reshape(extra + self.shape), self.slice.reshape(extra + self.shape))
 
@@ -81,7 +81,7 @@ class Layout:
     def flat(self) -> tuple[np.ndarray, np.ndarray]:
         """(channel, slice) per position of a tensor whose channels all lie on its last axis."""
         if any(size > 1 for size in self.shape[:-1]):
-            raise NotFoldable(f"channels spread over several axes {self.shape}")
+            raise PermutationNotFoldable(f"channels spread over several axes {self.shape}")
         return self.channel.reshape(-1), self.slice.reshape(-1)
 
 
@@ -98,13 +98,13 @@ def _same_dim(a, b) -> bool:
 
 def _dims(value: ir.Value) -> list:
     if value.shape is None:
-        raise NotFoldable(f"{value.name!r} has no shape (run shape inference)")
+        raise PermutationNotFoldable(f"{value.name!r} has no shape (run shape inference)")
     return list(value.shape)
 
 
 def _static(dims: list, what: str) -> list[int]:
     if not all(isinstance(d, int) for d in dims):
-        raise NotFoldable(f"{what} has dynamic dimensions {dims} where channels are regrouped")
+        raise PermutationNotFoldable(f"{what} has dynamic dimensions {dims} where channels are regrouped")
     return dims
 
 
@@ -113,7 +113,7 @@ def _axes(node: ir.Node, rank: int) -> list[int] | None:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         array = analysis.constant_array(node.inputs[1])
         if array is None:
-            raise NotFoldable(f"{node.op_type} {node.name!r} has non-constant axes")
+            raise PermutationNotFoldable(f"{node.op_type} {node.name!r} has non-constant axes")
         axes = array.tolist()
     elif "axes" in node.attributes:
         axes = list(node.attributes.get_ints("axes"))
@@ -139,7 +139,7 @@ def _reshape(layout: Layout, node: ir.Node) -> Layout:
     sizes_in = _static(middle_in, f"Reshape {node.name!r} input")
     sizes_out = _static(middle_out, f"Reshape {node.name!r} output")
     if math.prod(sizes_in) != math.prod(sizes_out):
-        raise NotFoldable(f"Reshape {node.name!r}: shapes {before} -> {after} do not match")
+        raise PermutationNotFoldable(f"Reshape {node.name!r}: shapes {before} -> {after} do not match")
     full = outer + tuple(sizes_in) + inner
     return layout.map(lambda a: np.broadcast_to(a, full).reshape(outer + tuple(sizes_out) + inner))
 
@@ -149,7 +149,7 @@ def _expand(layout: Layout, node: ir.Node) -> Layout:
     layout = layout.aligned(len(dims))
     for size, dim in zip(layout.shape, dims):
         if size > 1 and dim != size:
-            raise NotFoldable(f"Expand {node.name!r} changes a channel axis ({size} -> {dim})")
+            raise PermutationNotFoldable(f"Expand {node.name!r} changes a channel axis ({size} -> {dim})")
     return layout
 
 
@@ -157,7 +157,7 @@ def _attention_matmul(layout: Layout, node: ir.Node) -> Layout:
     """``probs @ V``: V's last axis passes through; its batch axes meet per-head probabilities (slices)."""
     rank = len(_dims(node.outputs[0]))
     if layout.channel.ndim < 2 or layout.shape[-2] > 1:
-        raise NotFoldable(f"MatMul {node.name!r} sums over channels of its right operand")
+        raise PermutationNotFoldable(f"MatMul {node.name!r} sums over channels of its right operand")
     layout = layout.aligned(rank)
     pinned = [axis for axis in range(rank - 2) if layout.shape[axis] > 1]
     if not pinned:
@@ -210,7 +210,7 @@ class ReorderChannelsPass(LowbitPass):
         for x, targets in by_input.items():
             try:
                 components.append(self._trace(x, targets, producers))
-            except NotFoldable as reason:
+            except PermutationNotFoldable as reason:
                 skipped += [{"layer": use.layer, "weight": use.weight.name, "reason": str(reason)} for use in targets]
         for component in components:
             record = self._apply(model.graph, component, statistics)
@@ -265,10 +265,10 @@ class ReorderChannelsPass(LowbitPass):
         return None
 
     def _trace(self, x: ir.Value, targets: list[analysis.WeightUse], producers: dict) -> Component:
-        """The chain from the sources to ``x``, with every position's layout; NotFoldable when unprovable."""
+        """The chain from the sources to ``x``, with every position's layout; PermutationNotFoldable when unprovable."""
         for use in targets:
             if self._fixed(use):
-                raise NotFoldable(self._fixed(use))
+                raise PermutationNotFoldable(self._fixed(use))
         chain: set[ir.Node] = set()
         found: list[analysis.WeightUse] = []
         stack, seen = [x], set()
@@ -278,14 +278,14 @@ class ReorderChannelsPass(LowbitPass):
                 continue
             seen.add(value)
             if value.const_value is not None:
-                raise NotFoldable(f"reaches the constant {value.name!r}")
+                raise PermutationNotFoldable(f"reaches the constant {value.name!r}")
             producer = value.producer()
             if producer is None:
-                raise NotFoldable(f"reads the graph input {value.name!r}")
+                raise PermutationNotFoldable(f"reads the graph input {value.name!r}")
             if producer in producers:
                 source = producers[producer]
                 if self._fixed(source):
-                    raise NotFoldable(f"its producer cannot be permuted: {self._fixed(source)}")
+                    raise PermutationNotFoldable(f"its producer cannot be permuted: {self._fixed(source)}")
                 found.append(source)
                 continue
             stack += self._walked_inputs(producer)
@@ -303,26 +303,26 @@ class ReorderChannelsPass(LowbitPass):
             layouts[node.outputs[0]] = self._propagate(node, layouts, constants)
         channel, slice_ = layouts[x].flat()
         if len(channel) != targets[0].weight.const_value.shape[0]:
-            raise NotFoldable(f"input positions {len(channel)} != weight rows")
+            raise PermutationNotFoldable(f"input positions {len(channel)} != weight rows")
         if not reorder.positions_are_distinct(channel, slice_):
-            raise NotFoldable("the input repeats a channel within one slice")
+            raise PermutationNotFoldable("the input repeats a channel within one slice")
         return Component(x, targets, found, nodes, layouts, constants)
 
     @staticmethod
     def _walked_inputs(node: ir.Node) -> list[ir.Value]:
         """The inputs that carry source channels into ``node``; raises for ops the pass cannot see through."""
         if node.domain not in ("", "ai.onnx"):
-            raise NotFoldable(f"reaches {node.domain}::{node.op_type} {node.name!r}")
+            raise PermutationNotFoldable(f"reaches {node.domain}::{node.op_type} {node.name!r}")
         if node.op_type in UNARY_OPS or node.op_type in LAYOUT_OPS:
             return [node.inputs[0]]
         if node.op_type in BINARY_OPS and len(node.inputs) == 2:
             walked = [value for value in node.inputs if value is not None and value.const_value is None]
             if not walked:
-                raise NotFoldable(f"{node.op_type} {node.name!r} reads only constants")
+                raise PermutationNotFoldable(f"{node.op_type} {node.name!r} reads only constants")
             return walked
         if node.op_type == "MatMul":  # probs @ V: V carries the channels, probs are per-head weights
             return [node.inputs[1]]
-        raise NotFoldable(f"its input depends on {node.op_type} {node.name!r}, which mixes or drops channels")
+        raise PermutationNotFoldable(f"its input depends on {node.op_type} {node.name!r}, which mixes or drops channels")
 
     @staticmethod
     def _check_consumers(x: ir.Value, targets, nodes: list[ir.Node], sources) -> None:
@@ -331,7 +331,7 @@ class ReorderChannelsPass(LowbitPass):
         target_nodes = {use.node for use in targets}
         for value in [use.node.outputs[0] for use in sources] + [node.outputs[0] for node in nodes]:
             if value.is_graph_output():
-                raise NotFoldable(f"{value.name!r} is a graph output")
+                raise PermutationNotFoldable(f"{value.name!r} is a graph output")
             for usage in value.uses():
                 node = usage.node
                 if node.op_type in SHAPE_READERS:
@@ -340,14 +340,14 @@ class ReorderChannelsPass(LowbitPass):
                     continue
                 if value is x and node in target_nodes and usage.idx == 0:
                     continue
-                raise NotFoldable(f"{value.name!r} also feeds {node.op_type} {node.name!r}")
+                raise PermutationNotFoldable(f"{value.name!r} also feeds {node.op_type} {node.name!r}")
         for node in nodes:
             if len(node.outputs) != 1:
-                raise NotFoldable(f"{node.op_type} {node.name!r} has several outputs")
+                raise PermutationNotFoldable(f"{node.op_type} {node.name!r} has several outputs")
 
     @staticmethod
     def _propagate(node: ir.Node, layouts: dict[ir.Value, Layout], constants: list) -> Layout:
-        """The layout of ``node``'s output from its inputs' (NotFoldable when channels would mix)."""
+        """The layout of ``node``'s output from its inputs' (PermutationNotFoldable when channels would mix)."""
         source = layouts.get(node.inputs[0])
         op = node.op_type
         if op in UNARY_OPS:
@@ -364,7 +364,7 @@ class ReorderChannelsPass(LowbitPass):
             if axes is None:
                 axes = [axis for axis, dim in enumerate(_dims(node.inputs[0])) if dim == 1]
             if any(source.shape[axis] > 1 for axis in axes):
-                raise NotFoldable(f"Squeeze {node.name!r} removes a channel axis")
+                raise PermutationNotFoldable(f"Squeeze {node.name!r} removes a channel axis")
             return source.map(lambda a: np.squeeze(a, tuple(axes)))
         if op == "Reshape":
             return _reshape(source, node)
@@ -385,7 +385,7 @@ def _elementwise(node: ir.Node, layouts: dict[ir.Value, Layout], constants: list
         if other.shape != first.shape or not (
             np.array_equal(other.channel, first.channel) and np.array_equal(other.slice, first.slice)
         ):
-            raise NotFoldable(f"{node.op_type} {node.name!r} combines differently ordered channels")
+            raise PermutationNotFoldable(f"{node.op_type} {node.name!r} combines differently ordered channels")
     for index, value in enumerate(node.inputs):
         if value in layouts:
             continue
@@ -394,7 +394,7 @@ def _elementwise(node: ir.Node, layouts: dict[ir.Value, Layout], constants: list
             continue  # broadcast along every channel axis: the same for every channel
         channel, slice_ = first.flat()  # raises unless the channels lie on the last axis alone
         if dims[-1] != first.shape[-1] or not reorder.positions_are_distinct(channel, slice_):
-            raise NotFoldable(f"{node.op_type} {node.name!r}: constant {value.name!r} {dims} vs channels {first.shape}")
+            raise PermutationNotFoldable(f"{node.op_type} {node.name!r}: constant {value.name!r} {dims} vs channels {first.shape}")
         constants.append((node, index))
     return first
 
