@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -169,10 +170,8 @@ class NameAllocator:
 
     def allocate(self, layer: str, weight_name: str | None) -> str:
         base = re.sub(r"[^A-Za-z0-9_.]", "_", layer or weight_name or "weight")
-        candidate, suffix = base, 1
-        while any(f"{candidate}{tail}" in self.taken or f"{candidate}{tail}" in self.nodes for tail in (*_TAILS, ".DequantizeLinear", ".Cast")):
-            suffix += 1
-            candidate = f"{base}_{suffix}"
+        tails = (*_TAILS, ".DequantizeLinear", ".Cast")
+        candidate = unique_name(base, lambda name: any(f"{name}{tail}" in self.taken or f"{name}{tail}" in self.nodes for tail in tails))
         self.taken |= {f"{candidate}{tail}" for tail in _TAILS}
         self.nodes |= {f"{candidate}.DequantizeLinear", f"{candidate}.Cast"}
         return candidate
@@ -188,9 +187,15 @@ class NameAllocator:
 
 def fresh_name(name: str, taken: set[str]) -> str:
     """``name``, else ``name_2``, ``name_3``, ...: the first one not in ``taken`` (added to it)."""
-    candidate, suffix = name, 1
-    while candidate in taken:
-        suffix += 1
-        candidate = f"{name}_{suffix}"
+    candidate = unique_name(name, taken.__contains__)
     taken.add(candidate)
+    return candidate
+
+
+def unique_name(name: str, is_taken: Callable[[str], bool], *, separator: str = "_", first: int = 2) -> str:
+    """``name``, else ``name{separator}{first}``, the next number, ...: the first that ``is_taken`` refuses
+    (the one loop every new lowbit name goes through)."""
+    candidate, suffix = name, first
+    while is_taken(candidate):
+        candidate, suffix = f"{name}{separator}{suffix}", suffix + 1
     return candidate

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from lowbit.ir import builders
 from lowbit.kernels import model as quant_matmul_op
 from lowbit.kernels import packing
 
@@ -395,10 +396,7 @@ class FusionState:
         return self._constants[key]
 
     def _unique(self, name: str) -> str:
-        candidate, index = name, 1
-        while candidate in self.graph.initializers:
-            candidate, index = f"{name}.{index}", index + 1
-        return candidate
+        return builders.unique_name(name, self.graph.initializers.__contains__, separator=".", first=1)
 
 
 def rule_sets(state: FusionState, *, use_matmulnbits: bool, accuracy_level: int) -> list[pattern.RewriteRuleSet]:
