@@ -57,10 +57,6 @@ class QuantScheme:
         """Axis of ``B[K, N]`` along which groups run (0 for per-OC, 1 for per-IC)."""
         return BLOCK_AXIS[self.group_axis]
 
-    @property
-    def max_code(self) -> int:
-        return (1 << self.bits) - 1
-
     def block_size(self, shape: tuple[int, int]) -> int:
         """Effective group length for a ``[K, N]`` weight (the whole axis when ``group_size=-1``)."""
         length = shape[self.block_axis]

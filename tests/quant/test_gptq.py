@@ -118,7 +118,7 @@ def test_stored_tensors_reconstruct_dequantize(bits, symmetric, axis, group_size
     param_shape[scheme.block_axis] = -(-shape[scheme.block_axis] // scheme.block_size(shape))
     assert q.scales.shape == q.zero_points.shape == tuple(param_shape)
     assert q.codes.shape == shape
-    assert q.codes.max() <= scheme.max_code and q.zero_points.max() <= scheme.max_code
+    assert q.codes.max() <= (1 << scheme.bits) - 1 and q.zero_points.max() <= (1 << scheme.bits) - 1
     assert (q.block_size, q.block_axis) == (scheme.block_size(shape), scheme.block_axis)
     assert (q.bits, q.symmetric) == (bits, symmetric)
     np.testing.assert_array_equal(onnx_reconstruction(q, scheme), q.dequantize())
