@@ -53,9 +53,12 @@ class BuildOpLibrary(build_ext):
     @staticmethod
     def _not_built(reason):
         banner = "=" * 78
-        print(f"{banner}\nlowbit: custom-op kernels NOT built: {reason}\n"
-              f"lowbit installs without them; fused lowbit:: ops will raise until you run `python kernels/build.py`"
-              f"\n{banner}", file=sys.stderr)
+        print(
+            f"{banner}\nlowbit: custom-op kernels NOT built: {reason}\n"
+            f"lowbit installs without them; fused lowbit:: ops will raise until you run `python kernels/build.py`"
+            f"\n{banner}",
+            file=sys.stderr,
+        )
 
 
 setup(ext_modules=[Extension(LIBRARY_MODULE, sources=[])], cmdclass={"build_ext": BuildOpLibrary})

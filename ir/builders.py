@@ -171,7 +171,9 @@ class NameAllocator:
     def allocate(self, layer: str, weight_name: str | None) -> str:
         base = re.sub(r"[^A-Za-z0-9_.]", "_", layer or weight_name or "weight")
         tails = (*_TAILS, ".DequantizeLinear", ".Cast")
-        candidate = unique_name(base, lambda name: any(f"{name}{tail}" in self.taken or f"{name}{tail}" in self.nodes for tail in tails))
+        candidate = unique_name(
+            base, lambda name: any(f"{name}{tail}" in self.taken or f"{name}{tail}" in self.nodes for tail in tails)
+        )
         self.taken |= {f"{candidate}{tail}" for tail in _TAILS}
         self.nodes |= {f"{candidate}.DequantizeLinear", f"{candidate}.Cast"}
         return candidate

@@ -39,16 +39,27 @@ OBJECT_DIR = REPO / "build" / "lowbit-kernels"
 HEADER_SUBDIR = Path("usr/include/onnxruntime")
 REQUIRED_HEADERS = ("onnxruntime_cxx_api.h", "onnxruntime_lite_custom_op.h")
 
-CXX_FLAGS = ["-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-Wall", "-Wextra",
-             "-DORT_API_MANUAL_INIT"]  # Ort::InitApi in RegisterCustomOps sets the API table
+CXX_FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "-fPIC",
+    "-fvisibility=hidden",
+    "-fvisibility-inlines-hidden",
+    "-Wall",
+    "-Wextra",
+    "-DORT_API_MANUAL_INIT",
+]  # Ort::InitApi in RegisterCustomOps sets the API table
 #: (source in kernels/cpu, extra flags, needs the ORT headers)
 CPU_SOURCES = [
     ("isa_scalar.cpp", [], False),
     ("isa_avx2.cpp", ["-mavx2", "-mfma"], False),
     # GCC 12 warns falsely about _mm512_undefined_* inside the AVX-512 intrinsics
     ("isa_avx512.cpp", ["-mavx512f", "-mavx512bw", "-mavx2", "-mfma", "-Wno-maybe-uninitialized"], False),
-    ("isa_avx512_vnni.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx2", "-mfma", "-Wno-maybe-uninitialized"],
-     False),
+    (
+        "isa_avx512_vnni.cpp",
+        ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx2", "-mfma", "-Wno-maybe-uninitialized"],
+        False,
+    ),
     ("op_io.cpp", [], True),
     ("quant_matmul.cpp", [], True),
     ("register.cpp", [], True),
@@ -93,14 +104,21 @@ def fetch_ort_headers() -> Path:
             (work / sub).mkdir(parents=True)
         (work / "sources.list").write_text(f"deb [signed-by={keyring}] {mirror} trixie main\n")
         options = [
-            f"-oDir::Etc::SourceList={work / 'sources.list'}", "-oDir::Etc::SourceParts=/dev/null",
-            f"-oDir::State::Lists={work / 'lists'}", f"-oDir::Cache={work}",
+            f"-oDir::Etc::SourceList={work / 'sources.list'}",
+            "-oDir::Etc::SourceParts=/dev/null",
+            f"-oDir::State::Lists={work / 'lists'}",
+            f"-oDir::Cache={work}",
             f"-oDir::Cache::Archives={work / 'archives'}",
-            "-oAPT::Sandbox::User=root", "-q",  # root: skip the _apt sandbox, which cannot write here
+            "-oAPT::Sandbox::User=root",
+            "-q",  # root: skip the _apt sandbox, which cannot write here
         ]
         _run(["apt-get", *options, "update"], "apt-get update (trixie source list)", timeout=600)
-        _run(["apt-get", *options, "download", "libonnxruntime-dev"], "apt-get download libonnxruntime-dev",
-             cwd=work, timeout=600)
+        _run(
+            ["apt-get", *options, "download", "libonnxruntime-dev"],
+            "apt-get download libonnxruntime-dev",
+            cwd=work,
+            timeout=600,
+        )
         debs = sorted(work.glob("libonnxruntime-dev_*.deb"))
         if not debs:
             raise BuildError("apt-get download libonnxruntime-dev produced no .deb")
@@ -161,8 +179,9 @@ def build(*, fetch: bool = True, cuda: bool | None = None, force: bool = False, 
     include = find_ort_headers()
     if include is None:
         if not fetch:
-            raise BuildError("no ONNX Runtime headers (set ORT_INCLUDE_DIR, or let `python kernels/build.py` fetch "
-                             "them)")
+            raise BuildError(
+                "no ONNX Runtime headers (set ORT_INCLUDE_DIR, or let `python kernels/build.py` fetch them)"
+            )
         log("lowbit kernels: fetching ONNX Runtime headers from Debian trixie's libonnxruntime-dev ...")
         include = fetch_ort_headers()
     cxx = os.environ.get("CXX", "g++")
@@ -188,8 +207,19 @@ def build(*, fetch: bool = True, cuda: bool | None = None, force: bool = False, 
         gencode.append(f"-gencode=arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}")  # PTX for newer GPUs
         for cu in sorted(CUDA_DIR.glob("*.cu")):
             obj = OBJECT_DIR / (cu.name + ".o")
-            command = [str(nvcc), "-std=c++17", "-O3", *gencode, "-Xcompiler=-fPIC,-fvisibility=hidden",
-                       f"-I{CPU_DIR}", f"-I{CUDA_DIR}", "-c", str(cu), "-o", str(obj)]
+            command = [
+                str(nvcc),
+                "-std=c++17",
+                "-O3",
+                *gencode,
+                "-Xcompiler=-fPIC,-fvisibility=hidden",
+                f"-I{CPU_DIR}",
+                f"-I{CUDA_DIR}",
+                "-c",
+                str(cu),
+                "-o",
+                str(obj),
+            ]
             jobs.append((command, obj))
         # static cudart: the library loads where libcudart.so is absent
         link_extra = [f"-L{find_cuda_lib(nvcc)}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
@@ -200,11 +230,25 @@ def build(*, fetch: bool = True, cuda: bool | None = None, force: bool = False, 
         for future in futures:
             future.result()
     tmp_library = OBJECT_DIR / LIBRARY.name
-    _run([cxx, "-shared", "-o", str(tmp_library), *(str(obj) for _, obj in jobs), *link_extra,
-          f"-Wl,--version-script={CPU_DIR / 'exports.map'}", "-Wl,--no-undefined", "-Wl,-O1"], "linking")
+    _run(
+        [
+            cxx,
+            "-shared",
+            "-o",
+            str(tmp_library),
+            *(str(obj) for _, obj in jobs),
+            *link_extra,
+            f"-Wl,--version-script={CPU_DIR / 'exports.map'}",
+            "-Wl,--no-undefined",
+            "-Wl,-O1",
+        ],
+        "linking",
+    )
     os.replace(tmp_library, LIBRARY)  # atomic: a running process never sees a half-written library
-    log(f"lowbit kernels: built {LIBRARY} (CPU: scalar, AVX2, AVX-512, AVX-512 VNNI chosen at run time; "
-        f"CUDA: {'sm_' + '/'.join(CUDA_ARCHS) + ' + PTX' if nvcc else 'not built (no nvcc)'}; ORT headers {include})")
+    log(
+        f"lowbit kernels: built {LIBRARY} (CPU: scalar, AVX2, AVX-512, AVX-512 VNNI chosen at run time; "
+        f"CUDA: {'sm_' + '/'.join(CUDA_ARCHS) + ' + PTX' if nvcc else 'not built (no nvcc)'}; ORT headers {include})"
+    )
     return LIBRARY
 
 

@@ -13,7 +13,17 @@ from lowbit.kernels import packing
 DOMAIN = "lowbit"
 OP_TYPE = "QuantMatMul"
 #: Input names in the op's order; an absent optional input is the empty name.
-INPUT_NAMES = ("A", "packed", "scales", "zero_points", "perm", "bias", "outlier_pointers", "outlier_rows", "outlier_values")
+INPUT_NAMES = (
+    "A",
+    "packed",
+    "scales",
+    "zero_points",
+    "perm",
+    "bias",
+    "outlier_pointers",
+    "outlier_rows",
+    "outlier_values",
+)
 
 
 @dataclasses.dataclass
@@ -28,8 +38,8 @@ class QuantMatMulWeights:
     bits: int
     group_size: int
     group_axis: int
-    K: int  # noqa: N815 -- the op's attribute names
-    N: int  # noqa: N815
+    K: int
+    N: int
     outliers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # CSC (pointers, rows, values)
 
     @classmethod
@@ -38,14 +48,27 @@ class QuantMatMulWeights:
         k, n = quantized.codes.shape
         zero_points = None if quantized.symmetric else quantized.zero_points
         return cls(
-            packing.pack(quantized.codes, quantized.bits), quantized.scales.astype(np.float32), zero_points,
-            perm, bias, quantized.bits, quantized.block_size, quantized.block_axis, k, n,
+            packing.pack(quantized.codes, quantized.bits),
+            quantized.scales.astype(np.float32),
+            zero_points,
+            perm,
+            bias,
+            quantized.bits,
+            quantized.block_size,
+            quantized.block_axis,
+            k,
+            n,
         )
 
     @property
     def attributes(self) -> dict[str, int]:
-        return {"bits": self.bits, "group_size": self.group_size, "group_axis": self.group_axis,
-                "K": self.K, "N": self.N}
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "group_axis": self.group_axis,
+            "K": self.K,
+            "N": self.N,
+        }
 
     def inputs(self) -> list[np.ndarray | None]:
         """The op's inputs after ``A``, ``None`` where absent."""
@@ -83,7 +106,10 @@ def quant_matmul_model(
     node = helper.make_node(OP_TYPE, node_inputs, ["Y"], domain=DOMAIN, **weights.attributes)
     y_shape = [*a_shape[:-1], weights.N]
     graph = helper.make_graph(
-        [node], "quant_matmul", graph_inputs, [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, y_shape)],
+        [node],
+        "quant_matmul",
+        graph_inputs,
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, y_shape)],
         initializer=initializers,
     )
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)]

@@ -97,8 +97,8 @@ def quant_matmul(
     bits: int,
     group_size: int,
     group_axis: int,
-    K: int,  # noqa: N803 -- the op's attribute names
-    N: int,  # noqa: N803
+    K: int,
+    N: int,
 ) -> np.ndarray:
     """``lowbit::QuantMatMul`` (see the module docstring)."""
     a = np.asarray(a, dtype=np.float32)
@@ -123,7 +123,9 @@ def quant_matmul(
         return y
 
 
-def outlier_product(a: np.ndarray, pointers: np.ndarray, rows: np.ndarray, values: np.ndarray, *, K: int, N: int) -> np.ndarray:  # noqa: N803
+def outlier_product(
+    a: np.ndarray, pointers: np.ndarray, rows: np.ndarray, values: np.ndarray, *, K: int, N: int
+) -> np.ndarray:
     """``a @ S`` for the CSC outliers of ``quant_matmul`` (float64 sums of the products, rounded once)."""
     pointers, rows = np.asarray(pointers, np.int64), np.asarray(rows, np.int64)
     values = np.asarray(values, np.float32)

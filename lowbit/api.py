@@ -50,7 +50,9 @@ def _external_files(model: ir.Model, base_dir: pathlib.Path) -> set[str]:
         if not target.is_file():
             raise FileNotFoundError(f"external data file {str(target)!r} of tensor {name!r} is missing")
         if target.stat().st_nlink > 1:  # onnx_ir and the ONNX checker refuse to read such files
-            raise ValueError(f"external data file {str(target)!r} of tensor {name!r} is a hard link; copy the file instead")
+            raise ValueError(
+                f"external data file {str(target)!r} of tensor {name!r} is a hard link; copy the file instead"
+            )
         end = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
         if target.stat().st_size < end:
             raise ValueError(
@@ -94,7 +96,7 @@ def _checker_complaint(path: pathlib.Path) -> str | None:
                 continue
             if runtime_session.external_nbytes(tensor)[1] <= runtime_session.SMALL_EXTERNAL_TENSOR:
                 onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
-    except Exception:  # noqa: BLE001 - a missing or escaping data file: load() says so by name
+    except Exception:
         return complaint
     try:
         onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
@@ -113,7 +115,9 @@ def _check_opsets_and_names(model: ir.Model, path: pathlib.Path) -> None:
         names = collections.Counter(node.name for node in graph if node.name)
         repeated = sorted(name for name, count in names.items() if count > 1)
         if repeated:
-            raise ValueError(f"{str(path)!r}: node names {repeated[:5]} are used more than once (ONNX Runtime refuses that)")
+            raise ValueError(
+                f"{str(path)!r}: node names {repeated[:5]} are used more than once (ONNX Runtime refuses that)"
+            )
 
 
 def load(path: str | os.PathLike) -> ir.Model:
@@ -172,7 +176,9 @@ def optimize(
     if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)  # unambiguous: the result is this new model
     if not isinstance(model, ir.Model):
-        raise TypeError(f"optimize() takes an onnx_ir.Model (see lowbit.load) or an onnx.ModelProto, got {type(model).__name__}")
+        raise TypeError(
+            f"optimize() takes an onnx_ir.Model (see lowbit.load) or an onnx.ModelProto, got {type(model).__name__}"
+        )
     recipe = Recipe() if recipe is None else recipe
     if not isinstance(recipe, Recipe):
         raise TypeError(f"optimize() takes a lowbit.Recipe (e.g. lowbit.Recipe(bits=4)), got {type(recipe).__name__}")
@@ -197,7 +203,11 @@ def _detach_external_data(model: ir.Model) -> list:
 
     def lazy(tensor: ir.ExternalTensor) -> ir.LazyTensor:
         return ir.LazyTensor(
-            lambda: tensor, tensor.dtype, tensor.shape, name=tensor.name, doc_string=tensor.doc_string,
+            lambda: tensor,
+            tensor.dtype,
+            tensor.shape,
+            name=tensor.name,
+            doc_string=tensor.doc_string,
             metadata_props=dict(tensor.metadata_props),
         )
 
@@ -212,7 +222,9 @@ def _detach_external_data(model: ir.Model) -> list:
                     continue
                 if attribute.type == ir.AttributeType.TENSOR and isinstance(attribute.value, ir.ExternalTensor):
                     replacement = ir.Attr(name, attribute.type, lazy(attribute.value), doc_string=attribute.doc_string)
-                elif attribute.type == ir.AttributeType.TENSORS and any(isinstance(t, ir.ExternalTensor) for t in attribute.value):
+                elif attribute.type == ir.AttributeType.TENSORS and any(
+                    isinstance(t, ir.ExternalTensor) for t in attribute.value
+                ):
                     tensors = [lazy(t) if isinstance(t, ir.ExternalTensor) else t for t in attribute.value]
                     replacement = ir.Attr(name, attribute.type, tensors, doc_string=attribute.doc_string)
                 else:
@@ -234,7 +246,11 @@ def _check_calibration(calibration) -> None:
     """``calibration`` is None, collected statistics, or an iterable of feed dicts ``{input name: array}``."""
     if calibration is None or isinstance(calibration, CalibrationStats):
         return
-    if isinstance(calibration, Mapping) or isinstance(calibration, (str, bytes, np.ndarray)) or not isinstance(calibration, Iterable):
+    if (
+        isinstance(calibration, Mapping)
+        or isinstance(calibration, (str, bytes, np.ndarray))
+        or not isinstance(calibration, Iterable)
+    ):
         raise TypeError(
             "calibration must be a list of feed dicts [{input_name: array}, ...] (one per batch) or statistics from "
             f"lowbit.runtime.calibration.collect, got {type(calibration).__name__}"

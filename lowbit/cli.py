@@ -47,7 +47,11 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
             recipe.add_argument(flag, action="store_true", help=help_text)
         else:
             recipe.add_argument(
-                flag, type=field.metadata["kind"], default=field.default, choices=field.metadata["choices"], help=help_text,
+                flag,
+                type=field.metadata["kind"],
+                default=field.default,
+                choices=field.metadata["choices"],
+                help=help_text,
             )
     calibration = parser.add_argument_group("calibration (for gptq, adadim, sensitivity outliers, reorder, sequential)")
     calibration.add_argument(
@@ -56,7 +60,7 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     )
     calibration.add_argument(
         "--calibration-text",
-        help="calibrate on this file (plain UTF-8 text, or JSONL lines with a \"text\" field) instead of the "
+        help='calibrate on this file (plain UTF-8 text, or JSONL lines with a "text" field) instead of the '
         "built-in Shakespeare calibration plays",
     )
     calibration.add_argument("--calibration-windows", type=int, default=32, help="number of calibration windows")
@@ -101,23 +105,28 @@ def _command_optimize(args: argparse.Namespace) -> None:
         files.refuse_input_files([args.report], inputs, "--report JSON")
     calibration = None
     if args.calibration_tokenizer:
-        from lowbit.tools import text
-
-        from lowbit.tools import models
+        from lowbit.tools import models, text
 
         tokenizer = models.named_tokenizer(args.calibration_tokenizer)
         corpus = text.file_text(args.calibration_text) if args.calibration_text else None
         inputs = [value.name for value in model.graph.inputs]
-        calibration = text.calibration_feeds(tokenizer, inputs, args.calibration_length, args.calibration_windows, corpus)
+        calibration = text.calibration_feeds(
+            tokenizer, inputs, args.calibration_length, args.calibration_windows, corpus
+        )
     result = lowbit.optimize(model, recipe, calibration=calibration)
     lowbit.save(result.model, target)
     print(result.report.summary())
     if recipe.fused and result.report.unfused:
-        print(f"lowbit: warning: {len(result.report.unfused)} quantized weight(s) stay in the portable form, not "
-              "fused (listed above with the reasons)", file=sys.stderr)
+        print(
+            f"lowbit: warning: {len(result.report.unfused)} quantized weight(s) stay in the portable form, not "
+            "fused (listed above with the reasons)",
+            file=sys.stderr,
+        )
     if result.report.skipped:
-        print(f"lowbit: note: {len(result.report.skipped)} weight(s) left in float (listed above with the reasons)",
-              file=sys.stderr)
+        print(
+            f"lowbit: note: {len(result.report.skipped)} weight(s) left in float (listed above with the reasons)",
+            file=sys.stderr,
+        )
     form = "fused lowbit ops (run with lowbit.runtime.session)" if recipe.fused else "portable QDQ (stock ONNX Runtime)"
     print(f"wrote {target} ({_model_mib(target):.1f} MiB, {form}; input {_model_mib(source):.1f} MiB)")
     if args.report:
@@ -138,7 +147,9 @@ def _command_export(args: argparse.Namespace) -> None:
     output = pathlib.Path(args.output)
     if args.genai:
         if args.model == "minilm":
-            raise ValueError("--genai makes generation folders of causal LMs: smollm2 or a Hugging Face causal-LM folder")
+            raise ValueError(
+                "--genai makes generation folders of causal LMs: smollm2 or a Hugging Face causal-LM folder"
+            )
         from lowbit.tools import genai
 
         path = genai.export_genai(args.model, output, overwrite=args.overwrite)
@@ -196,32 +207,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    optimize = commands.add_parser("optimize", formatter_class=_HelpFormatter, help="quantize the weights of an ONNX model")
+    optimize = commands.add_parser(
+        "optimize", formatter_class=_HelpFormatter, help="quantize the weights of an ONNX model"
+    )
     optimize.add_argument("model", help="input .onnx, or an onnxruntime-genai folder (genai_config.json)")
-    optimize.add_argument("-o", "--output", required=True, help="output .onnx, or folder for a genai folder (never the input)")
+    optimize.add_argument(
+        "-o", "--output", required=True, help="output .onnx, or folder for a genai folder (never the input)"
+    )
     optimize.add_argument("--report", help="write the per-pass / per-weight report as JSON here")
     _add_recipe_arguments(optimize)
     optimize.set_defaults(handler=_command_optimize)
 
-    export = commands.add_parser("export", formatter_class=_HelpFormatter, help="export a shipped model or a local Hugging Face causal LM")
+    export = commands.add_parser(
+        "export", formatter_class=_HelpFormatter, help="export a shipped model or a local Hugging Face causal LM"
+    )
     export.add_argument("model", help=f"one of {SHIPPED_MODELS}, or a Hugging Face model folder")
     export.add_argument("-o", "--output", required=True, help="the .onnx to write")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    export.add_argument("--genai", action="store_true",
-                        help="write an onnxruntime-genai folder (KV cache; the genai model builder, fp32) at -o")
+    export.add_argument(
+        "--genai",
+        action="store_true",
+        help="write an onnxruntime-genai folder (KV cache; the genai model builder, fp32) at -o",
+    )
     export.set_defaults(handler=_command_export)
 
-    generate = commands.add_parser("generate", formatter_class=_HelpFormatter, help="stream text from an onnxruntime-genai folder")
+    generate = commands.add_parser(
+        "generate", formatter_class=_HelpFormatter, help="stream text from an onnxruntime-genai folder"
+    )
     generate.add_argument("model", help="an onnxruntime-genai folder (lowbit export --genai, lowbit optimize)")
     generate.add_argument("--prompt", required=True, help="the text to continue")
     generate.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
-    generate.add_argument("--greedy", action="store_true", help="greedy decoding (the default without sampling options)")
+    generate.add_argument(
+        "--greedy", action="store_true", help="greedy decoding (the default without sampling options)"
+    )
     generate.add_argument("--temperature", type=float, help="sample at this temperature")
     generate.add_argument("--top-p", type=float, help="sample from the smallest token set of this probability")
     generate.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     generate.set_defaults(handler=_command_generate)
 
-    evaluate = commands.add_parser("eval", formatter_class=_HelpFormatter, help="perplexity of an ONNX causal LM on a held-out play")
+    evaluate = commands.add_parser(
+        "eval", formatter_class=_HelpFormatter, help="perplexity of an ONNX causal LM on a held-out play"
+    )
     evaluate.add_argument("model", help="ONNX causal LM (input_ids -> logits)")
     evaluate.add_argument("--reference", help="also measure this model (e.g. the fp32 export) and print the change")
     evaluate.add_argument("--play", default="othello", help="held-out Shakespeare play")
@@ -229,29 +255,57 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--length", type=int, default=512, help="tokens per window")
     evaluate.set_defaults(handler=_command_eval)
 
-    view = commands.add_parser("view", formatter_class=_HelpFormatter, help="write a self-contained HTML view of a model: graph, overlays, diff, per-layer table")
+    view = commands.add_parser(
+        "view",
+        formatter_class=_HelpFormatter,
+        help="write a self-contained HTML view of a model: graph, overlays, diff, per-layer table",
+    )
     view.add_argument("model", help="the .onnx to show")
-    view.add_argument("--compare", help="a second .onnx (e.g. the model before optimize), shown side by side with changes marked")
+    view.add_argument(
+        "--compare", help="a second .onnx (e.g. the model before optimize), shown side by side with changes marked"
+    )
     view.add_argument("--report", help="the JSON report of 'lowbit optimize --report': errors and bytes per layer")
     view.add_argument("-o", "--output", required=True, help="the .html to write")
     view.set_defaults(handler=_command_view)
 
-    demo = commands.add_parser("demo", formatter_class=_HelpFormatter, help="export SmolLM2, quantize it, compare size/perplexity/speed with fp32")
+    demo = commands.add_parser(
+        "demo",
+        formatter_class=_HelpFormatter,
+        help="export SmolLM2, quantize it, compare size/perplexity/speed with fp32",
+    )
     demo.add_argument("--workdir", default="lowbit-demo", help="where the ONNX files go (reused between runs)")
     demo.add_argument("--model", default="smollm2", choices=SHIPPED_MODELS, help="the shipped model to run")
-    demo.add_argument("--bits", type=int, nargs="+", default=[4, 3], choices=SUPPORTED_BITS,
-                      help="bit widths of the RTN rows")
+    demo.add_argument(
+        "--bits", type=int, nargs="+", default=[4, 3], choices=SUPPORTED_BITS, help="bit widths of the RTN rows"
+    )
     demo.add_argument("--axes", nargs="+", default=["oc", "ic"], choices=GROUP_AXES, help="group axes of the RTN rows")
     demo.add_argument("--group-size", type=int, default=128, help="group length of every row")
-    demo.add_argument("--gptq-bits", type=int, nargs="*", default=[3], choices=SUPPORTED_BITS,
-                      help="bit widths of the AdaDim + GPTQ rows (calibrated); none: skip them")
-    demo.add_argument("--choice-method", choices=("rtn", "gptq"), default="rtn",
-                      help="how the GPTQ rows' AdaDim chooses each axis (rtn: by RTN error, then GPTQ on that axis only)")
-    demo.add_argument("--outliers", action="store_true",
-                      help="also a row per --gptq-bits with 0.5%% sensitivity-ranked outliers kept exact")
+    demo.add_argument(
+        "--gptq-bits",
+        type=int,
+        nargs="*",
+        default=[3],
+        choices=SUPPORTED_BITS,
+        help="bit widths of the AdaDim + GPTQ rows (calibrated); none: skip them",
+    )
+    demo.add_argument(
+        "--choice-method",
+        choices=("rtn", "gptq"),
+        default="rtn",
+        help="how the GPTQ rows' AdaDim chooses each axis (rtn: by RTN error, then GPTQ on that axis only)",
+    )
+    demo.add_argument(
+        "--outliers",
+        action="store_true",
+        help="also a row per --gptq-bits with 0.5%% sensitivity-ranked outliers kept exact",
+    )
     demo.add_argument("--calibration-windows", type=int, default=32, help="calibration windows of the GPTQ rows")
-    demo.add_argument("--form", default="fused", choices=("fused", "qdq"),
-                      help="fused kernels (default) or the portable QDQ form for stock ONNX Runtime")
+    demo.add_argument(
+        "--form",
+        default="fused",
+        choices=("fused", "qdq"),
+        help="fused kernels (default) or the portable QDQ form for stock ONNX Runtime",
+    )
     demo.add_argument("--windows", type=int, default=10, help="evaluation windows (perplexity)")
     demo.add_argument("--length", type=int, default=512, help="tokens per evaluation window")
     demo.set_defaults(handler=_command_demo)

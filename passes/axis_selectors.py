@@ -63,7 +63,9 @@ class WeightPlan:
 
 def matrix_errors(plan: WeightPlan) -> dict[str, float]:
     """Relative output error ``trace(dW^T H dW) / trace(W^T H W)`` of every candidate."""
-    return {axis: relative_output_error(plan.weight, q.dequantize(), plan.hessian) for axis, q in plan.candidates.items()}
+    return {
+        axis: relative_output_error(plan.weight, q.dequantize(), plan.hessian) for axis, q in plan.candidates.items()
+    }
 
 
 def select_matrix(plans: list[WeightPlan]) -> list[str]:
@@ -162,7 +164,13 @@ class SubgraphSelector:
                 stacklevel=2,
             )
         if not modules or not samples:
-            self.details = {"modules": 0, "flips": 0, "start_error": 0.0, "final_error": 0.0, "unmatched": self.unmatched}
+            self.details = {
+                "modules": 0,
+                "flips": 0,
+                "start_error": 0.0,
+                "final_error": 0.0,
+                "unmatched": self.unmatched,
+            }
             return choices
         proto = ir.to_proto(model)
         data_dirs = external_data_dirs(model)
@@ -173,7 +181,10 @@ class SubgraphSelector:
             module_flips, start, final = self._search(extractor, data_dirs, module, plans, choices, captured)
             flips, start_error, final_error = flips + module_flips, start_error + start, final_error + final
         self.details = {
-            "modules": len(modules), "flips": flips, "start_error": start_error, "final_error": final_error,
+            "modules": len(modules),
+            "flips": flips,
+            "start_error": start_error,
+            "final_error": final_error,
             "unmatched": self.unmatched,
         }
         return choices
@@ -201,15 +212,15 @@ class SubgraphSelector:
                 modules.append(Module(name, inputs, outputs, indices))
         return modules
 
-    def _search(self, extractor, data_dirs, module: Module, plans, choices: list[str], captured) -> tuple[int, float, float]:
+    def _search(
+        self, extractor, data_dirs, module: Module, plans, choices: list[str], captured
+    ) -> tuple[int, float, float]:
         """Greedy flips inside one module; updates ``choices``; returns (flips, start error, final error)."""
         weight_names = [plans[i].first.weight.name for i in module.plan_indices]
         sess = module_session(extractor, module, weight_names, data_dirs)
 
         def error(assignment: dict[int, str]) -> float:
-            weights = {
-                plans[i].first.weight.name: plans[i].session_input(assignment[i]) for i in module.plan_indices
-            }
+            weights = {plans[i].first.weight.name: plans[i].session_input(assignment[i]) for i in module.plan_indices}
             total = 0.0
             for sample in captured:
                 feeds = {name: sample[name] for name in module.inputs}
@@ -231,7 +242,9 @@ class SubgraphSelector:
         return flips, start, best
 
 
-def _capture(proto: onnx.ModelProto, data_dirs: Mapping[str, str], modules: list[Module], samples) -> list[dict[str, np.ndarray]]:
+def _capture(
+    proto: onnx.ModelProto, data_dirs: Mapping[str, str], modules: list[Module], samples
+) -> list[dict[str, np.ndarray]]:
     """Run the float model once per sample, returning every module's boundary values (``data_dirs``:
     ``runtime.session.external_data_dirs`` of the model)."""
     names = sorted({name for module in modules for name in (*module.inputs, *module.outputs)})

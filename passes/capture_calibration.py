@@ -51,7 +51,11 @@ class CaptureCalibrationPass(LowbitPass):
                 raise ValueError(f"calibration: ONNX Runtime cannot run the model on the batches: {error}") from error
         set_calibration(model, stats)
         tokens = {accumulator.tokens for accumulator in stats.by_activation.values()}
-        self.details = {"batches": stats.batches, "activations": len(stats.by_activation), "tokens": max(tokens, default=0)}
+        self.details = {
+            "batches": stats.batches,
+            "activations": len(stats.by_activation),
+            "tokens": max(tokens, default=0),
+        }
         if stats.feeds is not None:
             self.details["feeds_kept"] = len(stats.feeds)
         return ir.passes.PassResult(model, modified=False)

@@ -35,8 +35,12 @@ class NormNotFoldable(Exception):
 
 
 def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.tensor(array).dtype),
-                     const_value=ir.tensor(array, name=name))
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.tensor(array).dtype),
+        const_value=ir.tensor(array, name=name),
+    )
     graph.register_initializer(value)
     return value
 
@@ -173,7 +177,9 @@ class FoldNormScalesPass(LowbitPass):
             scaled = (scale * weight).astype(weight.dtype)
             use.weight.const_value = ir.tensor(np.ascontiguousarray(scaled), name=use.weight.name)
         source_gamma = node.inputs[index]
-        _set_input_constant(graph, node, index, np.ones(source_gamma.const_value.shape), names.fresh(f"{node.name}_unit_scale"))
+        _set_input_constant(
+            graph, node, index, np.ones(source_gamma.const_value.shape), names.fresh(f"{node.name}_unit_scale")
+        )
         _drop_if_unused(graph, source_gamma)
         if beta is not None:
             bias = node.inputs[2]
@@ -226,7 +232,11 @@ class FoldNormScalesPass(LowbitPass):
         params = [analysis.constant_array(value) for value in node.inputs[1:5]]
         weight = analysis.constant_array(conv.inputs[1])
         has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
-        bias = analysis.constant_array(conv.inputs[2]) if has_bias else np.zeros(weight.shape[0] if weight is not None else 0)
+        bias = (
+            analysis.constant_array(conv.inputs[2])
+            if has_bias
+            else np.zeros(weight.shape[0] if weight is not None else 0)
+        )
         if any(array is None for array in params) or weight is None or bias is None:
             raise NormNotFoldable(f"Conv {conv.name!r} or the BatchNorm has a non-constant parameter")
         if len(conv.inputs[1].uses()) != 1:

@@ -68,7 +68,8 @@ class FuseQDQPass(LowbitPass):
         # A rejected weight producer that is still in the graph still feeds an unfused MatMul.
         unfused = {
             node.name or node.outputs[0].name or "<unnamed>": reason
-            for node, reason in state.rejected.items() if node.graph is not None
+            for node, reason in state.rejected.items()
+            if node.graph is not None
         }
         self.details = {
             "fused": dict(sorted(state.fused.items())),
@@ -77,4 +78,3 @@ class FuseQDQPass(LowbitPass):
             "initializer_bytes_after": analysis.initializer_bytes(model.graph),
         }
         return ir.passes.PassResult(model, modified=bool(rewrites))
-

@@ -67,7 +67,11 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     # Reordering and outlier splitting read every weight's statistics; else the sweep measures the layers itself.
     only_unswept = sequential and recipe.reorder is None and not splits
     activations = quantize.parallel_activations if only_unswept else None
-    calibrate = [CaptureCalibrationPass(calibration, keep_feeds=sequential, activations=activations)] if calibration is not None else []
+    calibrate = (
+        [CaptureCalibrationPass(calibration, keep_feeds=sequential, activations=activations)]
+        if calibration is not None
+        else []
+    )
     fuse = [FuseQDQPass()] if recipe.fused else []
     outliers = []
     if splits:
@@ -84,7 +88,14 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     fold_norm_scales = [FoldNormScalesPass()] if recipe.fold_norms else []
     reorder_channels = [ReorderChannelsPass(recipe.reorder)] if recipe.reorder is not None else []
     return [
-        FoldWeightsPass(), *fold_norm_scales, *calibrate, *reorder_channels, *outliers, quantize, *fuse, CleanupPass()
+        FoldWeightsPass(),
+        *fold_norm_scales,
+        *calibrate,
+        *reorder_channels,
+        *outliers,
+        quantize,
+        *fuse,
+        CleanupPass(),
     ]
 
 

@@ -76,7 +76,9 @@ def choose(
         choices = selector(model, plans, samples)
         details = selector.details
     if choice_method != method:  # the chosen axis, by the recipe's own method
-        for plan, axis in tqdm(list(zip(plans, choices)), desc=f"quantize weights ({method})", unit="weight", leave=False):
+        for plan, axis in tqdm(
+            list(zip(plans, choices)), desc=f"quantize weights ({method})", unit="weight", leave=False
+        ):
             if plan.first.kind != "embedding":
                 if plan.hessian is not None:
                     plan.choice_errors = axis_selectors.matrix_errors(plan)

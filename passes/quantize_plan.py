@@ -100,7 +100,9 @@ def plan_weights(
                 weight = analysis.gemm_weight_kn(first.node, weight)
             check_weight(weight)
         except ValueError as error:
-            raise ValueError(f"weight {first.weight.name!r} of {first.layer!r}: {error}; fix the model before quantizing") from error
+            raise ValueError(
+                f"weight {first.weight.name!r} of {first.layer!r}: {error}; fix the model before quantizing"
+            ) from error
         plans.append(WeightPlan(uses, weight, hessian(uses)))
     return Planning(plans, skipped, tied)
 
@@ -126,5 +128,7 @@ def float32_weight(array) -> np.ndarray:
     """The weight in float32 for the math; a double weight past the float32 range is refused, not made Inf."""
     array = np.asarray(array)
     if array.dtype == np.float64 and array.size and np.isfinite(array).all() and np.abs(array).max() > MAX_MAGNITUDE:
-        raise ValueError(f"weight has |w| up to {np.abs(array).max():.3g}, beyond half the float32 range in which it is quantized")
+        raise ValueError(
+            f"weight has |w| up to {np.abs(array).max():.3g}, beyond half the float32 range in which it is quantized"
+        )
     return np.asarray(array, dtype=np.float32)

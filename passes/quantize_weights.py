@@ -40,7 +40,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from lowbit.ir import analysis, builders
 from lowbit.passes import axis_selectors, sequential
 from lowbit.passes.base import LowbitPass
-from lowbit.passes.quant.scheme import GROUP_AXES, METHODS, QuantScheme
+from lowbit.passes.quant.scheme import CALIBRATION_MODES, GROUP_AXES, METHODS, QuantScheme
 from lowbit.passes.quantize_candidates import CandidateQuantizer, choose
 from lowbit.passes.quantize_plan import SkipPolicy, plan_weights
 from lowbit.passes.quantize_write import write_weight
@@ -72,8 +72,8 @@ class QuantizeWeightsPass(LowbitPass):
         if choice_method not in (None, *METHODS):
             raise ValueError(f"choice_method must be None or one of {METHODS}, got {choice_method!r}")
         self.choice_method = choice_method or scheme.method
-        if calibration_mode not in sequential.CALIBRATION_MODES:
-            raise ValueError(f"calibration_mode must be one of {sequential.CALIBRATION_MODES}, got {calibration_mode!r}")
+        if calibration_mode not in CALIBRATION_MODES:
+            raise ValueError(f"calibration_mode must be one of {CALIBRATION_MODES}, got {calibration_mode!r}")
         self.calibration_mode = calibration_mode
         self.candidate_axes = candidate_axes or (scheme.group_axis,)
         if not set(self.candidate_axes) <= set(GROUP_AXES):
@@ -124,8 +124,13 @@ class QuantizeWeightsPass(LowbitPass):
         """Quantize ``plans`` along every candidate axis and choose one axis each (selector details summed;
         without a model to run, the ``matrix`` choice)."""
         choices, selection = choose(
-            self.quantizer, plans, choice_method=self.choice_method, method=self.scheme.method,
-            selector=self.selector if self._runs_subgraphs else None, model=model, samples=samples,
+            self.quantizer,
+            plans,
+            choice_method=self.choice_method,
+            method=self.scheme.method,
+            selector=self.selector if self._runs_subgraphs else None,
+            model=model,
+            samples=samples,
         )
         if selection is not None:
             summed = self.details.setdefault("selection", {})
@@ -152,11 +157,15 @@ class QuantizeWeightsPass(LowbitPass):
 
         stream_bytes = []
         if layers:
-            sweep = sequential.LayerSweep(model, plans, layers, statistics.feeds, selector_samples=len(statistics.samples))
+            sweep = sequential.LayerSweep(
+                model, plans, layers, statistics.feeds, selector_samples=len(statistics.samples)
+            )
             try:
                 sweep.run(quantize)
             except ORT_ERRORS as error:  # e.g. feeds of the wrong shapes, met here first when no parallel pass ran
-                raise ValueError(f"sequential calibration: ONNX Runtime cannot run a layer on the calibration feeds: {error}") from error
+                raise ValueError(
+                    f"sequential calibration: ONNX Runtime cannot run a layer on the calibration feeds: {error}"
+                ) from error
             stream_bytes = sweep.stream_bytes
         for index, axis in zip(rest, self._choose(model, [plans[i] for i in rest], statistics.samples)):
             choices[index] = axis
@@ -178,7 +187,8 @@ class QuantizeWeightsPass(LowbitPass):
         return {
             uses[0].node.inputs[0].name
             for uses in groups.values()
-            if self.policy.reason(uses) is None and (self.calibration_mode == "parallel" or sequential.layer_of(uses) is None)
+            if self.policy.reason(uses) is None
+            and (self.calibration_mode == "parallel" or sequential.layer_of(uses) is None)
         }
 
     def _hessian(self, uses: list[analysis.WeightUse], statistics: CalibrationStats | None) -> np.ndarray | None:
@@ -205,5 +215,5 @@ def _infer_missing_types(model: ir.Model) -> None:
         return
     try:
         ShapeInferencePass()(model)
-    except Exception as error:  # noqa: BLE001 - a custom op without inference: name it
+    except Exception as error:
         raise ValueError(f"the model carries no value types and ONNX shape inference failed on it: {error}") from error

@@ -47,7 +47,8 @@ class Recipe:
         AXES,
     )
     method: str = _option(
-        "rtn", "rtn = round to nearest; gptq = error-compensating GPTQ (dampening 1 %, act-order; needs calibration)",
+        "rtn",
+        "rtn = round to nearest; gptq = error-compensating GPTQ (dampening 1 %, act-order; needs calibration)",
         METHODS,
     )
     symmetric: bool = _option(False, "symmetric codes without zero points (default: asymmetric)")
@@ -66,19 +67,25 @@ class Recipe:
         "ONNX Runtime runs",
     )
     outlier_fraction: float = _option(
-        0.0, "keep this fraction of each weight's entries exact in a sparse float32 branch (e.g. 0.005)", kind=float,
+        0.0,
+        "keep this fraction of each weight's entries exact in a sparse float32 branch (e.g. 0.005)",
+        kind=float,
     )
     outlier_criterion: str = _option(
-        "magnitude", "rank outliers by |w| (magnitude) or by H_kk * w^2 (sensitivity: needs calibration)",
+        "magnitude",
+        "rank outliers by |w| (magnitude) or by H_kk * w^2 (sensitivity: needs calibration)",
         OUTLIER_CRITERIA,
     )
-    split: bool = _option(False, "split each weight into three value clusters quantized apart, where that lowers its error")
+    split: bool = _option(
+        False, "split each weight into three value clusters quantized apart, where that lowers its error"
+    )
     fold_norms: bool = _option(False, "fold RMSNorm/LayerNorm scales into the weights that read the norm")
     reorder: str | None = _option(
         None,
         "sort input channels by this calibration statistic where the permutation folds into the producing "
         "weights (needs calibration)",
-        REORDER_CRITERIA, kind=str,
+        REORDER_CRITERIA,
+        kind=str,
     )
     calibration_mode: str = _option(
         "parallel",
@@ -90,7 +97,8 @@ class Recipe:
         None,
         "with axis adadim: compare candidates made by this method (rtn: choose by RTN error, then run the "
         "recipe's method on the chosen axis only); default: the recipe's method",
-        METHODS, kind=str,
+        METHODS,
+        kind=str,
     )
     clip_search: bool = _option(
         False,
@@ -133,7 +141,9 @@ class Recipe:
 
     def scheme(self) -> QuantScheme:
         """The scheme of one weight (for ``adadim``, the first candidate axis; the pass picks per weight)."""
-        return QuantScheme(self.bits, self.group_size, self.candidate_axes[0], self.symmetric, self.method, self.clip_search)
+        return QuantScheme(
+            self.bits, self.group_size, self.candidate_axes[0], self.symmetric, self.method, self.clip_search
+        )
 
 
 def _checked(field: dataclasses.Field, value):

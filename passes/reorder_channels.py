@@ -33,9 +33,32 @@ from lowbit.runtime.calibration import calibration_of, set_calibration
 
 #: Elementwise ops of one data input whose output position k depends on input position k only.
 UNARY_OPS = frozenset(
-    {"Relu", "Sigmoid", "Tanh", "Gelu", "Erf", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Softplus",
-     "Softsign", "Identity", "Cast", "Elu", "LeakyRelu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Mish",
-     "Sin", "Cos"}
+    {
+        "Relu",
+        "Sigmoid",
+        "Tanh",
+        "Gelu",
+        "Erf",
+        "Neg",
+        "Abs",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Reciprocal",
+        "Softplus",
+        "Softsign",
+        "Identity",
+        "Cast",
+        "Elu",
+        "LeakyRelu",
+        "Selu",
+        "Celu",
+        "HardSigmoid",
+        "HardSwish",
+        "Mish",
+        "Sin",
+        "Cos",
+    }
 )
 BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
 LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand"})
@@ -231,10 +254,14 @@ class ReorderChannelsPass(LowbitPass):
         """Sort ``component``'s channels by the criterion and fold the permutation; None when already sorted."""
         x = component.x
         if x.name not in statistics.by_activation:
-            raise KeyError(f"no calibration statistics for {x.name!r}: collect them on this graph (after FoldNormScalesPass)")
+            raise KeyError(
+                f"no calibration statistics for {x.name!r}: collect them on this graph (after FoldNormScalesPass)"
+            )
         channel, slice_ = component.layouts[x].flat()
         width = component.sources[0].weight.const_value.shape[1]
-        scores = reorder.source_scores(reorder.position_scores(statistics.by_activation[x.name], self.criterion), channel, width)
+        scores = reorder.source_scores(
+            reorder.position_scores(statistics.by_activation[x.name], self.criterion), channel, width
+        )
         classes = reorder.interchangeable_classes(channel, slice_, width)
         permutation = reorder.sorting_permutation(scores, classes)
         if np.array_equal(permutation, np.arange(width)):
@@ -322,7 +349,9 @@ class ReorderChannelsPass(LowbitPass):
             return walked
         if node.op_type == "MatMul":  # probs @ V: V carries the channels, probs are per-head weights
             return [node.inputs[1]]
-        raise PermutationNotFoldable(f"its input depends on {node.op_type} {node.name!r}, which mixes or drops channels")
+        raise PermutationNotFoldable(
+            f"its input depends on {node.op_type} {node.name!r}, which mixes or drops channels"
+        )
 
     @staticmethod
     def _check_consumers(x: ir.Value, targets, nodes: list[ir.Node], sources) -> None:
@@ -394,7 +423,9 @@ def _elementwise(node: ir.Node, layouts: dict[ir.Value, Layout], constants: list
             continue  # broadcast along every channel axis: the same for every channel
         channel, slice_ = first.flat()  # raises unless the channels lie on the last axis alone
         if dims[-1] != first.shape[-1] or not reorder.positions_are_distinct(channel, slice_):
-            raise PermutationNotFoldable(f"{node.op_type} {node.name!r}: constant {value.name!r} {dims} vs channels {first.shape}")
+            raise PermutationNotFoldable(
+                f"{node.op_type} {node.name!r}: constant {value.name!r} {dims} vs channels {first.shape}"
+            )
         constants.append((node, index))
     return first
 

@@ -31,7 +31,9 @@ class WeightRecord:
     bytes_after: int
     relative_error: float  # ||W - W_hat||_F / ||W||_F
     output_error: float | None = None  # trace(dW^T H dW) / trace(W^T H W), when calibrated
-    axis_errors: dict[str, float] = dataclasses.field(default_factory=dict)  # AdaDim: output error of each axis's candidate
+    axis_errors: dict[str, float] = dataclasses.field(
+        default_factory=dict
+    )  # AdaDim: output error of each axis's candidate
 
 
 @dataclasses.dataclass
@@ -83,7 +85,9 @@ class OptimizeReport:
     def unfused(self) -> dict[str, str]:
         """Quantized weights that FuseQDQPass left in the portable form: DequantizeLinear node -> reason."""
         return {
-            node: reason for record in self.passes if record.name == "FuseQDQPass"
+            node: reason
+            for record in self.passes
+            if record.name == "FuseQDQPass"
             for node, reason in record.details.get("unfused", {}).items()
         }
 

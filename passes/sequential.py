@@ -31,8 +31,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
-from lowbit.passes.quant.scheme import CALIBRATION_MODES
-from lowbit.passes.axis_selectors import WeightPlan, Module, module_session, decoder_layer
+from lowbit.passes.axis_selectors import Module, WeightPlan, decoder_layer, module_session
 from lowbit.passes.quant.hessian import HessianAccumulator
 from lowbit.runtime.session import external_data_dirs, session_from_proto, set_external_data_dirs
 
@@ -42,7 +41,9 @@ MAX_STREAM_BYTES = 2 * 2**30
 
 def layer_of(uses: list[analysis.WeightUse]) -> str | None:
     """The decoder layer that holds every use of a weight, or None when the sweep cannot take it."""
-    layers = {decoder_layer(use.layer) if use.kind == "matmul" and use.weight.is_initializer() else None for use in uses}
+    layers = {
+        decoder_layer(use.layer) if use.kind == "matmul" and use.weight.is_initializer() else None for use in uses
+    }
     return layers.pop() if len(layers) == 1 else None
 
 
@@ -217,10 +218,12 @@ def _cuts(graph: ir.Graph, plans: list[WeightPlan], layers: list[Layer]) -> list
             dependent.update(id(output) for output in node.outputs)
     cuts = []
     for point in points:
-        cuts.append([
-            output.name
-            for node in nodes[:point]
-            for output in node.outputs
-            if id(output) in dependent and any(position.get(id(use.node), point) >= point for use in output.uses())
-        ])
+        cuts.append(
+            [
+                output.name
+                for node in nodes[:point]
+                for output in node.outputs
+                if id(output) in dependent and any(position.get(id(use.node), point) >= point for use in output.uses())
+            ]
+        )
     return cuts

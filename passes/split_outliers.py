@@ -78,9 +78,9 @@ from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
 from lowbit.ir.builders import NameAllocator, fresh_name
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.base import LowbitPass
 from lowbit.passes.quant import outliers
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.runtime.calibration import calibration_of
 
 #: CumSum appeared in opset 11.
@@ -305,11 +305,17 @@ class _BranchWriter:
         """MatMuls on the lower and upper clusters, added to each MatMul's (middle-cluster) output."""
         dtype = nodes[0].inputs[1].dtype.numpy()  # the parts hold the weight's own values: exact in its type
         labels = ("low", "high")
-        extra = [self.constant(f"{name}.split_{label}", part.astype(dtype)) for label, part in zip(labels, (parts[0], parts[2]))]
+        extra = [
+            self.constant(f"{name}.split_{label}", part.astype(dtype))
+            for label, part in zip(labels, (parts[0], parts[2]))
+        ]
         self.split_bytes += sum(value.const_value.nbytes for value in extra)
 
         def build(output: ir.Value, matmul: ir.Node):
-            products = [self.node("MatMul", [matmul.inputs[0], weight], matmul, f"split_{label}") for label, weight in zip(labels, extra)]
+            products = [
+                self.node("MatMul", [matmul.inputs[0], weight], matmul, f"split_{label}")
+                for label, weight in zip(labels, extra)
+            ]
             first = self.node("Add", [output, products[0].outputs[0]], matmul, "split_add_low")
             second = self.node("Add", [first.outputs[0], products[1].outputs[0]], matmul, "split_add_high")
             return [*products, first, second], second.outputs[0]
@@ -338,7 +344,9 @@ class _BranchWriter:
         # Right before the first reader, not at the top: the nodes carry the reader's module path, and the
         # sequential calibration mode needs each decoder layer's nodes in one span of graph order.
         readers = set(nodes)
-        self.graph.insert_before(next(node for node in self.graph if node in readers), [rows_cast, pointers_cast, *bounds])
+        self.graph.insert_before(
+            next(node for node in self.graph if node in readers), [rows_cast, pointers_cast, *bounds]
+        )
         starts, ends = (bound.outputs[0] for bound in bounds)
         axis = self.int64(f"{name}.outlier_axis", 0)
 

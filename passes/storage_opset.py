@@ -54,8 +54,17 @@ def check_convertible(model: ir.Model, target: int) -> None:
 #: converter only raises the opset number of these; ONNX Runtime then refuses the attribute).
 _AXES_TO_INPUT = {
     **dict.fromkeys(
-        ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
-         "ReduceLogSumExp", "ReduceSumSquare"),
+        (
+            "ReduceMean",
+            "ReduceMax",
+            "ReduceMin",
+            "ReduceProd",
+            "ReduceL1",
+            "ReduceL2",
+            "ReduceLogSum",
+            "ReduceLogSumExp",
+            "ReduceSumSquare",
+        ),
         18,
     ),
     "ReduceSum": 13,
@@ -83,13 +92,17 @@ def adapt_signatures(model: ir.Model, current: int, target: int) -> None:
                     node.attributes["num_outputs"] = ir.AttrInt64("num_outputs", len(node.outputs))
 
 
-def attribute_to_input(graph: ir.Graph, node: ir.Node, attribute: str, index: int, names: builders.NameAllocator) -> None:
+def attribute_to_input(
+    graph: ir.Graph, node: ir.Node, attribute: str, index: int, names: builders.NameAllocator
+) -> None:
     """Move an int-list attribute of ``node`` to input ``index`` (a Constant node before it)."""
     value = node.attributes.pop(attribute, None)
     if value is None:
         return
     constant = ir.node(
-        "Constant", [], attributes={"value": ir.tensor(np.asarray(value.as_ints(), dtype=np.int64))},
+        "Constant",
+        [],
+        attributes={"value": ir.tensor(np.asarray(value.as_ints(), dtype=np.int64))},
         name=names.fresh_node(f"{node.name or node.op_type}.{attribute}"),
     )
     constant.outputs[0].name = names.fresh(f"{node.name or node.op_type}.{attribute}")

@@ -102,7 +102,9 @@ def collect(
         raise ValueError("the model has no weight MatMul/Gemm to calibrate")
     names = sorted(activations if only is None else set(activations) & set(only))
     sess = _session_with_outputs(model, names, providers) if names else None
-    stats = CalibrationStats({name: HessianAccumulator(activations[name]) for name in names}, feeds=[] if keep_feeds else None)
+    stats = CalibrationStats(
+        {name: HessianAccumulator(activations[name]) for name in names}, feeds=[] if keep_feeds else None
+    )
     for feeds in tqdm(batches, desc="calibration", unit="batch", total=total):
         if sess is not None:
             for name, value in zip(names, sess.run(names, dict(feeds))):

@@ -30,7 +30,9 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from lowbit.kernels import _lib
 
 #: ONNX Runtime's own exception types (Fail, InvalidArgument, ...): they share no base but Exception.
-ORT_ERRORS = tuple(value for value in vars(_ort_state).values() if isinstance(value, type) and issubclass(value, Exception))
+ORT_ERRORS = tuple(
+    value for value in vars(_ort_state).values() if isinstance(value, type) and issubclass(value, Exception)
+)
 
 #: ORT's error for a node of our domain when no library registered it.
 _LOWBIT_OP_MISSING = re.compile(r"\blowbit:\w+\(-?\d+\) is not a registered function/op")
@@ -195,16 +197,21 @@ def session_from_proto(
             path = os.path.join(data_dirs[location], location)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"external data file {path!r} of tensor {tensor.name!r} is missing")
-            files[location] = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+            files[location] = (
+                np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+            )
         offset, length = external_nbytes(tensor)
         if length <= SMALL_EXTERNAL_TENSOR:  # inline, where ONNX Runtime's shape inference can read it
             tensor.raw_data = files[location][offset : offset + length].tobytes()
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
-    locations = sorted({
-        onnx.external_data_helper.ExternalDataInfo(tensor).location
-        for tensor in external if tensor.data_location == onnx.TensorProto.EXTERNAL
-    })
+    locations = sorted(
+        {
+            onnx.external_data_helper.ExternalDataInfo(tensor).location
+            for tensor in external
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+        }
+    )
     buffers = [files[location] for location in locations]
     if locations:
         options.add_external_initializers_from_files_in_memory(locations, buffers, [buffer.size for buffer in buffers])

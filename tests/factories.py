@@ -10,7 +10,12 @@ FLOAT = ir.DataType.FLOAT
 
 
 def constant(name: str, array: np.ndarray) -> ir.Value:
-    return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.tensor(array).dtype), const_value=ir.tensor(array, name=name))
+    return ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.tensor(array).dtype),
+        const_value=ir.tensor(array, name=name),
+    )
 
 
 def graph_input(name: str, shape: list, dtype: ir.DataType = FLOAT) -> ir.Value:

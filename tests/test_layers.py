@@ -29,8 +29,12 @@ SOURCE_FOLDERS = ("ir", "passes", "runtime", "kernels", "tools", "lowbit")
 
 
 def layer_of(module: str) -> int:
-    matches = [(len(prefix), index) for index, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
-               if module == prefix or module.startswith(prefix + ".")]
+    matches = [
+        (len(prefix), index)
+        for index, (_, prefixes) in enumerate(LAYERS)
+        for prefix in prefixes
+        if module == prefix or module.startswith(prefix + ".")
+    ]
     if not matches:
         raise ValueError(f"{module} is in no layer")
     return max(matches)[1]
@@ -78,7 +82,8 @@ def upward_imports(path: pathlib.Path, root: pathlib.Path = ROOT) -> list[str]:
     own = layer_of(module_name(path, root))
     return [
         f"{path.relative_to(root)}:{line} ({LAYERS[own][0]}) imports {name} ({LAYERS[layer_of(name)][0]})"
-        for line, name in lowbit_imports(path) if layer_of(name) > own
+        for line, name in lowbit_imports(path)
+        if layer_of(name) > own
     ]
 
 
@@ -97,10 +102,12 @@ def test_the_quantization_core_imports_only_itself():
 
 @pytest.mark.parametrize(
     ("source", "expected"),
-    [("from lowbit.passes.pipelines import run_pipeline\n", ["(ir) imports lowbit.passes.pipelines (passes)"]),
-     ("import lowbit.cli\n", ["(ir) imports lowbit.cli (cli)"]),
-     ("def f():\n    from lowbit.runtime import session\n", ["(ir) imports lowbit.runtime.session (runtime)"]),
-     ("from lowbit.passes.quant import rtn\nimport numpy\n", [])],
+    [
+        ("from lowbit.passes.pipelines import run_pipeline\n", ["(ir) imports lowbit.passes.pipelines (passes)"]),
+        ("import lowbit.cli\n", ["(ir) imports lowbit.cli (cli)"]),
+        ("def f():\n    from lowbit.runtime import session\n", ["(ir) imports lowbit.runtime.session (runtime)"]),
+        ("from lowbit.passes.quant import rtn\nimport numpy\n", []),
+    ],
 )
 def test_the_check_sees_upward_imports_at_any_depth(tmp_path, source, expected):
     folder = tmp_path / "ir"

@@ -19,7 +19,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: Folders at the root that are importable as top-level names when Python runs from the root.
 ROOT_FOLDERS = sorted(
-    path.name for path in ROOT.iterdir()
+    path.name
+    for path in ROOT.iterdir()
     if path.is_dir() and path.name.isidentifier() and not path.name.startswith((".", "_")) and path.name != "lowbit"
 )
 SUBPACKAGES = ("ir", "passes", "runtime", "kernels", "tools")
@@ -28,7 +29,11 @@ SUBPACKAGES = ("ir", "passes", "runtime", "kernels", "tools")
 def _import_from_root(statement: str) -> subprocess.CompletedProcess:
     """Run ``statement`` in a fresh interpreter whose working directory (first on sys.path) is the root."""
     return subprocess.run(
-        [sys.executable, "-c", statement], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", statement],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -64,25 +69,66 @@ def test_transformers_hub_kernels_imports_from_the_root():
 def test_lowbit_imports_from_the_root_and_elsewhere(tmp_path):
     for cwd in (ROOT, tmp_path):
         result = subprocess.run(
-            [sys.executable, "-c", "import lowbit.kernels._lib, lowbit.tools.text; print(lowbit.kernels._lib.__file__)"],
-            cwd=cwd, capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-c",
+                "import lowbit.kernels._lib, lowbit.tools.text; print(lowbit.kernels._lib.__file__)",
+            ],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_the_wheel_ships_the_product_and_not_the_development_scripts(tmp_path):
-    """The links in lowbit/ carry the subpackages into the wheel; tools/dev (benchmarks, fuzzer) stays out."""
+    """The links in lowbit/ carry the subpackages into the wheel; tools/dev (benchmarks, fuzzer) stays out.
+    Built from a copy of the tracked tree, so that setuptools' build/ folder lands there, not in the checkout."""
     import os
+    import shutil
     import zipfile
 
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=False)
+    if tracked.returncode != 0:
+        pytest.skip("needs a git checkout to know the tracked files")
+    source = tmp_path / "source"
+    for name in tracked.stdout.splitlines():
+        target = source / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / name).is_symlink():
+            target.symlink_to(os.readlink(ROOT / name))
+        else:
+            shutil.copy2(ROOT / name, target)
     completed = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "LOWBIT_BUILD_KERNELS": "0"},
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "LOWBIT_BUILD_KERNELS": "0"},
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     (wheel,) = tmp_path.glob("lowbit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("lowbit/cli.py", "lowbit/passes/quant/scheme.py", "lowbit/ir/builders.py", "lowbit/runtime/session.py",
-                   "lowbit/kernels/packing.py", "lowbit/tools/demo.py", "lowbit/tools/viewer/viewer.js"):
+    for module in (
+        "lowbit/cli.py",
+        "lowbit/passes/quant/scheme.py",
+        "lowbit/ir/builders.py",
+        "lowbit/runtime/session.py",
+        "lowbit/kernels/packing.py",
+        "lowbit/tools/demo.py",
+        "lowbit/tools/viewer/viewer.js",
+    ):
         assert module in names
     assert not [name for name in names if name.startswith("lowbit/tools/dev/")]

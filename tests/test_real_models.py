@@ -28,7 +28,9 @@ def held_out_sentences(texts_available):
 
 
 @pytest.mark.parametrize("bits, minimum_cosine", [(8, 0.999), (4, 0.90)])  # W4 measured 0.944: reported, floor only
-def test_minilm_quantized_embeddings_stay_close(minilm_onnx, minilm_tokenizer, held_out_sentences, tmp_path, bits, minimum_cosine):
+def test_minilm_quantized_embeddings_stay_close(
+    minilm_onnx, minilm_tokenizer, held_out_sentences, tmp_path, bits, minimum_cosine
+):
     report = _optimize_to(minilm_onnx, tmp_path / f"minilm.w{bits}.onnx", lowbit.Recipe(bits=bits, group_size=128))
     assert len(report.weights) == 36  # 6 layers x (q, k, v, attention output, intermediate, output)
     cosine = embedding_cosine(minilm_onnx, tmp_path / f"minilm.w{bits}.onnx", minilm_tokenizer, held_out_sentences)
@@ -61,10 +63,28 @@ def test_cli_calibrates_on_text_and_runs_adadim_gptq(minilm_onnx, tmp_path, text
     from lowbit.cli import main
 
     output, report = tmp_path / "minilm.w3.onnx", tmp_path / "report.json"
-    code = main([
-        "optimize", str(minilm_onnx), "-o", str(output), "--bits", "3", "--axis", "adadim", "--method", "gptq",
-        "--calibration-tokenizer", "minilm", "--calibration-windows", "4", "--calibration-length", "64", "--report", str(report),
-    ])
+    code = main(
+        [
+            "optimize",
+            str(minilm_onnx),
+            "-o",
+            str(output),
+            "--bits",
+            "3",
+            "--axis",
+            "adadim",
+            "--method",
+            "gptq",
+            "--calibration-tokenizer",
+            "minilm",
+            "--calibration-windows",
+            "4",
+            "--calibration-length",
+            "64",
+            "--report",
+            str(report),
+        ]
+    )
     assert code == 0
     weights = json.loads(report.read_text())["weights"]
     assert len(weights) == 36 and all(w["method"] == "gptq" and set(w["axis_errors"]) == {"oc", "ic"} for w in weights)

@@ -25,8 +25,14 @@ class CausalLM(torch.nn.Module):
 def tiny_llama():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
     )
     module = CausalLM(transformers.LlamaForCausalLM(config)).eval()
     ids = torch.randint(0, 96, (2, 12))
@@ -35,7 +41,9 @@ def tiny_llama():
 
 def _export(tiny_llama):
     module, ids = tiny_llama
-    return lowbit.export(module, (ids,), dynamic_shapes={"input_ids": {1: "seq"}}, input_names=["input_ids"], output_names=["logits"])
+    return lowbit.export(
+        module, (ids,), dynamic_shapes={"input_ids": {1: "seq"}}, input_names=["input_ids"], output_names=["logits"]
+    )
 
 
 @pytest.mark.slow
@@ -71,5 +79,9 @@ def test_graph_selectors_never_end_worse_than_the_matrix_choice(tiny_llama, sele
     assert selection["modules"] == modules  # (self_attn, mlp) x 2 layers, or the 2 decoder layers
     assert selection["final_error"] <= selection["start_error"]
     assert all(set(w.axis_errors) == {"oc", "ic"} for w in result.report.weights)
-    axes = {node.inputs[0].name: node.attributes.get_int("axis") for node in result.model.graph if node.op_type == "DequantizeLinear"}
+    axes = {
+        node.inputs[0].name: node.attributes.get_int("axis")
+        for node in result.model.graph
+        if node.op_type == "DequantizeLinear"
+    }
     assert len(axes) == len(result.report.weights) == 14

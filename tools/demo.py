@@ -95,28 +95,45 @@ def demo_recipes(args: argparse.Namespace) -> list[tuple[str, lowbit.Recipe]]:
     fused = args.form == "fused"
     form = " (fused)" if fused else ""
     recipes = [
-        (f"W{bits} g{args.group_size} {axis} RTN{form}",
-         lowbit.Recipe(bits=bits, group_size=args.group_size, axis=axis, fused=fused))
-        for bits in args.bits for axis in args.axes
+        (
+            f"W{bits} g{args.group_size} {axis} RTN{form}",
+            lowbit.Recipe(bits=bits, group_size=args.group_size, axis=axis, fused=fused),
+        )
+        for bits in args.bits
+        for axis in args.axes
     ]
     outliers = pipelines.OUTLIER_DEFAULTS
     for bits in args.gptq_bits:
         adadim = lowbit.Recipe(
-            bits=bits, group_size=args.group_size, axis="adadim", method="gptq", fused=fused,
+            bits=bits,
+            group_size=args.group_size,
+            axis="adadim",
+            method="gptq",
+            fused=fused,
             choice_method=args.choice_method,
         )
         recipes.append((f"W{bits} g{args.group_size} AdaDim GPTQ{form}", adadim))
         if args.outliers:
-            recipes.append((
-                f"W{bits} g{args.group_size} AdaDim GPTQ + {outliers['outlier_fraction']:.1%} outliers{form}",
-                dataclasses.replace(adadim, **outliers),
-            ))
+            recipes.append(
+                (
+                    f"W{bits} g{args.group_size} AdaDim GPTQ + {outliers['outlier_fraction']:.1%} outliers{form}",
+                    dataclasses.replace(adadim, **outliers),
+                )
+            )
     bits, axis = args.bits[0], args.axes[0]
-    recipes.append((
-        f"W{bits} g{args.group_size} {axis} RTN{form} + embedding/head",
-        lowbit.Recipe(bits=bits, group_size=args.group_size, axis=axis, fused=fused,
-                      include_embeddings=True, include_lm_head=True),
-    ))
+    recipes.append(
+        (
+            f"W{bits} g{args.group_size} {axis} RTN{form} + embedding/head",
+            lowbit.Recipe(
+                bits=bits,
+                group_size=args.group_size,
+                axis=axis,
+                fused=fused,
+                include_embeddings=True,
+                include_lm_head=True,
+            ),
+        )
+    )
     return recipes
 
 
@@ -136,8 +153,9 @@ def _recipe_note(recipe: lowbit.Recipe, calibration_windows: int) -> dict:
     return {"recipe": dataclasses.asdict(recipe), "calibration_windows": windows, "length": CALIBRATION_LENGTH}
 
 
-def quantized_model(source: pathlib.Path, name: str, recipe: lowbit.Recipe, args: argparse.Namespace,
-                    statistics_of: Callable) -> tuple[pathlib.Path, float | str]:
+def quantized_model(
+    source: pathlib.Path, name: str, recipe: lowbit.Recipe, args: argparse.Namespace, statistics_of: Callable
+) -> tuple[pathlib.Path, float | str]:
     """(path, optimize seconds or "reused") of one row's model: reused when the workdir holds one made
     from the same recipe, else made now. ``statistics_of()`` returns the calibration statistics, collected
     once for all rows (the first row that needs them is charged the time)."""
@@ -189,7 +207,9 @@ def minilm_task(args: argparse.Namespace) -> Task:
         model="minilm",
         quality=lambda source, path: embedding_cosine(source, path, tokenizer, sentences)["mean"],
         latency_feeds={key: encoded[key].astype(np.int64) for key in inputs},
-        calibration_feeds=lambda: text.calibration_feeds(tokenizer, inputs, CALIBRATION_LENGTH, args.calibration_windows),
+        calibration_feeds=lambda: text.calibration_feeds(
+            tokenizer, inputs, CALIBRATION_LENGTH, args.calibration_windows
+        ),
         quality_name="cosine",
         latency_name="batch-8",
         heading=f"all-MiniLM-L6-v2, mean embedding cosine vs fp32 on 256 sentences of {text.EVALUATION_PLAY}",
@@ -243,7 +263,9 @@ def run(workdir: pathlib.Path, args: argparse.Namespace, task: Task) -> list[Row
         say(f"[{index}/{total}] {name} ({after} row{'' if after == 1 else 's'} after it)")
         path, seconds = quantized_model(source, name, recipe, args, statistics_of)
         say(f"measuring {task.quality_name} and latency of {path.name}")
-        rows.append(Row(name, file_bytes(path), task.quality(source, path), latency_ms(path, task.latency_feeds), seconds))
+        rows.append(
+            Row(name, file_bytes(path), task.quality(source, path), latency_ms(path, task.latency_feeds), seconds)
+        )
         print(table_lines(rows, task.quality_name, task.latency_name)[-1], flush=True)
     return rows
 

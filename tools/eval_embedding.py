@@ -16,8 +16,8 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from lowbit.tools import models, text
 from lowbit.runtime.session import open_session
+from lowbit.tools import models, text
 
 _INPUTS = ("input_ids", "attention_mask")
 _OUTPUT = "sentence_embedding"
@@ -54,9 +54,7 @@ def embedding_cosine(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m lowbit.tools.eval_embedding", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.eval_embedding", description=__doc__.splitlines()[0])
     parser.add_argument("reference", help="reference (float) ONNX sentence-embedding model")
     parser.add_argument("candidate", help="candidate (e.g. quantized) ONNX model with the same inputs and output")
     parser.add_argument("--play", default=text.EVALUATION_PLAY, help="Shakespeare play (default: %(default)s)")

@@ -64,9 +64,7 @@ def torch_perplexity(model: torch.nn.Module, windows: np.ndarray) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m lowbit.tools.eval_perplexity", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.eval_perplexity", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="ONNX causal LM with input input_ids and output logits")
     parser.add_argument("--play", default=text.EVALUATION_PLAY, help="Shakespeare play (default: %(default)s)")
     parser.add_argument("--windows", type=int, default=40, help="number of windows (default: %(default)s)")

@@ -99,14 +99,20 @@ def read_folder(folder: str | os.PathLike) -> GenaiFolder:
         raise ValueError(f"{str(path)!r} is not JSON: {error}") from error
     section = config.get("model") if isinstance(config, dict) else None
     decoder = section.get("decoder") if isinstance(section, dict) else None
-    if not isinstance(decoder, dict) or not isinstance(decoder.get("filename"), str):  # a bad file's content: ValueError
-        raise ValueError(f"{str(path)!r} names no decoder model (model.decoder.filename)")  # noqa: TRY004
+    if not isinstance(decoder, dict) or not isinstance(
+        decoder.get("filename"), str
+    ):  # a bad file's content: ValueError
+        raise ValueError(f"{str(path)!r} names no decoder model (model.decoder.filename)")
     others = [name for name in _OTHER_COMPONENTS if isinstance(config["model"].get(name), dict)]
     if others:
-        raise NotImplementedError(f"{str(path)!r} describes a pipeline with {others} besides the decoder; lowbit takes decoder-only folders")
+        raise NotImplementedError(
+            f"{str(path)!r} describes a pipeline with {others} besides the decoder; lowbit takes decoder-only folders"
+        )
     model = folder / decoder["filename"]
     if not model.is_file():
-        raise FileNotFoundError(f"{str(path)!r} names the decoder file {decoder['filename']!r}, which is missing from {str(folder)!r}")
+        raise FileNotFoundError(
+            f"{str(path)!r} names the decoder file {decoder['filename']!r}, which is missing from {str(folder)!r}"
+        )
     library = decoder.get("session_options", {}).get("custom_ops_library")
     if library and not (folder / library).is_file():
         raise FileNotFoundError(f"{str(path)!r} names the custom op library {library!r}, which is missing")
@@ -140,7 +146,9 @@ def empty_past(model, config: Mapping | None = None) -> dict[str, np.ndarray]:
             continue
         shape = value.shape
         if shape is None or len(shape) != 4 or value.dtype is None:
-            raise ValueError(f"KV input {value.name!r} has shape {shape} and type {value.dtype}; expected a rank-4 tensor")
+            raise ValueError(
+                f"KV input {value.name!r} has shape {shape} and type {value.dtype}; expected a rank-4 tensor"
+            )
         dims = []
         for axis, dim in enumerate(shape):
             if axis == 0:
@@ -153,7 +161,9 @@ def empty_past(model, config: Mapping | None = None) -> dict[str, np.ndarray]:
                 dims.append(from_config[axis])
             else:
                 what = "num_key_value_heads" if axis == 1 else "head_size"
-                raise ValueError(f"KV input {value.name!r}: dimension {axis} is {dim} in the graph and the genai config gives no {what}")
+                raise ValueError(
+                    f"KV input {value.name!r}: dimension {axis} is {dim} in the graph and the genai config gives no {what}"
+                )
         feeds[value.name] = np.zeros(dims, dtype=ir.DataType(value.dtype).numpy())
     return feeds
 
@@ -203,7 +213,9 @@ def _staging(out: pathlib.Path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def build_genai(hf_folder: str | os.PathLike, out: str | os.PathLike, *, precision: str = "fp32", overwrite: bool = False) -> pathlib.Path:
+def build_genai(
+    hf_folder: str | os.PathLike, out: str | os.PathLike, *, precision: str = "fp32", overwrite: bool = False
+) -> pathlib.Path:
     """Run the onnxruntime-genai model builder (``-e cpu -p precision``) on a local Hugging Face folder."""
     og_builder = _builder()
     hf_folder, out = pathlib.Path(hf_folder), pathlib.Path(out)
@@ -212,7 +224,11 @@ def build_genai(hf_folder: str | os.PathLike, out: str | os.PathLike, *, precisi
     _check_new_folder(out, overwrite)
     with _staging(out) as staging, tempfile.TemporaryDirectory(prefix="lowbit-builder-cache-") as cache:
         target = staging / "folder"
-        print(f"[lowbit] onnxruntime-genai builder: {hf_folder} -> {out} ({precision}, cpu) ...", file=sys.stderr, flush=True)
+        print(
+            f"[lowbit] onnxruntime-genai builder: {hf_folder} -> {out} ({precision}, cpu) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         start = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # the builder prints progress on stdout
             options = og_builder.parse_extra_options("", str(hf_folder), str(target), precision, "cpu", cache, [])
@@ -275,7 +291,9 @@ def check_output_folder(source: str | os.PathLike, out: str | os.PathLike) -> tu
     out = pathlib.Path(out)
     a, b = src.folder.resolve(), out.resolve()
     if _inside(a, b) or _inside(b, a):
-        raise ValueError(f"output folder {str(out)!r} is, contains or lies inside the input folder {str(source)!r}; choose another")
+        raise ValueError(
+            f"output folder {str(out)!r} is, contains or lies inside the input folder {str(source)!r}; choose another"
+        )
     _check_new_folder(out, overwrite=True)
     return src, out
 
@@ -304,7 +322,9 @@ def optimize_folder(
     if calibration is None and recipe.needs_calibration:
         if tokenizer is None:
             tokenizer = _folder_tokenizer(src.folder)
-        calibration = calibration_feeds(model, src.config, tokenizer, calibration_length, calibration_windows, calibration_text)
+        calibration = calibration_feeds(
+            model, src.config, tokenizer, calibration_length, calibration_windows, calibration_text
+        )
     read = files.files_read(model)
     result = lowbit.optimize(model, recipe, calibration=calibration)
     with _staging(out) as staging:
@@ -371,10 +391,20 @@ def check_consistent(model, config: Mapping) -> None:
     layers = decoder.get("num_hidden_layers")
     inputs = {value.name for value in model.graph.inputs}
     outputs = {value.name for value in model.graph.outputs}
-    for kind, names, have in (("inputs", decoder.get("inputs", {}), inputs), ("outputs", decoder.get("outputs", {}), outputs)):
+    for kind, names, have in (
+        ("inputs", decoder.get("inputs", {}), inputs),
+        ("outputs", decoder.get("outputs", {}), outputs),
+    ):
         for key, name in names.items():
             expanded = [name % layer for layer in range(layers)] if "%d" in name and isinstance(layers, int) else [name]
-            if key in ("input_ids", "logits", "past_key_names", "past_value_names", "present_key_names", "present_value_names"):
+            if key in (
+                "input_ids",
+                "logits",
+                "past_key_names",
+                "past_value_names",
+                "present_key_names",
+                "present_value_names",
+            ):
                 missing = [item for item in expanded if item not in have]
                 if missing:
                     raise ValueError(f"the genai config's decoder {kind} name {missing[:3]}, which the graph lacks")
@@ -477,7 +507,9 @@ def command_optimize(args, recipe) -> None:
 
     src, out = check_output_folder(args.model, args.output)
     if out.suffix == ".onnx" and not out.is_dir():
-        raise ValueError(f"the input {str(args.model)!r} is an onnxruntime-genai folder, so -o names the output folder, not a .onnx file")
+        raise ValueError(
+            f"the input {str(args.model)!r} is an onnxruntime-genai folder, so -o names the output folder, not a .onnx file"
+        )
     if args.calibration_text and not args.calibration_tokenizer and not recipe.needs_calibration:
         raise ValueError("--calibration-text is given but the recipe needs no calibration")
     if args.report:
@@ -489,20 +521,35 @@ def command_optimize(args, recipe) -> None:
         from lowbit.tools import models, text
 
         tokenizer = (
-            models.named_tokenizer(args.calibration_tokenizer) if args.calibration_tokenizer else _folder_tokenizer(src.folder)
+            models.named_tokenizer(args.calibration_tokenizer)
+            if args.calibration_tokenizer
+            else _folder_tokenizer(src.folder)
         )
         corpus = text.file_text(args.calibration_text) if args.calibration_text else None
     result = optimize_folder(
-        src.folder, out, recipe, tokenizer=tokenizer, calibration_text=corpus,
-        calibration_length=args.calibration_length, calibration_windows=args.calibration_windows,
+        src.folder,
+        out,
+        recipe,
+        tokenizer=tokenizer,
+        calibration_text=corpus,
+        calibration_length=args.calibration_length,
+        calibration_windows=args.calibration_windows,
     )
     print(result.report.summary())
     if recipe.fused and result.report.unfused:
-        print(f"lowbit: warning: {len(result.report.unfused)} quantized weight(s) stay in the portable form, not "
-              "fused (listed above with the reasons)", file=sys.stderr)
-    form = ("fused lowbit ops (og loads the op library named in genai_config.json)" if recipe.fused
-            else "portable QDQ (stock onnxruntime-genai)")
-    print(f"wrote {out}/ ({folder_mib(out):.1f} MiB, onnxruntime-genai folder, {form}; input {folder_mib(src.folder):.1f} MiB)")
+        print(
+            f"lowbit: warning: {len(result.report.unfused)} quantized weight(s) stay in the portable form, not "
+            "fused (listed above with the reasons)",
+            file=sys.stderr,
+        )
+    form = (
+        "fused lowbit ops (og loads the op library named in genai_config.json)"
+        if recipe.fused
+        else "portable QDQ (stock onnxruntime-genai)"
+    )
+    print(
+        f"wrote {out}/ ({folder_mib(out):.1f} MiB, onnxruntime-genai folder, {form}; input {folder_mib(src.folder):.1f} MiB)"
+    )
     if args.report:
         pathlib.Path(args.report).write_text(result.report.to_json())
         print(f"wrote {args.report}")
@@ -520,9 +567,14 @@ def command_generate(args) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     sys.stdout.write(args.prompt)
     result = generate(
-        args.model, args.prompt, max_tokens=args.max_tokens, greedy=args.greedy,
+        args.model,
+        args.prompt,
+        max_tokens=args.max_tokens,
+        greedy=args.greedy,
         temperature=1.0 if args.temperature is None else args.temperature,
-        top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k, stream=sys.stdout,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        top_k=args.top_k,
+        stream=sys.stdout,
     )
     sys.stdout.write("\n")
     sys.stdout.flush()

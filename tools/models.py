@@ -112,9 +112,7 @@ def minilm_tokenizer():
     """The all-MiniLM-L6-v2 tokenizer, truncating at the sentence-transformers limit (256 tokens)."""
     folder = minilm_folder()
     max_seq_length = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
-    return _transformers().AutoTokenizer.from_pretrained(
-        folder, model_max_length=max_seq_length, local_files_only=True
-    )
+    return _transformers().AutoTokenizer.from_pretrained(folder, model_max_length=max_seq_length, local_files_only=True)
 
 
 def load_minilm():
@@ -151,9 +149,7 @@ def hf_tokenizer(folder: str | os.PathLike):
 def _hf_causal_lm(folder: str | os.PathLike) -> torch.nn.Module:
     folder = _hf_folder(folder)
     with _step(f"loading {folder}"):
-        model = _transformers().AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, local_files_only=True
-        )
+        model = _transformers().AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     return model.eval()
 
 

@@ -134,14 +134,19 @@ def file_text(path: str | os.PathLike) -> str:
         if isinstance(record, dict) and isinstance(record.get("text"), str):
             record = record["text"]
         if not isinstance(record, str):
-            raise ValueError(f"{str(path)!r} line {number}: expected a JSON string or an object with a \"text\" string")
+            raise ValueError(f'{str(path)!r} line {number}: expected a JSON string or an object with a "text" string')
         lines.append(record)
     return "\n".join(lines)
 
 
 def calibration_feeds(
-    tokenizer, input_names: list[str], length: int, count: int, text: str | None = None,
-    *, past: Mapping[str, np.ndarray] | None = None,
+    tokenizer,
+    input_names: list[str],
+    length: int,
+    count: int,
+    text: str | None = None,
+    *,
+    past: Mapping[str, np.ndarray] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """One feed dict per window of ``text`` (default: the calibration plays): ``input_ids [1, length]``
     and, when the model takes one, an all-ones ``attention_mask``. ``past``: fixed feeds of a KV-cache graph

@@ -41,8 +41,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.rtn import QuantizedWeight, check_weight, quantize_with_params, scheme_group_params
+from lowbit.passes.quant.scheme import QuantScheme
 
 
 class HessianNotPositiveDefinite(ValueError):
@@ -155,7 +155,7 @@ def _current_rows(
     Rows inside the block ``start:stop`` are updated eagerly; rows after it still miss the
     contribution of the block's rows already quantized (``errors``), which is added here.
     """
-    inside = current[first:min(last, stop)]
+    inside = current[first : min(last, stop)]
     if last <= stop:
         return inside
     outside = current[stop:last] - inv_chol[start : start + len(errors), stop:last].T @ errors

@@ -20,9 +20,9 @@ import dataclasses
 
 import numpy as np
 
-from lowbit.passes.quant.scheme import OUTLIER_CRITERIA, QuantScheme
 from lowbit.passes.quant.adadim import relative_output_error
 from lowbit.passes.quant.rtn import quantize_rtn, relative_error
+from lowbit.passes.quant.scheme import OUTLIER_CRITERIA, QuantScheme
 
 CRITERIA = OUTLIER_CRITERIA
 
@@ -86,7 +86,9 @@ def split_dense_sparse(weight: np.ndarray, scores: np.ndarray, fraction: float) 
     count = outlier_count(weight.size, fraction)
     count = min(count, int(np.count_nonzero(weight)))
     flat_scores = np.where(weight.ravel() != 0, scores.ravel(), -np.inf)
-    chosen = np.argpartition(flat_scores, weight.size - count)[weight.size - count :] if count else np.zeros(0, np.int64)
+    chosen = (
+        np.argpartition(flat_scores, weight.size - count)[weight.size - count :] if count else np.zeros(0, np.int64)
+    )
     rows, cols = np.unravel_index(chosen, weight.shape)
     order = np.lexsort((rows, cols))
     rows, cols, chosen = rows[order], cols[order], chosen[order]

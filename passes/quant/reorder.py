@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.passes.quant.scheme import REORDER_CRITERIA
 from lowbit.passes.quant.hessian import HessianAccumulator
+from lowbit.passes.quant.scheme import REORDER_CRITERIA
 
 CRITERIA = REORDER_CRITERIA
 

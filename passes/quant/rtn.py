@@ -74,7 +74,9 @@ def group_params(
     return range_params(group_min, group_max, bits, symmetric)
 
 
-def range_params(group_min: np.ndarray, group_max: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+def range_params(
+    group_min: np.ndarray, group_max: np.ndarray, bits: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Scale (float32) and zero point (uint8) of groups whose values span ``[group_min, group_max]``."""
     max_code = (1 << bits) - 1
     if symmetric:
@@ -121,7 +123,9 @@ def search_group_params(
     weight = np.asarray(weight, dtype=np.float32)
     row_weights = np.ones(weight.shape[0]) if channel_weights is None else np.asarray(channel_weights, dtype=np.float64)
     if row_weights.shape != (weight.shape[0],):
-        raise ValueError(f"channel_weights must have one entry per row ({weight.shape[0]}), got shape {row_weights.shape}")
+        raise ValueError(
+            f"channel_weights must have one entry per row ({weight.shape[0]}), got shape {row_weights.shape}"
+        )
     ratios = np.asarray(ratios, dtype=np.float32)
     length = weight.shape[axis]
     num_groups = -(-length // block_size)
@@ -186,7 +190,9 @@ def check_weight(weight: np.ndarray) -> np.ndarray:
         raise ValueError("weight contains NaN or Inf; refusing to quantize it")
     largest = float(np.abs(weight).max())
     if largest > MAX_MAGNITUDE:
-        raise ValueError(f"weight has |w| up to {largest:.3g}, beyond half the float32 range where its quantization grid overflows")
+        raise ValueError(
+            f"weight has |w| up to {largest:.3g}, beyond half the float32 range where its quantization grid overflows"
+        )
     return weight
 
 
@@ -206,7 +212,9 @@ def fit_to_type(quantized: QuantizedWeight, float_type) -> QuantizedWeight:
     if not np.isfinite(stored).all():
         raise ValueError(f"a group's scale exceeds the {float_type} range ({info.max:.6g})")
     scales = stored.astype(np.float32)
-    scales = np.where((scales == 0) & (quantized.scales > 0), np.float32(info.smallest_subnormal), scales).astype(np.float32)
+    scales = np.where((scales == 0) & (quantized.scales > 0), np.float32(info.smallest_subnormal), scales).astype(
+        np.float32
+    )
     codes = quantized.codes
     full_scales = quantized.expand(scales)
     zero = quantized.expand(quantized.zero_points).astype(np.int32)

@@ -53,9 +53,12 @@ class DequantizedWeight:
     def transposed(self) -> DequantizedWeight:
         """The weight of ``Transpose(W)``: groups along the other axis (a tied head's ``E^T``)."""
         return DequantizedWeight(
-            np.ascontiguousarray(self.codes.T), np.ascontiguousarray(self.scales.T),
+            np.ascontiguousarray(self.codes.T),
+            np.ascontiguousarray(self.scales.T),
             None if self.zero_points is None else np.ascontiguousarray(self.zero_points.T),
-            self.bits, 1 - self.group_axis, self.group_size,
+            self.bits,
+            1 - self.group_axis,
+            self.group_size,
         )
 
 
@@ -144,8 +147,10 @@ def typed_output(output: ir.Value, a: ir.Value, n: int) -> ir.Value:
 
 
 def _reads_dequantized(node: ir.Node) -> bool:
-    return any(value is not None and value.producer() is not None
-               and value.producer().op_type == "DequantizeLinear" for value in node.inputs)
+    return any(
+        value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
+        for value in node.inputs
+    )
 
 
 class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
@@ -215,16 +220,23 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
         k, n = weight.shape
         source = (branch["ends"].producer().inputs[0].producer(), False)  # the Cast of the stored pointers
         arrays = read_outlier_branch(a, k, n, **branch)
-        constants = self.state.constants(op, source, "outlier", lambda: dict(zip(("pointers", "rows", "values"), arrays)))
+        constants = self.state.constants(
+            op, source, "outlier", lambda: dict(zip(("pointers", "rows", "values"), arrays))
+        )
         return [constants["pointers"], constants["rows"], constants["values"]]
 
     def _quant_matmul(self, op, a, source, weight, bias, outliers=None):
         k, n = weight.shape
-        constants = self.state.constants(op, source, "lowbit", lambda: {
-            "packed": packing.pack(weight.codes, weight.bits),
-            "scales": weight.scales,
-            "zero_points": weight.zero_points,
-        })
+        constants = self.state.constants(
+            op,
+            source,
+            "lowbit",
+            lambda: {
+                "packed": packing.pack(weight.codes, weight.bits),
+                "scales": weight.scales,
+                "zero_points": weight.zero_points,
+            },
+        )
         inputs = [a, constants["packed"], constants["scales"], constants["zero_points"]]
         if bias is not None or outliers is not None:
             inputs += [None, bias]
@@ -232,29 +244,58 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
             inputs += outliers
         axis = "oc" if weight.group_axis == 0 else "ic"
         self.state.count(f"lowbit::QuantMatMul {axis}{weight.bits}" + (" + outliers" if outliers else ""))
-        return typed_output(op.op(
-            quant_matmul_op.OP_TYPE, *inputs, _domain=quant_matmul_op.DOMAIN, _version=1,
-            bits=weight.bits, group_size=weight.group_size, group_axis=weight.group_axis, K=k, N=n,
-        ), a, n)
+        return typed_output(
+            op.op(
+                quant_matmul_op.OP_TYPE,
+                *inputs,
+                _domain=quant_matmul_op.DOMAIN,
+                _version=1,
+                bits=weight.bits,
+                group_size=weight.group_size,
+                group_axis=weight.group_axis,
+                K=k,
+                N=n,
+            ),
+            a,
+            n,
+        )
 
     def _matmulnbits(self, op, a, source, weight, bias):
         k, n = weight.shape
         codes = weight.codes
         if weight.zero_points is None:  # re-centre on MatMulNBits' implicit zero point, 8
             codes = codes + np.uint8(8 - (1 << (weight.bits - 1)))
-        constants = self.state.constants(op, source, "nbits", lambda: {
-            "packed": packing.pack_matmulnbits(codes, weight.group_size),
-            "scales": np.ascontiguousarray(weight.scales.T.reshape(-1)),
-            "zero_points": None if weight.zero_points is None else packing.pack_matmulnbits_zero_points(weight.zero_points),
-        })
+        constants = self.state.constants(
+            op,
+            source,
+            "nbits",
+            lambda: {
+                "packed": packing.pack_matmulnbits(codes, weight.group_size),
+                "scales": np.ascontiguousarray(weight.scales.T.reshape(-1)),
+                "zero_points": None
+                if weight.zero_points is None
+                else packing.pack_matmulnbits_zero_points(weight.zero_points),
+            },
+        )
         inputs = [a, constants["packed"], constants["scales"], constants["zero_points"]]
         if bias is not None:
             inputs += [None, bias]
         self.state.count("com.microsoft::MatMulNBits 4")
-        return typed_output(op.op(
-            "MatMulNBits", *inputs, _domain=MATMULNBITS_DOMAIN, _version=1,
-            K=k, N=n, bits=4, block_size=weight.group_size, accuracy_level=self.accuracy_level,
-        ), a, n)
+        return typed_output(
+            op.op(
+                "MatMulNBits",
+                *inputs,
+                _domain=MATMULNBITS_DOMAIN,
+                _version=1,
+                K=k,
+                N=n,
+                bits=4,
+                block_size=weight.group_size,
+                accuracy_level=self.accuracy_level,
+            ),
+            a,
+            n,
+        )
 
 
 class _FuseDequantizeMatMulBias(_FuseDequantizeMatMul):
@@ -325,13 +366,17 @@ def _slice_of(value: ir.Value, start: int, stop: int) -> ir.Value | None:
     node = _producer_is(value, "Slice")
     if node is None or len(node.inputs) < 4:
         return None
-    bounds = [_constant(v) for v in node.inputs[1:4]] + [_constant(node.inputs[4]) if len(node.inputs) > 4 else np.ones(1)]
+    bounds = [_constant(v) for v in node.inputs[1:4]] + [
+        _constant(node.inputs[4]) if len(node.inputs) > 4 else np.ones(1)
+    ]
     if any(bound is None or bound.size != 1 for bound in bounds):
         return None
     return node.inputs[0] if [int(bound.item()) for bound in bounds] == [start, stop, 0, 1] else None
 
 
-def read_outlier_branch(a, k, n, *, xt, rows, values, axis, ends, starts, **_) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+def read_outlier_branch(
+    a, k, n, *, xt, rows, values, axis, ends, starts, **_
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
     """The CSC outliers ``(pointers uint32 [N+1], rows uint16 [nnz], values float32 [nnz])`` of a matched side
     branch, or the reason it cannot be an input of the fused op (or is not SplitOutliersPass's branch)."""
     reshape = None
@@ -346,10 +391,22 @@ def read_outlier_branch(a, k, n, *, xt, rows, values, axis, ends, starts, **_) -
         return "the branch's column bounds are not slices of one pointer array"
     pointers, row_array, value_array = _cast_constant(pointer_source), _cast_constant(rows), _constant(values)
     axis_array = _constant(axis)
-    if pointers is None or row_array is None or value_array is None or axis_array is None or axis_array.size != 1 or int(axis_array.item()) != 0:
+    if (
+        pointers is None
+        or row_array is None
+        or value_array is None
+        or axis_array is None
+        or axis_array.size != 1
+        or int(axis_array.item()) != 0
+    ):
         return "the branch's indices or values are not constants"
     nnz = int(pointers[-1]) if pointers.size else -1
-    if pointers.shape != (n + 1,) or value_array.dtype != np.float32 or row_array.shape != (nnz + 1,) or value_array.size != nnz + 1:
+    if (
+        pointers.shape != (n + 1,)
+        or value_array.dtype != np.float32
+        or row_array.shape != (nnz + 1,)
+        or value_array.size != nnz + 1
+    ):
         return "the branch's arrays do not form a CSC matrix of the weight's shape"
     if k > 1 << 16 or nnz >= 1 << 32:
         return f"K = {k} or {nnz} outliers exceed the op's uint16 rows / uint32 pointers"
@@ -389,8 +446,10 @@ class FusionState:
             base = (node.inputs[0].name or node.name or "weight") + (".T" if transposed else "")
             values = {}
             for role, array in make().items():
-                values[role] = None if array is None else op.initializer(
-                    ir.tensor(array), name=self._unique(f"{base}.{kind}.{role}")
+                values[role] = (
+                    None
+                    if array is None
+                    else op.initializer(ir.tensor(array), name=self._unique(f"{base}.{kind}.{role}"))
                 )
             self._constants[key] = values
         return self._constants[key]

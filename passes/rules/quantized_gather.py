@@ -63,8 +63,14 @@ class _FuseDequantizeGather(pattern.RewriteRuleClassBase):
         self.state.count("com.microsoft::GatherBlockQuantized 4")
         inputs = [codes, ids, scales] + ([zero_points] if zero_points is not None else [])
         gathered = op.op(
-            "GatherBlockQuantized", *inputs, _domain=MATMULNBITS_DOMAIN, _version=1,
-            bits=4, block_size=dequantize.attributes.get_int("block_size"), gather_axis=0, quantize_axis=1,
+            "GatherBlockQuantized",
+            *inputs,
+            _domain=MATMULNBITS_DOMAIN,
+            _version=1,
+            bits=4,
+            block_size=dequantize.attributes.get_int("block_size"),
+            gather_axis=0,
+            quantize_axis=1,
         )
         gathered.dtype = scales.dtype  # the table's type; the rows: ids' shape + [D]
         if ids.shape is not None:

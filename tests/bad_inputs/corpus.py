@@ -236,7 +236,13 @@ def unknown_domain_imported_calibrated(folder, cleanup):
     """Calibration must run the model in ONNX Runtime, which does not know the op."""
     feeds = lambda model: [factories.feeds_for(model)]  # noqa: E731
     return _simple(
-        folder, _custom_op_proto(), ValueError, "optimize", ("Frobnicate",), recipe={"axis": "adadim"}, calibration=feeds
+        folder,
+        _custom_op_proto(),
+        ValueError,
+        "optimize",
+        ("Frobnicate",),
+        recipe={"axis": "adadim"},
+        calibration=feeds,
     )
 
 
@@ -337,7 +343,9 @@ def inf_weight(folder, cleanup):
 
 @case
 def empty_weight(folder, cleanup):
-    return _simple(folder, _mlp_with_weight(np.zeros((0, 72), np.float32), k=0), ValueError, "optimize", ("w1", "empty"))
+    return _simple(
+        folder, _mlp_with_weight(np.zeros((0, 72), np.float32), k=0), ValueError, "optimize", ("w1", "empty")
+    )
 
 
 def _exact_w1(result):
@@ -356,7 +364,9 @@ def huge_weights(folder, cleanup):
     """Weights near the float32 limit: their grid overflows (symmetric scales were Inf, outputs NaN)."""
     weight = np.random.default_rng(0).standard_normal((40, 72)).astype(np.float32)
     weight[:, :2] = [3e38, -3e38]
-    return _simple(folder, _mlp_with_weight(weight), ValueError, "optimize", ("w1", "float32 range"), recipe={"symmetric": True})
+    return _simple(
+        folder, _mlp_with_weight(weight), ValueError, "optimize", ("w1", "float32 range"), recipe={"symmetric": True}
+    )
 
 
 # --- external data -------------------------------------------------------------------------------
@@ -582,7 +592,15 @@ def calibration_feeds_of_the_wrong_shape(folder, cleanup):
 
 @api_case
 def calibration_without_batches(folder, cleanup):
-    return _simple(folder, _mlp_proto(), ValueError, "optimize", ("no batches",), recipe={"axis": "adadim"}, calibration=lambda model: [])
+    return _simple(
+        folder,
+        _mlp_proto(),
+        ValueError,
+        "optimize",
+        ("no batches",),
+        recipe={"axis": "adadim"},
+        calibration=lambda model: [],
+    )
 
 
 # --- issue 16: weights in other types and forms, float16 limits, missing shapes, opsets, names ---------
@@ -601,8 +619,15 @@ def _typed_mlp(array: np.ndarray, elem: int, raw: bytes | None = None, *, consta
     """x[2, 16] @ W[16, 8] -> Relu in ``elem`` throughout; W an initializer or a Constant node."""
     x = helper.make_tensor_value_info("x", elem, [2, 16])
     y = helper.make_tensor_value_info("y", elem, [2, 8])
-    tensor = helper.make_tensor("w", elem, [16, 8], raw, raw=True) if raw is not None else numpy_helper.from_array(array, "w")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node("Relu", ["h"], ["y"], name="act")]
+    tensor = (
+        helper.make_tensor("w", elem, [16, 8], raw, raw=True)
+        if raw is not None
+        else numpy_helper.from_array(array, "w")
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("Relu", ["h"], ["y"], name="act"),
+    ]
     if constant:
         nodes.insert(0, helper.make_node("Constant", [], ["w"], name="w_constant", value=tensor))
     graph = helper.make_graph(nodes, "g", [x], [y], [] if constant else [tensor])
@@ -620,7 +645,9 @@ def bfloat16_weight(folder, cleanup):
     import ml_dtypes
 
     raw = _weight16x8().astype(ml_dtypes.bfloat16).view(np.uint16).tobytes()
-    return _simple(folder, _typed_mlp(None, onnx.TensorProto.BFLOAT16, raw), None, runs_in_ort=False, check=_quantized("w"))
+    return _simple(
+        folder, _typed_mlp(None, onnx.TensorProto.BFLOAT16, raw), None, runs_in_ort=False, check=_quantized("w")
+    )
 
 
 @case
@@ -637,7 +664,9 @@ def float64_weight_beyond_float32(folder, cleanup):
 
 @case
 def weight_from_a_constant_node(folder, cleanup):
-    return _simple(folder, _typed_mlp(_weight16x8(), onnx.TensorProto.FLOAT, constant=True), None, check=_quantized("w"))
+    return _simple(
+        folder, _typed_mlp(_weight16x8(), onnx.TensorProto.FLOAT, constant=True), None, check=_quantized("w")
+    )
 
 
 @case
@@ -665,7 +694,10 @@ def float16_weights_at_the_float16_limit(folder, cleanup):
     weight = _weight16x8(np.float16)
     weight[:, 0], weight[::2, 1] = 65504, -65504
     return _simple(
-        folder, _typed_mlp(weight, onnx.TensorProto.FLOAT16), None, recipe={"bits": 2, "symmetric": True, "group_size": 4},
+        folder,
+        _typed_mlp(weight, onnx.TensorProto.FLOAT16),
+        None,
+        recipe={"bits": 2, "symmetric": True, "group_size": 4},
         check=_finite_outputs,
     )
 
@@ -685,7 +717,11 @@ def layer_norm_bias_without_value_info(folder, cleanup):
         helper.make_node("MatMul", ["normed", "w"], ["h"], name="fc"),
         helper.make_node("Relu", ["h"], ["y"], name="act"),
     ]
-    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializers), opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    proto = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], initializers),
+        opset_imports=[helper.make_opsetid("", 20)],
+        ir_version=10,
+    )
     return _simple(folder, proto, None, recipe={"fold_norms": True}, check=_quantized("w"))
 
 
@@ -731,7 +767,9 @@ def opset13_reduce_mean_axes_attribute(folder, cleanup):
     """ReduceMean's axes became an input at 18: the conversion to 21 must move it."""
     proto = _mlp_proto()
     proto.opset_import[0].version = 13
-    proto.graph.node[-1].CopyFrom(helper.make_node("ReduceMean", ["fc2_out"], ["y"], name="fc2_mean", axes=[-1], keepdims=1))
+    proto.graph.node[-1].CopyFrom(
+        helper.make_node("ReduceMean", ["fc2_out"], ["y"], name="fc2_mean", axes=[-1], keepdims=1)
+    )
     del proto.graph.value_info[:]
     proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 5, 1]))
     return _simple(folder, proto, None, check=_quantized("w1", "w2"))
@@ -743,18 +781,26 @@ def subgraph_names_like_generated_ones(folder, cleanup):
     proto = _mlp_proto()
     fc2_bias = next(node for node in proto.graph.node if node.name == "fc2_bias")
     then_graph = helper.make_graph(
-        [helper.make_node("Relu", [fc2_bias.output[0]], ["fc1.dequantized"], name="then_relu"),
-         helper.make_node("Neg", ["fc1.dequantized"], ["fc1.scales"], name="then_neg")],
-        "then", [], [helper.make_tensor_value_info("fc1.scales", onnx.TensorProto.FLOAT, [3, 5, 24])],
+        [
+            helper.make_node("Relu", [fc2_bias.output[0]], ["fc1.dequantized"], name="then_relu"),
+            helper.make_node("Neg", ["fc1.dequantized"], ["fc1.scales"], name="then_neg"),
+        ],
+        "then",
+        [],
+        [helper.make_tensor_value_info("fc1.scales", onnx.TensorProto.FLOAT, [3, 5, 24])],
     )
     else_graph = helper.make_graph(
         [helper.make_node("Identity", [fc2_bias.output[0]], ["fc1.qweight"], name="fc1.DequantizeLinear")],
-        "else", [], [helper.make_tensor_value_info("fc1.qweight", onnx.TensorProto.FLOAT, [3, 5, 24])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("fc1.qweight", onnx.TensorProto.FLOAT, [3, 5, 24])],
     )
     fc2_bias.output[0] = "fc2_sum"
     then_graph.node[0].input[0] = else_graph.node[0].input[0] = "fc2_sum"
     proto.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
-    proto.graph.node.append(helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph))
+    proto.graph.node.append(
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph)
+    )
     del proto.graph.value_info[:]
     return _simple(folder, proto, None, check=_quantized("w1", "w2"))
 
@@ -817,15 +863,29 @@ def recipe_unknown_choice_method(folder, cleanup):
 def calibration_a_single_feed_dict(folder, cleanup):
     """One dict instead of a list of them: named, with the fix."""
     feeds = lambda model: factories.feeds_for(model)  # noqa: E731
-    return _simple(folder, _mlp_proto(), TypeError, "optimize", ("wrap a single feed dict in a list",),
-                   recipe={"method": "gptq"}, calibration=feeds)
+    return _simple(
+        folder,
+        _mlp_proto(),
+        TypeError,
+        "optimize",
+        ("wrap a single feed dict in a list",),
+        recipe={"method": "gptq"},
+        calibration=feeds,
+    )
 
 
 @api_case
 def calibration_an_array(folder, cleanup):
     feeds = lambda model: np.zeros((3, 5, 40), np.float32)  # noqa: E731
-    return _simple(folder, _mlp_proto(), TypeError, "optimize", ("calibration must be a list of feed dicts",),
-                   recipe={"method": "gptq"}, calibration=feeds)
+    return _simple(
+        folder,
+        _mlp_proto(),
+        TypeError,
+        "optimize",
+        ("calibration must be a list of feed dicts",),
+        recipe={"method": "gptq"},
+        calibration=feeds,
+    )
 
 
 @api_case
@@ -837,15 +897,24 @@ def calibration_statistics_of_another_model(folder, cleanup):
         other = factories.mlp(k=16)
         return collect(other, [factories.feeds_for(other, seed=seed) for seed in range(2)])
 
-    return _simple(folder, _mlp_proto(), ValueError, "optimize", ("do not fit this model", "x"),
-                   recipe={"method": "gptq"}, calibration=statistics)
+    return _simple(
+        folder,
+        _mlp_proto(),
+        ValueError,
+        "optimize",
+        ("do not fit this model", "x"),
+        recipe={"method": "gptq"},
+        calibration=statistics,
+    )
 
 
 @case
 def output_parent_is_a_file(folder, cleanup):
     model = _write(folder, _mlp_proto())
     (folder / "out").write_text("a file where the output folder should be")
-    return Case(model, folder / "out" / "model.out.onnx", NotADirectoryError, "save", ("is a file, not a folder", "out"))
+    return Case(
+        model, folder / "out" / "model.out.onnx", NotADirectoryError, "save", ("is a file, not a folder", "out")
+    )
 
 
 @case
@@ -876,7 +945,8 @@ def sparse_initializer(folder, cleanup):
     values = helper.make_tensor("w_values", onnx.TensorProto.FLOAT, [2], [1.0, 2.0])
     indices = helper.make_tensor("w_indices", onnx.TensorProto.INT64, [2], [0, 5])
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w_values"], ["y"], name="fc")], "sparse",
+        [helper.make_node("MatMul", ["x", "w_values"], ["y"], name="fc")],
+        "sparse",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
         sparse_initializer=[helper.make_sparse_tensor(values, indices, [4, 3])],

@@ -52,7 +52,7 @@ def _run_api(case: Case):
         result = lowbit.optimize(model, recipe, calibration=calibration)
         stage = "save"
         lowbit.save(result.model, case.output)
-    except Exception as error:  # noqa: BLE001 - every exception is judged below
+    except Exception as error:
         return stage, error, result
     return None, None, result
 
@@ -74,7 +74,9 @@ def test_api_gives_a_clear_error_and_changes_no_file(case, tmp_path):
         if case.check:
             case.check(result)
     else:
-        assert isinstance(error, case.error), f"expected {case.error.__name__} at {case.stage}, got {error!r} at {stage}"
+        assert isinstance(error, case.error), (
+            f"expected {case.error.__name__} at {case.stage}, got {error!r} at {stage}"
+        )
         assert stage == case.stage, f"{error!r} came at {stage}, expected at {case.stage}"
         for name in case.mentions:
             assert name in str(error), f"the message does not name {name!r}: {error}"

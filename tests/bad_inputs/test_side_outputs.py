@@ -33,7 +33,9 @@ def external_model(tmp_path) -> pathlib.Path:
 def test_report_over_the_inputs_data_file_is_refused(external_model, capsys):
     before = _digests(external_model.parent)
     output = external_model.parent.parent / "out" / "m.onnx"
-    code = main(["optimize", str(external_model), "-o", str(output), "--report", str(external_model.parent / "weights.bin")])
+    code = main(
+        ["optimize", str(external_model), "-o", str(output), "--report", str(external_model.parent / "weights.bin")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "refusing to overwrite" in err and "weights.bin" in err and "--report" in err
     assert _digests(external_model.parent) == before and not output.exists()
@@ -58,7 +60,9 @@ def test_view_over_the_inputs_data_file_is_refused(external_model, capsys):
 
 def test_a_report_path_that_cannot_be_written_fails_before_the_model_is_written(external_model, capsys):
     output = external_model.parent.parent / "out" / "m.onnx"
-    code = main(["optimize", str(external_model), "-o", str(output), "--report", str(output.parent / "nowhere" / "r.json")])
+    code = main(
+        ["optimize", str(external_model), "-o", str(output), "--report", str(output.parent / "nowhere" / "r.json")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--report folder" in err and "nowhere" in err and "does not exist" in err
     assert not output.exists()
@@ -78,6 +82,8 @@ def test_dumps_never_overwrite_the_input(tmp_path, monkeypatch):
     lowbit.save(factories.mlp(), source)
     before = source.read_bytes()
     monkeypatch.setenv(DUMP_DIR_VARIABLE, str(dump_dir))
-    with pytest.raises(ValueError, match="refusing to overwrite .*00_FoldWeightsPass.onnx' with the LOWBIT_DUMP_DIR dump"):
+    with pytest.raises(
+        ValueError, match="refusing to overwrite .*00_FoldWeightsPass.onnx' with the LOWBIT_DUMP_DIR dump"
+    ):
         lowbit.optimize(lowbit.load(source), lowbit.Recipe(bits=4, group_size=8))
     assert source.read_bytes() == before

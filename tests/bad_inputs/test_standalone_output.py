@@ -27,7 +27,9 @@ MODELS = {
 RECIPES = {"portable": {}, "fused": {"fused": True}}
 
 
-def _write_external(model: ir.Model, folder: pathlib.Path, threshold: int, location: str = "weights.bin") -> pathlib.Path:
+def _write_external(
+    model: ir.Model, folder: pathlib.Path, threshold: int, location: str = "weights.bin"
+) -> pathlib.Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
     onnx.save(ir.to_proto(model), path, save_as_external_data=True, location=location, size_threshold=threshold)

@@ -28,7 +28,20 @@ KINDS = ("linear", "act", "norm", "affine", "transpose", "reshape", "fork", "mer
 OPSETS = (13, 15, 17, 20)
 KIND_WEIGHTS = (0.38, 0.14, 0.1, 0.08, 0.07, 0.07, 0.09, 0.07)
 VARIANTS = {
-    "linear": ("matmul", "bias", "gemm", "gemm_t", "transposed", "fp16", "scaled", "tied", "constant", "bf16", "f64", "f16_native"),
+    "linear": (
+        "matmul",
+        "bias",
+        "gemm",
+        "gemm_t",
+        "transposed",
+        "fp16",
+        "scaled",
+        "tied",
+        "constant",
+        "bf16",
+        "f64",
+        "f16_native",
+    ),
     "act": ("Relu", "Gelu", "Sigmoid", "Tanh", "silu"),
     "norm": ("layer", "rms"),
     "affine": ("mul", "add"),
@@ -85,7 +98,12 @@ def random_spec(rng: np.random.Generator, max_blocks: int = 10) -> Spec:
     outputs = 2 if rng.random() < 0.2 else 1
     odd = rng.random(4)
     return Spec(
-        int(rng.integers(2**31)), batch, int(rng.choice(WIDTHS)), tuple(blocks), vocab, outputs,
+        int(rng.integers(2**31)),
+        batch,
+        int(rng.choice(WIDTHS)),
+        tuple(blocks),
+        vocab,
+        outputs,
         opset=int(rng.choice(OPSETS)) if odd[0] < 0.3 else 20,
         value_info=bool(odd[1] >= 0.3),
         domain="ai.onnx" if odd[2] < 0.15 else "",
@@ -192,17 +210,23 @@ class _Builder:
 
     def branch(self, x: ir.Value) -> ir.Value:
         """If(True) whose branches name their values like the quantizer names a layer's (SSA trap)."""
-        layers = [f"layers.{i // 4}.m{i // 2 % 2}.{b.kind}{i}" for i, b in enumerate(self.spec.blocks) if b.kind == "linear"]
+        layers = [
+            f"layers.{i // 4}.m{i // 2 % 2}.{b.kind}{i}" for i, b in enumerate(self.spec.blocks) if b.kind == "linear"
+        ]
         base = layers[0] if layers else "branch"
         then_nodes = [factories.node("Relu", [x], "branch.then_relu", output=f"{base}.dequantized")]
-        then_nodes.append(factories.node("Identity", [then_nodes[0].outputs[0]], "branch.then_id", output=f"{base}.scales"))
+        then_nodes.append(
+            factories.node("Identity", [then_nodes[0].outputs[0]], "branch.then_id", output=f"{base}.scales")
+        )
         else_nodes = [factories.node("Identity", [x], f"{base}.DequantizeLinear", output=f"{base}.qweight")]
         for nodes in (then_nodes, else_nodes):
             nodes[-1].outputs[0].type, nodes[-1].outputs[0].shape = x.type, x.shape
         then_graph = ir.Graph([], [then_nodes[-1].outputs[0]], nodes=then_nodes, name="then")
         else_graph = ir.Graph([], [else_nodes[-1].outputs[0]], nodes=else_nodes, name="else")
         condition = self.constant("branch.cond", np.array(True))
-        node = ir.node("If", [condition], attributes={"then_branch": then_graph, "else_branch": else_graph}, name="branch")
+        node = ir.node(
+            "If", [condition], attributes={"then_branch": then_graph, "else_branch": else_graph}, name="branch"
+        )
         node.outputs[0].name = "branch_out"
         self.nodes.append(node)
         return node.outputs[0]
@@ -242,7 +266,9 @@ class _Builder:
 
             dtype = ml_dtypes.bfloat16 if variant == "bf16" else np.float64
             array = (scale * self.rng.standard_normal((k, n))).astype(dtype)
-            weight = self.op("Cast", [self.constant(f"{name}.weight_{variant}", array)], f"{name}.cast", to=ir.DataType.FLOAT)
+            weight = self.op(
+                "Cast", [self.constant(f"{name}.weight_{variant}", array)], f"{name}.cast", to=ir.DataType.FLOAT
+            )
             self.linears.append(None)
         elif variant == "f16_native":  # the MatMul itself in float16, between Casts
             # (a float64 MatMul here crashes ONNX Runtime 1.32's session creation after a 3-D Transpose:

@@ -17,8 +17,8 @@ import onnxruntime as ort
 
 import lowbit
 from lowbit.ir import analysis
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.rtn import expand_groups, fit_to_type, quantize_rtn
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.runtime.session import session_options
 from tests import factories
 from tests.fuzz.generator import Spec, build
@@ -65,7 +65,7 @@ def _valid_outputs(model: ir.Model, feeds: dict, step: str, finite: bool) -> lis
     try:
         onnx.checker.check_model(ir.to_proto(model), full_check=True)
         outputs = _session(model, []).run(None, feeds)
-    except Exception as error:  # noqa: BLE001 - any refusal is the finding
+    except Exception as error:
         raise FuzzFailure(step, "invalid", f"{type(error).__name__}: {error}") from error
     if finite and not all(np.isfinite(output).all() for output in outputs):
         raise FuzzFailure(step, "non-finite", "outputs hold NaN or Inf where the float graph's did not")
@@ -84,7 +84,7 @@ def check_order(spec: Spec, order: list[str], seed: int) -> None:
     """Run ``order`` on ``build(spec)`` with every check after every pass."""
     try:
         model = build(spec)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise FuzzFailure("build", "crash", f"{type(error).__name__}: {error}") from error
     feeds, batches = _feeds(model)
     context = Context(np.random.default_rng(seed), batches)
@@ -98,7 +98,7 @@ def check_order(spec: Spec, order: list[str], seed: int) -> None:
         known = {id(node) for node in model.graph if node.op_type == "DequantizeLinear"}
         try:
             result = pass_(model)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise FuzzFailure(step, "crash", f"{type(error).__name__}: {error}") from error
         model = result.model
         if not result.modified and serialized(model) != before:
@@ -134,7 +134,7 @@ def check_pipeline(spec: Spec, seed: int) -> lowbit.Recipe:
         if not any(refusal in str(error) for refusal in DOCUMENTED_REFUSALS):
             raise FuzzFailure("pipeline", "crash", f"{recipe}: {type(error).__name__}: {error}") from error
         return recipe
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise FuzzFailure("pipeline", "crash", f"{recipe}: {type(error).__name__}: {error}") from error
     _valid_outputs(result.model, feeds, "pipeline", finite)
     return recipe
@@ -143,7 +143,9 @@ def check_pipeline(spec: Spec, seed: int) -> lowbit.Recipe:
 def _check_close(expected: list[np.ndarray], actual: list[np.ndarray], step: str) -> None:
     for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
         scale = float(np.abs(want).max()) if want.size else 0.0
-        if want.shape != got.shape or not np.allclose(got, want, rtol=RTOL, atol=ATOL * max(scale, 1.0), equal_nan=True):
+        if want.shape != got.shape or not np.allclose(
+            got, want, rtol=RTOL, atol=ATOL * max(scale, 1.0), equal_nan=True
+        ):
             error = np.abs(got - want).max() if want.shape == got.shape else f"shape {got.shape} != {want.shape}"
             raise FuzzFailure(step, "mismatch", f"output {index} moved by {error} (outputs up to {scale:.3g})")
 
@@ -165,10 +167,16 @@ def _dequantize(node: ir.Node, bits: int, step: str) -> tuple[np.ndarray, np.nda
     symmetric = zero is None
     low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1)
     if codes.min() < low or codes.max() > high:
-        raise FuzzFailure(step, "bound", f"{node.name}: codes span {codes.min()}..{codes.max()}, outside {bits}-bit {low}..{high}")
+        raise FuzzFailure(
+            step, "bound", f"{node.name}: codes span {codes.min()}..{codes.max()}, outside {bits}-bit {low}..{high}"
+        )
     axis, block = node.attributes.get_int("axis", 1), node.attributes.get_int("block_size", 0)
     full_scales = expand_groups(scales, block, axis, codes.shape)
-    centered = codes if symmetric else codes - expand_groups(zero.const_value.numpy().astype(np.int64), block, axis, codes.shape)
+    centered = (
+        codes
+        if symmetric
+        else codes - expand_groups(zero.const_value.numpy().astype(np.int64), block, axis, codes.shape)
+    )
     scheme = QuantScheme(bits, block, ("oc", "ic")[axis], symmetric)
     half_step = full_scales.astype(np.float64) / 2
     if node.inputs[1].dtype != ir.DataType.FLOAT:  # codes rounded on the float32 grid, stored scales rounded to float16
@@ -202,12 +210,18 @@ def _check_rtn(model: ir.Model, weights: dict, known: set[int], bits: int, feeds
         # the scales as the DequantizeLinear's type stores them (float16 weights: float16 scales)
         reference = fit_to_type(quantize_rtn(stored, scheme), producer.inputs[1].dtype.numpy()).dequantize()
         if not np.array_equal(w_hat, reference):
-            raise FuzzFailure(step, "reference", f"{node.name}: W_hat differs from the NumPy RTN reference by {np.abs(w_hat - reference).max()}")
+            raise FuzzFailure(
+                step,
+                "reference",
+                f"{node.name}: W_hat differs from the NumPy RTN reference by {np.abs(w_hat - reference).max()}",
+            )
         excess = np.abs(w_hat.astype(np.float64) - stored) - half_step * (1 + 1e-5) - 1e-6 * np.abs(stored)
         if excess.max() > 0:
             raise FuzzFailure(step, "bound", f"{node.name}: |W - W_hat| exceeds half a step by {excess.max():.3g}")
         if node.op_type == "MatMul":
-            products.append((node, original, (w_hat.T if transposed else w_hat), (half_step.T if transposed else half_step)))
+            products.append(
+                (node, original, (w_hat.T if transposed else w_hat), (half_step.T if transposed else half_step))
+            )
     if not products:
         return
     names = [name for node, *_ in products for name in (node.inputs[0].name, node.outputs[0].name)]
@@ -222,4 +236,6 @@ def _check_rtn(model: ir.Model, weights: dict, known: set[int], bits: int, feeds
             allowed += precision * np.abs(values[node.inputs[0].name].astype(np.float64) @ weight)
         if (error > allowed).any():
             worst = np.unravel_index(np.argmax(error - allowed), error.shape)
-            raise FuzzFailure(step, "bound", f"{node.name}: output error {error[worst]:.3g} > bound {allowed[worst]:.3g}")
+            raise FuzzFailure(
+                step, "bound", f"{node.name}: output error {error[worst]:.3g} > bound {allowed[worst]:.3g}"
+            )

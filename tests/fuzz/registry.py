@@ -16,15 +16,15 @@ import numpy as np
 import onnx_ir as ir
 
 import lowbit
-from lowbit.passes.quant.scheme import GROUP_AXES, SUPPORTED_BITS, QuantScheme
 from lowbit.passes.axis_selectors import SELECTORS
 from lowbit.passes.capture_calibration import CaptureCalibrationPass
 from lowbit.passes.cleanup import CleanupPass
 from lowbit.passes.fold_norm_scales import FoldNormScalesPass
 from lowbit.passes.fold_weights import FoldWeightsPass
 from lowbit.passes.fuse_qdq import FuseQDQPass
-from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.quant.outliers import CRITERIA as OUTLIER_CRITERIA
+from lowbit.passes.quant.scheme import GROUP_AXES, SUPPORTED_BITS, QuantScheme
+from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.reorder_channels import ReorderChannelsPass
 from lowbit.passes.split_outliers import SplitOutliersPass
 
@@ -44,7 +44,9 @@ class Context:
         return options[int(self.rng.integers(len(options)))]
 
     def scheme(self, method: str = "rtn") -> QuantScheme:
-        return QuantScheme(self.pick(SUPPORTED_BITS), self.pick(GROUP_SIZES), self.pick(GROUP_AXES), self.flag(), method)
+        return QuantScheme(
+            self.pick(SUPPORTED_BITS), self.pick(GROUP_SIZES), self.pick(GROUP_AXES), self.flag(), method
+        )
 
     def quantize(self, method: str = "rtn", adadim: bool = False) -> QuantizeWeightsPass:
         return QuantizeWeightsPass(
@@ -81,7 +83,9 @@ PASSES: dict[str, Entry] = {
         True,
     ),
     "quantize_rtn": Entry(lambda context: context.quantize("rtn"), QUANTIZE, rtn_reference=True),
-    "quantize_rtn_adadim": Entry(lambda context: context.quantize("rtn", adadim=True), QUANTIZE, True, rtn_reference=True),
+    "quantize_rtn_adadim": Entry(
+        lambda context: context.quantize("rtn", adadim=True), QUANTIZE, True, rtn_reference=True
+    ),
     "quantize_gptq": Entry(lambda context: context.quantize("gptq", adadim=context.flag()), QUANTIZE, True),
     "fuse_qdq": Entry(lambda context: FuseQDQPass(), LOSSLESS),
     "cleanup": Entry(lambda context: CleanupPass(), LOSSLESS),

@@ -11,10 +11,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from tests import factories
-from tests.fuzz import registry
 from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
+from tests import factories
+from tests.fuzz import registry
 from tests.fuzz.generator import VARIANTS, Block, Spec, build, minimize, random_spec, smaller
 from tests.fuzz.harness import FuzzFailure, check_order, check_pipeline, random_order
 from tests.parity import check_valid, run, serialized
@@ -89,7 +89,9 @@ class _PerturbWeight(ir.passes.InPlacePass):
         self.honest = honest
 
     def call(self, model):
-        value = next(v for v in model.graph.initializers.values() if v.const_value.size > 1 and v.dtype == ir.DataType.FLOAT)
+        value = next(
+            v for v in model.graph.initializers.values() if v.const_value.size > 1 and v.dtype == ir.DataType.FLOAT
+        )
         value.const_value = ir.tensor(value.const_value.numpy() * np.float32(1.01), name=value.name)
         return ir.passes.PassResult(model, modified=self.honest)
 
@@ -110,7 +112,12 @@ class _OffByOneCode(ir.passes.InPlacePass):
         return result
 
 
-_MLP = Spec(seed=0, batch=(3, 5), width=16, blocks=(Block("linear", "matmul", 8), Block("act", "Relu"), Block("linear", "matmul", 4)))
+_MLP = Spec(
+    seed=0,
+    batch=(3, 5),
+    width=16,
+    blocks=(Block("linear", "matmul", 8), Block("act", "Relu"), Block("linear", "matmul", 4)),
+)
 
 
 @pytest.mark.parametrize(
@@ -130,7 +137,9 @@ def test_the_harness_catches_a_broken_pass(monkeypatch, entry, kind):
 
 
 def test_minimize_keeps_the_failure_and_drops_the_rest():
-    spec = dataclasses.replace(_MLP, batch=(4,), blocks=(*_MLP.blocks, Block("linear", "gemm_t", 24), Block("norm", "rms")))
+    spec = dataclasses.replace(
+        _MLP, batch=(4,), blocks=(*_MLP.blocks, Block("linear", "gemm_t", 24), Block("norm", "rms"))
+    )
 
     def has_gemm(candidate: Spec) -> bool:
         return any(node.op_type == "Gemm" for node in build(candidate).graph)

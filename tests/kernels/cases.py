@@ -8,17 +8,26 @@ a whole term).
 
 import numpy as np
 
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.kernels import packing, reference
 from lowbit.kernels.model import QuantMatMulWeights
 from lowbit.passes.quant.rtn import quantize_rtn
+from lowbit.passes.quant.scheme import QuantScheme
 
 RTOL = 1e-5
 BITS = (2, 3, 4, 8)
 AXES = ("oc", "ic")
 #: (K, N, group_size): ragged tails, K or N = 1, groups smaller than a vector, not a multiple of 8, one group.
-SHAPES = [(1, 1, 1), (1, 70, 64), (70, 1, 32), (200, 130, 64), (131, 67, 13), (64, 100, 16), (96, 200, 8),
-          (256, 192, 128), (50, 77, 1000)]
+SHAPES = [
+    (1, 1, 1),
+    (1, 70, 64),
+    (70, 1, 32),
+    (200, 130, 64),
+    (131, 67, 13),
+    (64, 100, 16),
+    (96, 200, 8),
+    (256, 192, 128),
+    (50, 77, 1000),
+]
 
 
 def make_weights(weight, bits, group, axis, symmetric, extras, rng) -> QuantMatMulWeights:
@@ -46,13 +55,23 @@ def add_outliers(weights: QuantMatMulWeights, fraction: float, rng, crowded: boo
 def term_magnitude(weights: QuantMatMulWeights, a: np.ndarray) -> np.ndarray:
     """``|A[..., perm]| @ (|W| + |S|) + |bias|`` in float64."""
     codes = packing.unpack(weights.packed, weights.bits, weights.K, weights.N)
-    w = reference.dequantize(codes, weights.scales, weights.zero_points, bits=weights.bits,
-                             group_size=weights.group_size, group_axis=weights.group_axis)
+    w = reference.dequantize(
+        codes,
+        weights.scales,
+        weights.zero_points,
+        bits=weights.bits,
+        group_size=weights.group_size,
+        group_axis=weights.group_axis,
+    )
     x = a if weights.perm is None else a[..., weights.perm]
     w = np.abs(w.astype(np.float64))
     if weights.outliers is not None:
         pointers, rows, values = weights.outliers
-        np.add.at(w, (rows.astype(np.int64), np.repeat(np.arange(weights.N), np.diff(pointers.astype(np.int64)))), np.abs(values))
+        np.add.at(
+            w,
+            (rows.astype(np.int64), np.repeat(np.arange(weights.N), np.diff(pointers.astype(np.int64)))),
+            np.abs(values),
+        )
     with np.errstate(invalid="ignore", over="ignore"):
         magnitude = np.abs(x.astype(np.float64)) @ w
     return magnitude if weights.bias is None else magnitude + np.abs(weights.bias)

@@ -17,8 +17,9 @@ from .cases import AXES, BITS, SHAPES, add_outliers, adversarial_weights, assert
 def run_kernel(weights: QuantMatMulWeights, a: np.ndarray, constant_weights=True, symbolic_k=False) -> np.ndarray:
     a_shape = tuple(f"d{i}" for i in range(a.ndim - 1)) + ("K" if symbolic_k else weights.K,)
     model = quant_matmul_model(weights, a_shape, constant_weights=constant_weights)
-    sess = ort.InferenceSession(model.SerializeToString(), session_options(2, use_lowbit_ops=True),
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        model.SerializeToString(), session_options(2, use_lowbit_ops=True), providers=["CPUExecutionProvider"]
+    )
     feeds = {"A": a}
     if not constant_weights:
         feeds.update({name: x for name, x in zip(INPUT_NAMES[1:], weights.inputs()) if x is not None})
@@ -144,7 +145,11 @@ def test_invalid_inputs_raise_clear_errors(ops_library):
         run_kernel(weights, np.ones((1, 16), np.float32))
     weights.perm = None
     one = np.ones((1, 16), np.float32)
-    pointers, rows, values = np.array([0, 1, 1, 1, 1, 1, 1, 1, 2], np.uint32), np.array([3, 15], np.uint16), np.ones(2, np.float32)
+    pointers, rows, values = (
+        np.array([0, 1, 1, 1, 1, 1, 1, 1, 2], np.uint32),
+        np.array([3, 15], np.uint16),
+        np.ones(2, np.float32),
+    )
     for outliers, message in [
         ((pointers, rows, None), "give all three or none"),
         ((pointers[:-1], rows, values), r"outlier_pointers must have shape \[9\], got \[8\]"),

@@ -53,7 +53,12 @@ def test_adversarial_weights_and_non_finite_activations(cuda_session, kind):
 def test_sparse_outliers(cuda_session, shape, crowded):
     k, n, group = shape
     rng = np.random.default_rng([k, n, group, 9])
-    weights = add_outliers(make_weights(rng.standard_normal((k, n)).astype(np.float32), 3, group, "ic", False, True, rng), 0.02, rng, crowded)
+    weights = add_outliers(
+        make_weights(rng.standard_normal((k, n)).astype(np.float32), 3, group, "ic", False, True, rng),
+        0.02,
+        rng,
+        crowded,
+    )
     for batch in (1, 17):
         a = rng.standard_normal((batch, k)).astype(np.float32)
         assert_matches_reference(cuda_session(weights, a), weights, a)

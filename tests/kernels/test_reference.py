@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.kernels import reference
 from lowbit.kernels.model import QuantMatMulWeights
 from lowbit.passes.quant.rtn import quantize_rtn
+from lowbit.passes.quant.scheme import QuantScheme
 
 SCHEMES = [
     QuantScheme(bits=bits, group_size=group, group_axis=axis, symmetric=symmetric)
@@ -74,7 +74,9 @@ def test_rejects_inconsistent_inputs(change, message):
 
 def test_sparse_outliers_add_a_dense_product_with_repeats_summed():
     rng = np.random.default_rng(2)
-    quantized = quantize_rtn(rng.standard_normal((9, 5)).astype(np.float32), QuantScheme(bits=3, group_size=4, group_axis="ic"))
+    quantized = quantize_rtn(
+        rng.standard_normal((9, 5)).astype(np.float32), QuantScheme(bits=3, group_size=4, group_axis="ic")
+    )
     perm = rng.permutation(9)
     rows, columns = np.array([0, 8, 8, 3, 3]), np.array([0, 0, 0, 2, 4])  # (8, 0) twice: the values add up
     values = np.array([5.0, -2.0, 0.5, 1e4, 7.0], np.float32)
@@ -91,7 +93,11 @@ def test_sparse_outliers_add_a_dense_product_with_repeats_summed():
 
 @pytest.mark.parametrize(
     "pointers, rows, message",
-    [([0, 1, 2], [0], "from 0 to nnz"), ([0, 2, 1], [0, 1], "never decreasing"), ([0, 1, 2], [0, 4], r"rows in \[0, 4\)")],
+    [
+        ([0, 1, 2], [0], "from 0 to nnz"),
+        ([0, 2, 1], [0, 1], "never decreasing"),
+        ([0, 1, 2], [0, 4], r"rows in \[0, 4\)"),
+    ],
 )
 def test_outliers_must_be_a_valid_csc_matrix(pointers, rows, message):
     quantized = quantize_rtn(np.ones((4, 2), np.float32), QuantScheme(bits=4, group_size=2))

@@ -5,10 +5,10 @@ import onnx
 import pytest
 from onnx import helper
 
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.kernels import _lib, reference
 from lowbit.kernels.model import QuantMatMulWeights, quant_matmul_model
 from lowbit.passes.quant.rtn import quantize_rtn
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.runtime import session
 
 
@@ -25,8 +25,12 @@ def lowbit_model(tmp_path):
 @pytest.fixture
 def float_model(tmp_path):
     node = helper.make_node("Relu", ["X"], ["Y"])
-    graph = helper.make_graph([node], "relu", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [2])],
-                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [2])])
+    graph = helper.make_graph(
+        [node],
+        "relu",
+        [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [2])],
+    )
     path = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), path)
     return path

@@ -22,9 +22,15 @@ def _conv_bn(seed: int = 0, bias: bool = True) -> ir.Model:
         b = factories.constant("b", rng.standard_normal(5).astype(np.float32))
         inputs.append(b)
         initializers.append(b)
-    params = [factories.constant(name, array.astype(np.float32)) for name, array in (
-        ("gamma", rng.standard_normal(5)), ("beta", rng.standard_normal(5)),
-        ("mean", rng.standard_normal(5)), ("var", rng.uniform(0.1, 2.0, 5)))]
+    params = [
+        factories.constant(name, array.astype(np.float32))
+        for name, array in (
+            ("gamma", rng.standard_normal(5)),
+            ("beta", rng.standard_normal(5)),
+            ("mean", rng.standard_normal(5)),
+            ("var", rng.uniform(0.1, 2.0, 5)),
+        )
+    ]
     conv = factories.node("Conv", inputs, "conv")
     bn = factories.node("BatchNormalization", [conv.outputs[0], *params], "bn", output="y", epsilon=1e-3)
     return factories.model([x], [bn.outputs[0]], [conv, bn], initializers + params)

@@ -13,11 +13,21 @@ from tests.factories import constant, graph_input, node
 from tests.parity import check_valid, serialized
 from tests.passes.test_reorder_channels import assert_lossless, export_tiny_qwen2
 
+
 def rms_norm(x: ir.Value, gamma: ir.Value, nodes: list, prefix: str) -> ir.Value:
     """The exporter's decomposed RMSNorm: gamma * (x * 1/sqrt(mean(x^2) + eps))."""
-    two, eps = constant(f"{prefix}_two", np.array(2.0, np.float32)), constant(f"{prefix}_eps", np.array(1e-5, np.float32))
+    two, eps = (
+        constant(f"{prefix}_two", np.array(2.0, np.float32)),
+        constant(f"{prefix}_eps", np.array(1e-5, np.float32)),
+    )
     axes = constant(f"{prefix}_axes", np.array([-1], np.int64))
-    steps = [("Pow", [x, two]), ("ReduceMean", [None, axes]), ("Add", [None, eps]), ("Sqrt", [None]), ("Reciprocal", [None])]
+    steps = [
+        ("Pow", [x, two]),
+        ("ReduceMean", [None, axes]),
+        ("Add", [None, eps]),
+        ("Sqrt", [None]),
+        ("Reciprocal", [None]),
+    ]
     value = None
     for index, (op, inputs) in enumerate(steps):
         nodes.append(node(op, [value if item is None else item for item in inputs], f"{prefix}_{index}"))
@@ -88,7 +98,9 @@ def layer_norm_gemm(seed: int = 0, hidden: int = 12, n: int = 5, trans_b: int = 
     weight = constant("w", rng.standard_normal((n, hidden) if trans_b else (hidden, n)).astype(np.float32))
     c = constant("c", rng.standard_normal(n).astype(np.float32))
     nodes = [node("LayerNormalization", [x, gamma, beta], "norm", axis=-1, epsilon=1e-5)]
-    nodes.append(node("Gemm", [nodes[0].outputs[0], weight, c], "gemm", output="y", transB=trans_b, alpha=0.5, beta=2.0))
+    nodes.append(
+        node("Gemm", [nodes[0].outputs[0], weight, c], "gemm", output="y", transB=trans_b, alpha=0.5, beta=2.0)
+    )
     return factories.model([x], [nodes[-1].outputs[0]], nodes, [gamma, beta, weight, c])
 
 
@@ -98,7 +110,9 @@ def tied_head(seed: int = 0, vocab: int = 30, hidden: int = 16) -> ir.Model:
     ids = graph_input("ids", [1, 7], ir.DataType.INT64)
     table = constant("embed", rng.standard_normal((vocab, hidden)).astype(np.float32))
     nodes = [node("Gather", [table, ids], "embed_tokens")]
-    normed, inits = rms_norm(nodes[0].outputs[0], constant("gamma", rng.uniform(-2, 2, hidden).astype(np.float32)), nodes, "norm")
+    normed, inits = rms_norm(
+        nodes[0].outputs[0], constant("gamma", rng.uniform(-2, 2, hidden).astype(np.float32)), nodes, "norm"
+    )
     nodes.append(node("Transpose", [table], "tie", perm=[1, 0]))
     nodes.append(node("MatMul", [normed, nodes[-1].outputs[0]], "lm_head", output="logits"))
     return factories.model([ids], [nodes[-1].outputs[0]], nodes, [table, *inits])
@@ -109,9 +123,15 @@ def conv_batch_norm(seed: int = 0, with_bias: bool = True) -> ir.Model:
     rng = np.random.default_rng(seed)
     x = graph_input("x", [1, 3, 8, 8])
     weight = constant("conv_w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32))
-    params = [constant(name, array.astype(np.float32)) for name, array in [
-        ("bn_scale", rng.uniform(0.5, 2, 4)), ("bn_bias", rng.standard_normal(4)),
-        ("bn_mean", rng.standard_normal(4)), ("bn_var", rng.uniform(0.5, 2, 4))]]
+    params = [
+        constant(name, array.astype(np.float32))
+        for name, array in [
+            ("bn_scale", rng.uniform(0.5, 2, 4)),
+            ("bn_bias", rng.standard_normal(4)),
+            ("bn_mean", rng.standard_normal(4)),
+            ("bn_var", rng.uniform(0.5, 2, 4)),
+        ]
+    ]
     conv_inputs = [x, weight]
     inits = [weight, *params]
     if with_bias:
@@ -139,8 +159,12 @@ def test_decomposed_rms_norm_gamma_moves_into_q_k_v():
     gamma = reference.graph.initializers["gamma"].const_value.numpy()
     for name in ("w_q_proj", "w_k_proj", "w_v_proj"):
         before = reference.graph.initializers[name].const_value.numpy()
-        np.testing.assert_allclose(model.graph.initializers[name].const_value.numpy(), gamma[:, None] * before, rtol=1e-6)
-    assert fold.details["folded"] == [{"node": "norm_gamma", "op": "Mul", "weights": ["q_proj", "k_proj", "v_proj"], "new_adds": 0}]
+        np.testing.assert_allclose(
+            model.graph.initializers[name].const_value.numpy(), gamma[:, None] * before, rtol=1e-6
+        )
+    assert fold.details["folded"] == [
+        {"node": "norm_gamma", "op": "Mul", "weights": ["q_proj", "k_proj", "v_proj"], "new_adds": 0}
+    ]
     assert (fold.details["folded_norms"], fold.details["scaled_weights"], fold.details["skipped_norms"]) == (1, 3, 0)
 
 
@@ -176,7 +200,9 @@ def test_post_layer_norm_with_a_residual_reader_is_reported_and_untouched():
     fold = FoldNormScalesPass()
     assert not fold(model).modified
     assert serialized(model) == before
-    assert fold.details["skipped"] == [{"node": "norm", "op": "LayerNormalization", "reason": "Add 'sum_1' reads its output"}]
+    assert fold.details["skipped"] == [
+        {"node": "norm", "op": "LayerNormalization", "reason": "Add 'sum_1' reads its output"}
+    ]
 
 
 def test_tied_lm_head_norm_is_skipped_with_the_reason():
@@ -246,4 +272,8 @@ def test_statistics_collected_before_folding_are_refused():
     with pytest.raises(ValueError, match="fold_norms=True changes the activations"):
         lowbit.optimize(decomposed_rms_qkv(), recipe, calibration=collect(decomposed_rms_qkv(), batches))
     folded_result = lowbit.optimize(decomposed_rms_qkv(), recipe, calibration=batches)
-    assert [p.name for p in folded_result.report.passes][:3] == ["FoldWeightsPass", "FoldNormScalesPass", "CaptureCalibrationPass"]
+    assert [p.name for p in folded_result.report.passes][:3] == [
+        "FoldWeightsPass",
+        "FoldNormScalesPass",
+        "CaptureCalibrationPass",
+    ]

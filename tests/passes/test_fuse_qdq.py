@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.kernels import packing
 from lowbit.passes.fuse_qdq import FuseQDQPass
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.rules.quant_matmul import read_dequantize
 from lowbit.passes.split_outliers import SplitOutliersPass
@@ -119,7 +119,12 @@ def test_gemm_bias_is_fused(ops_library):
     _assert_close(fused, qdq)
 
 
-OUTLIER_SCHEMES = [QuantScheme(2, 16, "oc"), QuantScheme(3, 7, "ic"), QuantScheme(4, 32, "ic", True), QuantScheme(8, -1, "oc")]
+OUTLIER_SCHEMES = [
+    QuantScheme(2, 16, "oc"),
+    QuantScheme(3, 7, "ic"),
+    QuantScheme(4, 32, "ic", True),
+    QuantScheme(8, -1, "oc"),
+]
 
 
 def _with_outliers(factory, scheme, fraction: float = 0.05) -> tuple[ir.Model, SplitOutliersPass]:
@@ -133,9 +138,11 @@ def _with_outliers(factory, scheme, fraction: float = 0.05) -> tuple[ir.Model, S
 @pytest.mark.parametrize("scheme", OUTLIER_SCHEMES, ids=str)
 @pytest.mark.parametrize(
     "factory, fused_ops",
-    [(factories.mlp, ["QuantMatMul", "Relu", "QuantMatMul"]),  # MatMul, outliers, bias Add
-     (factories.gemm, ["QuantMatMul"]),  # Gemm: bias, then outliers
-     (factories.shared_weight, ["QuantMatMul", "QuantMatMul"])],
+    [
+        (factories.mlp, ["QuantMatMul", "Relu", "QuantMatMul"]),  # MatMul, outliers, bias Add
+        (factories.gemm, ["QuantMatMul"]),  # Gemm: bias, then outliers
+        (factories.shared_weight, ["QuantMatMul", "QuantMatMul"]),
+    ],
     ids=["mlp", "gemm", "shared"],
 )
 def test_outlier_branches_become_inputs_of_the_fused_op(ops_library, scheme, factory, fused_ops):
@@ -229,9 +236,12 @@ def test_a_weight_from_a_constant_node_without_types_is_left_byte_identical():
 
     constant = helper.make_tensor("w", TensorProto.FLOAT, [2, 3], [0.5, -1.0, 2.0, 0.25, 1.5, -0.75])
     graph = helper.make_graph(
-        [helper.make_node("Constant", [], ["w_out"], name="w_constant", value=constant),
-         helper.make_node("MatMul", ["x", "w_out"], ["y"], name="fc")],
-        "constant_weight", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [
+            helper.make_node("Constant", [], ["w_out"], name="w_constant", value=constant),
+            helper.make_node("MatMul", ["x", "w_out"], ["y"], name="fc"),
+        ],
+        "constant_weight",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
     )
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
@@ -304,8 +314,14 @@ def test_read_dequantize_reproduces_the_weight(bits, signed, k, n, seed):
     """For any blocked DequantizeLinear, (codes - zero) * scale in the kernel's terms equals ONNX's result."""
     rng = np.random.default_rng(seed)
     low, high = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
-    code_type = {(2, True): ir.DataType.INT2, (2, False): ir.DataType.UINT2, (4, True): ir.DataType.INT4,
-                 (4, False): ir.DataType.UINT4, (8, True): ir.DataType.INT8, (8, False): ir.DataType.UINT8}[bits, signed]
+    code_type = {
+        (2, True): ir.DataType.INT2,
+        (2, False): ir.DataType.UINT2,
+        (4, True): ir.DataType.INT4,
+        (4, False): ir.DataType.UINT4,
+        (8, True): ir.DataType.INT8,
+        (8, False): ir.DataType.UINT8,
+    }[bits, signed]
     raw = rng.integers(low, high, (k, n)).astype(np.int8 if signed else np.uint8)
     block = int(rng.integers(1, k + 1))
     groups = -(-k // block)

@@ -26,7 +26,9 @@ def _chain(length: int, relu: bool, seed: int = 0) -> ir.Model:
     x = factories.graph_input("x", [2, 5, widths[0]])
     value, nodes, weights = x, [], []
     for index in range(length):
-        weight = factories.constant(f"w{index}", rng.standard_normal((widths[index], widths[index + 1])).astype(np.float32))
+        weight = factories.constant(
+            f"w{index}", rng.standard_normal((widths[index], widths[index + 1])).astype(np.float32)
+        )
         last = index == length - 1
         matmul = factories.node("MatMul", [value, weight], f"fc{index}", output="y" if last else None)
         nodes.append(matmul)

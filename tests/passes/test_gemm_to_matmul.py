@@ -3,7 +3,6 @@ rule (Reshape -> Gemm(alpha=1, beta=1) -> Reshape only) does not match the Gemms
 their transB, alpha, beta and bias shape; ours writes the same function for all of them."""
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 from onnxscript import rewriter
 from onnxscript.rewriter.rules.common import gemm_to_matmul_add_rule

@@ -17,9 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
 from lowbit.ir import builders
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.fold_norm_scales import FoldNormScalesPass
 from lowbit.passes.quant.rtn import expand_groups, fit_to_type, quantize_rtn
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.runtime.session import session_options
 
 RNG_SEED = 0
@@ -61,7 +61,10 @@ def _mlp(weight: np.ndarray, *, via: str = "initializer", elem=TensorProto.FLOAT
         nodes.append(helper.make_node("Transpose", ["w_t"], ["w"], name="w_transpose", perm=[1, 0]))
     else:
         initializers.append(_tensor("w", weight))
-    nodes += [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node("Relu", ["h"], ["y"], name="act")]
+    nodes += [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("Relu", ["h"], ["y"], name="act"),
+    ]
     return _model(nodes, [x], [y], initializers, **kwargs)
 
 
@@ -77,7 +80,11 @@ def _dequantized(model: ir.Model) -> tuple[np.ndarray, ir.Node]:
     codes = node.inputs[0].const_value.numpy().astype(np.int64)
     scales = node.inputs[1].const_value.numpy().astype(np.float32)
     axis, block = node.attributes.get_int("axis", 1), node.attributes.get_int("block_size", 0)
-    zero = np.zeros_like(scales, dtype=np.int64) if len(node.inputs) < 3 else node.inputs[2].const_value.numpy().astype(np.int64)
+    zero = (
+        np.zeros_like(scales, dtype=np.int64)
+        if len(node.inputs) < 3
+        else node.inputs[2].const_value.numpy().astype(np.int64)
+    )
     centered = codes - expand_groups(zero, block, axis, codes.shape)
     return centered.astype(np.float32) * expand_groups(scales, block, axis, codes.shape), node
 
@@ -136,7 +143,9 @@ def test_double_weight_beyond_the_float32_range_is_refused_by_name():
         _optimize(_mlp(weight, elem=TensorProto.DOUBLE))
 
 
-@pytest.mark.parametrize("via, value_info", [("constant", True), ("constant", False), ("transpose", False), ("transpose", True)])
+@pytest.mark.parametrize(
+    "via, value_info", [("constant", True), ("constant", False), ("transpose", False), ("transpose", True)]
+)
 def test_weights_behind_constant_and_transpose_nodes_are_quantized_without_value_info(via, value_info):
     weight = _weight()
     x = np.random.default_rng(1).standard_normal((2, K)).astype(np.float32)
@@ -159,11 +168,16 @@ def test_every_constant_matmul_weight_is_quantized_or_reported_with_a_reason():
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "y_if", "y3", "y_sin")]
     branch_weight = numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "w_branch")
     then_graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w_branch"], ["then_out"], name="branch_fc")], "then", [],
-        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)], [branch_weight],
+        [helper.make_node("MatMul", ["x", "w_branch"], ["then_out"], name="branch_fc")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)],
+        [branch_weight],
     )
     else_graph = helper.make_graph(
-        [helper.make_node("Identity", ["h"], ["else_out"], name="else_id")], "else", [],
+        [helper.make_node("Identity", ["h"], ["else_out"], name="else_id")],
+        "else",
+        [],
         [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)],
     )
     nodes = [
@@ -243,7 +257,9 @@ def test_float16_scales_below_the_smallest_subnormal_do_not_become_zero():
     weight = np.full((4, 4), 1e-7, np.float32)
     weight[0, 0] = 0
     fitted = fit_to_type(quantize_rtn(weight, QuantScheme(4, -1, "oc", False)), np.float16)
-    assert (fitted.scales > 0).all() and np.array_equal(fitted.scales, fitted.scales.astype(np.float16).astype(np.float32))
+    assert (fitted.scales > 0).all() and np.array_equal(
+        fitted.scales, fitted.scales.astype(np.float16).astype(np.float32)
+    )
 
 
 # --- class 6: passes that need shapes the file does not carry ------------------------------------
@@ -331,13 +347,20 @@ def test_older_opsets_convert_to_a_model_onnx_runtime_runs(opset):
     rng = np.random.default_rng(0)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, K])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1])
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node("ReduceMean", ["h"], ["y"], name="mean", axes=[-1])]
-    model = _model(nodes, [x], [y], [numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "w")], opset=opset)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("ReduceMean", ["h"], ["y"], name="mean", axes=[-1]),
+    ]
+    model = _model(
+        nodes, [x], [y], [numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "w")], opset=opset
+    )
     _optimize(model)
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     feeds = {"x": rng.standard_normal((2, K)).astype(np.float32)}
     w_hat, _ = _dequantized(model)
-    np.testing.assert_allclose(_run(model, feeds)[0], (feeds["x"] @ w_hat).mean(-1, keepdims=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _run(model, feeds)[0], (feeds["x"] @ w_hat).mean(-1, keepdims=True), rtol=1e-5, atol=1e-5
+    )
 
 
 # --- class 8: names unique across subgraphs --------------------------------------------------------
@@ -349,17 +372,26 @@ def _colliding_subgraph_model() -> ir.Model:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, N])
     taken = ["fc.dequantized", "fc.scales", "fc.qweight", "fc.zero_points", "fc.DequantizeLinear"]
     then_nodes = [helper.make_node("Relu", ["h"], [taken[0]], name="then_relu")]
-    then_nodes += [helper.make_node("Neg", [a], [b], name=f"then_{i}") for i, (a, b) in enumerate(zip(taken, taken[1:]))]
-    then_graph = helper.make_graph(then_nodes, "then", [], [helper.make_tensor_value_info(taken[-1], TensorProto.FLOAT, [2, N])])
+    then_nodes += [
+        helper.make_node("Neg", [a], [b], name=f"then_{i}") for i, (a, b) in enumerate(zip(taken, taken[1:]))
+    ]
+    then_graph = helper.make_graph(
+        then_nodes, "then", [], [helper.make_tensor_value_info(taken[-1], TensorProto.FLOAT, [2, N])]
+    )
     else_graph = helper.make_graph(
-        [helper.make_node("Identity", ["h"], ["fc.scales"], name="fc.DequantizeLinear")], "else", [],
+        [helper.make_node("Identity", ["h"], ["fc.scales"], name="fc.DequantizeLinear")],
+        "else",
+        [],
         [helper.make_tensor_value_info("fc.scales", TensorProto.FLOAT, [2, N])],
     )
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
         helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph),
     ]
-    initializers = [numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "w"), numpy_helper.from_array(np.array(True), "cond")]
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array(True), "cond"),
+    ]
     return _model(nodes, [x], [y], initializers)
 
 
@@ -378,14 +410,18 @@ def test_new_names_are_unique_across_subgraphs():
     w_hat, _ = _dequantized(model)
     (actual,) = _run(model, {"x": x})
     h = x @ w_hat
-    np.testing.assert_allclose(actual, np.negative(np.negative(np.negative(np.negative(np.maximum(h, 0))))), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        actual, np.negative(np.negative(np.negative(np.negative(np.maximum(h, 0))))), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_name_allocator_sees_subgraph_names():
     model = _colliding_subgraph_model()
     names = builders.NameAllocator(model.graph)
     base = names.allocate("fc", "w")
-    assert base != "fc" and not any(f"{base}{tail}" in builders.graph_names(model.graph) for tail in (".scales", ".dequantized"))
+    assert base != "fc" and not any(
+        f"{base}{tail}" in builders.graph_names(model.graph) for tail in (".scales", ".dequantized")
+    )
     assert names.fresh("fc.scales") == "fc.scales_2"
 
 
@@ -396,7 +432,10 @@ def test_a_conversion_that_leaves_invalid_nodes_is_refused_naming_the_node(monke
     monkeypatch.setattr(storage_opset, "adapt_signatures", lambda model, current, target: None)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, K])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1])
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node("ReduceMean", ["h"], ["y"], name="mean", axes=[-1])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("ReduceMean", ["h"], ["y"], name="mean", axes=[-1]),
+    ]
     model = _model(nodes, [x], [y], [numpy_helper.from_array(_weight(), "w")], opset=17)
     with pytest.raises(ValueError, match="ReduceMean node 'mean'"):
         _optimize(model)

@@ -5,12 +5,12 @@ import onnx_ir as ir
 import pytest
 
 from lowbit.passes import pipelines
-from lowbit.passes.base import LowbitPass, PassRequirementError
+from lowbit.passes.base import LowbitPass
 from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
+from lowbit.passes.recipe import Recipe
 from lowbit.passes.reorder_channels import ReorderChannelsPass
 from lowbit.passes.split_outliers import SplitOutliersPass
-from lowbit.passes.recipe import Recipe
 from tests import factories
 
 
@@ -40,7 +40,11 @@ def test_every_pipeline_pass_reports_through_the_protocol():
     model = factories.mlp()
     for pass_ in passes:
         pass_(model)
-        assert isinstance(pass_.details, dict) and isinstance(pass_.weight_records, list) and isinstance(pass_.skipped, list)
+        assert (
+            isinstance(pass_.details, dict)
+            and isinstance(pass_.weight_records, list)
+            and isinstance(pass_.skipped, list)
+        )
     quantize = next(p for p in passes if isinstance(p, QuantizeWeightsPass))
     assert len(quantize.weight_records) == 2
     quantize(model)  # a second run reports only itself

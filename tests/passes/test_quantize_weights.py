@@ -4,8 +4,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.rtn import quantize_rtn
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from tests import factories
 from tests.parity import check_valid, run, serialized
@@ -164,8 +164,8 @@ def test_gptq_without_calibration_is_refused():
 
 @pytest.mark.parametrize("axis", ["oc", "ic"])
 def test_gptq_graph_holds_exactly_the_gptq_weights(axis):
-    from lowbit.runtime.calibration import calibration_of
     from lowbit.passes.quant.gptq import quantize_gptq
+    from lowbit.runtime.calibration import calibration_of
 
     model = _calibrated_mlp()
     stats = calibration_of(model)
@@ -197,7 +197,11 @@ def test_adadim_picks_per_weight_and_reports_both_errors():
         assert set(record.axis_errors) == {"oc", "ic"}
         assert record.axis == min(record.axis_errors, key=record.axis_errors.get)
         assert record.output_error == pytest.approx(record.axis_errors[record.axis], rel=1e-6)
-    axes = {node.inputs[0].name: node.attributes.get_int("axis") for node in model.graph if node.op_type == "DequantizeLinear"}
+    axes = {
+        node.inputs[0].name: node.attributes.get_int("axis")
+        for node in model.graph
+        if node.op_type == "DequantizeLinear"
+    }
     assert sorted(axes.values()) == sorted(0 if r.axis == "oc" else 1 for r in quantize.weight_records)
 
 
@@ -236,7 +240,9 @@ def test_two_bit_per_oc_weights_compute_right_in_onnx_runtime(n):
     assert codes["fc1.DequantizeLinear"] == (ir.DataType.UINT4 if n % 4 else ir.DataType.UINT2)
     assert codes["fc2.DequantizeLinear"] == ir.DataType.UINT2
     feeds = factories.feeds_for(model)
-    np.testing.assert_allclose(run(model, feeds)[0], _expected_mlp_output(float_model, scheme, feeds), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        run(model, feeds)[0], _expected_mlp_output(float_model, scheme, feeds), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_gemm_whose_bias_already_has_the_scaled_bias_name():
@@ -285,7 +291,9 @@ def test_choice_by_rtn_then_gptq_on_the_chosen_axis_only():
     by_rtn = QuantizeWeightsPass(QuantScheme(2, 8, "oc"), candidate_axes=("oc", "ic"))
     by_rtn(_calibrated_mlp())
     chosen = {record.name: record for record in by_rtn.weight_records}
-    paper = QuantizeWeightsPass(QuantScheme(2, 8, "oc", method="gptq"), candidate_axes=("oc", "ic"), choice_method="rtn")
+    paper = QuantizeWeightsPass(
+        QuantScheme(2, 8, "oc", method="gptq"), candidate_axes=("oc", "ic"), choice_method="rtn"
+    )
     model = _calibrated_mlp()
     paper(model)
     check_valid(model)
@@ -305,8 +313,8 @@ def test_choice_by_rtn_then_gptq_on_the_chosen_axis_only():
 def test_clip_search_graph_holds_the_searched_weights(method, calibrated):
     """With clip_search the stored tensors are the searched ones: diag(H)-weighted where statistics exist
     (GPTQ always has them), uniform otherwise; and the output error is no worse than min-max RTN's."""
-    from lowbit.runtime.calibration import calibration_of
     from lowbit.passes.quant.gptq import quantize_gptq
+    from lowbit.runtime.calibration import calibration_of
 
     model = _calibrated_mlp() if calibrated else factories.mlp()
     hessian = calibration_of(model).by_activation["x"].hessian if calibrated else None

@@ -8,10 +8,9 @@ import onnx_ir as ir
 import pytest
 
 from lowbit.passes.capture_calibration import CaptureCalibrationPass
-from lowbit.runtime.calibration import calibration_of
 from lowbit.passes.quant.reorder import position_scores
 from lowbit.passes.reorder_channels import ReorderChannelsPass
-from lowbit.runtime.calibration import collect
+from lowbit.runtime.calibration import calibration_of, collect
 from tests import factories
 from tests.factories import constant, graph_input, node
 from tests.parity import check_valid, run, serialized
@@ -55,12 +54,22 @@ def gqa_attention(seed: int = 0, hidden: int = 12, kv_heads: int = 2, group: int
     def shape(name, dims):
         return constant(name, np.array(dims, np.int64))
 
-    w_q, w_k, w_v = weight("w_q", heads * head_dim), weight("w_k", kv_heads * head_dim), weight("w_v", kv_heads * head_dim, 3)
+    w_q, w_k, w_v = (
+        weight("w_q", heads * head_dim),
+        weight("w_k", kv_heads * head_dim),
+        weight("w_v", kv_heads * head_dim, 3),
+    )
     kv_bias = constant("kv_bias", rng.standard_normal(kv_heads * head_dim).astype(np.float32))
     w_o = constant("w_o", rng.standard_normal((heads * head_dim, hidden)).astype(np.float32))
-    split_q, split_kv = shape("split_q", [batch, seq, heads, head_dim]), shape("split_kv", [batch, seq, kv_heads, head_dim])
+    split_q, split_kv = (
+        shape("split_q", [batch, seq, heads, head_dim]),
+        shape("split_kv", [batch, seq, kv_heads, head_dim]),
+    )
     repeat = shape("repeat", [batch, kv_heads, group, seq, head_dim])
-    merge_heads, merge = shape("merge_heads", [batch, heads, seq, head_dim]), shape("merge", [batch, seq, heads * head_dim])
+    merge_heads, merge = (
+        shape("merge_heads", [batch, heads, seq, head_dim]),
+        shape("merge", [batch, seq, heads * head_dim]),
+    )
     axis2 = shape("axis2", [2])
     nodes = []
 
@@ -70,11 +79,15 @@ def gqa_attention(seed: int = 0, hidden: int = 12, kv_heads: int = 2, group: int
 
     def kv(prefix, w):
         projected = add("Add", [add("MatMul", [x, w], f"{prefix}_proj"), kv_bias], f"{prefix}_bias")
-        per_head = add("Transpose", [add("Reshape", [projected, split_kv], f"{prefix}_view")], f"{prefix}_t", perm=[0, 2, 1, 3])
+        per_head = add(
+            "Transpose", [add("Reshape", [projected, split_kv], f"{prefix}_view")], f"{prefix}_t", perm=[0, 2, 1, 3]
+        )
         expanded = add("Expand", [add("Unsqueeze", [per_head, axis2], f"{prefix}_unsq"), repeat], f"{prefix}_expand")
         return add("Reshape", [expanded, merge_heads], f"{prefix}_repeat")
 
-    q = add("Transpose", [add("Reshape", [add("MatMul", [x, w_q], "q_proj"), split_q], "q_view")], "q_t", perm=[0, 2, 1, 3])
+    q = add(
+        "Transpose", [add("Reshape", [add("MatMul", [x, w_q], "q_proj"), split_q], "q_view")], "q_t", perm=[0, 2, 1, 3]
+    )
     k, v = kv("k", w_k), kv("v", w_v)
     scores = add("MatMul", [q, add("Transpose", [k], "k_t2", perm=[0, 1, 3, 2])], "scores")
     probs = add("Softmax", [scores], "softmax", axis=-1)
@@ -132,7 +145,10 @@ def test_mlp_permutation_is_folded_losslessly_without_new_nodes():
     # gate/up read the graph input: nothing produces their input channels
     assert {entry["layer"] for entry in reorder.details["skipped"]} == {"gate_proj", "up_proj"}
     assert all("graph input" in entry["reason"] for entry in reorder.details["skipped"])
-    counts = {key: reorder.details[key] for key in ("reordered_weights", "permuted_sources", "permuted_constants", "skipped_weights")}
+    counts = {
+        key: reorder.details[key]
+        for key in ("reordered_weights", "permuted_sources", "permuted_constants", "skipped_weights")
+    }
     assert counts == {"reordered_weights": 1, "permuted_sources": 2, "permuted_constants": 1, "skipped_weights": 2}
 
 
@@ -169,7 +185,9 @@ def test_gqa_attention_permutes_within_kv_heads_and_copies_the_shared_bias():
     assert local[0] == local[1] == local[2] and local[3] == local[4] == local[5]
     assert local[0] != [0, 1, 2, 3] or local[3] != [0, 1, 2, 3]
     fresh = collect(model, batches(model)).by_activation["context_flat_out"]
-    np.testing.assert_allclose(calibration_of(model).by_activation["context_flat_out"].hessian, fresh.hessian, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        calibration_of(model).by_activation["context_flat_out"].hessian, fresh.hessian, rtol=1e-6, atol=1e-9
+    )
 
 
 def test_reasons_for_weights_it_cannot_reorder():
@@ -235,8 +253,14 @@ def export_tiny_qwen2():
 
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
-        vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     module = transformers.Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
@@ -264,10 +288,14 @@ def test_optimize_runs_fold_norms_then_calibration_then_reorder(tiny_qwen2):
     result = lowbit.optimize(model, recipe, calibration=token_batches())
     check_valid(result.model)
     names = [record.name for record in result.report.passes]
-    assert names.index("FoldNormScalesPass") < names.index("CaptureCalibrationPass") < names.index("ReorderChannelsPass")
+    assert (
+        names.index("FoldNormScalesPass") < names.index("CaptureCalibrationPass") < names.index("ReorderChannelsPass")
+    )
     assert names.index("ReorderChannelsPass") < names.index("QuantizeWeightsPass")
     details = {record.name: record.details for record in result.report.passes}
-    assert details["FoldNormScalesPass"]["folded_norms"] == 5 and details["ReorderChannelsPass"]["reordered_weights"] == 4
+    assert (
+        details["FoldNormScalesPass"]["folded_norms"] == 5 and details["ReorderChannelsPass"]["reordered_weights"] == 4
+    )
     feeds = token_batches(5)[-1]
     (want,), (got,) = run(reference, feeds), run(result.model, feeds)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02  # 8-bit GPTQ on random weights
@@ -316,16 +344,23 @@ def _constant_weight_chain() -> ir.Model:
     rng = np.random.default_rng(5)
     c = numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "c")
     graph = helper.make_graph(
-        [helper.make_node("Constant", [], ["c_out"], name="c_constant", value=c),
-         helper.make_node("MatMul", ["x", "c_out"], ["h"], name="first"),
-         helper.make_node("MatMul", ["h", "w2"], ["m"], name="second"),
-         helper.make_node("Add", ["m", "b"], ["y"], name="bias")],
-        "constant_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [
+            helper.make_node("Constant", [], ["c_out"], name="c_constant", value=c),
+            helper.make_node("MatMul", ["x", "c_out"], ["h"], name="first"),
+            helper.make_node("MatMul", ["h", "w2"], ["m"], name="second"),
+            helper.make_node("Add", ["m", "b"], ["y"], name="bias"),
+        ],
+        "constant_chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
-        [numpy_helper.from_array(rng.standard_normal((4, 2)).astype(np.float32), "w2"),
-         numpy_helper.from_array(rng.standard_normal(2).astype(np.float32), "b")],
+        [
+            numpy_helper.from_array(rng.standard_normal((4, 2)).astype(np.float32), "w2"),
+            numpy_helper.from_array(rng.standard_normal(2).astype(np.float32), "b"),
+        ],
     )
-    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])))
+    model = ir.serde.deserialize_model(
+        onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    )
     output = model.graph.node(0).outputs[0]
     output.const_value = ir.tensor(numpy_helper.to_array(c))  # as onnx_ir's and onnxscript's matchers leave it
     return model

@@ -17,12 +17,12 @@ import pytest
 import lowbit
 from lowbit import cli
 from lowbit.ir import analysis
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes import sequential
 from lowbit.passes.axis_selectors import WeightPlan
 from lowbit.passes.capture_calibration import CaptureCalibrationPass
 from lowbit.passes.fold_weights import FoldWeightsPass
 from lowbit.passes.quant.gptq import quantize_gptq
+from lowbit.passes.quant.scheme import CALIBRATION_MODES, QuantScheme
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.runtime.calibration import collect
 from tests import factories
@@ -42,12 +42,20 @@ def _llama_proto(layers: int) -> bytes:
     """A random-weight Llama with ``layers`` decoder layers, exported and folded (serialized, so each test gets a copy)."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=160, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=160,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
     )
     module = CausalLM(transformers.LlamaForCausalLM(config)).eval()
     ids = torch.randint(0, VOCAB, (2, 12))
-    model = lowbit.export(module, (ids,), dynamic_shapes={"input_ids": {1: "seq"}}, input_names=["input_ids"], output_names=["logits"])
+    model = lowbit.export(
+        module, (ids,), dynamic_shapes={"input_ids": {1: "seq"}}, input_names=["input_ids"], output_names=["logits"]
+    )
     FoldWeightsPass()(model)
     return ir.to_proto(model).SerializeToString()
 
@@ -92,11 +100,13 @@ def _gptq_sweep(model: ir.Model, feeds, **options):
 
 
 def _layer_activations(model: ir.Model, layer: int) -> list[str]:
-    return sorted({
-        use.node.inputs[0].name
-        for use in analysis.weight_uses(model.graph)
-        if sequential.layer_of([use]) is not None and sequential.layer_of([use]).endswith(f".{layer}")
-    })
+    return sorted(
+        {
+            use.node.inputs[0].name
+            for use in analysis.weight_uses(model.graph)
+            if sequential.layer_of([use]) is not None and sequential.layer_of([use]).endswith(f".{layer}")
+        }
+    )
 
 
 @pytest.mark.slow
@@ -126,7 +136,9 @@ def test_sweep_equals_calibrating_the_partially_quantized_model():
 def _traced_in_sweep() -> int:
     """Bytes alive (after a collection) that were allocated with the sweep's code on the stack."""
     gc.collect()
-    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, sequential.__file__, all_frames=True)])
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(True, sequential.__file__, all_frames=True)]
+    )
     return sum(stat.size for stat in snapshot.statistics("filename"))
 
 
@@ -143,7 +155,9 @@ def test_memory_does_not_grow_with_layers():
     def quantize(layer, step):  # float weights: only memory is measured here
         held.append(_traced_in_sweep())
         assert all(ref() is None for ref in previous)  # the last layer's inputs are gone
-        previous[:] = [weakref.ref(value) for sample in step.samples for name, value in sample.items() if name != "input_ids"]
+        previous[:] = [
+            weakref.ref(value) for sample in step.samples for name, value in sample.items() if name != "input_ids"
+        ]
         assert len(previous) == 4  # the residual stream of the first 4 samples
         for index in layer.indices:
             plans[index].hessian = None  # H is the caller's to keep or drop
@@ -156,7 +170,9 @@ def test_memory_does_not_grow_with_layers():
     finally:
         tracemalloc.stop()
     assert sweep.stream_bytes == [len(feeds) * 2 * 16 * HIDDEN * 4] * 4
-    assert len(held) == 4 and max(held[1:]) - min(held[1:]) < 32 * 1024, held  # a layer's float subgraph alone is ~250 KiB
+    assert len(held) == 4 and max(held[1:]) - min(held[1:]) < 32 * 1024, (
+        held
+    )  # a layer's float subgraph alone is ~250 KiB
 
 
 @pytest.mark.slow
@@ -172,7 +188,11 @@ def test_feeds_must_name_the_model_inputs():
 
 
 def _quantized_tensors(model: ir.Model) -> dict[str, np.ndarray]:
-    return {name: value.const_value.numpy() for name, value in model.graph.initializers.items() if name.endswith((".qweight", ".scales", ".zero_points"))}
+    return {
+        name: value.const_value.numpy()
+        for name, value in model.graph.initializers.items()
+        if name.endswith((".qweight", ".scales", ".zero_points"))
+    }
 
 
 def _optimize(model: ir.Model, recipe: lowbit.Recipe, feeds):
@@ -191,14 +211,21 @@ def test_rtn_ignores_the_mode():
     for name in parallel:
         np.testing.assert_array_equal(seq[name], parallel[name])
     details = next(p for p in result.report.passes if p.name == "QuantizeWeightsPass").details
-    assert details["calibration"] == {"mode": "sequential", "layers": 2, "stream_mb": 4 * 2 * 16 * HIDDEN * 4 / 2**20, "parallel_statistics": []}
+    assert details["calibration"] == {
+        "mode": "sequential",
+        "layers": 2,
+        "stream_mb": 4 * 2 * 16 * HIDDEN * 4 / 2**20,
+        "parallel_statistics": [],
+    }
 
 
 @pytest.mark.slow
 def test_gptq_sequential_changes_only_the_later_layers():
     feeds = _feeds(4)
     _, parallel = _optimize(_llama(), lowbit.Recipe(bits=3, group_size=16, method="gptq"), feeds)
-    _, seq = _optimize(_llama(), lowbit.Recipe(bits=3, group_size=16, method="gptq", calibration_mode="sequential"), feeds)
+    _, seq = _optimize(
+        _llama(), lowbit.Recipe(bits=3, group_size=16, method="gptq", calibration_mode="sequential"), feeds
+    )
     assert parallel.keys() == seq.keys()
     for name in parallel:
         if ".layers.0." in name:
@@ -220,7 +247,10 @@ def test_adadim_selectors_in_sequential_mode(selector, modules):
         assert details["selection"]["modules"] == modules
         assert details["selection"]["final_error"] <= details["selection"]["start_error"]
     assert len(seq.report.weights) == 14
-    axes = {mode: {w.name: w.axis for w in result.report.weights if ".layers.0." in w.layer} for mode, result in (("p", parallel), ("s", seq))}
+    axes = {
+        mode: {w.name: w.axis for w in result.report.weights if ".layers.0." in w.layer}
+        for mode, result in (("p", parallel), ("s", seq))
+    }
     assert len(axes["s"]) == 7 and axes["s"] == axes["p"]
 
 
@@ -228,13 +258,20 @@ def test_graph_without_module_paths_keeps_parallel_statistics():
     """No decoder layers to sweep: every weight is quantized on the parallel statistics, and the report says so."""
     batches = [factories.feeds_for(factories.mlp(), seed) for seed in range(4)]
     models = {}
-    for mode in sequential.CALIBRATION_MODES:
+    for mode in CALIBRATION_MODES:
         model = factories.mlp()
         quantize = QuantizeWeightsPass(GPTQ, calibration_mode=mode)
-        CaptureCalibrationPass(batches, keep_feeds=mode == "sequential", activations=quantize.parallel_activations)(model)
+        CaptureCalibrationPass(batches, keep_feeds=mode == "sequential", activations=quantize.parallel_activations)(
+            model
+        )
         quantize(model)
         models[mode] = _quantized_tensors(model)
-    assert quantize.details["calibration"] == {"mode": "sequential", "layers": 0, "stream_mb": 0.0, "parallel_statistics": ["fc1", "fc2"]}
+    assert quantize.details["calibration"] == {
+        "mode": "sequential",
+        "layers": 0,
+        "stream_mb": 0.0,
+        "parallel_statistics": ["fc1", "fc2"],
+    }
     assert models["sequential"].keys() == models["parallel"].keys()
     for name, value in models["parallel"].items():
         np.testing.assert_array_equal(models["sequential"][name], value)
@@ -250,12 +287,16 @@ def test_statistics_without_feeds_are_refused():
 @pytest.mark.parametrize("include_lm_head", [False, True])
 def test_parallel_pass_collects_only_what_the_sweep_does_not(include_lm_head):
     """By default nothing (the float model is not run at all); with the LM head quantized, its input only."""
-    recipe = lowbit.Recipe(bits=4, group_size=16, method="gptq", calibration_mode="sequential", include_lm_head=include_lm_head)
+    recipe = lowbit.Recipe(
+        bits=4, group_size=16, method="gptq", calibration_mode="sequential", include_lm_head=include_lm_head
+    )
     result, _ = _optimize(_llama(), recipe, _feeds(2))
     details = {p.name: p.details for p in result.report.passes}
     assert details["CaptureCalibrationPass"]["activations"] == int(include_lm_head)
     assert details["CaptureCalibrationPass"]["feeds_kept"] == 2
-    assert details["QuantizeWeightsPass"]["calibration"]["parallel_statistics"] == (["model.lm_head"] if include_lm_head else [])
+    assert details["QuantizeWeightsPass"]["calibration"]["parallel_statistics"] == (
+        ["model.lm_head"] if include_lm_head else []
+    )
     assert len(result.report.weights) == 14 + include_lm_head
 
 
@@ -271,7 +312,9 @@ def test_recipe_and_command_line_take_the_mode():
 def test_recipe_and_command_line_take_the_choice_method():
     with pytest.raises(ValueError, match="choice_method must be"):
         lowbit.Recipe(choice_method="hqq")
-    args = cli.build_parser().parse_args(["optimize", "in.onnx", "-o", "out.onnx", "--axis", "adadim", "--choice-method", "rtn"])
+    args = cli.build_parser().parse_args(
+        ["optimize", "in.onnx", "-o", "out.onnx", "--axis", "adadim", "--choice-method", "rtn"]
+    )
     assert cli._recipe(args).choice_method == "rtn"
     batches = [factories.feeds_for(factories.mlp(), seed) for seed in range(3)]
     recipe = lowbit.Recipe(bits=3, group_size=8, axis="adadim", method="gptq", choice_method="rtn")
@@ -283,7 +326,9 @@ def test_recipe_and_command_line_take_the_choice_method():
 def test_outlier_branches_stay_inside_their_decoder_layer():
     """SplitOutliersPass puts each branch's nodes inside the reader's layer span (found by the fuzzer: index
     nodes at the top of the graph made every layer start at node 0, and the sweep refused the graph)."""
-    recipe = lowbit.Recipe(bits=3, group_size=16, method="gptq", calibration_mode="sequential", outlier_fraction=0.02, split=True)
+    recipe = lowbit.Recipe(
+        bits=3, group_size=16, method="gptq", calibration_mode="sequential", outlier_fraction=0.02, split=True
+    )
     result, _ = _optimize(_llama(), recipe, _feeds(3))
     details = {p.name: p.details for p in result.report.passes}
     assert details["SplitOutliersPass"]["weights_with_outliers"] == 14
@@ -294,7 +339,9 @@ def test_a_graph_without_weights_has_nothing_to_sweep():
     x = factories.graph_input("x", [2, 8])
     relu = factories.node("Relu", [x], "relu", output="y")
     model = factories.model([x], [relu.outputs[0]], [relu], [])
-    result = lowbit.optimize(model, lowbit.Recipe(calibration_mode="sequential"), calibration=[{"x": np.ones((2, 8), np.float32)}])
+    result = lowbit.optimize(
+        model, lowbit.Recipe(calibration_mode="sequential"), calibration=[{"x": np.ones((2, 8), np.float32)}]
+    )
     assert result.report.weights == [] and [n.op_type for n in result.model.graph] == ["Relu"]
 
 
@@ -305,6 +352,9 @@ def test_an_embedding_alone_is_quantized_in_sequential_mode():
     head = model.graph.node("lm_head")
     model.graph.remove(head, safe=False)  # leave Gather(E) -> Relu
     model.graph.outputs[0] = model.graph.node("act").outputs[0]
-    result = lowbit.optimize(model, lowbit.Recipe(method="gptq", include_embeddings=True, calibration_mode="sequential"),
-                             calibration=[factories.feeds_for(model)])
+    result = lowbit.optimize(
+        model,
+        lowbit.Recipe(method="gptq", include_embeddings=True, calibration_mode="sequential"),
+        calibration=[factories.feeds_for(model)],
+    )
     assert [w.kind for w in result.report.weights] == ["embedding"]

@@ -10,14 +10,14 @@ import pytest
 import lowbit
 from lowbit.cli import main
 from lowbit.ir import analysis
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes import pipelines
 from lowbit.passes.capture_calibration import CaptureCalibrationPass
-from lowbit.runtime.calibration import calibration_of
 from lowbit.passes.quant import outliers
 from lowbit.passes.quant.rtn import quantize_rtn
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.split_outliers import SplitOutliersPass
+from lowbit.runtime.calibration import calibration_of
 from tests import factories
 from tests.parity import assert_parity, check_valid, run, serialized
 
@@ -75,7 +75,9 @@ def test_the_sparse_branch_is_not_a_weight_and_only_the_dense_part_gets_quantize
     hat = {name: quantize_rtn(dense[name], SCHEME).dequantize() + sparse[name] for name in dense}
     feeds = factories.feeds_for(model)
     hidden = np.maximum(feeds["x"].astype(np.float64) @ hat["w1"] + _initial(reference, "b1"), 0)
-    np.testing.assert_allclose(run(model, feeds)[0], hidden @ hat["w2"] + _initial(reference, "b2"), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        run(model, feeds)[0], hidden @ hat["w2"] + _initial(reference, "b2"), rtol=1e-5, atol=1e-4
+    )
     for name in dense:  # the outliers are reproduced exactly: the dense part is exactly zero there
         positions = sparse[name] != 0
         np.testing.assert_array_equal(hat[name][positions], _initial(reference, name)[positions])
@@ -124,7 +126,9 @@ def test_float16_weights_split_in_their_own_type_and_skip_dense_sparse():
     reference, model = _float16_model(), _float16_model()
     assert SplitOutliersPass(split=True, scheme=SCHEME, split_min_gain=1.0)(model).modified
     check_valid(model)
-    assert_parity(reference, model, {"x": rng.standard_normal((3, 32)).astype(np.float16)}, rtol=1e-2, atol=1e-2)  # fp16 sums
+    assert_parity(
+        reference, model, {"x": rng.standard_normal((3, 32)).astype(np.float16)}, rtol=1e-2, atol=1e-2
+    )  # fp16 sums
     # dense-and-sparse keeps float32 outliers: a float16 weight is left whole (quantized as a whole later)
     model = _float16_model()
     split = SplitOutliersPass(outlier_fraction=0.1)
@@ -195,7 +199,9 @@ def test_dense_sparse_and_split_together_keep_parity():
 def test_gemm_keeps_its_layout_and_gets_the_branches_on_its_output(trans_b, alpha, beta):
     reference = factories.gemm(trans_b=trans_b, alpha=alpha, beta=beta)
     model = factories.gemm(trans_b=trans_b, alpha=alpha, beta=beta)
-    split = SplitOutliersPass(outlier_fraction=0.05, split=True, scheme=SCHEME, split_min_gain=1.0, include_lm_head=True)
+    split = SplitOutliersPass(
+        outlier_fraction=0.05, split=True, scheme=SCHEME, split_min_gain=1.0, include_lm_head=True
+    )
     assert split(model).modified
     check_valid(model)
     assert model.graph.outputs[0].name == "y"
@@ -269,7 +275,12 @@ def test_optimize_runs_the_pass_before_quantization_and_reports_it(tmp_path):
     assert main(["optimize", str(source), "-o", str(output), *arguments]) == 0
     check_valid(ir.load(output))
     data = json.loads(report.read_text())
-    assert [p["name"] for p in data["passes"]] == ["FoldWeightsPass", "SplitOutliersPass", "QuantizeWeightsPass", "CleanupPass"]
+    assert [p["name"] for p in data["passes"]] == [
+        "FoldWeightsPass",
+        "SplitOutliersPass",
+        "QuantizeWeightsPass",
+        "CleanupPass",
+    ]
     details = data["passes"][1]["details"]
     assert details["weights_with_outliers"] == 2 and details["nnz"] == round(0.02 * 40 * 72) + round(0.02 * 72 * 24)
     assert data["recipe"]["outlier_fraction"] == 0.02 and data["recipe"]["split"] is True
@@ -289,13 +300,14 @@ def test_outlier_pipeline_keeps_the_measured_setting_on():
     with pytest.raises(ValueError, match="pass calibration data"):
         pipelines.outlier_pipeline(lowbit.Recipe(bits=3, group_size=8), calibration=None)
     model = factories.mlp()
-    passes = pipelines.outlier_pipeline(lowbit.Recipe(bits=3, group_size=8), calibration=[factories.feeds_for(model, seed=seed) for seed in range(3)])
+    passes = pipelines.outlier_pipeline(
+        lowbit.Recipe(bits=3, group_size=8), calibration=[factories.feeds_for(model, seed=seed) for seed in range(3)]
+    )
     split = next(pass_ for pass_ in passes if isinstance(pass_, SplitOutliersPass))
     assert (split.outlier_fraction, split.criterion, split.split) == (0.005, "sensitivity", False)
     pipelines.run_pipeline(model, passes, lowbit.OptimizeReport())
     check_valid(model)
     assert split.details["weights_with_outliers"] == 2
-
 
 
 def test_running_twice_keeps_node_names_unique():

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.adadim import choose_axis, output_error, relative_output_error
 from lowbit.passes.quant.gptq import quantize_gptq
 from lowbit.passes.quant.rtn import quantize_rtn
+from lowbit.passes.quant.scheme import QuantScheme
 
 LAWS = settings(max_examples=30, deadline=None)
 QUANTIZERS = {

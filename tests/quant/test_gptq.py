@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.gptq import quantize_gptq
 from lowbit.passes.quant.rtn import (
     QuantizedWeight,
@@ -19,6 +18,7 @@ from lowbit.passes.quant.rtn import (
     quantize_with_params,
     search_group_params,
 )
+from lowbit.passes.quant.scheme import QuantScheme
 
 LAWS = settings(max_examples=30, deadline=None)
 
@@ -112,7 +112,9 @@ def test_matches_unblocked_reference(axis, group_size, act_order, update_width):
 )
 def test_stored_tensors_reconstruct_dequantize(bits, symmetric, axis, group_size, act_order, shape, seed, clip_search):
     weight, hessian = correlated_layer(seed, *shape, tokens=16)
-    scheme = QuantScheme(bits=bits, group_size=group_size, group_axis=axis, symmetric=symmetric, clip_search=clip_search)
+    scheme = QuantScheme(
+        bits=bits, group_size=group_size, group_axis=axis, symmetric=symmetric, clip_search=clip_search
+    )
     q = quantize_gptq(weight, hessian, scheme, act_order=act_order, update_width=4)
     param_shape = list(shape)
     param_shape[scheme.block_axis] = -(-shape[scheme.block_axis] // scheme.block_size(shape))
@@ -275,5 +277,7 @@ def test_clip_search_lowers_gptq_output_error_of_gaussian_weights(axis, act_orde
     scheme = QuantScheme(bits=3, group_size=32, group_axis=axis)
     plain = output_error(weight, quantize_gptq(weight, hessian, scheme, act_order=act_order).dequantize(), hessian)
     clipped_scheme = dataclasses.replace(scheme, clip_search=True)
-    clipped = output_error(weight, quantize_gptq(weight, hessian, clipped_scheme, act_order=act_order).dequantize(), hessian)
+    clipped = output_error(
+        weight, quantize_gptq(weight, hessian, clipped_scheme, act_order=act_order).dequantize(), hessian
+    )
     assert clipped < 0.95 * plain

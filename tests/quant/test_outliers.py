@@ -6,13 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant import outliers
 from lowbit.passes.quant.adadim import relative_output_error
 from lowbit.passes.quant.rtn import quantize_rtn, relative_error
+from lowbit.passes.quant.scheme import QuantScheme
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
-weights = st.integers(1, 24).flatmap(lambda k: st.integers(1, 24).flatmap(lambda n: arrays(np.float32, (k, n), elements=finite)))
+weights = st.integers(1, 24).flatmap(
+    lambda k: st.integers(1, 24).flatmap(lambda n: arrays(np.float32, (k, n), elements=finite))
+)
 fractions = st.floats(0.0, 0.99)
 
 
@@ -94,7 +96,9 @@ def test_kmeans_is_a_fixed_point_of_lloyd(values):
     assert np.all(np.diff(centroids) >= 0)
     labels = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, values.astype(np.float64), side="right")
     for cluster in np.unique(labels):
-        np.testing.assert_allclose(values[labels == cluster].astype(np.float64).mean(), centroids[cluster], rtol=1e-9, atol=1e-6)
+        np.testing.assert_allclose(
+            values[labels == cluster].astype(np.float64).mean(), centroids[cluster], rtol=1e-9, atol=1e-6
+        )
 
 
 @settings(max_examples=200, deadline=None)

@@ -8,12 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant import rtn
 from lowbit.passes.quant.rtn import group_params, quantize_rtn, relative_error, search_group_params
+from lowbit.passes.quant.scheme import QuantScheme
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
-weights = st.integers(1, 19).flatmap(lambda k: st.integers(1, 19).flatmap(lambda n: arrays(np.float32, (k, n), elements=finite)))
+weights = st.integers(1, 19).flatmap(
+    lambda k: st.integers(1, 19).flatmap(lambda n: arrays(np.float32, (k, n), elements=finite))
+)
 schemes = st.builds(
     QuantScheme,
     bits=st.sampled_from([2, 3, 4, 8]),
@@ -44,7 +46,9 @@ def test_codes_in_range_and_error_within_half_a_step(weight, scheme):
 @given(weights, schemes)
 def test_per_ic_of_w_equals_per_oc_of_w_transposed(weight, scheme):
     per_ic = quantize_rtn(weight, QuantScheme(scheme.bits, scheme.group_size, "ic", scheme.symmetric))
-    per_oc = quantize_rtn(np.ascontiguousarray(weight.T), QuantScheme(scheme.bits, scheme.group_size, "oc", scheme.symmetric))
+    per_oc = quantize_rtn(
+        np.ascontiguousarray(weight.T), QuantScheme(scheme.bits, scheme.group_size, "oc", scheme.symmetric)
+    )
     np.testing.assert_array_equal(per_ic.codes, per_oc.codes.T)
     np.testing.assert_array_equal(per_ic.scales, per_oc.scales.T)
     np.testing.assert_array_equal(per_ic.zero_points, per_oc.zero_points.T)
@@ -103,7 +107,13 @@ def test_bad_weights_raise(weight, message):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"bits": 5}, "bits"), ({"group_size": 0}, "group_size"), ({"group_size": -2}, "group_size"), ({"group_axis": "x"}, "group_axis"), ({"method": "awq"}, "method")],
+    [
+        ({"bits": 5}, "bits"),
+        ({"group_size": 0}, "group_size"),
+        ({"group_size": -2}, "group_size"),
+        ({"group_axis": "x"}, "group_axis"),
+        ({"method": "awq"}, "method"),
+    ],
 )
 def test_scheme_rejects_out_of_range_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -137,7 +147,10 @@ def test_clip_search_finds_each_groups_best_ratio(weight, scheme, seed):
     channel_weights = np.random.default_rng(seed).exponential(size=weight.shape[0])
     block, axis = scheme.block_size(weight.shape), scheme.block_axis
     args = (scheme.bits, block, axis, scheme.symmetric, channel_weights)
-    per_ratio = [group_params(np.float32(ratio) * weight, scheme.bits, block, axis, scheme.symmetric) for ratio in rtn.CLIP_RATIOS]
+    per_ratio = [
+        group_params(np.float32(ratio) * weight, scheme.bits, block, axis, scheme.symmetric)
+        for ratio in rtn.CLIP_RATIOS
+    ]
     errors = np.stack([_weighted_group_error(weight, *params, *args) for params in per_ratio])
     searched = search_group_params(weight, *args)
     np.testing.assert_allclose(_weighted_group_error(weight, *searched, *args), errors.min(axis=0), rtol=1e-9, atol=0)

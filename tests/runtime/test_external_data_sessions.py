@@ -12,8 +12,8 @@ import onnx_ir as ir
 import pytest
 
 import lowbit
-from lowbit.runtime.calibration import collect
 from lowbit.runtime import session as runtime_session
+from lowbit.runtime.calibration import collect
 from tests import factories
 from tests.parity import run
 
@@ -29,7 +29,14 @@ def _write_external(proto: onnx.ModelProto, folder: pathlib.Path, threshold: int
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     path = folder / "model.onnx"
-    onnx.save(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=threshold)
+    onnx.save(
+        copy,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=threshold,
+    )
     return path
 
 
@@ -50,18 +57,24 @@ def _initializers(model: ir.Model) -> dict[str, np.ndarray]:
 
 
 def _external_tensors(model: ir.Model) -> list[str]:
-    return [name for name, value in model.graph.initializers.items() if isinstance(value.const_value, ir.ExternalTensor)]
+    return [
+        name for name, value in model.graph.initializers.items() if isinstance(value.const_value, ir.ExternalTensor)
+    ]
 
 
 RECIPES = {
     "adadim_gptq_block": dict(bits=4, group_size=16, axis="adadim", method="gptq", selector="block"),
-    "sequential_layer": dict(bits=4, group_size=16, axis="adadim", method="gptq", selector="layer", calibration_mode="sequential"),
+    "sequential_layer": dict(
+        bits=4, group_size=16, axis="adadim", method="gptq", selector="layer", calibration_mode="sequential"
+    ),
 }
 
 
 @pytest.mark.parametrize("threshold", [0, 1024])  # 0: the shape constants are external too
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_calibrated_recipes_run_a_model_with_external_data_from_another_folder(recipe, threshold, tmp_path, monkeypatch):
+def test_calibrated_recipes_run_a_model_with_external_data_from_another_folder(
+    recipe, threshold, tmp_path, monkeypatch
+):
     proto = onnx.load_from_string(_llama_proto(2))
     external = _write_external(proto, tmp_path / "A", threshold)
     inline = _write_inline(proto, tmp_path / "inline")

@@ -14,7 +14,10 @@ def test_axis_choice_table_counts_per_ic_choices_per_type():
     rows = {
         "fp32": {"quality": 1.0},
         "W4 lowbit rtn oc": {"quality": 0.9, "choices": {"a.q": {"oc": 2, "ic": 0}}},
-        "W4 lowbit rtn adadim block": {"quality": 0.95, "choices": {"a.q": {"oc": 1, "ic": 3}, "b.v": {"oc": 0, "ic": 2}}},
+        "W4 lowbit rtn adadim block": {
+            "quality": 0.95,
+            "choices": {"a.q": {"oc": 1, "ic": 3}, "b.v": {"oc": 0, "ic": 2}},
+        },
         "W3 lowbit gptq adadim matrix": {"quality": 0.8, "choices": {"b.v": {"oc": 2, "ic": 0}}},
     }
     lines = axis_choice_table(rows).splitlines()

@@ -12,22 +12,40 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
 def _table_rows(out: str) -> list[list[str]]:
-    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines()
-            if line.startswith("| W") or line.startswith("| fp32")]
+    return [
+        [cell.strip() for cell in line.split("|")[1:-1]]
+        for line in out.splitlines()
+        if line.startswith("| W") or line.startswith("| fp32")
+    ]
 
 
 def test_demo_rows_on_minilm_then_reused(minilm_onnx, texts_available, ops_library, tmp_path, capsys):
     shutil.copy(minilm_onnx, tmp_path / "minilm.fp32.onnx")  # the demo reuses an export in its workdir
     args = argparse.Namespace(
-        workdir=str(tmp_path), model="minilm", bits=[4], axes=["ic"], group_size=128, gptq_bits=[4],
-        choice_method="rtn", outliers=True, calibration_windows=2, form="fused", windows=1, length=64,
+        workdir=str(tmp_path),
+        model="minilm",
+        bits=[4],
+        axes=["ic"],
+        group_size=128,
+        gptq_bits=[4],
+        choice_method="rtn",
+        outliers=True,
+        calibration_windows=2,
+        form="fused",
+        windows=1,
+        length=64,
     )
     demo.main(args)
     captured = capsys.readouterr()
     rows = _table_rows(captured.out)
     names = [row[0] for row in rows]
-    assert names == ["fp32", "W4 g128 ic RTN (fused)", "W4 g128 AdaDim GPTQ (fused)",
-                     "W4 g128 AdaDim GPTQ + 0.5% outliers (fused)", "W4 g128 ic RTN (fused) + embedding/head"]
+    assert names == [
+        "fp32",
+        "W4 g128 ic RTN (fused)",
+        "W4 g128 AdaDim GPTQ (fused)",
+        "W4 g128 AdaDim GPTQ + 0.5% outliers (fused)",
+        "W4 g128 ic RTN (fused) + embedding/head",
+    ]
     cosines = [float(row[3]) for row in rows]
     assert cosines[0] == 1.0 and all(0.8 < c < 1.0 for c in cosines[1:])
     assert cosines[3] > cosines[2]  # the outliers kept exact help

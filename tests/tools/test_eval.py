@@ -118,8 +118,9 @@ def test_main_prints_the_change_against_a_reference(tmp_path, monkeypatch, capsy
 
 def test_main_checks_the_model_before_loading_a_tokenizer(tmp_path, monkeypatch):
     """A model that is not a causal LM is named as such, whether or not the tokenizer's packages exist."""
-    from tests import factories
     import onnx_ir as ir
+
+    from tests import factories
 
     path = tmp_path / "mlp.onnx"
     ir.save(factories.mlp(), path)

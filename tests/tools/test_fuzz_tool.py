@@ -14,8 +14,17 @@ from tests.fuzz.test_fuzz import _OffByOneCode
 
 
 def test_a_failure_is_minimized_saved_and_replayed(tmp_path, monkeypatch):
-    monkeypatch.setitem(registry.PASSES, "broken", registry.Entry(lambda context: _OffByOneCode(), registry.QUANTIZE, rtn_reference=True))
-    spec = Spec(seed=1, batch=(2, 3), width=16, blocks=(Block("norm", "rms"), Block("linear", "bias", 24), Block("act", "Relu"), Block("linear", "matmul", 8)))
+    monkeypatch.setitem(
+        registry.PASSES,
+        "broken",
+        registry.Entry(lambda context: _OffByOneCode(), registry.QUANTIZE, rtn_reference=True),
+    )
+    spec = Spec(
+        seed=1,
+        batch=(2, 3),
+        width=16,
+        blocks=(Block("norm", "rms"), Block("linear", "bias", 24), Block("act", "Relu"), Block("linear", "matmul", 8)),
+    )
     case = {"seed": 5, "index": 9, "check_seed": 9, "order": ["fold_weights", "broken", "cleanup"]}
     with pytest.raises(harness.FuzzFailure) as failure:
         fuzz._check(harness, case, spec)

@@ -21,15 +21,22 @@ from lowbit.tools import genai
 
 PROMPT = "To be, or not to be"
 TEXT = " ".join(
-    ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
-     "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"] * 40
+    [
+        "To be, or not to be, that is the question:",
+        "Whether 'tis nobler in the mind to suffer",
+        "The slings and arrows of outrageous fortune,",
+        "Or to take arms against a sea of troubles",
+    ]
+    * 40
 )
 LAYERS, KV_HEADS, HEAD_SIZE = 2, 2, 16
 
 
 @pytest.fixture(scope="module")
 def og():
-    return pytest.importorskip("onnxruntime_genai", reason="needs the 'onnxruntime_genai' package: pip install 'onnxruntime-genai>=0.18,<0.19'")
+    return pytest.importorskip(
+        "onnxruntime_genai", reason="needs the 'onnxruntime_genai' package: pip install 'onnxruntime-genai>=0.18,<0.19'"
+    )
 
 
 def _tokenizer():
@@ -41,12 +48,18 @@ def _tokenizer():
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(TEXT.split(", "), trainer)
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
     )
 
 
@@ -57,9 +70,18 @@ def tiny_hf(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=KV_HEADS, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0, initializer_range=0.2,  # wide enough for varied greedy tokens
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.2,  # wide enough for varied greedy tokens
     )
     model = transformers.LlamaForCausalLM(config).eval()
     tokenizer = _tokenizer()
@@ -82,7 +104,8 @@ def _snapshot(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
 def _empty_past(batch: int = 1) -> dict[str, np.ndarray]:
     return {
         f"past_key_values.{layer}.{kind}": np.zeros((batch, KV_HEADS, 0, HEAD_SIZE), np.float32)
-        for layer in range(LAYERS) for kind in ("key", "value")
+        for layer in range(LAYERS)
+        for kind in ("key", "value")
     }
 
 
@@ -93,10 +116,14 @@ def _no_cache_greedy(model_path: pathlib.Path, prompt: list[int], steps: int) ->
     sess = session(model_path)
     ids = list(prompt)
     for _ in range(steps):
-        feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64), **_empty_past()}
+        feeds = {
+            "input_ids": np.array([ids], np.int64),
+            "attention_mask": np.ones((1, len(ids)), np.int64),
+            **_empty_past(),
+        }
         logits = sess.run(["logits"], feeds)[0]
         ids.append(int(np.argmax(logits[0, -1])))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,7 +211,9 @@ def test_empty_past_comes_from_the_graph_and_the_config(tiny_genai):
     folder = genai.read_folder(tiny_genai)
     model = genai.load_decoder(folder.model_path)
     past = genai.empty_past(model, folder.config)
-    assert {name: value.shape for name, value in past.items()} == {name: value.shape for name, value in _empty_past().items()}
+    assert {name: value.shape for name, value in past.items()} == {
+        name: value.shape for name, value in _empty_past().items()
+    }
     with pytest.raises(ValueError, match="head_size"):  # the builder leaves the head size symbolic
         genai.empty_past(model)
     feeds = genai.calibration_feeds(model, folder.config, _tokenizer(), 16, 3, TEXT)
@@ -204,11 +233,17 @@ def test_kv_graph_prefill_then_steps_equals_one_forward(tiny_genai, tiny_hf):
     full = sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids), **_empty_past()})[0]
     n = 8
     names = [f"present.{layer}.{kind}" for layer in range(LAYERS) for kind in ("key", "value")]
-    outputs = sess.run(["logits", *names], {"input_ids": ids[:, :n], "attention_mask": np.ones((1, n), np.int64), **_empty_past()})
+    outputs = sess.run(
+        ["logits", *names], {"input_ids": ids[:, :n], "attention_mask": np.ones((1, n), np.int64), **_empty_past()}
+    )
     steps = [outputs[0]]
     for position in range(n, ids.shape[1]):
         past = {name.replace("present", "past_key_values"): value for name, value in zip(names, outputs[1:])}
-        feeds = {"input_ids": ids[:, position:position + 1], "attention_mask": np.ones((1, position + 1), np.int64), **past}
+        feeds = {
+            "input_ids": ids[:, position : position + 1],
+            "attention_mask": np.ones((1, position + 1), np.int64),
+            **past,
+        }
         outputs = sess.run(["logits", *names], feeds)
         steps.append(outputs[0])
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-4)
@@ -222,17 +257,27 @@ def test_fp32_folder_generates_torch_greedy_tokens(tiny_genai, tiny_hf, og):
     model_og = og.Model(str(tiny_genai))
     assert list(og.Tokenizer(model_og).encode(PROMPT)) == prompt  # the folder's tokenizer is the model's
     with torch.no_grad():
-        expected = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :].tolist()
     got = genai.greedy_tokens(tiny_genai, prompt, 24)
     assert len(set(expected)) > 5  # varied tokens, not one repeated
     assert got == expected
 
 
 RECIPES = {
-    "gptq-adadim-block": ({"bits": 4, "group_size": 32, "axis": "adadim", "method": "gptq", "selector": "block"}, 2 * LAYERS),
+    "gptq-adadim-block": (
+        {"bits": 4, "group_size": 32, "axis": "adadim", "method": "gptq", "selector": "block"},
+        2 * LAYERS,
+    ),
     "gptq-adadim-layer-sequential": (
-        {"bits": 3, "group_size": 32, "axis": "adadim", "method": "gptq", "selector": "layer",
-         "calibration_mode": "sequential", "include_lm_head": True},
+        {
+            "bits": 3,
+            "group_size": 32,
+            "axis": "adadim",
+            "method": "gptq",
+            "selector": "layer",
+            "calibration_mode": "sequential",
+            "include_lm_head": True,
+        },
         LAYERS,
     ),
     "rtn-ic-fused": ({"bits": 4, "group_size": 32, "axis": "ic", "fused": True}, None),
@@ -253,7 +298,12 @@ def test_optimized_folder_runs_in_og(name, tiny_genai, tiny_hf, tmp_path, og):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="AdaDim selector found no module")
         result = genai.optimize_folder(
-            tiny_genai, out, lowbit.Recipe(**kwargs), calibration_text=TEXT, calibration_length=32, calibration_windows=4,
+            tiny_genai,
+            out,
+            lowbit.Recipe(**kwargs),
+            calibration_text=TEXT,
+            calibration_length=32,
+            calibration_windows=4,
         )
     assert _snapshot(tiny_genai) == before
     # qkv, o, gate, up, down; the LM head too where asked (the tied table behind the embedding's Transpose stays float)
@@ -291,8 +341,24 @@ def test_command_line_export_optimize_generate(tiny_hf, tmp_path, og, capsys):
     assert "exists" in capsys.readouterr().err
     corpus = tmp_path / "calibration.txt"
     corpus.write_text(TEXT)
-    argv = ["optimize", str(fp32), "-o", str(w4), "--bits", "4", "--group-size", "32", "--method", "gptq",
-            "--calibration-text", str(corpus), "--calibration-windows", "4", "--calibration-length", "32"]
+    argv = [
+        "optimize",
+        str(fp32),
+        "-o",
+        str(w4),
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--method",
+        "gptq",
+        "--calibration-text",
+        str(corpus),
+        "--calibration-windows",
+        "4",
+        "--calibration-length",
+        "32",
+    ]
     assert main(argv) == 0  # calibration tokenized by the folder's own tokenizer
     assert f"wrote {w4}/" in capsys.readouterr().out
     assert main(["generate", str(w4), "--prompt", PROMPT, "--max-tokens", "8"]) == 0
@@ -301,7 +367,10 @@ def test_command_line_export_optimize_generate(tiny_hf, tmp_path, og, capsys):
     # The random model emits byte tokens that form no UTF-8 character: og's stream drops those bytes.
     assert captured.out == PROMPT + tiny_hf[2].decode(tokens).replace("\ufffd", "") + "\n"
     assert "tokens/s" in captured.err
-    assert main(["generate", str(w4), "--prompt", PROMPT, "--max-tokens", "4", "--temperature", "0.8", "--top-p", "0.9"]) == 0
+    assert (
+        main(["generate", str(w4), "--prompt", PROMPT, "--max-tokens", "4", "--temperature", "0.8", "--top-p", "0.9"])
+        == 0
+    )
     assert capsys.readouterr().out.startswith(PROMPT)
     assert main(["generate", str(w4), "--prompt", PROMPT, "--greedy", "--temperature", "0.8"]) == 2
 
@@ -315,10 +384,15 @@ def test_smollm2_genai_folder_generates_torch_greedy_tokens(smollm2_available, t
 
     folder = genai.export_genai("smollm2", tmp_path / "smollm2")
     assert sorted(path.name for path in folder.iterdir()) == [
-        "chat_template.jinja", "genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
+        "chat_template.jinja",
+        "genai_config.json",
+        "model.onnx",
+        "model.onnx.data",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     model, tokenizer = models.load_smollm2()
     prompt = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        expected = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt) :].tolist()
     assert genai.greedy_tokens(folder, prompt, 16) == expected

@@ -85,7 +85,10 @@ def test_file_text_reads_plain_text_and_jsonl(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [('{"text": "one"}\nnot json\n', "line 2 is not JSON"), ('{"body": "x"}\n', 'line 1: expected a JSON string or an object with a "text"')],
+    [
+        ('{"text": "one"}\nnot json\n', "line 2 is not JSON"),
+        ('{"body": "x"}\n', 'line 1: expected a JSON string or an object with a "text"'),
+    ],
 )
 def test_file_text_names_the_bad_jsonl_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"

@@ -180,7 +180,9 @@ def test_quantized_weights_carry_graph_and_report_facts(quantized_mlp):
         assert quant["relative_error"] == records[layer]["relative_error"]
         assert quant["bytes"] == records[layer]["bytes_after"] and quant["source_weight"] == records[layer]["name"]
     assert after["groups"][0]["quant"]["count"] == 2
-    assert after["groups"][0]["quant"]["maxError"] == pytest.approx(max(r["relative_error"] for r in records.values()), rel=1e-5)
+    assert after["groups"][0]["quant"]["maxError"] == pytest.approx(
+        max(r["relative_error"] for r in records.values()), rel=1e-5
+    )
     rows = data["layers"]["rows"]
     assert [(r["layer"], r["status"]) for r in rows] == [("fc1", "quantized"), ("fc2", "quantized")]
     assert [r["bytes_before"] for r in rows] == [records["fc1"]["bytes_before"], records["fc2"]["bytes_before"]]
@@ -212,7 +214,9 @@ def test_adadim_choice_and_output_errors_from_the_report(tmp_path):
     original, chosen, report = tmp_path / "mlp.onnx", tmp_path / "mlp.adadim.onnx", tmp_path / "report.json"
     lowbit.save(factories.mlp(), original)
     calibration = [factories.feeds_for(factories.mlp(), seed) for seed in range(4)]
-    result = lowbit.optimize(lowbit.load(original), lowbit.Recipe(bits=3, group_size=8, axis="adadim"), calibration=calibration)
+    result = lowbit.optimize(
+        lowbit.load(original), lowbit.Recipe(bits=3, group_size=8, axis="adadim"), calibration=calibration
+    )
     lowbit.save(result.model, chosen)
     report.write_text(result.report.to_json())
     records = {r["layer"]: r for r in result.report.to_dict()["weights"]}
@@ -229,9 +233,14 @@ def test_diff_marks_added_rewritten_and_removed_nodes(quantized_mlp):
     original, quantized, _ = quantized_mlp
     data = build_view_data(quantized, compare=original)
     before, after = (nodes_by_name(pane) for pane in data["panes"])
-    assert [name for name, node in after.items() if node.get("diff") == "added"] == ["fc1.DequantizeLinear", "fc2.DequantizeLinear"]
+    assert [name for name, node in after.items() if node.get("diff") == "added"] == [
+        "fc1.DequantizeLinear",
+        "fc2.DequantizeLinear",
+    ]
     assert after["fc1"]["diff"] == before["fc1"]["diff"] == "rewritten"
-    assert after["fc1"]["diffNote"].startswith("input 1: 'w1' (initializer, FLOAT [40, 72]) -> 'fc1.dequantized' (from DequantizeLinear")
+    assert after["fc1"]["diffNote"].startswith(
+        "input 1: 'w1' (initializer, FLOAT [40, 72]) -> 'fc1.dequantized' (from DequantizeLinear"
+    )
     assert "diff" not in after["act"] and "diff" not in after["x"] and after["x"]["op"] == "Input"
     summary = data["diff"]["summary"]
     assert summary["nodes"] == {"added": {"DequantizeLinear": 2}, "removed": {}, "rewritten": {"MatMul": 2}}

@@ -17,7 +17,9 @@ from lowbit.tools.viewer.browser import Browser, find_chromium
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(find_chromium() is None, reason="no Chromium found: apt-get install -y chromium (or set $LOWBIT_CHROMIUM)"),
+    pytest.mark.skipif(
+        find_chromium() is None, reason="no Chromium found: apt-get install -y chromium (or set $LOWBIT_CHROMIUM)"
+    ),
 ]
 
 RIGHT = "#panes .pane:last-child"
@@ -63,7 +65,9 @@ def test_page_renders_expands_searches_and_switches_tabs(browser, compare_page, 
     open_page(browser, compare_page)
     for pane in ("#panes .pane:first-child", RIGHT):
         assert count(browser, f"{pane} g.grp") >= 10  # the first view: collapsed layers
-    assert "gen.w4.onnx" in browser.evaluate("document.querySelector('#panes .pane:last-child .pane-title').textContent")
+    assert "gen.w4.onnx" in browser.evaluate(
+        "document.querySelector('#panes .pane:last-child .pane-title').textContent"
+    )
     browser.screenshot(shots / "viewer_first_view.png")
 
     # Expand a layer with a real click: its frame appears in both panes and its nodes are drawn.
@@ -73,7 +77,9 @@ def test_page_renders_expands_searches_and_switches_tabs(browser, compare_page, 
     browser.click_element(f"{RIGHT} g.grp[data-i='{item}'] rect.body")
     browser.wait_for(f"!!document.querySelector('{RIGHT} g.fhead[data-i=\"{item}\"]')")
     assert count(browser, f"{RIGHT} g.node") > 0
-    assert "layers.2" in browser.evaluate("[...document.querySelectorAll('#panes .pane:first-child g.fhead')].map(h => h.textContent).join()")
+    assert "layers.2" in browser.evaluate(
+        "[...document.querySelectorAll('#panes .pane:first-child g.fhead')].map(h => h.textContent).join()"
+    )
     assert "QUANTIZED WEIGHTS" in browser.evaluate("document.getElementById('details').innerText")
     browser.screenshot(shots / "viewer_expanded.png")
 
@@ -83,7 +89,9 @@ def test_page_renders_expands_searches_and_switches_tabs(browser, compare_page, 
     browser.type_text("layers.5.mlp.down_proj.MatMul.Deq")
     browser.press("Enter", 13)
     browser.wait_for("document.getElementById('search-count').textContent === '1 / 1'")
-    selected = browser.evaluate(f"[...document.querySelectorAll('{RIGHT} g.node.sel.hit')].map(g => g.textContent).join()")
+    selected = browser.evaluate(
+        f"[...document.querySelectorAll('{RIGHT} g.node.sel.hit')].map(g => g.textContent).join()"
+    )
     assert target[-20:] in selected
     details = browser.evaluate("document.getElementById('details').innerText")
     assert target in details and "group axis\tic" in details and "UINT4 [64, 32]" in details
@@ -94,7 +102,9 @@ def test_page_renders_expands_searches_and_switches_tabs(browser, compare_page, 
     browser.click_element("#tabs button[data-tab=layers]")
     rows = count(browser, "table.layers tbody tr")
     assert rows == browser.evaluate("JSON.parse(document.getElementById('lowbit-data').textContent).layers.rows.length")
-    column = browser.evaluate("[...document.querySelectorAll('table.layers th')].findIndex(th => th.textContent.startsWith('rel. error'))")
+    column = browser.evaluate(
+        "[...document.querySelectorAll('table.layers th')].findIndex(th => th.textContent.startsWith('rel. error'))"
+    )
     for _ in range(2):
         browser.click_element(f"table.layers th[data-col='{column}']")
     errors = browser.evaluate(
@@ -131,7 +141,9 @@ def test_first_render_of_a_20000_node_graph(browser, tmp_path, shots):
 def test_smollm2_in_chromium(browser, smollm2_onnx, tmp_path, shots):
     page = write_view(smollm2_onnx, tmp_path / "smollm2.html")
     assert open_page(browser, page) < 5000
-    laid_out = browser.evaluate("(p => p.visible.filter(i => i >= p.N && !p.expanded[i - p.N]).map(i => p.group(i).name))(window.lowbitViewer.panes[0])")
+    laid_out = browser.evaluate(
+        "(p => p.visible.filter(i => i >= p.N && !p.expanded[i - p.N]).map(i => p.group(i).name))(window.lowbitViewer.panes[0])"
+    )
     assert [f"layers.{n}" for n in range(30)] == [name for name in laid_out if name.startswith("layers.")]
     assert count(browser, "#panes g.grp") < len(laid_out)  # drawn: only what is on (or near) the screen
     assert browser.errors == []

@@ -40,7 +40,9 @@ def measure(path: str, windows: int, length: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.dev.bench_calibration", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lowbit.tools.dev.bench_calibration", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("model", help="SmolLM2 fp32 ONNX (lowbit export smollm2 -o ...)")
     parser.add_argument("--windows", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--length", type=int, default=256)

@@ -105,11 +105,18 @@ def measure(model_path: pathlib.Path, output: pathlib.Path) -> dict:
     result = stage("optimize", lambda: lowbit.optimize(model, lowbit.Recipe(bits=4, group_size=128, axis="oc")))
     stage("save", lambda: lowbit.save(result.model, output))
     sampler.running = False
-    return {"baseline": baseline, "peaks": sampler.peaks, "seconds": seconds, "output_bytes": sum(p.stat().st_size for p in output.parent.glob(output.name + "*"))}
+    return {
+        "baseline": baseline,
+        "peaks": sampler.peaks,
+        "seconds": seconds,
+        "output_bytes": sum(p.stat().st_size for p in output.parent.glob(output.name + "*")),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.dev.bench_large_model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lowbit.tools.dev.bench_large_model", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--width", type=int, default=5120, help="each weight is [width, width] fp32")
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("lowbit-large-model"))
@@ -124,11 +131,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         start = time.perf_counter()
         model_path, weight_bytes = generate(args.workdir / "in", args.layers, args.width)
-        print(f"generated {model_path} + {weight_bytes / 2**30:.2f} GiB of external data in {time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"generated {model_path} + {weight_bytes / 2**30:.2f} GiB of external data in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
         (args.workdir / "out").mkdir()
         child = subprocess.run(
-            [sys.executable, "-m", "lowbit.tools.dev.bench_large_model", "--measure", str(model_path), str(args.workdir / "out" / "model.w4.onnx")],
-            capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-m",
+                "lowbit.tools.dev.bench_large_model",
+                "--measure",
+                str(model_path),
+                str(args.workdir / "out" / "model.w4.onnx"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if child.returncode != 0:
             raise SystemExit(f"the measuring process failed:\n{child.stderr[-3000:]}")
@@ -137,15 +156,21 @@ def main(argv: list[str] | None = None) -> None:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
     weights_mib = weight_bytes / 2**20
-    print(f"\nweights: {args.layers} x [{args.width}, {args.width}] fp32 = {weights_mib:.0f} MiB (external data); "
-          f"output {row['output_bytes'] / 2**20:.0f} MiB\n")
-    print("| stage | seconds | peak RSS MiB | peak anonymous MiB | peak file-backed MiB | (peak RSS - baseline) / weights |")
+    print(
+        f"\nweights: {args.layers} x [{args.width}, {args.width}] fp32 = {weights_mib:.0f} MiB (external data); "
+        f"output {row['output_bytes'] / 2**20:.0f} MiB\n"
+    )
+    print(
+        "| stage | seconds | peak RSS MiB | peak anonymous MiB | peak file-backed MiB | (peak RSS - baseline) / weights |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     base = row["baseline"]
     print(f"| after import (baseline) | | {base['rss']:.0f} | {base['anon']:.0f} | {base['file']:.0f} | |")
     for name, peaks in row["peaks"].items():
         if name in row["seconds"]:
-            print(f"| {name} | {row['seconds'][name]:.0f} | {peaks['rss']:.0f} | {peaks['anon']:.0f} | {peaks['file']:.0f} | {(peaks['rss'] - base['rss']) / weights_mib:.2f} |")
+            print(
+                f"| {name} | {row['seconds'][name]:.0f} | {peaks['rss']:.0f} | {peaks['anon']:.0f} | {peaks['file']:.0f} | {(peaks['rss'] - base['rss']) / weights_mib:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -39,10 +39,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from lowbit.ir import builders
-from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.kernels import _lib
 from lowbit.kernels.model import QuantMatMulWeights, quant_matmul_model
 from lowbit.passes.quant.rtn import QuantizedWeight, quantize_rtn
+from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.runtime import session as runtime
 
 SHAPES = ((576, 576), (576, 1536), (1536, 576), (4096, 4096), (4096, 11008))
@@ -79,8 +79,12 @@ class Bench:
     def session(self, model: ir.Model, name: str, accuracy_level: int | None = None) -> ort.InferenceSession:
         path = self.workdir / f"{name}.onnx"
         ir.save(model, path)
-        return runtime.session(path, intra_op_threads=self.threads, matmulnbits_accuracy_level=accuracy_level,
-                               use_lowbit_ops=name.startswith("lowbit"))
+        return runtime.session(
+            path,
+            intra_op_threads=self.threads,
+            matmulnbits_accuracy_level=accuracy_level,
+            use_lowbit_ops=name.startswith("lowbit"),
+        )
 
     def time_session(self, sess: ort.InferenceSession, a: np.ndarray, n: int) -> tuple[float, float]:
         binding = sess.io_binding()
@@ -102,8 +106,12 @@ def _model(graph_nodes, inputs, initializers, output: ir.Value) -> ir.Model:
 
 def fp32_model(weight: np.ndarray) -> ir.Model:
     a = _input(weight.shape[0])
-    w = ir.Value(name="W", shape=ir.Shape(weight.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                 const_value=ir.tensor(weight, name="W"))
+    w = ir.Value(
+        name="W",
+        shape=ir.Shape(weight.shape),
+        type=ir.TensorType(ir.DataType.FLOAT),
+        const_value=ir.tensor(weight, name="W"),
+    )
     node = ir.node("MatMul", [a, w])
     return _model([node], [a], [w], node.outputs[0])
 
@@ -141,7 +149,7 @@ def bench_shape(bench: Bench, k: int, n: int, batches, methods, rng) -> list[tup
     ic4 = quantize_rtn(weight, QuantScheme(bits=4, group_size=GROUP, group_axis="ic"))
     models["qdq-ic4"] = (qdq_model(ic4), ic4.codes.size // 2 + ic4.scales.nbytes + ic4.zero_points.size // 2, None)
     for method in methods:
-        axis, bits = method[len("lowbit-"):-1], int(method[-1])
+        axis, bits = method[len("lowbit-") : -1], int(method[-1])
         quantized = quantize_rtn(weight, QuantScheme(bits=bits, group_size=GROUP, group_axis=axis))
         weights = QuantMatMulWeights.from_quantized(quantized)
         models[method] = (ir.from_proto(quant_matmul_model(weights, ("M", k))), weights.nbytes, None)
@@ -159,21 +167,35 @@ def bench_shape(bench: Bench, k: int, n: int, batches, methods, rng) -> list[tup
 def print_table(rows: list[tuple], dram: float, cache: float) -> None:
     fp32 = {(k, n, m): t for k, n, m, name, _, (t, _min) in rows if name == "fp32"}
     rows = sorted(rows, key=lambda row: row[:3])  # stable: methods keep their order within a (shape, batch)
-    print(f"{'K x N':>12} {'M':>3} {'method':<20} {'MB':>7} {'ms':>8} {'min ms':>8} {'fp32/t':>7} {'GB/s':>7} "
-          f"{'%dram':>6} {'%cache':>6}")
+    print(
+        f"{'K x N':>12} {'M':>3} {'method':<20} {'MB':>7} {'ms':>8} {'min ms':>8} {'fp32/t':>7} {'GB/s':>7} "
+        f"{'%dram':>6} {'%cache':>6}"
+    )
     previous = None
     for k, n, m, name, nbytes, (t, t_min) in rows:
         if previous is not None and (k, n, m) != previous:
             print()
         previous = (k, n, m)
         rate = nbytes / t
-        print(f"{f'{k}x{n}':>12} {m:>3} {name:<20} {nbytes / 1e6:7.2f} {t * 1e3:8.3f} {t_min * 1e3:8.3f} "
-              f"{fp32[k, n, m] / t:7.2f} {rate / 1e9:7.1f} {100 * rate / dram:6.0f} {100 * rate / cache:6.0f}")
+        print(
+            f"{f'{k}x{n}':>12} {m:>3} {name:<20} {nbytes / 1e6:7.2f} {t * 1e3:8.3f} {t_min * 1e3:8.3f} "
+            f"{fp32[k, n, m] / t:7.2f} {rate / 1e9:7.1f} {100 * rate / dram:6.0f} {100 * rate / cache:6.0f}"
+        )
 
 
 #: (bits, axis, fused) of the end-to-end rows.
-E2E_SETTINGS = ((4, "oc", False), (4, "oc", True), (4, "ic", False), (4, "ic", True), (3, "oc", False),
-                (3, "oc", True), (3, "ic", False), (3, "ic", True), (2, "ic", False), (2, "ic", True))
+E2E_SETTINGS = (
+    (4, "oc", False),
+    (4, "oc", True),
+    (4, "ic", False),
+    (4, "ic", True),
+    (3, "oc", False),
+    (3, "oc", True),
+    (3, "ic", False),
+    (3, "ic", True),
+    (2, "ic", False),
+    (2, "ic", True),
+)
 E2E_TOKENS = (128, 1)
 
 
@@ -192,7 +214,10 @@ def end_to_end(source: Path, bench: Bench) -> list[tuple[str, int, dict[int, flo
     rows = []
     for name, path in models:
         sess = runtime.session(path, intra_op_threads=bench.threads)
-        times = {tokens: time_call(lambda f=feed: sess.run(None, f), bench.seconds * 10)[0] for tokens, feed in feeds.items()}
+        times = {
+            tokens: time_call(lambda f=feed, s=sess: s.run(None, f), bench.seconds * 10)[0]
+            for tokens, feed in feeds.items()
+        }
         rows.append((name, file_bytes(path), times))
         print(f"  {name}: " + ", ".join(f"{tokens} tokens {t * 1e3:.1f} ms" for tokens, t in times.items()), flush=True)
     return rows
@@ -226,10 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     # before any ORT session: its spinning worker threads would take the cores from the BLAS threads
     cache = stream_bandwidth(16 << 20, seconds)  # first: after a 1 GiB sgemv, OpenBLAS threads idle for ms
     dram = stream_bandwidth((256 if args.quick else 1024) << 20, seconds)
-    print(f"ONNX Runtime {ort.__version__}, intra_op_num_threads={args.threads}, {os.cpu_count()} CPUs, "
-          f"{os.getloadavg()[0]:.1f} load average")
-    print(f"streaming read (NumPy sgemv, all CPUs): {dram / 1e9:.1f} GB/s from DRAM (%dram), "
-          f"{cache / 1e9:.1f} GB/s from cache, 16 MiB (%cache)")
+    print(
+        f"ONNX Runtime {ort.__version__}, intra_op_num_threads={args.threads}, {os.cpu_count()} CPUs, "
+        f"{os.getloadavg()[0]:.1f} load average"
+    )
+    print(
+        f"streaming read (NumPy sgemv, all CPUs): {dram / 1e9:.1f} GB/s from DRAM (%dram), "
+        f"{cache / 1e9:.1f} GB/s from cache, 16 MiB (%cache)"
+    )
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
         bench = Bench(args.threads, seconds, Path(tmp))
         if not args.e2e_only:

@@ -26,9 +26,9 @@ import lowbit
 from lowbit.passes.fuse_qdq import FuseQDQPass
 from lowbit.runtime import session as runtime
 from lowbit.tools import models, text
+from lowbit.tools.demo import file_bytes
 from lowbit.tools.dev import bench_quality
 from lowbit.tools.dev.bench_matmul import time_call
-from lowbit.tools.demo import file_bytes
 
 #: Variant name -> Recipe fields added to the base recipe.
 VARIANTS = {
@@ -48,10 +48,16 @@ class PassBench(bench_quality.Bench):
     """bench_quality's row cache, calibration and perplexity, over the pass variants."""
 
     def recipe(self, bits: int, method: str, axis: str, variant: str) -> lowbit.Recipe:
-        return lowbit.Recipe(bits=bits, group_size=self.setting.group_size, axis=axis, method=method,
-                             selector="block", **VARIANTS[variant])
+        return lowbit.Recipe(
+            bits=bits,
+            group_size=self.setting.group_size,
+            axis=axis,
+            method=method,
+            selector="block",
+            **VARIANTS[variant],
+        )
 
-    def optimize(self, recipe: lowbit.Recipe) -> "lowbit.api.OptimizeResult":
+    def optimize(self, recipe: lowbit.Recipe) -> lowbit.api.OptimizeResult:
         if recipe.fold_norms:  # statistics of the unfolded graph would describe the wrong activations
             calibration = self.calibration_feeds() if recipe.needs_calibration else None
         else:
@@ -62,8 +68,13 @@ class PassBench(bench_quality.Bench):
         def build(path):
             result = self.optimize(self.recipe(bits, method, axis, variant))
             lowbit.save(result.model, path)
-            return {"passes": {record.name: record.details for record in result.report.passes
-                               if record.name in ("SplitOutliersPass", "FoldNormScalesPass", "ReorderChannelsPass")}}
+            return {
+                "passes": {
+                    record.name: record.details
+                    for record in result.report.passes
+                    if record.name in ("SplitOutliersPass", "FoldNormScalesPass", "ReorderChannelsPass")
+                }
+            }
 
         return self.run(f"W{bits} {method} {axis} | {variant}", build)
 
@@ -82,9 +93,12 @@ class PassBench(bench_quality.Bench):
             lowbit.save(model, fused)
             for form, path in (("portable", portable), ("fused", fused)):
                 sess = runtime.session(path, intra_op_threads=2)
-                times = {t: time_call(lambda f=feed: sess.run(None, f), 3.0)[0] for t, feed in feeds.items()}
+                times = {t: time_call(lambda f=feed, s=sess: s.run(None, f), 3.0)[0] for t, feed in feeds.items()}
                 rows.append((variant, form, file_bytes(path), times))
-                print(f"  {variant} {form}: " + ", ".join(f"{t} tokens {s * 1e3:.1f} ms" for t, s in times.items()), flush=True)
+                print(
+                    f"  {variant} {form}: " + ", ".join(f"{t} tokens {s * 1e3:.1f} ms" for t, s in times.items()),
+                    flush=True,
+                )
                 del sess
         for path in (portable, fused):
             path.unlink()
@@ -95,7 +109,11 @@ def quality_table(rows: dict[str, dict], bits: list[int]) -> str:
     """Rows = variants, columns = (bits, method, axis): perplexity; then the file MiB of each variant."""
     columns = [(b, m, a) for b in bits for m, a in SETTINGS]
     sized = (bits[0], *SETTINGS[0])  # the file size column: every setting of one width has about the same
-    header = "| variant | " + " | ".join(f"W{b} {m} {a}" for b, m, a in columns) + f" | MiB (W{sized[0]} {sized[1]} {sized[2]}) |"
+    header = (
+        "| variant | "
+        + " | ".join(f"W{b} {m} {a}" for b, m, a in columns)
+        + f" | MiB (W{sized[0]} {sized[1]} {sized[2]}) |"
+    )
     lines = [f"fp32: {rows['fp32']['quality']:.2f}", "", header, "|---|" + "---:|" * (len(columns) + 1)]
     for variant in VARIANTS:
         cells = []
@@ -111,8 +129,10 @@ def quality_table(rows: dict[str, dict], bits: list[int]) -> str:
 def latency_table(rows: list[tuple[str, str, int, dict[int, float]]]) -> str:
     """Time ratio of every variant to the base model of the same form."""
     base = {form: times for variant, form, _, times in rows if variant == "base"}
-    lines = ["| variant | form | MiB | " + " | ".join(f"{t} tokens ms | vs base" for t in LATENCY_TOKENS) + " |",
-             "|---|---|---:|" + "---:|---:|" * len(LATENCY_TOKENS)]
+    lines = [
+        "| variant | form | MiB | " + " | ".join(f"{t} tokens ms | vs base" for t in LATENCY_TOKENS) + " |",
+        "|---|---|---:|" + "---:|---:|" * len(LATENCY_TOKENS),
+    ]
     for variant, form, nbytes, times in rows:
         cells = " | ".join(f"{times[t] * 1e3:.1f} | {times[t] / base[form][t]:.2f}x" for t in LATENCY_TOKENS)
         lines.append(f"| {variant} | {form} | {nbytes / 2**20:.1f} | {cells} |")
@@ -120,11 +140,17 @@ def latency_table(rows: list[tuple[str, str, int, dict[int, float]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.dev.bench_passes", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lowbit.tools.dev.bench_passes", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 2])
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--settings", nargs="+", default=[f"{m}-{a}" for m, a in SETTINGS],
-                        help="method-axis pairs to run (default: all four)")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=[f"{m}-{a}" for m, a in SETTINGS],
+        help="method-axis pairs to run (default: all four)",
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--calibration-windows", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=10)
@@ -135,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.fp32 is not None and not (args.out / "smollm2.fp32.onnx").exists():
         shutil.copyfile(args.fp32, args.out / "smollm2.fp32.onnx")
-    setting = bench_quality.Setting("smollm2", tuple(args.bits), args.group_size, args.calibration_windows, 256,
-                                    args.eval_windows, 512, args.out)
+    setting = bench_quality.Setting(
+        "smollm2", tuple(args.bits), args.group_size, args.calibration_windows, 256, args.eval_windows, 512, args.out
+    )
     bench = PassBench(setting)
     if args.latency:
         table = latency_table(bench.latency_rows(args.bits[0]))

@@ -31,8 +31,12 @@ from lowbit.tools import models, text
 from lowbit.tools.demo import file_bytes
 
 #: (method, axis, AdaDim selector, clip search) of every lowbit row.
-LOWBIT_ROWS = [("rtn", "oc", None, False), ("rtn", "ic", None, False)] + [("rtn", "adadim", s, False) for s in SELECTORS]
-LOWBIT_ROWS += [("gptq", "oc", None, False), ("gptq", "ic", None, False)] + [("gptq", "adadim", s, False) for s in SELECTORS]
+LOWBIT_ROWS = [("rtn", "oc", None, False), ("rtn", "ic", None, False)] + [
+    ("rtn", "adadim", s, False) for s in SELECTORS
+]
+LOWBIT_ROWS += [("gptq", "oc", None, False), ("gptq", "ic", None, False)] + [
+    ("gptq", "adadim", s, False) for s in SELECTORS
+]
 LOWBIT_ROWS += [("rtn", "oc", None, True), ("gptq", "oc", None, True), ("gptq", "adadim", "block", True)]
 ORT_ALGORITHMS = {"DEFAULT": (2, 4, 8), "HQQ": (2, 4, 8), "GPTQ": (4,)}  # bit widths each supports
 
@@ -66,7 +70,9 @@ class Bench:
     def calibration_feeds(self) -> list[dict[str, np.ndarray]]:
         s = self.setting
         if s.model == "smollm2":
-            return text.calibration_feeds(models.smollm2_tokenizer(), ["input_ids"], s.calibration_length, s.calibration_windows)
+            return text.calibration_feeds(
+                models.smollm2_tokenizer(), ["input_ids"], s.calibration_length, s.calibration_windows
+            )
         sentences = text.sentences(text.calibration_text(), count=16 * s.calibration_windows)
         return _sentence_feeds(models.minilm_tokenizer(), sentences, batch=16)
 
@@ -75,7 +81,9 @@ class Bench:
         if s.model == "smollm2":
             from lowbit.tools.eval_perplexity import perplexity
 
-            windows = text.token_windows(models.smollm2_tokenizer(), text.evaluation_text(), s.eval_length, s.eval_windows)
+            windows = text.token_windows(
+                models.smollm2_tokenizer(), text.evaluation_text(), s.eval_length, s.eval_windows
+            )
             return perplexity(path, windows)
         from lowbit.tools.eval_embedding import embedding_cosine
 
@@ -117,12 +125,20 @@ class Bench:
         return row
 
     def lowbit_row(self, bits: int, method: str, axis: str, selector: str | None, clip_search: bool):
-        recipe = lowbit.Recipe(bits=bits, group_size=self.setting.group_size, axis=axis, method=method,
-                               selector=selector or "matrix", clip_search=clip_search)
+        recipe = lowbit.Recipe(
+            bits=bits,
+            group_size=self.setting.group_size,
+            axis=axis,
+            method=method,
+            selector=selector or "matrix",
+            clip_search=clip_search,
+        )
         calibrated = recipe.needs_calibration or clip_search  # the search weighs channels by diag(H)
 
         def build(path):
-            result = lowbit.optimize(lowbit.load(self.source), recipe, calibration=self.statistics() if calibrated else None)
+            result = lowbit.optimize(
+                lowbit.load(self.source), recipe, calibration=self.statistics() if calibrated else None
+            )
             lowbit.save(result.model, path)
             choices = {}
             for weight in result.report.weights:
@@ -146,13 +162,19 @@ class Bench:
 
         def build(path):
             if algorithm == "DEFAULT":
-                config = quantizer.DefaultWeightOnlyQuantConfig(block_size=group, is_symmetric=False, accuracy_level=0, bits=bits)
+                config = quantizer.DefaultWeightOnlyQuantConfig(
+                    block_size=group, is_symmetric=False, accuracy_level=0, bits=bits
+                )
             elif algorithm == "HQQ":
                 config = quantizer.HQQWeightOnlyQuantConfig(block_size=group, bits=bits)
             else:
-                config = quantizer.GPTQWeightOnlyQuantConfig(Feeds(self.calibration_feeds()), block_size=group, actorder=True)
+                config = quantizer.GPTQWeightOnlyQuantConfig(
+                    Feeds(self.calibration_feeds()), block_size=group, actorder=True
+                )
             model = onnx.load(str(self.source))
-            quant = quantizer.MatMulNBitsQuantizer(model, bits=bits, block_size=group, accuracy_level=0, algo_config=config)
+            quant = quantizer.MatMulNBitsQuantizer(
+                model, bits=bits, block_size=group, accuracy_level=0, algo_config=config
+            )
             quant.process()
             onnx.save(quant.model.model, str(path))
             return {}
@@ -225,7 +247,9 @@ def plot(rows: dict[str, dict], setting: Setting, metric: str, path: pathlib.Pat
     import matplotlib.pyplot as plt
 
     methods = sorted({key.split(" ", 1)[1] for key in rows if key != "fp32"})
-    figure, axes = plt.subplots(1, len(setting.bits), figsize=(5 * len(setting.bits), 0.35 * len(methods) + 1.5), sharey=True)
+    figure, axes = plt.subplots(
+        1, len(setting.bits), figsize=(5 * len(setting.bits), 0.35 * len(methods) + 1.5), sharey=True
+    )
     for ax, bits in zip(np.atleast_1d(axes), setting.bits):
         values = [rows.get(f"W{bits} {m}", {}).get("quality", np.nan) for m in methods]  # crashed/missing: no bar
         ax.barh(methods, values, color=["tab:gray" if m.startswith("ORT") else "tab:blue" for m in methods])
@@ -239,7 +263,9 @@ def plot(rows: dict[str, dict], setting: Setting, metric: str, path: pathlib.Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lowbit.tools.dev.bench_quality", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lowbit.tools.dev.bench_quality", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--model", choices=("smollm2", "minilm"), default="smollm2")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--group-size", type=int, default=128)
@@ -249,12 +275,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-length", type=int, default=512)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-quality"))
     args = parser.parse_args(argv)
-    setting = Setting(args.model, tuple(args.bits), args.group_size, args.calibration_windows,
-                      args.calibration_length, args.eval_windows, args.eval_length, args.out)
+    setting = Setting(
+        args.model,
+        tuple(args.bits),
+        args.group_size,
+        args.calibration_windows,
+        args.calibration_length,
+        args.eval_windows,
+        args.eval_length,
+        args.out,
+    )
     bench = Bench(setting)
     bench.all_rows()
     metric = "perplexity" if args.model == "smollm2" else "cosine"
-    report = markdown(bench.rows, setting, metric) + "\n\nAdaDim: per-IC choices per layer type\n\n" + axis_choice_table(bench.rows)
+    report = (
+        markdown(bench.rows, setting, metric)
+        + "\n\nAdaDim: per-IC choices per layer type\n\n"
+        + axis_choice_table(bench.rows)
+    )
     (args.out / "results.md").write_text(report + "\n")
     plot(bench.rows, setting, metric, args.out / "quality.png")
     print(report)

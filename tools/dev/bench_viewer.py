@@ -108,7 +108,14 @@ def generated_model(num_nodes: int = 20_000, seed: int = 0, hidden: int = 32) ->
         y = builder.op("Identity", [y], f"model.norm.Identity_{len(builder.nodes)}")
     y = builder.linear(y, "lm_head", hidden, hidden)
     y.name = "logits"
-    graph = ir.Graph([x], [y], nodes=builder.nodes, initializers=builder.initializers, opset_imports={"": 21}, name="generated_decoder")
+    graph = ir.Graph(
+        [x],
+        [y],
+        nodes=builder.nodes,
+        initializers=builder.initializers,
+        opset_imports={"": 21},
+        name="generated_decoder",
+    )
     model = ir.Model(graph, ir_version=10)
     ShapeInferencePass()(model)
     return model

@@ -42,7 +42,7 @@ def _check(harness, case: dict, spec) -> None:
             harness.check_order(spec, case["order"], case["check_seed"])
     except harness.FuzzFailure:
         raise
-    except Exception as error:  # noqa: BLE001 - a bug in the harness itself is a finding too
+    except Exception as error:
         raise harness.FuzzFailure("harness", "crash", f"{type(error).__name__}: {error}") from error
 
 
@@ -69,7 +69,14 @@ def _minimize_and_save(generator, harness, case: dict, spec, failure, out: pathl
     folder = out / f"{'-'.join(failure.signature)}-seed{case['seed']}-{case['index']}"
     folder.mkdir(parents=True, exist_ok=True)
     ir.save(generator.build(small), folder / "model.onnx")
-    record = {**case, "error": error, "original_error": str(failure), "original_order": original_order, "spec": small.to_dict(), "original_spec": spec.to_dict()}
+    record = {
+        **case,
+        "error": error,
+        "original_error": str(failure),
+        "original_order": original_order,
+        "spec": small.to_dict(),
+        "original_spec": spec.to_dict(),
+    }
     (folder / "failure.json").write_text(json.dumps(record, indent=1))
     return folder
 
@@ -119,10 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowbit.tools.dev.fuzz", description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("fuzz-out"), help="where minimized failures go")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("fuzz-out"), help="where minimized failures go"
+    )
     parser.add_argument("--max-blocks", type=int, default=12, help="most blocks in one generated graph")
     parser.add_argument("--pipeline-share", type=float, default=0.3, help="share of cases that run lowbit.optimize")
-    parser.add_argument("--replay", type=pathlib.Path, help="re-run a saved failure.json (or every one in a folder) instead of fuzzing")
+    parser.add_argument(
+        "--replay", type=pathlib.Path, help="re-run a saved failure.json (or every one in a folder) instead of fuzzing"
+    )
     args = parser.parse_args(argv)
     if args.replay:
         replay(args.replay)
@@ -130,7 +141,18 @@ def main(argv: list[str] | None = None) -> None:
     counts = fuzz(args.minutes, args.seed, args.out, args.max_blocks, args.pipeline_share)
     print("| graphs | pass orders | pipelines | passes run | failures | distinct failures |")
     print("|---:|---:|---:|---:|---:|---:|")
-    print(" | ".join(["", *(str(counts[key]) for key in ("graphs", "pass orders", "pipelines", "passes run", "failures", "distinct failures")), ""]).strip())
+    print(
+        " | ".join(
+            [
+                "",
+                *(
+                    str(counts[key])
+                    for key in ("graphs", "pass orders", "pipelines", "passes run", "failures", "distinct failures")
+                ),
+                "",
+            ]
+        ).strip()
+    )
 
 
 if __name__ == "__main__":

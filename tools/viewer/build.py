@@ -32,7 +32,9 @@ def build_view_data(model_path: PathLike, compare: PathLike | None = None, repor
     quantized, quantized_overlays, reference = model, overlays, baseline
     if baseline is not None and baseline_overlays and not overlays:
         quantized, quantized_overlays, reference = baseline, baseline_overlays, model
-    warnings = apply_report(quantized_overlays, quantized, report_data, pathlib.Path(report).name) if report_data else []
+    warnings = (
+        apply_report(quantized_overlays, quantized, report_data, pathlib.Path(report).name) if report_data else []
+    )
     diff = diff_graphs(baseline, model) if baseline else None
     panes = []
     if baseline is not None:
@@ -41,7 +43,8 @@ def build_view_data(model_path: PathLike, compare: PathLike | None = None, repor
     return {
         "title": f"lowbit view: {model.label}" + (f" vs {baseline.label}" if baseline else ""),
         "subtitle": " · ".join(
-            [f"{len(model.model.graph)} nodes"] + ([f"compared with {baseline.label}"] if baseline else [])
+            [f"{len(model.model.graph)} nodes"]
+            + ([f"compared with {baseline.label}"] if baseline else [])
             + ([f"report {pathlib.Path(report).name}"] if report else [])
         ),
         "panes": panes,

@@ -79,7 +79,9 @@ def index_graph(model: ir.Model, label: str) -> GraphIndex:
     entries = [NodeEntry(value.name or "", INPUT_OP, "", "", [], [value], None) for value in inputs]
     for node in graph:
         path = node_path(node)
-        entries.append(NodeEntry(node.name or "", node.op_type, node.domain, path, list(node.inputs), list(node.outputs), node))
+        entries.append(
+            NodeEntry(node.name or "", node.op_type, node.domain, path, list(node.inputs), list(node.outputs), node)
+        )
     entries += [NodeEntry(value.name or "", OUTPUT_OP, "", "", [value], [], None) for value in graph.outputs]
     producer = {id(value): index for index, entry in enumerate(entries) for value in entry.outputs}
     edges = [

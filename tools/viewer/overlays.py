@@ -23,7 +23,17 @@ from lowbit.tools.viewer.graph_data import GraphIndex
 #: WeightRecord fields the page shows when a report has them.
 REPORT_FIELDS = ("relative_error", "output_error", "axis_errors", "bytes_before", "method", "kind")
 #: Overlay fields copied into a quantized layer's table row.
-_ROW_FIELDS = ("bits", "group_size", "axis", "symmetric", "method", "relative_error", "output_error", "adadim_choice", "axis_errors")
+_ROW_FIELDS = (
+    "bits",
+    "group_size",
+    "axis",
+    "symmetric",
+    "method",
+    "relative_error",
+    "output_error",
+    "adadim_choice",
+    "axis_errors",
+)
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
