@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.ir import analysis
 from lowbit.passes.quant.rtn import QuantizedWeight
 
 _UNSIGNED = {2: ir.DataType.UINT2, 4: ir.DataType.UINT4, 8: ir.DataType.UINT8}
@@ -117,45 +118,34 @@ def dequantize_linear(base_name: str, quantized: QuantizedWeight, float_dtype: i
 _TAILS = (".qweight", ".scales", ".zero_points", ".dequantized", ".dequantized_float")
 
 
+def graph_and_subgraphs(graph: ir.Graph):
+    """``graph``, then the subgraphs of its nodes (If/Loop/Scan bodies), recursively."""
+    graphs = [graph]
+    while graphs:
+        current = graphs.pop()
+        yield current
+        for node in current:
+            graphs.extend(analysis.subgraphs(node))
+
+
 def graph_names(graph: ir.Graph) -> set[str]:
     """Every value name of ``graph`` and of the subgraphs of its nodes (If/Loop/Scan bodies, recursively):
     ONNX Runtime needs names unique across a graph and the subgraphs that see it (outer-scope reads)."""
     names: set[str] = set()
-    graphs = [graph]
-    while graphs:
-        current = graphs.pop()
+    for current in graph_and_subgraphs(graph):
         names |= {value.name for value in current.initializers.values()}
         names |= {value.name for value in current.inputs}
         names |= {value.name for value in current.outputs}
         for node in current:
             names |= {output.name for output in node.outputs}
             names |= {value.name for value in node.inputs if value is not None}
-            for attribute in node.attributes.values():
-                if attribute.is_ref():
-                    continue
-                if attribute.type == ir.AttributeType.GRAPH:
-                    graphs.append(attribute.value)
-                elif attribute.type == ir.AttributeType.GRAPHS:
-                    graphs.extend(attribute.value)
     names.discard(None)
     return names
 
 
 def node_names(graph: ir.Graph) -> set[str]:
     """Every node name of ``graph`` and its subgraphs."""
-    names: set[str] = set()
-    graphs = [graph]
-    while graphs:
-        current = graphs.pop()
-        for node in current:
-            names.add(node.name)
-            for attribute in node.attributes.values():
-                if attribute.is_ref():
-                    continue
-                if attribute.type == ir.AttributeType.GRAPH:
-                    graphs.append(attribute.value)
-                elif attribute.type == ir.AttributeType.GRAPHS:
-                    graphs.extend(attribute.value)
+    names = {node.name for current in graph_and_subgraphs(graph) for node in current}
     names.discard(None)
     return names
 

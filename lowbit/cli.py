@@ -116,17 +116,8 @@ def _command_optimize(args: argparse.Namespace) -> None:
     result = lowbit.optimize(model, recipe, calibration=calibration)
     lowbit.save(result.model, target)
     print(result.report.summary())
-    if recipe.fused and result.report.unfused:
-        print(
-            f"lowbit: warning: {len(result.report.unfused)} quantized weight(s) stay in the portable form, not "
-            "fused (listed above with the reasons)",
-            file=sys.stderr,
-        )
-    if result.report.skipped:
-        print(
-            f"lowbit: note: {len(result.report.skipped)} weight(s) left in float (listed above with the reasons)",
-            file=sys.stderr,
-        )
+    for notice in result.report.notices(recipe.fused):
+        print(notice, file=sys.stderr)
     form = "fused lowbit ops (run with lowbit.runtime.session)" if recipe.fused else "portable QDQ (stock ONNX Runtime)"
     print(f"wrote {target} ({_model_mib(target):.1f} MiB, {form}; input {_model_mib(source):.1f} MiB)")
     if args.report:

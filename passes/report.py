@@ -91,6 +91,19 @@ class OptimizeReport:
             for node, reason in record.details.get("unfused", {}).items()
         }
 
+    def notices(self, fused: bool) -> list[str]:
+        """What a command line says on stderr after the summary: weights not fused (with ``fused``) and
+        weights left in float, counted (the summary above lists each with its reason)."""
+        lines = []
+        if fused and self.unfused:
+            lines.append(
+                f"lowbit: warning: {len(self.unfused)} quantized weight(s) stay in the portable form, not fused "
+                "(listed above with the reasons)"
+            )
+        if self.skipped:
+            lines.append(f"lowbit: note: {len(self.skipped)} weight(s) left in float (listed above with the reasons)")
+        return lines
+
     def summary(self) -> str:
         """A few lines for a terminal: passes, weights quantized and skipped, bytes."""
         lines = [f"{'pass':<24}{'modified':>10}{'seconds':>10}{'peak RSS MB':>13}"]

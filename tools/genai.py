@@ -536,12 +536,8 @@ def command_optimize(args, recipe) -> None:
         calibration_windows=args.calibration_windows,
     )
     print(result.report.summary())
-    if recipe.fused and result.report.unfused:
-        print(
-            f"lowbit: warning: {len(result.report.unfused)} quantized weight(s) stay in the portable form, not "
-            "fused (listed above with the reasons)",
-            file=sys.stderr,
-        )
+    for notice in result.report.notices(recipe.fused):
+        print(notice, file=sys.stderr)
     form = (
         "fused lowbit ops (og loads the op library named in genai_config.json)"
         if recipe.fused
