@@ -127,21 +127,40 @@ def _module_boundaries(graph: ir.Graph, paths: dict[int, str], module: str) -> t
     inside_ids = {id(node) for node in inside}
     produced = {output.name for node in inside for output in node.outputs}
     inputs: dict[str, None] = {}
-    outputs: dict[str, None] = {}
-    read_outside: dict[str, None] = {}
+    read_outside: dict[str, ir.Value] = {}
+    graph_outputs: dict[str, ir.Value] = {}
     for node in inside:
         for value in node.inputs:
             if value is not None and value.name not in produced and value.const_value is None:
                 inputs.setdefault(value.name)
         for output in node.outputs:
             if any(id(use.node) not in inside_ids for use in output.uses()):
-                read_outside.setdefault(output.name)
-            if output.is_graph_output() or output.name in read_outside:
-                outputs.setdefault(output.name)
+                read_outside.setdefault(output.name, output)
+            elif output.is_graph_output():
+                graph_outputs.setdefault(output.name, output)
     # A KV-cache graph's attention also hands out its present keys/values as graph outputs. The module's
-    # output is what the rest of the graph reads (as in a graph without a cache): graph outputs that no
-    # node outside reads count only when the module has no other output.
-    return list(inputs), list(read_outside or outputs)
+    # output is what the rest of the graph reads (as in a graph without a cache); a graph output that no
+    # node outside reads counts only when it depends on a weight that the read outputs do not.
+    judged = _weights_behind(list(read_outside.values()), inside_ids)
+    extra = [name for name, value in graph_outputs.items() if _weights_behind([value], inside_ids) - judged]
+    return list(inputs), [*read_outside, *extra]
+
+
+def _weights_behind(values: list[ir.Value], inside_ids: set[int]) -> set[str]:
+    """Names of the initializers that the module's nodes read on the way to ``values``."""
+    found: set[str] = set()
+    stack, seen = list(values), set()
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if value.is_initializer():
+            found.add(value.name)
+        producer = value.producer()
+        if producer is not None and id(producer) in inside_ids:
+            stack.extend(input_ for input_ in producer.inputs if input_ is not None)
+    return found
 
 
 class SubgraphSelector:

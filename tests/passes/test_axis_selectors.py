@@ -1,0 +1,40 @@
+"""AdaDim's module boundaries: what a module reads and what it hands out, the weights its outputs judge."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowbit.passes.axis_selectors import _module_boundaries
+from tests import factories
+
+
+def _module_graph(present_output: bool):
+    """x -> [layer: a = x @ Wa (read by the head), b = x @ Wb (a graph output only)] -> head = Relu(a).
+
+    With ``present_output`` the second output reads Wa instead of its own weight, as a KV cache's
+    present keys do: it then judges no weight that the read output does not judge already."""
+    rng = np.random.default_rng(0)
+    x = factories.graph_input("x", [2, 4])
+    wa = factories.constant("wa", rng.standard_normal((4, 4)).astype(np.float32))
+    wb = factories.constant("wb", rng.standard_normal((4, 4)).astype(np.float32))
+    a = factories.node("MatMul", [x, wa], "layer.a", output="a")
+    b = factories.node("MatMul", [x, wa if present_output else wb], "layer.b", output="b")
+    head = factories.node("Relu", [a.outputs[0]], "head", output="y")
+    model = factories.model([x], [head.outputs[0], b.outputs[0]], [a, b, head], [wa] if present_output else [wa, wb])
+    paths = {id(a): "layer.a", id(b): "layer.b", id(head): "head"}
+    return model, paths
+
+
+def test_a_graph_output_that_alone_depends_on_a_weight_is_a_module_output():
+    """Fuzz seed 400: the second weight reached only a graph output, which the module left out, so its
+    session had no input for that weight."""
+    model, paths = _module_graph(present_output=False)
+    inputs, outputs = _module_boundaries(model.graph, paths, "layer")
+    assert inputs == ["x"] and outputs == ["a", "b"]
+
+
+def test_a_graph_output_that_judges_no_new_weight_is_left_out():
+    """A KV cache's present keys: a graph output computed from weights the read output already judges."""
+    model, paths = _module_graph(present_output=True)
+    inputs, outputs = _module_boundaries(model.graph, paths, "layer")
+    assert inputs == ["x"] and outputs == ["a"]
