@@ -120,13 +120,17 @@ def _check_opsets_and_names(model: ir.Model, path: pathlib.Path) -> None:
             )
 
 
-def load(path: str | os.PathLike) -> ir.Model:
+def load(path: str | os.PathLike, *, checker: bool = True) -> ir.Model:
     """Load an ONNX file as an ``onnx_ir.Model``, checked: it must pass ``onnx.checker`` (strict shape
-    inference), and its external data must lie inside the model's folder and hold the tensors' bytes."""
+    inference), and its external data must lie inside the model's folder and hold the tensors' bytes.
+
+    ``checker=False`` skips ``onnx.checker`` only (the other checks stay): for graphs that ONNX Runtime runs
+    but the checker refuses, such as the genai builder's, which puts its contrib op
+    ``SimplifiedLayerNormalization`` in the ONNX domain."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX file at {str(path)!r}")
-    complaint = _checker_complaint(path)
+    complaint = _checker_complaint(path) if checker else None
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception as error:  # protobuf raises DecodeError, RuntimeWarning subclasses, ...

@@ -252,3 +252,25 @@ def test_load_names_sparse_initializers(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
     with pytest.raises(ValueError, match="has sparse initializers \\(w_values\\), which lowbit does not read"):
         lowbit.load(path)
+
+
+def test_load_without_the_checker_keeps_the_other_checks(tmp_path):
+    """A contrib op in the ONNX domain (as the genai builder writes SimplifiedLayerNormalization): the
+    checker refuses it, checker=False loads it; a missing data file is still refused by name."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("SimplifiedLayerNormalization", ["x", "g"], ["y"], name="norm", axis=-1)],
+        "contrib",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor("g", TensorProto.FLOAT, [4], [1.0] * 4)],
+    )
+    path = tmp_path / "contrib.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(ValueError, match="not a valid ONNX model"):
+        lowbit.load(path)
+    assert [node.op_type for node in lowbit.load(path, checker=False).graph] == ["SimplifiedLayerNormalization"]
+    with pytest.raises(FileNotFoundError):
+        lowbit.load(tmp_path / "absent.onnx", checker=False)

@@ -356,27 +356,11 @@ def load_decoder(path: str | os.PathLike):
     Workaround: the builder writes ``SimplifiedLayerNormalization`` (an ONNX Runtime op) in the ONNX domain,
     which ``onnx.checker`` refuses ("No Op registered"), so ``lowbit.load`` (which runs the checker) refuses
     every builder graph. This loads it with lowbit.load's other checks (external data inside the folder and
-    complete, opsets, unique node names); ONNX Runtime validates the graph when calibration or og runs it."""
-    import onnx
-    import onnx_ir as ir
+    complete, opsets, unique node names: ``lowbit.load(checker=False)``); ONNX Runtime validates the graph
+    when calibration or og runs it."""
+    import lowbit
 
-    from lowbit import api
-    from lowbit.ir import files
-
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no ONNX file at {str(path)!r}")
-    try:
-        proto = onnx.load(path, load_external_data=False)
-        model = ir.serde.deserialize_model(proto)
-    except Exception as error:  # protobuf and onnx_ir raise their own types
-        raise ValueError(f"{str(path)!r} is not a readable ONNX model: {error}") from error
-    del proto
-    ir.external_data.set_base_dir(model.graph, path.parent)
-    sources = api._external_files(model, path.parent) | {str(path.resolve())}
-    api._check_opsets_and_names(model, path)
-    model.meta[files.SOURCE_KEY] = sources
-    return model
+    return lowbit.load(path, checker=False)
 
 
 def _folder_tokenizer(folder: pathlib.Path):
