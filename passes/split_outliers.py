@@ -16,9 +16,7 @@ channel's products as a difference of a running sum (the outliers are stored col
     c  = CumSum(Mul(Gather(xt, rows), values), exclusive) # [nnz + 1, T]: running sum of x[:, k_i] * v_i
     y  = y_dense + Reshape(Transpose(c[ptr[1:]] - c[ptr[:-1]]), Shape(y_dense))
 
-On SmolLM2 (one forward of 128 tokens, ORT 1.32 CPU, 2 cores) the whole model takes 1.2x the time of
-the quantized model without outliers at 0.1 %, 1.3-1.45x at 0.5 %, 1.6x at 1 % (table below).
-Alternatives, timed per weight against its quantized MatMul: ``ScatterND(reduction="add")`` on the
+The README ("Outliers and layer split, measured") gives their cost on SmolLM2. Alternatives, timed per weight against its quantized MatMul: ``ScatterND(reduction="add")`` on the
 transposed output was as fast but is racy in ONNX Runtime's CPU kernel when indices repeat (several
 outliers in one output channel, always the case here): wrong sums that change from run to run
 (microsoft/onnxruntime#18048). ``ScatterElements`` on the last axis took 1.7-12x, an ELL gather (every
@@ -35,32 +33,6 @@ the same input, and the three outputs are added. Each is then quantized with its
 split only where RTN under ``scheme`` (each candidate axis, the best of them) lowers the weight's output
 error ``trace(dW^T H dW)`` (with calibration; else the Frobenius weight error) by at least
 ``split_min_gain`` times: the split triples the weight's bytes and MatMul work.
-
-Measured on SmolLM2-135M (``python -m lowbit.tools.dev.bench_passes``: perplexity on 10 x 512 held-out tokens,
-fp32 43.0; W3 g128; outliers ranked by sensitivity; file MiB of the portable per-OC file with the float
-embedding; forward time of 128 tokens against the model without the pass, portable / fused form):
-dense-and-sparse pays for itself, the layer split does not.
-
-============================  =========  ===========  ===========  ===========  ==============
-                              base       0.1 %        0.5 %        1 %          layer split
-============================  =========  ===========  ===========  ===========  ==============
-RTN per-OC                    173.4      132.7        99.5         90.3         52.1
-RTN AdaDim                    206.1      98.7         77.9         71.2         49.5
-GPTQ per-OC                   81.7       67.7         67.8         61.3         47.4
-GPTQ AdaDim                   73.2       65.1         62.2         59.8         46.7
-file MiB                      166.6      168.3        170.8        173.8        275.2
-forward time portable         1.00x      1.22x        1.42x        1.65x        2.29x
-forward time fused            1.00x      1.11x        1.18x        1.23x        2.40x
-============================  =========  ===========  ===========  ===========  ==============
-
-Sensitivity ranking beats magnitude (W3 RTN per-OC at 0.5 %: 99.5 against 119.1). The split gains a lot
-but costs three weights' bytes and MatMuls: RTN W8 (228.2 MB, 43.1) beats it on both counts, RTN W4
-(174.7 MB, 54.2, the bytes of W3 in the portable form) nearly matches it at 60 % of its bytes; at W2 RTN
-per-OC it takes 3.6e6 to 153 (208.7 MB; W3 RTN: 173.4 at 174.7 MB). Its ~2.5x lower weight error is
-the same for every weight (2.2-2.8x), so no
-per-weight threshold separates them. Zeros inside each cluster's groups do cost: with every group's
-range over its cluster's members only (zeros kept exact by a mask), the W3 per-OC weight error would be
-0.067 instead of 0.088 (base 0.224), because the asymmetric range must include 0.
 
 Output heads stay whole unless ``include_lm_head`` (a tied head never: its table is shared with the
 embedding); embeddings are never touched. A Gemm keeps its (dense or middle) weight and gets the
