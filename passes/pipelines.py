@@ -61,6 +61,7 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
         include_embeddings=recipe.include_embeddings,
         calibration_mode=recipe.calibration_mode,
         choice_method=recipe.choice_method,
+        gptq_damp=recipe.gptq_damping,
     )
     sequential = recipe.calibration_mode == "sequential"
     splits = recipe.outlier_fraction > 0 or recipe.split

@@ -105,12 +105,19 @@ class Recipe:
         "shrink each group's range (1.0 down to 0.5) where that lowers its squared error, input channels "
         "weighted by diag(H) where calibration exists",
     )
+    gptq_damping: float = _option(
+        0.01,
+        "GPTQ's dampening: this fraction of mean(diag(H)) is added to H's diagonal (multiplied by 10 while H "
+        "stays singular)",
+    )
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):  # frozen: normalise through object.__setattr__
             object.__setattr__(self, field.name, _checked(field, getattr(self, field.name)))
         if not 0.0 <= self.outlier_fraction < 1.0:
             raise ValueError(f"outlier_fraction must be in [0, 1), got {self.outlier_fraction!r}")
+        if not self.gptq_damping >= 0.0:
+            raise ValueError(f"gptq_damping must be >= 0, got {self.gptq_damping!r}")
         self.scheme()  # validates group_size
 
     @property

@@ -274,3 +274,26 @@ def test_load_without_the_checker_keeps_the_other_checks(tmp_path):
     assert [node.op_type for node in lowbit.load(path, checker=False).graph] == ["SimplifiedLayerNormalization"]
     with pytest.raises(FileNotFoundError):
         lowbit.load(tmp_path / "absent.onnx", checker=False)
+
+
+def test_gptq_damping_reaches_gptq():
+    """A recipe field is one edit plus its use: Recipe.gptq_damping is the dampening GPTQ gets."""
+    from lowbit.passes import pipelines
+    from lowbit.passes.quantize_weights import QuantizeWeightsPass
+
+    model = factories.mlp()
+    feeds = [factories.feeds_for(model, seed=seed) for seed in range(3)]
+    codes = {}
+    for damping in (0.01, 1.0):
+        recipe = lowbit.Recipe(bits=3, group_size=8, method="gptq", gptq_damping=damping)
+        (quantize,) = [
+            p for p in pipelines.portable_pipeline(recipe, calibration=feeds) if isinstance(p, QuantizeWeightsPass)
+        ]
+        assert quantize.quantizer.gptq_damp == damping
+        result = lowbit.optimize(factories.mlp(), recipe, calibration=feeds)
+        codes[damping] = [
+            result.model.graph.initializers[f"{layer}.qweight"].const_value.numpy() for layer in ("fc1", "fc2")
+        ]
+    assert any(not np.array_equal(a, b) for a, b in zip(codes[0.01], codes[1.0]))
+    with pytest.raises(ValueError, match="gptq_damping must be >= 0"):
+        lowbit.Recipe(gptq_damping=-0.1)
