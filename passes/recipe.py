@@ -116,8 +116,8 @@ class Recipe:
             object.__setattr__(self, field.name, _checked(field, getattr(self, field.name)))
         if not 0.0 <= self.outlier_fraction < 1.0:
             raise ValueError(f"outlier_fraction must be in [0, 1), got {self.outlier_fraction!r}")
-        if not self.gptq_damping >= 0.0:
-            raise ValueError(f"gptq_damping must be >= 0, got {self.gptq_damping!r}")
+        if not self.gptq_damping > 0.0:  # the retry on a singular H multiplies it: 0 would never grow
+            raise ValueError(f"gptq_damping must be > 0, got {self.gptq_damping!r}")
         self.scheme()  # validates group_size
 
     @property

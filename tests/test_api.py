@@ -295,5 +295,6 @@ def test_gptq_damping_reaches_gptq():
             result.model.graph.initializers[f"{layer}.qweight"].const_value.numpy() for layer in ("fc1", "fc2")
         ]
     assert any(not np.array_equal(a, b) for a, b in zip(codes[0.01], codes[1.0]))
-    with pytest.raises(ValueError, match="gptq_damping must be >= 0"):
-        lowbit.Recipe(gptq_damping=-0.1)
+    for bad in (0.0, -0.1):
+        with pytest.raises(ValueError, match="gptq_damping must be > 0"):
+            lowbit.Recipe(gptq_damping=bad)

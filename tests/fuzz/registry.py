@@ -112,4 +112,5 @@ def random_recipe(context: Context) -> lowbit.Recipe:
         calibration_mode=context.pick(("parallel", "parallel", "sequential")),
         choice_method=context.pick((None, None, "rtn")),
         clip_search=context.flag(),
+        gptq_damping=context.pick((0.01, 0.01, 0.001, 0.1)),
     )
