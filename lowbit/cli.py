@@ -269,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--bits", type=int, nargs="+", default=[4, 3], choices=SUPPORTED_BITS, help="bit widths of the RTN rows"
     )
-    demo.add_argument("--axes", nargs="+", default=["oc", "ic"], choices=GROUP_AXES, help="group axes of the RTN rows")
+    demo.add_argument(
+        "--axes", nargs="+", default=["oc"], choices=GROUP_AXES, help="group axes of the RTN rows (ic: AdaDim's per-IC)"
+    )
     demo.add_argument("--group-size", type=int, default=128, help="group length of every row")
     demo.add_argument(
         "--gptq-bits",
@@ -286,18 +288,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the GPTQ rows' AdaDim chooses each axis (rtn: by RTN error, then GPTQ on that axis only)",
     )
     demo.add_argument(
+        "--whole-file",
+        action="store_true",
+        help="also a row with the embedding table and LM head quantized (the whole file's compression)",
+    )
+    demo.add_argument(
         "--outliers",
         action="store_true",
         help="also a row per --gptq-bits with 0.5%% sensitivity-ranked outliers kept exact",
     )
-    demo.add_argument("--calibration-windows", type=int, default=32, help="calibration windows of the GPTQ rows")
+    demo.add_argument("--calibration-windows", type=int, default=16, help="calibration windows of the GPTQ rows")
     demo.add_argument(
         "--form",
         default="fused",
         choices=("fused", "qdq"),
         help="fused kernels (default) or the portable QDQ form for stock ONNX Runtime",
     )
-    demo.add_argument("--windows", type=int, default=10, help="evaluation windows (perplexity)")
+    demo.add_argument("--windows", type=int, default=4, help="evaluation windows (perplexity; lowbit eval uses 40)")
     demo.add_argument("--length", type=int, default=512, help="tokens per evaluation window")
     demo.set_defaults(handler=_command_demo)
     return parser

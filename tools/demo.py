@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 import lowbit
 from lowbit.passes import pipelines
@@ -55,7 +56,7 @@ class Task:
     calibration feeds and the table's wording."""
 
     model: str
-    quality: Callable[[pathlib.Path, pathlib.Path], float]
+    quality: Callable[[pathlib.Path, pathlib.Path | ort.InferenceSession], float]
     latency_feeds: dict[str, np.ndarray]
     calibration_feeds: Callable[[], list[dict[str, np.ndarray]]]
     quality_name: str
@@ -74,9 +75,10 @@ def file_bytes(path: str | pathlib.Path) -> int:
     return sum(file.stat().st_size for file in files)
 
 
-def latency_ms(path: pathlib.Path, feeds: dict[str, np.ndarray]) -> float:
-    """Median forward time over ``LATENCY_RUNS`` runs after two warm-ups, ONNX Runtime defaults."""
-    model = session(path)
+def latency_ms(model: pathlib.Path | ort.InferenceSession, feeds: dict[str, np.ndarray]) -> float:
+    """Median forward time over ``LATENCY_RUNS`` runs after two warm-ups; a path is opened with ONNX
+    Runtime's defaults."""
+    model = model if isinstance(model, ort.InferenceSession) else session(model)
     for _ in range(2):
         model.run(None, feeds)
     times = []
@@ -90,8 +92,8 @@ def latency_ms(path: pathlib.Path, feeds: dict[str, np.ndarray]) -> float:
 def demo_recipes(args: argparse.Namespace) -> list[tuple[str, lowbit.Recipe]]:
     """(row name, recipe) for every (bits, axis) of the run with RTN; then AdaDim + GPTQ (calibrated on the
     calibration plays) for each of ``--gptq-bits``, with ``--outliers`` also with ``outlier_pipeline``'s
-    sparse outliers; then the first setting again with the embedding table and LM head quantized too (the
-    whole file's compression)."""
+    sparse outliers; with ``--whole-file`` the first setting again with the embedding table and LM head
+    quantized too (the whole file's compression)."""
     fused = args.form == "fused"
     form = " (fused)" if fused else ""
     recipes = [
@@ -120,6 +122,8 @@ def demo_recipes(args: argparse.Namespace) -> list[tuple[str, lowbit.Recipe]]:
                     dataclasses.replace(adadim, **outliers),
                 )
             )
+    if not args.whole_file:
+        return recipes
     bits, axis = args.bits[0], args.axes[0]
     recipes.append(
         (
@@ -233,6 +237,13 @@ def table_lines(rows: list[Row], quality_name: str, latency_name: str) -> list[s
     return lines
 
 
+def measured(path: pathlib.Path, args: argparse.Namespace) -> pathlib.Path | ort.InferenceSession:
+    """What quality and latency are measured on: for the fused form one session serves both (it holds no
+    MatMulNBits, whose accuracy level is the only setting in which they differ), saving a model load and
+    warm-up per row; for the portable form the path, opened by each as it needs."""
+    return session(path, matmulnbits_accuracy_level=0) if args.form == "fused" else path
+
+
 def run(workdir: pathlib.Path, args: argparse.Namespace, task: Task) -> list[Row]:
     """Measure fp32, then every recipe of ``demo_recipes``, printing each table line as it is measured."""
     recipes = demo_recipes(args)
@@ -242,9 +253,10 @@ def run(workdir: pathlib.Path, args: argparse.Namespace, task: Task) -> list[Row
     source = float_model(workdir, task.model)
     fp32 = Row("fp32", file_bytes(source), 1.0, 0.0)
     say(f"measuring {task.quality_name} and latency of {source.name}")
+    target = measured(source, args)
     if task.model == "smollm2":
-        fp32.quality = task.quality(source, source)
-    fp32.latency_ms = latency_ms(source, task.latency_feeds)
+        fp32.quality = task.quality(source, target)
+    fp32.latency_ms = latency_ms(target, task.latency_feeds)
     rows = [fp32]
     print(f"\n{task.heading}\n", flush=True)
     for line in table_lines(rows, task.quality_name, task.latency_name):
@@ -263,8 +275,9 @@ def run(workdir: pathlib.Path, args: argparse.Namespace, task: Task) -> list[Row
         say(f"[{index}/{total}] {name} ({after} row{'' if after == 1 else 's'} after it)")
         path, seconds = quantized_model(source, name, recipe, args, statistics_of)
         say(f"measuring {task.quality_name} and latency of {path.name}")
+        target = measured(path, args)
         rows.append(
-            Row(name, file_bytes(path), task.quality(source, path), latency_ms(path, task.latency_feeds), seconds)
+            Row(name, file_bytes(path), task.quality(source, target), latency_ms(target, task.latency_feeds), seconds)
         )
         print(table_lines(rows, task.quality_name, task.latency_name)[-1], flush=True)
     return rows

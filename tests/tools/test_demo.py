@@ -30,6 +30,7 @@ def test_demo_rows_on_minilm_then_reused(minilm_onnx, texts_available, ops_libra
         gptq_bits=[4],
         choice_method="rtn",
         outliers=True,
+        whole_file=True,
         calibration_windows=2,
         form="fused",
         windows=1,
