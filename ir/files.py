@@ -17,14 +17,20 @@ SOURCE_KEY = "lowbit.source_files"
 
 
 def tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol | None]]:
-    """(name, tensor) of every initializer and tensor attribute, in the main graph and its subgraphs."""
+    """(name, tensor) of every initializer and tensor attribute (``TENSOR`` and ``TENSORS``), in the main
+    graph and its subgraphs."""
     for graph in model.graphs():
         for value in graph.initializers.values():
             yield value.name, value.const_value
         for node in graph:
             for attribute in node.attributes.values():
+                if attribute.is_ref():
+                    continue
                 if attribute.type == ir.AttributeType.TENSOR:
                     yield f"{node.name}.{attribute.name}", attribute.value
+                elif attribute.type == ir.AttributeType.TENSORS:
+                    for index, tensor in enumerate(attribute.value or ()):
+                        yield f"{node.name}.{attribute.name}[{index}]", tensor
 
 
 def files_read(model: ir.Model) -> set[str]:

@@ -27,6 +27,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
+from lowbit.ir import files
 from lowbit.kernels import _lib
 
 #: ONNX Runtime's own exception types (Fail, InvalidArgument, ...): they share no base but Exception.
@@ -97,22 +98,6 @@ def open_session(
     return model
 
 
-def _model_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
-    """Every initializer and tensor attribute of the model, subgraphs included."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                yield value.const_value
-        for node in graph:
-            for attribute in node.attributes.values():
-                if attribute.is_ref():
-                    continue
-                if attribute.type == ir.AttributeType.TENSOR and attribute.value is not None:
-                    yield attribute.value
-                elif attribute.type == ir.AttributeType.TENSORS and attribute.value is not None:
-                    yield from attribute.value
-
-
 def external_data_dirs(model: ir.Model) -> dict[str, str]:
     """The folder (absolute) each external-data location of ``model`` is read from: ``{location: folder}``.
 
@@ -121,7 +106,7 @@ def external_data_dirs(model: ir.Model) -> dict[str, str]:
     folders (a model put together from two files) cannot be told apart in the proto: refused.
     """
     dirs: dict[str, str] = {}
-    for tensor in _model_tensors(model):
+    for _, tensor in files.tensors(model):
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         folder = os.path.abspath(tensor.base_dir or os.curdir)
@@ -136,7 +121,7 @@ def external_data_dirs(model: ir.Model) -> dict[str, str]:
 def set_external_data_dirs(model: ir.Model, dirs: Mapping[str, str]) -> ir.Model:
     """Point the external tensors of ``model`` (e.g. a subgraph deserialized from an extracted proto, whose
     tensors have no folder) at the folders ``dirs`` gives for their locations; returns ``model``."""
-    for tensor in _model_tensors(model):
+    for _, tensor in files.tensors(model):
         if isinstance(tensor, ir.ExternalTensor) and tensor.location in dirs:
             tensor.base_dir = dirs[tensor.location]
     return model

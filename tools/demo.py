@@ -25,6 +25,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 import lowbit
+from lowbit.ir import files
 from lowbit.passes import pipelines
 from lowbit.runtime.calibration import collect
 from lowbit.runtime.session import session
@@ -67,12 +68,8 @@ class Task:
 def file_bytes(path: str | pathlib.Path) -> int:
     """The model file plus every external data file it names, each counted once."""
     path = pathlib.Path(path)
-    files = {path.resolve()}
-    for graph in ir.load(path).graphs():  # external tensors are not read: only their locations
-        for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                files.add((path.parent / value.const_value.location).resolve())
-    return sum(file.stat().st_size for file in files)
+    read = files.files_read(ir.load(path)) | {str(path.resolve())}  # external tensors are not read, only named
+    return sum(pathlib.Path(file).stat().st_size for file in read)
 
 
 def latency_ms(model: pathlib.Path | ort.InferenceSession, feeds: dict[str, np.ndarray]) -> float:
