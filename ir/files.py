@@ -42,6 +42,14 @@ def files_read(model: ir.Model) -> set[str]:
     return paths
 
 
+def model_bytes(path: str | os.PathLike) -> int:
+    """Size of a model file plus every external data file it names, each counted once (the tensors are
+    not read, only their locations)."""
+    path = pathlib.Path(path)
+    read = files_read(ir.load(path)) | {str(path.resolve())}
+    return sum(pathlib.Path(file).stat().st_size for file in read)
+
+
 def refuse_input_files(targets: Iterable[str | os.PathLike], protected: set[str], what: str = "output") -> None:
     """Raise if any of ``targets`` is one of the ``protected`` files (``files_read`` of the inputs)."""
     for target in targets:

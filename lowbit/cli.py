@@ -127,9 +127,9 @@ def _command_optimize(args: argparse.Namespace) -> None:
 
 def _model_mib(path: pathlib.Path) -> float:
     """The size of a model with the external data files next to it that it names."""
-    from lowbit.tools.demo import file_bytes
+    from lowbit.ir import files
 
-    return file_bytes(path) / 2**20
+    return files.model_bytes(path) / 2**20
 
 
 def _command_export(args: argparse.Namespace) -> None:

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import onnx_ir as ir
 import onnxruntime as ort
 
 import lowbit
@@ -63,13 +62,6 @@ class Task:
     quality_name: str
     latency_name: str
     heading: str
-
-
-def file_bytes(path: str | pathlib.Path) -> int:
-    """The model file plus every external data file it names, each counted once."""
-    path = pathlib.Path(path)
-    read = files.files_read(ir.load(path)) | {str(path.resolve())}  # external tensors are not read, only named
-    return sum(pathlib.Path(file).stat().st_size for file in read)
 
 
 def latency_ms(model: pathlib.Path | ort.InferenceSession, feeds: dict[str, np.ndarray]) -> float:
@@ -248,7 +240,7 @@ def run(workdir: pathlib.Path, args: argparse.Namespace, task: Task) -> list[Row
     say(f"{total} rows: fp32, {', '.join(name for name, _ in recipes)}; files in {workdir}")
     say(f"[1/{total}] fp32")
     source = float_model(workdir, task.model)
-    fp32 = Row("fp32", file_bytes(source), 1.0, 0.0)
+    fp32 = Row("fp32", files.model_bytes(source), 1.0, 0.0)
     say(f"measuring {task.quality_name} and latency of {source.name}")
     target = measured(source, args)
     if task.model == "smollm2":
@@ -274,7 +266,13 @@ def run(workdir: pathlib.Path, args: argparse.Namespace, task: Task) -> list[Row
         say(f"measuring {task.quality_name} and latency of {path.name}")
         target = measured(path, args)
         rows.append(
-            Row(name, file_bytes(path), task.quality(source, target), latency_ms(target, task.latency_feeds), seconds)
+            Row(
+                name,
+                files.model_bytes(path),
+                task.quality(source, target),
+                latency_ms(target, task.latency_feeds),
+                seconds,
+            )
         )
         print(table_lines(rows, task.quality_name, task.latency_name)[-1], flush=True)
     return rows

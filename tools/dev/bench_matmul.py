@@ -202,7 +202,7 @@ E2E_TOKENS = (128, 1)
 def end_to_end(source: Path, bench: Bench) -> list[tuple[str, int, dict[int, float]]]:
     """(name, file bytes, {tokens: median seconds}) for fp32 and every ``E2E_SETTINGS`` model of ``source``."""
     import lowbit
-    from lowbit.tools.demo import file_bytes
+    from lowbit.ir.files import model_bytes
 
     feeds = {tokens: {"input_ids": np.arange(tokens, dtype=np.int64)[None] % 1000 + 100} for tokens in E2E_TOKENS}
     models = [("fp32", source)]
@@ -218,7 +218,7 @@ def end_to_end(source: Path, bench: Bench) -> list[tuple[str, int, dict[int, flo
             tokens: time_call(lambda f=feed, s=sess: s.run(None, f), bench.seconds * 10)[0]
             for tokens, feed in feeds.items()
         }
-        rows.append((name, file_bytes(path), times))
+        rows.append((name, model_bytes(path), times))
         print(f"  {name}: " + ", ".join(f"{tokens} tokens {t * 1e3:.1f} ms" for tokens, t in times.items()), flush=True)
     return rows
 

@@ -23,10 +23,10 @@ import shutil
 import sys
 
 import lowbit
+from lowbit.ir.files import model_bytes
 from lowbit.passes.fuse_qdq import FuseQDQPass
 from lowbit.runtime import session as runtime
 from lowbit.tools import models, text
-from lowbit.tools.demo import file_bytes
 from lowbit.tools.dev import bench_quality
 from lowbit.tools.dev.bench_matmul import time_call
 
@@ -94,7 +94,7 @@ class PassBench(bench_quality.Bench):
             for form, path in (("portable", portable), ("fused", fused)):
                 sess = runtime.session(path, intra_op_threads=2)
                 times = {t: time_call(lambda f=feed, s=sess: s.run(None, f), 3.0)[0] for t, feed in feeds.items()}
-                rows.append((variant, form, file_bytes(path), times))
+                rows.append((variant, form, model_bytes(path), times))
                 print(
                     f"  {variant} {form}: " + ", ".join(f"{t} tokens {s * 1e3:.1f} ms" for t, s in times.items()),
                     flush=True,

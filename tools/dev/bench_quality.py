@@ -25,10 +25,10 @@ import numpy as np
 import onnx
 
 import lowbit
+from lowbit.ir.files import model_bytes
 from lowbit.passes.axis_selectors import SELECTORS
 from lowbit.runtime.calibration import CalibrationStats, collect
 from lowbit.tools import models, text
-from lowbit.tools.demo import file_bytes
 
 #: (method, axis, AdaDim selector, clip search) of every lowbit row.
 LOWBIT_ROWS = [("rtn", "oc", None, False), ("rtn", "ic", None, False)] + [
@@ -116,7 +116,7 @@ class Bench:
             self.rows_path.write_text(json.dumps(self.rows, indent=1))
             return row
         seconds = time.perf_counter() - start
-        row = {"quality": self.quality(path), "bytes": file_bytes(path), "optimize_s": seconds, **extra}
+        row = {"quality": self.quality(path), "bytes": model_bytes(path), "optimize_s": seconds, **extra}
         print(f"{key}: {row['quality']:.4f}, {row['bytes'] / 2**20:.1f} MiB, {seconds:.1f} s")
         self.rows[key] = row
         self.rows_path.write_text(json.dumps(self.rows, indent=1))
