@@ -12,7 +12,8 @@ runs it with a KV cache.
   new folder with its ``genai_config.json`` kept consistent with the graph (file name; for the fused form
   lowbit's op library registered through the decoder's session options, ``custom_ops_library``) and copies
   of the other files (tokenizer, chat template). Calibration feeds the KV inputs as empty tensors (past
-  length 0) and an all-ones attention mask.
+  length 0) and an all-ones attention mask. With ``include_lm_head`` / ``include_embeddings`` the builder's
+  tied table is untied first (``untie_embeddings``): the head GPTQ'd on its own input, the table by rows.
 * ``generate(FOLDER, prompt)``: stream tokens through og, with tokens/s.
 
 Workarounds (onnxruntime-genai 0.18):
@@ -319,6 +320,8 @@ def optimize_folder(
 
     src, out = check_output_folder(source, out)
     model = load_decoder(src.model_path)
+    if recipe.include_lm_head or recipe.include_embeddings:
+        untie_embeddings(model)
     if calibration is None and recipe.needs_calibration:
         if tokenizer is None:
             tokenizer = _folder_tokenizer(src.folder)
@@ -327,6 +330,7 @@ def optimize_folder(
         )
     read = files.files_read(model)
     result = lowbit.optimize(model, recipe, calibration=calibration)
+    check_no_float_table(result.model, recipe)
     with _staging(out) as staging:
         target = staging / "folder"
         target.mkdir()
@@ -348,6 +352,82 @@ def optimize_folder(
         (target / CONFIG_NAME).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
         _install(target, out)
     return result
+
+
+def _transposed_constant(value) -> tuple[object, object] | None:
+    """(Transpose node, its constant 2-D float input) when ``value`` is ``Transpose(perm=[1, 0])`` of one."""
+    from lowbit.ir import analysis
+
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
+        return None
+    if list(producer.attributes.get_ints("perm", [1, 0])) != [1, 0]:
+        return None
+    source = producer.inputs[0]
+    return (producer, source) if analysis.is_constant_weight(source) else None
+
+
+def untie_embeddings(model) -> list[str]:
+    """Give every ``Gather(Transpose(W), ids)`` its own constant table ``W^T``; returns the Gather names.
+
+    The builder ties a model's embedding to its LM head the other way round from torch's export: the head
+    ``MatMul`` reads ``W [hidden, vocab]`` and the embedding gathers rows of ``Transpose(W)``. Untied, the
+    head is quantized as a MatMul weight (GPTQ with its own input's Hessian, any axis) and the table as an
+    embedding (groups along each row, ``GatherBlockQuantized`` in the fused form); a tied table could serve
+    only one of them."""
+    import onnx_ir as ir
+
+    from lowbit.ir import builders
+
+    graph = model.graph
+    taken = builders.graph_names(graph)
+    untied = []
+    for node in list(graph):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.attributes.get_int("axis", 0):
+            continue
+        found = _transposed_constant(node.inputs[0])
+        if found is None:
+            continue
+        transpose, weight = found
+        name = builders.fresh_name(f"{weight.name}.embedding_table", taken)
+        table = np.ascontiguousarray(weight.const_value.numpy().T)
+        value = ir.Value(
+            name=name, shape=ir.Shape(table.shape), type=ir.TensorType(weight.dtype), const_value=ir.tensor(table)
+        )
+        graph.register_initializer(value)
+        node.replace_input_with(0, value)
+        if not transpose.outputs[0].uses() and not transpose.outputs[0].is_graph_output():
+            graph.remove(transpose, safe=True)
+        untied.append(node.name)
+    return untied
+
+
+def check_no_float_table(model, recipe) -> None:
+    """Raise when the recipe asks for a quantized LM head or embedding and one still reads a float table
+    (a form that lowbit's passes do not recognise): no weight is left in float without a word."""
+    from lowbit.ir import analysis
+
+    def float_weight(value):
+        if analysis.is_constant_weight(value):
+            return value
+        found = _transposed_constant(value)
+        return found[1] if found else None
+
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if recipe.include_embeddings and node.op_type == "Gather" and float_weight(node.inputs[0]) is not None:
+            what = f"embedding {node.name!r} gathers from the float table {float_weight(node.inputs[0]).name!r}"
+        elif (
+            recipe.include_lm_head
+            and node.op_type in ("MatMul", "Gemm")
+            and any(output.is_graph_output() for output in node.outputs)
+            and float_weight(node.inputs[1]) is not None
+        ):
+            what = f"LM head {node.name!r} reads the float weight {float_weight(node.inputs[1]).name!r}"
+        else:
+            continue
+        raise NotImplementedError(f"{what}, which the recipe asked to quantize and lowbit could not")
 
 
 def load_decoder(path: str | os.PathLike):

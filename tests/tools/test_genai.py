@@ -13,6 +13,7 @@ import pathlib
 import warnings
 
 import numpy as np
+import onnx_ir
 import pytest
 
 import lowbit
@@ -306,7 +307,7 @@ def test_optimized_folder_runs_in_og(name, tiny_genai, tiny_hf, tmp_path, og):
             calibration_windows=4,
         )
     assert _snapshot(tiny_genai) == before
-    # qkv, o, gate, up, down; the LM head too where asked (the tied table behind the embedding's Transpose stays float)
+    # qkv, o, gate, up, down; the LM head too where asked (untied from the table, which stays float)
     assert len(result.report.weights) == 5 * LAYERS + bool(kwargs.get("include_lm_head"))
     details = {record.name: record.details for record in result.report.passes}["QuantizeWeightsPass"]
     if modules is not None:  # the selectors found the builder's modules, none fell back to the matrix choice
@@ -328,6 +329,63 @@ def test_optimized_folder_runs_in_og(name, tiny_genai, tiny_hf, tmp_path, og):
     prompt = tiny_hf[2](PROMPT)["input_ids"]
     got = genai.greedy_tokens(out, prompt, 12)
     assert got == _no_cache_greedy(out / "model.onnx", prompt, 12)
+
+
+HEAD_AND_TABLE = {"bits": 3, "group_size": 32, "axis": "adadim", "method": "gptq", "include_lm_head": True}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [False, True], ids=["portable", "fused"])
+def test_quantized_head_and_embedding_of_a_tied_builder_graph(fused, tiny_genai, tiny_hf, tmp_path, og):
+    """The builder ties the head and the embedding (``Gather(Transpose(lm_head weight))``): untied, the head
+    is GPTQ'd on its own input's Hessian and the table quantized by rows; no float copy of either is left."""
+    if fused:
+        from lowbit.kernels import _lib
+
+        if not _lib.is_built():
+            pytest.skip(f"lowbit op library not built; run `{_lib.BUILD_COMMAND}`")
+    builder = genai.load_decoder(tiny_genai / "model.onnx")
+    assert [node.op_type for node in builder.graph if "embed_tokens" in node.name] == ["Transpose", "Gather"]
+    recipe = lowbit.Recipe(**HEAD_AND_TABLE, include_embeddings=True, fused=fused)
+    with pytest.raises(NotImplementedError, match="embedding '/model/embed_tokens/Gather' gathers from the float"):
+        genai.check_no_float_table(builder, recipe)  # the tied form, not untied: refused, never left in float
+    out = tmp_path / "out"
+    result = genai.optimize_folder(
+        tiny_genai, out, recipe, calibration_text=TEXT, calibration_length=32, calibration_windows=4
+    )
+    records = {record.kind: record for record in result.report.weights if record.kind != "matmul"}
+    assert len(result.report.weights) == 5 * LAYERS + 2 and not result.report.skipped
+    assert records["lm_head"].method == "gptq" and records["lm_head"].output_error is not None  # its own Hessian
+    assert records["embedding"].shape == [320, 64] and records["embedding"].bits == 3
+    model = genai.load_decoder(out / "model.onnx")
+    floats = [
+        (name, value.const_value.shape)
+        for name, value in model.graph.initializers.items()
+        if value.dtype == onnx_ir.DataType.FLOAT and value.const_value.size == 320 * 64
+    ]
+    assert floats == []  # neither the table nor the head stays in float
+    gathers = [node for node in model.graph if node.op_type in ("Gather", "GatherBlockQuantized")]
+    embedding = next(node for node in gathers if node.inputs[1].name == "input_ids")
+    if fused:
+        assert embedding.op_type == "GatherBlockQuantized" and embedding.domain == "com.microsoft"
+        assert embedding.attributes.get_int("bits") == 4 and embedding.attributes.get_int("quantize_axis") == 1
+        assert embedding.attributes.get_int("block_size") == 32
+    else:  # stock ONNX: the table dequantized, then gathered
+        assert embedding.inputs[0].producer().op_type == "DequantizeLinear"
+    prompt = tiny_hf[2](PROMPT)["input_ids"]
+    assert genai.greedy_tokens(out, prompt, 12) == _no_cache_greedy(out / "model.onnx", prompt, 12)
+
+
+@pytest.mark.slow
+def test_a_quantized_head_alone_reports_the_untied_table_in_float(tiny_genai, tmp_path, og):
+    recipe = lowbit.Recipe(**HEAD_AND_TABLE)
+    result = genai.optimize_folder(
+        tiny_genai, tmp_path / "out", recipe, calibration_text=TEXT, calibration_length=32, calibration_windows=4
+    )
+    assert [record.kind for record in result.report.weights].count("lm_head") == 1
+    assert [
+        (skip.kind, "embedding table left in float by default" in skip.reason) for skip in result.report.skipped
+    ] == [("embedding", True)]
 
 
 @pytest.mark.slow
