@@ -1,63 +1,82 @@
 """Benchmark weight-quantized MatMul on ONNX Runtime's CPU provider against fp32 and memory bandwidth.
 
     python -m lowbit.tools.dev.bench_matmul [--quick] [--threads 2] [--shapes 4096x4096 ...] [--batches 1 8 32]
+        [--modes non-resident resident] [--llc-multiple 3] [--methods ...] [--json out.json] [--plot out.svg]
 
 For each ``K x N`` weight and batch ``M`` it times ``Y[M, N] = A[M, K] @ W`` as:
 
 * ``fp32``: plain MatMul;
-* ``nbits-acc0`` / ``nbits-acc4``: per-OC 4-bit g128 ``DequantizeLinear(axis=0) + MatMul``, which ORT fuses
-  into ``com.microsoft::MatMulNBits`` (accuracy level 0: fp32 activations; 4: int8 activations);
-* ``qdq-ic4``: per-IC 4-bit g128 ``DequantizeLinear(axis=1) + MatMul`` (ORT does not fuse it);
-* ``lowbit-{oc,ic}{4,3,2}``: ``lowbit::QuantMatMul``, g128, asymmetric.
+* ``nbits-acc0`` / ``nbits-acc4``: per-OC 4-bit g128 ``com.microsoft::MatMulNBits`` (accuracy level 0: fp32
+  activations; 4: int8 activations);
+* ``lowbit-{ic,oc}{4,3,2}``: ``lowbit::QuantMatMul``, g128, asymmetric.
+
+Two modes, each a table:
+
+* ``non-resident`` (the headline): each measurement runs one graph of many nodes, each with its own copy of
+  the weight, so many that their bytes exceed ``--llc-multiple`` times the last-level cache (its size read
+  from the OS). Every weight then comes from main memory, as in a model, which reads each weight once per
+  token. Its ``%dram`` column is the rate (bytes of the stored weight, scales and zero points included, per
+  second) as a share of the streaming-read bandwidth of a buffer of that size, measured in the same run
+  (NumPy/OpenBLAS sgemv on all CPUs, which reads a matrix once).
+* ``resident``: one weight called again and again; a weight smaller than the last-level cache stays there,
+  so this measures the kernel's arithmetic, not what a model sees. Its ``%cache`` column is against the
+  streaming read of a 16 MiB buffer read again and again.
+
+Each table gives the time per call in ms, the speed-up over the baseline method of the same run
+(``--baseline``, fp32 by default), the bandwidth share, and for 3 and 2 bits the time relative to the
+4-bit time scaled by bytes (1.00: as fast as its bytes). Timings go through I/O binding; the nodes' outputs
+share one buffer. On a machine shared with other jobs, multi-threaded calls wait for descheduled worker
+threads: run it on an idle machine (or compare with ``--threads 1``); the load average is printed.
 
 ``--model smollm2.onnx`` adds end-to-end forward latency of SmolLM2 (the fp32 export of ``lowbit export
 smollm2``) quantized with RTN g128 in the portable QDQ form and in the fused form (``Recipe(fused=True)``),
 for a 128-token prompt and a single token, against the fp32 model, ONNX Runtime defaults otherwise
-(``--e2e-only`` skips the kernel table).
-
-Columns: median (and minimum) time per call, ``fp32/t`` (speed-up over fp32), ``GB/s`` (bytes of the stored weight,
-scales and zero points included, per second), and that rate as a share of two streaming-read bandwidths
-measured first (NumPy/OpenBLAS sgemv on all CPUs, which reads a matrix once): ``%dram`` of a 1 GiB buffer
-(main memory) and ``%cache`` of a 16 MiB buffer read again and again, which stays in the last-level
-cache -- as the weights of the smaller shapes do between calls. Timings go through I/O binding; tiny
-shapes include ~10 us of ORT call overhead. On a machine shared with other jobs, multi-threaded calls
-wait for descheduled worker threads: run it on an idle machine (or compare with ``--threads 1``).
+(``--e2e-only`` skips the kernel tables).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
+import onnx
 import onnxruntime as ort
+from onnx import helper
 
-from lowbit.ir import builders
-from lowbit.kernels import _lib
-from lowbit.kernels.model import QuantMatMulWeights, quant_matmul_model
-from lowbit.passes.quant.rtn import QuantizedWeight, quantize_rtn
+from lowbit.kernels import _lib, packing
+from lowbit.kernels.model import DOMAIN, INPUT_NAMES, OP_TYPE, QuantMatMulWeights
+from lowbit.passes.quant.rtn import quantize_rtn
 from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.runtime import session as runtime
 
 SHAPES = ((576, 576), (576, 1536), (1536, 576), (4096, 4096), (4096, 11008))
 BATCHES = (1, 8, 32)
 GROUP = 128
-LOWBIT_METHODS = tuple(f"lowbit-{axis}{bits}" for axis in ("oc", "ic") for bits in (4, 3, 2))
+LOWBIT_METHODS = tuple(f"lowbit-{axis}{bits}" for axis in ("ic", "oc") for bits in (4, 3, 2))
+METHODS = ("fp32", "nbits-acc0", "nbits-acc4", *LOWBIT_METHODS)
+MODES = ("non-resident", "resident")
+#: Alignment of each weight copy in the in-memory data file (a page: no copy shares a page with another).
+ALIGN = 4096
+DATA_FILE = "weights.bin"
 
 
-def time_call(call, seconds: float, max_runs: int = 2000) -> tuple[float, float]:
+def time_call(call, seconds: float, max_runs: int = 2000, min_runs: int = 5) -> tuple[float, float]:
     """Median and minimum seconds per ``call()``, over at least ``seconds`` of runs after 2 warm-up calls."""
     call()
     call()
     times = []
     start = time.perf_counter()
-    while (time.perf_counter() - start < seconds or len(times) < 5) and len(times) < max_runs:
+    while (time.perf_counter() - start < seconds or len(times) < min_runs) and len(times) < max_runs:
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
@@ -72,115 +91,277 @@ def stream_bandwidth(nbytes: int, seconds: float) -> float:
     return matrix.nbytes / time_call(lambda: matrix @ vector, seconds)[1]
 
 
-class Bench:
-    def __init__(self, threads: int, seconds: float, workdir: Path):
-        self.threads, self.seconds, self.workdir = threads, seconds, workdir
-
-    def session(self, model: ir.Model, name: str, accuracy_level: int | None = None) -> ort.InferenceSession:
-        path = self.workdir / f"{name}.onnx"
-        ir.save(model, path)
-        return runtime.session(
-            path,
-            intra_op_threads=self.threads,
-            matmulnbits_accuracy_level=accuracy_level,
-            use_lowbit_ops=name.startswith("lowbit"),
-        )
-
-    def time_session(self, sess: ort.InferenceSession, a: np.ndarray, n: int) -> tuple[float, float]:
-        binding = sess.io_binding()
-        y = np.empty((a.shape[0], n), dtype=np.float32)
-        binding.bind_cpu_input("A", a)
-        binding.bind_output("Y", "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
-        return time_call(lambda: sess.run_with_iobinding(binding), self.seconds)
+def last_level_cache_bytes(cpu_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """Size of the last-level data (or unified) cache of CPU 0, from Linux's sysfs; an error where it is
+    not there (then give ``--llc-bytes``)."""
+    caches = []
+    for index in sorted(cpu_dir.glob("index*")) if cpu_dir.is_dir() else []:
+        if (index / "type").read_text().strip() in ("Data", "Unified"):
+            size = (index / "size").read_text().strip()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            caches.append((int((index / "level").read_text()), int(size.rstrip("KMG")) * scale))
+    if not caches:
+        raise RuntimeError(f"no cache sizes under {cpu_dir}: give the last-level cache size with --llc-bytes")
+    return max(caches)[1]
 
 
-def _input(k: int) -> ir.Value:
-    return ir.Value(name="A", shape=ir.Shape(["M", k]), type=ir.TensorType(ir.DataType.FLOAT))
+@dataclasses.dataclass
+class Kernel:
+    """One method's node: ``op_type(A, *tensors)`` with attributes; absent optional inputs are None."""
+
+    op_type: str
+    domain: str
+    attributes: dict
+    tensors: list[tuple[str, np.ndarray | None]]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the node reads for its weight (codes, scales and zero points)."""
+        return sum(array.nbytes for _, array in self.tensors if array is not None)
 
 
-def _model(graph_nodes, inputs, initializers, output: ir.Value) -> ir.Model:
-    output.name = "Y"
-    graph = ir.Graph(inputs, [output], nodes=graph_nodes, initializers=initializers, opset_imports={"": 21})
-    return ir.Model(graph, ir_version=10)
-
-
-def fp32_model(weight: np.ndarray) -> ir.Model:
-    a = _input(weight.shape[0])
-    w = ir.Value(
-        name="W",
-        shape=ir.Shape(weight.shape),
-        type=ir.TensorType(ir.DataType.FLOAT),
-        const_value=ir.tensor(weight, name="W"),
-    )
-    node = ir.node("MatMul", [a, w])
-    return _model([node], [a], [w], node.outputs[0])
-
-
-def qdq_model(quantized: QuantizedWeight) -> ir.Model:
-    a = _input(quantized.codes.shape[0])
-    dq = builders.dequantize_linear("W", quantized, ir.DataType.FLOAT)
-    node = ir.node("MatMul", [a, dq.output])
-    return _model([dq.node, node], [a], dq.initializers, node.outputs[0])
-
-
-def fused_ops(sess_model_path: Path) -> set[str]:
-    return {node.op_type for node in ir.load(sess_model_path).graph}
-
-
-def check_nbits_fused(bench: Bench, model: ir.Model) -> bool:
-    """Whether ORT rewrote the per-OC QDQ graph into MatMulNBits (else the row is mislabelled)."""
-    path, optimized = bench.workdir / "nbits_check.onnx", bench.workdir / "nbits_check.opt.onnx"
-    ir.save(model, path)
-    options = runtime.session_options(bench.threads)
-    options.optimized_model_filepath = str(optimized)
-    options.log_severity_level = 3  # no warning about saving an optimized model
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return "MatMulNBits" in fused_ops(optimized)
-
-
-def bench_shape(bench: Bench, k: int, n: int, batches, methods, rng) -> list[tuple]:
-    weight = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
-    oc4 = quantize_rtn(weight, QuantScheme(bits=4, group_size=GROUP, group_axis="oc"))
-    models = {"fp32": (fp32_model(weight), weight.nbytes, None)}
-    nbits_bytes = oc4.codes.size // 2 + oc4.scales.nbytes + oc4.zero_points.size // 2
-    fused = check_nbits_fused(bench, qdq_model(oc4))
-    for level in (0, 4):
-        models[f"nbits-acc{level}" + ("" if fused else "(UNFUSED)")] = (qdq_model(oc4), nbits_bytes, level)
-    ic4 = quantize_rtn(weight, QuantScheme(bits=4, group_size=GROUP, group_axis="ic"))
-    models["qdq-ic4"] = (qdq_model(ic4), ic4.codes.size // 2 + ic4.scales.nbytes + ic4.zero_points.size // 2, None)
-    for method in methods:
+def make_kernel(method: str, weight: np.ndarray) -> Kernel:
+    """The node of ``method`` (see the module docstring) for the float weight ``[K, N]``."""
+    k, n = weight.shape
+    if method == "fp32":
+        return Kernel("MatMul", "", {}, [("W", weight)])
+    if method.startswith("nbits-acc"):
+        oc4 = quantize_rtn(weight, QuantScheme(bits=4, group_size=GROUP, group_axis="oc"))
+        tensors = [
+            ("B", packing.pack_matmulnbits(oc4.codes, GROUP)),
+            ("scales", np.ascontiguousarray(oc4.scales.T.reshape(-1))),
+            ("zero_points", packing.pack_matmulnbits_zero_points(oc4.zero_points)),
+        ]
+        level = int(method[len("nbits-acc") :])
+        attributes = {"K": k, "N": n, "bits": 4, "block_size": GROUP, "accuracy_level": level}
+        return Kernel("MatMulNBits", "com.microsoft", attributes, tensors)
+    if method.startswith("lowbit-") and method[len("lowbit-") : -1] in ("ic", "oc"):
         axis, bits = method[len("lowbit-") : -1], int(method[-1])
         quantized = quantize_rtn(weight, QuantScheme(bits=bits, group_size=GROUP, group_axis=axis))
         weights = QuantMatMulWeights.from_quantized(quantized)
-        models[method] = (ir.from_proto(quant_matmul_model(weights, ("M", k))), weights.nbytes, None)
-
-    rows = []
-    for name, (model, nbytes, level) in models.items():
-        sess = bench.session(model, name.split("(")[0] + f"_{k}x{n}", level)
-        for m in batches:
-            a = rng.standard_normal((m, k)).astype(np.float32)
-            rows.append((k, n, m, name, nbytes, bench.time_session(sess, a, n)))
-        del sess
-    return rows
+        return Kernel(OP_TYPE, DOMAIN, weights.attributes, list(zip(INPUT_NAMES[1:], weights.inputs())))
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
-def print_table(rows: list[tuple], dram: float, cache: float) -> None:
-    fp32 = {(k, n, m): t for k, n, m, name, _, (t, _min) in rows if name == "fp32"}
-    rows = sorted(rows, key=lambda row: row[:3])  # stable: methods keep their order within a (shape, batch)
-    print(
-        f"{'K x N':>12} {'M':>3} {'method':<20} {'MB':>7} {'ms':>8} {'min ms':>8} {'fp32/t':>7} {'GB/s':>7} "
-        f"{'%dram':>6} {'%cache':>6}"
+def copies_for(nbytes: int, llc_bytes: int, multiple: float) -> int:
+    """Copies of an ``nbytes`` weight whose bytes together exceed ``multiple`` x the last-level cache."""
+    return max(1, math.floor(multiple * llc_bytes / nbytes) + 1)
+
+
+def cycled_model(kernel: Kernel, k: int, n: int, copies: int) -> tuple[onnx.ModelProto, np.ndarray]:
+    """``copies`` nodes ``Y.i = kernel(A, copy i of its tensors)`` and the data file (one buffer) they read.
+
+    The tensors are external data of ``DATA_FILE``, given to ONNX Runtime in memory: no 2 GiB protobuf limit.
+    """
+    present = [(name, np.ascontiguousarray(array)) for name, array in kernel.tensors if array is not None]
+    copy_bytes = sum(-(-array.nbytes // ALIGN) * ALIGN for _, array in present)
+    data = np.empty(copy_bytes * copies, dtype=np.uint8)
+    nodes, initializers, outputs, offset = [], [], [], 0
+    for i in range(copies):
+        inputs = ["A"]
+        for name, array in kernel.tensors:
+            if array is None:
+                inputs.append("")
+                continue
+            array = np.ascontiguousarray(array)
+            data[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)
+            tensor = onnx.TensorProto(
+                name=f"{name}.{i}", dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype)
+            )
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", DATA_FILE), ("offset", offset), ("length", array.nbytes)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            initializers.append(tensor)
+            inputs.append(tensor.name)
+            offset += -(-array.nbytes // ALIGN) * ALIGN
+        while inputs[-1] == "":
+            inputs.pop()
+        nodes.append(helper.make_node(kernel.op_type, inputs, [f"Y.{i}"], domain=kernel.domain, **kernel.attributes))
+        outputs.append(helper.make_tensor_value_info(f"Y.{i}", onnx.TensorProto.FLOAT, ["M", n]))
+    graph = helper.make_graph(
+        nodes,
+        "bench",
+        [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, ["M", k])],
+        outputs,
+        initializer=initializers,
     )
-    previous = None
-    for k, n, m, name, nbytes, (t, t_min) in rows:
-        if previous is not None and (k, n, m) != previous:
-            print()
-        previous = (k, n, m)
-        rate = nbytes / t
-        print(
-            f"{f'{k}x{n}':>12} {m:>3} {name:<20} {nbytes / 1e6:7.2f} {t * 1e3:8.3f} {t_min * 1e3:8.3f} "
-            f"{fp32[k, n, m] / t:7.2f} {rate / 1e9:7.1f} {100 * rate / dram:6.0f} {100 * rate / cache:6.0f}"
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid(DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10), data
+
+
+@dataclasses.dataclass
+class Result:
+    k: int
+    n: int
+    mode: str
+    m: int
+    method: str
+    nbytes: int  # of one copy of the weight
+    copies: int
+    seconds: float  # median per call of one node
+    min_seconds: float
+
+
+class Bench:
+    def __init__(self, threads: int, seconds: float, min_runs: int = 5):
+        self.threads, self.seconds, self.min_runs = threads, seconds, min_runs
+
+    def session(self, kernel: Kernel, k: int, n: int, copies: int) -> ort.InferenceSession:
+        model, data = cycled_model(kernel, k, n, copies)
+        options = runtime.session_options(self.threads, use_lowbit_ops=kernel.domain == DOMAIN)
+        options.add_external_initializers_from_files_in_memory([DATA_FILE], [data], [data.size])
+        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        sess._bench_data = data  # ONNX Runtime may read from it for the session's lifetime
+        return sess
+
+    def time_session(self, sess: ort.InferenceSession, a: np.ndarray, n: int, copies: int) -> tuple[float, float]:
+        """Median and minimum seconds per node of one run of all ``copies`` nodes (outputs in one buffer)."""
+        binding = sess.io_binding()
+        y = np.empty((a.shape[0], n), dtype=np.float32)
+        binding.bind_cpu_input("A", a)
+        for i in range(copies):
+            binding.bind_output(f"Y.{i}", "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
+        median, best = time_call(lambda: sess.run_with_iobinding(binding), self.seconds, min_runs=self.min_runs)
+        return median / copies, best / copies
+
+
+def bench_shape(
+    bench: Bench, k: int, n: int, batches, methods, modes, llc_bytes: int, multiple: float, rng, log=print
+) -> list[Result]:
+    weight = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    inputs = {m: rng.standard_normal((m, k)).astype(np.float32) for m in batches}
+    results = []
+    for method in methods:
+        kernel = make_kernel(method, weight)
+        for mode in modes:
+            copies = copies_for(kernel.nbytes, llc_bytes, multiple) if mode == "non-resident" else 1
+            sess = bench.session(kernel, k, n, copies)
+            for m in batches:
+                median, best = bench.time_session(sess, inputs[m], n, copies)
+                results.append(Result(k, n, mode, m, method, kernel.nbytes, copies, median, best))
+                log(f"  {k}x{n} {mode} M={m} {method}: {median * 1e3:.3f} ms ({copies} copies)")
+            del sess
+    return results
+
+
+def bytes_ratio(row: dict[str, Result], method: str) -> float | None:
+    """A 3/2-bit lowbit method's time over (its bytes / the 4-bit bytes) x the 4-bit time of the same axis, in
+    one row of results: 1.00 when time follows bytes. None when the row has no 4-bit cell of that axis."""
+    four = row.get(method[:-1] + "4")
+    if four is None:
+        return None
+    return row[method].seconds / (row[method].nbytes / four.nbytes * four.seconds)
+
+
+def _grid(title: str, rows: dict[int, dict[str, Result]], methods: Sequence[str], fmt) -> list[str]:
+    """A markdown table: a row per M, a column per method, ``fmt(row, method)`` (None: "-") in each cell."""
+    lines = [f"{title}:", "", "| M | " + " | ".join(methods) + " |", "|---:" + "|---:" * len(methods) + "|"]
+    for m, row in rows.items():
+        cells = [fmt(row, method) if method in row else None for method in methods]
+        lines.append(f"| {m} | " + " | ".join("-" if cell is None else cell for cell in cells) + " |")
+    return lines + [""]
+
+
+def shape_tables(results: Sequence[Result], bandwidth: float, baseline: str) -> list[str]:
+    """The tables of one (shape, mode); ``bandwidth``: bytes per second the rates are shares of."""
+    first = results[0]
+    methods = list(dict.fromkeys(r.method for r in results))
+    rows: dict[int, dict[str, Result]] = {}
+    for r in results:
+        rows.setdefault(r.m, {})[r.method] = r
+    one = {r.method: r for r in results}
+    share = "%dram" if first.mode == "non-resident" else "%cache"
+    out = [
+        f"### {first.k}x{first.n}, {first.mode}",
+        "",
+        "MB per weight: " + ", ".join(f"{method} {one[method].nbytes / 1e6:.2f}" for method in methods),
+        "copies per run: " + ", ".join(f"{method} {one[method].copies}" for method in methods),
+        "",
+    ]
+    out += _grid("ms per call (median)", rows, methods, lambda row, method: f"{row[method].seconds * 1e3:.3f}")
+    out += _grid(
+        f"speed-up over {baseline} (same run)",
+        rows,
+        methods,
+        lambda row, method: f"{row[baseline].seconds / row[method].seconds:.2f}x" if baseline in row else None,
+    )
+    out += _grid(
+        f"{share}: weight bytes per second / {bandwidth / 1e9:.1f} GB/s",
+        rows,
+        methods,
+        lambda row, method: f"{100 * row[method].nbytes / row[method].seconds / bandwidth:.0f}",
+    )
+    low = [method for method in methods if method.startswith("lowbit-") and method[-1] in "23"]
+    if low:
+        out += _grid(
+            "time / (bytes / 4-bit bytes x 4-bit time), same axis (1.00: as fast as its bytes)",
+            rows,
+            low,
+            lambda row, method: _fmt(bytes_ratio(row, method)),
         )
+    ic = [method for method in methods if method.startswith("lowbit-ic")]
+    if ic:
+        out += _grid(
+            "per-IC time / per-OC time",
+            rows,
+            ic,
+            lambda row, method: (
+                _fmt(row[method].seconds / row["lowbit-oc" + method[-1]].seconds)
+                if "lowbit-oc" + method[-1] in row
+                else None
+            ),
+        )
+    return out
+
+
+def tables(results: Sequence[Result], bandwidth: dict[str, float], baseline: str = "fp32") -> str:
+    """Markdown tables, one set per (shape, mode) in the order measured: ms per call, speed-up over
+    ``baseline`` of the same run, the rate as a share of ``bandwidth[mode]`` (bytes per second), time
+    relative to bytes for 3 and 2 bits, and per-IC against per-OC."""
+    out = []
+    for key in dict.fromkeys((r.k, r.n, r.mode) for r in results):
+        out += shape_tables([r for r in results if (r.k, r.n, r.mode) == key], bandwidth[key[2]], baseline)
+    return "\n".join(out)
+
+
+def _fmt(value: float | None) -> str | None:
+    return None if value is None else f"{value:.2f}"
+
+
+def svg_bars(results: Sequence[Result]) -> str:
+    """An SVG of one panel per (shape, mode, M): a bar per method, its height the ms per call (each panel
+    scaled to its slowest method), labelled with the value. Plain SVG: no plotting library needed."""
+    panels = list(dict.fromkeys((r.k, r.n, r.mode, r.m) for r in results))
+    methods = list(dict.fromkeys(r.method for r in results))
+    bar, gap, height, top, bottom = 28, 6, 160, 30, 90
+    panel_width = len(methods) * (bar + gap) + 40
+    parts = []
+    for p, (k, n, mode, m) in enumerate(panels):
+        cells = {r.method: r.seconds for r in results if (r.k, r.n, r.mode, r.m) == (k, n, mode, m)}
+        slowest, x0 = max(cells.values()), p * panel_width + 20
+        parts.append(f'<text x="{x0}" y="18" font-size="13">{k}x{n} {mode} M={m} (ms per call)</text>')
+        for i, method in enumerate(methods):
+            if method not in cells:
+                continue
+            h, x = height * cells[method] / slowest, x0 + i * (bar + gap)
+            y = top + height - h
+            parts.append(f'<rect x="{x}" y="{y:.1f}" width="{bar}" height="{h:.1f}" fill="#4878a8"/>')
+            parts.append(
+                f'<text x="{x + bar / 2}" y="{y - 3:.1f}" font-size="9" text-anchor="middle">'
+                f"{cells[method] * 1e3:.2f}</text>"
+            )
+            label_y = top + height + 8
+            parts.append(
+                f'<text x="{x + bar / 2}" y="{label_y}" font-size="10" text-anchor="end" '
+                f'transform="rotate(-60 {x + bar / 2} {label_y})">{method}</text>'
+            )
+    width, total = len(panels) * panel_width + 20, top + height + bottom
+    body = "\n".join(parts)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total}" font-family="sans-serif">'
+        f"\n{body}\n</svg>\n"
+    )
 
 
 #: (bits, axis, fused) of the end-to-end rows.
@@ -199,7 +380,7 @@ E2E_SETTINGS = (
 E2E_TOKENS = (128, 1)
 
 
-def end_to_end(source: Path, bench: Bench) -> list[tuple[str, int, dict[int, float]]]:
+def end_to_end(source: Path, threads: int, seconds: float, workdir: Path) -> list[tuple[str, int, dict[int, float]]]:
     """(name, file bytes, {tokens: median seconds}) for fp32 and every ``E2E_SETTINGS`` model of ``source``."""
     import lowbit
     from lowbit.ir.files import model_bytes
@@ -207,16 +388,15 @@ def end_to_end(source: Path, bench: Bench) -> list[tuple[str, int, dict[int, flo
     feeds = {tokens: {"input_ids": np.arange(tokens, dtype=np.int64)[None] % 1000 + 100} for tokens in E2E_TOKENS}
     models = [("fp32", source)]
     for bits, axis, fused in E2E_SETTINGS:
-        path = bench.workdir / f"smollm2.w{bits}.{axis}.{'fused' if fused else 'qdq'}.onnx"
+        path = workdir / f"smollm2.w{bits}.{axis}.{'fused' if fused else 'qdq'}.onnx"
         recipe = lowbit.Recipe(bits=bits, group_size=GROUP, axis=axis, fused=fused)
         lowbit.save(lowbit.optimize(lowbit.load(source), recipe).model, path)
         models.append((f"W{bits} g{GROUP} {axis} {'fused' if fused else 'QDQ'}", path))
     rows = []
     for name, path in models:
-        sess = runtime.session(path, intra_op_threads=bench.threads)
+        sess = runtime.session(path, intra_op_threads=threads)
         times = {
-            tokens: time_call(lambda f=feed, s=sess: s.run(None, f), bench.seconds * 10)[0]
-            for tokens, feed in feeds.items()
+            tokens: time_call(lambda f=feed, s=sess: s.run(None, f), seconds * 10)[0] for tokens, feed in feeds.items()
         }
         rows.append((name, model_bytes(path), times))
         print(f"  {name}: " + ", ".join(f"{tokens} tokens {t * 1e3:.1f} ms" for tokens, t in times.items()), flush=True)
@@ -234,12 +414,21 @@ def print_end_to_end(rows) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short measurements (noisier), smaller DRAM probe")
+    parser.add_argument("--quick", action="store_true", help="short measurements (noisier)")
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2: both cores here)")
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN weights")
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--baseline", default="fp32", choices=METHODS, help="the method speed-ups are against")
+    parser.add_argument(
+        "--llc-multiple", type=float, default=3.0, help="non-resident: weight copies whose bytes exceed this x the LLC"
+    )
+    parser.add_argument("--llc-bytes", type=int, help="last-level cache size (default: read from /sys)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--plot", type=Path, help="also draw the non-resident ms per call as an SVG bar chart here")
     parser.add_argument("--model", type=Path, help="fp32 SmolLM2 ONNX (lowbit export smollm2): end-to-end rows")
-    parser.add_argument("--e2e-only", action="store_true", help="with --model: skip the kernel table")
+    parser.add_argument("--e2e-only", action="store_true", help="with --model: skip the kernel tables")
     args = parser.parse_args(argv)
     if args.e2e_only and args.model is None:
         parser.error("--e2e-only needs --model")
@@ -247,28 +436,37 @@ def main(argv: list[str] | None = None) -> int:
         print(_lib.not_built_error(), file=sys.stderr)
         return 1
     seconds = 0.05 if args.quick else 0.3
+    llc = args.llc_bytes or last_level_cache_bytes()
     rng = np.random.default_rng(0)
     # before any ORT session: its spinning worker threads would take the cores from the BLAS threads
-    cache = stream_bandwidth(16 << 20, seconds)  # first: after a 1 GiB sgemv, OpenBLAS threads idle for ms
-    dram = stream_bandwidth((256 if args.quick else 1024) << 20, seconds)
+    bandwidth = {"resident": stream_bandwidth(16 << 20, seconds)}  # first: a big sgemv leaves BLAS threads idle
+    bandwidth["non-resident"] = stream_bandwidth(int(args.llc_multiple * llc), seconds)
     print(
         f"ONNX Runtime {ort.__version__}, intra_op_num_threads={args.threads}, {os.cpu_count()} CPUs, "
-        f"{os.getloadavg()[0]:.1f} load average"
+        f"load average {os.getloadavg()[0]:.1f}, last-level cache {llc / 2**20:.0f} MiB"
     )
     print(
-        f"streaming read (NumPy sgemv, all CPUs): {dram / 1e9:.1f} GB/s from DRAM (%dram), "
-        f"{cache / 1e9:.1f} GB/s from cache, 16 MiB (%cache)"
+        f"streaming read (NumPy sgemv, all CPUs): {bandwidth['non-resident'] / 1e9:.1f} GB/s from a "
+        f"{args.llc_multiple * llc / 2**20:.0f} MiB buffer (%dram), {bandwidth['resident'] / 1e9:.1f} GB/s from a "
+        f"16 MiB one read again and again (%cache)",
+        flush=True,
     )
-    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
-        bench = Bench(args.threads, seconds, Path(tmp))
-        if not args.e2e_only:
-            rows = []
-            for shape in args.shapes:
-                k, n = (int(x) for x in shape.lower().split("x"))
-                rows += bench_shape(bench, k, n, args.batches, LOWBIT_METHODS, rng)
-            print_table(rows, dram, cache)
-        if args.model is not None:
-            print_end_to_end(end_to_end(args.model, bench))
+    if not args.e2e_only:
+        bench = Bench(args.threads, seconds, min_runs=3 if args.quick else 5)
+        results = []
+        for shape in args.shapes:
+            k, n = (int(x) for x in shape.lower().split("x"))
+            results += bench_shape(bench, k, n, args.batches, args.methods, args.modes, llc, args.llc_multiple, rng)
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
+        print(tables(results, bandwidth, args.baseline))
+        if args.json:
+            record = {"bandwidth": bandwidth, "llc_bytes": llc, "results": [dataclasses.asdict(r) for r in results]}
+            args.json.write_text(json.dumps(record, indent=1))
+        if args.plot:
+            args.plot.write_text(svg_bars([r for r in results if r.mode == args.modes[0]]))
+    if args.model is not None:
+        with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
+            print_end_to_end(end_to_end(args.model, args.threads, seconds, Path(tmp)))
     return 0
 
 
