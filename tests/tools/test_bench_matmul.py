@@ -133,3 +133,12 @@ def test_main_quick_prints_both_modes(ops_library, capsys, tmp_path):
     assert "### 128x64, non-resident" in out and "### 128x64, resident" in out
     assert f"ONNX Runtime {ort.__version__}" in out
     assert (tmp_path / "r.json").is_file()
+
+
+def test_thread_clock_needs_one_thread():
+    with pytest.raises(ValueError, match="needs --threads 1"):
+        Bench(2, 0.0, clock="thread")
+    bench = Bench(1, 0.0, clock="thread")
+    kernel = make_kernel("fp32", np.ones((64, 64), np.float32))
+    median, best = bench.time_session(bench.session(kernel, 64, 64, 2), np.ones((1, 64), np.float32), 64, 2)
+    assert 0 < best <= median

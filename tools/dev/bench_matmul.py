@@ -26,7 +26,8 @@ Each table gives the time per call in ms, the speed-up over the baseline method 
 (``--baseline``, fp32 by default), the bandwidth share, and for 3 and 2 bits the time relative to the
 4-bit time scaled by bytes (1.00: as fast as its bytes). Timings go through I/O binding; the nodes' outputs
 share one buffer. On a machine shared with other jobs, multi-threaded calls wait for descheduled worker
-threads: run it on an idle machine (or compare with ``--threads 1``); the load average is printed.
+threads: run it on an idle machine, or compare with ``--threads 1 --clock thread`` (the CPU time of the one
+thread that runs the kernels: memory bandwidth is still shared); the load average is printed.
 
 ``--model smollm2.onnx`` adds end-to-end forward latency of SmolLM2 (the fp32 export of ``lowbit export
 smollm2``) quantized with RTN g128 in the portable QDQ form and in the fused form (``Recipe(fused=True)``),
@@ -70,16 +71,19 @@ ALIGN = 4096
 DATA_FILE = "weights.bin"
 
 
-def time_call(call, seconds: float, max_runs: int = 2000, min_runs: int = 5) -> tuple[float, float]:
-    """Median and minimum seconds per ``call()``, over at least ``seconds`` of runs after 2 warm-up calls."""
+def time_call(
+    call, seconds: float, max_runs: int = 2000, min_runs: int = 5, clock=time.perf_counter
+) -> tuple[float, float]:
+    """Median and minimum seconds per ``call()`` on ``clock``, over at least ``seconds`` (wall) of runs after 2
+    warm-up calls."""
     call()
     call()
     times = []
     start = time.perf_counter()
     while (time.perf_counter() - start < seconds or len(times) < min_runs) and len(times) < max_runs:
-        t0 = time.perf_counter()
+        t0 = clock()
         call()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times), min(times)
 
 
@@ -204,8 +208,14 @@ class Result:
 
 
 class Bench:
-    def __init__(self, threads: int, seconds: float, min_runs: int = 5):
+    """Sessions of ``threads`` intra-op threads timed for ``seconds`` each; ``clock`` ``thread``: the CPU time of
+    the calling thread, which runs the kernels when ``threads`` is 1 (time descheduled by other jobs left out)."""
+
+    def __init__(self, threads: int, seconds: float, min_runs: int = 5, clock: str = "wall"):
+        if clock == "thread" and threads != 1:
+            raise ValueError("the thread clock measures the calling thread: it needs --threads 1")
         self.threads, self.seconds, self.min_runs = threads, seconds, min_runs
+        self.clock = time.thread_time if clock == "thread" else time.perf_counter
 
     def session(self, kernel: Kernel, k: int, n: int, copies: int) -> ort.InferenceSession:
         model, data = cycled_model(kernel, k, n, copies)
@@ -222,7 +232,9 @@ class Bench:
         binding.bind_cpu_input("A", a)
         for i in range(copies):
             binding.bind_output(f"Y.{i}", "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
-        median, best = time_call(lambda: sess.run_with_iobinding(binding), self.seconds, min_runs=self.min_runs)
+        median, best = time_call(
+            lambda: sess.run_with_iobinding(binding), self.seconds, min_runs=self.min_runs, clock=self.clock
+        )
         return median / copies, best / copies
 
 
@@ -420,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="thread: CPU time of the calling thread (needs --threads 1), for a machine shared with other jobs",
+    )
     parser.add_argument("--baseline", default="fp32", choices=METHODS, help="the method speed-ups are against")
     parser.add_argument(
         "--llc-multiple", type=float, default=3.0, help="non-resident: weight copies whose bytes exceed this x the LLC"
@@ -432,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.e2e_only and args.model is None:
         parser.error("--e2e-only needs --model")
+    if args.clock == "thread" and args.threads != 1:
+        parser.error("--clock thread needs --threads 1 (the calling thread runs the kernels only then)")
     if not _lib.is_built():
         print(_lib.not_built_error(), file=sys.stderr)
         return 1
@@ -443,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth["non-resident"] = stream_bandwidth(int(args.llc_multiple * llc), seconds)
     print(
         f"ONNX Runtime {ort.__version__}, intra_op_num_threads={args.threads}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.1f}, last-level cache {llc / 2**20:.0f} MiB"
+        f"load average {os.getloadavg()[0]:.1f}, last-level cache {llc / 2**20:.0f} MiB, {args.clock} clock"
     )
     print(
         f"streaming read (NumPy sgemv, all CPUs): {bandwidth['non-resident'] / 1e9:.1f} GB/s from a "
@@ -452,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     if not args.e2e_only:
-        bench = Bench(args.threads, seconds, min_runs=3 if args.quick else 5)
+        bench = Bench(args.threads, seconds, min_runs=3 if args.quick else 5, clock=args.clock)
         results = []
         for shape in args.shapes:
             k, n = (int(x) for x in shape.lower().split("x"))
