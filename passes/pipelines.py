@@ -21,6 +21,8 @@ from lowbit.passes.cleanup import CleanupPass
 from lowbit.passes.fold_norm_scales import FoldNormScalesPass
 from lowbit.passes.fold_weights import FoldWeightsPass
 from lowbit.passes.fuse_qdq import FuseQDQPass
+from lowbit.passes.quant.allocate import parse_budget
+from lowbit.passes.quantize_plan import SizeBudget
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.recipe import Recipe
 from lowbit.passes.reorder_channels import ReorderChannelsPass
@@ -62,6 +64,7 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
         calibration_mode=recipe.calibration_mode,
         choice_method=recipe.choice_method,
         gptq_damp=recipe.gptq_damping,
+        budget=None if recipe.budget is None else SizeBudget(parse_budget(recipe.budget), fused=recipe.fused),
     )
     sequential = recipe.calibration_mode == "sequential"
     splits = recipe.outlier_fraction > 0 or recipe.split

@@ -1,9 +1,14 @@
 """Which weights QuantizeWeightsPass quantizes: one ``WeightPlan`` per weight, the skip policy (why a
-weight stays in float) and tied tables. No graph change here; the pass writes the plans afterwards.
+weight stays in float), tied tables, and the bit width of each weight under a size budget. No graph change
+here; the pass writes the plans afterwards.
 
 A weight shared by several MatMuls is planned once. An embedding table and its tied LM head (the head
 reads ``Transpose(table)``) become one plan when both are opted in: the table's groups run along D,
 which for the head's ``B = table^T`` are per-OC groups, so one quantized copy serves both.
+
+Under a budget (``choose_within_budget``) every weight with calibration statistics is quantized at every
+width of ``SizeBudget.widths`` (each width's axis chosen as without a budget), its output error
+``trace(dW^T H dW)`` and its stored bytes measured, and ``allocate`` picks one width per weight.
 """
 
 from __future__ import annotations
@@ -14,10 +19,15 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.ir import analysis
-from lowbit.passes.axis_selectors import WeightPlan
-from lowbit.passes.quant.rtn import MAX_MAGNITUDE, check_weight
-from lowbit.passes.report import SkippedWeight
+from lowbit.ir import analysis, builders, files
+from lowbit.kernels import packing
+from lowbit.passes.axis_selectors import WeightPlan, matrix_errors
+from lowbit.passes.quant import allocate
+from lowbit.passes.quant.adadim import output_error
+from lowbit.passes.quant.rtn import MAX_MAGNITUDE, QuantizedWeight, check_weight
+from lowbit.passes.quant.scheme import SUPPORTED_BITS
+from lowbit.passes.quantize_write import weight_type
+from lowbit.passes.report import SkippedWeight, WeightRecord
 
 #: Uses grouped by (weight value id, is an embedding read): one plan (or one skip) per group.
 UseGroups = dict[tuple[int, bool], list[analysis.WeightUse]]
@@ -132,3 +142,114 @@ def float32_weight(array) -> np.ndarray:
             f"weight has |w| up to {np.abs(array).max():.3g}, beyond half the float32 range in which it is quantized"
         )
     return np.asarray(array, dtype=np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeBudget:
+    """A size budget for QuantizeWeightsPass: the budget, the widths to choose among and the form whose bytes
+    count (``fused``: codes packed at their width as lowbit::QuantMatMul keeps them; else the portable
+    DequantizeLinear initializers, 3-bit codes in 4 bits)."""
+
+    budget: allocate.Budget
+    fused: bool = False
+    widths: tuple[int, ...] = SUPPORTED_BITS
+
+
+def stored_bytes(quantized: QuantizedWeight, float_dtype: ir.DataType, fused: bool) -> int:
+    """Bytes of the written form of ``quantized``: codes, scales and zero points (fused: the packed codes with
+    their tile padding, float32 scales, uint8 zero points; fusion may repack narrower codes tighter, never wider)."""
+    if not fused:
+        return builders.dequantize_linear("bytes", quantized, float_dtype).nbytes
+    tiles, quads, block = packing.packed_shape(quantized.bits, *quantized.codes.shape)
+    zero_points = 0 if quantized.symmetric else quantized.zero_points.size
+    return tiles * quads * block + 4 * quantized.scales.size + zero_points
+
+
+def other_tensor_bytes(model: ir.Model, plans: list[WeightPlan]) -> int:
+    """Bytes of every tensor of ``model`` that is not a planned weight (what a megabyte budget leaves for them)."""
+    planned = {plan.first.weight.name for plan in plans}
+    return sum(tensor.nbytes for name, tensor in files.tensors(model) if tensor is not None and name not in planned)
+
+
+#: ``choose_width(bits, plans)``: quantize ``plans`` at ``bits`` along their candidate axes, return one axis each.
+ChooseWidth = Callable[[int, list[WeightPlan]], list[str]]
+
+
+@dataclasses.dataclass
+class BudgetChoice:
+    """What ``choose_within_budget`` decided: an axis per plan (its candidates hold the chosen width), each
+    measured plan's options per width ({"axis", "error", "bytes"}) and the totals."""
+
+    axes: list[str]
+    options: list[dict[str, dict]]
+    details: dict
+
+    def annotate(self, records: list[WeightRecord]) -> None:
+        """Give each weight record (in plan order) its options per width."""
+        for record, options in zip(records, self.options):
+            record.width_options = options
+
+
+def choose_within_budget(
+    model: ir.Model, plans: list[WeightPlan], budget: SizeBudget, choose_width: ChooseWidth, default_bits: int
+) -> BudgetChoice:
+    """One width and axis per plan, the lowest summed output error whose stored bytes fit ``budget``.
+
+    Plans with calibration statistics are quantized at every width (``choose_width`` picks each width's
+    axis, as the recipe does without a budget); the others (embedding tables) keep ``default_bits``, and their
+    bytes count against the budget. Leaves the chosen width's candidates in every plan."""
+    measured = [i for i, plan in enumerate(plans) if plan.hessian is not None]
+    fixed = [i for i, plan in enumerate(plans) if plan.hessian is None]
+    axes: list[str | None] = [None] * len(plans)
+    options: list[dict[str, dict]] = [{} for _ in plans]
+    if fixed:
+        for i, axis in zip(fixed, choose_width(default_bits, [plans[i] for i in fixed])):
+            axes[i] = axis
+    per_width = []  # (bits, the measured plans quantized at bits with the chosen axis's candidate only, the axes)
+    for bits in budget.widths if measured else ():
+        width_plans = [dataclasses.replace(plans[i], candidates={}, choice_errors=None) for i in measured]
+        chosen = choose_width(bits, width_plans)
+        for plan, axis in zip(width_plans, chosen):
+            if plan.choice_errors is None and len(plan.candidates) > 1:
+                plan.choice_errors = matrix_errors(plan)  # both axes' errors, for the report
+            plan.candidates = {axis: plan.candidates[axis]}  # the other axis's codes are not needed again
+        per_width.append((bits, width_plans, chosen))
+    fixed_bytes = sum(
+        stored_bytes(plans[i].candidates[axes[i]], weight_type(plans[i].first), budget.fused) for i in fixed
+    )
+    weights = sum(plan.weight.size for plan in plans)
+    limit = budget.budget.limit(weights, other_tensor_bytes(model, plans)) - fixed_bytes
+    costs, errors = [], []
+    for position, i in enumerate(measured):
+        plan = plans[i]
+        row_costs, row_errors = [], []
+        for bits, width_plans, chosen in per_width:
+            candidate = width_plans[position].candidates[chosen[position]]
+            row_costs.append(stored_bytes(candidate, weight_type(plan.first), budget.fused))
+            row_errors.append(output_error(plan.weight, candidate.dequantize(), plan.hessian))
+            options[i][str(bits)] = {"axis": chosen[position], "error": row_errors[-1], "bytes": row_costs[-1]}
+        costs.append(row_costs)
+        errors.append(row_errors)
+    picks = []
+    if measured:
+        try:
+            picks = allocate.allocate(costs, errors, limit)
+        except ValueError as error:
+            raise ValueError(f"budget {budget.budget}: {error}") from error
+    for position, (i, pick) in enumerate(zip(measured, picks)):
+        _, width_plans, chosen = per_width[pick]
+        plans[i].candidates = width_plans[position].candidates
+        plans[i].choice_errors = width_plans[position].choice_errors
+        axes[i] = chosen[position]
+    used = allocate.total_cost(costs, picks) + fixed_bytes
+    widths = [per_width[pick][0] for pick in picks]
+    details = {
+        "budget": str(budget.budget),
+        "limit_bytes": limit + fixed_bytes,
+        "bytes": used,
+        "bits_per_weight": 8 * used / weights,
+        "output_error": sum(row[pick] for row, pick in zip(errors, picks)),
+        "widths": {str(bits): widths.count(bits) for bits in budget.widths},
+        "fixed_width": len(fixed),
+    }
+    return BudgetChoice(axes, options, details)

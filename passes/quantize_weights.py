@@ -33,6 +33,8 @@ skip policy), ``quantize_candidates`` (candidates per axis, the GPTQ dampening r
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
@@ -42,7 +44,7 @@ from lowbit.passes import axis_selectors, sequential
 from lowbit.passes.base import LowbitPass
 from lowbit.passes.quant.scheme import CALIBRATION_MODES, GROUP_AXES, METHODS, QuantScheme
 from lowbit.passes.quantize_candidates import CandidateQuantizer, choose
-from lowbit.passes.quantize_plan import SkipPolicy, plan_weights
+from lowbit.passes.quantize_plan import SizeBudget, SkipPolicy, choose_within_budget, plan_weights
 from lowbit.passes.quantize_write import write_weight
 from lowbit.passes.storage_opset import check_convertible, require_storage_support
 from lowbit.runtime.calibration import CalibrationStats, calibration_of
@@ -64,11 +66,17 @@ class QuantizeWeightsPass(LowbitPass):
         gptq_act_order: bool = True,
         calibration_mode: str = "parallel",
         choice_method: str | None = None,
+        budget: SizeBudget | None = None,
     ):
         """``choice_method``: the method whose candidates the AdaDim selector compares (``"rtn"``: choose the
         axis by RTN error, then run ``scheme.method`` on the chosen axis only, as the AdaDim paper does);
-        None: ``scheme.method`` on every candidate axis."""
+        None: ``scheme.method`` on every candidate axis. ``budget``: choose each weight's width among
+        ``budget.widths`` (``quantize_plan.choose_within_budget``; ``scheme.bits`` then serves weights
+        without calibration statistics only)."""
         super().__init__()
+        if budget is not None and calibration_mode == "sequential":
+            raise ValueError("a size budget is not supported with calibration_mode='sequential'")
+        self.budget = budget
         if choice_method not in (None, *METHODS):
             raise ValueError(f"choice_method must be None or one of {METHODS}, got {choice_method!r}")
         self.choice_method = choice_method or scheme.method
@@ -85,7 +93,8 @@ class QuantizeWeightsPass(LowbitPass):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.scheme.method == "gptq" or len(self.candidate_axes) > 1 or self.calibration_mode == "sequential"
+        sequential = self.calibration_mode == "sequential"
+        return self.scheme.method == "gptq" or len(self.candidate_axes) > 1 or sequential or self.budget is not None
 
     def calibration_use(self) -> str:
         return f"method={self.scheme.method!r} with axes {self.candidate_axes} in {self.calibration_mode} mode"
@@ -102,11 +111,23 @@ class QuantizeWeightsPass(LowbitPass):
         if planning.tied_lm_heads:
             self.details["tied_lm_heads"] = planning.tied_lm_heads
         if plans:  # refuse before changing anything when the storage opset cannot hold the model
-            check_convertible(model, builders.required_opset(self.scheme.bits))
+            check_convertible(model, builders.required_opset(min(self._widths)))
             if self._runs_subgraphs or self.calibration_mode == "sequential":
                 _infer_missing_types(model)  # the selectors and the sweep cut subgraphs at typed values
+        budget = None
         if self.calibration_mode == "sequential" and plans:  # no weight: nothing to sweep
             choices = self._choose_sequentially(model, plans, statistics)
+        elif self.budget is not None and plans:
+            samples = statistics.samples if statistics is not None else []
+            budget = choose_within_budget(
+                model,
+                plans,
+                self.budget,
+                lambda bits, chosen: self._choose(model, chosen, samples, bits),
+                self.scheme.bits,
+            )
+            choices = budget.axes
+            self.details["budget"] = budget.details
         else:
             choices = self._choose(model, plans, statistics.samples if statistics is not None else [])
         if plans:
@@ -114,17 +135,29 @@ class QuantizeWeightsPass(LowbitPass):
         names = builders.NameAllocator(model.graph)
         for plan, axis in zip(plans, choices):
             self.weight_records.append(write_weight(model.graph, plan, axis, names, self.scheme.method))
+        if budget is not None:
+            budget.annotate(self.weight_records)
         modified = bool(self.weight_records)
         if modified:
-            require_storage_support(model, self.scheme.bits)
+            require_storage_support(model, min(record.bits for record in self.weight_records))
         self.details.update({"quantized": len(self.weight_records), "skipped": len(self.skipped)})
         return ir.passes.PassResult(model, modified=modified)
 
-    def _choose(self, model: ir.Model | None, plans: list[axis_selectors.WeightPlan], samples) -> list[str]:
-        """Quantize ``plans`` along every candidate axis and choose one axis each (selector details summed;
-        without a model to run, the ``matrix`` choice)."""
+    @property
+    def _widths(self) -> tuple[int, ...]:
+        """The bit widths this pass may write."""
+        return (self.scheme.bits,) if self.budget is None else (self.scheme.bits, *self.budget.widths)
+
+    def _choose(
+        self, model: ir.Model | None, plans: list[axis_selectors.WeightPlan], samples, bits: int | None = None
+    ) -> list[str]:
+        """Quantize ``plans`` (at ``bits``, default the scheme's) along every candidate axis and choose one axis
+        each (selector details summed; without a model to run, the ``matrix`` choice)."""
+        quantizer = self.quantizer
+        if bits is not None:
+            quantizer = dataclasses.replace(quantizer, scheme=dataclasses.replace(quantizer.scheme, bits=bits))
         choices, selection = choose(
-            self.quantizer,
+            quantizer,
             plans,
             choice_method=self.choice_method,
             method=self.scheme.method,

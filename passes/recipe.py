@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
+from lowbit.passes.quant.allocate import parse_budget
 from lowbit.passes.quant.scheme import (
     CALIBRATION_MODES,
     GROUP_AXES,
@@ -110,14 +111,26 @@ class Recipe:
         "GPTQ's dampening: this fraction of mean(diag(H)) is added to H's diagonal (multiplied by 10 while H "
         "stays singular)",
     )
+    budget: str | None = _option(
+        None,
+        "a size budget: average bits per quantized weight, scales and zero points included (e.g. 3.5), or "
+        "megabytes of all the model's tensors (e.g. 180MB); every weight is quantized at 2, 3, 4 and 8 bits, "
+        "its output error measured on calibration data, and the widths with the lowest total error that fit "
+        "are kept (bits then applies only to embedding tables; needs calibration)",
+        kind=str,
+    )
 
     def __post_init__(self) -> None:
+        if isinstance(self.budget, numbers.Real) and not isinstance(self.budget, bool):  # 3.5 as "3.5"
+            object.__setattr__(self, "budget", repr(float(self.budget)))
         for field in dataclasses.fields(self):  # frozen: normalise through object.__setattr__
             object.__setattr__(self, field.name, _checked(field, getattr(self, field.name)))
         if not 0.0 <= self.outlier_fraction < 1.0:
             raise ValueError(f"outlier_fraction must be in [0, 1), got {self.outlier_fraction!r}")
         if not self.gptq_damping > 0.0:  # the retry on a singular H multiplies it: 0 would never grow
             raise ValueError(f"gptq_damping must be > 0, got {self.gptq_damping!r}")
+        if self.budget is not None:
+            parse_budget(self.budget)  # a clear error now rather than after calibration
         self.scheme()  # validates group_size
 
     @property
@@ -128,7 +141,15 @@ class Recipe:
     def needs_calibration(self) -> bool:
         sensitivity = self.outlier_fraction > 0 and self.outlier_criterion == "sensitivity"
         sequential = self.calibration_mode == "sequential"
-        return self.method == "gptq" or self.axis == "adadim" or sensitivity or self.reorder is not None or sequential
+        budget = self.budget is not None
+        return (
+            self.method == "gptq"
+            or self.axis == "adadim"
+            or sensitivity
+            or self.reorder is not None
+            or sequential
+            or budget
+        )
 
     @property
     def calibration_reasons(self) -> list[str]:
@@ -144,6 +165,8 @@ class Recipe:
             reasons.append(f"reorder={self.reorder!r}")
         if self.calibration_mode == "sequential":
             reasons.append("calibration_mode='sequential'")
+        if self.budget is not None:
+            reasons.append(f"budget={self.budget!r}")
         return reasons
 
     def scheme(self) -> QuantScheme:

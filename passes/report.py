@@ -34,6 +34,8 @@ class WeightRecord:
     axis_errors: dict[str, float] = dataclasses.field(
         default_factory=dict
     )  # AdaDim: output error of each axis's candidate
+    #: Under a size budget: per candidate width, {"axis", "error" (trace(dW^T H dW), not relative), "bytes"}.
+    width_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -61,6 +63,11 @@ class OptimizeReport:
     def bytes_after(self) -> int:
         """Bytes of the quantized weights plus the float outliers kept beside them (dense-and-sparse)."""
         return sum(w.bytes_after for w in self.weights) + self._pass_total("sparse_bytes")
+
+    @property
+    def budget(self) -> dict[str, Any] | None:
+        """What the size budget allowed and used (QuantizeWeightsPass's ``budget`` details), or None."""
+        return next((record.details["budget"] for record in self.passes if "budget" in record.details), None)
 
     def _pass_total(self, key: str) -> int:
         return sum(int(record.details.get(key, 0)) for record in self.passes)
@@ -116,6 +123,14 @@ class OptimizeReport:
             )
         else:
             lines.append("quantized no weights")
+        if self.budget is not None:
+            budget = self.budget
+            widths = ", ".join(f"{count} at {bits} bits" for bits, count in budget["widths"].items() if count)
+            lines.append(
+                f"budget {budget['budget']}: the quantized weights take {budget['bytes'] / 1e6:.2f} MB of "
+                f"{budget['limit_bytes'] / 1e6:.2f} MB allowed ({budget['bits_per_weight']:.3f} bits per weight); "
+                f"{widths}"
+            )
         for skipped in self.skipped:
             lines.append(f"left in float: {skipped.layer} ({skipped.kind}, {skipped.name}): {skipped.reason}")
         for node, reason in self.unfused.items():

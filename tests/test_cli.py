@@ -75,6 +75,7 @@ def test_every_recipe_field_is_a_flag_that_reaches_the_recipe(mlp_file, tmp_path
         "calibration_mode": "sequential",
         "choice_method": "rtn",
         "gptq_damping": 0.05,
+        "budget": "3.5",
     }
     argv = ["optimize", str(mlp_file), "-o", str(tmp_path / "o.onnx")]
     for field in dataclasses.fields(Recipe):
