@@ -190,14 +190,56 @@ class BudgetChoice:
             record.width_options = options
 
 
+@dataclasses.dataclass
+class WidthTable:
+    """Plans measured at every width: per width the plans quantized at it (the chosen axis's candidate only)
+    and the axes, per plan the stored bytes and the output error ``trace(dW^T H dW)`` of each width."""
+
+    widths: tuple[int, ...]
+    plans: list[list[WeightPlan]]
+    axes: list[list[str]]
+    costs: list[list[int]]
+    errors: list[list[float]]
+
+    def options(self, position: int) -> dict[str, dict]:
+        """Plan ``position``'s options per width, as the report lists them."""
+        return {
+            str(bits): {"axis": axes[position], "error": error, "bytes": cost}
+            for bits, axes, error, cost in zip(self.widths, self.axes, self.errors[position], self.costs[position])
+        }
+
+
+def measure_widths(
+    plans: list[WeightPlan], widths: tuple[int, ...], fused: bool, choose_width: ChooseWidth
+) -> WidthTable:
+    """Quantize ``plans`` (all with calibration statistics) at every width, each width's axis chosen by
+    ``choose_width``, and measure each result's stored bytes (``fused`` or portable form) and output error."""
+    per_width, axes = [], []
+    for bits in widths:
+        width_plans = [dataclasses.replace(plan, candidates={}, choice_errors=None) for plan in plans]
+        chosen = choose_width(bits, width_plans)
+        for plan, axis in zip(width_plans, chosen):
+            if plan.choice_errors is None and len(plan.candidates) > 1:
+                plan.choice_errors = matrix_errors(plan)  # both axes' errors, for the report
+            plan.candidates = {axis: plan.candidates[axis]}  # the other axis's codes are not needed again
+        per_width.append(width_plans)
+        axes.append(chosen)
+    costs, errors = [], []
+    for position, plan in enumerate(plans):
+        chosen = [width_plans[position].candidates[axis[position]] for width_plans, axis in zip(per_width, axes)]
+        costs.append([stored_bytes(candidate, weight_type(plan.first), fused) for candidate in chosen])
+        errors.append([output_error(plan.weight, candidate.dequantize(), plan.hessian) for candidate in chosen])
+    return WidthTable(tuple(widths), per_width, axes, costs, errors)
+
+
 def choose_within_budget(
     model: ir.Model, plans: list[WeightPlan], budget: SizeBudget, choose_width: ChooseWidth, default_bits: int
 ) -> BudgetChoice:
     """One width and axis per plan, the lowest summed output error whose stored bytes fit ``budget``.
 
-    Plans with calibration statistics are quantized at every width (``choose_width`` picks each width's
-    axis, as the recipe does without a budget); the others (embedding tables) keep ``default_bits``, and their
-    bytes count against the budget. Leaves the chosen width's candidates in every plan."""
+    Plans with calibration statistics are measured at every width (``measure_widths``); the others (embedding
+    tables) keep ``default_bits``, and their bytes count against the budget. Leaves the chosen width's
+    candidates in every plan."""
     measured = [i for i, plan in enumerate(plans) if plan.hessian is not None]
     fixed = [i for i, plan in enumerate(plans) if plan.hessian is None]
     axes: list[str | None] = [None] * len(plans)
@@ -205,50 +247,31 @@ def choose_within_budget(
     if fixed:
         for i, axis in zip(fixed, choose_width(default_bits, [plans[i] for i in fixed])):
             axes[i] = axis
-    per_width = []  # (bits, the measured plans quantized at bits with the chosen axis's candidate only, the axes)
-    for bits in budget.widths if measured else ():
-        width_plans = [dataclasses.replace(plans[i], candidates={}, choice_errors=None) for i in measured]
-        chosen = choose_width(bits, width_plans)
-        for plan, axis in zip(width_plans, chosen):
-            if plan.choice_errors is None and len(plan.candidates) > 1:
-                plan.choice_errors = matrix_errors(plan)  # both axes' errors, for the report
-            plan.candidates = {axis: plan.candidates[axis]}  # the other axis's codes are not needed again
-        per_width.append((bits, width_plans, chosen))
     fixed_bytes = sum(
         stored_bytes(plans[i].candidates[axes[i]], weight_type(plans[i].first), budget.fused) for i in fixed
     )
     weights = sum(plan.weight.size for plan in plans)
     limit = budget.budget.limit(weights, other_tensor_bytes(model, plans)) - fixed_bytes
-    costs, errors = [], []
-    for position, i in enumerate(measured):
-        plan = plans[i]
-        row_costs, row_errors = [], []
-        for bits, width_plans, chosen in per_width:
-            candidate = width_plans[position].candidates[chosen[position]]
-            row_costs.append(stored_bytes(candidate, weight_type(plan.first), budget.fused))
-            row_errors.append(output_error(plan.weight, candidate.dequantize(), plan.hessian))
-            options[i][str(bits)] = {"axis": chosen[position], "error": row_errors[-1], "bytes": row_costs[-1]}
-        costs.append(row_costs)
-        errors.append(row_errors)
+    table = measure_widths([plans[i] for i in measured], budget.widths, budget.fused, choose_width)
     picks = []
     if measured:
         try:
-            picks = allocate.allocate(costs, errors, limit)
+            picks = allocate.allocate(table.costs, table.errors, limit)
         except ValueError as error:
             raise ValueError(f"budget {budget.budget}: {error}") from error
     for position, (i, pick) in enumerate(zip(measured, picks)):
-        _, width_plans, chosen = per_width[pick]
-        plans[i].candidates = width_plans[position].candidates
-        plans[i].choice_errors = width_plans[position].choice_errors
-        axes[i] = chosen[position]
-    used = allocate.total_cost(costs, picks) + fixed_bytes
-    widths = [per_width[pick][0] for pick in picks]
+        plans[i].candidates = table.plans[pick][position].candidates
+        plans[i].choice_errors = table.plans[pick][position].choice_errors
+        axes[i] = table.axes[pick][position]
+        options[i] = table.options(position)
+    used = allocate.total_cost(table.costs, picks) + fixed_bytes
+    widths = [table.widths[pick] for pick in picks]
     details = {
         "budget": str(budget.budget),
         "limit_bytes": limit + fixed_bytes,
         "bytes": used,
         "bits_per_weight": 8 * used / weights,
-        "output_error": sum(row[pick] for row, pick in zip(errors, picks)),
+        "output_error": sum(row[pick] for row, pick in zip(table.errors, picks)),
         "widths": {str(bits): widths.count(bits) for bits in budget.widths},
         "fixed_width": len(fixed),
     }
