@@ -237,10 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=_command_generate)
 
     evaluate = commands.add_parser(
-        "eval", formatter_class=_HelpFormatter, help="perplexity of an ONNX causal LM on a held-out play"
+        "eval",
+        formatter_class=_HelpFormatter,
+        help="perplexity of an ONNX causal LM or a genai folder on a held-out play",
     )
-    evaluate.add_argument("model", help="ONNX causal LM (input_ids -> logits)")
-    evaluate.add_argument("--reference", help="also measure this model (e.g. the fp32 export) and print the change")
+    evaluate.add_argument(
+        "model", help="ONNX causal LM (input_ids -> logits), or an onnxruntime-genai folder (run with an empty past)"
+    )
+    evaluate.add_argument(
+        "--reference", help="also measure this model or folder (e.g. the fp32 export) and print the change"
+    )
     evaluate.add_argument("--play", default="othello", help="held-out Shakespeare play")
     evaluate.add_argument("--windows", type=int, default=40, help="number of windows")
     evaluate.add_argument("--length", type=int, default=512, help="tokens per window")

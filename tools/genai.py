@@ -324,7 +324,7 @@ def optimize_folder(
         untie_embeddings(model)
     if calibration is None and recipe.needs_calibration:
         if tokenizer is None:
-            tokenizer = _folder_tokenizer(src.folder)
+            tokenizer = folder_tokenizer(src.folder)
         calibration = calibration_feeds(
             model, src.config, tokenizer, calibration_length, calibration_windows, calibration_text
         )
@@ -443,7 +443,7 @@ def load_decoder(path: str | os.PathLike):
     return lowbit.load(path, checker=False)
 
 
-def _folder_tokenizer(folder: pathlib.Path):
+def folder_tokenizer(folder: pathlib.Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -587,7 +587,7 @@ def command_optimize(args, recipe) -> None:
         tokenizer = (
             models.named_tokenizer(args.calibration_tokenizer)
             if args.calibration_tokenizer
-            else _folder_tokenizer(src.folder)
+            else folder_tokenizer(src.folder)
         )
         corpus = text.file_text(args.calibration_text) if args.calibration_text else None
     result = optimize_folder(

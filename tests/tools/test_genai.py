@@ -389,6 +389,37 @@ def test_a_quantized_head_alone_reports_the_untied_table_in_float(tiny_genai, tm
 
 
 @pytest.mark.slow
+def test_folder_perplexity_through_the_kv_graph_equals_the_no_cache_graphs(tiny_genai, tiny_hf, tmp_path):
+    """Perplexity of the genai folder (its KV graph, each window with an empty past) against lowbit's own
+    export of the same model without a cache (``input_ids -> logits``)."""
+    from lowbit.tools import eval_perplexity, models, text
+
+    no_cache = models.export_hf_causal_lm(tiny_hf[0], tmp_path / "no_cache.onnx")
+    windows = text.token_windows(tiny_hf[2], text.evaluation_text("othello"), 64, 3)
+    expected = eval_perplexity.perplexity(no_cache, windows)
+    got = eval_perplexity.folder_perplexity(tiny_genai, windows)
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert got != pytest.approx(eval_perplexity.folder_perplexity(tiny_genai, windows[:, ::-1].copy()), rel=1e-2)
+
+
+@pytest.mark.slow
+def test_command_line_eval_of_folders(tiny_genai, tmp_path, capsys):
+    from lowbit.cli import main
+
+    w4 = tmp_path / "w4"
+    genai.optimize_folder(tiny_genai, w4, lowbit.Recipe(bits=4, group_size=32, include_lm_head=True))
+    argv = ["eval", str(w4), "--reference", str(tiny_genai), "--windows", "2", "--length", "64"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("perplexity ") and lines[0].endswith(f"2 windows x 64 tokens of othello; {w4})")
+    assert f"reference {tiny_genai}): " in lines[1] and lines[1].endswith(f" % for {w4}")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert main(["eval", str(plain)]) == 2
+    assert "has no genai_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_command_line_export_optimize_generate(tiny_hf, tmp_path, og, capsys):
     from lowbit.cli import main
 
