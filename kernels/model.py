@@ -41,6 +41,7 @@ class QuantMatMulWeights:
     K: int
     N: int
     outliers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # CSC (pointers, rows, values)
+    int8_activations: bool = False  # the op's optional attribute (written only when set)
 
     @classmethod
     def from_quantized(cls, quantized, perm=None, bias=None) -> QuantMatMulWeights:
@@ -62,13 +63,14 @@ class QuantMatMulWeights:
 
     @property
     def attributes(self) -> dict[str, int]:
-        return {
+        attributes = {
             "bits": self.bits,
             "group_size": self.group_size,
             "group_axis": self.group_axis,
             "K": self.K,
             "N": self.N,
         }
+        return attributes | ({"int8_activations": 1} if self.int8_activations else {})
 
     def inputs(self) -> list[np.ndarray | None]:
         """The op's inputs after ``A``, ``None`` where absent."""

@@ -4,7 +4,7 @@
 with a group-quantized weight ``W[K, N]`` (the ONNX ``MatMul`` right operand; torch ``Linear.weight`` is
 ``W.T``) and optional exact float32 outliers ``S[K, N]`` stored sparse (dense-and-sparse quantization).
 
-Attributes (all int, required):
+Attributes (all int; required unless a default is given):
 
 * ``bits`` in {2, 3, 4, 8}; ``K >= 1`` input channels; ``N >= 1`` output channels;
 * ``group_axis``: 0 = per-OC groups (``g`` consecutive input channels of one output channel share a
@@ -12,6 +12,8 @@ Attributes (all int, required):
   channels of one input channel; ``axis=1``);
 * ``group_size`` ``g >= 1``; the last group along the axis may be shorter (``g`` larger than the
   axis means one group).
+* ``int8_activations`` in {0, 1}, default 0: 1 quantizes the activations to int8 at run time (below), like
+  ``MatMulNBits``' ``accuracy_level=4``: faster integer dot products, less accurate.
 
 Inputs (``G = ceil(K / g)`` for axis 0, ``ceil(N / g)`` for axis 1):
 
@@ -38,6 +40,27 @@ group holding ``(k, n)`` -- exactly ONNX ``DequantizeLinear`` -- and ``Y`` the I
 ``A[..., perm]`` and ``W`` plus ``bias``, plus the product of ``A[..., perm]`` and ``S`` (summed apart): NaN and
 Inf in ``A`` propagate as in a dense float matmul (``Inf * 0 = NaN``; ``S``'s absent entries are not
 multiplied). Kernels may sum in any order; this oracle sums in float64 and rounds once per part.
+
+With ``int8_activations=1`` the quantized part ``A[..., perm] @ W`` becomes integer dot products with int8
+activations (the outliers, the bias and ``perm`` stay as above). The input channels (``W``'s order) are cut
+into *activation blocks* of at most ``ACTIVATION_BLOCK`` = 128: per-OC, each weight group is cut from its
+start (a block never straddles a group, so a block's sum takes one weight scale per column); per-IC, the
+whole ``K`` from 0. 128 keeps a block's integer sum exact in a float32 (``128 * 255 * 127 < 2**24``) and
+puts one float conversion and scaling after 32 quads of integer products. Per row and block, the factor of
+the sum that varies along ``K`` is quantized: ``xs = x`` (per-OC) or ``xs = float32(x * s[k, j])`` (per-IC:
+the scale of input channel ``k`` in output group ``j``; so once per group of output channels), symmetric::
+
+    amax = max |xs| over the block          a = float32(amax / 127)
+    X[k] = rint(float32(xs[k] * float32(1 / a)))  (half to even; |X| <= 127)
+
+If ``amax`` is not finite (a NaN or Inf among ``xs``), ``a`` is NaN and the block makes the row's outputs
+of every column it multiplies NaN; if ``a`` is 0 or ``1 / a`` overflows (``amax`` below ``127 * 2**-128``)
+the block's ``X`` are 0. Then, with ``z`` the zero points::
+
+    per-OC: Y[m, n] = sum over blocks b (in group j)  a[m, b] * s[j, n] * sum_{k in b} X[m, k] (q[k, n] - z[j, n])
+    per-IC: Y[m, n] = sum over blocks b  a_j[m, b] * sum_{k in b} X_j[m, k] (q[k, n] - z[k, j]),  j = n // g
+
+The integer sums are exact; kernels multiply them by the float factors in any order.
 """
 
 from __future__ import annotations
@@ -45,6 +68,11 @@ from __future__ import annotations
 import numpy as np
 
 from lowbit.kernels import packing
+
+#: Input channels per int8 activation block (``int8_activations=1``; see the module docstring).
+ACTIVATION_BLOCK = 128
+#: The int8 activation codes lie in [-INT8_LIMIT, INT8_LIMIT].
+INT8_LIMIT = 127
 
 
 def group_count(length: int, group_size: int) -> int:
@@ -99,6 +127,7 @@ def quant_matmul(
     group_axis: int,
     K: int,
     N: int,
+    int8_activations: int = 0,
 ) -> np.ndarray:
     """``lowbit::QuantMatMul`` (see the module docstring)."""
     a = np.asarray(a, dtype=np.float32)
@@ -106,6 +135,8 @@ def quant_matmul(
         raise ValueError(f"A must have shape [..., {K}], got {a.shape}")
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if int8_activations not in (0, 1):
+        raise ValueError(f"int8_activations must be 0 or 1, got {int8_activations!r}")
     codes = packing.unpack(packed, bits, K, N)
     weight = dequantize(codes, scales, zero_points, bits=bits, group_size=group_size, group_axis=group_axis)
     if perm is not None:
@@ -114,7 +145,10 @@ def quant_matmul(
             raise ValueError(f"perm must be int64 [{K}] with values in [0, {K})")
         a = a[..., perm]
     with np.errstate(invalid="ignore", over="ignore"):
-        y = a.astype(np.float64) @ weight.astype(np.float64)
+        if int8_activations:
+            y = int8_product(a, codes, scales, zero_points, bits=bits, group_size=group_size, group_axis=group_axis)
+        else:
+            y = a.astype(np.float64) @ weight.astype(np.float64)
         if bias is not None:
             y = y + np.asarray(bias, dtype=np.float64).reshape(N)
         y = y.astype(np.float32)
@@ -139,3 +173,70 @@ def outlier_product(
     with np.errstate(invalid="ignore", over="ignore"):
         np.add.at(np.moveaxis(out, -1, 0), columns, np.moveaxis(a[..., rows].astype(np.float64) * values, -1, 0))
     return out.astype(np.float32)
+
+
+def activation_blocks(k: int, group_size: int, group_axis: int) -> list[tuple[int, int]]:
+    """The int8 activation blocks ``[k0, k1)`` over ``K`` input channels (module docstring)."""
+    if group_axis == 0:
+        spans = [(g0, min(k, g0 + group_size)) for g0 in range(0, k, group_size)]
+    else:
+        spans = [(0, k)]
+    return [(k0, min(end, k0 + ACTIVATION_BLOCK)) for start, end in spans for k0 in range(start, end, ACTIVATION_BLOCK)]
+
+
+def quantize_activations(xs: np.ndarray, blocks: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes ``X[..., K]`` (int32) and block scales ``a[..., blocks]`` (float32, NaN for a block
+    with a non-finite value) of float32 activations ``xs``, exactly as the module docstring rounds them."""
+    xs = np.asarray(xs, dtype=np.float32)
+    codes = np.zeros(xs.shape, np.int32)
+    scales = np.empty((*xs.shape[:-1], len(blocks)), np.float32)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        for i, (k0, k1) in enumerate(blocks):
+            part = xs[..., k0:k1]
+            amax = np.max(np.abs(part), axis=-1)  # NaN if any is NaN
+            scale = amax / np.float32(INT8_LIMIT)
+            inverse = np.float32(1) / scale
+            usable = np.isfinite(amax) & (scale > 0) & np.isfinite(inverse)
+            rounded = np.rint(part * np.where(usable, inverse, np.float32(0))[..., None])
+            codes[..., k0:k1] = np.where(usable[..., None], rounded, 0).astype(np.int32)
+            scales[..., i] = np.where(np.isfinite(amax), scale, np.float32(np.nan))
+    return codes, scales
+
+
+def int8_product(
+    a: np.ndarray,
+    codes: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    *,
+    bits: int,
+    group_size: int,
+    group_axis: int,
+    magnitude: bool = False,
+) -> np.ndarray:
+    """``A @ W`` with int8 activations (``int8_activations=1``), float64 ``[..., N]``; ``a`` is already permuted.
+
+    ``magnitude``: the sum of the terms' absolute values instead (the scale of the kernels' float round-off).
+    """
+    k, n = codes.shape
+    if zero_points is None:
+        zero_points = np.full(params_shape(group_axis, group_size, k, n), 1 << (bits - 1), np.uint8)
+    blocks = activation_blocks(k, group_size, group_axis)
+    signed = np.abs if magnitude else (lambda x: x)
+    out = np.zeros((*a.shape[:-1], n), np.float64)
+    if group_axis == 0:
+        shifted = codes.astype(np.int64) - np.repeat(zero_points.astype(np.int64), group_size, axis=0)[:k]
+        x, x_scales = quantize_activations(a, blocks)
+        for i, (k0, k1) in enumerate(blocks):
+            part = signed(x[..., k0:k1].astype(np.float64)) @ signed(shifted[k0:k1].astype(np.float64))
+            column_scales = signed(scales[k0 // group_size].astype(np.float64))
+            out += signed(x_scales[..., i, None].astype(np.float64)) * column_scales * part
+        return out
+    for j in range(group_count(n, group_size)):
+        columns = slice(j * group_size, min(n, (j + 1) * group_size))
+        x, x_scales = quantize_activations(a * scales[:, j].astype(np.float32), blocks)
+        shifted = codes[:, columns].astype(np.int64) - zero_points[:, j : j + 1].astype(np.int64)
+        for i, (k0, k1) in enumerate(blocks):
+            part = signed(x[..., k0:k1].astype(np.float64)) @ signed(shifted[k0:k1].astype(np.float64))
+            out[..., columns] += signed(x_scales[..., i, None].astype(np.float64)) * part
+    return out

@@ -15,6 +15,7 @@
 #include <cstring>
 
 #include "quant_matmul.h"
+#include "vnni_codes.h"
 
 namespace lowbit {
 namespace {
@@ -32,12 +33,6 @@ struct RowBlock {        // one row's exponent block
 };
 
 int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// acc += 4-byte dot products of u8 codes and s8 digits. Written in asm: GCC 12 copies the accumulator
-// around _mm512_dpbusd_epi32 in these loops (about 30 extra moves per 256 weights).
-inline void Dpbusd(__m512i& acc, __m512i codes, __m512i digits) {
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(codes), "v"(digits));
-}
 
 // 2^n as a float, n in [-126, 127]
 float Pow2(int n) {
@@ -93,21 +88,6 @@ RowBlock MakeBlock(const float* x, const float* scale, const float* zero, int64_
   for (int limb = 0; limb < kLimbs; ++limb)
     block.corr[limb] = lanes[limb] + lanes[limb + 4] + lanes[limb + 8] + lanes[limb + 12];
   return block;
-}
-
-// The codes of columns 16cb .. 16cb + 15 (4 input channels each) of a packed block as 64 bytes.
-template <int Bits>
-__m512i CodeBytes(const uint8_t* block, int cb) {
-  if (Bits == 8) return _mm512_loadu_si512(block + 64 * cb);
-  if (Bits == 4) {
-    const __m512i bytes = _mm512_loadu_si512(block + 64 * (cb & 1));
-    return _mm512_and_si512(cb < 2 ? bytes : _mm512_srli_epi16(bytes, 4), _mm512_set1_epi8(15));
-  }
-  const __m512i low = _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512(block), 2 * cb), _mm512_set1_epi8(3));
-  if (Bits == 2) return low;
-  uint64_t plane;  // bit 2 of the 64 codes
-  std::memcpy(&plane, block + 64 + 8 * cb, 8);
-  return _mm512_mask_add_epi8(low, _cvtu64_mask64(plane), low, _mm512_set1_epi8(4));
 }
 
 // Everything one thread needs about the rows' activations (in the caller's scratch).

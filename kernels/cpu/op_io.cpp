@@ -27,6 +27,17 @@ void CheckShape(const char* name, const Ort::ConstValue& value, const std::vecto
     Fail(std::string(name) + " must have shape " + ShapeString(expected) + ", got " + ShapeString(actual));
 }
 
+// An optional int attribute: its value, or `absent` when the node does not have it.
+int64_t OptionalAttribute(const Ort::ConstKernelInfo& info, const char* name, int64_t absent) {
+  int64_t value = absent;
+  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value);
+  if (status != nullptr) {
+    Ort::GetApi().ReleaseStatus(status);
+    return absent;
+  }
+  return value;
+}
+
 }  // namespace
 
 const std::vector<ONNXTensorElementDataType> kQuantMatMulInputTypes = {
@@ -40,6 +51,9 @@ QuantMatMulAttributes::QuantMatMulAttributes(const Ort::ConstKernelInfo& info)
       group_size(info.GetAttribute<int64_t>("group_size")),
       K(info.GetAttribute<int64_t>("K")),
       N(info.GetAttribute<int64_t>("N")) {
+  const int64_t int8 = OptionalAttribute(info, "int8_activations", 0);
+  if (int8 != 0 && int8 != 1) Fail("int8_activations must be 0 or 1, got " + std::to_string(int8));
+  int8_activations = int8 == 1;
   if (bits != 2 && bits != 3 && bits != 4 && bits != 8) Fail("bits must be 2, 3, 4 or 8, got " + std::to_string(bits));
   if (group_axis != 0 && group_axis != 1) Fail("group_axis must be 0 or 1");
   if (group_size < 1 || K < 1 || N < 1) Fail("group_size, K and N must be >= 1");

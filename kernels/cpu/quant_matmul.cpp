@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "int8.h"
 #include "quant_matmul_op.h"
 
 namespace lowbit {
@@ -54,6 +55,7 @@ void CheckOutliers(const SparseColumns& s, int64_t K, int64_t N, int64_t nnz) {
 // The best kernels this CPU runs; LOWBIT_CPU_ISA=scalar|avx2|avx512|avx512vnni caps the choice (tests use it).
 struct QuantMatMulKernel::Isa {
   const IsaKernels* kernels;
+  const Int8Kernels* int8;  // int8_activations = 1 (AVX-512 without VNNI uses the AVX2 ones)
   bool vnni;
 
   Isa() {
@@ -70,6 +72,7 @@ struct QuantMatMulKernel::Isa {
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
     kernels = level >= 2 && avx512 ? &kAvx512Kernels : level >= 1 && avx2 ? &kAvx2Kernels : &kScalarKernels;
     vnni = level >= 3 && avx512 && __builtin_cpu_supports("avx512vnni");
+    int8 = vnni ? &kInt8Avx512VnniKernels : level >= 1 && avx2 ? &kInt8Avx2Kernels : &kInt8ScalarKernels;
   }
 };
 
@@ -146,7 +149,7 @@ QuantMatMulKernel::~QuantMatMulKernel() = default;
 
 namespace {
 
-enum class Path { kInt, kGemv, kGemm };
+enum class Path { kInt, kGemv, kGemm, kInt8 };
 
 // y[m][n] += sum of a[m][rows[j]] * values[j] over column n's entries, for columns [n0, n1): the same
 // products as a dense matmul with the outliers in place (NaN/Inf propagate), summed apart and added.
@@ -201,6 +204,8 @@ struct Job {
   int64_t tiles, tiles_per_task;
   const SparseColumns* outliers;  // or null
   const float* a_t;               // with outliers and M > 1: a transposed, [K][M]
+  const Int8Plan* int8;           // Path::kInt8
+  const Int8Rows* int8_rows;      // Path::kInt8, per-OC: the activations, quantized once
 
   void Run(int64_t task) const {
     const int64_t t0 = task * tiles_per_task, t1 = std::min(tiles, t0 + tiles_per_task);
@@ -211,6 +216,10 @@ struct Job {
         GemmAvx512Vnni(problem, a, t0, t1, scratch.data());
         break;
       case Path::kGemv: kernels->gemv(problem, a, t0, t1); break;
+      case Path::kInt8:
+        scratch.resize(int8->ScratchBytes() / sizeof(float) + 1);
+        int8->Run(a, int8_rows, t0, t1, scratch.data());
+        break;
       case Path::kGemm:
         scratch.resize((kKBlock + problem.M) * kTile);
         kernels->gemm(problem, a, t0, t1, scratch.data());
@@ -293,12 +302,30 @@ Ort::Status QuantMatMulKernel::Compute(OrtKernelContext* context) try {
   // The integer and GEMV paths need tame activations and groups they support; anything else is batched.
   const bool few_tame_rows = M <= kMaxIntRows && AllBelow(a_data, M * at.K, kGemvMaxAbs);
   const bool vector_groups = at.group_axis == 0 || at.groups == 1 || at.group_size % isa_->kernels->lanes == 0;
-  job.path = few_tame_rows && isa_->vnni && GemmAvx512VnniSupports(job.problem) ? Path::kInt
+  job.path = at.int8_activations                                                ? Path::kInt8
+             : few_tame_rows && isa_->vnni && GemmAvx512VnniSupports(job.problem) ? Path::kInt
              : few_tame_rows && M == 1 && vector_groups                         ? Path::kGemv
                                                                                 : Path::kGemm;
+  std::unique_ptr<Int8Plan> int8_plan;
+  std::vector<uint8_t> int8_memory;
+  Int8Rows int8_rows{};
+  job.int8 = nullptr;
+  job.int8_rows = nullptr;
+  if (job.path == Path::kInt8) {
+    int8_plan = std::make_unique<Int8Plan>(job.problem, *isa_->int8);
+    job.int8 = int8_plan.get();
+    if (at.group_axis == 0) {  // quantized once, here (per-IC, each task quantizes them for its output groups)
+      int8_memory.resize(int8_plan->RowsBytes() + 64);
+      const uintptr_t address = reinterpret_cast<uintptr_t>(int8_memory.data());
+      int8_rows = int8_plan->Quantize(a_data, nullptr, nullptr, reinterpret_cast<void*>((address + 63) & ~uintptr_t{63}));
+      job.int8_rows = &int8_rows;
+    }
+  }
   job.tiles_per_task = 1;
-  if (job.path == Path::kInt) {  // tasks of whole per-IC groups (the activations are prepared per group)
-    const int64_t unit = at.group_axis == 1 && at.groups > 1 ? at.group_size / kTile : 1;
+  if (job.path == Path::kInt || job.path == Path::kInt8) {
+    // tasks of whole per-IC groups where groups are whole tiles (the activations are prepared per group)
+    const bool whole_groups = at.group_axis == 1 && at.groups > 1 && at.group_size % kTile == 0;
+    const int64_t unit = whole_groups ? at.group_size / kTile : 1;
     job.tiles_per_task = unit * std::max<int64_t>(1, kIntTaskBytes / (unit * at.quads * at.block_bytes));
   }
 

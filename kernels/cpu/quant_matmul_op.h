@@ -31,6 +31,7 @@ constexpr ONNXTensorElementDataType kQuantMatMulOutputType = ONNX_TENSOR_ELEMENT
 
 struct QuantMatMulAttributes {
   int bits, group_axis;
+  bool int8_activations;  // optional attribute, default 0
   int64_t group_size, K, N;
   int64_t groups, tiles, quads, block_bytes;  // implied
 

@@ -8,7 +8,10 @@
 namespace lowbit {
 
 QuantMatMulCudaKernel::QuantMatMulCudaKernel(const OrtApi*, const OrtKernelInfo* info)
-    : attrs_(Ort::ConstKernelInfo(info)) {}
+    : attrs_(Ort::ConstKernelInfo(info)) {
+  if (attrs_.int8_activations)
+    ORT_CXX_API_THROW("QuantMatMul: int8_activations = 1 is implemented on the CPU provider only", ORT_NOT_IMPLEMENTED);
+}
 
 Ort::Status QuantMatMulCudaKernel::Compute(OrtKernelContext* context) try {
   const QuantMatMulAttributes& at = attrs_;

@@ -1,0 +1,138 @@
+// The int8-activation path of QuantMatMul (int8.h): activation blocks, per-OC and per-IC groups, tiles and
+// the epilogue; the integer work is done by the instruction set's primitives.
+#include "int8.h"
+
+namespace lowbit {
+namespace {
+
+int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+int64_t AlignUp(int64_t bytes) { return (bytes + 63) & ~int64_t{63}; }
+
+}  // namespace
+
+Int8Plan::Int8Plan(const Problem& p, const Int8Kernels& kernels) : p_(p), kernels_(kernels) {
+  const int64_t span = p.group_axis == 0 ? p.group_size : p.K;  // per-OC, blocks never straddle a group
+  int64_t word = 0, group = 0;
+  for (int64_t g0 = 0; g0 < p.K; g0 += span, ++group)
+    for (int64_t k0 = g0, end = Min(p.K, g0 + span); k0 < end; k0 += kActivationBlock) {
+      const int64_t k1 = Min(end, k0 + kActivationBlock), q0 = k0 / kQuad, q1 = (k1 + kQuad - 1) / kQuad;
+      blocks_.push_back(Int8Block{k0, k1, q0, q1, word, p.group_axis == 0 ? group : 0});
+      word += q1 - q0;
+    }
+  words_ = word;
+}
+
+int64_t Int8Plan::RowsBytes() const {
+  const int64_t blocks = static_cast<int64_t>(blocks_.size());
+  // the zero-point bytes last, with room for a whole vector read from the last quad
+  return AlignUp(p_.M * words_ * 4) + AlignUp(p_.M * blocks * 4) * 2 + AlignUp(p_.quads * kQuad + 64);
+}
+
+int64_t Int8Plan::ScratchBytes() const {
+  // out and the per-IC group's out [M][64], decoded codes, column zero points; per-IC two quantized groups
+  const int64_t per_ic = p_.group_axis == 1 ? 2 * RowsBytes() : 0;
+  return 2 * AlignUp(p_.M * kTile * 4) + AlignUp(kDecodedBytes) + AlignUp(kTile * 4) + per_ic + 64;
+}
+
+Int8Rows Int8Plan::Quantize(const float* a, const float* scale, const float* zero, void* rows_memory) const {
+  const int64_t blocks = static_cast<int64_t>(blocks_.size());
+  uint8_t* memory = static_cast<uint8_t*>(rows_memory);
+  Int8Rows rows{reinterpret_cast<int32_t*>(memory), nullptr, nullptr, nullptr};
+  rows.scale = reinterpret_cast<float*>(memory + AlignUp(p_.M * words_ * 4));
+  rows.corr = reinterpret_cast<int32_t*>(memory + AlignUp(p_.M * words_ * 4) + AlignUp(p_.M * blocks * 4));
+  rows.zero = nullptr;
+  if (zero) {
+    rows.zero = memory + AlignUp(p_.M * words_ * 4) + 2 * AlignUp(p_.M * blocks * 4);
+    for (int64_t k = 0; k < p_.quads * kQuad; ++k)
+      rows.zero[k] = k < p_.K ? static_cast<uint8_t>(zero[k] - kMagic) : 0;
+  }
+  for (int64_t r = 0; r < p_.M; ++r)
+    for (int64_t i = 0; i < blocks; ++i) {
+      const Int8Block& b = blocks_[i];
+      int32_t* words = rows.words + r * words_ + b.word;
+      int32_t* corr = rows.corr + r * blocks + i;
+      rows.scale[r * blocks + i] = kernels_.quantize(a + r * p_.K, scale, rows.zero, b, words, corr);
+    }
+  return rows;
+}
+
+// out[M][64] += the products of every block of tile t (per-OC: with the column scales and zero points)
+void Int8Plan::AddBlocks(const Int8Rows& rows, int64_t t, float* col_zero, uint8_t* decoded, float* out) const {
+  const int64_t blocks = static_cast<int64_t>(blocks_.size());
+  const uint8_t* tile = p_.packed + t * p_.quads * p_.block_bytes;
+  int64_t zero_group = -1;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const Int8Block& b = blocks_[i];
+    Int8Tile job{tile + b.q0 * p_.block_bytes,
+                 p_.block_bytes,
+                 b.q1 - b.q0,
+                 p_.bits,
+                 p_.M,
+                 rows.words + b.word,
+                 words_,
+                 rows.scale + i,
+                 rows.corr + i,
+                 blocks,
+                 nullptr,
+                 nullptr,
+                 decoded,
+                 out};
+    if (p_.group_axis == 0) {
+      const int64_t offset = (t * p_.groups + b.group) * kTile;
+      if (b.group != zero_group) {
+        for (int c = 0; c < kTile; ++c) col_zero[c] = p_.params.zero[offset + c] - kMagic;
+        zero_group = b.group;
+      }
+      job.col_scale = p_.params.scale + offset;
+      job.col_zero = col_zero;
+    }
+    kernels_.tile(job);
+  }
+}
+
+void Int8Plan::Run(const float* a, const Int8Rows* shared, int64_t t0, int64_t t1, void* scratch) const {
+  uint8_t* memory = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t{63});
+  const int64_t out_bytes = AlignUp(p_.M * kTile * 4);
+  float* out = reinterpret_cast<float*>(memory);
+  float* group_out = reinterpret_cast<float*>(memory + out_bytes);
+  uint8_t* decoded = memory + 2 * out_bytes;
+  float* col_zero = reinterpret_cast<float*>(decoded + AlignUp(kDecodedBytes));
+  uint8_t* slots = reinterpret_cast<uint8_t*>(col_zero) + AlignUp(kTile * 4);
+  Int8Rows slot_rows[2];
+  int64_t slot_group[2] = {-1, -1};  // per-IC: the groups quantized in the two slots
+
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n0 = t * kTile, count = Min(kTile, p_.N - n0);
+    for (int64_t i = 0; i < p_.M * kTile; ++i) out[i] = 0.0f;
+    if (p_.group_axis == 0) {
+      AddBlocks(*shared, t, col_zero, decoded, out);
+    } else {  // each output group of the tile with its own activations x * s[:, j]
+      const int64_t j0 = n0 / p_.group_size, j1 = (n0 + count - 1) / p_.group_size;
+      for (int64_t j = j0; j <= j1; ++j) {
+        const int slot = static_cast<int>(j & 1);
+        if (slot_group[slot] != j) {
+          slot_rows[slot] = Quantize(a, p_.params.scale + j * p_.K, p_.params.zero + j * p_.K,
+                                     slots + slot * RowsBytes());
+          slot_group[slot] = j;
+        }
+        if (j0 == j1) {
+          AddBlocks(slot_rows[slot], t, col_zero, decoded, out);
+          continue;
+        }
+        // a tile split between groups: the whole tile with this group's activations, its columns kept
+        for (int64_t i = 0; i < p_.M * kTile; ++i) group_out[i] = 0.0f;
+        AddBlocks(slot_rows[slot], t, col_zero, decoded, group_out);
+        const int64_t c0 = j * p_.group_size - n0 > 0 ? j * p_.group_size - n0 : 0;
+        const int64_t c1 = Min(count, (j + 1) * p_.group_size - n0);
+        for (int64_t r = 0; r < p_.M; ++r)
+          for (int64_t c = c0; c < c1; ++c) out[r * kTile + c] = group_out[r * kTile + c];
+      }
+    }
+    for (int64_t r = 0; r < p_.M; ++r)
+      for (int64_t c = 0; c < count; ++c)
+        p_.y[r * p_.N + n0 + c] = out[r * kTile + c] + (p_.bias ? p_.bias[n0 + c] : 0.0f);
+  }
+}
+
+}  // namespace lowbit

@@ -1,0 +1,133 @@
+// AVX-512 VNNI int8-activation primitives (int8.h); compiled with -mavx512f -mavx512bw -mavx512vnni, run
+// only where the CPU has them. The one-limb form of isa_avx512_vnni.cpp's exact integer path: vpdpbusd
+// multiplies 64 u8 codes by s8 activation codes and adds each column's 4 products into int32 (no
+// saturation, 8-bit codes included). Up to 4 rows share every load of the codes.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "int8.h"
+#include "vnni_codes.h"
+
+namespace lowbit {
+namespace {
+
+constexpr int kRowsAtOnce = 4;
+constexpr int kMaxInputs = (kActivationBlock / kQuad + 1) * kQuad;  // of a block, from its first quad
+
+// Rows r0 .. r0 + R - 1 of the tile: integer sums over the block's quads, then the epilogue into out.
+template <int Bits, int R>
+void Rows(const Int8Tile& t, const uint8_t* codes, int64_t block_bytes, int64_t r0) {
+  __m512i acc[R][4];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * 4; ++i) acc[i / 4][i % 4] = _mm512_setzero_si512();
+  const int32_t* words = t.words + r0 * t.word_stride;
+  for (int64_t q = 0; q < t.quads; ++q) {
+    const uint8_t* block = codes + q * block_bytes;
+    __m512i bytes[4];
+#pragma GCC unroll 4
+    for (int cb = 0; cb < 4; ++cb) bytes[cb] = CodeBytes<Bits>(block, cb);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512i d = _mm512_set1_epi32(words[r * t.word_stride + q]);
+#pragma GCC unroll 4
+      for (int cb = 0; cb < 4; ++cb) Dpbusd(acc[r][cb], bytes[cb], d);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 act = _mm512_set1_ps(t.act_scale[(r0 + r) * t.param_stride]);
+    const __m512 corr = _mm512_set1_ps(static_cast<float>(t.corr[(r0 + r) * t.param_stride]));
+    float* out = t.out + (r0 + r) * kTile;
+    for (int cb = 0; cb < 4; ++cb) {  // exact in float (int8.h)
+      const __m512 total = _mm512_cvtepi32_ps(acc[r][cb]);
+      const __m512 sum = t.col_zero ? _mm512_fnmadd_ps(_mm512_loadu_ps(t.col_zero + 16 * cb), corr, total)
+                                    : _mm512_sub_ps(total, corr);
+      const __m512 scale = t.col_scale ? _mm512_mul_ps(act, _mm512_loadu_ps(t.col_scale + 16 * cb)) : act;
+      _mm512_storeu_ps(out + 16 * cb, _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(out + 16 * cb)));
+    }
+  }
+}
+
+template <int Bits>
+void AllRows(const Int8Tile& t, const uint8_t* codes, int64_t block_bytes) {
+  int64_t r = 0;
+  for (; r + kRowsAtOnce <= t.rows; r += kRowsAtOnce) Rows<Bits, kRowsAtOnce>(t, codes, block_bytes, r);
+  switch (t.rows - r) {
+    case 3: return Rows<Bits, 3>(t, codes, block_bytes, r);
+    case 2: return Rows<Bits, 2>(t, codes, block_bytes, r);
+    case 1: return Rows<Bits, 1>(t, codes, block_bytes, r);
+    default: return;
+  }
+}
+
+// More rows than one call of Rows share one unpacking of the codes to bytes (8-bit codes are bytes already).
+template <int Bits>
+void TileBits(const Int8Tile& t) {
+  if (Bits == 8 || t.rows <= kRowsAtOnce) return AllRows<Bits>(t, t.codes, t.block_bytes);
+  for (int64_t q = 0; q < t.quads; ++q)
+    for (int cb = 0; cb < 4; ++cb)
+      _mm512_storeu_si512(t.decoded + q * kTile * kQuad + 64 * cb, CodeBytes<Bits>(t.codes + q * t.block_bytes, cb));
+  AllRows<8>(t, t.decoded, kTile * kQuad);
+}
+
+void Tile(const Int8Tile& t) {
+  switch (t.bits) {
+    case 2: return TileBits<2>(t);
+    case 3: return TileBits<3>(t);
+    case 4: return TileBits<4>(t);
+    default: return TileBits<8>(t);
+  }
+}
+
+// Lanes of k = base .. base + 15 inside [k0, k1).
+__mmask16 InputMask(int64_t base, int64_t k0, int64_t k1) {
+  const int64_t low = k0 - base > 0 ? k0 - base : 0, high = k1 - base < 16 ? k1 - base : 16;
+  if (high <= low) return 0;
+  return static_cast<__mmask16>(((1u << high) - 1) & ~((1u << low) - 1));
+}
+
+float Quantize(const float* x, const float* scale, const uint8_t* zero, const Int8Block& b, int32_t* words,
+               int32_t* corr) {
+  alignas(64) float xs[kMaxInputs + 16];
+  const int64_t first = b.q0 * kQuad, inputs = (b.q1 - b.q0) * kQuad, count = b.q1 - b.q0;
+  __m512i vmax = _mm512_setzero_si512();  // of |xs| as bit patterns: the order of the floats, NaN above Inf
+  for (int64_t i = 0; i < inputs; i += 16) {
+    const __mmask16 m = InputMask(first + i, b.k0, b.k1);
+    __m512 v = _mm512_maskz_loadu_ps(m, x + first + i);
+    if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, scale + first + i));
+    _mm512_store_ps(xs + i, v);
+    vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF)));
+  }
+  const uint32_t amax_bits = _mm512_reduce_max_epu32(vmax);
+  float amax;
+  std::memcpy(&amax, &amax_bits, 4);
+  const bool finite = amax_bits < 0x7F800000u;  // below the bits of Inf
+  const float act = amax / static_cast<float>(kInt8Limit), inverse = 1.0f / act;
+  if (!(finite && act > 0.0f && __builtin_isfinite(inverse))) {  // codes 0
+    for (int64_t i = 0; i < count; ++i) words[i] = 0;
+    *corr = 0;
+    return finite ? act : __builtin_nanf("");
+  }
+  const __m512 up = _mm512_set1_ps(inverse);
+  for (int64_t i = 0; i < inputs; i += 16) {
+    const __m512i code = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(xs + i), up));
+    const int64_t left = inputs - i < 16 ? inputs - i : 16;
+    _mm512_mask_cvtepi32_storeu_epi8(reinterpret_cast<int8_t*>(words) + i, static_cast<__mmask16>((1u << left) - 1),
+                                     code);
+  }
+  // corr: the words' dot products with the zero-point bytes (or ones)
+  __m512i sums = _mm512_setzero_si512();
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (count - i < 16 ? count - i : 16)) - 1);
+    const __m512i z = zero ? _mm512_maskz_loadu_epi32(m, zero + first + kQuad * i) : _mm512_set1_epi8(1);
+    sums = _mm512_dpbusd_epi32(sums, z, _mm512_maskz_loadu_epi32(m, words + i));
+  }
+  *corr = _mm512_reduce_add_epi32(sums);
+  return act;
+}
+
+}  // namespace
+
+const Int8Kernels kInt8Avx512VnniKernels{"avx512vnni", &Quantize, &Tile};
+
+}  // namespace lowbit

@@ -1,0 +1,36 @@
+// Code bytes and the int8 dot product of AVX-512 VNNI, shared by the integer kernels (isa_avx512_vnni.cpp,
+// int8_avx512_vnni.cpp); include only from files compiled with -mavx512f -mavx512bw -mavx512vnni. Everything
+// is in an anonymous namespace: each file keeps its own copy (see kernels_impl.h).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace lowbit {
+namespace {
+
+// acc += 4-byte dot products of u8 codes and s8 digits. Written in asm: GCC 12 copies the accumulator
+// around _mm512_dpbusd_epi32 in these loops (about 30 extra moves per 256 weights).
+inline void Dpbusd(__m512i& acc, __m512i codes, __m512i digits) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(codes), "v"(digits));
+}
+
+// The codes of columns 16cb .. 16cb + 15 (4 input channels each) of a packed block as 64 bytes.
+template <int Bits>
+__m512i CodeBytes(const uint8_t* block, int cb) {
+  if (Bits == 8) return _mm512_loadu_si512(block + 64 * cb);
+  if (Bits == 4) {
+    const __m512i bytes = _mm512_loadu_si512(block + 64 * (cb & 1));
+    return _mm512_and_si512(cb < 2 ? bytes : _mm512_srli_epi16(bytes, 4), _mm512_set1_epi8(15));
+  }
+  const __m512i low = _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512(block), 2 * cb), _mm512_set1_epi8(3));
+  if (Bits == 2) return low;
+  uint64_t plane;  // bit 2 of the 64 codes
+  std::memcpy(&plane, block + 64 + 8 * cb, 8);
+  return _mm512_mask_add_epi8(low, _cvtu64_mask64(plane), low, _mm512_set1_epi8(4));
+}
+
+}  // namespace
+}  // namespace lowbit
