@@ -39,19 +39,28 @@ class FuseQDQPass(LowbitPass):
     the QDQ graph's numerics; 4: int8 activations, adds activation error). Off by default: level 0 is
     lossless but slower than lowbit's own kernel, level 4 is not lossless (bench_matmul's tables, README).
     Every other weight whose activation is float32, or of unknown type, goes to ``lowbit::QuantMatMul``.
+
+    ``int8_activations``: the ``lowbit::QuantMatMul`` nodes get ``int8_activations=1`` (activations quantized
+    to int8 at run time, ``kernels/reference.py``): faster, not lossless, the counterpart of level 4.
     """
 
-    def __init__(self, *, use_matmulnbits: bool = False, matmulnbits_accuracy_level: int = 0):
+    def __init__(
+        self, *, use_matmulnbits: bool = False, matmulnbits_accuracy_level: int = 0, int8_activations: bool = False
+    ):
         super().__init__()
         if matmulnbits_accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"matmulnbits_accuracy_level must be 0..4, got {matmulnbits_accuracy_level}")
         self.use_matmulnbits = use_matmulnbits
         self.matmulnbits_accuracy_level = matmulnbits_accuracy_level
+        self.int8_activations = int8_activations
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         state = quant_matmul.FusionState(model.graph)
         rule_sets = quant_matmul.rule_sets(
-            state, use_matmulnbits=self.use_matmulnbits, accuracy_level=self.matmulnbits_accuracy_level
+            state,
+            use_matmulnbits=self.use_matmulnbits,
+            accuracy_level=self.matmulnbits_accuracy_level,
+            int8_activations=self.int8_activations,
         )
         bytes_before = analysis.initializer_bytes(model.graph)
         rule_sets.append(quantized_gather.rule_set(state))

@@ -76,7 +76,7 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
         if calibration is not None
         else []
     )
-    fuse = [FuseQDQPass()] if recipe.fused else []
+    fuse = [FuseQDQPass(int8_activations=recipe.int8_activations)] if recipe.fused else []
     outliers = []
     if splits:
         outliers = [

@@ -67,6 +67,11 @@ class Recipe:
         "run with lowbit.runtime.session) instead of the portable DequantizeLinear + MatMul form that stock "
         "ONNX Runtime runs",
     )
+    int8_activations: bool = _option(
+        False,
+        "quantize activations to int8 at run time in the fused kernel (faster, less accurate; like MatMulNBits "
+        "accuracy_level=4); needs --fused",
+    )
     outlier_fraction: float = _option(
         0.0,
         "keep this fraction of each weight's entries exact in a sparse float32 branch (e.g. 0.005)",
@@ -129,6 +134,11 @@ class Recipe:
             raise ValueError(f"outlier_fraction must be in [0, 1), got {self.outlier_fraction!r}")
         if not self.gptq_damping > 0.0:  # the retry on a singular H multiplies it: 0 would never grow
             raise ValueError(f"gptq_damping must be > 0, got {self.gptq_damping!r}")
+        if self.int8_activations and not self.fused:
+            raise ValueError(
+                "Recipe.int8_activations is an option of lowbit's fused kernel: it needs fused=True (--fused); the "
+                "portable DequantizeLinear + MatMul form has no int8-activation setting"
+            )
         if self.budget is not None:
             parse_budget(self.budget)  # a clear error now rather than after calibration
         self.scheme()  # validates group_size

@@ -157,16 +157,18 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
     """``MatMul(A, [Transpose](DequantizeLinear(...)))`` -> one fused op; see the module docstring.
 
     ``use_matmulnbits``: send weights that ``fits_matmulnbits`` to ``MatMulNBits`` (with
-    ``accuracy_level``). ``state`` (a ``FusionState``) is shared by the rules of one run.
+    ``accuracy_level``); ``int8_activations``: the ``lowbit::QuantMatMul`` attribute of that name. ``state`` (a
+    ``FusionState``) is shared by the rules of one run.
     """
 
     with_bias = False
     with_outliers = False
 
-    def __init__(self, *, use_matmulnbits: bool, accuracy_level: int, state: FusionState):
+    def __init__(self, *, use_matmulnbits: bool, accuracy_level: int, int8_activations: bool, state: FusionState):
         super().__init__(type(self).__name__.lstrip("_"), remove_nodes=True)
         self.use_matmulnbits = use_matmulnbits
         self.accuracy_level = accuracy_level
+        self.int8_activations = int8_activations
         self.state = state
 
     def pattern(self, op, a, b):
@@ -244,6 +246,7 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
             inputs += outliers
         axis = "oc" if weight.group_axis == 0 else "ic"
         self.state.count(f"lowbit::QuantMatMul {axis}{weight.bits}" + (" + outliers" if outliers else ""))
+        optional = {"int8_activations": 1} if self.int8_activations else {}  # the file stays as before without it
         return typed_output(
             op.op(
                 quant_matmul_op.OP_TYPE,
@@ -255,6 +258,7 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
                 group_axis=weight.group_axis,
                 K=k,
                 N=n,
+                **optional,
             ),
             a,
             n,
@@ -458,13 +462,23 @@ class FusionState:
         return builders.unique_name(name, self.graph.initializers.__contains__, separator=".", first=1)
 
 
-def rule_sets(state: FusionState, *, use_matmulnbits: bool, accuracy_level: int) -> list[pattern.RewriteRuleSet]:
+def rule_sets(
+    state: FusionState, *, use_matmulnbits: bool, accuracy_level: int, int8_activations: bool
+) -> list[pattern.RewriteRuleSet]:
     """Apply in this order: the forms with outliers, then the bias form over the whole graph, then the
     plain one, so a MatMul with its outlier branch and bias Add becomes one node (the rewriter visits a
     MatMul before its Adds)."""
     return [
         pattern.RewriteRuleSet(
-            [rule.rule(use_matmulnbits=use_matmulnbits, accuracy_level=accuracy_level, state=state)], commute=True
+            [
+                rule.rule(
+                    use_matmulnbits=use_matmulnbits,
+                    accuracy_level=accuracy_level,
+                    int8_activations=int8_activations,
+                    state=state,
+                )
+            ],
+            commute=True,
         )
         for rule in (
             _FuseDequantizeMatMulOutliersBias,
