@@ -8,7 +8,8 @@ For each ``K x N`` weight and batch ``M`` it times ``Y[M, N] = A[M, K] @ W`` as:
 * ``fp32``: plain MatMul;
 * ``nbits-acc0`` / ``nbits-acc4``: per-OC 4-bit g128 ``com.microsoft::MatMulNBits`` (accuracy level 0: fp32
   activations; 4: int8 activations);
-* ``lowbit-{ic,oc}{4,3,2}``: ``lowbit::QuantMatMul``, g128, asymmetric.
+* ``lowbit-{ic,oc}{4,3,2}``: ``lowbit::QuantMatMul``, g128, asymmetric;
+* ``lowbit-i8-{ic,oc}{4,3,2}``: the same with ``int8_activations=1`` (the counterpart of ``nbits-acc4``).
 
 Two modes, each a table:
 
@@ -64,7 +65,8 @@ SHAPES = ((576, 576), (576, 1536), (1536, 576), (4096, 4096), (4096, 11008))
 BATCHES = (1, 8, 32)
 GROUP = 128
 LOWBIT_METHODS = tuple(f"lowbit-{axis}{bits}" for axis in ("ic", "oc") for bits in (4, 3, 2))
-METHODS = ("fp32", "nbits-acc0", "nbits-acc4", *LOWBIT_METHODS)
+INT8_METHODS = tuple(method.replace("lowbit-", "lowbit-i8-") for method in LOWBIT_METHODS)
+METHODS = ("fp32", "nbits-acc0", "nbits-acc4", *LOWBIT_METHODS, *INT8_METHODS)
 MODES = ("non-resident", "resident")
 #: Alignment of each weight copy in the in-memory data file (a page: no copy shares a page with another).
 ALIGN = 4096
@@ -139,10 +141,11 @@ def make_kernel(method: str, weight: np.ndarray) -> Kernel:
         level = int(method[len("nbits-acc") :])
         attributes = {"K": k, "N": n, "bits": 4, "block_size": GROUP, "accuracy_level": level}
         return Kernel("MatMulNBits", "com.microsoft", attributes, tensors)
-    if method.startswith("lowbit-") and method[len("lowbit-") : -1] in ("ic", "oc"):
-        axis, bits = method[len("lowbit-") : -1], int(method[-1])
+    if method in LOWBIT_METHODS or method in INT8_METHODS:
+        axis, bits = method[-3:-1], int(method[-1])
         quantized = quantize_rtn(weight, QuantScheme(bits=bits, group_size=GROUP, group_axis=axis))
         weights = QuantMatMulWeights.from_quantized(quantized)
+        weights.int8_activations = method in INT8_METHODS
         return Kernel(OP_TYPE, DOMAIN, weights.attributes, list(zip(INPUT_NAMES[1:], weights.inputs())))
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
@@ -312,15 +315,15 @@ def shape_tables(results: Sequence[Result], bandwidth: float, baseline: str) -> 
             low,
             lambda row, method: _fmt(bytes_ratio(row, method)),
         )
-    ic = [method for method in methods if method.startswith("lowbit-ic")]
+    ic = [method for method in methods if method.startswith(("lowbit-ic", "lowbit-i8-ic"))]
     if ic:
         out += _grid(
             "per-IC time / per-OC time",
             rows,
             ic,
             lambda row, method: (
-                _fmt(row[method].seconds / row["lowbit-oc" + method[-1]].seconds)
-                if "lowbit-oc" + method[-1] in row
+                _fmt(row[method].seconds / row[method.replace("-ic", "-oc")].seconds)
+                if method.replace("-ic", "-oc") in row
                 else None
             ),
         )
