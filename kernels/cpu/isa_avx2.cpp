@@ -20,25 +20,38 @@ struct Avx2 {
   static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F FMAdd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
 
-  // 2^23 + the codes of columns 8v .. 8v + 7, input channel j, of a packed block (kernels/packing.py).
+  // 3-bit blocks become one byte per code, the 8-bit layout (kernels/packing.py): byte b of 32-byte row v is
+  // the low bits of u[32v + b] (the 2-bit field at bits 2 (v >> 1) of block byte 32 (v & 1) + b) plus 4 where
+  // bit b of dword v of the high-bit plane is set (that dword spread to one byte per bit, then compared).
+  template <int Bits>
+  static const uint8_t* Expand(const uint8_t* block, uint8_t* buffer) {
+    if (Bits != 3) return block;
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
+    for (int v = 0; v < 8; ++v) {
+      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * (v & 1)));
+      const __m256i low = _mm256_and_si256(_mm256_srli_epi16(words, 2 * (v >> 1)), _mm256_set1_epi8(3));
+      int32_t plane;
+      std::memcpy(&plane, block + 64 + 4 * v, 4);
+      const __m256i bits = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(plane), spread), bit);
+      const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(bits, bit), _mm256_set1_epi8(4));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(buffer + 32 * v), _mm256_or_si256(low, high));
+    }
+    return buffer;
+  }
+
+  // 2^23 + the codes of columns 8v .. 8v + 7, input channel j, of a block as Expand left it.
   // Lane l reads the 32-bit word that holds column 8v + l's four input channels, one per byte or nibble.
   template <int Bits>
   static F Decode(const uint8_t* block, int j, int v) {
     __m256i q;
-    if (Bits == 8) {
+    if (Bits == 8 || Bits == 3) {
       q = Field(block + 32 * v, 8 * j, 0xFF);
     } else if (Bits == 4) {  // columns 32.. in the high nibbles
       q = Field(block + 32 * (v & 3), 8 * j + 4 * (v >> 2), 15);
-    } else {  // 2-bit field (2-bit codes, low bits of 3-bit codes): 16 columns per bit pair
+    } else {  // 2-bit field: 16 columns per bit pair
       q = Field(block + 32 * (v & 1), 8 * j + 2 * (v >> 1), 3);
-      if (Bits == 3) {  // bit 2 of column 8v + l: bit 4l + j of word v of the plane
-        int32_t word;
-        std::memcpy(&word, block + 64 + 4 * v, 4);
-        const __m256i bit =
-            _mm256_slli_epi32(_mm256_setr_epi32(1, 1 << 4, 1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28), j);
-        const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(word), bit), bit);
-        q = _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi32(4)));
-      }
     }
     return _mm256_castsi256_ps(_mm256_or_si256(q, _mm256_set1_epi32(0x4B000000)));
   }

@@ -1,6 +1,8 @@
 // AVX-512 (F + BW) kernels; compiled with -mavx512f -mavx512bw, run only where the CPU has both.
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "kernels_impl.h"
 #include "quant_matmul.h"
 
@@ -18,24 +20,30 @@ struct Avx512 {
   static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F FMAdd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
 
-  // 2^23 + the codes of columns 16v .. 16v + 15, input channel j, of a packed block (kernels/packing.py).
+  // 3-bit blocks become one byte per code, the 8-bit layout (kernels/packing.py): byte i of 64-byte row v is
+  // the low bits of u[64v + i] (the 2-bit field at bits 2v of block byte i) plus 4 where bit 64v + i of the
+  // high-bit plane is set, one masked add with that plane's qword as the byte mask.
+  template <int Bits>
+  static const uint8_t* Expand(const uint8_t* block, uint8_t* buffer) {
+    if (Bits != 3) return block;
+    const __m512i low = _mm512_loadu_si512(block);
+    for (int v = 0; v < 4; ++v) {
+      uint64_t plane;
+      std::memcpy(&plane, block + 64 + 8 * v, 8);
+      const __m512i codes = _mm512_and_si512(_mm512_srli_epi16(low, 2 * v), _mm512_set1_epi8(3));
+      const __m512i high = _mm512_mask_add_epi8(codes, _cvtu64_mask64(plane), codes, _mm512_set1_epi8(4));
+      _mm512_store_si512(buffer + 64 * v, high);
+    }
+    return buffer;
+  }
+
+  // 2^23 + the codes of columns 16v .. 16v + 15, input channel j, of a block as Expand left it.
   // Lane l reads the 32-bit word that holds column 16v + l's four input channels, one per byte or nibble.
   template <int Bits>
   static F Decode(const uint8_t* block, int j, int v) {
-    if (Bits == 8) return MaskOr(Words(block + 64 * v, 8 * j), 0xFF);
+    if (Bits == 8 || Bits == 3) return MaskOr(Words(block + 64 * v, 8 * j), 0xFF);
     if (Bits == 4) return MaskOr(Words(block + 64 * (v & 1), 8 * j + 4 * (v >> 1)), 15);  // columns 32.. high nibbles
-    const F low = MaskOr(Words(block, 8 * j + 2 * v), 3);  // 2-bit field: 16 columns per bit pair
-    if (Bits == 2) return low;
-    // bit 2 of column 16v + l: bit 4l + j of qword v of the plane (lanes 0-7 its low word, 8-15 its high word)
-    const __m512i plane = _mm512_permutexvar_epi32(
-        _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
-        _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 64 + 8 * v))));
-    const __m512i bit =
-        _mm512_slli_epi32(_mm512_setr_epi32(1, 1 << 4, 1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28, 1, 1 << 4,
-                                            1 << 8, 1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 28),
-                          j);
-    const __m512i q = _mm512_castps_si512(low);
-    return _mm512_castsi512_ps(_mm512_mask_or_epi32(q, _mm512_test_epi32_mask(plane, bit), q, _mm512_set1_epi32(4)));
+    return MaskOr(Words(block, 8 * j + 2 * v), 3);  // 2-bit field: 16 columns per bit pair
   }
 
   static __m512i Words(const uint8_t* p, int shift) {  // 32-bit words at p >> shift

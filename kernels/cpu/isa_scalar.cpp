@@ -16,6 +16,10 @@ struct Scalar {
   static F Mul(F a, F b) { return a * b; }
   static F FMAdd(F a, F b, F c) { return a * b + c; }
   template <int Bits>
+  static const uint8_t* Expand(const uint8_t* block, uint8_t*) {
+    return block;
+  }
+  template <int Bits>
   static F Decode(const uint8_t* block, int j, int v) {
     return kMagic + static_cast<float>(CodeAt(block, Bits, j, v));
   }

@@ -4,9 +4,11 @@
 // that runs on an AVX2-only machine.
 //
 // An Isa type provides: W (floats per vector), kNR (vectors per microkernel column block), F (the
-// vector), Zero, Set1, Load, Store, Sub, Mul, FMAdd, and Decode<Bits>(block, j, v): the floats 2^23 + q
-// for the codes of columns v*W .. v*W + W - 1 and input channel j (0..3) of one packed (tile, quad)
-// block (kernels/packing.py).
+// vector), Zero, Set1, Load, Store, Sub, Mul, FMAdd, Expand<Bits>(block, buffer) and Decode<Bits>(codes,
+// j, v). Expand runs once per packed (tile, quad) block (kernels/packing.py) and returns what Decode reads
+// for it: the block itself, or buffer (kExpandBytes) filled with a layout cheaper to decode (3-bit codes,
+// whose high bits lie in a separate plane, become one byte per code). Decode gives the floats 2^23 + q for
+// the codes of columns v*W .. v*W + W - 1 and input channel j (0..3) of the block.
 //
 // The math (W[k, n] = (q - z) * s, groups along K for per-OC or along N for per-IC):
 //   per-OC GEMV: y[n] = sum_j s[j, n] * sum_{k in group j} x[k] * (q[k, n] - z[j, n])
@@ -24,18 +26,28 @@ namespace {
 
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Calls body(block, j, k) for every input channel k in [k0, k1): block is the packed quad holding k
-// and j = k % 4. Whole quads are unrolled so that j is a constant in the decoders.
-template <class Body>
-inline void ForEachK(const uint8_t* blocks, int64_t block_bytes, int64_t k0, int64_t k1, Body&& body) {
+constexpr int kExpandBytes = kTile * kQuad;  // one byte per code of a block
+// Bytes ahead of the block being decoded that the kernels prefetch: a weight read once per call comes from
+// main memory, and the hardware prefetcher alone leaves a single thread waiting on it.
+constexpr int64_t kPrefetchBytes = 2048;
+
+// Calls body(codes, j, k) for every input channel k in [k0, k1): codes is expand(block, buffer) of the
+// packed quad holding k, and j = k % 4. Whole quads are unrolled so that j is a constant in the decoders.
+template <class Expand, class Body>
+inline void ForEachK(const uint8_t* blocks, int64_t block_bytes, int64_t k0, int64_t k1, Expand&& expand,
+                     Body&& body) {
+  alignas(64) uint8_t buffer[kExpandBytes];
   for (int64_t k = k0; k < k1;) {
     const uint8_t* block = blocks + (k >> 2) * block_bytes;
+    __builtin_prefetch(block + kPrefetchBytes);
+    __builtin_prefetch(block + kPrefetchBytes + block_bytes - 1);  // blocks of 96 bytes straddle lines
+    const uint8_t* codes = expand(block, buffer);
     if ((k & 3) == 0 && k + 4 <= k1) {
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) body(block, j, k + j);
+      for (int j = 0; j < 4; ++j) body(codes, j, k + j);
       k += 4;
     } else {
-      body(block, static_cast<int>(k & 3), k);
+      body(codes, static_cast<int>(k & 3), k);
       ++k;
     }
   }
@@ -46,6 +58,11 @@ struct Kernels {
   using F = typename Isa::F;
   static constexpr int W = Isa::W;
   static constexpr int NV = kTile / W;  // vectors per tile row
+
+  template <int Bits>
+  static const uint8_t* Expand(const uint8_t* block, uint8_t* buffer) {
+    return Isa::template Expand<Bits>(block, buffer);
+  }
 
   // y[m, tile t] = vals (+ bias), cropped to N.
   static void WriteTile(const Problem& p, int64_t t, int64_t m, const float* vals) {
@@ -78,7 +95,8 @@ struct Kernels {
         F acc[NV];
         for (int v = 0; v < NV; ++v) acc[v] = Isa::Zero();
         const int64_t k0 = g * p.group_size;
-        ForEachK(blocks, p.block_bytes, k0, Min(p.K, k0 + p.group_size), [&](const uint8_t* block, int j, int64_t k) {
+        const int64_t k1 = Min(p.K, k0 + p.group_size);
+        ForEachK(blocks, p.block_bytes, k0, k1, Expand<Bits>, [&](const uint8_t* block, int j, int64_t k) {
           const F xk = Isa::Set1(x[k]);
 #pragma GCC unroll 64
           for (int v = 0; v < NV; ++v)
@@ -101,7 +119,7 @@ struct Kernels {
       VectorGroups(p, t, scale, zero);
       F acc[NV];
       for (int v = 0; v < NV; ++v) acc[v] = Isa::Zero();
-      ForEachK(blocks, p.block_bytes, 0, p.K, [&](const uint8_t* block, int j, int64_t k) {
+      ForEachK(blocks, p.block_bytes, 0, p.K, Expand<Bits>, [&](const uint8_t* block, int j, int64_t k) {
         if (kOneGroup) {
           const F xs = Isa::Set1(x[k] * scale[0][k]), z = Isa::Set1(zero[0][k]);
 #pragma GCC unroll 64
@@ -139,7 +157,7 @@ struct Kernels {
         const int64_t g = k / p.group_size, k1 = Min(k_end, (g + 1) * p.group_size);
         const float* scale = p.params.scale + (t * p.groups + g) * kTile;
         const float* zero = p.params.zero + (t * p.groups + g) * kTile;
-        ForEachK(blocks, p.block_bytes, k, k1, [&](const uint8_t* block, int j, int64_t kk) {
+        ForEachK(blocks, p.block_bytes, k, k1, Expand<Bits>, [&](const uint8_t* block, int j, int64_t kk) {
           float* out = w + (kk - k0) * kTile;
 #pragma GCC unroll 64
           for (int v = 0; v < NV; ++v)
@@ -152,7 +170,7 @@ struct Kernels {
       const float* scale[NV];
       const float* zero[NV];
       VectorGroups(p, t, scale, zero);
-      ForEachK(blocks, p.block_bytes, k0, k0 + kc, [&](const uint8_t* block, int j, int64_t k) {
+      ForEachK(blocks, p.block_bytes, k0, k0 + kc, Expand<Bits>, [&](const uint8_t* block, int j, int64_t k) {
         float* out = w + (k - k0) * kTile;
 #pragma GCC unroll 64
         for (int v = 0; v < NV; ++v)
@@ -160,7 +178,8 @@ struct Kernels {
                                            Isa::Set1(scale[v][k])));
       });
     } else {  // per-IC groups that split vectors: element by element
-      ForEachK(blocks, p.block_bytes, k0, k0 + kc, [&](const uint8_t* block, int j, int64_t k) {
+      auto packed = [](const uint8_t* block, uint8_t*) { return block; };  // CodeAt reads the packed layout
+      ForEachK(blocks, p.block_bytes, k0, k0 + kc, packed, [&](const uint8_t* block, int j, int64_t k) {
         for (int c = 0; c < kTile; ++c) {
           const int64_t g = Min((t * kTile + c) / p.group_size, p.groups - 1);
           const float q = kMagic + static_cast<float>(CodeAt(block, Bits, j, c));
