@@ -12,7 +12,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from lowbit.passes import axis_selectors
-from lowbit.passes.quant.gptq import HessianNotPositiveDefinite, quantize_gptq
+from lowbit.passes.quant.gptq import HessianFactor, HessianNotPositiveDefinite, factor_hessian, quantize_factored
 from lowbit.passes.quant.rtn import QuantizedWeight, quantize_rtn
 from lowbit.passes.quant.scheme import QuantScheme
 
@@ -20,14 +20,19 @@ from lowbit.passes.quant.scheme import QuantScheme
 GPTQ_DAMP_TRIES = 4
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class CandidateQuantizer:
-    """Quantizes one plan along ``candidate_axes`` by a method, with ``scheme``'s other settings."""
+    """Quantizes one plan along ``candidate_axes`` by a method, with ``scheme``'s other settings.
+
+    GPTQ factors each Hessian once for every axis and every weight that reads it (q/k/v, gate/up share one
+    input): the last factor is kept while consecutive plans bring the same Hessian array.
+    """
 
     scheme: QuantScheme
     candidate_axes: tuple[str, ...]
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
+    _factor: tuple[np.ndarray, HessianFactor] | None = dataclasses.field(default=None, init=False, repr=False)
 
     def candidates(self, plan: axis_selectors.WeightPlan, method: str) -> dict[str, QuantizedWeight]:
         """The weight quantized by ``method`` along every candidate axis (embeddings: along D only, by RTN)."""
@@ -38,18 +43,25 @@ class CandidateQuantizer:
     def quantize(self, plan: axis_selectors.WeightPlan, axis: str, method: str) -> QuantizedWeight:
         scheme = dataclasses.replace(self.scheme, group_axis=axis, method=method)
         if method == "gptq":
-            return self.gptq(plan.weight, plan.hessian, scheme)
+            return quantize_factored(plan.weight, self.factor(plan.hessian), scheme)
         channel_weights = None if plan.hessian is None else np.diag(plan.hessian)  # weights the clip search
         return quantize_rtn(plan.weight, scheme, channel_weights)
 
-    def gptq(self, weight: np.ndarray, hessian: np.ndarray, scheme: QuantScheme) -> QuantizedWeight:
-        """GPTQ, retrying with 10x the dampening when the damped Hessian is not positive definite."""
+    def factor(self, hessian: np.ndarray) -> HessianFactor:
+        """GPTQ's factor of ``hessian`` (the last one again for the same array), retrying with 10x the
+        dampening where the damped Hessian is not positive definite."""
+        if self._factor is not None and self._factor[0] is hessian:
+            return self._factor[1]
+        self._factor = None  # the previous factor is not needed any more: free it before making the next
         damp = self.gptq_damp
         for _ in range(GPTQ_DAMP_TRIES):
             try:
-                return quantize_gptq(weight, hessian, scheme, damp=damp, act_order=self.gptq_act_order)
+                factor = factor_hessian(hessian, damp=damp, act_order=self.gptq_act_order)
             except HessianNotPositiveDefinite:
                 damp *= 10
+                continue
+            self._factor = (hessian, factor)
+            return factor
         raise ValueError(f"GPTQ failed: the Hessian stays singular up to dampening {damp / 10}")
 
 

@@ -38,15 +38,52 @@ Choices:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
-from lowbit.passes.quant.rtn import QuantizedWeight, check_weight, quantize_with_params, scheme_group_params
+from lowbit.passes.quant.rtn import QuantizedWeight, check_weight, scheme_group_params
 from lowbit.passes.quant.scheme import QuantScheme
 
 
 class HessianNotPositiveDefinite(ValueError):
     """The damped Hessian has no Cholesky factor: more dampening (``damp``) may give one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ needs of one Hessian at one dampening: computed once (``factor_hessian``) and shared by every
+    weight and group layout quantized on that Hessian (AdaDim's candidates, weights that read one input)."""
+
+    #: Rows in processing order (by decreasing ``H[k, k]`` with act-order).
+    order: np.ndarray
+    #: Upper triangular float32 ``U`` with ``U^T U`` the inverse of the damped Hessian, rows in ``order``.
+    inv_chol: np.ndarray
+    #: The original ``diag(H)`` (before dead-channel and damping changes): weights the clip search.
+    channel_weights: np.ndarray
+    act_order: bool
+
+
+def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = True) -> HessianFactor:
+    """Order and inverse Cholesky factor of ``hessian + damp * mean(diag(H)) * I`` (dead channels' ``H[k, k]``
+    set to 1 first); ``HessianNotPositiveDefinite`` where it has none (more dampening may give one)."""
+    hessian = np.asarray(hessian, dtype=np.float64)
+    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian must be a square [K, K] matrix, got shape {hessian.shape}")
+    if not np.isfinite(hessian).all():
+        raise ValueError("hessian contains NaN or Inf; refusing to quantize")
+    if damp < 0:
+        raise ValueError(f"damp must be non-negative, got {damp}")
+    num_rows = len(hessian)
+    channel_weights = np.diag(hessian).copy()  # what an error on each input channel costs (clip search)
+    hessian = hessian.copy()
+    dead = np.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(num_rows)
+    hessian = hessian[np.ix_(order, order)]
+    hessian[np.diag_indices(num_rows)] += damp * np.mean(np.diag(hessian))
+    return HessianFactor(order, _inverse_hessian_cholesky(hessian), channel_weights, act_order)
 
 
 def quantize_gptq(
@@ -65,34 +102,42 @@ def quantize_gptq(
     is the scheme's) (it changes speed, not the result beyond float
     round-off); ``act_order`` visits input channels by decreasing ``H[k, k]``.
     """
-    weight, hessian = _checked_inputs(weight, hessian)
+    weight = check_weight(weight)
+    if np.shape(hessian) != (weight.shape[0], weight.shape[0]):
+        raise ValueError(f"hessian must be [{weight.shape[0]}, {weight.shape[0]}] for a weight of shape {weight.shape}")
     if update_width < 1:
         raise ValueError(f"update_width must be positive, got {update_width}")
-    if damp < 0:
-        raise ValueError(f"damp must be non-negative, got {damp}")
+    return quantize_factored(weight, factor_hessian(hessian, damp=damp, act_order=act_order), scheme, update_width)
+
+
+def quantize_factored(
+    weight: np.ndarray, factor: HessianFactor, scheme: QuantScheme, update_width: int = 128
+) -> QuantizedWeight:
+    """``quantize_gptq`` with the Hessian's factor given (``factor_hessian``), so that the weights and
+    layouts that share a Hessian share its factorisation."""
+    weight = check_weight(weight)
     num_rows, num_cols = weight.shape
+    if factor.inv_chol.shape != (num_rows, num_rows):
+        raise ValueError(f"the Hessian factor is for {len(factor.inv_chol)} rows, the weight has shape {weight.shape}")
+    if update_width < 1:
+        raise ValueError(f"update_width must be positive, got {update_width}")
     group = scheme.block_size(weight.shape)
     axis = scheme.block_axis
-    static_groups = axis == 0 and act_order
-
-    channel_weights = np.diag(hessian).copy()  # what an error on each input channel costs (clip search)
-    hessian = hessian.copy()
-    dead = np.diag(hessian) == 0
-    hessian[dead, dead] = 1.0
-    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(num_rows)
-    hessian = hessian[np.ix_(order, order)]
-    hessian[np.diag_indices(num_rows)] += damp * np.mean(np.diag(hessian))
-    inv_chol = _inverse_hessian_cholesky(hessian)
+    order, inv_chol, channel_weights = factor.order, factor.inv_chol, factor.channel_weights
+    static_groups = axis == 0 and factor.act_order
+    max_code = (1 << scheme.bits) - 1
 
     if static_groups:
         scales, zero_points = scheme_group_params(weight, scheme, group, 0, channel_weights)
+        offsets = zero_points.astype(np.float32)
     else:
         param_shape = list(weight.shape)
         param_shape[axis] = -(-param_shape[axis] // group)
         scales = np.empty(param_shape, dtype=np.float32)
         zero_points = np.empty(param_shape, dtype=np.uint8)
+        offsets = np.empty(param_shape, dtype=np.float32)
     codes = np.empty(weight.shape, dtype=np.uint8)
-    current = weight[order]  # rows in processing order, updated in place as errors propagate
+    current = weight[order]  # rows in processing order (a copy), updated in place as errors propagate
 
     for start in range(0, num_rows, update_width):
         stop = min(start + update_width, num_rows)
@@ -100,35 +145,29 @@ def quantize_gptq(
         for row in range(start, stop):
             local = row - start
             original = order[row]
-            values = current[row : row + 1]
+            values = current[row]
             if axis == 1:
-                scales[original], zero_points[original] = scheme_group_params(values, scheme, group, 1)
-            elif not static_groups and row % group == 0:
-                group_rows = _current_rows(current, inv_chol, errors[:local], start, stop, row, row + group)
-                scales[row // group], zero_points[row // group] = scheme_group_params(
-                    group_rows, scheme, len(group_rows), 0, channel_weights[order[row : row + group]]
-                )
-            index = original if axis == 1 else original // group
-            codes[original], rounded = _quantize_row(
-                values, scales[index : index + 1], zero_points[index : index + 1], scheme, group
-            )
-            errors[local] = (values[0] - rounded) / inv_chol[row, row]
-            current[row + 1 : stop] -= np.outer(inv_chol[row, row + 1 : stop], errors[local])
+                params = scheme_group_params(values[None], scheme, group, 1)
+                scales[original], zero_points[original] = params
+                offsets[original] = params[1]
+                row_scales = np.repeat(scales[original], group)[:num_cols]
+                row_offsets = np.repeat(offsets[original], group)[:num_cols]
+            else:
+                if not static_groups and row % group == 0:
+                    group_rows = _current_rows(current, inv_chol, errors[:local], start, stop, row, row + group)
+                    index = row // group
+                    scales[index], zero_points[index] = scheme_group_params(
+                        group_rows, scheme, len(group_rows), 0, channel_weights[order[row : row + group]]
+                    )
+                    offsets[index] = zero_points[index]
+                index = original // group if static_groups else row // group
+                row_scales, row_offsets = scales[index], offsets[index]
+            codes[original], rounded = _round_row(values, row_scales, row_offsets, max_code)
+            errors[local] = (values - rounded) / inv_chol[row, row]
+            current[row + 1 : stop] -= inv_chol[row, row + 1 : stop, None] * errors[local]
         current[stop:] -= inv_chol[start:stop, stop:].T @ errors
 
     return QuantizedWeight(codes, scales, zero_points, scheme.bits, group, axis, scheme.symmetric)
-
-
-def _checked_inputs(weight: np.ndarray, hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The weight as float32 and the Hessian as float64, after shape and finiteness checks."""
-    weight = np.array(check_weight(weight))  # a copy: GPTQ updates it in place
-    hessian = np.asarray(hessian, dtype=np.float64)
-    num_rows = weight.shape[0]
-    if hessian.shape != (num_rows, num_rows):
-        raise ValueError(f"hessian must be [{num_rows}, {num_rows}] for a weight of shape {weight.shape}")
-    if not np.isfinite(hessian).all():
-        raise ValueError("hessian contains NaN or Inf; refusing to quantize")
-    return weight, hessian
 
 
 def _inverse_hessian_cholesky(hessian: np.ndarray) -> np.ndarray:
@@ -162,19 +201,13 @@ def _current_rows(
     return np.concatenate([inside, outside])
 
 
-def _quantize_row(
-    values: np.ndarray,
-    scales: np.ndarray,
-    zero_points: np.ndarray,
-    scheme: QuantScheme,
-    group: int,
+def _round_row(
+    values: np.ndarray, scales: np.ndarray, offsets: np.ndarray, max_code: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Codes and float32 reconstruction of one ``[1, N]`` row under its group parameters.
-
-    For per-OC groups the parameters are already the row's own ``[1, N]`` slice (block length 1).
-    """
-    axis = scheme.block_axis
-    block = group if axis == 1 else 1
-    codes = quantize_with_params(values, scales, zero_points, scheme.bits, block, axis)
-    row = QuantizedWeight(codes, scales, zero_points, scheme.bits, block, axis, scheme.symmetric)
-    return codes[0], row.dequantize()[0]
+    """Codes (uint8) and float32 reconstruction of one row under its per-element scales and zero points (as
+    float32): ``rtn.quantize_with_params`` and ``QuantizedWeight.dequantize`` in float32, bit for bit (codes and
+    zero points are small integers, exact in float32)."""
+    rounded = np.round(values / scales)
+    rounded += offsets
+    np.clip(rounded, 0, max_code, out=rounded)
+    return rounded.astype(np.uint8), (rounded - offsets) * scales

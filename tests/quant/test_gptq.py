@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.passes.quant.gptq import quantize_gptq
+from lowbit.passes.quant.gptq import _round_row, factor_hessian, quantize_factored, quantize_gptq
 from lowbit.passes.quant.rtn import (
     QuantizedWeight,
     expand_groups,
@@ -281,3 +281,58 @@ def test_clip_search_lowers_gptq_output_error_of_gaussian_weights(axis, act_orde
         weight, quantize_gptq(weight, hessian, clipped_scheme, act_order=act_order).dequantize(), hessian
     )
     assert clipped < 0.95 * plain
+
+
+@LAWS
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    symmetric=st.booleans(),
+    act_order=st.booleans(),
+    clip_search=st.booleans(),
+    group_size=st.sampled_from([-1, 3, 8]),
+    shape=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+    seed=st.integers(0, 2**16),
+)
+def test_one_factor_serves_every_layout_and_weight(bits, symmetric, act_order, clip_search, group_size, shape, seed):
+    """AdaDim quantizes a weight per-OC and per-IC, q/k/v share their input: one factorisation of H gives
+    each of them exactly what ``quantize_gptq`` (which factors H itself) gives."""
+    weight, hessian = correlated_layer(seed, *shape, tokens=16)
+    other = np.random.default_rng(seed).standard_normal((shape[0], 7)).astype(np.float32)
+    factor = factor_hessian(hessian, damp=0.01, act_order=act_order)
+    for axis in ("oc", "ic"):
+        scheme = QuantScheme(bits, group_size, axis, symmetric, "gptq", clip_search)
+        for w in (weight, other):
+            got = quantize_factored(w, factor, scheme, update_width=4)
+            expected = quantize_gptq(w, hessian, scheme, act_order=act_order, update_width=4)
+            for name in ("codes", "scales", "zero_points"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(expected, name))
+
+
+def test_factor_of_another_width_is_refused():
+    weight, hessian = correlated_layer(0, 6, 4)
+    with pytest.raises(ValueError, match="factor is for 6 rows"):
+        quantize_factored(np.ones((5, 4), np.float32), factor_hessian(hessian), QuantScheme())
+
+
+@LAWS
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+    spread=st.sampled_from([1e-30, 1e-3, 1.0, 1e4, 1e30]),
+)
+def test_row_rounding_is_the_stored_reconstruction_bit_for_bit(bits, symmetric, seed, spread):
+    """The error GPTQ propagates comes from ``_round_row``: it must equal the codes ``quantize_with_params``
+    stores and the values ``dequantize`` (ONNX Runtime) reconstructs, also for values far outside the grid
+    (clipped codes) and for extreme scales."""
+    rng = np.random.default_rng(seed)
+    values = (rng.standard_normal((1, 24)) * spread).astype(np.float32)
+    grid = (rng.standard_normal((1, 24)) * spread * rng.choice([0.01, 1.0])).astype(np.float32)
+    scales, zero_points = group_params(grid, bits, 5, 1, symmetric)
+    expected_codes = quantize_with_params(values, scales, zero_points, bits, 5, 1)
+    expected = QuantizedWeight(expected_codes, scales, zero_points, bits, 5, 1, symmetric).dequantize()
+    row_scales = expand_groups(scales, 5, 1, values.shape)[0]
+    row_offsets = expand_groups(zero_points, 5, 1, values.shape)[0].astype(np.float32)
+    codes, rounded = _round_row(values[0], row_scales, row_offsets, (1 << bits) - 1)
+    np.testing.assert_array_equal(codes, expected_codes[0])
+    np.testing.assert_array_equal(rounded, expected[0])

@@ -1,0 +1,56 @@
+"""CandidateQuantizer: GPTQ factors each Hessian once for every axis and every weight that reads it, with the
+same result as quantizing each candidate on its own; the dampening retry."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from lowbit.passes import quantize_candidates
+from lowbit.passes.axis_selectors import WeightPlan
+from lowbit.passes.quant.gptq import HessianNotPositiveDefinite, quantize_gptq
+from lowbit.passes.quant.scheme import QuantScheme
+from lowbit.passes.quantize_candidates import CandidateQuantizer
+
+
+def plan(weight: np.ndarray, hessian: np.ndarray) -> WeightPlan:
+    return WeightPlan([types.SimpleNamespace(kind="matmul")], weight, hessian)
+
+
+def hessian(seed: int, channels: int) -> np.ndarray:
+    inputs = np.random.default_rng(seed).standard_normal((64, channels)) * np.linspace(0.1, 3.0, channels)
+    return inputs.T @ inputs
+
+
+def test_one_factor_per_hessian_and_the_candidates_of_quantize_gptq(monkeypatch):
+    calls = []
+    factor = quantize_candidates.factor_hessian
+    monkeypatch.setattr(quantize_candidates, "factor_hessian", lambda h, **kw: calls.append(h) or factor(h, **kw))
+    rng = np.random.default_rng(0)
+    shared, alone = hessian(1, 24), hessian(2, 24)
+    plans = [
+        plan(rng.standard_normal((24, n)).astype(np.float32), h) for n, h in ((8, shared), (5, shared), (9, alone))
+    ]
+    scheme = QuantScheme(bits=3, group_size=8, method="gptq", clip_search=True)
+    quantizer = CandidateQuantizer(scheme, ("oc", "ic"))
+    candidates = [quantizer.candidates(p, "gptq") for p in plans]
+    assert [id(h) for h in calls] == [id(shared), id(alone)]
+    for p, got in zip(plans, candidates):
+        for axis, q in got.items():
+            expected = quantize_gptq(p.weight, p.hessian, QuantScheme(3, 8, axis, False, "gptq", True))
+            np.testing.assert_array_equal(q.codes, expected.codes)
+            np.testing.assert_array_equal(q.scales, expected.scales)
+
+
+def test_dampening_is_raised_until_the_hessian_factors():
+    indefinite = np.array([[1.0, 1.05], [1.05, 1.0]])  # eigenvalues 2.05 and -0.05: 1 % dampening is too little
+    weight = np.array([[0.3, -1.2], [0.7, 0.1]], dtype=np.float32)
+    scheme = QuantScheme(bits=4, group_size=2, method="gptq")
+    with pytest.raises(HessianNotPositiveDefinite):
+        quantize_gptq(weight, indefinite, scheme, damp=0.01)
+    got = CandidateQuantizer(scheme, ("oc",)).candidates(plan(weight, indefinite), "gptq")["oc"]
+    np.testing.assert_array_equal(got.codes, quantize_gptq(weight, indefinite, scheme, damp=0.1).codes)
+    with pytest.raises(ValueError, match="stays singular up to dampening"):
+        CandidateQuantizer(scheme, ("oc",)).candidates(plan(weight, -np.eye(2)), "gptq")
