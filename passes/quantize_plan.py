@@ -253,12 +253,15 @@ def choose_within_budget(
     weights = sum(plan.weight.size for plan in plans)
     limit = budget.budget.limit(weights, other_tensor_bytes(model, plans)) - fixed_bytes
     table = measure_widths([plans[i] for i in measured], budget.widths, budget.fused, choose_width)
-    picks = []
-    if measured:
-        try:
-            picks = allocate.allocate(table.costs, table.errors, limit)
-        except ValueError as error:
-            raise ValueError(f"budget {budget.budget}: {error}") from error
+    try:
+        picks = allocate.allocate(table.costs, table.errors, limit) if measured else []
+    except ValueError as error:
+        raise ValueError(f"budget {budget.budget}: {error}") from error
+    if limit < 0:
+        raise ValueError(
+            f"budget {budget.budget}: the {len(fixed)} weight(s) without calibration statistics (embedding tables) "
+            f"alone take {fixed_bytes} bytes at {default_bits} bits, more than the budget allows"
+        )
     for position, (i, pick) in enumerate(zip(measured, picks)):
         plans[i].candidates = table.plans[pick][position].candidates
         plans[i].choice_errors = table.plans[pick][position].choice_errors

@@ -120,3 +120,19 @@ def test_recipe_budget_field():
 def test_summary_names_the_budget():
     summary = optimize("3").report.summary()
     assert "budget 3 bits per weight: the quantized weights take" in summary
+
+
+def test_embedding_tables_keep_the_recipe_width_and_count_against_the_budget():
+    """A table has no calibration statistics (a Gather's input is token ids): it keeps ``bits``, its bytes
+    count, and a budget it alone exceeds is refused."""
+    model = factories.tied_lm()
+    recipe = lowbit.Recipe(bits=4, group_size=GROUP, include_embeddings=True, budget="8")
+    result = lowbit.optimize(model, recipe, calibration=[factories.feeds_for(model)])
+    (record,) = result.report.weights
+    assert record.kind == "embedding" and record.bits == 4 and record.width_options == {}
+    assert result.report.budget["bytes"] == record.bytes_after
+    model = factories.tied_lm()
+    with pytest.raises(ValueError, match="without calibration statistics .* alone take"):
+        lowbit.optimize(
+            model, lowbit.Recipe(bits=8, include_embeddings=True, budget="4"), calibration=[factories.feeds_for(model)]
+        )
