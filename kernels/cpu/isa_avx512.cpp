@@ -1,10 +1,9 @@
 // AVX-512 (F + BW) kernels; compiled with -mavx512f -mavx512bw, run only where the CPU has both.
 #include <immintrin.h>
 
-#include <cstring>
-
 #include "kernels_impl.h"
 #include "quant_matmul.h"
+#include "vnni_codes.h"
 
 namespace lowbit {
 namespace {
@@ -20,20 +19,12 @@ struct Avx512 {
   static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F FMAdd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
 
-  // 3-bit blocks become one byte per code, the 8-bit layout (kernels/packing.py): byte i of 64-byte row v is
-  // the low bits of u[64v + i] (the 2-bit field at bits 2v of block byte i) plus 4 where bit 64v + i of the
-  // high-bit plane is set, one masked add with that plane's qword as the byte mask.
+  // 3-bit blocks become one byte per code, the 8-bit layout (kernels/packing.py): CodeBytes, the high-bit
+  // plane's qword as the byte mask of one masked add.
   template <int Bits>
   static const uint8_t* Expand(const uint8_t* block, uint8_t* buffer) {
     if (Bits != 3) return block;
-    const __m512i low = _mm512_loadu_si512(block);
-    for (int v = 0; v < 4; ++v) {
-      uint64_t plane;
-      std::memcpy(&plane, block + 64 + 8 * v, 8);
-      const __m512i codes = _mm512_and_si512(_mm512_srli_epi16(low, 2 * v), _mm512_set1_epi8(3));
-      const __m512i high = _mm512_mask_add_epi8(codes, _cvtu64_mask64(plane), codes, _mm512_set1_epi8(4));
-      _mm512_store_si512(buffer + 64 * v, high);
-    }
+    for (int v = 0; v < 4; ++v) _mm512_store_si512(buffer + 64 * v, CodeBytes<3>(block, v));
     return buffer;
   }
 

@@ -101,11 +101,11 @@ struct Rows {
   const RowBlock& Block(int64_t r, int64_t i) const { return blocks[r * max_ranges + i]; }
 };
 
-// out[r][0..63] += row r times one range of a tile; codes points to the range's first packed block.
-// per-OC: zero[cb] are the columns' zero points
+// out[r][0..63] += row r times one range of a tile; codes points to the range's first block, packed
+// (kPacked: prefetched ahead) or decoded to bytes. per-OC: zero[cb] are the columns' zero points
 // and col_scale their scales; per-IC: both null. (Always inlined, one row at a time: only so does GCC 12
 // keep the 16 accumulators in registers; out of line, or with 4 rows at once, it spills them each quad.)
-template <int Bits>
+template <int Bits, bool kPacked>
 __attribute__((always_inline)) inline void RangeRow(const uint8_t* codes, int64_t block_bytes, Range range,
                                                     int64_t range_index, const Rows& rows, int64_t r,
                                                     const __m512i* zero, const float* col_scale) {
@@ -115,6 +115,7 @@ __attribute__((always_inline)) inline void RangeRow(const uint8_t* codes, int64_
   const int32_t* digits = rows.Digits(r);
   for (int64_t q = range.q0; q < range.q1; ++q) {
     const uint8_t* block = codes + (q - range.q0) * block_bytes;
+    if (kPacked) PrefetchBlock(block, block_bytes);
     __m512i d[kLimbs], bytes[4];
 #pragma GCC unroll 4
     for (int limb = 0; limb < kLimbs; ++limb) d[limb] = _mm512_set1_epi32(digits[q * kLimbs + limb]);
@@ -147,13 +148,16 @@ void RangeAllRows(const uint8_t* tile, int64_t block_bytes, Range range, int64_t
   const uint8_t* codes = tile + range.q0 * block_bytes;
   if (Bits == 8 || rows.count == 1) {
     for (int64_t r = 0; r < rows.count; ++r)
-      RangeRow<Bits>(codes, block_bytes, range, range_index, rows, r, zero, col_scale);
+      RangeRow<Bits, true>(codes, block_bytes, range, range_index, rows, r, zero, col_scale);
     return;
   }
-  for (int64_t q = 0; q < range.q1 - range.q0; ++q)
+  for (int64_t q = 0; q < range.q1 - range.q0; ++q) {
+    PrefetchBlock(codes + q * block_bytes, block_bytes);
     for (int cb = 0; cb < 4; ++cb)
       _mm512_storeu_si512(decoded + q * 256 + 64 * cb, CodeBytes<Bits>(codes + q * block_bytes, cb));
-  for (int64_t r = 0; r < rows.count; ++r) RangeRow<8>(decoded, 256, range, range_index, rows, r, zero, col_scale);
+  }
+  for (int64_t r = 0; r < rows.count; ++r)
+    RangeRow<8, false>(decoded, 256, range, range_index, rows, r, zero, col_scale);
 }
 
 template <int Bits>

@@ -27,9 +27,6 @@ namespace {
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 constexpr int kExpandBytes = kTile * kQuad;  // one byte per code of a block
-// Bytes ahead of the block being decoded that the kernels prefetch: a weight read once per call comes from
-// main memory, and the hardware prefetcher alone leaves a single thread waiting on it.
-constexpr int64_t kPrefetchBytes = 2048;
 
 // Calls body(codes, j, k) for every input channel k in [k0, k1): codes is expand(block, buffer) of the
 // packed quad holding k, and j = k % 4. Whole quads are unrolled so that j is a constant in the decoders.
@@ -39,8 +36,7 @@ inline void ForEachK(const uint8_t* blocks, int64_t block_bytes, int64_t k0, int
   alignas(64) uint8_t buffer[kExpandBytes];
   for (int64_t k = k0; k < k1;) {
     const uint8_t* block = blocks + (k >> 2) * block_bytes;
-    __builtin_prefetch(block + kPrefetchBytes);
-    __builtin_prefetch(block + kPrefetchBytes + block_bytes - 1);  // blocks of 96 bytes straddle lines
+    PrefetchBlock(block, block_bytes);
     const uint8_t* codes = expand(block, buffer);
     if ((k & 3) == 0 && k + 4 <= k1) {
 #pragma GCC unroll 4

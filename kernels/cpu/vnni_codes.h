@@ -1,6 +1,7 @@
 // Code bytes and the int8 dot product of AVX-512 VNNI, shared by the integer kernels (isa_avx512_vnni.cpp,
-// int8_avx512_vnni.cpp); include only from files compiled with -mavx512f -mavx512bw -mavx512vnni. Everything
-// is in an anonymous namespace: each file keeps its own copy (see kernels_impl.h).
+// int8_avx512_vnni.cpp) and the AVX-512 float kernels (isa_avx512.cpp, CodeBytes only); include only from
+// files compiled with -mavx512f -mavx512bw (Dpbusd: run only where the CPU has VNNI). Everything is in an
+// anonymous namespace: each file keeps its own copy (see kernels_impl.h).
 #pragma once
 
 #include <immintrin.h>
