@@ -32,7 +32,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
-from lowbit.passes.quant.adadim import choose_axis, relative_output_error
+from lowbit.passes.quant.adadim import lowest, output_error, relative
 from lowbit.passes.quant.rtn import QuantizedWeight
 from lowbit.passes.quant.scheme import SELECTORS
 from lowbit.runtime.session import external_data_dirs, session_from_proto
@@ -48,6 +48,8 @@ class WeightPlan:
     candidates: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)
     #: The candidates' output errors, kept when the chosen candidate is replaced afterwards (choice by RTN).
     choice_errors: dict[str, float] | None = None
+    #: Output errors measured so far, each with the candidate and Hessian it was measured on (``output_errors``).
+    _measured: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def first(self) -> analysis.WeightUse:
@@ -60,18 +62,32 @@ class WeightPlan:
         array = self.candidates[axis].dequantize()
         return array if dtype is None else array.astype(dtype.numpy())
 
+    def output_errors(self) -> dict[str, float]:
+        """``trace(dW^T H dW)`` of every candidate, each measured once (the axis choice and the report both ask)."""
+        return {axis: self._measure(axis, candidate) for axis, candidate in self.candidates.items()}
+
+    def output_energy(self) -> float:
+        """``trace(W^T H W)``, measured once."""
+        return self._measure(None, None)
+
+    def _measure(self, key: str | None, candidate: QuantizedWeight | None) -> float:
+        cached = self._measured.get(key)
+        if cached is None or cached[0] is not candidate or cached[1] is not self.hessian:
+            approx = np.zeros_like(self.weight) if candidate is None else candidate.dequantize()
+            cached = self._measured[key] = (candidate, self.hessian, output_error(self.weight, approx, self.hessian))
+        return cached[2]
+
 
 def matrix_errors(plan: WeightPlan) -> dict[str, float]:
     """Relative output error ``trace(dW^T H dW) / trace(W^T H W)`` of every candidate."""
-    return {
-        axis: relative_output_error(plan.weight, q.dequantize(), plan.hessian) for axis, q in plan.candidates.items()
-    }
+    energy = plan.output_energy()
+    return {axis: relative(error, energy) for axis, error in plan.output_errors().items()}
 
 
 def select_matrix(plans: list[WeightPlan]) -> list[str]:
     """Per weight, the axis with the lower output error (ties: the first candidate, i.e. per-OC)."""
     return [
-        choose_axis(plan.weight, plan.hessian, plan.candidates)[0]
+        lowest(plan.output_errors())
         if len(plan.candidates) > 1 and plan.hessian is not None
         else next(iter(plan.candidates))
         for plan in plans

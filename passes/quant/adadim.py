@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.passes.quant.rtn import QuantizedWeight
-
 
 def output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
     """``trace(dW^T H dW)`` with ``dW = weight - approx`` (both ``[K, N]``), in float64."""
@@ -21,19 +19,17 @@ def output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) ->
 
 def relative_output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
     """``output_error`` divided by the output energy ``trace(W^T H W)`` (raw error when that is 0)."""
-    energy = output_error(weight, np.zeros_like(weight), hessian)
-    error = output_error(weight, approx, hessian)
+    return relative(output_error(weight, approx, hessian), output_error(weight, np.zeros_like(weight), hessian))
+
+
+def relative(error: float, energy: float) -> float:
+    """An output error relative to the output energy ``trace(W^T H W)`` (the raw error when that is 0)."""
     return error / energy if energy > 0 else error
 
 
-def choose_axis(
-    weight: np.ndarray, hessian: np.ndarray, candidates: dict[str, QuantizedWeight]
-) -> tuple[str, dict[str, float]]:
-    """The candidate key with the lowest output error, and every candidate's error.
-
-    Ties go to the earliest key, so list ``"oc"`` first to prefer the layout ORT fuses natively.
-    """
-    if not candidates:
-        raise ValueError("choose_axis needs at least one candidate")
-    errors = {name: output_error(weight, q.dequantize(), hessian) for name, q in candidates.items()}
-    return min(errors, key=errors.__getitem__), errors
+def lowest(errors: dict[str, float]) -> str:
+    """The candidate with the lowest output error (the ``matrix`` choice). Ties go to the earliest key, so list
+    ``"oc"`` first to prefer the layout ORT fuses natively."""
+    if not errors:
+        raise ValueError("choosing an axis needs at least one candidate")
+    return min(errors, key=errors.__getitem__)

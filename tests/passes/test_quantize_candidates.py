@@ -1,5 +1,5 @@
 """CandidateQuantizer: GPTQ factors each Hessian once for every axis and every weight that reads it, with the
-same result as quantizing each candidate on its own; the dampening retry."""
+same result as quantizing each candidate on its own; the dampening retry; each output error measured once."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import types
 import numpy as np
 import pytest
 
-from lowbit.passes import quantize_candidates
+from lowbit.passes import axis_selectors, quantize_candidates
 from lowbit.passes.axis_selectors import WeightPlan
+from lowbit.passes.quant.adadim import relative_output_error
 from lowbit.passes.quant.gptq import HessianNotPositiveDefinite, quantize_gptq
 from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quantize_candidates import CandidateQuantizer
@@ -54,3 +55,31 @@ def test_dampening_is_raised_until_the_hessian_factors():
     np.testing.assert_array_equal(got.codes, quantize_gptq(weight, indefinite, scheme, damp=0.1).codes)
     with pytest.raises(ValueError, match="stays singular up to dampening"):
         CandidateQuantizer(scheme, ("oc",)).candidates(plan(weight, -np.eye(2)), "gptq")
+
+
+def test_each_output_error_is_measured_once_per_candidate_and_hessian(monkeypatch):
+    """The matrix choice and the report's relative errors share measurements; a replaced candidate (choice by
+    RTN, then GPTQ) or a new Hessian (sequential mode) is measured again."""
+    measured = []
+    error = axis_selectors.output_error
+    monkeypatch.setattr(axis_selectors, "output_error", lambda *args: measured.append(1) or error(*args))
+    rng = np.random.default_rng(3)
+    h = hessian(4, 16)
+    p = plan(rng.standard_normal((16, 12)).astype(np.float32), h)
+    scheme = QuantScheme(bits=3, group_size=4, method="gptq")
+    quantizer = CandidateQuantizer(scheme, ("oc", "ic"))
+    p.candidates = quantizer.candidates(p, "rtn")
+    choice = axis_selectors.select_matrix([p])[0]
+    relative = axis_selectors.matrix_errors(p)
+    assert len(measured) == 3  # two candidates and the output energy
+    for axis, q in p.candidates.items():
+        assert relative[axis] == relative_output_error(p.weight, q.dequantize(), h)
+    assert relative[choice] == min(relative.values())
+    p.candidates[choice] = quantizer.quantize(p, choice, "gptq")
+    assert axis_selectors.matrix_errors(p)[choice] == relative_output_error(
+        p.weight, p.candidates[choice].dequantize(), h
+    )
+    assert len(measured) == 4
+    p.hessian = 2.0 * h
+    axis_selectors.matrix_errors(p)
+    assert len(measured) == 7

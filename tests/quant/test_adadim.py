@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.passes.quant.adadim import choose_axis, output_error, relative_output_error
+from lowbit.passes.quant.adadim import lowest, output_error, relative, relative_output_error
 from lowbit.passes.quant.gptq import quantize_gptq
 from lowbit.passes.quant.rtn import quantize_rtn
 from lowbit.passes.quant.scheme import QuantScheme
@@ -17,6 +17,12 @@ QUANTIZERS = {
     "rtn": lambda weight, hessian, scheme: quantize_rtn(weight, scheme),
     "gptq": quantize_gptq,
 }
+
+
+def choose_axis(weight, hessian, options):
+    """The matrix choice as the selectors make it: every candidate's output error, the lowest one."""
+    errors = {name: output_error(weight, q.dequantize(), hessian) for name, q in options.items()}
+    return lowest(errors), errors
 
 
 def candidates(weight, hessian, quantizer, bits=3, group_size=16):
@@ -69,7 +75,6 @@ def test_choice_is_never_worse_than_either_axis(seed, quantizer, bits, group_siz
     hessian = inputs.T @ inputs
     options = candidates(weight, hessian, quantizer, bits, group_size)
     axis, errors = choose_axis(weight, hessian, options)
-    assert errors == {name: output_error(weight, q.dequantize(), hessian) for name, q in options.items()}
     assert all(errors[axis] <= error for error in errors.values())
 
 
@@ -108,6 +113,11 @@ def test_ties_go_to_the_first_candidate():
     assert choose_axis(weight, np.eye(8), dict(reversed(options.items())))[0] == "ic"
 
 
-def test_choose_axis_needs_candidates():
-    with pytest.raises(ValueError):
-        choose_axis(np.zeros((2, 2)), np.eye(2), {})
+def test_choosing_needs_candidates():
+    with pytest.raises(ValueError, match="at least one candidate"):
+        lowest({})
+
+
+def test_relative_error_of_a_weight_without_output_energy_is_the_raw_error():
+    assert relative(0.5, 0.0) == 0.5
+    assert relative(0.5, 2.0) == 0.25
