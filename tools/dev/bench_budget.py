@@ -86,7 +86,7 @@ def measure(bench: Bench, args) -> Measured:
 
     def choose_width(bits: int, width_plans: list[axis_selectors.WeightPlan]) -> list[str]:
         quantizer = CandidateQuantizer(dataclasses.replace(scheme, bits=bits), axes)
-        kwargs = {"choice_method": args.method, "method": args.method, "selector": selector}
+        kwargs = {"choice_method": args.choice_method or args.method, "method": args.method, "selector": selector}
         return choose(quantizer, width_plans, model=model, samples=statistics.samples, **kwargs)[0]
 
     table = measure_widths(plans, tuple(args.widths), args.fused, choose_width)
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", choices=("rtn", "gptq"), default="gptq")
     parser.add_argument("--axis", choices=("oc", "ic", "adadim"), default="adadim")
     parser.add_argument("--selector", choices=axis_selectors.SELECTORS, default="block")
+    parser.add_argument("--choice-method", choices=("rtn", "gptq"), help="AdaDim: choose axes by this method's error")
     parser.add_argument("--clip-search", action="store_true")
     parser.add_argument("--fused", action="store_true", help="count bytes as the fused op stores them")
     parser.add_argument("--calibration-windows", type=int, default=128)
