@@ -11,7 +11,8 @@ int64_t AlignUp(int64_t bytes) { return (bytes + 63) & ~int64_t{63}; }
 
 }  // namespace
 
-Int8Plan::Int8Plan(const Problem& p, const Int8Kernels& kernels) : p_(p), kernels_(kernels) {
+Int8Plan::Int8Plan(const Problem& p, const Int8Kernels& kernels, const uint8_t* zero_bytes)
+    : p_(p), kernels_(kernels), zero_bytes_(zero_bytes) {
   const int64_t span = p.group_axis == 0 ? p.group_size : p.K;  // per-OC, blocks never straddle a group
   int64_t word = 0, group = 0;
   for (int64_t g0 = 0; g0 < p.K; g0 += span, ++group)
@@ -25,8 +26,7 @@ Int8Plan::Int8Plan(const Problem& p, const Int8Kernels& kernels) : p_(p), kernel
 
 int64_t Int8Plan::RowsBytes() const {
   const int64_t blocks = static_cast<int64_t>(blocks_.size());
-  // the zero-point bytes last, with room for a whole vector read from the last quad
-  return AlignUp(p_.M * words_ * 4) + AlignUp(p_.M * blocks * 4) * 2 + AlignUp(p_.quads * kQuad + 64);
+  return AlignUp(p_.M * words_ * 4) + AlignUp(p_.M * blocks * 4) * 2;
 }
 
 int64_t Int8Plan::ScratchBytes() const {
@@ -35,24 +35,18 @@ int64_t Int8Plan::ScratchBytes() const {
   return 2 * AlignUp(p_.M * kTile * 4) + AlignUp(kDecodedBytes) + AlignUp(kTile * 4) + per_ic + 64;
 }
 
-Int8Rows Int8Plan::Quantize(const float* a, const float* scale, const float* zero, void* rows_memory) const {
+Int8Rows Int8Plan::Quantize(const float* a, const float* scale, const uint8_t* zero, void* rows_memory) const {
   const int64_t blocks = static_cast<int64_t>(blocks_.size());
   uint8_t* memory = static_cast<uint8_t*>(rows_memory);
-  Int8Rows rows{reinterpret_cast<int32_t*>(memory), nullptr, nullptr, nullptr};
+  Int8Rows rows{reinterpret_cast<int32_t*>(memory), nullptr, nullptr};
   rows.scale = reinterpret_cast<float*>(memory + AlignUp(p_.M * words_ * 4));
   rows.corr = reinterpret_cast<int32_t*>(memory + AlignUp(p_.M * words_ * 4) + AlignUp(p_.M * blocks * 4));
-  rows.zero = nullptr;
-  if (zero) {
-    rows.zero = memory + AlignUp(p_.M * words_ * 4) + 2 * AlignUp(p_.M * blocks * 4);
-    for (int64_t k = 0; k < p_.quads * kQuad; ++k)
-      rows.zero[k] = k < p_.K ? static_cast<uint8_t>(zero[k] - kMagic) : 0;
-  }
   for (int64_t r = 0; r < p_.M; ++r)
     for (int64_t i = 0; i < blocks; ++i) {
       const Int8Block& b = blocks_[i];
       int32_t* words = rows.words + r * words_ + b.word;
       int32_t* corr = rows.corr + r * blocks + i;
-      rows.scale[r * blocks + i] = kernels_.quantize(a + r * p_.K, scale, rows.zero, b, words, corr);
+      rows.scale[r * blocks + i] = kernels_.quantize(a + r * p_.K, scale, zero, b, words, corr);
     }
   return rows;
 }
@@ -112,8 +106,8 @@ void Int8Plan::Run(const float* a, const Int8Rows* shared, int64_t t0, int64_t t
       for (int64_t j = j0; j <= j1; ++j) {
         const int slot = static_cast<int>(j & 1);
         if (slot_group[slot] != j) {
-          slot_rows[slot] = Quantize(a, p_.params.scale + j * p_.K, p_.params.zero + j * p_.K,
-                                     slots + slot * RowsBytes());
+          const uint8_t* zero = zero_bytes_ + j * (p_.quads * kQuad + kZeroBytesPad);
+          slot_rows[slot] = Quantize(a, p_.params.scale + j * p_.K, zero, slots + slot * RowsBytes());
           slot_group[slot] = j;
         }
         if (j0 == j1) {

@@ -65,18 +65,23 @@ struct Int8Rows {
   int32_t* words;  // [rows][words of all blocks]
   float* scale;    // [rows][blocks]
   int32_t* corr;   // [rows][blocks]
-  uint8_t* zero;   // per-IC: the group's zero points as bytes, [4 * quads]
 };
+
+// Per-IC zero points as the quantizers read them: one row of bytes per output group, z[k] at k, zeros past K
+// and room for a whole vector read from the last quad; prepared with the scales (quant_matmul.cpp).
+constexpr int64_t kZeroBytesPad = 64;
 
 // A call's blocks and the driver. Per-OC, the activations are quantized once per call (Quantize, before the
 // threads); per-IC, once per output group by each task that needs it (Run's scratch).
 class Int8Plan {
  public:
-  Int8Plan(const Problem& p, const Int8Kernels& kernels);
+  // zero_bytes: per-IC, [groups][4 * quads + kZeroBytesPad] (see kZeroBytesPad); null per-OC
+  Int8Plan(const Problem& p, const Int8Kernels& kernels, const uint8_t* zero_bytes);
   int64_t RowsBytes() const;     // of one Int8Rows for all rows
   int64_t ScratchBytes() const;  // of Run
-  // rows_memory: RowsBytes() bytes; scale/zero: GroupParams rows of one per-IC group, or null (per-OC)
-  Int8Rows Quantize(const float* a, const float* scale, const float* zero, void* rows_memory) const;
+  // rows_memory: RowsBytes() bytes; scale/zero: one per-IC group's (a GroupParams row and a zero_bytes row),
+  // or null (per-OC)
+  Int8Rows Quantize(const float* a, const float* scale, const uint8_t* zero, void* rows_memory) const;
   // y for tiles [t0, t1); shared: the per-OC activations (Quantize), null per-IC
   void Run(const float* a, const Int8Rows* shared, int64_t t0, int64_t t1, void* scratch) const;
 
@@ -86,6 +91,7 @@ class Int8Plan {
   const Int8Kernels& kernels_;
   std::vector<Int8Block> blocks_;
   int64_t words_;  // per row
+  const uint8_t* zero_bytes_;
 };
 
 }  // namespace lowbit

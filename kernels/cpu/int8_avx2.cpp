@@ -66,7 +66,8 @@ void Row(const Int8Tile& t, const uint8_t* codes, int64_t block_bytes, int64_t r
   const __m256 act = _mm256_set1_ps(t.act_scale[r * t.param_stride]);
   const __m256 corr = _mm256_set1_ps(static_cast<float>(t.corr[r * t.param_stride]));
   float* out = t.out + r * kTile;
-  for (int v = 0; v < 8; ++v) {  // exact in float (int8.h)
+#pragma GCC unroll 8
+  for (int v = 0; v < 8; ++v) {  // exact in float (int8.h); unrolled: the accumulators stay in registers
     const __m256 total = _mm256_cvtepi32_ps(acc[v]);
     const __m256 sum =
         t.col_zero ? _mm256_fnmadd_ps(_mm256_loadu_ps(t.col_zero + 8 * v), corr, total) : _mm256_sub_ps(total, corr);

@@ -15,31 +15,33 @@ namespace {
 constexpr int kRowsAtOnce = 4;
 constexpr int kMaxInputs = (kActivationBlock / kQuad + 1) * kQuad;  // of a block, from its first quad
 
-// Rows r0 .. r0 + R - 1 of the tile: integer sums over the block's quads, then the epilogue into out.
+// Rows r0 .. r0 + R - 1 of the tile: integer sums over the block's quads, then the epilogue into out. (One
+// flat array of accumulators, always inlined: only so does GCC 12 keep them in registers.)
 template <int Bits, int R>
-void Rows(const Int8Tile& t, const uint8_t* codes, int64_t block_bytes, int64_t r0) {
-  __m512i acc[R][4];
+__attribute__((always_inline)) inline void Rows(const Int8Tile& t, const uint8_t* codes, int64_t block_bytes,
+                                                int64_t r0) {
+  __m512i acc[R * 4];  // [row][column block]
 #pragma GCC unroll 16
-  for (int i = 0; i < R * 4; ++i) acc[i / 4][i % 4] = _mm512_setzero_si512();
+  for (int i = 0; i < R * 4; ++i) acc[i] = _mm512_setzero_si512();
   const int32_t* words = t.words + r0 * t.word_stride;
   for (int64_t q = 0; q < t.quads; ++q) {
     const uint8_t* block = codes + q * block_bytes;
-    __m512i bytes[4];
+    __m512i d[R], bytes[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) d[r] = _mm512_set1_epi32(words[r * t.word_stride + q]);
 #pragma GCC unroll 4
     for (int cb = 0; cb < 4; ++cb) bytes[cb] = CodeBytes<Bits>(block, cb);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512i d = _mm512_set1_epi32(words[r * t.word_stride + q]);
-#pragma GCC unroll 4
-      for (int cb = 0; cb < 4; ++cb) Dpbusd(acc[r][cb], bytes[cb], d);
-    }
+#pragma GCC unroll 16
+    for (int i = 0; i < R * 4; ++i) Dpbusd(acc[i], bytes[i % 4], d[i / 4]);
   }
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const __m512 act = _mm512_set1_ps(t.act_scale[(r0 + r) * t.param_stride]);
     const __m512 corr = _mm512_set1_ps(static_cast<float>(t.corr[(r0 + r) * t.param_stride]));
     float* out = t.out + (r0 + r) * kTile;
+#pragma GCC unroll 4
     for (int cb = 0; cb < 4; ++cb) {  // exact in float (int8.h)
-      const __m512 total = _mm512_cvtepi32_ps(acc[r][cb]);
+      const __m512 total = _mm512_cvtepi32_ps(acc[r * 4 + cb]);
       const __m512 sum = t.col_zero ? _mm512_fnmadd_ps(_mm512_loadu_ps(t.col_zero + 16 * cb), corr, total)
                                     : _mm512_sub_ps(total, corr);
       const __m512 scale = t.col_scale ? _mm512_mul_ps(act, _mm512_loadu_ps(t.col_scale + 16 * cb)) : act;

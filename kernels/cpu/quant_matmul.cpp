@@ -79,6 +79,7 @@ struct QuantMatMulKernel::Isa {
 // Scales and zero points in the layouts of GroupParams (quant_matmul.h); zero points absent = mid-point.
 struct QuantMatMulKernel::PreparedParams {
   std::vector<float> scale, zero;
+  std::vector<uint8_t> zero_bytes;  // int8_activations, per-IC: the zero points as the int8 path reads them
 
   PreparedParams(const QuantMatMulAttributes& at, const float* scales, const uint8_t* zero_points) {
     const float mid = static_cast<float>(1 << (at.bits - 1));
@@ -100,6 +101,13 @@ struct QuantMatMulKernel::PreparedParams {
           scale[j * at.K + k] = scales[k * at.groups + j];
           zero[j * at.K + k] = zero_at(k * at.groups + j);
         }
+      if (at.int8_activations) {  // [groups][4 * quads + kZeroBytesPad] (int8.h)
+        const int64_t stride = at.quads * kQuad + kZeroBytesPad;
+        zero_bytes.assign(at.groups * stride, 0);
+        for (int64_t j = 0; j < at.groups; ++j)
+          for (int64_t k = 0; k < at.K; ++k)
+            zero_bytes[j * stride + k] = static_cast<uint8_t>(zero[j * at.K + k] - kMagic);
+      }
     }
   }
 
@@ -312,12 +320,12 @@ Ort::Status QuantMatMulKernel::Compute(OrtKernelContext* context) try {
   job.int8 = nullptr;
   job.int8_rows = nullptr;
   if (job.path == Path::kInt8) {
-    int8_plan = std::make_unique<Int8Plan>(job.problem, *isa_->int8);
+    int8_plan = std::make_unique<Int8Plan>(job.problem, *isa_->int8, params.zero_bytes.data());
     job.int8 = int8_plan.get();
     if (at.group_axis == 0) {  // quantized once, here (per-IC, each task quantizes them for its output groups)
       int8_memory.resize(int8_plan->RowsBytes() + 64);
-      const uintptr_t address = reinterpret_cast<uintptr_t>(int8_memory.data());
-      int8_rows = int8_plan->Quantize(a_data, nullptr, nullptr, reinterpret_cast<void*>((address + 63) & ~uintptr_t{63}));
+      void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(int8_memory.data()) + 63) & ~uintptr_t{63});
+      int8_rows = int8_plan->Quantize(a_data, nullptr, nullptr, aligned);
       job.int8_rows = &int8_rows;
     }
   }
