@@ -14,6 +14,7 @@
 
 #include <cstring>
 
+#include "prefetch.h"
 #include "quant_matmul.h"
 #include "vnni_codes.h"
 

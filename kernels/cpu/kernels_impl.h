@@ -19,6 +19,7 @@
 #pragma once
 
 #include "codes.h"
+#include "prefetch.h"
 #include "quant_matmul.h"
 
 namespace lowbit {

@@ -13,16 +13,6 @@ constexpr int kQuad = 4;              // input channels per packed quad
 constexpr int64_t kKBlock = 128;      // input channels dequantized at once by the batched path
 constexpr int kMaxRows = 6;           // rows of A per microkernel call (batched path)
 constexpr float kMagic = 8388608.0f;  // 2^23: the float with bits 0x4B000000 | q is 2^23 + q
-// Bytes ahead of the packed block being read that the kernels prefetch: a weight read once per call comes
-// from main memory, and the hardware prefetcher alone leaves a single thread waiting on it.
-constexpr int64_t kPrefetchBytes = 2048;
-
-// Prefetches the lines kPrefetchBytes ahead of a packed block (two: blocks of 96 bytes straddle lines).
-// static: each translation unit keeps its own copy (see kernels_impl.h).
-static inline void PrefetchBlock(const uint8_t* block, int64_t block_bytes) {
-  __builtin_prefetch(block + kPrefetchBytes);
-  __builtin_prefetch(block + kPrefetchBytes + block_bytes - 1);
-}
 
 // Scales and zero points rearranged for the kernels (PreparedParams in quant_matmul.cpp). Zero points
 // are stored as 2^23 + z, so that (2^23 + q) - zero == q - z exactly in float arithmetic.
