@@ -6,6 +6,8 @@ Cholesky factor), then one axis chosen per weight by the AdaDim selector. No gra
 from __future__ import annotations
 
 import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
@@ -74,13 +76,21 @@ def choose(
     selector: axis_selectors.SubgraphSelector | None,
     model: ir.Model | None,
     samples,
+    workers: int | None = None,
 ) -> tuple[list[str], dict | None]:
     """Quantize ``plans`` by ``choice_method`` along every candidate axis and choose one axis each: by
     ``selector`` on ``model`` (None: the ``matrix`` choice); where ``choice_method`` is not ``method``, the
     chosen axis is quantized again by ``method``. Returns the axes and the selector's details (None when no
-    selector ran)."""
-    for plan in tqdm(plans, desc=f"quantize weights ({choice_method})", unit="weight", leave=False):
-        plan.candidates = quantizer.candidates(plan, choice_method)
+    selector ran). ``workers``: threads that quantize (default: the cores this process may use)."""
+    candidates = _in_threads(
+        quantizer,
+        plans,
+        lambda own, plan: own.candidates(plan, choice_method),
+        f"quantize weights ({choice_method})",
+        workers,
+    )
+    for plan, found in zip(plans, candidates):
+        plan.candidates = found
     details = None
     if selector is None or model is None:
         choices = axis_selectors.select_matrix(plans)
@@ -88,11 +98,49 @@ def choose(
         choices = selector(model, plans, samples)
         details = selector.details
     if choice_method != method:  # the chosen axis, by the recipe's own method
-        for plan, axis in tqdm(
-            list(zip(plans, choices)), desc=f"quantize weights ({method})", unit="weight", leave=False
-        ):
-            if plan.first.kind != "embedding":
-                if plan.hessian is not None:
-                    plan.choice_errors = axis_selectors.matrix_errors(plan)
-                plan.candidates[axis] = quantizer.quantize(plan, axis, method)
+        requantize = [(plan, axis) for plan, axis in zip(plans, choices) if plan.first.kind != "embedding"]
+        for plan, _ in requantize:
+            if plan.hessian is not None:
+                plan.choice_errors = axis_selectors.matrix_errors(plan)
+        axes = {id(plan): axis for plan, axis in requantize}
+        chosen = _in_threads(
+            quantizer,
+            [plan for plan, _ in requantize],
+            lambda own, plan: own.quantize(plan, axes[id(plan)], method),
+            f"quantize weights ({method})",
+            workers,
+        )
+        for (plan, axis), quantized in zip(requantize, chosen):
+            plan.candidates[axis] = quantized
     return choices, details
+
+
+def _in_threads(quantizer: CandidateQuantizer, plans: list, work, desc: str, workers: int | None) -> list:
+    """``work(own, plan)`` for every plan, in order. Consecutive plans that share a Hessian array make one job
+    (its GPTQ factor made once), run with its own ``own`` copy of ``quantizer``; jobs run on ``workers`` threads
+    (NumPy, BLAS and torch release the GIL). A job computes what it would alone, so the results do not depend on
+    the number of threads."""
+    jobs: list[list] = []
+    for plan in plans:
+        if jobs and plan.hessian is not None and jobs[-1][-1].hessian is plan.hessian:
+            jobs[-1].append(plan)
+        else:
+            jobs.append([plan])
+
+    def run(job: list) -> list:
+        own = dataclasses.replace(quantizer)  # a factor cache of its own
+        return [work(own, plan) for plan in job]
+
+    results = []
+    workers = min(len(jobs), workers or usable_cores()) or 1
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(plans), desc=desc, unit="weight", leave=False) as bar:
+        for job_results in pool.map(run, jobs):
+            results.extend(job_results)
+            bar.update(len(job_results))
+    return results
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system tells it)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1

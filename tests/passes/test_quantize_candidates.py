@@ -83,3 +83,37 @@ def test_each_output_error_is_measured_once_per_candidate_and_hessian(monkeypatc
     p.hessian = 2.0 * h
     axis_selectors.matrix_errors(p)
     assert len(measured) == 7
+
+
+@pytest.mark.parametrize("choice_method", ["gptq", "rtn"])
+def test_candidates_do_not_depend_on_the_number_of_threads(choice_method):
+    """Jobs (plans sharing a Hessian) run on threads; each computes what it would alone, bit for bit."""
+    hessians = [hessian(seed, 32) for seed in (6, 7, 8)]
+    shapes = [(32, 20), (32, 9), (32, 20), (32, 33), (32, 7)]
+    hessian_of = [hessians[0], hessians[0], hessians[1], hessians[2], hessians[2]]
+    scheme = QuantScheme(bits=3, group_size=8, method="gptq", clip_search=True)
+    results = []
+    for workers in (1, 2, 5):
+        plans = [plan(w.astype(np.float32), h) for w, h in zip(weights(shapes), hessian_of)]
+        choices, _ = quantize_candidates.choose(
+            CandidateQuantizer(scheme, ("oc", "ic")),
+            plans,
+            choice_method=choice_method,
+            method="gptq",
+            selector=None,
+            model=None,
+            samples=[],
+            workers=workers,
+        )
+        results.append((choices, [{axis: q.codes for axis, q in p.candidates.items()} for p in plans]))
+    for choices, codes in results[1:]:
+        assert choices == results[0][0]
+        for got, expected in zip(codes, results[0][1]):
+            assert got.keys() == expected.keys()
+            for axis in got:
+                np.testing.assert_array_equal(got[axis], expected[axis])
+
+
+def weights(shapes):
+    rng = np.random.default_rng(8)
+    return [rng.standard_normal(shape) for shape in shapes]
