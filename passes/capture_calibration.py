@@ -37,6 +37,7 @@ class CaptureCalibrationPass(LowbitPass):
         self.activations = activations
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        collected = False
         if isinstance(self.batches, CalibrationStats):
             stats = self.batches
             _check_statistics_fit(stats, weight_activations(model))
@@ -47,6 +48,7 @@ class CaptureCalibrationPass(LowbitPass):
             only = self.activations(model.graph) if self.activations is not None else None
             try:
                 stats = collect(model, self.batches, total=total, keep_feeds=self.keep_feeds, only=only)
+                collected = True
             except ORT_ERRORS as error:  # an op it lacks, feeds of the wrong names or shapes
                 raise ValueError(f"calibration: ONNX Runtime cannot run the model on the batches: {error}") from error
         set_calibration(model, stats)
@@ -58,6 +60,8 @@ class CaptureCalibrationPass(LowbitPass):
         }
         if stats.feeds is not None:
             self.details["feeds_kept"] = len(stats.feeds)
+        if collected:  # where this pass ran the model: how long it ran and how long the statistics took
+            self.details.update({f"seconds_{part}": seconds for part, seconds in stats.seconds.items()})
         return ir.passes.PassResult(model, modified=False)
 
 

@@ -16,6 +16,7 @@ them with ``set_calibration``): kept in ``model.meta``, in memory, never seriali
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterable, Mapping, Set
 
 import numpy as np
@@ -39,6 +40,8 @@ class CalibrationStats:
     samples: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
     #: Every feed dict, kept only on request (``keep_feeds``): the sequential mode runs them again.
     feeds: list[dict[str, np.ndarray]] | None = None
+    #: Seconds ``collect`` spent running the model (``"onnxruntime"``) and folding its outputs (``"statistics"``).
+    seconds: dict[str, float] = dataclasses.field(default_factory=lambda: {"onnxruntime": 0.0, "statistics": 0.0})
 
     def for_use(self, use: analysis.WeightUse) -> HessianAccumulator:
         name = use.node.inputs[0].name
@@ -107,8 +110,14 @@ def collect(
     )
     for feeds in tqdm(batches, desc="calibration", unit="batch", total=total):
         if sess is not None:
-            for name, value in zip(names, sess.run(names, dict(feeds))):
+            start = time.perf_counter()
+            values = sess.run(names, dict(feeds))
+            ran = time.perf_counter()
+            for name, value in zip(names, values):
                 stats.by_activation[name].update(value)
+            del values
+            stats.seconds["onnxruntime"] += ran - start
+            stats.seconds["statistics"] += time.perf_counter() - ran
         kept = {name: np.asarray(value) for name, value in feeds.items()}
         if len(stats.samples) < keep_samples:
             stats.samples.append(kept)

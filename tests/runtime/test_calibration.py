@@ -55,3 +55,22 @@ def test_a_model_without_weights_is_an_error():
         model.graph.initializers[use_name].const_value = None
     with pytest.raises(ValueError, match="no weight MatMul"):
         collect(model, [factories.feeds_for(model)])
+
+
+def test_collect_times_the_model_and_the_statistics_apart():
+    model = factories.mlp()
+    stats = collect(model, [factories.feeds_for(model, seed) for seed in range(3)])
+    assert set(stats.seconds) == {"onnxruntime", "statistics"} and all(s > 0 for s in stats.seconds.values())
+
+
+def test_the_pass_reports_the_seconds_of_a_collection_it_ran():
+    from lowbit.passes.capture_calibration import CaptureCalibrationPass
+
+    model = factories.mlp()
+    feeds = [factories.feeds_for(model, seed) for seed in range(2)]
+    ran = CaptureCalibrationPass(feeds)
+    ran(model)
+    assert ran.details["seconds_onnxruntime"] > 0 and ran.details["seconds_statistics"] > 0
+    given = CaptureCalibrationPass(collect(model, feeds))
+    given(model)
+    assert not any(key.startswith("seconds") for key in given.details)
