@@ -23,7 +23,7 @@ Two modes, each a table:
   so this measures the kernel's arithmetic, not what a model sees. Its ``%cache`` column is against the
   streaming read of a 16 MiB buffer read again and again.
 
-Each table gives the time per call in ms, the speed-up over the baseline method of the same run
+Each table gives the time per call in us, the speed-up over the baseline method of the same run
 (``--baseline``, fp32 by default), the bandwidth share, and for 3 and 2 bits the time relative to the
 4-bit time scaled by bytes (1.00: as fast as its bytes). Timings go through I/O binding; the nodes' outputs
 share one buffer. On a machine shared with other jobs, multi-threaded calls wait for descheduled worker
@@ -278,15 +278,19 @@ def _grid(title: str, rows: dict[int, dict[str, Result]], methods: Sequence[str]
     return lines + [""]
 
 
-def shape_tables(results: Sequence[Result], bandwidth: float, baseline: str) -> list[str]:
-    """The tables of one (shape, mode); ``bandwidth``: bytes per second the rates are shares of."""
+#: The name of the bandwidth share column of each mode (a GPU benchmark names its memory otherwise).
+SHARES = {"non-resident": "%dram", "resident": "%cache"}
+
+
+def shape_tables(results: Sequence[Result], bandwidth: float, baseline: str, share: str) -> list[str]:
+    """The tables of one (shape, mode); ``bandwidth``: bytes per second the rates are shares of, in the
+    column named ``share``."""
     first = results[0]
     methods = list(dict.fromkeys(r.method for r in results))
     rows: dict[int, dict[str, Result]] = {}
     for r in results:
         rows.setdefault(r.m, {})[r.method] = r
     one = {r.method: r for r in results}
-    share = "%dram" if first.mode == "non-resident" else "%cache"
     out = [
         f"### {first.k}x{first.n}, {first.mode}",
         "",
@@ -294,13 +298,14 @@ def shape_tables(results: Sequence[Result], bandwidth: float, baseline: str) -> 
         "copies per run: " + ", ".join(f"{method} {one[method].copies}" for method in methods),
         "",
     ]
-    out += _grid("ms per call (median)", rows, methods, lambda row, method: f"{row[method].seconds * 1e3:.3f}")
-    out += _grid(
-        f"speed-up over {baseline} (same run)",
-        rows,
-        methods,
-        lambda row, method: f"{row[baseline].seconds / row[method].seconds:.2f}x" if baseline in row else None,
-    )
+    out += _grid("us per call (median)", rows, methods, lambda row, method: f"{row[method].seconds * 1e6:.1f}")
+    if baseline in methods:
+        out += _grid(
+            f"speed-up over {baseline} (same run)",
+            rows,
+            methods,
+            lambda row, method: f"{row[baseline].seconds / row[method].seconds:.2f}x" if baseline in row else None,
+        )
     out += _grid(
         f"{share}: weight bytes per second / {bandwidth / 1e9:.1f} GB/s",
         rows,
@@ -330,13 +335,16 @@ def shape_tables(results: Sequence[Result], bandwidth: float, baseline: str) -> 
     return out
 
 
-def tables(results: Sequence[Result], bandwidth: dict[str, float], baseline: str = "fp32") -> str:
-    """Markdown tables, one set per (shape, mode) in the order measured: ms per call, speed-up over
-    ``baseline`` of the same run, the rate as a share of ``bandwidth[mode]`` (bytes per second), time
-    relative to bytes for 3 and 2 bits, and per-IC against per-OC."""
+def tables(
+    results: Sequence[Result], bandwidth: dict[str, float], baseline: str = "fp32", shares: dict[str, str] = SHARES
+) -> str:
+    """Markdown tables, one set per (shape, mode) in the order measured: us per call, speed-up over
+    ``baseline`` of the same run (where measured), the rate as a share of ``bandwidth[mode]`` (bytes per
+    second; column ``shares[mode]``), time relative to bytes for 3 and 2 bits, and per-IC against per-OC."""
     out = []
     for key in dict.fromkeys((r.k, r.n, r.mode) for r in results):
-        out += shape_tables([r for r in results if (r.k, r.n, r.mode) == key], bandwidth[key[2]], baseline)
+        chosen = [r for r in results if (r.k, r.n, r.mode) == key]
+        out += shape_tables(chosen, bandwidth[key[2]], baseline, shares[key[2]])
     return "\n".join(out)
 
 
@@ -345,7 +353,7 @@ def _fmt(value: float | None) -> str | None:
 
 
 def svg_bars(results: Sequence[Result]) -> str:
-    """An SVG of one panel per (shape, mode, M): a bar per method, its height the ms per call (each panel
+    """An SVG of one panel per (shape, mode, M): a bar per method, its height the time per call (each panel
     scaled to its slowest method), labelled with the value. Plain SVG: no plotting library needed."""
     panels = list(dict.fromkeys((r.k, r.n, r.mode, r.m) for r in results))
     methods = list(dict.fromkeys(r.method for r in results))
@@ -355,7 +363,7 @@ def svg_bars(results: Sequence[Result]) -> str:
     for p, (k, n, mode, m) in enumerate(panels):
         cells = {r.method: r.seconds for r in results if (r.k, r.n, r.mode, r.m) == (k, n, mode, m)}
         slowest, x0 = max(cells.values()), p * panel_width + 20
-        parts.append(f'<text x="{x0}" y="18" font-size="13">{k}x{n} {mode} M={m} (ms per call)</text>')
+        parts.append(f'<text x="{x0}" y="18" font-size="13">{k}x{n} {mode} M={m} (us per call)</text>')
         for i, method in enumerate(methods):
             if method not in cells:
                 continue
@@ -364,7 +372,7 @@ def svg_bars(results: Sequence[Result]) -> str:
             parts.append(f'<rect x="{x}" y="{y:.1f}" width="{bar}" height="{h:.1f}" fill="#4878a8"/>')
             parts.append(
                 f'<text x="{x + bar / 2}" y="{y - 3:.1f}" font-size="9" text-anchor="middle">'
-                f"{cells[method] * 1e3:.2f}</text>"
+                f"{cells[method] * 1e6:.4g}</text>"
             )
             label_y = top + height + 8
             parts.append(
@@ -447,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--llc-bytes", type=int, help="last-level cache size (default: read from /sys)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
-    parser.add_argument("--plot", type=Path, help="also draw the non-resident ms per call as an SVG bar chart here")
+    parser.add_argument("--plot", type=Path, help="also draw the first mode's times per call as an SVG bar chart")
     parser.add_argument("--model", type=Path, help="fp32 SmolLM2 ONNX (lowbit export smollm2): end-to-end rows")
     parser.add_argument("--e2e-only", action="store_true", help="with --model: skip the kernel tables")
     args = parser.parse_args(argv)
