@@ -61,7 +61,7 @@ def generate(folder: pathlib.Path, layers: int, width: int, seed: int = 0) -> tu
     return folder / "model.onnx", offset
 
 
-class _Sampler(threading.Thread):
+class Sampler(threading.Thread):
     """Peak resident memory (MiB) per stage, sampled from /proc/self/status every ``interval`` s."""
 
     def __init__(self, interval: float = 0.02):
@@ -88,7 +88,7 @@ def measure(model_path: pathlib.Path, output: pathlib.Path) -> dict:
     """load -> optimize(RTN W4 g128 per-OC) -> save in this process; peaks and seconds per stage."""
     import lowbit
 
-    sampler = _Sampler()
+    sampler = Sampler()
     baseline = sampler.sample()  # the interpreter and the imported libraries
     sampler.start()
     seconds = {}
