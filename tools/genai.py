@@ -14,7 +14,9 @@ runs it with a KV cache.
   of the other files (tokenizer, chat template). Calibration feeds the KV inputs as empty tensors (past
   length 0) and an all-ones attention mask. With ``include_lm_head`` / ``include_embeddings`` the builder's
   tied table is untied first (``untie_embeddings``): the head GPTQ'd on its own input, the table by rows.
-* ``generate(FOLDER, prompt)``: stream tokens through og, with tokens/s.
+* ``fuse_folder(PORTABLE, OUT)``: the fused form of a portable lowbit folder (the lossless fusion passes), so
+  one quantization gives both forms.
+* ``generate(FOLDER, prompt)``: stream tokens through og, with tokens/s (``generate_ids``: the timed loop).
 
 Workarounds (onnxruntime-genai 0.18):
 * transformers 5.x refuses ``save_pretrained`` of a model loaded from GGUF ("quantized with gguf and is
@@ -215,9 +217,15 @@ def _staging(out: pathlib.Path):
 
 
 def build_genai(
-    hf_folder: str | os.PathLike, out: str | os.PathLike, *, precision: str = "fp32", overwrite: bool = False
+    hf_folder: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    overwrite: bool = False,
+    extra_options: Sequence[str] = (),
 ) -> pathlib.Path:
-    """Run the onnxruntime-genai model builder (``-e cpu -p precision``) on a local Hugging Face folder."""
+    """Run the onnxruntime-genai model builder (``-e cpu -p precision``) on a local Hugging Face folder;
+    ``extra_options``: the builder's ``key=value`` options (e.g. ``nodes_to_exclude=/lm_head/MatMul``)."""
     og_builder = _builder()
     hf_folder, out = pathlib.Path(hf_folder), pathlib.Path(out)
     if not (hf_folder / "config.json").is_file():
@@ -232,7 +240,9 @@ def build_genai(
         )
         start = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # the builder prints progress on stdout
-            options = og_builder.parse_extra_options("", str(hf_folder), str(target), precision, "cpu", cache, [])
+            options = og_builder.parse_extra_options(
+                "", str(hf_folder), str(target), precision, "cpu", cache, list(extra_options)
+            )
             og_builder.create_model("", str(hf_folder), str(target), precision, "cpu", cache, **options)
         print(f"[lowbit] builder: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         read_folder(target)
@@ -331,16 +341,44 @@ def optimize_folder(
     read = files.files_read(model)
     result = lowbit.optimize(model, recipe, calibration=calibration)
     check_no_float_table(result.model, recipe)
+    _write_folder(src, out, result.model, recipe.fused, read)
+    return result
+
+
+def fuse_folder(source: str | os.PathLike, out: str | os.PathLike):
+    """The fused form of a portable lowbit genai folder, written as the new folder ``out``: the passes that
+    ``Recipe(fused=True)`` adds after quantization (FuseQDQPass, CleanupPass), lossless with respect to the
+    portable graph, so one quantization serves both forms. Returns the fused ``onnx_ir.Model``."""
+    from lowbit.ir import files
+    from lowbit.passes.cleanup import CleanupPass
+    from lowbit.passes.fuse_qdq import FuseQDQPass
+
+    src, out = check_output_folder(source, out)
+    model = load_decoder(src.model_path)
+    read = files.files_read(model)
+    fuse = FuseQDQPass()
+    if not fuse(model).modified:
+        raise ValueError(f"{str(source)!r} has no quantized weight to fuse (not a portable lowbit folder)")
+    CleanupPass()(model)
+    _write_folder(src, out, model, True, read)
+    return model
+
+
+def _write_folder(src: GenaiFolder, out: pathlib.Path, model, fused: bool, read: set[str]) -> None:
+    """Write ``model`` as the genai folder ``out`` (whole or not at all): its config checked against the
+    graph, the input folder's other files (never the files ``read`` from it), and the op library if fused."""
+    import lowbit
+
     with _staging(out) as staging:
         target = staging / "folder"
         target.mkdir()
-        lowbit.save(result.model, target / src.model_path.name)
+        lowbit.save(model, target / src.model_path.name)
         config = copy.deepcopy(src.config)
-        check_consistent(result.model, config)
+        check_consistent(model, config)
         for path in sorted(src.folder.iterdir()):
             if path.is_file() and path.name != CONFIG_NAME and str(path.resolve()) not in read:
                 shutil.copy2(path, target / path.name)
-        if recipe.fused:
+        if fused:
             # Workaround (og 0.18): og loads a custom_ops_library only from inside the model's folder ("path is
             # not within an allowed directory" otherwise), so the op library travels with the folder.
             from lowbit.kernels import _lib
@@ -351,7 +389,6 @@ def optimize_folder(
             options["custom_ops_library"] = library.name
         (target / CONFIG_NAME).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
         _install(target, out)
-    return result
 
 
 def _transposed_constant(value) -> tuple[object, object] | None:
@@ -481,16 +518,7 @@ def check_consistent(model, config: Mapping) -> None:
 def greedy_tokens(folder: str | os.PathLike, prompt_ids: Sequence[int], new_tokens: int) -> list[int]:
     """The greedy continuation of ``prompt_ids`` by og (stops early at an end-of-sequence token)."""
     og = _og()
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(list(map(int, prompt_ids)))
-    tokens = []
-    while not generator.is_done() and len(tokens) < new_tokens:
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
+    return generate_ids(og.Model(str(folder)), prompt_ids, new_tokens).tokens
 
 
 @dataclasses.dataclass
@@ -506,6 +534,39 @@ class Generation:
         """Decode speed: tokens after the first over the time they took."""
         later = len(self.tokens) - 1
         return later / self.decode_seconds if later > 0 and self.decode_seconds > 0 else float("nan")
+
+
+def generate_ids(
+    model, prompt_ids: Sequence[int], new_tokens: int, *, search: Mapping | None = None, on_token=None, exact=False
+) -> Generation:
+    """Generate up to ``new_tokens`` after ``prompt_ids`` with the og ``model`` (greedy unless ``search``
+    says otherwise), timed: the prompt (until the first new token) and the decoding after it. ``exact``:
+    exactly ``new_tokens`` (an end-of-sequence token does not stop it: for timing). ``on_token(token)`` is
+    called as each token comes; the result's ``text`` is empty (the caller decodes)."""
+    og = _og()
+    ids = list(map(int, prompt_ids))
+    total = len(ids) + new_tokens
+    options = {"max_length": total, "do_sample": False, **(search or {})}
+    if exact:
+        options["min_length"] = total
+    params = og.GeneratorParams(model)
+    params.set_search_options(**options)
+    generator = og.Generator(model, params)
+    tokens = []
+    start = time.perf_counter()
+    generator.append_tokens(ids)
+    first = None
+    while not generator.is_done() and len(tokens) < new_tokens:
+        generator.generate_next_token()
+        token = int(generator.get_next_tokens()[0])
+        if first is None:
+            first = time.perf_counter()
+        tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+    end = time.perf_counter()
+    first = first or end
+    return Generation(len(ids), tokens, "", first - start, end - first)
 
 
 def generate(
@@ -526,34 +587,23 @@ def generate(
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     model = og.Model(str(src.folder))
     tokenizer = og.Tokenizer(model)
-    ids = list(tokenizer.encode(prompt))
-    options = {"max_length": len(ids) + max_tokens, "do_sample": not greedy}
+    search = {"do_sample": not greedy}
     if not greedy:
-        options.update(temperature=float(temperature), top_p=float(top_p))
+        search.update(temperature=float(temperature), top_p=float(top_p))
         if top_k is not None:
-            options["top_k"] = int(top_k)
-    params = og.GeneratorParams(model)
-    params.set_search_options(**options)
-    generator = og.Generator(model, params)
+            search["top_k"] = int(top_k)
     decoder = tokenizer.create_stream()
-    tokens, pieces = [], []
-    start = time.perf_counter()
-    generator.append_tokens(ids)
-    first = None
-    while not generator.is_done() and len(tokens) < max_tokens:
-        generator.generate_next_token()
-        token = int(generator.get_next_tokens()[0])
-        if first is None:
-            first = time.perf_counter()
-        tokens.append(token)
-        piece = decoder.decode(token)
-        pieces.append(piece)
+    pieces = []
+
+    def on_token(token: int) -> None:
+        pieces.append(decoder.decode(token))
         if stream is not None:
-            stream.write(piece)
+            stream.write(pieces[-1])
             stream.flush()
-    end = time.perf_counter()
-    first = first or end
-    return Generation(len(ids), tokens, "".join(pieces), first - start, end - first)
+
+    result = generate_ids(model, tokenizer.encode(prompt), max_tokens, search=search, on_token=on_token)
+    result.text = "".join(pieces)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------

@@ -389,6 +389,28 @@ def test_a_quantized_head_alone_reports_the_untied_table_in_float(tiny_genai, tm
 
 
 @pytest.mark.slow
+def test_fusing_a_portable_folder_equals_quantizing_with_fused(tiny_genai, tiny_hf, tmp_path):
+    from lowbit.kernels import _lib
+    from lowbit.tools import eval_perplexity
+
+    if not _lib.is_built():
+        pytest.skip(f"lowbit op library not built; run `{_lib.BUILD_COMMAND}`")
+    recipe = {**HEAD_AND_TABLE, "include_embeddings": True}
+    calibration = {"calibration_text": TEXT, "calibration_length": 32, "calibration_windows": 4}
+    genai.optimize_folder(tiny_genai, tmp_path / "portable", lowbit.Recipe(**recipe), **calibration)
+    genai.optimize_folder(tiny_genai, tmp_path / "fused", lowbit.Recipe(**recipe, fused=True), **calibration)
+    genai.fuse_folder(tmp_path / "portable", tmp_path / "fused_later")
+    ids = np.array([tiny_hf[2](TEXT)["input_ids"][:40]], np.int64)
+    fused, later = (eval_perplexity.folder_logits(tmp_path / name)(ids) for name in ("fused", "fused_later"))
+    np.testing.assert_array_equal(later, fused)
+    config = json.loads((tmp_path / "fused_later" / genai.CONFIG_NAME).read_text())
+    assert config == json.loads((tmp_path / "fused" / genai.CONFIG_NAME).read_text())
+    with pytest.raises(ValueError, match="has no quantized weight to fuse"):
+        genai.fuse_folder(tiny_genai, tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.slow
 def test_folder_perplexity_through_the_kv_graph_equals_the_no_cache_graphs(tiny_genai, tiny_hf, tmp_path):
     """Perplexity of the genai folder (its KV graph, each window with an empty past) against lowbit's own
     export of the same model without a cache (``input_ids -> logits``)."""
@@ -485,3 +507,54 @@ def test_smollm2_genai_folder_generates_torch_greedy_tokens(smollm2_available, t
     with torch.no_grad():
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt) :].tolist()
     assert genai.greedy_tokens(folder, prompt, 16) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The generation benchmark (tools/dev/bench_generate.py)
+
+
+def test_bench_generate_plot_has_one_point_per_row():
+    import xml.etree.ElementTree as ET
+
+    from lowbit.tools.dev import bench_generate
+
+    results = {
+        name: {"mb": mb, "perplexity": ppl, "prompt_ms": 1.0, "decode_tok_s": 2.0, "peak_rss_mb": 3.0}
+        for name, mb, ppl in [("builder fp32", 540.3, 45.2), ("lowbit W3 <x>, portable", 70.0, 58.0), ("b", 86.5, 60)]
+    }
+    root = ET.fromstring(bench_generate.svg_plot(results))
+    circles = root.findall("{http://www.w3.org/2000/svg}circle")
+    assert [circle.get("fill") for circle in circles] == ["#888888", "none", "#4878a8"]
+    xs, ys = [float(c.get("cx")) for c in circles], [float(c.get("cy")) for c in circles]
+    assert xs[1] < xs[2] < xs[0] and ys[0] > ys[1] > ys[2]  # more MB to the right, lower perplexity further down
+    assert bench_generate.table_line("r", results["b"]) == "| r | 86.5 | 60.00 | 1 | 2.0 | 3 |"
+
+
+@pytest.mark.slow
+def test_bench_generate_on_the_tiny_model(tiny_hf, tmp_path, capsys, og):
+    from lowbit.tools.dev import bench_generate
+
+    corpus = tmp_path / "calibration.txt"
+    corpus.write_text(TEXT)
+    workdir = tmp_path / "bench"
+    rows = ["builder-fp32", "builder-int4", "builder-int4-fp32-head", "lowbit-w4-head-emb-portable"]
+    argv = [
+        *("--model", str(tiny_hf[0]), "--workdir", str(workdir), "--bits", "4", "--windows", "2", "--length", "32"),
+        *("--prompt-tokens", "8", "--new-tokens", "6", "--calibration-windows", "4", "--calibration-length", "32"),
+        *("--calibration-text", str(corpus), "--rows", *rows, "lowbit-w4-head-emb-fused"),
+    ]
+    bench_generate.main(argv)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 + 5 and all(line.startswith("| ") for line in out[3:])  # header, table head, a line per row
+    results = json.loads((workdir / "results.json").read_text())
+    assert list(results) == [
+        row.name for row in bench_generate.default_rows([4]) if row.folder in (*rows, "lowbit-w4-head-emb-fused")
+    ]
+    fp32, int4, int4_fp32_head, portable, fused = results.values()
+    assert int4["mb"] < int4_fp32_head["mb"] < fp32["mb"] and portable["mb"] < fp32["mb"]
+    assert fused["perplexity"] == pytest.approx(portable["perplexity"], rel=1e-4)  # the fusion is lossless
+    assert all(result["decode_tok_s"] > 0 and result["peak_rss_mb"] > 0 for result in results.values())
+    assert (workdir / "perplexity_vs_mb.svg").read_text().count("<circle") == 5
+    stamps = {path.name: path.stat().st_mtime_ns for path in workdir.glob("*/model.onnx")}
+    bench_generate.main([*argv[:-5], "lowbit-w4-head-emb-fused"])  # reuses the folders it made
+    assert {path.name: path.stat().st_mtime_ns for path in workdir.glob("*/model.onnx")} == stamps
