@@ -120,16 +120,19 @@ int32_t HorizontalSum(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
 
-float Quantize(const float* x, const float* scale, const uint8_t* zero, const Int8Block& b, int32_t* words,
-               int32_t* corr) {
+// kWhole: the block is whole steps of 32 inputs from its first quad (the common case; no lane masks).
+template <bool kWhole>
+float QuantizeBlock(const float* x, const float* scale, const uint8_t* zero, const Int8Block& b, int32_t* words,
+                    int32_t* corr) {
   alignas(32) float xs[kMaxInputs + 32];
   const int64_t first = b.q0 * kQuad, inputs = (b.q1 - b.q0) * kQuad, count = b.q1 - b.q0;
   const int64_t padded = (inputs + 31) / 32 * 32;  // whole steps of 32 for the second loop, zeros past the block
   __m256i vmax = _mm256_setzero_si256();          // of |xs| as bit patterns: the order of the floats, NaN above Inf
   for (int64_t i = 0; i < padded; i += 8) {
-    const __m256i mask = InputMask(first + i, b.k0, b.k1);
-    __m256 v = _mm256_maskload_ps(x + first + i, mask);
-    if (scale) v = _mm256_mul_ps(v, _mm256_maskload_ps(scale + first + i, mask));
+    const __m256i mask = kWhole ? _mm256_set1_epi32(-1) : InputMask(first + i, b.k0, b.k1);
+    __m256 v = kWhole ? _mm256_loadu_ps(x + first + i) : _mm256_maskload_ps(x + first + i, mask);
+    if (scale)
+      v = _mm256_mul_ps(v, kWhole ? _mm256_loadu_ps(scale + first + i) : _mm256_maskload_ps(scale + first + i, mask));
     _mm256_store_ps(xs + i, v);
     vmax = _mm256_max_epu32(vmax, _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF)));
   }
@@ -152,9 +155,13 @@ float Quantize(const float* x, const float* scale, const uint8_t* zero, const In
     // int32 -> int8 in order: the packs work per 128-bit lane, the permutation puts the words back in order
     const __m256i bytes = _mm256_permutevar8x32_epi32(
         _mm256_packs_epi16(_mm256_packs_epi32(code[0], code[1]), _mm256_packs_epi32(code[2], code[3])), order);
-    const __m256i store = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count - i / kQuad)),
-                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    _mm256_maskstore_epi32(words + i / kQuad, store, bytes);
+    if (kWhole) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + i / kQuad), bytes);
+    } else {
+      const __m256i store = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count - i / kQuad)),
+                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      _mm256_maskstore_epi32(words + i / kQuad, store, bytes);
+    }
     if (zero) {  // codes past the block are 0: the zero-point bytes read there do not count
       const __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(zero + first + i));
       const __m256i low = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes)),
@@ -169,6 +176,13 @@ float Quantize(const float* x, const float* scale, const uint8_t* zero, const In
   }
   *corr = HorizontalSum(sums);
   return act;
+}
+
+float Quantize(const float* x, const float* scale, const uint8_t* zero, const Int8Block& b, int32_t* words,
+               int32_t* corr) {
+  const bool whole = b.k0 == b.q0 * kQuad && (b.k1 - b.k0) % 32 == 0;
+  return whole ? QuantizeBlock<true>(x, scale, zero, b, words, corr)
+               : QuantizeBlock<false>(x, scale, zero, b, words, corr);
 }
 
 }  // namespace

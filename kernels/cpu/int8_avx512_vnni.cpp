@@ -88,13 +88,16 @@ __mmask16 InputMask(int64_t base, int64_t k0, int64_t k1) {
   return static_cast<__mmask16>(((1u << high) - 1) & ~((1u << low) - 1));
 }
 
-float Quantize(const float* x, const float* scale, const uint8_t* zero, const Int8Block& b, int32_t* words,
-               int32_t* corr) {
+// kWhole: the block is whole steps of 16 inputs from its first quad (the common case; no lane masks).
+template <bool kWhole>
+float QuantizeBlock(const float* x, const float* scale, const uint8_t* zero, const Int8Block& b, int32_t* words,
+                    int32_t* corr) {
   alignas(64) float xs[kMaxInputs + 16];
   const int64_t first = b.q0 * kQuad, inputs = (b.q1 - b.q0) * kQuad, count = b.q1 - b.q0;
+  auto tail = [](int64_t left) { return static_cast<__mmask16>(left < 16 ? (1u << left) - 1 : 0xFFFF); };
   __m512i vmax = _mm512_setzero_si512();  // of |xs| as bit patterns: the order of the floats, NaN above Inf
   for (int64_t i = 0; i < inputs; i += 16) {
-    const __mmask16 m = InputMask(first + i, b.k0, b.k1);
+    const __mmask16 m = kWhole ? 0xFFFF : InputMask(first + i, b.k0, b.k1);
     __m512 v = _mm512_maskz_loadu_ps(m, x + first + i);
     if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, scale + first + i));
     _mm512_store_ps(xs + i, v);
@@ -113,19 +116,24 @@ float Quantize(const float* x, const float* scale, const uint8_t* zero, const In
   const __m512 up = _mm512_set1_ps(inverse);
   for (int64_t i = 0; i < inputs; i += 16) {
     const __m512i code = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(xs + i), up));
-    const int64_t left = inputs - i < 16 ? inputs - i : 16;
-    _mm512_mask_cvtepi32_storeu_epi8(reinterpret_cast<int8_t*>(words) + i, static_cast<__mmask16>((1u << left) - 1),
-                                     code);
+    _mm512_mask_cvtepi32_storeu_epi8(reinterpret_cast<int8_t*>(words) + i, kWhole ? 0xFFFF : tail(inputs - i), code);
   }
   // corr: the words' dot products with the zero-point bytes (or ones)
   __m512i sums = _mm512_setzero_si512();
   for (int64_t i = 0; i < count; i += 16) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (count - i < 16 ? count - i : 16)) - 1);
+    const __mmask16 m = tail(count - i);
     const __m512i z = zero ? _mm512_maskz_loadu_epi32(m, zero + first + kQuad * i) : _mm512_set1_epi8(1);
     sums = _mm512_dpbusd_epi32(sums, z, _mm512_maskz_loadu_epi32(m, words + i));
   }
   *corr = _mm512_reduce_add_epi32(sums);
   return act;
+}
+
+float Quantize(const float* x, const float* scale, const uint8_t* zero, const Int8Block& b, int32_t* words,
+               int32_t* corr) {
+  const bool whole = b.k0 == b.q0 * kQuad && (b.k1 - b.k0) % 16 == 0;
+  return whole ? QuantizeBlock<true>(x, scale, zero, b, words, corr)
+               : QuantizeBlock<false>(x, scale, zero, b, words, corr);
 }
 
 }  // namespace
