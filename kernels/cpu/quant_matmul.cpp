@@ -1,6 +1,7 @@
 // lowbit::QuantMatMul on ONNX Runtime's CPU execution provider: input validation, preparation of the
-// group parameters, the choice of kernels (instruction set, GEMV or batched path) and threading through
-// ORT's ParallelFor. The op is specified in kernels/reference.py; the math lives in kernels_impl.h.
+// group parameters, the choice of kernels (instruction set; GEMV, integer or batched path; the int8-activation
+// path of int8.h when the attribute asks for it) and threading through ORT's ParallelFor. The op is specified
+// in kernels/reference.py; the math lives in kernels_impl.h, isa_avx512_vnni.cpp and int8*.cpp.
 #include "quant_matmul.h"
 
 #include <algorithm>
