@@ -1,0 +1,167 @@
+"""Non-uniform codes: every group of a ``[K, N]`` weight gets its own table of ``2**bits`` values, fitted by
+weighted 1-D k-means (SqueezeLLM's codebooks), pure NumPy, no graph code.
+
+Groups are laid out as in rtn.py: runs of ``block_size`` elements along ``axis`` of ``B[K, N]`` (axis 0:
+per-OC groups, ``g`` input channels of one output channel; axis 1: per-IC groups, ``g`` output channels of one
+input channel); ``block_size`` equal to the axis length gives one table per channel, the usual codebook setting,
+since a table of ``2**bits`` floats costs as much as ``2**bits`` scales. An element's code indexes its group's
+table, ``W[k, n] = table[group(k, n)][q[k, n]]``: no scale, no zero point, any spacing of the levels.
+
+The fit minimises ``sum_k c[k] * sum_n (W[k, n] - W_hat[k, n])^2`` per group with channel weights ``c`` (``diag(H)``:
+what an error on input channel k costs at the output, as in the clip search). Lloyd's iterations start from the
+group's min-max uniform grid, so the error never exceeds that grid's; a group with at most ``2**bits`` distinct
+values gets exactly those values, so weights already on a table come back exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from lowbit.passes.quant.rtn import check_weight
+
+#: Lloyd's iterations at most; it stops earlier once no group's error moves by more than ``_TOLERANCE``.
+MAX_ITERATIONS = 30
+_TOLERANCE = 1e-7
+
+#: Elements x table entries compared at once when codes are assigned (bounds the temporary arrays).
+_ASSIGN_CHUNK = 1 << 23
+
+
+@dataclasses.dataclass
+class CodebookWeight:
+    """Codes and per-group tables of one ``[K, N]`` weight."""
+
+    codes: np.ndarray  # uint8 [K, N], indices into the group's table
+    tables: np.ndarray  # float32 [groups along the axis, channels of the other axis, 2**bits] (axis 0: [G, N, T])
+    bits: int
+    block_size: int
+    block_axis: int
+
+    def group_index(self) -> np.ndarray:
+        """int64 ``[K, N]``: the row of ``tables.reshape(-1, T)`` that holds each element's table."""
+        k, n = self.codes.shape
+        if self.block_axis == 0:
+            return (np.arange(k) // self.block_size)[:, None] * n + np.arange(n)[None, :]
+        groups = self.tables.shape[1]
+        return np.arange(k)[:, None] * groups + (np.arange(n) // self.block_size)[None, :]
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weight: each code looked up in its group's table."""
+        entries = 1 << self.bits
+        return self.tables.reshape(-1)[self.group_index() * entries + self.codes]
+
+
+def fit_codebook(
+    weight: np.ndarray,
+    bits: int,
+    block_size: int,
+    axis: int,
+    channel_weights: np.ndarray | None = None,
+    iterations: int = MAX_ITERATIONS,
+) -> CodebookWeight:
+    """Fit a ``2**bits``-entry table per group of ``weight`` (weighted k-means) and code every element."""
+    weight = check_weight(weight)
+    if not 1 <= bits <= 8:
+        raise ValueError(f"codebook bits must be in 1..8, got {bits}")
+    if axis not in (0, 1):
+        raise ValueError(f"axis must be 0 or 1, got {axis}")
+    length = weight.shape[axis]
+    block_size = min(block_size, length) if block_size > 0 else length
+    row_weights = np.ones(weight.shape[0]) if channel_weights is None else np.asarray(channel_weights, np.float64)
+    if row_weights.shape != (weight.shape[0],) or not np.all(row_weights >= 0):
+        raise ValueError(f"channel_weights must be {weight.shape[0]} non-negative values, got {row_weights.shape}")
+    values, element_weights = _grouped(weight, row_weights, block_size, axis)
+    tables = _kmeans(values, element_weights, 1 << bits, iterations).astype(np.float32)
+    codes = _assign(values, tables)
+    groups = -(-length // block_size)
+    other = weight.shape[1 - axis]
+    table_shape = (groups, other) if axis == 0 else (other, groups)
+    return CodebookWeight(
+        codes=_ungrouped(codes, weight.shape, block_size, axis).astype(np.uint8),
+        tables=tables.reshape(*table_shape, 1 << bits),
+        bits=bits,
+        block_size=block_size,
+        block_axis=axis,
+    )
+
+
+def nearest_codes(values: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """Per row of ``values`` ``[P, L]``, the index of the nearest entry of that row's sorted table ``[P, T]``
+    (ties to the lower entry)."""
+    return _assign(np.asarray(values, np.float32), np.asarray(tables, np.float32))
+
+
+def _grouped(weight: np.ndarray, row_weights: np.ndarray, block_size: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[P, block_size]`` values of every group and their weights (a short last group padded with its
+    edge value at weight zero); groups ordered like the table shape of ``fit_codebook``."""
+    k, n = weight.shape
+    length = weight.shape[axis]
+    groups = -(-length // block_size)
+    padding = groups * block_size - length
+    pad = [(0, padding) if a == axis else (0, 0) for a in range(2)]
+    padded = np.pad(weight, pad, mode="edge")
+    real = np.pad(np.ones(weight.shape, bool), pad)
+    element_weights = np.where(real, np.pad(np.broadcast_to(row_weights[:, None], (k, n)), pad), 0.0)
+    if axis == 0:  # [G*g, N] -> [G, N, g]
+        to_groups = lambda a: a.reshape(groups, block_size, n).transpose(0, 2, 1).reshape(-1, block_size)  # noqa: E731
+    else:  # [K, G*g] -> [K, G, g]
+        to_groups = lambda a: a.reshape(-1, block_size)  # noqa: E731
+    return to_groups(padded), to_groups(element_weights)
+
+
+def _ungrouped(grouped: np.ndarray, shape: tuple[int, int], block_size: int, axis: int) -> np.ndarray:
+    k, n = shape
+    if axis == 0:
+        groups = grouped.shape[0] // n
+        full = grouped.reshape(groups, n, block_size).transpose(0, 2, 1).reshape(groups * block_size, n)
+    else:
+        full = grouped.reshape(k, -1)
+    return full[:k, :n]
+
+
+def _assign(values: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """Nearest-entry codes for sorted tables: the number of midpoints below each value."""
+    midpoints = (tables[:, 1:] + tables[:, :-1]) / 2
+    codes = np.empty(values.shape, dtype=np.uint8)
+    rows = max(1, _ASSIGN_CHUNK // max(1, values.shape[1] * midpoints.shape[1]))
+    for start in range(0, len(values), rows):
+        block = values[start : start + rows, :, None] > midpoints[start : start + rows, None, :]
+        codes[start : start + rows] = block.sum(axis=2)
+    return codes
+
+
+def _kmeans(values: np.ndarray, weights: np.ndarray, entries: int, iterations: int) -> np.ndarray:
+    """Sorted ``[P, entries]`` tables: weighted Lloyd per row, from the row's min-max uniform grid; rows with
+    at most ``entries`` distinct values get those values (padded with the largest)."""
+    low, high = values.min(axis=1, keepdims=True), values.max(axis=1, keepdims=True)
+    tables = (low + (high - low) * np.linspace(0.0, 1.0, entries)[None, :]).astype(np.float64)
+    rows = np.arange(len(values))[:, None] * entries
+    previous = None
+    for _ in range(iterations):
+        codes = _assign(values, tables.astype(np.float32)).astype(np.int64)
+        index = (rows + codes).ravel()
+        mass = np.bincount(index, weights.ravel(), minlength=tables.size).reshape(tables.shape)
+        total = np.bincount(index, (weights * values).ravel(), minlength=tables.size).reshape(tables.shape)
+        tables = np.where(mass > 0, total / np.where(mass > 0, mass, 1.0), tables)
+        tables.sort(axis=1)  # Lloyd keeps 1-D centroids ordered; a sort guards float ties
+        error = np.sum(weights * np.square(values - np.take_along_axis(tables, codes, axis=1)), axis=1)
+        if previous is not None and np.all(previous - error <= _TOLERANCE * np.maximum(previous, 1e-30)):
+            break
+        previous = error
+    exact = _distinct_tables(values, entries)
+    return np.where(np.isnan(exact), tables, exact)
+
+
+def _distinct_tables(values: np.ndarray, entries: int) -> np.ndarray:
+    """Per row: its sorted distinct values padded with the largest, where there are at most ``entries``;
+    NaN rows elsewhere."""
+    ordered = np.sort(values, axis=1)
+    new = np.concatenate([np.ones((len(values), 1), bool), np.diff(ordered, axis=1) > 0], axis=1)
+    distinct = new.sum(axis=1)
+    tables = np.full((len(values), entries), np.nan)
+    for row in np.flatnonzero(distinct <= entries):
+        found = ordered[row][new[row]]
+        tables[row] = np.concatenate([found, np.full(entries - len(found), found[-1])])
+    return tables

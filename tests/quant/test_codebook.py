@@ -1,0 +1,121 @@
+"""Codebook (k-means table) quantization: laws that hold for every weight (hypothesis) and edge cases."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from lowbit.passes.quant.codebook import CodebookWeight, fit_codebook
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+weights = st.integers(1, 19).flatmap(
+    lambda k: st.integers(1, 19).flatmap(lambda n: arrays(np.float32, (k, n), elements=finite))
+)
+layouts = st.tuples(st.sampled_from([1, 2, 3, 4]), st.sampled_from([-1, 1, 3, 4, 7, 16]), st.sampled_from([0, 1]))
+
+
+def weighted_error(weight, approx, channel_weights):
+    return float(np.sum(channel_weights[:, None] * np.square(weight.astype(np.float64) - approx)))
+
+
+def uniform_grid(weight, bits, block_size, axis):
+    """Each group rounded to the nearest of 2**bits evenly spaced levels between its min and max."""
+    out = np.empty(weight.shape, np.float64)
+    length = weight.shape[axis]
+    block_size = length if block_size < 1 else min(block_size, length)
+    for start in range(0, length, block_size):
+        part = weight[start : start + block_size] if axis == 0 else weight[:, start : start + block_size]
+        lines = part.T if axis == 0 else part
+        done = []
+        for line in lines.astype(np.float64):
+            levels = np.linspace(line.min(), line.max(), 1 << bits)
+            done.append(levels[np.argmin(np.abs(line[:, None] - levels[None, :]), axis=1)])
+        done = np.array(done)
+        if axis == 0:
+            out[start : start + block_size] = done.T
+        else:
+            out[:, start : start + block_size] = done
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(weights, layouts, st.integers(0, 2**31 - 1))
+def test_never_worse_than_the_uniform_grid_of_each_group(weight, layout, seed):
+    bits, block_size, axis = layout
+    channel_weights = np.random.default_rng(seed).uniform(0.0, 3.0, weight.shape[0])
+    fitted = fit_codebook(weight, bits, block_size, axis, channel_weights)
+    assert fitted.codes.dtype == np.uint8 and fitted.codes.shape == weight.shape
+    assert int(fitted.codes.max()) < 1 << bits
+    assert np.all(np.diff(fitted.tables, axis=-1) >= 0)
+    ours = weighted_error(weight, fitted.dequantize(), channel_weights)
+    grid = weighted_error(weight, uniform_grid(weight, bits, block_size, axis), channel_weights)
+    assert ours <= grid * (1 + 1e-5) + 1e-6 * float(np.sum(np.square(weight, dtype=np.float64)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), layouts, st.integers(0, 2**31 - 1))
+def test_weights_already_on_a_table_come_back_exactly(k, n, layout, seed):
+    bits, block_size, axis = layout
+    rng = np.random.default_rng(seed)
+    block = k if axis == 0 else n
+    block = block if block_size < 1 else min(block_size, block)
+    groups = -(-(k if axis == 0 else n) // block)
+    shape = (groups, n, 1 << bits) if axis == 0 else (k, groups, 1 << bits)
+    tables = np.sort(rng.normal(size=shape).astype(np.float32), axis=-1)
+    codes = rng.integers(0, 1 << bits, (k, n)).astype(np.uint8)
+    weight = CodebookWeight(codes, tables, bits, block, axis).dequantize()
+    fitted = fit_codebook(weight, bits, block_size, axis)
+    np.testing.assert_array_equal(fitted.dequantize(), weight)
+
+
+def test_dequantize_looks_up_each_elements_group_table():
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(13, 9)).astype(np.float32)
+    for axis, block in [(0, 4), (1, 4), (0, 13), (1, 9)]:
+        fitted = fit_codebook(weight, 2, block, axis)
+        expected = np.empty(weight.shape, np.float32)
+        for k in range(13):
+            for n in range(9):
+                table = fitted.tables[k // block, n] if axis == 0 else fitted.tables[k, n // block]
+                expected[k, n] = table[fitted.codes[k, n]]
+        np.testing.assert_array_equal(fitted.dequantize(), expected)
+
+
+def test_codebook_beats_the_uniform_grid_on_heavy_tailed_weights():
+    """Non-uniform levels pay off where values crowd near zero with a few far out (LLM weights)."""
+    weight = np.random.default_rng(1).standard_t(3, size=(256, 64)).astype(np.float32)
+    fitted = fit_codebook(weight, 3, -1, 0)
+    ones = np.ones(256)
+    assert weighted_error(weight, fitted.dequantize(), ones) < 0.5 * weighted_error(
+        weight, uniform_grid(weight, 3, -1, 0), ones
+    )
+
+
+def test_channel_weights_pull_the_levels_towards_costly_channels():
+    rng = np.random.default_rng(2)
+    weight = rng.normal(size=(64, 8)).astype(np.float32)
+    costly = np.ones(64)
+    costly[:8] = 1000.0
+    plain = fit_codebook(weight, 2, -1, 0)
+    weighted = fit_codebook(weight, 2, -1, 0, costly)
+    rows = slice(0, 8)
+    assert np.sum(np.square(weight[rows] - weighted.dequantize()[rows])) < np.sum(
+        np.square(weight[rows] - plain.dequantize()[rows])
+    )
+
+
+@pytest.mark.parametrize(
+    ("weight", "kwargs", "message"),
+    [
+        (np.ones((2, 2, 2), np.float32), {}, "2-D"),
+        (np.array([[np.nan]], np.float32), {}, "NaN"),
+        (np.ones((2, 2), np.float32), {"bits": 9}, "bits"),
+        (np.ones((2, 2), np.float32), {"axis": 2}, "axis"),
+        (np.ones((2, 2), np.float32), {"channel_weights": -np.ones(2)}, "channel_weights"),
+    ],
+)
+def test_bad_input_is_refused(weight, kwargs, message):
+    args = {"bits": 3, "block_size": -1, "axis": 0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        fit_codebook(weight, **args)

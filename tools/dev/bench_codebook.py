@@ -1,0 +1,168 @@
+"""Codebook (k-means table) codes against lowbit's integer grid at about the same bytes, on SmolLM2.
+
+    python -m lowbit.tools.dev.bench_codebook --bits 3 --out bench-codebook
+
+Every weight of the decoder layers (the head and the embedding stay float, as in the README's quality
+table) is replaced by its reconstruction under each format ("fake quantization": the float model with
+the quantized values, so the figure is the format's accuracy, not a kernel's); perplexity on othello
+windows, the H-weighted output error summed over the weights (``trace(dW^T H dW) / trace(W^T H W)``,
+the AdaDim criterion) and the stored bits per weight (codes + float32 scales and uint8 zero points, or
+codes + float32 tables). Rows stream as they finish; ``--out`` keeps the table in ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+import time
+
+import numpy as np
+import onnx_ir as ir
+
+import lowbit
+from lowbit.ir import analysis
+from lowbit.passes.quant.adadim import output_error
+from lowbit.passes.quant.codebook import fit_codebook
+from lowbit.passes.quant.gptq import quantize_gptq
+from lowbit.passes.quant.rtn import quantize_rtn
+from lowbit.passes.quant.scheme import QuantScheme
+from lowbit.runtime.calibration import collect
+from lowbit.tools import models, text
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """One row: how every weight is quantized; ``quantize(weight, hessian) -> (approx, stored bits)``."""
+
+    name: str
+    quantize: object
+
+
+def int_format(bits: int, group_size: int, axis: str, method: str, clip_search: bool) -> Format:
+    scheme = QuantScheme(bits=bits, group_size=group_size, group_axis=axis, method=method, clip_search=clip_search)
+
+    def quantize(weight, hessian):
+        if method == "gptq":
+            quantized = quantize_gptq(weight, hessian, scheme)
+        else:
+            quantized = quantize_rtn(weight, scheme, np.diag(hessian))
+        return quantized.dequantize(), weight.size * bits + quantized.scales.size * (32 + 8)
+
+    label = f"int{bits} g{group_size} {axis} {method}" + (" + clip" if clip_search else "")
+    return Format(label, quantize)
+
+
+def codebook_format(bits: int, block_size: int, axis: str) -> Format:
+    block_axis = 0 if axis == "oc" else 1
+
+    def quantize(weight, hessian):
+        fitted = fit_codebook(weight, bits, block_size, block_axis, np.diag(hessian))
+        return fitted.dequantize(), weight.size * bits + fitted.tables.size * 32
+
+    group = "per channel" if block_size < 1 else f"g{block_size}"
+    return Format(f"codebook{bits} {group} {axis}", quantize)
+
+
+def adadim(first: Format, second: Format) -> Format:
+    """Per weight, the format with the lower H-weighted output error (AdaDim's matrix selector)."""
+
+    def quantize(weight, hessian):
+        options = [first.quantize(weight, hessian), second.quantize(weight, hessian)]
+        return min(options, key=lambda option: output_error(weight, option[0], hessian))
+
+    return Format(f"{first.name} | {second.name.split()[-1]} (AdaDim)", quantize)
+
+
+def formats(bits: int, group_size: int, with_gptq: bool) -> list[Format]:
+    rows = [
+        int_format(bits, group_size, "oc", "rtn", True),
+        adadim(int_format(bits, group_size, "oc", "rtn", True), int_format(bits, group_size, "ic", "rtn", True)),
+        codebook_format(bits, -1, "oc"),
+        codebook_format(bits, -1, "ic"),
+        adadim(codebook_format(bits, -1, "oc"), codebook_format(bits, -1, "ic")),
+    ]
+    if with_gptq:
+        rows.insert(2, int_format(bits, group_size, "oc", "gptq", True))
+    return rows
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = out / "smollm2.fp32.onnx"
+    if not source.exists():
+        models.export_smollm2(source, cache=True)
+    tokenizer = models.smollm2_tokenizer()
+    feeds = text.calibration_feeds(tokenizer, ["input_ids"], args.calibration_length, args.calibration_windows)
+    stats = collect(lowbit.load(source), feeds, total=len(feeds))
+    windows = text.token_windows(tokenizer, text.evaluation_text(), 512, args.eval_windows)
+    from lowbit.tools.eval_perplexity import perplexity
+
+    rows = [{"format": "fp32", "perplexity": perplexity(str(source), windows), "bits": 32.0, "error": 0.0}]
+    _print_row(rows[0], header=True)
+    for fmt in formats(args.bits, args.group_size, args.gptq):
+        start = time.perf_counter()
+        model = lowbit.load(source)
+        stored_bits = weights = 0
+        errors = []
+        for use in analysis.weight_uses(model.graph):
+            if use.kind not in ("matmul",) or use.weight.const_value is None:
+                continue
+            weight = np.asarray(use.weight.const_value.numpy(), dtype=np.float32)
+            hessian = stats.for_use(use).hessian
+            approx, bits = fmt.quantize(weight, hessian)
+            energy = output_error(weight, np.zeros_like(weight), hessian)
+            errors.append(output_error(weight, approx, hessian) / energy if energy > 0 else 0.0)
+            use.weight.const_value = ir.tensor(np.asarray(approx, np.float32), name=use.weight.name)
+            stored_bits += bits
+            weights += weight.size
+        path = out / "fake_quantized.onnx"
+        lowbit.save(model, path)
+        row = {
+            "format": fmt.name,
+            "perplexity": perplexity(str(path), windows),
+            "bits": stored_bits / weights,
+            "error": float(np.mean(errors)),
+            "seconds": time.perf_counter() - start,
+        }
+        rows.append(row)
+        _print_row(row)
+    (out / "results.md").write_text(markdown(rows, args))
+    return rows
+
+
+def _print_row(row: dict, header: bool = False) -> None:
+    if header:
+        print(f"{'format':<48} {'bits/w':>7} {'mean rel. output error':>23} {'perplexity':>11}", flush=True)
+    print(f"{row['format']:<48} {row['bits']:>7.3f} {row['error']:>23.5f} {row['perplexity']:>11.4f}", flush=True)
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        f"SmolLM2, decoder weights at {args.bits} bits (head and embedding float), calibration "
+        f"{args.calibration_windows} x {args.calibration_length} tokens, perplexity on othello "
+        f"{args.eval_windows} x 512 tokens, fake quantization.",
+        "",
+        "| format | bits per weight | mean relative output error | perplexity |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {r['format']} | {r['bits']:.3f} | {r['error']:.5f} | {r['perplexity']:.4f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--group-size", type=int, default=128, help="group size of the integer rows")
+    parser.add_argument("--calibration-windows", type=int, default=32)
+    parser.add_argument("--calibration-length", type=int, default=256)
+    parser.add_argument("--eval-windows", type=int, default=10)
+    parser.add_argument("--gptq", action="store_true", help="add the integer GPTQ row (slower)")
+    parser.add_argument("--out", default="bench-codebook")
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
