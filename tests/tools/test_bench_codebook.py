@@ -1,0 +1,30 @@
+"""bench_codebook's rows: every format reconstructs the weight's shape and counts its stored bits."""
+
+import numpy as np
+import pytest
+
+from lowbit.passes.quant.adadim import output_error
+from lowbit.tools.dev import bench_codebook
+
+
+@pytest.mark.parametrize("gptq", [False, True])
+def test_every_format_reconstructs_and_counts_bits(gptq):
+    rng = np.random.default_rng(0)
+    weight = rng.standard_t(4, size=(1024, 96)).astype(np.float32)
+    activations = rng.normal(size=(2048, 1024)) * rng.uniform(0.1, 3.0, 1024)
+    hessian = activations.T @ activations
+    for fmt in bench_codebook.formats(3, 64, with_gptq=gptq):
+        approx, bits = fmt.quantize(weight, hessian)
+        assert approx.shape == weight.shape, fmt.name
+        assert 3 * weight.size < bits < 4 * weight.size, fmt.name  # codes plus a fraction for scales or tables
+        assert output_error(weight, approx, hessian) < output_error(weight, np.zeros_like(weight), hessian)
+
+
+def test_adadim_row_keeps_the_lower_error_of_its_two_formats():
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(128, 64)).astype(np.float32)
+    hessian = np.diag(rng.uniform(0.01, 100.0, 128))
+    first, second = bench_codebook.codebook_format(2, -1, "oc"), bench_codebook.codebook_format(2, -1, "ic")
+    chosen, _ = bench_codebook.adadim(first, second).quantize(weight, hessian)
+    errors = [output_error(weight, f.quantize(weight, hessian)[0], hessian) for f in (first, second)]
+    assert output_error(weight, chosen, hessian) == min(errors)
