@@ -10,8 +10,8 @@ from lowbit.tools.dev import bench_codebook
 @pytest.mark.parametrize("gptq", [False, True])
 def test_every_format_reconstructs_and_counts_bits(gptq):
     rng = np.random.default_rng(0)
-    weight = rng.standard_t(4, size=(1024, 96)).astype(np.float32)
-    activations = rng.normal(size=(2048, 1024)) * rng.uniform(0.1, 3.0, 1024)
+    weight = rng.standard_t(4, size=(768, 768)).astype(np.float32)
+    activations = rng.normal(size=(1536, 768)) * rng.uniform(0.1, 3.0, 768)
     hessian = activations.T @ activations
     for fmt in bench_codebook.formats(3, 64, with_gptq=gptq):
         approx, bits = fmt.quantize(weight, hessian)
