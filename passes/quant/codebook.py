@@ -19,6 +19,7 @@ import dataclasses
 
 import numpy as np
 
+from lowbit.passes.quant.gptq import HessianFactor, sweep
 from lowbit.passes.quant.rtn import check_weight
 
 #: Lloyd's iterations at most; it stops earlier once no group's error moves by more than ``_TOLERANCE``.
@@ -87,10 +88,30 @@ def fit_codebook(
     )
 
 
-def nearest_codes(values: np.ndarray, tables: np.ndarray) -> np.ndarray:
-    """Per row of ``values`` ``[P, L]``, the index of the nearest entry of that row's sorted table ``[P, T]``
-    (ties to the lower entry)."""
-    return _assign(np.asarray(values, np.float32), np.asarray(tables, np.float32))
+def quantize_gptq_codebook(
+    weight: np.ndarray, factor: HessianFactor, bits: int, block_size: int, axis: int, update_width: int = 128
+) -> CodebookWeight:
+    """Tables fitted on the original weight (``fit_codebook`` weighted by ``diag(H)``), then GPTQ's error
+    propagation (``gptq.sweep``) rounds each input channel, in the factor's order, to the nearest entries of
+    its tables: the tables stay fixed, like GPTQ's static groups, so the codes can move but the levels do not."""
+    fitted = fit_codebook(weight, bits, block_size, axis, factor.channel_weights)
+    num_cols = fitted.codes.shape[1]
+    codes = np.empty_like(fitted.codes)
+
+    def row_tables(k: int) -> np.ndarray:
+        """``[N, T]``: the table of each element of input channel ``k``."""
+        if fitted.block_axis == 0:
+            return fitted.tables[k // fitted.block_size]
+        return np.repeat(fitted.tables[k], fitted.block_size, axis=0)[:num_cols]
+
+    def round_row(row: int, values: np.ndarray, pending) -> np.ndarray:
+        k = factor.order[row]
+        tables = row_tables(k)
+        codes[k] = _assign(values[:, None], tables)[:, 0]
+        return np.take_along_axis(tables, codes[k][:, None].astype(np.int64), axis=1)[:, 0]
+
+    sweep(check_weight(weight), factor, round_row, update_width)
+    return dataclasses.replace(fitted, codes=codes)
 
 
 def _grouped(weight: np.ndarray, row_weights: np.ndarray, block_size: int, axis: int) -> tuple[np.ndarray, np.ndarray]:

@@ -116,14 +116,10 @@ def quantize_factored(
     """``quantize_gptq`` with the Hessian's factor given (``factor_hessian``), so that the weights and
     layouts that share a Hessian share its factorisation."""
     weight = check_weight(weight)
-    num_rows, num_cols = weight.shape
-    if factor.inv_chol.shape != (num_rows, num_rows):
-        raise ValueError(f"the Hessian factor is for {len(factor.inv_chol)} rows, the weight has shape {weight.shape}")
-    if update_width < 1:
-        raise ValueError(f"update_width must be positive, got {update_width}")
+    num_cols = weight.shape[1]
     group = scheme.block_size(weight.shape)
     axis = scheme.block_axis
-    order, inv_chol, channel_weights = factor.order, factor.inv_chol, factor.channel_weights
+    order, channel_weights = factor.order, factor.channel_weights
     static_groups = axis == 0 and factor.act_order
     max_code = (1 << scheme.bits) - 1
 
@@ -137,37 +133,60 @@ def quantize_factored(
         zero_points = np.empty(param_shape, dtype=np.uint8)
         offsets = np.empty(param_shape, dtype=np.float32)
     codes = np.empty(weight.shape, dtype=np.uint8)
-    current = weight[order]  # rows in processing order (a copy), updated in place as errors propagate
 
+    def round_row(row: int, values: np.ndarray, pending) -> np.ndarray:
+        original = order[row]
+        if axis == 1:
+            params = scheme_group_params(values[None], scheme, group, 1)
+            scales[original], zero_points[original] = params
+            offsets[original] = params[1]
+            row_scales = np.repeat(scales[original], group)[:num_cols]
+            row_offsets = np.repeat(offsets[original], group)[:num_cols]
+        else:
+            if not static_groups and row % group == 0:
+                index, group_rows = row // group, pending(row, row + group)
+                scales[index], zero_points[index] = scheme_group_params(
+                    group_rows, scheme, len(group_rows), 0, channel_weights[order[row : row + group]]
+                )
+                offsets[index] = zero_points[index]
+            index = original // group if static_groups else row // group
+            row_scales, row_offsets = scales[index], offsets[index]
+        codes[original], rounded = _round_row(values, row_scales, row_offsets, max_code)
+        return rounded
+
+    sweep(weight, factor, round_row, update_width)
+    return QuantizedWeight(codes, scales, zero_points, scheme.bits, group, axis, scheme.symmetric)
+
+
+def sweep(weight: np.ndarray, factor: HessianFactor, round_row, update_width: int = 128) -> None:
+    """GPTQ's error propagation over the rows of ``weight`` in ``factor.order``, for any grid.
+
+    ``round_row(row, values, pending)`` rounds the ``row``-th row in processing order (``values``: float32, with
+    every update so far) onto the grid and returns its float32 reconstruction, keeping the codes itself;
+    ``pending(first, last)`` gives rows ``first:last`` (processing order) with every update so far, for grids
+    whose parameters are made from rows not yet reached (GPTQ's groups without act-order).
+    """
+    num_rows, num_cols = weight.shape
+    if factor.inv_chol.shape != (num_rows, num_rows):
+        raise ValueError(f"the Hessian factor is for {len(factor.inv_chol)} rows, the weight has shape {weight.shape}")
+    if update_width < 1:
+        raise ValueError(f"update_width must be positive, got {update_width}")
+    inv_chol = factor.inv_chol
+    current = np.asarray(weight, dtype=np.float32)[factor.order]  # a copy, updated in place as errors propagate
     for start in range(0, num_rows, update_width):
         stop = min(start + update_width, num_rows)
         errors = np.empty((stop - start, num_cols), dtype=np.float32)
         for row in range(start, stop):
             local = row - start
-            original = order[row]
+
+            def pending(first: int, last: int, local=local, start=start, stop=stop, errors=errors) -> np.ndarray:
+                return _current_rows(current, inv_chol, errors[:local], start, stop, first, last)
+
             values = current[row]
-            if axis == 1:
-                params = scheme_group_params(values[None], scheme, group, 1)
-                scales[original], zero_points[original] = params
-                offsets[original] = params[1]
-                row_scales = np.repeat(scales[original], group)[:num_cols]
-                row_offsets = np.repeat(offsets[original], group)[:num_cols]
-            else:
-                if not static_groups and row % group == 0:
-                    group_rows = _current_rows(current, inv_chol, errors[:local], start, stop, row, row + group)
-                    index = row // group
-                    scales[index], zero_points[index] = scheme_group_params(
-                        group_rows, scheme, len(group_rows), 0, channel_weights[order[row : row + group]]
-                    )
-                    offsets[index] = zero_points[index]
-                index = original // group if static_groups else row // group
-                row_scales, row_offsets = scales[index], offsets[index]
-            codes[original], rounded = _round_row(values, row_scales, row_offsets, max_code)
+            rounded = round_row(row, values, pending)
             errors[local] = (values - rounded) / inv_chol[row, row]
             current[row + 1 : stop] -= inv_chol[row, row + 1 : stop, None] * errors[local]
         current[stop:] -= inv_chol[start:stop, stop:].T @ errors
-
-    return QuantizedWeight(codes, scales, zero_points, scheme.bits, group, axis, scheme.symmetric)
 
 
 def _inverse_hessian_cholesky(hessian: np.ndarray) -> np.ndarray:

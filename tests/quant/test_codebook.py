@@ -6,7 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from lowbit.passes.quant.codebook import CodebookWeight, fit_codebook
+from lowbit.passes.quant.adadim import output_error
+from lowbit.passes.quant.codebook import CodebookWeight, fit_codebook, quantize_gptq_codebook
+from lowbit.passes.quant.gptq import factor_hessian
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
 weights = st.integers(1, 19).flatmap(
@@ -119,3 +121,27 @@ def test_bad_input_is_refused(weight, kwargs, message):
     args = {"bits": 3, "block_size": -1, "axis": 0, **kwargs}
     with pytest.raises(ValueError, match=message):
         fit_codebook(weight, **args)
+
+
+@pytest.mark.parametrize(("block_size", "axis"), [(-1, 0), (-1, 1), (8, 0), (5, 1)])
+def test_gptq_with_a_diagonal_hessian_is_the_nearest_entry_rounding(block_size, axis):
+    """No correlation between input channels: no error to propagate, so GPTQ keeps the nearest codes."""
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(24, 20)).astype(np.float32)
+    hessian = np.diag(rng.uniform(0.5, 2.0, 24))
+    fitted = fit_codebook(weight, 2, block_size, axis, np.diag(hessian))
+    gptq = quantize_gptq_codebook(weight, factor_hessian(hessian, damp=0.0), 2, block_size, axis)
+    np.testing.assert_array_equal(gptq.tables, fitted.tables)
+    np.testing.assert_array_equal(gptq.codes, fitted.codes)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_gptq_lowers_the_output_error_on_correlated_inputs(axis):
+    rng = np.random.default_rng(4)
+    mixing = rng.normal(size=(64, 64)) + 3 * np.eye(64)
+    inputs = rng.normal(size=(2048, 64)) @ mixing
+    hessian = inputs.T @ inputs
+    weight = rng.normal(size=(64, 48)).astype(np.float32)
+    nearest = fit_codebook(weight, 3, -1, axis, np.diag(hessian)).dequantize()
+    gptq = quantize_gptq_codebook(weight, factor_hessian(hessian), 3, -1, axis).dequantize()
+    assert output_error(weight, gptq, hessian) < 0.8 * output_error(weight, nearest, hessian)

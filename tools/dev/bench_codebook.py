@@ -24,8 +24,8 @@ import onnx_ir as ir
 import lowbit
 from lowbit.ir import analysis
 from lowbit.passes.quant.adadim import output_error
-from lowbit.passes.quant.codebook import fit_codebook
-from lowbit.passes.quant.gptq import quantize_gptq
+from lowbit.passes.quant.codebook import fit_codebook, quantize_gptq_codebook
+from lowbit.passes.quant.gptq import factor_hessian, quantize_gptq
 from lowbit.passes.quant.rtn import quantize_rtn
 from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.runtime.calibration import collect
@@ -54,15 +54,19 @@ def int_format(bits: int, group_size: int, axis: str, method: str, clip_search: 
     return Format(label, quantize)
 
 
-def codebook_format(bits: int, block_size: int, axis: str) -> Format:
+def codebook_format(bits: int, block_size: int, axis: str, method: str = "rtn") -> Format:
+    """Tables by k-means; ``rtn``: each weight to its nearest entry, ``gptq``: GPTQ's sweep onto the tables."""
     block_axis = 0 if axis == "oc" else 1
 
     def quantize(weight, hessian):
-        fitted = fit_codebook(weight, bits, block_size, block_axis, np.diag(hessian))
+        if method == "gptq":
+            fitted = quantize_gptq_codebook(weight, factor_hessian(hessian), bits, block_size, block_axis)
+        else:
+            fitted = fit_codebook(weight, bits, block_size, block_axis, np.diag(hessian))
         return fitted.dequantize(), weight.size * bits + fitted.tables.size * 32
 
     group = "per channel" if block_size < 1 else f"g{block_size}"
-    return Format(f"codebook{bits} {group} {axis}", quantize)
+    return Format(f"codebook{bits} {group} {axis} {method}", quantize)
 
 
 def adadim(first: Format, second: Format) -> Format:
@@ -72,19 +76,22 @@ def adadim(first: Format, second: Format) -> Format:
         options = [first.quantize(weight, hessian), second.quantize(weight, hessian)]
         return min(options, key=lambda option: output_error(weight, option[0], hessian))
 
-    return Format(f"{first.name} | {second.name.split()[-1]} (AdaDim)", quantize)
+    return Format(f"{first.name} | {second.name} (AdaDim)", quantize)
 
 
 def formats(bits: int, group_size: int, with_gptq: bool) -> list[Format]:
-    rows = [
-        int_format(bits, group_size, "oc", "rtn", True),
-        adadim(int_format(bits, group_size, "oc", "rtn", True), int_format(bits, group_size, "ic", "rtn", True)),
-        codebook_format(bits, -1, "oc"),
-        codebook_format(bits, -1, "ic"),
-        adadim(codebook_format(bits, -1, "oc"), codebook_format(bits, -1, "ic")),
-    ]
-    if with_gptq:
-        rows.insert(2, int_format(bits, group_size, "oc", "gptq", True))
+    """The integer grid (per-OC, and AdaDim over both layouts) against per-channel codebooks (per-OC, per-IC,
+    AdaDim), by nearest rounding and, with ``with_gptq``, by GPTQ."""
+    methods = ("rtn", "gptq") if with_gptq else ("rtn",)
+    rows = []
+    for method in methods:
+        rows += [
+            int_format(bits, group_size, "oc", method, True),
+            adadim(int_format(bits, group_size, "oc", method, True), int_format(bits, group_size, "ic", method, True)),
+            codebook_format(bits, -1, "oc", method),
+            codebook_format(bits, -1, "ic", method),
+            adadim(codebook_format(bits, -1, "oc", method), codebook_format(bits, -1, "ic", method)),
+        ]
     return rows
 
 
