@@ -125,6 +125,12 @@ def test_svg_has_a_bar_per_result_and_parses():
     assert len(root.findall("{http://www.w3.org/2000/svg}rect")) == len(results)
 
 
+def test_thread_clock_probes_bandwidth_with_ort_on_its_own_thread(ops_library, capsys):
+    args = ["--quick", "--threads", "1", "--clock", "thread", "--shapes", "64x64", "--batches", "1"]
+    assert bench_matmul.main([*args, "--llc-bytes", str(1 << 20), "--methods", "fp32", "--modes", "resident"]) == 0
+    assert "streaming read (ORT fp32 MatMul of one row, one thread, its CPU time)" in capsys.readouterr().out
+
+
 def test_main_quick_prints_both_modes(ops_library, capsys, tmp_path):
     args = ["--quick", "--threads", "1", "--shapes", "128x64", "--batches", "1", "2", "--llc-bytes", str(1 << 20)]
     args += ["--methods", "fp32", "lowbit-oc4", "lowbit-oc3", "--json", str(tmp_path / "r.json")]

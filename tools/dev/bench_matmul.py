@@ -18,7 +18,8 @@ Two modes, each a table:
   from the OS). Every weight then comes from main memory, as in a model, which reads each weight once per
   token. Its ``%dram`` column is the rate (bytes of the stored weight, scales and zero points included, per
   second) as a share of the streaming-read bandwidth of a buffer of that size, measured in the same run
-  (NumPy/OpenBLAS sgemv on all CPUs, which reads a matrix once).
+  (NumPy/OpenBLAS sgemv on all CPUs, which reads a matrix once; with ``--clock thread``, ORT's fp32 MatMul
+  of one row on the same thread and clock as the kernels).
 * ``resident``: one weight called again and again; a weight smaller than the last-level cache stays there,
   so this measures the kernel's arithmetic, not what a model sees. Its ``%cache`` column is against the
   streaming read of a 16 MiB buffer read again and again.
@@ -239,6 +240,15 @@ class Bench:
             lambda: sess.run_with_iobinding(binding), self.seconds, min_runs=self.min_runs, clock=self.clock
         )
         return median / copies, best / copies
+
+    def stream_bandwidth(self, mode: str, llc_bytes: int, multiple: float) -> float:
+        """Bytes per second (best run) of ORT's fp32 MatMul of one row: a streaming read of a 16 MiB weight,
+        called again and again (``resident``) or of copies beyond ``multiple`` x the last-level cache."""
+        side = 2048 if mode == "resident" else 4096
+        kernel = make_kernel("fp32", np.ones((side, side), np.float32))
+        copies = 1 if mode == "resident" else copies_for(kernel.nbytes, llc_bytes, multiple)
+        sess = self.session(kernel, side, side, copies)
+        return kernel.nbytes / self.time_session(sess, np.ones((1, side), np.float32), side, copies)[1]
 
 
 def bench_shape(
@@ -469,21 +479,26 @@ def main(argv: list[str] | None = None) -> int:
     seconds = 0.05 if args.quick else 0.3
     llc = args.llc_bytes or last_level_cache_bytes()
     rng = np.random.default_rng(0)
-    # before any ORT session: its spinning worker threads would take the cores from the BLAS threads
-    bandwidth = {"resident": stream_bandwidth(16 << 20, seconds)}  # first: a big sgemv leaves BLAS threads idle
-    bandwidth["non-resident"] = stream_bandwidth(int(args.llc_multiple * llc), seconds)
+    bench = Bench(args.threads, seconds, min_runs=3 if args.quick else 5, clock=args.clock)
+    if args.clock == "wall":
+        # before any ORT session: its spinning worker threads would take the cores from the BLAS threads
+        bandwidth = {"resident": stream_bandwidth(16 << 20, seconds)}  # first: a big sgemv leaves BLAS threads idle
+        bandwidth["non-resident"] = stream_bandwidth(int(args.llc_multiple * llc), seconds)
+        probe = "NumPy sgemv, all CPUs"
+    else:  # the same thread and clock as the kernels: ORT's fp32 MatMul of one row (MLAS sgemv)
+        bandwidth = {mode: bench.stream_bandwidth(mode, llc, args.llc_multiple) for mode in MODES}
+        probe = "ORT fp32 MatMul of one row, one thread, its CPU time"
     print(
         f"ONNX Runtime {ort.__version__}, intra_op_num_threads={args.threads}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}, last-level cache {llc / 2**20:.0f} MiB, {args.clock} clock"
     )
     print(
-        f"streaming read (NumPy sgemv, all CPUs): {bandwidth['non-resident'] / 1e9:.1f} GB/s from a "
-        f"{args.llc_multiple * llc / 2**20:.0f} MiB buffer (%dram), {bandwidth['resident'] / 1e9:.1f} GB/s from a "
-        f"16 MiB one read again and again (%cache)",
+        f"streaming read ({probe}): {bandwidth['non-resident'] / 1e9:.1f} GB/s from "
+        f"{args.llc_multiple * llc / 2**20:.0f} MiB (%dram), {bandwidth['resident'] / 1e9:.1f} GB/s from "
+        f"16 MiB read again and again (%cache)",
         flush=True,
     )
     if not args.e2e_only:
-        bench = Bench(args.threads, seconds, min_runs=3 if args.quick else 5, clock=args.clock)
         results = []
         for shape in args.shapes:
             k, n = (int(x) for x in shape.lower().split("x"))
