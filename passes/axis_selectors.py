@@ -211,6 +211,7 @@ class SubgraphSelector:
         data_dirs = external_data_dirs(model)
         captured = _capture(proto, data_dirs, modules, samples)
         extractor = onnx.utils.Extractor(proto)
+        del proto  # the extractor holds its own (shape-inferred) copy: one copy of the weights less from here on
         flips, start_error, final_error = 0, 0.0, 0.0
         for module in tqdm(modules, desc="AdaDim selection", unit="module", leave=False):
             module_flips, start, final = self._search(extractor, data_dirs, module, plans, choices, captured)
@@ -281,15 +282,18 @@ def _capture(
     proto: onnx.ModelProto, data_dirs: Mapping[str, str], modules: list[Module], samples
 ) -> list[dict[str, np.ndarray]]:
     """Run the float model once per sample, returning every module's boundary values (``data_dirs``:
-    ``runtime.session.external_data_dirs`` of the model)."""
+    ``runtime.session.external_data_dirs`` of the model). The boundary values become extra outputs of
+    ``proto`` while its session is made (no copy of the weights), removed again afterwards."""
     names = sorted({name for module in modules for name in (*module.inputs, *module.outputs)})
     graph_inputs = {value.name for value in proto.graph.input}
     extra = [name for name in names if name not in graph_inputs]
-    with_outputs = onnx.ModelProto()
-    with_outputs.CopyFrom(proto)
-    existing = {output.name for output in with_outputs.graph.output}
-    with_outputs.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra if name not in existing)
-    sess = session_from_proto(with_outputs, data_dirs)
+    existing = {output.name for output in proto.graph.output}
+    added = [name for name in extra if name not in existing]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
+    try:
+        sess = session_from_proto(proto, data_dirs)
+    finally:
+        del proto.graph.output[len(proto.graph.output) - len(added) :]
     captured = []
     for sample in samples:
         values = dict(zip(extra, sess.run(extra, dict(sample))))

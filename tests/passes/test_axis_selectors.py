@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
-from lowbit.passes.axis_selectors import _module_boundaries
+from lowbit.passes.axis_selectors import Module, _capture, _module_boundaries
 from tests import factories
 
 
@@ -38,3 +39,21 @@ def test_a_graph_output_that_judges_no_new_weight_is_left_out():
     model, paths = _module_graph(present_output=True)
     inputs, outputs = _module_boundaries(model.graph, paths, "layer")
     assert inputs == ["x"] and outputs == ["a"]
+
+
+def test_capture_returns_the_boundary_values_and_leaves_the_model_as_it_was():
+    """The boundary values are extra outputs of the model's own proto while its session is made (no copy of
+    the weights); afterwards the proto's outputs are what they were."""
+    model = factories.mlp()
+    proto = ir.to_proto(model)
+    before = proto.SerializeToString()
+    module = Module("fc", ["x"], [model.graph.node(2).outputs[0].name, "y"], [])
+    samples = [factories.feeds_for(model, seed) for seed in (1, 2)]
+    captured = _capture(proto, {}, [module], samples)
+    assert proto.SerializeToString() == before
+    x = samples[1]["x"].astype(np.float64)
+    weights = {name: model.graph.initializers[name].const_value.numpy().astype(np.float64) for name in ("w1", "b1")}
+    hidden = np.maximum(x @ weights["w1"] + weights["b1"], 0)
+    np.testing.assert_allclose(captured[1][module.outputs[0]], hidden, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(captured[1]["x"], samples[1]["x"])
+    assert set(captured[0]) == {"x", *module.outputs}
