@@ -2,8 +2,9 @@
 //
 // vpmaddubsw multiplies u8 codes by s8 activation codes and adds adjacent pairs with int16 saturation;
 // vpmaddwd by ones then adds the pairs of a column's quad into int32. Codes of up to 4 bits keep a pair
-// within 2 * 15 * 127, far from saturation; 8-bit codes would not (2 * 255 * 127 > 2^15), so they are split
-// into their low 7 bits and bit 7, two exact products combined in int32.
+// within 2 * 15 * 127, so the pair sums of 8 quads still add up exactly in int16 before one vpmaddwd; 8-bit
+// codes would saturate (2 * 255 * 127 > 2^15), so they are split into their low 7 bits and bit 7, two exact
+// products combined in int32.
 #include <immintrin.h>
 
 #include <cstring>
@@ -39,30 +40,66 @@ __m256i CodeBytes(const uint8_t* block, int v) {
   return _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(4)));
 }
 
-// Per column (int32 lane): the dot product of its 4 code bytes with the 4 activation codes of d.
-template <int Layout>
-__m256i Dot(__m256i codes, __m256i d) {
+// Per column (int32 lane): the dot product of its 4 8-bit code bytes with the 4 activation codes of d.
+__m256i Dot8(__m256i codes, __m256i d) {
   const __m256i ones = _mm256_set1_epi16(1);
-  if (Layout != 8) return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, d), ones);
   const __m256i low = _mm256_and_si256(codes, _mm256_set1_epi8(0x7F));
   const __m256i high = _mm256_and_si256(_mm256_srli_epi16(codes, 7), _mm256_set1_epi8(1));
   return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(low, d), ones),
                           _mm256_slli_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(high, d), ones), 7));
 }
 
+// Quads whose vpmaddubsw pair sums (each at most 2 * 15 * 127, codes below 16) add up within int16.
+constexpr int64_t kInt16Quads = 32767 / (2 * 15 * kInt8Limit);
+
+int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// acc[v] = the int32 sums of column vector v over the block's quads. Codes below 16 (bits < 8, decoded)
+// sum kInt16Quads quads in int16 before vpmaddwd widens them, 4 column vectors at a time (registers).
+template <int Layout>
+__attribute__((always_inline)) inline void Sums(const uint8_t* codes, int64_t block_bytes, int64_t quads,
+                                                const int32_t* words, __m256i* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if (Layout == 8) {
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_si256();
+    for (int64_t q = 0; q < quads; ++q) {
+      const __m256i d = _mm256_set1_epi32(words[q]);
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v)
+        acc[v] = _mm256_add_epi32(acc[v], Dot8(CodeBytes<8>(codes + q * block_bytes, v), d));
+    }
+    return;
+  }
+#pragma GCC unroll 2
+  for (int half = 0; half < 2; ++half) {
+    __m256i wide[4];
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) wide[v] = _mm256_setzero_si256();
+    for (int64_t q0 = 0; q0 < quads; q0 += kInt16Quads) {
+      __m256i narrow[4];
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) narrow[v] = _mm256_setzero_si256();
+      for (int64_t q = q0, q1 = Min(quads, q0 + kInt16Quads); q < q1; ++q) {
+        const __m256i d = _mm256_set1_epi32(words[q]);
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v)
+          narrow[v] = _mm256_add_epi16(
+              narrow[v], _mm256_maddubs_epi16(CodeBytes<Layout>(codes + q * block_bytes, 4 * half + v), d));
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) wide[v] = _mm256_add_epi32(wide[v], _mm256_madd_epi16(narrow[v], ones));
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[4 * half + v] = wide[v];
+  }
+}
+
 // Row r of the tile: integer sums over the block's quads, then the epilogue into out.
 template <int Layout>
 void Row(const Int8Tile& t, const uint8_t* codes, int64_t block_bytes, int64_t r) {
   __m256i acc[8];
-#pragma GCC unroll 8
-  for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_si256();
-  const int32_t* words = t.words + r * t.word_stride;
-  for (int64_t q = 0; q < t.quads; ++q) {
-    const uint8_t* block = codes + q * block_bytes;
-    const __m256i d = _mm256_set1_epi32(words[q]);
-#pragma GCC unroll 8
-    for (int v = 0; v < 8; ++v) acc[v] = _mm256_add_epi32(acc[v], Dot<Layout>(CodeBytes<Layout>(block, v), d));
-  }
+  Sums<Layout>(codes, block_bytes, t.quads, t.words + r * t.word_stride, acc);
   const __m256 act = _mm256_set1_ps(t.act_scale[r * t.param_stride]);
   const __m256 corr = _mm256_set1_ps(static_cast<float>(t.corr[r * t.param_stride]));
   float* out = t.out + r * kTile;
