@@ -345,10 +345,11 @@ def optimize_folder(
     return result
 
 
-def fuse_folder(source: str | os.PathLike, out: str | os.PathLike):
+def fuse_folder(source: str | os.PathLike, out: str | os.PathLike, *, int8_activations: bool = False):
     """The fused form of a portable lowbit genai folder, written as the new folder ``out``: the passes that
-    ``Recipe(fused=True)`` adds after quantization (FuseQDQPass, CleanupPass), lossless with respect to the
-    portable graph, so one quantization serves both forms. Returns the fused ``onnx_ir.Model``."""
+    ``Recipe(fused=True, int8_activations=...)`` adds after quantization (FuseQDQPass, CleanupPass), lossless
+    with respect to the portable graph without int8 activations, so one quantization serves every form.
+    Returns the fused ``onnx_ir.Model``."""
     from lowbit.ir import files
     from lowbit.passes.cleanup import CleanupPass
     from lowbit.passes.fuse_qdq import FuseQDQPass
@@ -356,8 +357,7 @@ def fuse_folder(source: str | os.PathLike, out: str | os.PathLike):
     src, out = check_output_folder(source, out)
     model = load_decoder(src.model_path)
     read = files.files_read(model)
-    fuse = FuseQDQPass()
-    if not fuse(model).modified:
+    if not FuseQDQPass(int8_activations=int8_activations)(model).modified:
         raise ValueError(f"{str(source)!r} has no quantized weight to fuse (not a portable lowbit folder)")
     CleanupPass()(model)
     _write_folder(src, out, model, True, read)

@@ -6,8 +6,8 @@ lowbit's, on one model.
 Rows: builder fp32 (lowbit's ``export --genai``), builder int4 default (RTN, head and tied embedding int4,
 int8 activations), builder int4 with the head and embedding kept fp32 (``nodes_to_exclude``), and lowbit's
 recipes (W4 and W3 GPTQ AdaDim; head and embedding quantized or not; portable and fused, the fused folder
-made from the portable one by the lossless fusion passes; an int8-activation row where the Recipe has
-``int8_activations``). Columns: MB of the decoder files (model + external data, 1e6 bytes), perplexity
+made from the portable one by the lossless fusion passes; and the same fused with ``int8_activations``).
+Columns: MB of the decoder files (model + external data, 1e6 bytes), perplexity
 through the KV graph with an empty past (``lowbit eval FOLDER``), prompt ms and decode tokens/s of og
 (greedy, batch 1, exactly ``--new-tokens`` tokens after a ``--prompt-tokens`` prompt), peak RSS of the
 process that measured the row. Each row is measured in its own subprocess and printed as it comes;
@@ -38,7 +38,7 @@ LOWBIT_BASE = {"group_size": 128, "axis": "adadim", "method": "gptq", "choice_me
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One benchmark row: ``kind`` is ``builder`` (``precision``, ``options``), ``lowbit`` (``recipe``
-    keyword arguments) or ``fused`` (the fused form of the row named ``source``)."""
+    keyword arguments) or ``fused`` (the fused form of the row ``source``, with the fusion options ``recipe``)."""
 
     name: str
     folder: str
@@ -50,8 +50,6 @@ class Row:
 
 
 def default_rows(bits: Sequence[int] = (4, 3)) -> list[Row]:
-    import lowbit
-
     rows = [
         Row("builder fp32", "builder-fp32", "builder"),
         Row("builder int4 default", "builder-int4", "builder", "int4"),
@@ -70,18 +68,16 @@ def default_rows(bits: Sequence[int] = (4, 3)) -> list[Row]:
             recipe = {"bits": width, **LOWBIT_BASE, "include_lm_head": head, "include_embeddings": head}
             rows.append(Row(f"{what}, portable", f"{slug}-portable", "lowbit", recipe=tuple(recipe.items())))
             rows.append(Row(f"{what}, fused", f"{slug}-fused", "fused", source=f"{slug}-portable"))
-    if "int8_activations" in {field.name for field in dataclasses.fields(lowbit.Recipe)}:
-        recipe = {"bits": bits[0], **LOWBIT_BASE, "include_lm_head": True, "include_embeddings": True}
-        recipe.update(fused=True, int8_activations=True)
-        slug = f"lowbit-w{bits[0]}-head-emb-int8"
-        rows.append(
-            Row(
-                f"lowbit W{bits[0]} head+embedding, fused, int8 activations",
-                slug,
-                "lowbit",
-                recipe=tuple(recipe.items()),
-            )
+    head = f"lowbit-w{bits[0]}-head-emb"
+    rows.append(
+        Row(
+            f"lowbit W{bits[0]} g128 GPTQ AdaDim, head+embedding, fused, int8 activations",
+            f"{head}-fused-int8",
+            "fused",
+            recipe=(("int8_activations", True),),
+            source=f"{head}-portable",
         )
+    )
     return rows
 
 
@@ -120,7 +116,10 @@ def make_folder(row: Row, rows: dict[str, Row], args, workdir: pathlib.Path) -> 
     record_path = workdir / f"{row.folder}.recipe.json"
     if row.kind == "fused":
         source = make_folder(rows_by_folder(rows)[row.source], rows, args, workdir)
-        record = {"fused_from": _recipe_record(rows_by_folder(rows)[row.source], args)}
+        record = {
+            "fused_from": _recipe_record(rows_by_folder(rows)[row.source], args),
+            **dict(row.recipe),
+        }
     elif row.kind == "lowbit":
         record = _recipe_record(row, args)
     else:
@@ -138,7 +137,7 @@ def make_folder(row: Row, rows: dict[str, Row], args, workdir: pathlib.Path) -> 
     if row.kind == "builder":
         genai.build_genai(_hf_folder(args, workdir), out, precision=row.precision, extra_options=row.options)
     elif row.kind == "fused":
-        genai.fuse_folder(source, out)
+        genai.fuse_folder(source, out, **dict(row.recipe))
     else:
         import lowbit
 
