@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import pathlib
 import pickle
 
@@ -73,13 +74,10 @@ class Measured:
 
 
 def measure(bench: Bench, args) -> Measured:
-    """Plans of the folded float model measured at every width (cached in ``--out/table.pkl``)."""
+    """Plans of the folded float model measured at every width."""
     model = FoldWeightsPass()(lowbit.load(bench.source)).model
     statistics = bench.statistics()
     plans = plan_weights(model.graph, SkipPolicy(), lambda uses: statistics.for_use(uses[0]).hessian).plans
-    cache = args.out / "table.pkl"
-    if cache.exists():
-        return Measured(model, plans, pickle.loads(cache.read_bytes()))
     scheme = QuantScheme(group_size=args.group_size, method=args.method, clip_search=args.clip_search)
     axes = ("oc", "ic") if args.axis == "adadim" else (args.axis,)
     selector = axis_selectors.make_selector(args.selector) if len(axes) > 1 else None
@@ -89,9 +87,7 @@ def measure(bench: Bench, args) -> Measured:
         kwargs = {"choice_method": args.choice_method or args.method, "method": args.method, "selector": selector}
         return choose(quantizer, width_plans, model=model, samples=statistics.samples, **kwargs)[0]
 
-    table = measure_widths(plans, tuple(args.widths), args.fused, choose_width)
-    cache.write_bytes(pickle.dumps(table, protocol=5))
-    return Measured(model, plans, table)
+    return Measured(model, plans, measure_widths(plans, tuple(args.widths), args.fused, choose_width))
 
 
 def statistics_cache(bench: Bench, path: pathlib.Path | None) -> None:
@@ -219,7 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     statistics_cache(bench, args.statistics)
     bench.run("fp32")
     measured = measure(bench, args)
-    for key in list(args.budgets) + [f"W{bits}" for bits in args.uniform]:
+    uniform = [f"W{bits}" for bits in args.uniform]
+    order = [key for pair in itertools.zip_longest(args.budgets, uniform) for key in pair if key is not None]
+    for key in order:  # budgets and uniform widths in turn, so that an interrupted run has both
         picks = measured.picks(key)
         stored = total_cost(measured.table.costs, picks)
         chosen = [measured.table.widths[pick] for pick in picks]
