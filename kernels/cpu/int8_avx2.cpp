@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "int8.h"
+#include "prefetch.h"
 
 namespace lowbit {
 namespace {
@@ -64,6 +65,7 @@ __attribute__((always_inline)) inline void Sums(const uint8_t* codes, int64_t bl
 #pragma GCC unroll 8
     for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_si256();
     for (int64_t q = 0; q < quads; ++q) {
+      PrefetchBlock(codes + q * block_bytes, block_bytes);  // 8-bit codes are read from the weight
       const __m256i d = _mm256_set1_epi32(words[q]);
 #pragma GCC unroll 8
       for (int v = 0; v < 8; ++v)
@@ -81,6 +83,7 @@ __attribute__((always_inline)) inline void Sums(const uint8_t* codes, int64_t bl
 #pragma GCC unroll 4
       for (int v = 0; v < 4; ++v) narrow[v] = _mm256_setzero_si256();
       for (int64_t q = q0, q1 = Min(quads, q0 + kInt16Quads); q < q1; ++q) {
+        if (Layout != kDecodedLayout && half == 0) PrefetchBlock(codes + q * block_bytes, block_bytes);
         const __m256i d = _mm256_set1_epi32(words[q]);
 #pragma GCC unroll 4
         for (int v = 0; v < 4; ++v)
@@ -120,10 +123,12 @@ void TileBits(const Int8Tile& t) {
     for (int64_t r = 0; r < t.rows; ++r) Row<Bits>(t, t.codes, t.block_bytes, r);
     return;
   }
-  for (int64_t q = 0; q < t.quads; ++q)
+  for (int64_t q = 0; q < t.quads; ++q) {
+    PrefetchBlock(t.codes + q * t.block_bytes, t.block_bytes);
     for (int v = 0; v < 8; ++v)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.decoded + q * kTile * kQuad + 32 * v),
                           CodeBytes<Bits>(t.codes + q * t.block_bytes, v));
+  }
   for (int64_t r = 0; r < t.rows; ++r) Row<kDecodedLayout>(t, t.decoded, kTile * kQuad, r);
 }
 

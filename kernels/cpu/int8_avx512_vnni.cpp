@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "int8.h"
+#include "prefetch.h"
 #include "vnni_codes.h"
 
 namespace lowbit {
@@ -16,8 +17,9 @@ constexpr int kRowsAtOnce = 4;
 constexpr int kMaxInputs = (kActivationBlock / kQuad + 1) * kQuad;  // of a block, from its first quad
 
 // Rows r0 .. r0 + R - 1 of the tile: integer sums over the block's quads, then the epilogue into out. (One
-// flat array of accumulators, always inlined: only so does GCC 12 keep them in registers.)
-template <int Bits, int R>
+// flat array of accumulators, always inlined: only so does GCC 12 keep them in registers.) kPacked: the codes
+// are the weight's (prefetched ahead), not the decoded scratch.
+template <int Bits, int R, bool kPacked>
 __attribute__((always_inline)) inline void Rows(const Int8Tile& t, const uint8_t* codes, int64_t block_bytes,
                                                 int64_t r0) {
   __m512i acc[R * 4];  // [row][column block]
@@ -26,6 +28,7 @@ __attribute__((always_inline)) inline void Rows(const Int8Tile& t, const uint8_t
   const int32_t* words = t.words + r0 * t.word_stride;
   for (int64_t q = 0; q < t.quads; ++q) {
     const uint8_t* block = codes + q * block_bytes;
+    if (kPacked) PrefetchBlock(block, block_bytes);
     __m512i d[R], bytes[4];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) d[r] = _mm512_set1_epi32(words[r * t.word_stride + q]);
@@ -50,14 +53,14 @@ __attribute__((always_inline)) inline void Rows(const Int8Tile& t, const uint8_t
   }
 }
 
-template <int Bits>
+template <int Bits, bool kPacked>
 void AllRows(const Int8Tile& t, const uint8_t* codes, int64_t block_bytes) {
   int64_t r = 0;
-  for (; r + kRowsAtOnce <= t.rows; r += kRowsAtOnce) Rows<Bits, kRowsAtOnce>(t, codes, block_bytes, r);
+  for (; r + kRowsAtOnce <= t.rows; r += kRowsAtOnce) Rows<Bits, kRowsAtOnce, kPacked>(t, codes, block_bytes, r);
   switch (t.rows - r) {
-    case 3: return Rows<Bits, 3>(t, codes, block_bytes, r);
-    case 2: return Rows<Bits, 2>(t, codes, block_bytes, r);
-    case 1: return Rows<Bits, 1>(t, codes, block_bytes, r);
+    case 3: return Rows<Bits, 3, kPacked>(t, codes, block_bytes, r);
+    case 2: return Rows<Bits, 2, kPacked>(t, codes, block_bytes, r);
+    case 1: return Rows<Bits, 1, kPacked>(t, codes, block_bytes, r);
     default: return;
   }
 }
@@ -65,11 +68,13 @@ void AllRows(const Int8Tile& t, const uint8_t* codes, int64_t block_bytes) {
 // More rows than one call of Rows share one unpacking of the codes to bytes (8-bit codes are bytes already).
 template <int Bits>
 void TileBits(const Int8Tile& t) {
-  if (Bits == 8 || t.rows <= kRowsAtOnce) return AllRows<Bits>(t, t.codes, t.block_bytes);
-  for (int64_t q = 0; q < t.quads; ++q)
+  if (Bits == 8 || t.rows <= kRowsAtOnce) return AllRows<Bits, true>(t, t.codes, t.block_bytes);
+  for (int64_t q = 0; q < t.quads; ++q) {
+    PrefetchBlock(t.codes + q * t.block_bytes, t.block_bytes);
     for (int cb = 0; cb < 4; ++cb)
       _mm512_storeu_si512(t.decoded + q * kTile * kQuad + 64 * cb, CodeBytes<Bits>(t.codes + q * t.block_bytes, cb));
-  AllRows<8>(t, t.decoded, kTile * kQuad);
+  }
+  AllRows<8, false>(t, t.decoded, kTile * kQuad);
 }
 
 void Tile(const Int8Tile& t) {
