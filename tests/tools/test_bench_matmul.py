@@ -81,6 +81,27 @@ def test_cycled_quant_matmul_matches_the_reference(ops_library, method):
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["fp32", "nbits-acc4", "lowbit-oc4"])
+def test_sessions_copy_the_in_memory_weights(ops_library, method, monkeypatch):
+    """Bench.session lets the data buffer go once the session exists: ONNX Runtime must have copied it."""
+    buffers = []
+    cycled = bench_matmul.cycled_model
+
+    def keep(*args):
+        model, data = cycled(*args)
+        buffers.append(data)
+        return model, data
+
+    monkeypatch.setattr(bench_matmul, "cycled_model", keep)
+    weight = np.random.default_rng(3).standard_normal((256, 128)).astype(np.float32)
+    sess = Bench(1, 0.0).session(make_kernel(method, weight), 256, 128, 2)
+    a = np.ones((1, 256), np.float32)
+    before = sess.run(None, {"A": a})
+    buffers[0][:] = 0
+    for y0, y1 in zip(before, sess.run(None, {"A": a})):
+        np.testing.assert_array_equal(y0, y1)
+
+
 def test_unknown_method_is_an_error():
     with pytest.raises(ValueError, match="unknown method 'lowbit-xx4'"):
         make_kernel("lowbit-xx4", np.zeros((4, 4), np.float32))
