@@ -235,7 +235,13 @@ def table_header() -> str:
 def svg_plot(results: dict[str, dict]) -> str:
     """Perplexity against MB, one labelled point per row (builder rows grey, lowbit's blue; hollow:
     portable), axes from the data. Plain SVG: no plotting library needed."""
-    width, height, left, right, top, bottom = 760, 440, 60, 250, 30, 50
+    legend = [
+        f"{index + 1}: {name} ({result['mb']:.1f} MB, {result['perplexity']:.2f})"
+        for index, (name, result) in enumerate(results.items())
+    ]
+    plot_width, height, left, top, bottom = 460, 440, 60, 30, 50
+    right = 20 + 6 * max(map(len, legend))  # room for the legend at about 6 px per character
+    width = left + plot_width + right
     xs = [result["mb"] for result in results.values()]
     ys = [result["perplexity"] for result in results.values()]
     x_low, x_high = 0.0, max(xs) * 1.05
@@ -270,8 +276,7 @@ def svg_plot(results: dict[str, dict]) -> str:
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{fill}" stroke="{color}" stroke-width="1.5"/>')
         parts.append(f'<text x="{x + 6:.1f}" y="{y - 4:.1f}" font-size="10">{index + 1}</text>')
         parts.append(
-            f'<text x="{width - right + 10}" y="{top + 14 * index + 10}" font-size="10">'
-            f"{index + 1}: {_escape(name)} ({result['mb']:.1f} MB, {result['perplexity']:.2f})</text>"
+            f'<text x="{width - right + 10}" y="{top + 14 * index + 10}" font-size="10">{_escape(legend[index])}</text>'
         )
     body = "\n".join(parts)
     return (
