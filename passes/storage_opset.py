@@ -10,9 +10,12 @@ onnx.checker would not accept (``invalid_nodes``), naming the nodes.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
 import onnxscript.version_converter
 
 from lowbit.ir import analysis, builders
@@ -29,11 +32,33 @@ def unsupported_ops(model: ir.Model, opset: int) -> list[str]:
             try:
                 schema = onnx.defs.get_schema(node.op_type, opset, "")
             except onnx.defs.SchemaError:
-                found.append(f"{node.op_type} node {node.name!r} (no such op in opset {opset})")
+                if not runtime_only_op(node.op_type, opset):
+                    found.append(f"{node.op_type} node {node.name!r} (no such op in opset {opset})")
                 continue
             if schema.deprecated:
                 found.append(f"{node.op_type} node {node.name!r} (deprecated since opset {schema.since_version})")
     return found
+
+
+@functools.cache
+def _runtime_default_domain_kernels() -> dict[str, list[tuple[int, int]]]:
+    """Op name -> opset ranges of ONNX Runtime's CPU kernels registered in the default domain."""
+    kernels: dict[str, list[tuple[int, int]]] = {}
+    for kernel in ort_state.get_all_opkernel_def():
+        if kernel.domain == "" and kernel.provider == "CPUExecutionProvider":
+            kernels.setdefault(kernel.op_name, []).append(tuple(kernel.version_range))
+    return kernels
+
+
+def runtime_only_op(op_type: str, opset: int) -> bool:
+    """An op that ONNX does not define but ONNX Runtime runs in the default domain at ``opset`` (its contrib
+    ops registered there, e.g. ``SimplifiedLayerNormalization``, which onnxruntime-genai's builder writes)."""
+    try:
+        onnx.defs.get_schema(op_type, opset, "")
+        return False
+    except onnx.defs.SchemaError:
+        pass
+    return any(low <= opset <= high for low, high in _runtime_default_domain_kernels().get(op_type, ()))
 
 
 def check_convertible(model: ir.Model, target: int) -> None:
@@ -121,6 +146,8 @@ def invalid_nodes(model: ir.Model, opset: int) -> list[str]:
     for graph in model.graphs():
         for node in graph:
             if node.domain != "" or analysis.subgraphs(node):  # a subgraph's own nodes are visited as well
+                continue
+            if runtime_only_op(node.op_type, opset):  # onnx.checker knows no schema for it; ORT runs it
                 continue
             try:
                 onnx.checker.check_node(ir.serde.serialize_node(node), context)

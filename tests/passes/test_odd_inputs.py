@@ -341,6 +341,30 @@ def test_ops_missing_from_the_storage_opset_are_refused_before_anything_changes(
     assert ir.to_proto(model).SerializeToString() == before
 
 
+def test_onnx_runtime_ops_of_the_default_domain_survive_the_storage_opset():
+    """onnxruntime-genai's builder writes SimplifiedLayerNormalization in the default domain: ONNX has no such
+    op, ONNX Runtime runs it at every opset, so 2-bit storage (opset 25) must neither refuse nor break it."""
+    rng = np.random.default_rng(2)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, K])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, N])
+    gamma = np.linspace(0.5, 1.5, K, dtype=np.float32)
+    nodes = [
+        helper.make_node("SimplifiedLayerNormalization", ["x", "gamma"], ["h"], name="norm", axis=-1, epsilon=1e-6),
+        helper.make_node("MatMul", ["h", "w"], ["z"], name="fc"),
+        helper.make_node("Relu", ["z"], ["y"], name="relu"),
+    ]
+    weight = _weight()
+    initializers = [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(weight, "w")]
+    model = _model(nodes, [x], [y], initializers, opset=21, value_info=False)
+    _optimize(model, bits=2)
+    assert model.opset_imports[""] == 25
+    feeds = {"x": rng.standard_normal((2, K)).astype(np.float32)}
+    normed = feeds["x"] / np.sqrt(np.mean(np.square(feeds["x"]), axis=-1, keepdims=True) + 1e-6) * gamma
+    w_hat, _ = _dequantized(model)
+    np.testing.assert_array_equal(w_hat, _reference(weight, bits=2))
+    np.testing.assert_allclose(_run(model, feeds)[0], np.maximum(normed @ w_hat, 0), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("opset", [13, 15, 17])
 def test_older_opsets_convert_to_a_model_onnx_runtime_runs(opset):
     """ReduceMean's axes moved from attribute to input at 18: the converter must rewrite it."""
