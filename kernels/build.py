@@ -172,8 +172,14 @@ def _sources() -> list[Path]:
     return [p for d in (CPU_DIR, CUDA_DIR) if d.is_dir() for p in d.iterdir() if p.is_file()] + [Path(__file__)]
 
 
+def newer_sources(library: Path = LIBRARY) -> list[str]:
+    """The sources (and this build script) changed after ``library`` was built: it would run old kernels."""
+    built = library.stat().st_mtime
+    return [p.name for p in _sources() if p.stat().st_mtime > built]
+
+
 def is_stale() -> bool:
-    return not LIBRARY.is_file() or max(p.stat().st_mtime for p in _sources()) > LIBRARY.stat().st_mtime
+    return not LIBRARY.is_file() or bool(newer_sources())
 
 
 def build(*, fetch: bool = True, cuda: bool | None = None, force: bool = False, log=print) -> Path:

@@ -1,4 +1,6 @@
-"""lowbit.runtime.session registers the op library, and says how to build it when it is missing."""
+"""lowbit.runtime.session registers the op library, and says how to build it when it is missing or stale."""
+
+import os
 
 import numpy as np
 import onnx
@@ -54,3 +56,31 @@ def test_missing_library_names_the_build_command(monkeypatch, tmp_path, lowbit_m
             session.session(lowbit_model[0], use_lowbit_ops=use_lowbit_ops)
     y = session.session(float_model).run(None, {"X": np.array([-1.0, 2.0], np.float32)})[0]
     np.testing.assert_array_equal(y, [0.0, 2.0])  # models without lowbit ops run as before
+
+
+def test_a_library_older_than_its_sources_is_refused_by_name(monkeypatch, lowbit_model, float_model):
+    """A stale library runs old kernels and ignores attributes added since (int8_activations): never silently."""
+    from lowbit.kernels import build
+
+    monkeypatch.delenv("LOWBIT_OPS_LIBRARY", raising=False)
+    if not build.LIBRARY.is_file():
+        pytest.skip("the op library is not built")
+    monkeypatch.setattr(build, "newer_sources", lambda library=build.LIBRARY: ["int8.cpp"])
+    assert not _lib.is_built()
+    for use_lowbit_ops in (None, True):
+        with pytest.raises(_lib.KernelsNotBuiltError, match=r"older than its sources \(int8.cpp\).*kernels/build.py"):
+            session.session(lowbit_model[0], use_lowbit_ops=use_lowbit_ops)
+    y = session.session(float_model).run(None, {"X": np.array([-1.0, 2.0], np.float32)})[0]
+    np.testing.assert_array_equal(y, [0.0, 2.0])
+
+
+def test_newer_sources_names_the_files_changed_after_the_build(monkeypatch, tmp_path):
+    from lowbit.kernels import build
+
+    (old := tmp_path / "old.cpp").write_text("")
+    (new := tmp_path / "new.cpp").write_text("")
+    (library := tmp_path / "lib.so").write_text("")
+    monkeypatch.setattr(build, "_sources", lambda: [old, new])
+    for path, when in ((old, 100), (library, 200), (new, 300)):
+        os.utime(path, (when, when))
+    assert build.newer_sources(library) == ["new.cpp"]
