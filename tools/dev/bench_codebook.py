@@ -7,13 +7,15 @@ table) is replaced by its reconstruction under each format ("fake quantization":
 the quantized values, so the figure is the format's accuracy, not a kernel's); perplexity on othello
 windows, the H-weighted output error summed over the weights (``trace(dW^T H dW) / trace(W^T H W)``,
 the AdaDim criterion) and the stored bits per weight (codes + float32 scales and uint8 zero points, or
-codes + float32 tables). Rows stream as they finish; ``--out`` keeps the table in ``results.md``.
+codes + float32 tables). Rows stream as they finish and are cached in ``--out/rows.json`` (a run that was
+stopped resumes); ``--out`` keeps the table in ``results.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import sys
 import time
@@ -101,15 +103,29 @@ def run(args: argparse.Namespace) -> list[dict]:
     source = out / "smollm2.fp32.onnx"
     if not source.exists():
         models.export_smollm2(source, cache=True)
+    cache = out / "rows.json"
+    setting = {k: getattr(args, k) for k in ("bits", "group_size", "calibration_windows", "calibration_length")}
+    setting["eval_windows"] = args.eval_windows
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    done = cached.get("rows", {}) if cached.get("setting") == setting else {}
     tokenizer = models.smollm2_tokenizer()
-    feeds = text.calibration_feeds(tokenizer, ["input_ids"], args.calibration_length, args.calibration_windows)
-    stats = collect(lowbit.load(source), feeds, total=len(feeds))
     windows = text.token_windows(tokenizer, text.evaluation_text(), 512, args.eval_windows)
     from lowbit.tools.eval_perplexity import perplexity
 
-    rows = [{"format": "fp32", "perplexity": perplexity(str(source), windows), "bits": 32.0, "error": 0.0}]
+    if "fp32" not in done:
+        done["fp32"] = {"format": "fp32", "perplexity": perplexity(str(source), windows), "bits": 32.0, "error": 0.0}
+    rows = [done["fp32"]]
     _print_row(rows[0], header=True)
+    todo = [fmt for fmt in formats(args.bits, args.group_size, args.gptq) if fmt.name not in done]
+    stats = None
+    if todo:
+        feeds = text.calibration_feeds(tokenizer, ["input_ids"], args.calibration_length, args.calibration_windows)
+        stats = collect(lowbit.load(source), feeds, total=len(feeds))
     for fmt in formats(args.bits, args.group_size, args.gptq):
+        if fmt.name in done:
+            rows.append(done[fmt.name])
+            _print_row(done[fmt.name])
+            continue
         start = time.perf_counter()
         model = lowbit.load(source)
         stored_bits = weights = 0
@@ -136,6 +152,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         }
         rows.append(row)
         _print_row(row)
+        done[fmt.name] = row
+        cache.write_text(json.dumps({"setting": setting, "rows": done}, indent=1))
     (out / "results.md").write_text(markdown(rows, args))
     return rows
 
