@@ -201,16 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--statistics", type=pathlib.Path, help="calibration statistics cache (pickle)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-budget"))
     args = parser.parse_args(argv)
-    setting = Setting(
-        args.model,
-        tuple(args.uniform),
-        args.group_size,
-        args.calibration_windows,
-        args.calibration_length,
-        args.eval_windows,
-        args.eval_length,
-        args.out,
-    )
+    setting = Setting.from_args(args, args.uniform)
     bench = Bench(setting)
     statistics_cache(bench, args.statistics)
     bench.run("fp32")

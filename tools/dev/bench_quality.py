@@ -52,6 +52,12 @@ class Setting:
     eval_length: int
     out: pathlib.Path
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, bits) -> Setting:
+        """The setting of a benchmark's parsed command line (the shared flags), measuring ``bits``."""
+        fields = ("group_size", "calibration_windows", "calibration_length", "eval_windows", "eval_length", "out")
+        return cls(args.model, tuple(bits), **{name: getattr(args, name) for name in fields})
+
 
 class Bench:
     """Runs and caches rows; the model-specific parts are the input feeds and the quality metric."""
@@ -275,16 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-length", type=int, default=512)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-quality"))
     args = parser.parse_args(argv)
-    setting = Setting(
-        args.model,
-        tuple(args.bits),
-        args.group_size,
-        args.calibration_windows,
-        args.calibration_length,
-        args.eval_windows,
-        args.eval_length,
-        args.out,
-    )
+    setting = Setting.from_args(args, args.bits)
     bench = Bench(setting)
     bench.all_rows()
     metric = "perplexity" if args.model == "smollm2" else "cosine"
