@@ -23,7 +23,6 @@ from lowbit.ir import analysis, builders, files
 from lowbit.kernels import packing
 from lowbit.passes.axis_selectors import WeightPlan, matrix_errors
 from lowbit.passes.quant import allocate
-from lowbit.passes.quant.adadim import output_error
 from lowbit.passes.quant.rtn import MAX_MAGNITUDE, QuantizedWeight, check_weight
 from lowbit.passes.quant.scheme import SUPPORTED_BITS
 from lowbit.passes.quantize_write import weight_type
@@ -228,7 +227,9 @@ def measure_widths(
     for position, plan in enumerate(plans):
         chosen = [width_plans[position].candidates[axis[position]] for width_plans, axis in zip(per_width, axes)]
         costs.append([stored_bytes(candidate, weight_type(plan.first), fused) for candidate in chosen])
-        errors.append([output_error(plan.weight, candidate.dequantize(), plan.hessian) for candidate in chosen])
+        errors.append(
+            [width_plans[position].output_errors()[axis[position]] for width_plans, axis in zip(per_width, axes)]
+        )
     return WidthTable(tuple(widths), per_width, axes, costs, errors)
 
 

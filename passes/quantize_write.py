@@ -10,7 +10,7 @@ import onnx_ir as ir
 from lowbit.ir import analysis, builders
 from lowbit.passes import axis_selectors
 from lowbit.passes.gemm_to_matmul import replace_gemm
-from lowbit.passes.quant.adadim import relative_output_error
+from lowbit.passes.quant import adadim
 from lowbit.passes.quant.rtn import fit_to_type, relative_error
 from lowbit.passes.report import WeightRecord
 
@@ -47,7 +47,9 @@ def write_weight(
     if plan.choice_errors is None and axis in axis_errors:  # AdaDim already measured the written candidate
         output_error = axis_errors[axis]
     elif plan.hessian is not None:
-        output_error = relative_output_error(plan.weight, reconstructed, plan.hessian)
+        output_error = adadim.relative(
+            adadim.output_error(plan.weight, reconstructed, plan.hessian), plan.output_energy()
+        )
     else:
         output_error = None
     return WeightRecord(
