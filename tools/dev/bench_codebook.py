@@ -6,9 +6,9 @@ Every weight of the decoder layers (the head and the embedding stay float, as in
 table) is replaced by its reconstruction under each format ("fake quantization": the float model with
 the quantized values, so the figure is the format's accuracy, not a kernel's); perplexity on othello
 windows, the H-weighted output error summed over the weights (``trace(dW^T H dW) / trace(W^T H W)``,
-the AdaDim criterion) and the stored bits per weight (codes + float32 scales and uint8 zero points, or
-codes + float32 tables). Rows stream as they finish and are cached in ``--out/rows.json`` (a run that was
-stopped resumes); ``--out`` keeps the table in ``results.md``.
+the AdaDim criterion) and the stored bits per weight (integer: ``quantize_plan.stored_bytes`` of the
+fused form; codebook: codes + float32 tables). Rows stream as they finish and are cached in
+``--out/rows.json`` (a run that was stopped resumes); ``--out`` keeps the table in ``results.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from lowbit.passes.quant.codebook import fit_codebook, quantize_gptq_codebook
 from lowbit.passes.quant.gptq import factor_hessian, quantize_gptq
 from lowbit.passes.quant.rtn import quantize_rtn
 from lowbit.passes.quant.scheme import QuantScheme
+from lowbit.passes.quantize_plan import stored_bytes
 from lowbit.runtime.calibration import collect
 from lowbit.tools import models, text
 
@@ -50,7 +51,7 @@ def int_format(bits: int, group_size: int, axis: str, method: str, clip_search: 
             quantized = quantize_gptq(weight, hessian, scheme)
         else:
             quantized = quantize_rtn(weight, scheme, np.diag(hessian))
-        return quantized.dequantize(), weight.size * bits + quantized.scales.size * (32 + 8)
+        return quantized.dequantize(), 8 * stored_bytes(quantized, ir.DataType.FLOAT, fused=True)
 
     label = f"int{bits} g{group_size} {axis} {method}" + (" + clip" if clip_search else "")
     return Format(label, quantize)
