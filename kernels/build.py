@@ -70,6 +70,7 @@ CPU_SOURCES = [
     ),
     ("op_io.cpp", [], True),
     ("quant_matmul.cpp", [], True),
+    ("quant_gather.cpp", [], True),
     ("register.cpp", [], True),
 ]
 CUDA_ARCHS = ("80", "86", "89", "90")

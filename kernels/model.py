@@ -1,4 +1,4 @@
-"""One-node ONNX models of ``lowbit::QuantMatMul``, for the kernel tests and benchmarks."""
+"""One-node ONNX models of ``lowbit::QuantMatMul`` and ``lowbit::QuantGather``, for the kernel tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ INPUT_NAMES = (
     "outlier_rows",
     "outlier_values",
 )
+GATHER_OP_TYPE = "QuantGather"
+#: QuantGather's input names in the op's order.
+GATHER_INPUT_NAMES = ("packed", "ids", "scales", "zero_points")
 
 
 @dataclasses.dataclass
@@ -112,6 +115,54 @@ def quant_matmul_model(
         "quant_matmul",
         graph_inputs,
         [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, y_shape)],
+        initializer=initializers,
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
+
+
+def quant_gather_model(
+    weights: QuantMatMulWeights, ids_shape: tuple[int | str, ...], *, constant_weights: bool = True
+) -> onnx.ModelProto:
+    """``Y = lowbit::QuantGather(packed, ids, scales[, zero_points])``: rows ``ids`` of the table ``W^T`` of
+    ``weights`` (a QuantMatMul weight ``W[K, N]``), ``ids`` an int64 graph input of ``ids_shape`` (str =
+    symbolic dim, ``()`` = a scalar), ``Y`` float32 ``[*ids_shape, K]``.
+
+    ``constant_weights=False`` makes the weight tensors graph inputs too (named as in ``GATHER_INPUT_NAMES``).
+    QuantGather has no permutation, bias or outlier inputs, so weights with any of them are refused.
+    """
+    if weights.perm is not None or weights.bias is not None or weights.outliers is not None:
+        raise ValueError(
+            "QuantGather reads packed, scales and zero_points only: weights must have no perm, bias or outliers"
+        )
+    arrays = {"packed": weights.packed, "scales": weights.scales, "zero_points": weights.zero_points}
+    graph_inputs = [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, list(ids_shape))]
+    initializers = []
+    node_inputs = []
+    for name in GATHER_INPUT_NAMES:
+        array = arrays.get(name)
+        if name == "ids" or array is not None:
+            node_inputs.append(name)
+        if array is None:
+            continue
+        if constant_weights:
+            initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        else:
+            elem_type = helper.np_dtype_to_tensor_dtype(np.asarray(array).dtype)
+            graph_inputs.append(helper.make_tensor_value_info(name, elem_type, list(np.shape(array))))
+    attributes = {
+        "bits": weights.bits,
+        "group_size": weights.group_size,
+        "group_axis": weights.group_axis,
+        "K": weights.K,
+        "N": weights.N,
+    }
+    node = helper.make_node(GATHER_OP_TYPE, node_inputs, ["Y"], domain=DOMAIN, **attributes)
+    graph = helper.make_graph(
+        [node],
+        "quant_gather",
+        graph_inputs,
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [*ids_shape, weights.K])],
         initializer=initializers,
     )
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)]

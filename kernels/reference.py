@@ -61,6 +61,26 @@ the block's ``X`` are 0. Then, with ``z`` the zero points::
     per-IC: Y[m, n] = sum over blocks b  a_j[m, b] * sum_{k in b} X_j[m, k] (q[k, n] - z[k, j]),  j = n // g
 
 The integer sums are exact; kernels multiply them by the float factors in any order.
+
+``lowbit::QuantGather`` (domain ``lowbit``, since version 1): ``Y = T[ids]`` with ``T = W^T`` the rows of an
+embedding table read as *columns* of a ``QuantMatMul`` weight ``W[K, N]`` (``K`` = the embedding width,
+``N`` = the vocabulary), from the same ``packed``, ``scales`` and ``zero_points``: a tied embedding and LM
+head store the table once. CPU only.
+
+Attributes: ``bits``, ``group_axis``, ``group_size``, ``K``, ``N``, as for ``QuantMatMul`` (the ones that
+describe ``W``).
+
+Inputs:
+
+0. ``packed``: uint8 ``[ceil(N / 64), ceil(K / 4), 32 * bits]``, as ``QuantMatMul``'s input 1.
+1. ``ids``: int64, any shape (rank 0 too), values in ``[-N, N)``; a negative id counts from the end
+   (``n = id + N``), as ONNX ``Gather``. Any other value is an error that names the op, the id and ``N``.
+2. ``scales``: float32, as ``QuantMatMul``'s input 2.
+3. ``zero_points`` (optional): uint8, as ``QuantMatMul``'s input 3 (absent: ``2**(bits - 1)``).
+
+Output: ``Y``, float32 ``[*ids.shape, K]``, ``Y[..., k] = float32(q[k, n] - z) * s`` with ``n = ids[...]``
+and ``(s, z)`` the parameters of the group holding ``(k, n)``: exactly column ``n`` of ``dequantize``'s
+``W`` (one float32 product per element, so kernels agree bitwise).
 """
 
 from __future__ import annotations
@@ -155,6 +175,34 @@ def quant_matmul(
         if outlier_pointers is not None:
             y = y + outlier_product(a, outlier_pointers, outlier_rows, outlier_values, K=K, N=N)
         return y
+
+
+def quant_gather(
+    packed: np.ndarray,
+    ids: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None = None,
+    *,
+    bits: int,
+    group_size: int,
+    group_axis: int,
+    K: int,
+    N: int,
+) -> np.ndarray:
+    """``lowbit::QuantGather`` (see the module docstring): columns ``ids`` of the packed ``W[K, N]``,
+    dequantized, float32 ``[*ids.shape, K]``."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"QuantGather: ids must be integers, got {ids.dtype}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    ids = ids.astype(np.int64)
+    bad = (ids < -N) | (ids >= N)
+    if np.any(bad):
+        raise IndexError(f"QuantGather: id {ids[bad].flat[0]} is out of range for N = {N} (ids must be in [{-N}, {N}))")
+    codes = packing.unpack(packed, bits, K, N)
+    weight = dequantize(codes, scales, zero_points, bits=bits, group_size=group_size, group_axis=group_axis)
+    return np.ascontiguousarray(weight.T[np.where(ids < 0, ids + N, ids)])
 
 
 def outlier_product(
