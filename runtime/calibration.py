@@ -1,7 +1,7 @@
 """Calibration: run the float model in ONNX Runtime and stream statistics of every weight's input.
 
-The activation input of every weight MatMul/Gemm is added as an extra graph output of a *copy* of the
-model; each calibration batch is run once and folded into a ``HessianAccumulator`` (``H = X^T X`` in
+The activation input of every weight MatMul/Gemm becomes a graph output of a *copy* of the model, whose own
+outputs, and the nodes that only they need (an LM's head), are dropped; each calibration batch is run once and folded into a ``HessianAccumulator`` (``H = X^T X`` in
 float64, per-channel abs-max and mean |x|, token count). Memory is O(sum of K^2) whatever the number
 of batches. Statistics are keyed by the activation's value name, so weights that read the same input
 (q/k/v, gate/up) share one H.
@@ -79,12 +79,48 @@ def weight_activations(model: ir.Model) -> dict[str, int]:
 
 
 def _session_with_outputs(model: ir.Model, names: list[str], providers: list[str] | None) -> ort.InferenceSession:
+    """A session whose outputs are ``names`` only: the model's own outputs are dropped and so is every node
+    that none of ``names`` depends on (an LM's head, the last layers past the last weight asked for), which
+    ONNX Runtime would otherwise run for nothing."""
     proto = ir.to_proto(model)
-    existing = {output.name for output in proto.graph.output}
-    for name in names:
-        if name not in existing:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    return session_from_proto(proto, external_data_dirs(model), providers=providers)
+    existing = {output.name: output for output in proto.graph.output}
+    outputs = [existing[name] if name in existing else onnx.ValueInfoProto(name=name) for name in names]
+    del proto.graph.output[:]
+    proto.graph.output.extend(outputs)
+    _keep_nodes_needed_for(proto.graph, names)
+    return session_from_proto(proto, external_data_dirs(model), providers=providers, consume=True)
+
+
+def _keep_nodes_needed_for(graph: onnx.GraphProto, names: list[str]) -> None:
+    """Remove (in place) the nodes of ``graph`` that no value of ``names`` depends on, and the initializers
+    only they read. Names a node's subgraphs read from the outer scope count as its inputs."""
+    needed = set(names)
+    kept = 0
+    for node in reversed(graph.node):
+        if any(output in needed for output in node.output):
+            kept += 1
+            needed.update(name for name in node.input if name)
+            needed.update(_outer_names(node))
+    if kept == len(graph.node):
+        return
+    # Deleted in place: extending a repeated field copies its messages, and the initializers hold the weights.
+    for index in reversed(range(len(graph.node))):
+        if not any(output in needed for output in graph.node[index].output):
+            del graph.node[index]
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name not in needed:
+            del graph.initializer[index]
+
+
+def _outer_names(node: onnx.NodeProto) -> set[str]:
+    """Every value name read inside ``node``'s subgraphs (a superset of what they read from outside)."""
+    found: set[str] = set()
+    for attribute in node.attribute:
+        for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            for inner in subgraph.node:
+                found.update(name for name in inner.input if name)
+                found.update(_outer_names(inner))
+    return found
 
 
 def collect(

@@ -162,9 +162,15 @@ def session_from_proto(
     data_dirs: Mapping[str, str],
     options: ort.SessionOptions | None = None,
     providers: list[str] | None = None,
+    *,
+    consume: bool = False,
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` on ``proto`` (CPU by default), its external data read from ``data_dirs``
     (``external_data_dirs`` of the model it was made from) whatever the working directory.
+
+    ``consume``: empty ``proto`` (``Clear``) once it is serialized, before ONNX Runtime reads it, so that a proto
+    holding the weights inline (made by ``ir.to_proto`` for this session only) is not a third copy of them
+    beside the serialized bytes and the session's own.
 
     Each data file is memory-mapped read-only and given to ONNX Runtime under its location
     (``add_external_initializers_from_files_in_memory``): no copy of the weights goes into the serialized
@@ -200,7 +206,11 @@ def session_from_proto(
     buffers = [files[location] for location in locations]
     if locations:
         options.add_external_initializers_from_files_in_memory(locations, buffers, [buffer.size for buffer in buffers])
-    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=providers or ["CPUExecutionProvider"])
+    serialized = proto.SerializeToString()
+    if consume:
+        proto.Clear()
+    sess = ort.InferenceSession(serialized, options, providers=providers or ["CPUExecutionProvider"])
+    del serialized
     sess._lowbit_data_files = buffers
     return sess
 

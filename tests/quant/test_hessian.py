@@ -40,6 +40,30 @@ def test_leading_axes_are_tokens_and_float32_is_accumulated_in_float64():
     assert accumulator.hessian.dtype == np.float64
 
 
+def test_float32_magnitudes_equal_their_float64_values_bit_for_bit():
+    """|x| and its maximum are taken in the activations' float32 and the sum accumulated in float64: the same
+    bits as taking all of them in float64."""
+    rng = np.random.default_rng(3)
+    batches = [(rng.standard_normal((2, 97, 24)) * rng.uniform(0.1, 40, 24)).astype(np.float32) for _ in range(5)]
+    accumulator = HessianAccumulator(24)
+    reference = HessianAccumulator(24)
+    for batch in batches:
+        accumulator.update(batch)
+        reference.update(batch.astype(np.float64))
+    np.testing.assert_array_equal(accumulator.abs_max, reference.abs_max)
+    np.testing.assert_array_equal(accumulator.abs_sum, reference.abs_sum)
+    np.testing.assert_array_equal(accumulator.hessian, reference.hessian)
+    flat = np.concatenate([batch.reshape(-1, 24) for batch in batches]).astype(np.float64)
+    np.testing.assert_array_equal(accumulator.abs_max, np.abs(flat).max(axis=0))
+
+
+def test_integer_activations_do_not_overflow_in_the_magnitudes():
+    accumulator = HessianAccumulator(2)
+    accumulator.update(np.array([[-128, 5]], dtype=np.int8))
+    np.testing.assert_array_equal(accumulator.abs_max, [128.0, 5.0])
+    np.testing.assert_array_equal(accumulator.hessian, [[16384.0, -640.0], [-640.0, 25.0]])
+
+
 def test_memory_does_not_grow_with_updates():
     accumulator = HessianAccumulator(16)
 

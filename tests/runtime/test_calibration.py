@@ -74,3 +74,46 @@ def test_the_pass_reports_the_seconds_of_a_collection_it_ran():
     given = CaptureCalibrationPass(collect(model, feeds))
     given(model)
     assert not any(key.startswith("seconds") for key in given.details)
+
+
+def test_the_session_runs_only_the_nodes_the_statistics_need():
+    """The model's outputs and every node after the last weight input asked for are dropped (an LM's head runs
+    for nothing otherwise), with the initializers only they read; the statistics stay the same."""
+    import onnx_ir as ir
+
+    from lowbit.runtime.calibration import _keep_nodes_needed_for, _session_with_outputs
+
+    model = factories.mlp()
+    proto = ir.to_proto(model)
+    _keep_nodes_needed_for(proto.graph, ["act_out"])
+    assert "w2" not in {tensor.name for tensor in proto.graph.initializer}
+    assert "w1" in {tensor.name for tensor in proto.graph.initializer}
+    assert all("act_out" not in node.input for node in proto.graph.node)
+    assert [value.name for value in _session_with_outputs(model, ["act_out"], None).get_outputs()] == ["act_out"]
+    batches = [factories.feeds_for(model, seed=seed) for seed in range(3)]
+    full = collect(model, batches)
+    for only in ({"act_out"}, {"x"}):
+        part = collect(model, batches, only=only)
+        for name in only:
+            np.testing.assert_array_equal(part.by_activation[name].hessian, full.by_activation[name].hessian)
+            np.testing.assert_array_equal(part.by_activation[name].abs_sum, full.by_activation[name].abs_sum)
+
+
+def test_nodes_whose_subgraphs_read_a_needed_value_are_kept():
+    import onnx
+
+    from lowbit.runtime.calibration import _keep_nodes_needed_for
+
+    then = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["h"], ["t"])], "then", [], [])
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Relu", ["x"], ["h"]),
+            onnx.helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=then),
+            onnx.helper.make_node("Neg", ["x"], ["unused"]),
+        ],
+        "g",
+        [],
+        [],
+    )
+    _keep_nodes_needed_for(graph, ["y"])
+    assert [node.op_type for node in graph.node] == ["Relu", "If"]
