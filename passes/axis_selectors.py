@@ -35,6 +35,7 @@ from lowbit.ir import analysis
 from lowbit.passes.quant.adadim import lowest, output_error, relative
 from lowbit.passes.quant.rtn import QuantizedWeight
 from lowbit.passes.quant.scheme import SELECTORS
+from lowbit.runtime.calibration import keep_nodes_needed_for
 from lowbit.runtime.session import external_data_dirs, session_from_proto
 
 
@@ -207,11 +208,12 @@ class SubgraphSelector:
                 "unmatched": self.unmatched,
             }
             return choices
-        proto = ir.to_proto(model)
         data_dirs = external_data_dirs(model)
-        captured = _capture(proto, data_dirs, modules, samples)
-        extractor = onnx.utils.Extractor(proto)
-        del proto  # the extractor holds its own (shape-inferred) copy: one copy of the weights less from here on
+        # The capture's proto is its session's only: emptied once serialized, so that the session is built beside
+        # one copy of the weights fewer. The extractor's proto (which it keeps, without a copy) is made after the
+        # capture's session is gone.
+        captured = _capture(ir.to_proto(model), data_dirs, modules, samples, consume=True)
+        extractor = onnx.utils.Extractor(ir.to_proto(model))
         flips, start_error, final_error = 0, 0.0, 0.0
         for module in tqdm(modules, desc="AdaDim selection", unit="module", leave=False):
             module_flips, start, final = self._search(extractor, data_dirs, module, plans, choices, captured)
@@ -255,8 +257,15 @@ class SubgraphSelector:
         weight_names = [plans[i].first.weight.name for i in module.plan_indices]
         sess = module_session(extractor, module, weight_names, data_dirs)
 
+        inputs: dict[tuple[int, str], np.ndarray] = {}  # each candidate dequantized once, not once per trial
+
+        def session_input(i: int, axis: str) -> np.ndarray:
+            if (i, axis) not in inputs:
+                inputs[i, axis] = plans[i].session_input(axis)
+            return inputs[i, axis]
+
         def error(assignment: dict[int, str]) -> float:
-            weights = {plans[i].first.weight.name: plans[i].session_input(assignment[i]) for i in module.plan_indices}
+            weights = {plans[i].first.weight.name: session_input(i, assignment[i]) for i in module.plan_indices}
             total = 0.0
             for sample in captured:
                 feeds = {name: sample[name] for name in module.inputs}
@@ -279,21 +288,30 @@ class SubgraphSelector:
 
 
 def _capture(
-    proto: onnx.ModelProto, data_dirs: Mapping[str, str], modules: list[Module], samples
+    proto: onnx.ModelProto, data_dirs: Mapping[str, str], modules: list[Module], samples, *, consume: bool = False
 ) -> list[dict[str, np.ndarray]]:
     """Run the float model once per sample, returning every module's boundary values (``data_dirs``:
     ``runtime.session.external_data_dirs`` of the model). The boundary values become extra outputs of
-    ``proto`` while its session is made (no copy of the weights), removed again afterwards."""
+    ``proto`` while its session is made (no copy of the weights), removed again afterwards; with ``consume``
+    the proto is the session's only: the nodes no boundary value needs are dropped (an LM's head) and it is
+    emptied once serialized (``session_from_proto(consume=True)``)."""
     names = sorted({name for module in modules for name in (*module.inputs, *module.outputs)})
     graph_inputs = {value.name for value in proto.graph.input}
     extra = [name for name in names if name not in graph_inputs]
-    existing = {output.name for output in proto.graph.output}
-    added = [name for name in extra if name not in existing]
-    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
-    try:
-        sess = session_from_proto(proto, data_dirs)
-    finally:
-        del proto.graph.output[len(proto.graph.output) - len(added) :]
+    if consume and extra:
+        del proto.graph.output[:]
+        proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra)
+        keep_nodes_needed_for(proto.graph, extra)
+        sess = session_from_proto(proto, data_dirs, consume=True)
+        added = []
+    else:
+        existing = {output.name for output in proto.graph.output}
+        added = [name for name in extra if name not in existing]
+        proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
+        try:
+            sess = session_from_proto(proto, data_dirs)
+        finally:
+            del proto.graph.output[len(proto.graph.output) - len(added) :]
     captured = []
     for sample in samples:
         values = dict(zip(extra, sess.run(extra, dict(sample))))

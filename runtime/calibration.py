@@ -87,11 +87,11 @@ def _session_with_outputs(model: ir.Model, names: list[str], providers: list[str
     outputs = [existing[name] if name in existing else onnx.ValueInfoProto(name=name) for name in names]
     del proto.graph.output[:]
     proto.graph.output.extend(outputs)
-    _keep_nodes_needed_for(proto.graph, names)
+    keep_nodes_needed_for(proto.graph, names)
     return session_from_proto(proto, external_data_dirs(model), providers=providers, consume=True)
 
 
-def _keep_nodes_needed_for(graph: onnx.GraphProto, names: list[str]) -> None:
+def keep_nodes_needed_for(graph: onnx.GraphProto, names: list[str]) -> None:
     """Remove (in place) the nodes of ``graph`` that no value of ``names`` depends on, and the initializers
     only they read. Names a node's subgraphs read from the outer scope count as its inputs."""
     needed = set(names)

@@ -57,3 +57,19 @@ def test_capture_returns_the_boundary_values_and_leaves_the_model_as_it_was():
     np.testing.assert_allclose(captured[1][module.outputs[0]], hidden, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(captured[1]["x"], samples[1]["x"])
     assert set(captured[0]) == {"x", *module.outputs}
+
+
+def test_a_consumed_capture_returns_the_same_values():
+    """``consume``: the proto is the capture session's only (pruned to the boundary values, emptied once
+    serialized); the values are those of a capture that leaves it as it was."""
+    model = factories.mlp()
+    module = Module("fc", ["x"], [model.graph.node(2).outputs[0].name], [])
+    samples = [factories.feeds_for(model, seed) for seed in (1, 2)]
+    kept = _capture(ir.to_proto(model), {}, [module], samples)
+    proto = ir.to_proto(model)
+    consumed = _capture(proto, {}, [module], samples, consume=True)
+    assert not proto.graph.node and not proto.graph.initializer
+    for left, right in zip(kept, consumed):
+        assert left.keys() == right.keys()
+        for name in left:
+            np.testing.assert_array_equal(left[name], right[name])

@@ -358,3 +358,21 @@ def test_an_embedding_alone_is_quantized_in_sequential_mode():
         calibration=[factories.feeds_for(model)],
     )
     assert [w.kind for w in result.report.weights] == ["embedding"]
+
+
+def test_block_selector_dequantizes_each_candidate_once(monkeypatch):
+    """The greedy search feeds a module's weights once per trial; each candidate is dequantized once and reused."""
+    calls: dict[tuple[int, str], int] = {}
+    original = WeightPlan.session_input
+
+    def counted(plan, axis):
+        calls[id(plan), axis] = calls.get((id(plan), axis), 0) + 1
+        return original(plan, axis)
+
+    monkeypatch.setattr(WeightPlan, "session_input", counted)
+    recipe = lowbit.Recipe(bits=2, group_size=16, axis="adadim", method="rtn", selector="block")
+    result, _ = _optimize(_llama(1), recipe, _feeds(2))
+    details = next(p for p in result.report.passes if p.name == "QuantizeWeightsPass").details
+    assert details["selection"]["modules"] == 2
+    assert calls and set(calls.values()) == {1}
+    assert len({plan for plan, _ in calls}) == 7

@@ -81,11 +81,11 @@ def test_the_session_runs_only_the_nodes_the_statistics_need():
     for nothing otherwise), with the initializers only they read; the statistics stay the same."""
     import onnx_ir as ir
 
-    from lowbit.runtime.calibration import _keep_nodes_needed_for, _session_with_outputs
+    from lowbit.runtime.calibration import _session_with_outputs, keep_nodes_needed_for
 
     model = factories.mlp()
     proto = ir.to_proto(model)
-    _keep_nodes_needed_for(proto.graph, ["act_out"])
+    keep_nodes_needed_for(proto.graph, ["act_out"])
     assert "w2" not in {tensor.name for tensor in proto.graph.initializer}
     assert "w1" in {tensor.name for tensor in proto.graph.initializer}
     assert all("act_out" not in node.input for node in proto.graph.node)
@@ -102,7 +102,7 @@ def test_the_session_runs_only_the_nodes_the_statistics_need():
 def test_nodes_whose_subgraphs_read_a_needed_value_are_kept():
     import onnx
 
-    from lowbit.runtime.calibration import _keep_nodes_needed_for
+    from lowbit.runtime.calibration import keep_nodes_needed_for
 
     then = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["h"], ["t"])], "then", [], [])
     graph = onnx.helper.make_graph(
@@ -115,5 +115,5 @@ def test_nodes_whose_subgraphs_read_a_needed_value_are_kept():
         [],
         [],
     )
-    _keep_nodes_needed_for(graph, ["y"])
+    keep_nodes_needed_for(graph, ["y"])
     assert [node.op_type for node in graph.node] == ["Relu", "If"]
