@@ -50,12 +50,26 @@ def _run(bench, kernel, k, n, copies, a):
     return outputs
 
 
+def _copy_kernel(kernel, i):
+    """The one-node kernel of copy ``i`` of a cycled model."""
+    tensors = [(name, None if array is None else bench_matmul.distinct_copy(array, i)) for name, array in kernel.tensors]
+    return bench_matmul.Kernel(kernel.op_type, kernel.domain, kernel.attributes, tensors)
+
+
+def test_cycled_copies_differ_in_content():
+    """ONNX Runtime serves identical pre-packed weights from one buffer: the copies must differ."""
+    kernel = make_kernel("nbits-acc4", np.random.default_rng(4).standard_normal((256, 64)).astype(np.float32))
+    for _, array in kernel.tensors:
+        copies = [bench_matmul.distinct_copy(array, i).tobytes() for i in range(3)]
+        assert copies[0] == np.ascontiguousarray(array).tobytes() and len(set(copies)) == 3
+
+
 def test_cycled_fp32_copies_each_compute_the_product():
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((40, 24)).astype(np.float32)
     a = rng.standard_normal((3, 40)).astype(np.float32)
-    for y in _run(Bench(1, 0.0), make_kernel("fp32", weight), 40, 24, 5, a):
-        np.testing.assert_allclose(y, a @ weight, rtol=1e-5, atol=1e-5)
+    for i, y in enumerate(_run(Bench(1, 0.0), make_kernel("fp32", weight), 40, 24, 5, a)):
+        np.testing.assert_allclose(y, a @ bench_matmul.distinct_copy(weight, i), rtol=1e-5, atol=1e-5)
 
 
 def test_cycled_matmulnbits_matches_the_dequantized_weight():
@@ -63,8 +77,11 @@ def test_cycled_matmulnbits_matches_the_dequantized_weight():
     weight = rng.standard_normal((256, 32)).astype(np.float32)
     a = rng.standard_normal((2, 256)).astype(np.float32)
     expected = a @ quantize_rtn(weight, QuantScheme(bits=4, group_size=128, group_axis="oc")).dequantize()
-    for y in _run(Bench(1, 0.0), make_kernel("nbits-acc0", weight), 256, 32, 3, a):
-        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+    kernel = make_kernel("nbits-acc0", weight)
+    outputs = _run(Bench(1, 0.0), kernel, 256, 32, 3, a)
+    np.testing.assert_allclose(outputs[0], expected, rtol=1e-4, atol=1e-4)
+    for i, y in enumerate(outputs):  # copy i computes with its own tensors
+        np.testing.assert_allclose(y, _run(Bench(1, 0.0), _copy_kernel(kernel, i), 256, 32, 1, a)[0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["lowbit-ic3", "lowbit-oc2"])
@@ -74,10 +91,11 @@ def test_cycled_quant_matmul_matches_the_reference(ops_library, method):
     a = rng.standard_normal((4, 256)).astype(np.float32)
     scheme = QuantScheme(bits=int(method[-1]), group_size=128, group_axis=method[-3:-1])
     weights = QuantMatMulWeights.from_quantized(quantize_rtn(weight, scheme))
-    expected = reference.quant_matmul(a, *weights.inputs(), **weights.attributes)
     kernel = make_kernel(method, weight)
     assert kernel.nbytes == weights.nbytes
-    for y in _run(Bench(1, 0.0), kernel, 256, 192, 2, a):
+    for i, y in enumerate(_run(Bench(1, 0.0), kernel, 256, 192, 2, a)):
+        inputs = [None if x is None else bench_matmul.distinct_copy(x, i) for x in weights.inputs()]
+        expected = reference.quant_matmul(a, *inputs, **weights.attributes)
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 

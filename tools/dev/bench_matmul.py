@@ -15,11 +15,11 @@ Two modes, each a table:
 
 * ``non-resident`` (the headline): each measurement runs one graph of many nodes, each with its own copy of
   the weight, so many that their bytes exceed ``--llc-multiple`` times the last-level cache (its size read
-  from the OS). Every weight then comes from main memory, as in a model, which reads each weight once per
-  token. Its ``%dram`` column is the rate (bytes of the stored weight, scales and zero points included, per
-  second) as a share of the streaming-read bandwidth of a buffer of that size, measured in the same run
-  (NumPy/OpenBLAS sgemv on all CPUs, which reads a matrix once; with ``--clock thread``, ORT's fp32 MatMul
-  of one row on the same thread and clock as the kernels).
+  from the OS), each copy different in content (``distinct_copy``). Every weight then comes from main memory,
+  as in a model, which reads each weight once per token. Its ``%dram`` column is the rate (bytes of the
+  stored weight, scales and zero points included, per second) as a share of the streaming-read bandwidth of
+  a buffer of that size, measured in the same run (NumPy/OpenBLAS sgemv on all CPUs, which reads a matrix
+  once; with ``--clock thread``, ORT's fp32 MatMul of one row on the same thread and clock as the kernels).
 * ``resident``: one weight called again and again; a weight smaller than the last-level cache stays there,
   so this measures the kernel's arithmetic, not what a model sees. Its ``%cache`` column is against the
   streaming read of a 16 MiB buffer read again and again.
@@ -156,10 +156,28 @@ def copies_for(nbytes: int, llc_bytes: int, multiple: float) -> int:
     return max(1, math.floor(multiple * llc_bytes / nbytes) + 1)
 
 
+def distinct_copy(array: np.ndarray, i: int) -> np.ndarray:
+    """Copy ``i`` of a weight tensor, different in content from every other copy but of the same kind:
+    float tensors (fp32 weights, scales) scaled by ``1 + i / 1024``, integer ones (codes, zero points) rolled
+    by ``i`` along their first axis (valid codes stay valid; a quad's padding stays in its quad). Copy 0 is
+    the tensor itself.
+
+    Identical copies are not all read from memory: with them, ONNX Runtime's MatMul and MatMulNBits ran as
+    fast as with one resident weight (apparently one pre-packed buffer serves every node); lowbit's op did not.
+    """
+    array = np.ascontiguousarray(array)
+    if i == 0:
+        return array
+    if array.dtype.kind == "f":
+        return np.ascontiguousarray(array * array.dtype.type(1 + i / 1024))
+    return np.ascontiguousarray(np.roll(array, i, axis=0))
+
+
 def cycled_model(kernel: Kernel, k: int, n: int, copies: int) -> tuple[onnx.ModelProto, np.ndarray]:
     """``copies`` nodes ``Y.i = kernel(A, copy i of its tensors)`` and the data file (one buffer) they read.
 
-    The tensors are external data of ``DATA_FILE``, given to ONNX Runtime in memory: no 2 GiB protobuf limit.
+    Each copy's tensors differ in content (:func:`distinct_copy`). The tensors are external data of
+    ``DATA_FILE``, given to ONNX Runtime in memory: no 2 GiB protobuf limit.
     """
     present = [(name, np.ascontiguousarray(array)) for name, array in kernel.tensors if array is not None]
     copy_bytes = sum(-(-array.nbytes // ALIGN) * ALIGN for _, array in present)
@@ -171,7 +189,7 @@ def cycled_model(kernel: Kernel, k: int, n: int, copies: int) -> tuple[onnx.Mode
             if array is None:
                 inputs.append("")
                 continue
-            array = np.ascontiguousarray(array)
+            array = distinct_copy(array, i)
             data[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)
             tensor = onnx.TensorProto(
                 name=f"{name}.{i}", dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype)
