@@ -36,7 +36,7 @@ from lowbit.passes.quant.adadim import lowest, output_error, relative
 from lowbit.passes.quant.rtn import QuantizedWeight
 from lowbit.passes.quant.scheme import SELECTORS
 from lowbit.runtime.calibration import keep_nodes_needed_for
-from lowbit.runtime.session import external_data_dirs, session_from_proto
+from lowbit.runtime.session import external_data_dirs, proto_sharing_initializers, session_from_proto
 
 
 @dataclasses.dataclass
@@ -209,14 +209,17 @@ class SubgraphSelector:
             }
             return choices
         data_dirs = external_data_dirs(model)
-        # The capture's proto is its session's only: emptied once serialized, so that the session is built beside
-        # one copy of the weights fewer. The extractor's proto (which it keeps, without a copy) is made after the
-        # capture's session is gone.
-        captured = _capture(ir.to_proto(model), data_dirs, modules, samples, consume=True)
-        extractor = onnx.utils.Extractor(ir.to_proto(model))
+        # Neither the capture's proto nor the extractor's holds the weights: their initializers are references to
+        # the model's own arrays (``proto_sharing_initializers``), which the sessions read in place. The capture's
+        # proto is its session's only (pruned, emptied once serialized).
+        proto, memory = proto_sharing_initializers(model)
+        captured = _capture(proto, data_dirs, modules, samples, consume=True, memory_files=memory)
+        proto, memory = proto_sharing_initializers(model)
+        extractor = onnx.utils.Extractor(proto)
+        del proto
         flips, start_error, final_error = 0, 0.0, 0.0
         for module in tqdm(modules, desc="AdaDim selection", unit="module", leave=False):
-            module_flips, start, final = self._search(extractor, data_dirs, module, plans, choices, captured)
+            module_flips, start, final = self._search(extractor, data_dirs, module, plans, choices, captured, memory)
             flips, start_error, final_error = flips + module_flips, start_error + start, final_error + final
         self.details = {
             "modules": len(modules),
@@ -251,11 +254,11 @@ class SubgraphSelector:
         return modules
 
     def _search(
-        self, extractor, data_dirs, module: Module, plans, choices: list[str], captured
+        self, extractor, data_dirs, module: Module, plans, choices: list[str], captured, memory_files=None
     ) -> tuple[int, float, float]:
         """Greedy flips inside one module; updates ``choices``; returns (flips, start error, final error)."""
         weight_names = [plans[i].first.weight.name for i in module.plan_indices]
-        sess = module_session(extractor, module, weight_names, data_dirs)
+        sess = module_session(extractor, module, weight_names, data_dirs, memory_files)
 
         inputs: dict[tuple[int, str], np.ndarray] = {}  # each candidate dequantized once, not once per trial
 
@@ -288,13 +291,20 @@ class SubgraphSelector:
 
 
 def _capture(
-    proto: onnx.ModelProto, data_dirs: Mapping[str, str], modules: list[Module], samples, *, consume: bool = False
+    proto: onnx.ModelProto,
+    data_dirs: Mapping[str, str],
+    modules: list[Module],
+    samples,
+    *,
+    consume: bool = False,
+    memory_files: Mapping[str, np.ndarray] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Run the float model once per sample, returning every module's boundary values (``data_dirs``:
     ``runtime.session.external_data_dirs`` of the model). The boundary values become extra outputs of
     ``proto`` while its session is made (no copy of the weights), removed again afterwards; with ``consume``
     the proto is the session's only: the nodes no boundary value needs are dropped (an LM's head) and it is
-    emptied once serialized (``session_from_proto(consume=True)``)."""
+    emptied once serialized (``session_from_proto(consume=True)``). ``memory_files``: in-memory external data
+    (``runtime.session.proto_sharing_initializers``)."""
     names = sorted({name for module in modules for name in (*module.inputs, *module.outputs)})
     graph_inputs = {value.name for value in proto.graph.input}
     extra = [name for name in names if name not in graph_inputs]
@@ -302,14 +312,14 @@ def _capture(
         del proto.graph.output[:]
         proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra)
         keep_nodes_needed_for(proto.graph, extra)
-        sess = session_from_proto(proto, data_dirs, consume=True)
+        sess = session_from_proto(proto, data_dirs, consume=True, memory_files=memory_files)
         added = []
     else:
         existing = {output.name for output in proto.graph.output}
         added = [name for name in extra if name not in existing]
         proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
         try:
-            sess = session_from_proto(proto, data_dirs)
+            sess = session_from_proto(proto, data_dirs, memory_files=memory_files)
         finally:
             del proto.graph.output[len(proto.graph.output) - len(added) :]
     captured = []
@@ -321,10 +331,15 @@ def _capture(
 
 
 def module_session(
-    extractor: onnx.utils.Extractor, module: Module, weight_names: list[str], data_dirs: Mapping[str, str]
+    extractor: onnx.utils.Extractor,
+    module: Module,
+    weight_names: list[str],
+    data_dirs: Mapping[str, str],
+    memory_files: Mapping[str, np.ndarray] | None = None,
 ) -> ort.InferenceSession:
     """The module's subgraph with its weights turned into graph inputs (fed with candidates); ``data_dirs``:
-    where the external data of the extracted model lies (``runtime.session.external_data_dirs``)."""
+    where the external data of the extracted model lies (``runtime.session.external_data_dirs``),
+    ``memory_files``: its in-memory external data (``runtime.session.proto_sharing_initializers``)."""
     sub = extractor.extract_model(module.inputs, module.outputs)
     weights = {tensor.name: tensor for tensor in sub.graph.initializer if tensor.name in weight_names}
     kept = [tensor for tensor in sub.graph.initializer if tensor.name not in weights]
@@ -332,7 +347,7 @@ def module_session(
     sub.graph.initializer.extend(kept)
     for name, tensor in weights.items():
         sub.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
-    return session_from_proto(sub, data_dirs)
+    return session_from_proto(sub, data_dirs, memory_files=memory_files)
 
 
 def make_selector(name: str):

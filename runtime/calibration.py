@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
 from lowbit.passes.quant.hessian import HessianAccumulator
-from lowbit.runtime.session import external_data_dirs, session_from_proto
+from lowbit.runtime.session import external_data_dirs, proto_sharing_initializers, session_from_proto
 
 
 @dataclasses.dataclass
@@ -82,13 +82,13 @@ def _session_with_outputs(model: ir.Model, names: list[str], providers: list[str
     """A session whose outputs are ``names`` only: the model's own outputs are dropped and so is every node
     that none of ``names`` depends on (an LM's head, the last layers past the last weight asked for), which
     ONNX Runtime would otherwise run for nothing."""
-    proto = ir.to_proto(model)
+    proto, memory = proto_sharing_initializers(model)
     existing = {output.name: output for output in proto.graph.output}
     outputs = [existing[name] if name in existing else onnx.ValueInfoProto(name=name) for name in names]
     del proto.graph.output[:]
     proto.graph.output.extend(outputs)
     keep_nodes_needed_for(proto.graph, names)
-    return session_from_proto(proto, external_data_dirs(model), providers=providers, consume=True)
+    return session_from_proto(proto, external_data_dirs(model), providers=providers, consume=True, memory_files=memory)
 
 
 def keep_nodes_needed_for(graph: onnx.GraphProto, names: list[str]) -> None:

@@ -17,6 +17,7 @@ Models with fused ``lowbit::`` ops need lowbit's custom-op library (``kernels/bu
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -164,9 +165,13 @@ def session_from_proto(
     providers: list[str] | None = None,
     *,
     consume: bool = False,
+    memory_files: Mapping[str, np.ndarray] | None = None,
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` on ``proto`` (CPU by default), its external data read from ``data_dirs``
     (``external_data_dirs`` of the model it was made from) whatever the working directory.
+
+    ``memory_files``: external data locations held in memory (uint8 arrays, ``proto_sharing_initializers``), read
+    before ``data_dirs``.
 
     ``consume``: empty ``proto`` (``Clear``) once it is serialized, before ONNX Runtime reads it, so that a proto
     holding the weights inline (made by ``ir.to_proto`` for this session only) is not a third copy of them
@@ -179,7 +184,7 @@ def session_from_proto(
     """
     options = session_options() if options is None else options
     external = [tensor for tensor in proto_tensors(proto.graph) if onnx.external_data_helper.uses_external_data(tensor)]
-    files: dict[str, np.ndarray] = {}
+    files: dict[str, np.ndarray] = dict(memory_files or {})
     for tensor in external:
         location = onnx.external_data_helper.ExternalDataInfo(tensor).location
         if location not in files:
@@ -220,3 +225,72 @@ def session_from_model(
 ) -> ort.InferenceSession:
     """``session_from_proto`` of an in-memory ``onnx_ir`` model, its external data read from its own folders."""
     return session_from_proto(ir.to_proto(model), external_data_dirs(model), options, providers)
+
+
+#: ONNX element types whose NumPy arrays (``onnx_ir``'s ``numpy()``) hold exactly the bytes ONNX stores.
+_SHAREABLE_TYPES = frozenset(
+    {
+        ir.DataType.FLOAT,
+        ir.DataType.FLOAT16,
+        ir.DataType.BFLOAT16,
+        ir.DataType.DOUBLE,
+        ir.DataType.INT8,
+        ir.DataType.UINT8,
+        ir.DataType.INT16,
+        ir.DataType.UINT16,
+        ir.DataType.INT32,
+        ir.DataType.UINT32,
+        ir.DataType.INT64,
+        ir.DataType.UINT64,
+    }
+)
+
+#: Prefix of the in-memory locations ``share_initializers`` gives ONNX Runtime (no file has such a name).
+_SHARED_LOCATION = "lowbit-in-memory/"
+
+
+def proto_sharing_initializers(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``ir.to_proto(model)`` whose large in-memory initializers are external references to ``model``'s own
+    arrays, and ``{location: uint8 array}`` for ``session_from_proto``'s ``memory_files``.
+
+    ``ir.to_proto`` would copy every inline weight into the proto, ``SerializeToString`` again, and ONNX Runtime
+    would parse them into its own: handed over as in-memory external data instead, the session reads the model's
+    arrays (for a model read from a file, views of its bytes) and none of those copies is made. Only main-graph
+    tensors of types whose NumPy bytes are ONNX's are shared, as the model holds them when this is called (the
+    session must be made before the model's weights change, and kept no longer than they are).
+    """
+    shared: dict[str, tuple[ir.Value, np.ndarray]] = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.dtype not in _SHAREABLE_TYPES:
+            continue
+        if tensor.nbytes <= SMALL_EXTERNAL_TENSOR:
+            continue
+        array = np.ascontiguousarray(tensor.numpy())
+        if array.dtype.byteorder != ">" and array.nbytes == tensor.nbytes:
+            shared[name] = (value, array)
+    saved = {name: value.const_value for name, (value, _) in shared.items()}
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    try:  # serialized without their data (onnx_ir skips an initializer without a value, with a warning)
+        logger.setLevel(logging.ERROR)
+        for value, _ in shared.values():
+            value.const_value = None
+        proto = ir.to_proto(model)
+    finally:
+        logger.setLevel(level)
+        for name, (value, _) in shared.items():
+            value.const_value = saved[name]
+    memory: dict[str, np.ndarray] = {}
+    for name, (value, array) in shared.items():
+        location = f"{_SHARED_LOCATION}{len(memory)}"
+        memory[location] = array.reshape(-1).view(np.uint8)
+        reference = proto.graph.initializer.add(
+            name=name,
+            dims=array.shape,
+            data_type=value.const_value.dtype.value,
+            data_location=onnx.TensorProto.EXTERNAL,
+        )
+        for key, entry in (("location", location), ("offset", "0"), ("length", str(array.nbytes))):
+            reference.external_data.add(key=key, value=entry)
+    return proto, memory
