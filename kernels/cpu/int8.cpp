@@ -29,7 +29,15 @@ int64_t Int8Plan::RowsBytes() const {
   return AlignUp(p_.M * words_ * 4) + AlignUp(p_.M * blocks * 4) * 2;
 }
 
+bool Int8Plan::StreamsTiles() const {
+  return p_.M == 1 && kernels_.tiles && (p_.group_axis == 0 || p_.groups == 1 || p_.group_size % kTile == 0);
+}
+
 int64_t Int8Plan::ScratchBytes() const {
+  if (StreamsTiles()) {  // out and column zero points per tile; per-IC a quantized group per tile
+    const int64_t per_ic = p_.group_axis == 1 ? kInt8MaxTiles * RowsBytes() : 0;
+    return 2 * AlignUp(kInt8MaxTiles * kTile * 4) + per_ic + 64;
+  }
   // out and the per-IC group's out [M][64], decoded codes, column zero points; per-IC two quantized groups
   const int64_t per_ic = p_.group_axis == 1 ? 2 * RowsBytes() : 0;
   return 2 * AlignUp(p_.M * kTile * 4) + AlignUp(kDecodedBytes) + AlignUp(kTile * 4) + per_ic + 64;
@@ -85,8 +93,67 @@ void Int8Plan::AddBlocks(const Int8Rows& rows, int64_t t, float* col_zero, uint8
   }
 }
 
+void Int8Plan::RunTiles(const float* a, const Int8Rows* shared, int64_t t0, int64_t t1, uint8_t* memory) const {
+  const int64_t blocks = static_cast<int64_t>(blocks_.size()), tile_bytes = p_.quads * p_.block_bytes;
+  float* out = reinterpret_cast<float*>(memory);  // [kInt8MaxTiles][64]
+  float* col_zero = out + kInt8MaxTiles * kTile;  // [kInt8MaxTiles][64]
+  uint8_t* slots = memory + 2 * AlignUp(kInt8MaxTiles * kTile * 4);
+  Int8Rows slot_rows[kInt8MaxTiles];
+  int64_t slot_group[kInt8MaxTiles] = {-1, -1, -1, -1};  // per-IC: the group quantized in each slot
+  const Int8Rows* rows[kInt8MaxTiles];
+
+  for (int64_t t = t0; t < t1; t += kInt8MaxTiles) {
+    const int count = static_cast<int>(Min(kInt8MaxTiles, t1 - t));
+    for (int64_t i = 0; i < count * kTile; ++i) out[i] = 0.0f;
+    for (int s = 0; s < count; ++s) {
+      rows[s] = shared;
+      if (p_.group_axis == 1) {  // the tile's output group (tiles of consecutive groups: distinct slots)
+        const int64_t j = (t + s) * kTile / p_.group_size;
+        const int slot = static_cast<int>(j % kInt8MaxTiles);
+        if (slot_group[slot] != j) {
+          const uint8_t* zero = zero_bytes_ + j * (p_.quads * kQuad + kZeroBytesPad);
+          slot_rows[slot] = Quantize(a, p_.params.scale + j * p_.K, zero, slots + slot * RowsBytes());
+          slot_group[slot] = j;
+        }
+        rows[s] = &slot_rows[slot];
+      }
+    }
+    Int8Tiles job{};
+    job.count = count;
+    job.bits = p_.bits;
+    job.block_bytes = p_.block_bytes;
+    int64_t zero_group = -1;
+    for (int64_t i = 0; i < blocks; ++i) {
+      const Int8Block& b = blocks_[i];
+      job.quads = b.q1 - b.q0;
+      for (int s = 0; s < count; ++s) {
+        job.codes[s] = p_.packed + (t + s) * tile_bytes + b.q0 * p_.block_bytes;
+        job.words[s] = rows[s]->words + b.word;
+        job.act_scale[s] = rows[s]->scale[i];
+        job.corr[s] = rows[s]->corr[i];
+        job.out[s] = out + s * kTile;
+        job.col_scale[s] = job.col_zero[s] = nullptr;
+        if (p_.group_axis == 0) {
+          const int64_t offset = ((t + s) * p_.groups + b.group) * kTile;
+          if (b.group != zero_group)
+            for (int c = 0; c < kTile; ++c) col_zero[s * kTile + c] = p_.params.zero[offset + c] - kMagic;
+          job.col_scale[s] = p_.params.scale + offset;
+          job.col_zero[s] = col_zero + s * kTile;
+        }
+      }
+      zero_group = b.group;
+      kernels_.tiles(job);
+    }
+    for (int s = 0; s < count; ++s) {
+      const int64_t n0 = (t + s) * kTile, columns = Min(kTile, p_.N - n0);
+      for (int64_t c = 0; c < columns; ++c) p_.y[n0 + c] = out[s * kTile + c] + (p_.bias ? p_.bias[n0 + c] : 0.0f);
+    }
+  }
+}
+
 void Int8Plan::Run(const float* a, const Int8Rows* shared, int64_t t0, int64_t t1, void* scratch) const {
   uint8_t* memory = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t{63});
+  if (StreamsTiles()) return RunTiles(a, shared, t0, t1, memory);
   const int64_t out_bytes = AlignUp(p_.M * kTile * 4);
   float* out = reinterpret_cast<float*>(memory);
   float* group_out = reinterpret_cast<float*>(memory + out_bytes);

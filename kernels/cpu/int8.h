@@ -50,10 +50,32 @@ struct Int8Tile {
 constexpr int64_t kDecodedBytes = (kActivationBlock / kQuad + 1) * kQuad * kTile;
 using Int8TileFn = void (*)(const Int8Tile& t);
 
+// One row (M = 1) reads every code once: the kernels then stream several tiles at once, each from its own
+// pages, instead of one after another (one stream of a single thread draws less from memory than several).
+constexpr int kInt8MaxTiles = 4;
+
+// One block of `count` (1 .. kInt8MaxTiles) tiles for one row: for each tile s,
+//   out[s][c] += act_scale[s] * col_scale[s][c] * (sum_q dot4(codes[s] of quad q, column c; words[s][q])
+//                                                   - col_zero[s][c] * corr[s])
+// the arithmetic of Int8Tile with rows = 1 (col_scale and col_zero: all null or none, as there).
+struct Int8Tiles {
+  int count, bits;
+  int64_t block_bytes, quads;
+  const uint8_t* codes[kInt8MaxTiles];  // the packed block of quad q0 of each tile
+  const int32_t* words[kInt8MaxTiles];  // the row's words of the block, per tile (per-IC: its group's)
+  float act_scale[kInt8MaxTiles];
+  int32_t corr[kInt8MaxTiles];
+  const float* col_scale[kInt8MaxTiles];  // [64] each, or null
+  const float* col_zero[kInt8MaxTiles];   // [64] each, or null
+  float* out[kInt8MaxTiles];              // [64] each
+};
+using Int8TilesFn = void (*)(const Int8Tiles& t);
+
 struct Int8Kernels {
   const char* name;
   Int8QuantizeFn quantize;
   Int8TileFn tile;
+  Int8TilesFn tiles;  // or null: one row goes through `tile`, one tile at a time
 };
 
 extern const Int8Kernels kInt8ScalarKernels;
@@ -87,6 +109,9 @@ class Int8Plan {
 
  private:
   void AddBlocks(const Int8Rows& rows, int64_t t, float* col_zero, uint8_t* decoded, float* out) const;
+  // Run for one row with the kernels' `tiles`: kInt8MaxTiles tiles at a time (per-IC: each tile in one group)
+  bool StreamsTiles() const;
+  void RunTiles(const float* a, const Int8Rows* shared, int64_t t0, int64_t t1, uint8_t* memory) const;
   Problem p_;
   const Int8Kernels& kernels_;
   std::vector<Int8Block> blocks_;

@@ -229,6 +229,6 @@ float Quantize(const float* x, const float* scale, const uint8_t* zero, const In
 
 }  // namespace
 
-const Int8Kernels kInt8Avx2Kernels{"avx2", &Quantize, &Tile};
+const Int8Kernels kInt8Avx2Kernels{"avx2", &Quantize, &Tile, nullptr};
 
 }  // namespace lowbit

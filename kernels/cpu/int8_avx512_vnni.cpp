@@ -86,6 +86,59 @@ void Tile(const Int8Tile& t) {
   }
 }
 
+// One row, S tiles at once (Int8Tiles): each quad step reads a block of every tile, so S streams of the
+// weight are in flight. Same arithmetic as Rows<Bits, 1, true>.
+template <int Bits, int S>
+void TilesBits(const Int8Tiles& t) {
+  __m512i acc[S * 4];  // [tile][column block]
+#pragma GCC unroll 16
+  for (int i = 0; i < S * 4; ++i) acc[i] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < t.quads; ++q) {
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      const uint8_t* block = t.codes[s] + q * t.block_bytes;
+      PrefetchBlock(block, t.block_bytes);
+      const __m512i d = _mm512_set1_epi32(t.words[s][q]);
+#pragma GCC unroll 4
+      for (int cb = 0; cb < 4; ++cb) Dpbusd(acc[s * 4 + cb], CodeBytes<Bits>(block, cb), d);
+    }
+  }
+#pragma GCC unroll 4
+  for (int s = 0; s < S; ++s) {
+    const __m512 act = _mm512_set1_ps(t.act_scale[s]);
+    const __m512 corr = _mm512_set1_ps(static_cast<float>(t.corr[s]));
+#pragma GCC unroll 4
+    for (int cb = 0; cb < 4; ++cb) {  // exact in float (int8.h)
+      const __m512 total = _mm512_cvtepi32_ps(acc[s * 4 + cb]);
+      const __m512 sum = t.col_zero[s] ? _mm512_fnmadd_ps(_mm512_loadu_ps(t.col_zero[s] + 16 * cb), corr, total)
+                                       : _mm512_sub_ps(total, corr);
+      const __m512 scale = t.col_scale[s] ? _mm512_mul_ps(act, _mm512_loadu_ps(t.col_scale[s] + 16 * cb)) : act;
+      float* out = t.out[s] + 16 * cb;
+      _mm512_storeu_ps(out, _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(out)));
+    }
+  }
+}
+
+template <int Bits>
+void TilesCount(const Int8Tiles& t) {
+  switch (t.count) {
+    case 4: return TilesBits<Bits, 4>(t);
+    case 3: return TilesBits<Bits, 3>(t);
+    case 2: return TilesBits<Bits, 2>(t);
+    default: return TilesBits<Bits, 1>(t);
+  }
+}
+
+void Tiles(const Int8Tiles& t) {
+  static_assert(kInt8MaxTiles == 4, "TilesCount handles 1 to 4 tiles");
+  switch (t.bits) {
+    case 2: return TilesCount<2>(t);
+    case 3: return TilesCount<3>(t);
+    case 4: return TilesCount<4>(t);
+    default: return TilesCount<8>(t);
+  }
+}
+
 // Lanes of k = base .. base + 15 inside [k0, k1).
 __mmask16 InputMask(int64_t base, int64_t k0, int64_t k1) {
   const int64_t low = k0 - base > 0 ? k0 - base : 0, high = k1 - base < 16 ? k1 - base : 16;
@@ -143,6 +196,6 @@ float Quantize(const float* x, const float* scale, const uint8_t* zero, const In
 
 }  // namespace
 
-const Int8Kernels kInt8Avx512VnniKernels{"avx512vnni", &Quantize, &Tile};
+const Int8Kernels kInt8Avx512VnniKernels{"avx512vnni", &Quantize, &Tile, &Tiles};
 
 }  // namespace lowbit

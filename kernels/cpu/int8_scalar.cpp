@@ -54,6 +54,6 @@ void Tile(const Int8Tile& t) {
 
 }  // namespace
 
-const Int8Kernels kInt8ScalarKernels{"scalar", &Quantize, &Tile};
+const Int8Kernels kInt8ScalarKernels{"scalar", &Quantize, &Tile, nullptr};
 
 }  // namespace lowbit

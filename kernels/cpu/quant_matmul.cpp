@@ -335,7 +335,10 @@ Ort::Status QuantMatMulKernel::Compute(OrtKernelContext* context) try {
     // tasks of whole per-IC groups where groups are whole tiles (the activations are prepared per group)
     const bool whole_groups = at.group_axis == 1 && at.groups > 1 && at.group_size % kTile == 0;
     const int64_t unit = whole_groups ? at.group_size / kTile : 1;
-    job.tiles_per_task = unit * std::max<int64_t>(1, kIntTaskBytes / (unit * at.quads * at.block_bytes));
+    int64_t units = std::max<int64_t>(1, kIntTaskBytes / (unit * at.quads * at.block_bytes));
+    if (job.path == Path::kInt8 && M == 1)  // at least the tiles the one-row kernels stream at once (int8.h)
+      units = std::max<int64_t>(units, CeilDiv(kInt8MaxTiles, unit));
+    job.tiles_per_task = unit * units;
   }
 
   const int64_t weight_bytes = at.tiles * at.quads * at.block_bytes;
