@@ -7,10 +7,11 @@ form runs them on lowbit's kernels (``kernels/``), so the model needs lowbit's o
 (``lowbit.runtime.session`` registers it). Lossless with respect to the QDQ graph: the op dequantizes the
 same integer codes with the same scales (the sum order differs: float32 round-off).
 
-Quantized embedding tables read by a Gather become ``com.microsoft::GatherBlockQuantized`` (only the
-gathered rows are dequantized), and a tied LM head ``MatMul(x, Transpose(DequantizeLinear(table)))``
-becomes a ``lowbit::QuantMatMul`` of the transposed codes (its own packed copy: the table then costs
-its bytes twice, still far below float).
+Quantized embedding tables read by a Gather are gathered from their codes (only the gathered rows are
+dequantized): a tied LM head ``MatMul(x, Transpose(DequantizeLinear(table)))`` becomes a
+``lowbit::QuantMatMul`` of the transposed codes and the embedding a ``lowbit::QuantGather`` over the same
+initializers (one copy of the table); other 4-bit tables become ``com.microsoft::GatherBlockQuantized``, the
+rest ``lowbit::QuantGather`` (``passes/rules/quantized_gather.py``).
 
 Rules: ``passes/rules/quant_matmul.py`` and ``passes/rules/quantized_gather.py``. What is not fused (fp16 activations, a weight made by something
 other than a constant DequantizeLinear, ...) stays as it was and is listed in ``details["unfused"]``

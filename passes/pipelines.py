@@ -61,6 +61,7 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
         selector=recipe.selector,
         include_lm_head=recipe.include_lm_head,
         include_embeddings=recipe.include_embeddings,
+        head_bits=recipe.head_bits,
         calibration_mode=recipe.calibration_mode,
         choice_method=recipe.choice_method,
         gptq_damp=recipe.gptq_damping,

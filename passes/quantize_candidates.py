@@ -17,7 +17,11 @@ from lowbit.passes import axis_selectors
 from lowbit.passes.quant.gptq import HessianFactor, HessianNotPositiveDefinite, factor_hessian, quantize_factored
 from lowbit.passes.quant.rtn import QuantizedWeight, quantize_rtn
 from lowbit.passes.quant.scheme import QuantScheme
+from lowbit.passes.quant.tied import tied_hessian
+from lowbit.passes.quantize_plan import TiedTablePlan
 
+#: The weight kinds that ``CandidateQuantizer.head_bits`` applies to.
+HEAD_KINDS = ("lm_head", "embedding")
 #: How many times GPTQ's dampening is multiplied by 10 before the weight is refused.
 GPTQ_DAMP_TRIES = 4
 
@@ -34,16 +38,28 @@ class CandidateQuantizer:
     candidate_axes: tuple[str, ...]
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
+    head_bits: int | None = None  # LM heads and embedding tables (default: the scheme's bits)
     _factor: tuple[np.ndarray, HessianFactor] | None = dataclasses.field(default=None, init=False, repr=False)
 
     def candidates(self, plan: axis_selectors.WeightPlan, method: str) -> dict[str, QuantizedWeight]:
         """The weight quantized by ``method`` along every candidate axis (embeddings: along D only, by RTN)."""
         if plan.first.kind == "embedding":  # a Gather reads whole rows
-            return {"ic": quantize_rtn(plan.weight, dataclasses.replace(self.scheme, group_axis="ic", method="rtn"))}
+            return {"ic": self.quantize(plan, "ic", method)}
         return {axis: self.quantize(plan, axis, method) for axis in self.candidate_axes}
 
     def quantize(self, plan: axis_selectors.WeightPlan, axis: str, method: str) -> QuantizedWeight:
-        scheme = dataclasses.replace(self.scheme, group_axis=axis, method=method)
+        """The weight quantized along ``axis`` by ``method``. Embedding tables ``[V, D]`` go along D (``ic``),
+        by RTN, or, tied to an LM head with calibration, by GPTQ over ``quant.tied``'s Hessian (the head's
+        ``W = table^T`` per-OC, transposed back)."""
+        bits = self.head_bits if self.head_bits is not None and plan.first.kind in HEAD_KINDS else self.scheme.bits
+        if plan.first.kind == "embedding":
+            if method == "gptq" and _calibrated_tied_table(plan):
+                weight = plan.weight.T
+                factor = self.factor(tied_hessian(plan.head_hessian, weight))
+                scheme = dataclasses.replace(self.scheme, bits=bits, group_axis="oc", method="gptq")
+                return transposed(quantize_factored(weight, factor, scheme))
+            return quantize_rtn(plan.weight, dataclasses.replace(self.scheme, bits=bits, group_axis="ic", method="rtn"))
+        scheme = dataclasses.replace(self.scheme, bits=bits, group_axis=axis, method=method)
         if method == "gptq":
             return quantize_factored(plan.weight, self.factor(plan.hessian), scheme)
         channel_weights = None if plan.hessian is None else np.diag(plan.hessian)  # weights the clip search
@@ -98,7 +114,7 @@ def choose(
         choices = selector(model, plans, samples)
         details = selector.details
     if choice_method != method:  # the chosen axis, by the recipe's own method
-        requantize = [(plan, axis) for plan, axis in zip(plans, choices) if plan.first.kind != "embedding"]
+        requantize = [(plan, axis) for plan, axis in zip(plans, choices) if _method_matters(plan)]
         for plan, _ in requantize:
             if plan.hessian is not None:
                 plan.choice_errors = axis_selectors.matrix_errors(plan)
@@ -113,6 +129,26 @@ def choose(
         for (plan, axis), quantized in zip(requantize, chosen):
             plan.candidates[axis] = quantized
     return choices, details
+
+
+def _method_matters(plan: axis_selectors.WeightPlan) -> bool:
+    """Whether the method changes how ``plan`` is quantized (a plain embedding table is always RTN)."""
+    return plan.first.kind != "embedding" or _calibrated_tied_table(plan)
+
+
+def _calibrated_tied_table(plan: axis_selectors.WeightPlan) -> bool:
+    return isinstance(plan, TiedTablePlan) and plan.head_hessian is not None
+
+
+def transposed(quantized: QuantizedWeight) -> QuantizedWeight:
+    """The same codes, scales and zero points for the transposed weight (the group axis flips)."""
+    return dataclasses.replace(
+        quantized,
+        codes=np.ascontiguousarray(quantized.codes.T),
+        scales=np.ascontiguousarray(quantized.scales.T),
+        zero_points=np.ascontiguousarray(quantized.zero_points.T),
+        block_axis=1 - quantized.block_axis,
+    )
 
 
 def _in_threads(quantizer: CandidateQuantizer, plans: list, work, desc: str, workers: int | None) -> list:

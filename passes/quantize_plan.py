@@ -64,6 +64,15 @@ class SkipPolicy:
 
 
 @dataclasses.dataclass
+class TiedTablePlan(WeightPlan):
+    """An embedding table ``[V, D]`` that an LM head also reads (as ``Transpose(table)``): one set of codes for
+    both, grouped along D. ``head_hessian``: H ``[D, D]`` of the head's input (None without calibration), with
+    which GPTQ weighs the head's error against the table's (``quant.tied``)."""
+
+    head_hessian: np.ndarray | None = None
+
+
+@dataclasses.dataclass
 class Planning:
     """What planning found: the plans, the weights left in float (report order) and the tied heads merged."""
 
@@ -94,9 +103,9 @@ def plan_weights(
     for node, weight, reason in analysis.unquantizable_weights(graph, offered):
         kind = "gemm" if node.op_type == "Gemm" else "matmul"
         skipped.append(SkippedWeight(weight.name or "", analysis.module_path(node), kind, reason))
-    tied = share_tied_tables(groups) if policy.include_embeddings and policy.include_lm_head else 0
+    heads = share_tied_tables(groups) if policy.include_embeddings and policy.include_lm_head else {}
     plans = []
-    for uses in groups.values():
+    for key, uses in groups.items():
         skip = policy.reason(uses)
         if skip is not None:
             culprit, reason = skip
@@ -112,14 +121,17 @@ def plan_weights(
             raise ValueError(
                 f"weight {first.weight.name!r} of {first.layer!r}: {error}; fix the model before quantizing"
             ) from error
-        plans.append(WeightPlan(uses, weight, hessian(uses)))
-    return Planning(plans, skipped, tied)
+        if key in heads:
+            plans.append(TiedTablePlan(uses, weight, None, head_hessian=hessian(heads[key])))
+        else:
+            plans.append(WeightPlan(uses, weight, hessian(uses)))
+    return Planning(plans, skipped, len(heads))
 
 
-def share_tied_tables(groups: UseGroups) -> int:
+def share_tied_tables(groups: UseGroups) -> dict[tuple[int, bool], list[analysis.WeightUse]]:
     """A tied LM head reads Transpose(table): let that Transpose read the quantized table too (the head's
-    group joins the table's). Returns how many heads were merged."""
-    tied = 0
+    group joins the table's). Returns the merged heads' uses by the key of their table's group."""
+    heads = {}
     for key in [key for key, uses in groups.items() if uses[0].kind == "lm_head"]:
         transpose = groups[key][0].weight.producer()
         if transpose is None or transpose.op_type != "Transpose":
@@ -128,9 +140,8 @@ def share_tied_tables(groups: UseGroups) -> int:
         if table_key in groups:
             table_uses = groups[table_key]
             table_uses.append(analysis.WeightUse(transpose, transpose.inputs[0], 0, "embedding", table_uses[0].layer))
-            del groups[key]
-            tied += 1
-    return tied
+            heads[table_key] = groups.pop(key)
+    return heads
 
 
 def float32_weight(array) -> np.ndarray:

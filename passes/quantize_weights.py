@@ -62,6 +62,7 @@ class QuantizeWeightsPass(LowbitPass):
         selector: str = "block",
         include_lm_head: bool = False,
         include_embeddings: bool = False,
+        head_bits: int | None = None,
         gptq_damp: float = 0.01,
         gptq_act_order: bool = True,
         calibration_mode: str = "parallel",
@@ -72,7 +73,8 @@ class QuantizeWeightsPass(LowbitPass):
         axis by RTN error, then run ``scheme.method`` on the chosen axis only, as the AdaDim paper does);
         None: ``scheme.method`` on every candidate axis. ``budget``: choose each weight's width among
         ``budget.widths`` (``quantize_plan.choose_within_budget``; ``scheme.bits`` then serves weights
-        without calibration statistics only)."""
+        without calibration statistics only). ``head_bits``: the width of LM heads and embedding tables
+        (default: ``scheme.bits``)."""
         super().__init__()
         if budget is not None and calibration_mode == "sequential":
             raise ValueError("a size budget is not supported with calibration_mode='sequential'")
@@ -88,7 +90,9 @@ class QuantizeWeightsPass(LowbitPass):
             raise ValueError(f"candidate_axes must be drawn from {GROUP_AXES}, got {self.candidate_axes}")
         self.scheme = scheme
         self.selector = axis_selectors.make_selector(selector)
-        self.quantizer = CandidateQuantizer(scheme, self.candidate_axes, gptq_damp, gptq_act_order)
+        if head_bits is not None and budget is not None:
+            raise ValueError("head_bits and a budget exclude each other: the budget chooses the head's width too")
+        self.quantizer = CandidateQuantizer(scheme, self.candidate_axes, gptq_damp, gptq_act_order, head_bits)
         self.policy = SkipPolicy(include_lm_head, include_embeddings)
 
     @property
@@ -146,7 +150,8 @@ class QuantizeWeightsPass(LowbitPass):
     @property
     def _widths(self) -> tuple[int, ...]:
         """The bit widths this pass may write."""
-        return (self.scheme.bits,) if self.budget is None else (self.scheme.bits, *self.budget.widths)
+        widths = (self.scheme.bits,) if self.budget is None else (self.scheme.bits, *self.budget.widths)
+        return widths if self.quantizer.head_bits is None else (*widths, self.quantizer.head_bits)
 
     def _choose(
         self, model: ir.Model | None, plans: list[axis_selectors.WeightPlan], samples, bits: int | None = None

@@ -19,8 +19,12 @@ def write_weight(
     graph: ir.Graph, plan: axis_selectors.WeightPlan, axis: str, names: builders.NameAllocator, method: str
 ) -> WeightRecord:
     """Replace the weight of ``plan`` by its ``axis`` candidate's QDQ form; the record says what was written
-    (``method``: the recipe's; embeddings are always RTN)."""
+    (``method``: the recipe's; embeddings are RTN unless tied to a calibrated LM head, whose relative output
+    error is then the record's)."""
+    from lowbit.passes.quantize_plan import TiedTablePlan  # it imports this module
+
     first = plan.first
+    tied_head = plan.head_hessian if isinstance(plan, TiedTablePlan) else None
     float_dtype = weight_type(first)
     try:
         quantized = fit_to_type(plan.candidates[axis], builders.dequantized_type(float_dtype).numpy())
@@ -50,6 +54,8 @@ def write_weight(
         output_error = adadim.relative(
             adadim.output_error(plan.weight, reconstructed, plan.hessian), plan.output_energy()
         )
+    elif tied_head is not None:
+        output_error = adadim.relative_output_error(plan.weight.T, reconstructed.T, tied_head)
     else:
         output_error = None
     return WeightRecord(
@@ -61,7 +67,7 @@ def write_weight(
         axis=axis,
         group_size=quantized.block_size,
         symmetric=quantized.symmetric,
-        method="rtn" if first.kind == "embedding" else method,
+        method="rtn" if first.kind == "embedding" and tied_head is None else method,
         bytes_before=int(plan.weight.size * float_dtype.itemsize),
         bytes_after=qdq.nbytes,
         relative_error=relative_error(plan.weight, reconstructed),

@@ -61,6 +61,13 @@ class Recipe:
     )
     include_lm_head: bool = _option(False, "also quantize the LM head (kept in float by default)")
     include_embeddings: bool = _option(False, "also quantize embedding tables (kept in float by default)")
+    head_bits: int | None = _option(
+        None,
+        "bits of the LM head and the embedding tables, where included (default: bits): every token's logits and "
+        "inputs go through them whole, so they may deserve more bits than the body",
+        SUPPORTED_BITS,
+        kind=int,
+    )
     fused: bool = _option(
         False,
         "write lowbit's fused ops (lowbit::QuantMatMul: codes packed at their width, fast per-IC and 2/3-bit; "
@@ -141,6 +148,12 @@ class Recipe:
             )
         if self.budget is not None:
             parse_budget(self.budget)  # a clear error now rather than after calibration
+        if self.head_bits is not None and not (self.include_lm_head or self.include_embeddings):
+            raise ValueError("Recipe.head_bits applies to the LM head and embedding tables: include one of them")
+        if self.head_bits is not None and self.budget is not None:
+            raise ValueError(
+                "Recipe.head_bits and Recipe.budget exclude each other: a budget chooses the head's width too"
+            )
         self.scheme()  # validates group_size
 
     @property

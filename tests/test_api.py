@@ -125,6 +125,9 @@ def test_optimize_refuses_what_is_not_a_recipe(recipe, error, message):
         ({"fused": 1}, TypeError, "Recipe.fused must be a bool"),
         ({"outlier_fraction": 1.0}, ValueError, "outlier_fraction must be in \\[0, 1\\)"),
         ({"outlier_fraction": "0.1"}, TypeError, "Recipe.outlier_fraction must be a float"),
+        ({"head_bits": 4}, ValueError, "head_bits applies to the LM head and embedding tables: include one"),
+        ({"head_bits": 5, "include_lm_head": True}, ValueError, "Recipe.head_bits must be one of"),
+        ({"head_bits": 4, "include_lm_head": True, "budget": "3"}, ValueError, "head_bits and Recipe.budget exclude"),
     ],
 )
 def test_recipe_checks_every_fields_type_and_values(fields, error, message):

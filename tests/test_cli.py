@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -77,15 +78,17 @@ def test_every_recipe_field_is_a_flag_that_reaches_the_recipe(mlp_file, tmp_path
         "gptq_damping": 0.05,
         "budget": "3.5",
     }
-    argv = ["optimize", str(mlp_file), "-o", str(tmp_path / "o.onnx")]
-    for field in dataclasses.fields(Recipe):
-        flag = "--" + field.name.replace("_", "-")
-        argv += [flag] if field.metadata["kind"] is bool else [flag, str(values[field.name])]
-    recipe = _recipe(build_parser().parse_args(argv))
-    for field in dataclasses.fields(Recipe):
-        assert getattr(recipe, field.name) == (True if field.metadata["kind"] is bool else values[field.name]), (
-            field.name
-        )
+    values["head_bits"] = 8
+    for excluded in ("head_bits", "budget"):  # they exclude each other: each in a recipe of its own
+        fields = [field for field in dataclasses.fields(Recipe) if field.name != excluded]
+        argv = ["optimize", str(mlp_file), "-o", str(tmp_path / "o.onnx")]
+        for field in fields:
+            flag = "--" + field.name.replace("_", "-")
+            argv += [flag] if field.metadata["kind"] is bool else [flag, str(values[field.name])]
+        recipe = _recipe(build_parser().parse_args(argv))
+        for field in fields:
+            expected = True if field.metadata["kind"] is bool else values[field.name]
+            assert getattr(recipe, field.name) == expected, field.name
 
 
 @pytest.mark.parametrize("command", ["optimize", "export", "eval", "view", "demo"])
@@ -165,24 +168,16 @@ def test_a_missing_optional_package_is_one_line(mlp_file, tmp_path, capsys, monk
 
 
 def test_fused_warns_on_the_command_line_when_a_weight_stays_unfused(tmp_path, capsys):
-    """An embedding table in groups of 12 (GatherBlockQuantized needs a power of two) keeps the portable
-    form: the summary lists it and stderr warns."""
-    path = tmp_path / "tied.onnx"
-    ir.save(factories.tied_lm(), path)
-    code = main(
-        [
-            "optimize",
-            str(path),
-            "-o",
-            str(tmp_path / "o.onnx"),
-            "--group-size",
-            "12",
-            "--fused",
-            "--include-embeddings",
-            "--include-lm-head",
-        ]
-    )
+    """A float16 MatMul (the CPU kernel takes float32) keeps the portable form: the summary lists it and
+    stderr warns."""
+    x = factories.graph_input("x", [2, 32], ir.DataType.FLOAT16)
+    w = factories.constant("w", np.random.default_rng(0).standard_normal((32, 16)).astype(np.float16))
+    matmul = factories.node("MatMul", [x, w], "fc")
+    relu = factories.node("Relu", [matmul.outputs[0]], "act", output="y")  # not a graph output: no LM head
+    path = tmp_path / "fp16.onnx"
+    ir.save(factories.model([x], [relu.outputs[0]], [matmul, relu], [w]), path)
+    code = main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--group-size", "16", "--fused"])
     captured = capsys.readouterr()
     assert code == 0
-    assert "not fused (portable form, slower)" in captured.out and "power-of-two" in captured.out
+    assert "not fused (portable form, slower)" in captured.out and "scales are float16" in captured.out
     assert "lowbit: warning: 1 quantized weight(s) stay in the portable form" in captured.err

@@ -12,8 +12,10 @@ runs it with a KV cache.
   new folder with its ``genai_config.json`` kept consistent with the graph (file name; for the fused form
   lowbit's op library registered through the decoder's session options, ``custom_ops_library``) and copies
   of the other files (tokenizer, chat template). Calibration feeds the KV inputs as empty tensors (past
-  length 0) and an all-ones attention mask. With ``include_lm_head`` / ``include_embeddings`` the builder's
-  tied table is untied first (``untie_embeddings``): the head GPTQ'd on its own input, the table by rows.
+  length 0) and an all-ones attention mask. With ``include_lm_head`` and ``include_embeddings`` the builder's
+  tied table stays one table (``tie_as_table``): GPTQ'd for the head and the rows together, one copy in the
+  file (the fused form's ``lowbit::QuantGather`` reads the head's packed codes). With one of them only, the
+  table is untied first (``untie_embeddings``): the quantized one gets its own copy, the other stays float.
 * ``fuse_folder(PORTABLE, OUT)``: the fused form of a portable lowbit folder (the lossless fusion passes), so
   one quantization gives both forms.
 * ``generate(FOLDER, prompt)``: stream tokens through og, with tokens/s (``generate_ids``: the timed loop).
@@ -330,7 +332,9 @@ def optimize_folder(
 
     src, out = check_output_folder(source, out)
     model = load_decoder(src.model_path)
-    if recipe.include_lm_head or recipe.include_embeddings:
+    if recipe.include_lm_head and recipe.include_embeddings:
+        tie_as_table(model)
+    elif recipe.include_lm_head or recipe.include_embeddings:
         untie_embeddings(model)
     if calibration is None and recipe.needs_calibration:
         if tokenizer is None:
@@ -407,11 +411,8 @@ def _transposed_constant(value) -> tuple[object, object] | None:
 def untie_embeddings(model) -> list[str]:
     """Give every ``Gather(Transpose(W), ids)`` its own constant table ``W^T``; returns the Gather names.
 
-    The builder ties a model's embedding to its LM head the other way round from torch's export: the head
-    ``MatMul`` reads ``W [hidden, vocab]`` and the embedding gathers rows of ``Transpose(W)``. Untied, the
-    head is quantized as a MatMul weight (GPTQ with its own input's Hessian, any axis) and the table as an
-    embedding (groups along each row, ``GatherBlockQuantized`` in the fused form); a tied table could serve
-    only one of them."""
+    For a recipe that quantizes only one of the head and the embedding (``tie_as_table`` keeps a pair that
+    both quantize together): the quantized one gets its own copy, the other reads the float table."""
     import onnx_ir as ir
 
     from lowbit.ir import builders
@@ -437,6 +438,50 @@ def untie_embeddings(model) -> list[str]:
             graph.remove(transpose, safe=True)
         untied.append(node.name)
     return untied
+
+
+def tie_as_table(model) -> list[str]:
+    """Turn the builder's tied form into torch's: the table ``T = W^T`` becomes the constant, every
+    ``Gather(Transpose(W), ids)`` gathers from ``T`` and the LM head reads ``Transpose(T)``. Returns the Gather
+    names.
+
+    The builder ties a model's embedding to its LM head the other way round from torch's export: the head
+    ``MatMul`` reads ``W [hidden, vocab]`` and the embedding gathers rows of ``Transpose(W)``. In torch's form
+    lowbit quantizes the tied pair as one table (``quantize_plan.TiedTablePlan``) that the head and the
+    embedding share, in the portable and in the fused file."""
+    import onnx_ir as ir
+
+    from lowbit.ir import builders
+
+    graph = model.graph
+    taken = builders.graph_names(graph)
+    tied = []
+    for node in list(graph):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.attributes.get_int("axis", 0):
+            continue
+        found = _transposed_constant(node.inputs[0])
+        if found is None:
+            continue
+        transpose, weight = found
+        table = np.ascontiguousarray(weight.const_value.numpy().T)
+        name = builders.fresh_name(f"{weight.name}.table", taken)
+        value = ir.Value(
+            name=name, shape=ir.Shape(table.shape), type=ir.TensorType(weight.dtype), const_value=ir.tensor(table)
+        )
+        graph.register_initializer(value)
+        for use in list(transpose.outputs[0].uses()):  # the readers of W^T read the table itself
+            use.node.replace_input_with(use.idx, value)
+        readers = [use for use in weight.uses() if use.node is not transpose]
+        transpose.replace_input_with(0, value)  # now Transpose(T) = W
+        transpose.outputs[0].shape = ir.Shape(weight.const_value.shape)
+        for use in readers:
+            use.node.replace_input_with(use.idx, transpose.outputs[0])
+        if not readers:
+            graph.remove(transpose, safe=True)
+        if not weight.uses() and weight.name in graph.initializers:
+            graph.initializers.pop(weight.name)
+        tied.append(node.name)
+    return tied
 
 
 def check_no_float_table(model, recipe) -> None:

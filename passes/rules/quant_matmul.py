@@ -170,12 +170,15 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
         self.accuracy_level = accuracy_level
         self.int8_activations = int8_activations
         self.state = state
+        self._name: str | None = None  # of the MatMul being fused
 
     def pattern(self, op, a, b):
         return op.MatMul(a, b)
 
     def check(self, context, a, b, bias=None, **branch):
         result = pattern.MatchResult()
+        # The fused node keeps the MatMul's name (the rewriter calls rewrite right after a successful check).
+        self._name = next(node for node in context.nodes if node.op_type == "MatMul").name
         source = weight_source(b)
         if source is None:
             producer = b.producer()
@@ -229,16 +232,7 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
 
     def _quant_matmul(self, op, a, source, weight, bias, outliers=None):
         k, n = weight.shape
-        constants = self.state.constants(
-            op,
-            source,
-            "lowbit",
-            lambda: {
-                "packed": packing.pack(weight.codes, weight.bits),
-                "scales": weight.scales,
-                "zero_points": weight.zero_points,
-            },
-        )
+        constants = self.state.lowbit_constants(op, source, weight)
         inputs = [a, constants["packed"], constants["scales"], constants["zero_points"]]
         if bias is not None or outliers is not None:
             inputs += [None, bias]
@@ -251,6 +245,7 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
             op.op(
                 quant_matmul_op.OP_TYPE,
                 *inputs,
+                _name=self._name,
                 _domain=quant_matmul_op.DOMAIN,
                 _version=1,
                 bits=weight.bits,
@@ -289,6 +284,7 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
             op.op(
                 "MatMulNBits",
                 *inputs,
+                _name=self._name,
                 _domain=MATMULNBITS_DOMAIN,
                 _version=1,
                 K=k,
@@ -457,6 +453,26 @@ class FusionState:
                 )
             self._constants[key] = values
         return self._constants[key]
+
+    def lowbit_constants(
+        self, op, source: tuple[ir.Node, bool], weight: DequantizedWeight
+    ) -> dict[str, ir.Value | None]:
+        """``constants`` in ``lowbit::QuantMatMul``'s layout (packed codes, scales, zero points), which
+        ``lowbit::QuantGather`` reads too."""
+        return self.constants(
+            op,
+            source,
+            "lowbit",
+            lambda: {
+                "packed": packing.pack(weight.codes, weight.bits),
+                "scales": weight.scales,
+                "zero_points": weight.zero_points,
+            },
+        )
+
+    def made_constants(self, source: tuple[ir.Node, bool], kind: str) -> dict[str, ir.Value | None] | None:
+        """The initializers already made for ``source`` in layout ``kind``, or None."""
+        return self._constants.get((*source, kind))
 
     def _unique(self, name: str) -> str:
         return builders.unique_name(name, self.graph.initializers.__contains__, separator=".", first=1)

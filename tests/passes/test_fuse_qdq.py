@@ -194,30 +194,66 @@ def test_outliers_the_op_cannot_hold_stay_a_side_branch_with_the_reason(ops_libr
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_tied_embedding_and_head_are_fused(ops_library, symmetric):
-    """Gather(DQ(E)) -> GatherBlockQuantized on the same initializers; MatMul(x, Transpose(DQ(E))) ->
-    QuantMatMul of E^T; the DequantizeLinear is gone."""
-    scheme = QuantScheme(4, 16, "oc", symmetric=symmetric)
+@pytest.mark.parametrize("bits", [4, 3])
+def test_tied_embedding_and_head_share_one_packed_table(ops_library, symmetric, bits):
+    """MatMul(x, Transpose(DQ(E))) -> QuantMatMul of E^T; Gather(DQ(E)) -> lowbit::QuantGather over the same
+    packed codes, scales and zero points: the table is stored once; the DequantizeLinear is gone."""
+    scheme = QuantScheme(bits, 12, "oc", symmetric=symmetric)  # block 12: no GatherBlockQuantized either way
     model = _quantized(factories.tied_lm, scheme, include_lm_head=True, include_embeddings=True)
+    feeds = factories.feeds_for(model)
+    (qdq,) = run(model, feeds)
+    fuse = FuseQDQPass()
+    assert fuse(model).modified
+    check_valid(model)
+    assert _op_types(model) == ["QuantGather", "Relu", "QuantMatMul"]
+    assert [node.name for node in model.graph] == ["embed_tokens", "act", "lm_head"]  # the fused nodes keep theirs
+    gather, head = model.graph.node(0), model.graph.node(2)
+    assert gather.inputs[0] is head.inputs[1] and gather.inputs[2:] == head.inputs[2 : len(gather.inputs)]
+    assert fuse.details["fused"] == {
+        f"lowbit::QuantGather {bits} (shares the LM head's codes)": 1,
+        f"lowbit::QuantMatMul oc{bits}": 1,
+    }
+    table_bytes = 50 * 36 * bits // 8
+    assert fuse.details["initializer_bytes_after"] < fuse.details["initializer_bytes_before"] + table_bytes // 2
+    (fused,) = run(model, feeds)
+    _assert_close(fused, qdq)
+
+
+@pytest.mark.parametrize(("bits", "op_type"), [(4, "GatherBlockQuantized"), (3, "QuantGather"), (2, "QuantGather")])
+def test_an_embedding_table_alone_is_gathered_from_its_codes(ops_library, bits, op_type):
+    """A 4-bit table in power-of-two row blocks -> ORT's GatherBlockQuantized on the same initializers; 3 and
+    2 bits -> lowbit::QuantGather with the codes packed at their width (not stored in 4 bits)."""
+    model = _quantized(factories.tied_lm, QuantScheme(bits, 16, "oc"), include_embeddings=True)
     codes_before = next(node for node in model.graph if node.op_type == "DequantizeLinear").inputs[0]
     feeds = factories.feeds_for(model)
     (qdq,) = run(model, feeds)
     fuse = FuseQDQPass()
     assert fuse(model).modified
     check_valid(model)
-    assert _op_types(model) == ["GatherBlockQuantized", "Relu", "QuantMatMul"]
-    assert model.graph.node(0).inputs[0] is codes_before  # zero copy for the Gather
-    assert fuse.details["fused"] == {"com.microsoft::GatherBlockQuantized 4": 1, "lowbit::QuantMatMul oc4": 1}
+    gather = next(node for node in model.graph if "Gather" in node.op_type)
+    assert gather.op_type == op_type and not fuse.details["unfused"]
+    if op_type == "GatherBlockQuantized":
+        assert gather.inputs[0] is codes_before  # zero copy
+    else:
+        assert gather.inputs[0].const_value.numpy().shape == packing.packed_shape(bits, 36, 50)
     (fused,) = run(model, feeds)
     _assert_close(fused, qdq)
 
 
 def test_gather_of_an_unsupported_table_is_reported():
-    model = _quantized(factories.tied_lm, QuantScheme(4, 12, "oc"), include_lm_head=True, include_embeddings=True)
+    """int32 ids (QuantGather takes int64) of a table in blocks of 12 (GatherBlockQuantized takes powers of two)."""
+    model = _quantized(factories.tied_lm, QuantScheme(4, 12, "oc"), include_embeddings=True)
+    for node in model.graph:
+        if node.op_type == "Gather":
+            ids = node.inputs[1]
+            cast = factories.node("Cast", [ids], "ids_int32", to=ir.DataType.INT32)
+            model.graph.insert_before(node, cast)
+            cast.outputs[0].dtype = ir.DataType.INT32
+            node.replace_input_with(1, cast.outputs[0])
     fuse = FuseQDQPass()
-    fuse(model)  # the head still fuses; the Gather cannot (block 12 is not a power of two)
+    fuse(model)
     (reason,) = fuse.details["unfused"].values()
-    assert "power-of-two" in reason
+    assert "power-of-two" in reason and "int64 ids" in reason
     assert "Gather" in _op_types(model) and "DequantizeLinear" in _op_types(model)
 
 

@@ -96,12 +96,13 @@ def test_every_weight_is_fused_without_value_info(ops_library, name, axis, tmp_p
 
 
 def test_tied_embedding_and_head_are_fused_without_value_info(ops_library, tmp_path):
-    """Gather(DequantizeLinear(E)) -> GatherBlockQuantized needs no declared Gather output type either."""
+    """Gather(DequantizeLinear(E)) -> QuantGather (sharing the head's codes) needs no declared Gather output
+    type either."""
     path = _without_value_info(factories.tied_lm(), tmp_path)
     recipe = dict(bits=4, group_size=16, include_lm_head=True, include_embeddings=True)
     portable = lowbit.optimize(lowbit.load(path), lowbit.Recipe(**recipe))
     fused = lowbit.optimize(lowbit.load(path), lowbit.Recipe(**recipe, fused=True))
-    assert [node.op_type for node in fused.model.graph] == ["GatherBlockQuantized", "Relu", "QuantMatMul"]
+    assert [node.op_type for node in fused.model.graph] == ["QuantGather", "Relu", "QuantMatMul"]
     assert _fuse_report(fused)["unfused"] == {}
     gathered = fused.model.graph.node(0).outputs[0]
     assert gathered.dtype == ir.DataType.FLOAT and list(gathered.shape) == [1, 7, 36]

@@ -88,6 +88,55 @@ def test_opted_in_tied_table_is_quantized_once_for_embedding_and_lm_head():
     np.testing.assert_allclose(run(model, feeds)[0], expected, rtol=1e-5, atol=1e-4)
 
 
+def test_calibrated_tied_table_is_gptqd_for_the_head_and_the_rows_together():
+    """With the head's input statistics, GPTQ quantizes the shared table over quant.tied's Hessian: the head's
+    W = E^T per-OC, so each row of E keeps its groups along D."""
+    from lowbit.passes.capture_calibration import CaptureCalibrationPass
+    from lowbit.passes.quant.gptq import quantize_gptq
+    from lowbit.passes.quant.tied import tied_hessian
+    from lowbit.runtime.calibration import calibration_of
+
+    float_model = factories.tied_lm()
+    model = factories.tied_lm()
+    batches = [factories.feeds_for(model, seed) for seed in range(5)]
+    CaptureCalibrationPass(batches)(model)
+    head = next(node for node in model.graph if node.name == "lm_head")
+    hessian = calibration_of(model).for_use(next(use for use in _uses(model) if use.node is head)).hessian
+    scheme = QuantScheme(3, 12, "oc", method="gptq")
+    quantize = QuantizeWeightsPass(scheme, include_lm_head=True, include_embeddings=True)
+    assert quantize(model).modified
+    (record,) = quantize.weight_records
+    assert record.kind == "embedding" and record.method == "gptq"
+    table = float_model.graph.initializers["embed"].const_value.numpy()
+    expected = quantize_gptq(table.T.copy(), tied_hessian(hessian, table.T), scheme).dequantize().T
+    feeds = factories.feeds_for(model)
+    np.testing.assert_allclose(
+        run(model, feeds)[0], np.maximum(expected[feeds["ids"]], 0) @ expected.T, rtol=1e-5, atol=1e-4
+    )
+    rtn = quantize_rtn(table, QuantScheme(3, 12, "ic")).dequantize()
+    assert not np.allclose(expected, rtn)  # not the uncalibrated table's RTN codes
+
+
+def _uses(model):
+    from lowbit.ir import analysis
+
+    return analysis.weight_uses(model.graph)
+
+
+def test_head_bits_set_the_width_of_tables_and_heads_only():
+    model = factories.tied_lm()
+    mlp = factories.mlp()
+    for graph in (model, mlp):
+        quantize = QuantizeWeightsPass(
+            QuantScheme(3, 4, "oc"), include_lm_head=True, include_embeddings=True, head_bits=8
+        )
+        assert quantize(graph).modified
+        check_valid(graph)
+        assert {record.kind: record.bits for record in quantize.weight_records} == (
+            {"embedding": 8} if graph is model else {"matmul": 3}
+        )
+
+
 def test_opted_in_lm_head_alone_gets_its_own_copy_of_a_tied_table():
     float_model = factories.tied_lm()
     model = factories.tied_lm()

@@ -331,14 +331,30 @@ def test_optimized_folder_runs_in_og(name, tiny_genai, tiny_hf, tmp_path, og):
     assert got == _no_cache_greedy(out / "model.onnx", prompt, 12)
 
 
+def test_tie_as_table_gives_the_torch_form_with_consistent_shapes(tiny_genai):
+    """The builder's ``Gather(Transpose(W))`` becomes ``Gather(T)`` and the head ``MatMul(x, Transpose(T))``,
+    ``T = W^T`` the only copy; the Transpose's declared shape is the head weight's."""
+    model = genai.load_decoder(tiny_genai / "model.onnx")
+    weight = model.graph.initializers["lm_head.MatMul.weight"].const_value.numpy()
+    assert genai.tie_as_table(model) == ["/model/embed_tokens/Gather"]
+    gather = next(node for node in model.graph if node.name == "/model/embed_tokens/Gather")
+    table = gather.inputs[0]
+    np.testing.assert_array_equal(table.const_value.numpy(), weight.T)
+    assert "lm_head.MatMul.weight" not in model.graph.initializers
+    head = next(node for node in model.graph if node.outputs[0].name == "logits")
+    transpose = head.inputs[1].producer()
+    assert transpose.op_type == "Transpose" and transpose.inputs[0] is table
+    assert list(transpose.outputs[0].shape) == list(weight.shape)
+
+
 HEAD_AND_TABLE = {"bits": 3, "group_size": 32, "axis": "adadim", "method": "gptq", "include_lm_head": True}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["portable", "fused"])
 def test_quantized_head_and_embedding_of_a_tied_builder_graph(fused, tiny_genai, tiny_hf, tmp_path, og):
-    """The builder ties the head and the embedding (``Gather(Transpose(lm_head weight))``): untied, the head
-    is GPTQ'd on its own input's Hessian and the table quantized by rows; no float copy of either is left."""
+    """The builder ties the head and the embedding (``Gather(Transpose(lm_head weight))``): they stay one table,
+    GPTQ'd for both (the head's Hessian and the rows) and stored once; no float copy is left."""
     if fused:
         from lowbit.kernels import _lib
 
@@ -348,30 +364,30 @@ def test_quantized_head_and_embedding_of_a_tied_builder_graph(fused, tiny_genai,
     assert [node.op_type for node in builder.graph if "embed_tokens" in node.name] == ["Transpose", "Gather"]
     recipe = lowbit.Recipe(**HEAD_AND_TABLE, include_embeddings=True, fused=fused)
     with pytest.raises(NotImplementedError, match="embedding '/model/embed_tokens/Gather' gathers from the float"):
-        genai.check_no_float_table(builder, recipe)  # the tied form, not untied: refused, never left in float
+        genai.check_no_float_table(builder, recipe)  # a form lowbit does not rewrite: refused, never left in float
     out = tmp_path / "out"
     result = genai.optimize_folder(
         tiny_genai, out, recipe, calibration_text=TEXT, calibration_length=32, calibration_windows=4
     )
-    records = {record.kind: record for record in result.report.weights if record.kind != "matmul"}
-    assert len(result.report.weights) == 5 * LAYERS + 2 and not result.report.skipped
-    assert records["lm_head"].method == "gptq" and records["lm_head"].output_error is not None  # its own Hessian
-    assert records["embedding"].shape == [320, 64] and records["embedding"].bits == 3
+    assert len(result.report.weights) == 5 * LAYERS + 1 and not result.report.skipped
+    (table,) = [record for record in result.report.weights if record.kind != "matmul"]
+    assert table.kind == "embedding" and table.shape == [320, 64] and table.bits == 3
+    assert table.method == "gptq" and table.output_error is not None  # the head's Hessian weighs the codes
     model = genai.load_decoder(out / "model.onnx")
-    floats = [
-        (name, value.const_value.shape)
-        for name, value in model.graph.initializers.items()
-        if value.dtype == onnx_ir.DataType.FLOAT and value.const_value.size == 320 * 64
+    tables = [
+        value for value in model.graph.initializers.values() if value.const_value.size in (320 * 64, 320 * 64 // 8 * 3)
     ]
-    assert floats == []  # neither the table nor the head stays in float
-    gathers = [node for node in model.graph if node.op_type in ("Gather", "GatherBlockQuantized")]
-    embedding = next(node for node in gathers if node.inputs[1].name == "input_ids")
-    if fused:
-        assert embedding.op_type == "GatherBlockQuantized" and embedding.domain == "com.microsoft"
-        assert embedding.attributes.get_int("bits") == 4 and embedding.attributes.get_int("quantize_axis") == 1
-        assert embedding.attributes.get_int("block_size") == 32
-    else:  # stock ONNX: the table dequantized, then gathered
-        assert embedding.inputs[0].producer().op_type == "DequantizeLinear"
+    assert [value.dtype for value in tables] == [onnx_ir.DataType.UINT8 if fused else onnx_ir.DataType.UINT4]
+    embedding = next(node for node in model.graph if "input_ids" in [value.name for value in node.inputs])
+    head = next(node for node in model.graph if node.outputs[0].name == "logits")
+    if fused:  # one packed copy, read by the head's QuantMatMul and by the embedding's QuantGather
+        assert (embedding.domain, embedding.op_type, head.op_type) == ("lowbit", "QuantGather", "QuantMatMul")
+        assert embedding.inputs[0] is head.inputs[1] and embedding.attributes.get_int("bits") == 3
+    else:  # stock ONNX: the table dequantized once, gathered, and transposed for the head
+        dequantize = embedding.inputs[0].producer()
+        assert dequantize.op_type == "DequantizeLinear"
+        assert head.inputs[1].producer().op_type == "Transpose"
+        assert head.inputs[1].producer().inputs[0] is dequantize.outputs[0]
     prompt = tiny_hf[2](PROMPT)["input_ids"]
     assert genai.greedy_tokens(out, prompt, 12) == _no_cache_greedy(out / "model.onnx", prompt, 12)
 

@@ -5,7 +5,8 @@ lowbit's, on one model.
 
 Rows: builder fp32 (lowbit's ``export --genai``), builder int4 default (RTN, head and tied embedding int4,
 int8 activations), builder int4 with the head and embedding kept fp32 (``nodes_to_exclude``), and lowbit's
-recipes (W4 and W3 GPTQ AdaDim; head and embedding quantized or not; portable and fused, the fused folder
+recipes (W4 and W3 GPTQ AdaDim; head and embedding quantized or not, at the body's width or, for W3, at 4
+bits (``head_bits``); portable and fused, the fused folder
 made from the portable one by the lossless fusion passes; and the same fused with ``int8_activations``).
 Columns: MB of the decoder files (model + external data, 1e6 bytes), perplexity
 through the KV graph with an empty past (``lowbit eval FOLDER``), prompt ms and decode tokens/s of og
@@ -62,10 +63,14 @@ def default_rows(bits: Sequence[int] = (4, 3)) -> list[Row]:
         ),
     ]
     for width in bits:
-        for head in (True, False):
+        # head bits: None = no head/embedding quantized; a body narrower than 4 bits also gets a 4-bit table row
+        for head_bits in (width, 4, None) if width < 4 else (width, None):
+            head = head_bits is not None
             what = f"lowbit W{width} g128 GPTQ AdaDim" + (", head+embedding" if head else "")
             slug = f"lowbit-w{width}" + ("-head-emb" if head else "")
             recipe = {"bits": width, **LOWBIT_BASE, "include_lm_head": head, "include_embeddings": head}
+            if head and head_bits != width:
+                what, slug, recipe = f"{what} {head_bits}-bit", f"{slug}{head_bits}", {**recipe, "head_bits": head_bits}
             rows.append(Row(f"{what}, portable", f"{slug}-portable", "lowbit", recipe=tuple(recipe.items())))
             rows.append(Row(f"{what}, fused", f"{slug}-fused", "fused", source=f"{slug}-portable"))
     head = f"lowbit-w{bits[0]}-head-emb"
@@ -155,7 +160,7 @@ def _statistics(folder: pathlib.Path, windows: int, length: int, text_file: str 
 
     src = genai.read_folder(folder)
     model = genai.load_decoder(src.model_path)
-    genai.untie_embeddings(model)  # the head's input is measured too (the graph's activations are unchanged)
+    genai.tie_as_table(model)  # the tied head's input is measured too (the graph's activations are unchanged)
     corpus = text.file_text(text_file) if text_file else None
     feeds = genai.calibration_feeds(model, src.config, genai.folder_tokenizer(src.folder), length, windows, corpus)
     return collect(model, feeds, total=len(feeds))
