@@ -83,7 +83,7 @@ void Int8Plan::AddBlocks(const Int8Rows& rows, int64_t t, float* col_zero, uint8
     if (p_.group_axis == 0) {
       const int64_t offset = (t * p_.groups + b.group) * kTile;
       if (b.group != zero_group) {
-        for (int c = 0; c < kTile; ++c) col_zero[c] = p_.params.zero[offset + c] - kMagic;
+        for (int c = 0; c < kTile; ++c) col_zero[c] = zero_bytes_[offset + c];
         zero_group = b.group;
       }
       job.col_scale = p_.params.scale + offset;
@@ -136,7 +136,7 @@ void Int8Plan::RunTiles(const float* a, const Int8Rows* shared, int64_t t0, int6
         if (p_.group_axis == 0) {
           const int64_t offset = ((t + s) * p_.groups + b.group) * kTile;
           if (b.group != zero_group)
-            for (int c = 0; c < kTile; ++c) col_zero[s * kTile + c] = p_.params.zero[offset + c] - kMagic;
+            for (int c = 0; c < kTile; ++c) col_zero[s * kTile + c] = zero_bytes_[offset + c];
           job.col_scale[s] = p_.params.scale + offset;
           job.col_zero[s] = col_zero + s * kTile;
         }

@@ -89,15 +89,16 @@ struct Int8Rows {
   int32_t* corr;   // [rows][blocks]
 };
 
-// Per-IC zero points as the quantizers read them: one row of bytes per output group, z[k] at k, zeros past K
-// and room for a whole vector read from the last quad; prepared with the scales (quant_matmul.cpp).
+// Zero points as bytes, prepared with the scales (quant_matmul.cpp). Per-OC: [tiles][groups][64], the layout
+// of GroupParams. Per-IC, as the quantizers read them: one row of bytes per output group, z[k] at k, zeros
+// past K and room for a whole vector read from the last quad.
 constexpr int64_t kZeroBytesPad = 64;
 
 // A call's blocks and the driver. Per-OC, the activations are quantized once per call (Quantize, before the
 // threads); per-IC, once per output group by each task that needs it (Run's scratch).
 class Int8Plan {
  public:
-  // zero_bytes: per-IC, [groups][4 * quads + kZeroBytesPad] (see kZeroBytesPad); null per-OC
+  // zero_bytes: per-OC [tiles][groups][64], per-IC [groups][4 * quads + kZeroBytesPad] (see kZeroBytesPad)
   Int8Plan(const Problem& p, const Int8Kernels& kernels, const uint8_t* zero_bytes);
   int64_t RowsBytes() const;     // of one Int8Rows for all rows
   int64_t ScratchBytes() const;  // of Run

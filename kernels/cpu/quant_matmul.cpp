@@ -80,7 +80,7 @@ struct QuantMatMulKernel::Isa {
 // Scales and zero points in the layouts of GroupParams (quant_matmul.h); zero points absent = mid-point.
 struct QuantMatMulKernel::PreparedParams {
   std::vector<float> scale, zero;
-  std::vector<uint8_t> zero_bytes;  // int8_activations, per-IC: the zero points as the int8 path reads them
+  std::vector<uint8_t> zero_bytes;  // int8_activations: the zero points as the int8 path reads them (int8.h)
 
   PreparedParams(const QuantMatMulAttributes& at, const float* scales, const uint8_t* zero_points) {
     const float mid = static_cast<float>(1 << (at.bits - 1));
@@ -94,6 +94,11 @@ struct QuantMatMulKernel::PreparedParams {
             scale[(t * at.groups + j) * kTile + i] = scales[j * at.N + n];
             zero[(t * at.groups + j) * kTile + i] = zero_at(j * at.N + n);
           }
+      if (at.int8_activations) {  // [tiles][groups][64] as bytes, a quarter of the floats' memory traffic;
+        zero_bytes.resize(zero.size());  // the int8 path reads no float zero points
+        for (size_t i = 0; i < zero.size(); ++i) zero_bytes[i] = static_cast<uint8_t>(zero[i] - kMagic);
+        std::vector<float>().swap(zero);
+      }
     } else {  // [K][groups] -> [groups][K]
       scale.resize(at.groups * at.K);
       zero.resize(scale.size());
