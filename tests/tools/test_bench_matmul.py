@@ -52,7 +52,9 @@ def _run(bench, kernel, k, n, copies, a):
 
 def _copy_kernel(kernel, i):
     """The one-node kernel of copy ``i`` of a cycled model."""
-    tensors = [(name, None if array is None else bench_matmul.distinct_copy(array, i)) for name, array in kernel.tensors]
+    tensors = [
+        (name, None if array is None else bench_matmul.distinct_copy(array, i)) for name, array in kernel.tensors
+    ]
     return bench_matmul.Kernel(kernel.op_type, kernel.domain, kernel.attributes, tensors)
 
 
