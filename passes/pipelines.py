@@ -65,7 +65,9 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
         calibration_mode=recipe.calibration_mode,
         choice_method=recipe.choice_method,
         gptq_damp=recipe.gptq_damping,
-        budget=None if recipe.budget is None else SizeBudget(parse_budget(recipe.budget), fused=recipe.fused),
+        budget=None
+        if recipe.budget is None
+        else SizeBudget(parse_budget(recipe.budget), fused=recipe.fused, sensitivity=recipe.budget_sensitivity),
     )
     sequential = recipe.calibration_mode == "sequential"
     splits = recipe.outlier_fraction > 0 or recipe.split

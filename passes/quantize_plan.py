@@ -8,7 +8,10 @@ which for the head's ``B = table^T`` are per-OC groups, so one quantized copy se
 
 Under a budget (``choose_within_budget``) every weight with calibration statistics is quantized at every
 width of ``SizeBudget.widths`` (each width's axis chosen as without a budget), its output error
-``trace(dW^T H dW)`` and its stored bytes measured, and ``allocate`` picks one width per weight.
+``trace(dW^T H dW)`` and its stored bytes measured, and ``allocate`` picks one width per weight. With
+``SizeBudget.sensitivity="kl"`` the errors it minimises are measured at the model's output instead
+(``passes/sensitivity.py``: KL of the logits, or the relative squared error of a non-distribution output,
+with only that weight quantized); weights a feed cannot replace keep the recipe's width.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from lowbit.passes.quant.rtn import MAX_MAGNITUDE, QuantizedWeight, check_weight
 from lowbit.passes.quant.scheme import SUPPORTED_BITS
 from lowbit.passes.quantize_write import weight_type
 from lowbit.passes.report import SkippedWeight, WeightRecord
+from lowbit.passes.sensitivity import MEASURES, OutputSensitivity
 
 #: Uses grouped by (weight value id, is an embedding read): one plan (or one skip) per group.
 UseGroups = dict[tuple[int, bool], list[analysis.WeightUse]]
@@ -158,11 +162,21 @@ def float32_weight(array) -> np.ndarray:
 class SizeBudget:
     """A size budget for QuantizeWeightsPass: the budget, the widths to choose among and the form whose bytes
     count (``fused``: codes packed at their width as lowbit::QuantMatMul keeps them; else the portable
-    DequantizeLinear initializers, 3-bit codes in 4 bits)."""
+    DequantizeLinear initializers, 3-bit codes in 4 bits). ``sensitivity``: the error the allocation
+    minimises, ``"output"`` (each weight's ``trace(dW^T H dW)``) or ``"kl"`` (the model's output with only that
+    weight quantized, on the first ``sensitivity_samples`` calibration samples: ``passes/sensitivity.py``)."""
 
     budget: allocate.Budget
     fused: bool = False
     widths: tuple[int, ...] = SUPPORTED_BITS
+    sensitivity: str = "output"
+    sensitivity_samples: int = 2
+
+    def __post_init__(self) -> None:
+        if self.sensitivity not in MEASURES:
+            raise ValueError(f"budget sensitivity must be one of {MEASURES}, got {self.sensitivity!r}")
+        if self.sensitivity_samples < 1:
+            raise ValueError(f"sensitivity_samples must be >= 1, got {self.sensitivity_samples!r}")
 
 
 def stored_bytes(quantized: QuantizedWeight, float_dtype: ir.DataType, fused: bool) -> int:
@@ -203,20 +217,30 @@ class BudgetChoice:
 @dataclasses.dataclass
 class WidthTable:
     """Plans measured at every width: per width the plans quantized at it (the chosen axis's candidate only)
-    and the axes, per plan the stored bytes and the output error ``trace(dW^T H dW)`` of each width."""
+    and the axes, per plan the stored bytes and the output error ``trace(dW^T H dW)`` of each width, and
+    (``sensitivities``, where measured) the end-to-end error of each width (``passes/sensitivity.py``)."""
 
     widths: tuple[int, ...]
     plans: list[list[WeightPlan]]
     axes: list[list[str]]
     costs: list[list[int]]
     errors: list[list[float]]
+    sensitivities: list[list[float]] | None = None
+
+    def candidates(self, position: int) -> list[QuantizedWeight]:
+        """Plan ``position``'s chosen candidate at every width."""
+        return [plans[position].candidates[axes[position]] for plans, axes in zip(self.plans, self.axes)]
 
     def options(self, position: int) -> dict[str, dict]:
         """Plan ``position``'s options per width, as the report lists them."""
-        return {
+        options = {
             str(bits): {"axis": axes[position], "error": error, "bytes": cost}
             for bits, axes, error, cost in zip(self.widths, self.axes, self.errors[position], self.costs[position])
         }
+        if self.sensitivities is not None:
+            for bits, sensitivity in zip(self.widths, self.sensitivities[position]):
+                options[str(bits)]["sensitivity"] = sensitivity
+        return options
 
 
 def measure_widths(
@@ -245,15 +269,31 @@ def measure_widths(
 
 
 def choose_within_budget(
-    model: ir.Model, plans: list[WeightPlan], budget: SizeBudget, choose_width: ChooseWidth, default_bits: int
+    model: ir.Model,
+    plans: list[WeightPlan],
+    budget: SizeBudget,
+    choose_width: ChooseWidth,
+    default_bits: int,
+    samples: list[dict[str, np.ndarray]] | None = None,
 ) -> BudgetChoice:
-    """One width and axis per plan, the lowest summed output error whose stored bytes fit ``budget``.
+    """One width and axis per plan, the lowest summed error whose stored bytes fit ``budget``.
 
     Plans with calibration statistics are measured at every width (``measure_widths``); the others (embedding
-    tables) keep ``default_bits``, and their bytes count against the budget. Leaves the chosen width's
-    candidates in every plan."""
-    measured = [i for i, plan in enumerate(plans) if plan.hessian is not None]
-    fixed = [i for i, plan in enumerate(plans) if plan.hessian is None]
+    tables) keep ``default_bits``, and their bytes count against the budget. The error is each weight's
+    output error, or with ``budget.sensitivity == "kl"`` the model's output error on ``samples`` (calibration
+    feed dicts; ``OutputSensitivity``), where the weights a feed cannot replace keep ``default_bits`` too.
+    Leaves the chosen width's candidates in every plan."""
+    calibrated = [i for i, plan in enumerate(plans) if plan.hessian is not None]
+    sensitivity, not_measured, output_measure = None, [], None
+    if budget.sensitivity == "kl" and calibrated:
+        if not samples:
+            raise ValueError("budget sensitivity 'kl' runs the model on calibration samples, and none were kept")
+        sensitivity = OutputSensitivity(model, [plans[i] for i in calibrated], samples[: budget.sensitivity_samples])
+        kept = {calibrated[position] for position in sensitivity.measured}
+        not_measured = [plans[i].first.weight.name or "" for i in calibrated if i not in kept]
+        calibrated = [i for i in calibrated if i in kept]
+    measured = calibrated
+    fixed = [i for i in range(len(plans)) if i not in set(measured)]
     axes: list[str | None] = [None] * len(plans)
     options: list[dict[str, dict]] = [{} for _ in plans]
     if fixed:
@@ -265,8 +305,13 @@ def choose_within_budget(
     weights = sum(plan.weight.size for plan in plans)
     limit = budget.budget.limit(weights, other_tensor_bytes(model, plans)) - fixed_bytes
     table = measure_widths([plans[i] for i in measured], budget.widths, budget.fused, choose_width)
+    if sensitivity is not None:
+        table.sensitivities = sensitivity.table([table.candidates(position) for position in range(len(measured))])
+        output_measure = sensitivity.measure
+        del sensitivity  # its session reads the model's arrays, which the pass is about to replace
+    allocated = table.errors if table.sensitivities is None else table.sensitivities
     try:
-        picks = allocate.allocate(table.costs, table.errors, limit) if measured else []
+        picks = allocate.allocate(table.costs, allocated, limit) if measured else []
     except ValueError as error:
         raise ValueError(f"budget {budget.budget}: {error}") from error
     if limit < 0:
@@ -289,5 +334,12 @@ def choose_within_budget(
         "output_error": sum(row[pick] for row, pick in zip(table.errors, picks)),
         "widths": {str(bits): widths.count(bits) for bits in budget.widths},
         "fixed_width": len(fixed),
+        "sensitivity": budget.sensitivity,
     }
+    if table.sensitivities is not None:
+        details["sensitivity_measure"] = output_measure  # kl of the logits, or relative_mse of another output
+        details["sensitivity_samples"] = min(budget.sensitivity_samples, len(samples or []))
+        details["sensitivity_error"] = sum(row[pick] for row, pick in zip(table.sensitivities, picks))
+        if not_measured:
+            details["not_measured"] = not_measured  # kept at default_bits: a feed cannot replace them
     return BudgetChoice(axes, options, details)

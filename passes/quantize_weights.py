@@ -129,6 +129,7 @@ class QuantizeWeightsPass(LowbitPass):
                 self.budget,
                 lambda bits, chosen: self._choose(model, chosen, samples, bits),
                 self.scheme.bits,
+                samples,
             )
             choices = budget.axes
             self.details["budget"] = budget.details

@@ -131,6 +131,14 @@ class Recipe:
         "are kept (bits then applies only to embedding tables; needs calibration)",
         kind=str,
     )
+    budget_sensitivity: str = _option(
+        "output",
+        "with a budget, the error the widths minimise: output = each weight's own output error "
+        "trace(dW^T H dW) on calibration data; kl = the model's output with only that weight quantized, run once "
+        "per weight and width on 2 calibration samples (KL of the logits for an LM, else the relative squared "
+        "error of the first output); weights an input feed cannot replace keep bits",
+        ("output", "kl"),
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, numbers.Real) and not isinstance(self.budget, bool):  # 3.5 as "3.5"

@@ -136,3 +136,91 @@ def test_embedding_tables_keep_the_recipe_width_and_count_against_the_budget():
         lowbit.optimize(
             model, lowbit.Recipe(bits=8, include_embeddings=True, budget="4"), calibration=[factories.feeds_for(model)]
         )
+
+
+# -- budget_sensitivity="kl": the model's output measured end to end (passes/sensitivity.py) --------------------
+
+
+def tiny_lm(seed: int = 3, k: int = 64, hidden: int = 128, vocab: int = 96):
+    """x -> fc1 -> Relu -> fc2 -> Relu -> lm_head -> logits: an output head, so the measure is the logits' KL."""
+    rng = np.random.default_rng(seed)
+    x = factories.graph_input("x", [2, 7, k])
+    w1 = factories.constant("w1", (rng.standard_normal((k, hidden)) / np.sqrt(k)).astype(np.float32))
+    w2 = factories.constant("w2", (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32))
+    head = factories.constant("head", rng.standard_normal((hidden, vocab)).astype(np.float32))
+    fc1 = factories.node("MatMul", [x, w1], "fc1")
+    relu1 = factories.node("Relu", [fc1.outputs[0]], "act1")
+    fc2 = factories.node("MatMul", [relu1.outputs[0], w2], "fc2")
+    relu2 = factories.node("Relu", [fc2.outputs[0]], "act2")
+    logits = factories.node("MatMul", [relu2.outputs[0], head], "lm_head", output="logits")
+    return factories.model([x], [logits.outputs[0]], [fc1, relu1, fc2, relu2, logits], [w1, w2, head])
+
+
+@pytest.mark.parametrize(("make", "measure"), [(tiny_lm, "kl"), (mlp, "relative_mse")])
+def test_end_to_end_sensitivity_is_zero_for_the_float_weight_and_grows_with_coarser_codes(make, measure):
+    from lowbit.passes.quantize_plan import SkipPolicy, plan_weights
+    from lowbit.passes.sensitivity import OutputSensitivity
+
+    model = make()
+    plans = plan_weights(model.graph, SkipPolicy(), lambda uses: None).plans
+    assert [plan.first.weight.name for plan in plans] == ["w1", "w2"]  # the head stays in float
+    sensitivity = OutputSensitivity(model, plans, calibration(model, 2))
+    assert sensitivity.measure == measure and sensitivity.measured == [0, 1]
+    for position, plan in enumerate(plans):
+        assert sensitivity.error(position, plan.weight) == 0.0
+        errors = [
+            sensitivity.error(position, quantize_rtn(plan.weight, QuantScheme(bits, GROUP, "oc")).dequantize())
+            for bits in (8, 4, 3, 2)
+        ]
+        assert all(error > 0 for error in errors)
+        assert errors == sorted(errors)  # coarser codes, larger output error
+
+
+@pytest.mark.parametrize(("make", "measure"), [(tiny_lm, "kl"), (mlp, "relative_mse")])
+@pytest.mark.parametrize("budget", ["2.6", "3", "3.5"])
+def test_kl_budget_stays_within_its_limit_and_records_the_measure(make, measure, budget):
+    model = make()
+    recipe = lowbit.Recipe(group_size=GROUP, budget=budget, budget_sensitivity="kl")
+    result = lowbit.optimize(model, recipe, calibration=calibration(model))
+    check_valid(result.model)
+    details = result.report.budget
+    assert details["bytes"] <= details["limit_bytes"]
+    assert details["bytes"] == result.report.bytes_after
+    assert details["sensitivity"] == "kl" and details["sensitivity_measure"] == measure
+    assert details["sensitivity_samples"] == 2
+    records = result.report.weights
+    assert all({"error", "sensitivity", "bytes"} <= set(o) for r in records for o in r.width_options.values())
+    chosen = sum(r.width_options[str(r.bits)]["sensitivity"] for r in records)
+    assert details["sensitivity_error"] == pytest.approx(chosen)
+    assert details["output_error"] == pytest.approx(sum(r.width_options[str(r.bits)]["error"] for r in records))
+
+
+def test_kl_budget_is_never_worse_than_a_uniform_width_in_its_own_measure():
+    budget = uniform_bits(3) + 1e-9
+    report = optimize(f"{budget:.12f}", budget_sensitivity="kl").report
+    uniform = sum(record.width_options["3"]["sensitivity"] for record in report.weights)
+    assert report.budget["sensitivity_error"] <= uniform
+
+
+def test_kl_budget_keeps_weights_a_feed_cannot_replace_at_the_recipe_width():
+    """A Gemm's transB weight is stored [N, K]: no candidate can be fed for it, so it keeps ``bits``."""
+    model = factories.gemm(k=64, n=48)
+    recipe = lowbit.Recipe(bits=4, group_size=GROUP, include_lm_head=True, budget="8", budget_sensitivity="kl")
+    result = lowbit.optimize(model, recipe, calibration=calibration(model))
+    (record,) = result.report.weights
+    assert record.bits == 4 and record.width_options == {}
+    assert result.report.budget["not_measured"] == [record.name]
+    assert result.report.budget["fixed_width"] == 1
+
+
+def test_budget_sensitivity_is_validated():
+    from lowbit.passes.quant.allocate import parse_budget
+    from lowbit.passes.quantize_plan import SizeBudget
+
+    assert lowbit.Recipe().budget_sensitivity == "output"
+    with pytest.raises(ValueError, match="budget_sensitivity"):
+        lowbit.Recipe(budget="3", budget_sensitivity="hessian")
+    with pytest.raises(ValueError, match="budget sensitivity must be one of"):
+        SizeBudget(parse_budget("3"), sensitivity="hessian")
+    with pytest.raises(ValueError, match="sensitivity_samples"):
+        SizeBudget(parse_budget("3"), sensitivity="kl", sensitivity_samples=0)
