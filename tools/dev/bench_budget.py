@@ -2,6 +2,7 @@
 
     python -m lowbit.tools.dev.bench_budget --model smollm2 --out bench-budget --budgets 2.5 3 3.5 4 --uniform 2 3 4
     python -m lowbit.tools.dev.bench_budget --model minilm --out bench-budget-minilm --budgets 3 --uniform 3 4
+    python -m lowbit.tools.dev.bench_budget --model smollm2 --budgets 3 3.5 --sensitivity output kl --eval-windows 4
 
 Every weight is measured once at every width (``quantize_plan.measure_widths``: the recipe's method and axes,
 each width's axis chosen by the selector, output error and stored bytes), then each row allocates widths
@@ -10,6 +11,11 @@ the float model, whose quality is measured as ``bench_quality`` does. Quality eq
 file (its QDQ or fused graph computes the same weights); MB is the file's tensors: the chosen candidates'
 stored bytes (``--fused``: as lowbit::QuantMatMul packs them; else the portable form) plus every tensor left
 in float. ``--out`` gets ``rows.json`` (resumable), ``results.md`` and ``frontier.svg``.
+
+``--sensitivity output kl``: each budget is allocated on each error table, the output error ``trace(dW^T H dW)``
+(rows ``3``) and the end-to-end error of ``passes/sensitivity.py`` (rows ``3 kl``: KL of the logits for SmolLM2,
+relative squared error of the embeddings for MiniLM), measured on the first ``--sensitivity-samples``
+calibration samples, each cut to ``--sensitivity-length`` tokens. Every row lists both summed errors.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from lowbit.passes.quant.allocate import allocate, parse_budget, total_cost
 from lowbit.passes.quant.scheme import SUPPORTED_BITS, QuantScheme
 from lowbit.passes.quantize_candidates import CandidateQuantizer, choose
 from lowbit.passes.quantize_plan import SkipPolicy, WidthTable, measure_widths, other_tensor_bytes, plan_weights
+from lowbit.passes.sensitivity import OutputSensitivity
 from lowbit.tools.dev.bench_quality import Bench, Setting
 
 
@@ -46,11 +53,13 @@ class Measured:
         return sum(plan.weight.size for plan in self.plans)
 
     def picks(self, row: str) -> list[int]:
-        """``W3`` (uniform) or a budget (``3.5``, ``180MB``): one width index per plan."""
+        """``W3`` (uniform) or a budget (``3.5``, ``180MB``; ``3.5 kl``: on the end-to-end errors): one width
+        index per plan."""
         if row.startswith("W"):
             return [self.table.widths.index(int(row[1:]))] * len(self.plans)
-        budget = parse_budget(row)
-        return allocate(self.table.costs, self.table.errors, budget.limit(self.weights, self.other_bytes))
+        budget, _, measure = row.partition(" ")
+        errors = self.table.sensitivities if measure == "kl" else self.table.errors
+        return allocate(self.table.costs, errors, parse_budget(budget).limit(self.weights, self.other_bytes))
 
     @property
     def other_bytes(self) -> int:
@@ -87,7 +96,22 @@ def measure(bench: Bench, args) -> Measured:
         kwargs = {"choice_method": args.choice_method or args.method, "method": args.method, "selector": selector}
         return choose(quantizer, width_plans, model=model, samples=statistics.samples, **kwargs)[0]
 
-    return Measured(model, plans, measure_widths(plans, tuple(args.widths), args.fused, choose_width))
+    table = measure_widths(plans, tuple(args.widths), args.fused, choose_width)
+    if "kl" in args.sensitivity:
+        samples = [
+            {name: value[:, : args.sensitivity_length] if value.ndim == 2 else value for name, value in sample.items()}
+            for sample in statistics.samples[: args.sensitivity_samples]
+        ]
+        sensitivity = OutputSensitivity(model, plans, samples)
+        if len(sensitivity.measured) != len(plans):
+            raise ValueError("bench_budget: a weight the sensitivity session cannot replace")
+        print(
+            f"sensitivity: {sensitivity.measure} on {len(samples)} sample(s) of shapes "
+            f"{[{k: v.shape for k, v in sample.items()} for sample in sensitivity.samples]}"
+        )
+        table.sensitivities = sensitivity.table([table.candidates(i) for i in range(len(plans))])
+        del sensitivity
+    return Measured(model, plans, table)
 
 
 def statistics_cache(bench: Bench, path: pathlib.Path | None) -> None:
@@ -101,18 +125,25 @@ def statistics_cache(bench: Bench, path: pathlib.Path | None) -> None:
 
 
 def markdown(rows: dict[str, dict], metric: str) -> str:
+    """The rows as a table; the summed end-to-end error column only where some row measured it."""
+    end_to_end = any(row.get("sensitivity_error") is not None for row in rows.values())
+    extra = (" summed end-to-end error |", "---:|") if end_to_end else ("", "")
     lines = [
-        f"| row | MB | bits per weight | {metric} | widths (2/3/4/8) | summed output error |",
-        "|---|---:|---:|---:|---|---:|",
+        f"| row | MB | bits per weight | {metric} | widths (2/3/4/8) | summed output error |{extra[0]}",
+        f"|---|---:|---:|---:|---|---:|{extra[1]}",
     ]
     for key, row in rows.items():
         if key == "fp32":
-            lines.append(f"| fp32 | {row['bytes'] / 1e6:.1f} | 32 | {row['quality']:.4f} | - | - |")
+            lines.append(
+                f"| fp32 | {row['bytes'] / 1e6:.1f} | 32 | {row['quality']:.4f} | - | - |{' - |' * end_to_end}"
+            )
             continue
         widths = "/".join(str(row["widths"].get(str(bits), 0)) for bits in SUPPORTED_BITS)
+        cells = f" {row['sensitivity_error']:.4g} |" if end_to_end and row.get("sensitivity_error") is not None else ""
+        cells = cells or (" - |" if end_to_end else "")
         lines.append(
             f"| {key} | {row['megabytes']:.1f} | {row['bits_per_weight']:.3f} | {row['quality']:.4f} | {widths} | "
-            f"{row['output_error']:.4g} |"
+            f"{row['output_error']:.4g} |{cells}"
         )
     return "\n".join(lines)
 
@@ -160,8 +191,12 @@ def frontier_svg(rows: dict[str, dict], metric: str) -> str:
             f'stroke-dasharray="5,4"/><text x="{width - right - 4}" y="{sy(fp32) - 5:.1f}" text-anchor="end" '
             f'fill="#222">fp32 {fp32:.4g}</text>'
         )
-    for series, colour in (("uniform", "#567"), ("budget", "#1559b0")):
-        keys = sorted((k for k in points if k.startswith("W") == (series == "uniform")), key=lambda k: points[k][0])
+
+    def series_of(key: str) -> str:
+        return "uniform" if key.startswith("W") else "budget kl" if key.endswith(" kl") else "budget"
+
+    for series, colour in (("uniform", "#567"), ("budget", "#1559b0"), ("budget kl", "#b05915")):
+        keys = sorted((k for k in points if series_of(k) == series), key=lambda k: points[k][0])
         if not keys:
             continue
         path = " ".join(f"{sx(points[k][0]):.1f},{sy(points[k][1]):.1f}" for k in keys)
@@ -172,7 +207,11 @@ def frontier_svg(rows: dict[str, dict], metric: str) -> str:
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}"><title>{label}</title></circle>')
             parts.append(f'<text x="{x + 6:.1f}" y="{y - 6:.1f}" fill="{colour}">{label}</text>')
     legend = '<text x="{0}" y="18" fill="{1}">{2}</text>'
-    parts.append(legend.format(left + 4, "#567", "uniform widths") + legend.format(left + 130, "#1559b0", "budgets"))
+    parts.append(
+        legend.format(left + 4, "#567", "uniform widths")
+        + legend.format(left + 130, "#1559b0", "budgets (output error)")
+        + legend.format(left + 300, "#b05915", "budgets (end to end)")
+    )
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'font-family="system-ui, sans-serif" font-size="12">\n' + "\n".join(parts) + "\n</svg>\n"
@@ -198,6 +237,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-length", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--eval-length", type=int, default=512)
+    parser.add_argument(
+        "--sensitivity",
+        nargs="+",
+        choices=("output", "kl"),
+        default=["output"],
+        help="the error tables to allocate budgets on: output = trace(dW^T H dW); kl = end to end (rows '3 kl')",
+    )
+    parser.add_argument("--sensitivity-samples", type=int, default=2, help="calibration samples for kl")
+    parser.add_argument("--sensitivity-length", type=int, default=256, help="tokens of each kl sample")
     parser.add_argument("--statistics", type=pathlib.Path, help="calibration statistics cache (pickle)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-budget"))
     args = parser.parse_args(argv)
@@ -207,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.run("fp32")
     measured = measure(bench, args)
     uniform = [f"W{bits}" for bits in args.uniform]
-    order = [key for pair in itertools.zip_longest(args.budgets, uniform) for key in pair if key is not None]
+    budgets = [f"{budget} kl" if measure == "kl" else budget for budget in args.budgets for measure in args.sensitivity]
+    order = [key for pair in itertools.zip_longest(budgets, uniform) for key in pair if key is not None]
     for key in order:  # budgets and uniform widths in turn, so that an interrupted run has both
         picks = measured.picks(key)
         stored = total_cost(measured.table.costs, picks)
@@ -220,7 +269,11 @@ def main(argv: list[str] | None = None) -> None:
                 "bits_per_weight": 8 * stored / measured.weights,
                 "widths": {str(bits): chosen.count(bits) for bits in measured.table.widths},
                 "output_error": sum(row[pick] for row, pick in zip(measured.table.errors, picks)),
-                "budget": None if key.startswith("W") else str(parse_budget(key)),
+                "sensitivity_error": None
+                if measured.table.sensitivities is None
+                else sum(row[pick] for row, pick in zip(measured.table.sensitivities, picks)),
+                "budget": None if key.startswith("W") else str(parse_budget(key.partition(" ")[0])),
+                "sensitivity": None if key.startswith("W") else ("kl" if key.endswith(" kl") else "output"),
             }
 
         bench.run(key, build)
