@@ -49,13 +49,19 @@ Int8Rows Int8Plan::Quantize(const float* a, const float* scale, const uint8_t* z
   Int8Rows rows{reinterpret_cast<int32_t*>(memory), nullptr, nullptr};
   rows.scale = reinterpret_cast<float*>(memory + AlignUp(p_.M * words_ * 4));
   rows.corr = reinterpret_cast<int32_t*>(memory + AlignUp(p_.M * words_ * 4) + AlignUp(p_.M * blocks * 4));
-  for (int64_t r = 0; r < p_.M; ++r)
+  for (int64_t r = 0; r < p_.M; ++r) {
+    if (kernels_.quantize_blocks) {
+      kernels_.quantize_blocks(a + r * p_.K, scale, zero, blocks_.data(), blocks, rows.words + r * words_,
+                               rows.scale + r * blocks, rows.corr + r * blocks);
+      continue;
+    }
     for (int64_t i = 0; i < blocks; ++i) {
       const Int8Block& b = blocks_[i];
       int32_t* words = rows.words + r * words_ + b.word;
       int32_t* corr = rows.corr + r * blocks + i;
       rows.scale[r * blocks + i] = kernels_.quantize(a + r * p_.K, scale, zero, b, words, corr);
     }
+  }
   return rows;
 }
 

@@ -26,6 +26,11 @@ struct Int8Block {
 // as bytes, [4 * quads]. Returns the block's scale: NaN if an xs is not finite (the codes are then 0).
 using Int8QuantizeFn = float (*)(const float* x, const float* scale, const uint8_t* zero, const Int8Block& b,
                                  int32_t* words, int32_t* corr);
+// Int8QuantizeFn for `count` blocks of one row: block i's codes at words + blocks[i].word, its scale in
+// act[i] and its correction in corr[i]; the same results, several blocks in flight at once.
+using Int8QuantizeBlocksFn = void (*)(const float* x, const float* scale, const uint8_t* zero,
+                                      const Int8Block* blocks, int64_t count, int32_t* words, float* act,
+                                      int32_t* corr);
 
 // One block of one tile for `rows` rows:
 //   out[r][c] += act_scale[r] * col_scale[c] * (sum_q dot4(codes of quad q, column c; words of row r, quad q)
@@ -76,6 +81,7 @@ struct Int8Kernels {
   Int8QuantizeFn quantize;
   Int8TileFn tile;
   Int8TilesFn tiles;  // or null: one row goes through `tile`, one tile at a time
+  Int8QuantizeBlocksFn quantize_blocks;  // or null: `quantize`, one block at a time
 };
 
 extern const Int8Kernels kInt8ScalarKernels;

@@ -187,6 +187,58 @@ float QuantizeBlock(const float* x, const float* scale, const uint8_t* zero, con
   return act;
 }
 
+// B blocks of one row, each of 64 V inputs from its first quad (V = 1, 2: 64 or 128 inputs, the usual
+// blocks), kept in registers from the load to the codes: QuantizeBlock<true>'s arithmetic without its round
+// trips through memory (its byte stores, read back at once as words, stalled on store forwarding), and the
+// B blocks' reductions and divisions side by side instead of one chain after another. False (nothing
+// written) where a block has no usable scale: those go through QuantizeBlock.
+template <int V, int B>
+bool QuantizeRegisters(const float* x, const float* scale, const uint8_t* zero, const Int8Block* blocks,
+                       int32_t* words, float* act_out, int32_t* corr_out) {
+  __m512 v[B][4 * V];
+  float inverse[B];
+#pragma GCC unroll 4
+  for (int b = 0; b < B; ++b) {
+    const int64_t first = blocks[b].q0 * kQuad;
+    __m512i vmax = _mm512_setzero_si512();  // of |xs| as bit patterns: the order of the floats, NaN above Inf
+#pragma GCC unroll 8
+    for (int i = 0; i < 4 * V; ++i) {
+      v[b][i] = _mm512_loadu_ps(x + first + 16 * i);
+      if (scale) v[b][i] = _mm512_mul_ps(v[b][i], _mm512_loadu_ps(scale + first + 16 * i));
+      vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(v[b][i]), _mm512_set1_epi32(0x7FFFFFFF)));
+    }
+    const uint32_t amax_bits = _mm512_reduce_max_epu32(vmax);
+    float amax;
+    std::memcpy(&amax, &amax_bits, 4);
+    act_out[b] = amax / static_cast<float>(kInt8Limit);
+    inverse[b] = 1.0f / act_out[b];
+    if (!(amax_bits < 0x7F800000u && act_out[b] > 0.0f && __builtin_isfinite(inverse[b]))) return false;
+  }
+  // |code| <= 127: the saturating packs keep every code. Per 128-bit lane l they leave the 4-code dwords in
+  // the order (l, vector), the permutation puts them back in the order (vector, l).
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+#pragma GCC unroll 4
+  for (int b = 0; b < B; ++b) {
+    const int64_t first = blocks[b].q0 * kQuad;
+    const __m512 up = _mm512_set1_ps(inverse[b]);
+    __m512i sums = _mm512_setzero_si512();
+#pragma GCC unroll 2
+    for (int i = 0; i < V; ++i) {
+      __m512i c[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) c[j] = _mm512_cvtps_epi32(_mm512_mul_ps(v[b][4 * i + j], up));
+      const __m512i bytes = _mm512_permutexvar_epi32(
+          order, _mm512_packs_epi16(_mm512_packs_epi32(c[0], c[1]), _mm512_packs_epi32(c[2], c[3])));
+      _mm512_storeu_si512(words + blocks[b].word + 16 * i, bytes);
+      // corr: the words' dot products with the zero-point bytes (or ones)
+      const __m512i z = zero ? _mm512_loadu_si512(zero + first + 64 * i) : _mm512_set1_epi8(1);
+      sums = _mm512_dpbusd_epi32(sums, z, bytes);
+    }
+    corr_out[b] = _mm512_reduce_add_epi32(sums);
+  }
+  return true;
+}
+
 float Quantize(const float* x, const float* scale, const uint8_t* zero, const Int8Block& b, int32_t* words,
                int32_t* corr) {
   const bool whole = b.k0 == b.q0 * kQuad && (b.k1 - b.k0) % 16 == 0;
@@ -194,8 +246,31 @@ float Quantize(const float* x, const float* scale, const uint8_t* zero, const In
                : QuantizeBlock<false>(x, scale, zero, b, words, corr);
 }
 
+// Inputs [64 V) from the block's first quad, exactly.
+template <int V>
+bool Fits(const Int8Block& b) {
+  return b.k0 == b.q0 * kQuad && b.k1 - b.k0 == 64 * V;
+}
+
+void QuantizeBlocks(const float* x, const float* scale, const uint8_t* zero, const Int8Block* blocks,
+                    int64_t count, int32_t* words, float* act, int32_t* corr) {
+  int64_t i = 0;
+  while (i < count) {
+    if (i + 2 <= count && Fits<2>(blocks[i]) && Fits<2>(blocks[i + 1]) &&
+        QuantizeRegisters<2, 2>(x, scale, zero, blocks + i, words, act + i, corr + i)) {
+      i += 2;
+    } else if (i + 4 <= count && Fits<1>(blocks[i]) && Fits<1>(blocks[i + 1]) && Fits<1>(blocks[i + 2]) &&
+               Fits<1>(blocks[i + 3]) && QuantizeRegisters<1, 4>(x, scale, zero, blocks + i, words, act + i, corr + i)) {
+      i += 4;
+    } else {
+      act[i] = Quantize(x, scale, zero, blocks[i], words + blocks[i].word, corr + i);
+      ++i;
+    }
+  }
+}
+
 }  // namespace
 
-const Int8Kernels kInt8Avx512VnniKernels{"avx512vnni", &Quantize, &Tile, &Tiles};
+const Int8Kernels kInt8Avx512VnniKernels{"avx512vnni", &Quantize, &Tile, &Tiles, &QuantizeBlocks};
 
 }  // namespace lowbit
