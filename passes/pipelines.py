@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import resource
-import sys
 import time
 
 import onnx_ir as ir
@@ -29,6 +27,7 @@ from lowbit.passes.reorder_channels import ReorderChannelsPass
 from lowbit.passes.report import OptimizeReport, PassRecord
 from lowbit.passes.split_outliers import SplitOutliersPass
 from lowbit.runtime.calibration import CalibrationStats
+from lowbit.runtime.memory import peak_rss_mb
 
 DUMP_DIR_VARIABLE = "LOWBIT_DUMP_DIR"
 
@@ -120,11 +119,6 @@ def outlier_pipeline(recipe: Recipe, *, calibration) -> list[LowbitPass]:
     return portable_pipeline(dataclasses.replace(recipe, **OUTLIER_DEFAULTS), calibration=calibration)
 
 
-def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
 def run_pipeline(model: ir.Model, passes: list[LowbitPass], report: OptimizeReport) -> ir.Model:
     """Run ``passes`` in order on ``model`` (in place), recording each in ``report`` (what every
     ``LowbitPass`` reports: ``details``, ``weight_records``, ``skipped``)."""
@@ -135,7 +129,7 @@ def run_pipeline(model: ir.Model, passes: list[LowbitPass], report: OptimizeRepo
         model = result.model
         name = type(pass_).__name__
         seconds = time.perf_counter() - start
-        report.passes.append(PassRecord(name, result.modified, seconds, _peak_rss_mb(), dict(pass_.details)))
+        report.passes.append(PassRecord(name, result.modified, seconds, peak_rss_mb(), dict(pass_.details)))
         report.weights.extend(pass_.weight_records)
         report.skipped.extend(pass_.skipped)
         if dump_dir:

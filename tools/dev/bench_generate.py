@@ -50,7 +50,9 @@ class Row:
     source: str | None = None
 
 
-def default_rows(bits: Sequence[int] = (4, 3)) -> list[Row]:
+def default_rows(bits: Sequence[int] = (4, 3), head_bits: Sequence[int] = (4,)) -> list[Row]:
+    """The rows for lowbit widths ``bits``; a body narrower than 4 bits also gets rows with its head and table
+    at each width of ``head_bits`` wider than the body."""
     rows = [
         Row("builder fp32", "builder-fp32", "builder"),
         Row("builder int4 default", "builder-int4", "builder", "int4"),
@@ -63,14 +65,15 @@ def default_rows(bits: Sequence[int] = (4, 3)) -> list[Row]:
         ),
     ]
     for width in bits:
-        # head bits: None = no head/embedding quantized; a body narrower than 4 bits also gets a 4-bit table row
-        for head_bits in (width, 4, None) if width < 4 else (width, None):
-            head = head_bits is not None
+        wider = [table for table in head_bits if table > width] if width < 4 else []
+        for table_bits in (width, *wider, None):  # None: head and embedding in float
+            head = table_bits is not None
             what = f"lowbit W{width} g128 GPTQ AdaDim" + (", head+embedding" if head else "")
             slug = f"lowbit-w{width}" + ("-head-emb" if head else "")
             recipe = {"bits": width, **LOWBIT_BASE, "include_lm_head": head, "include_embeddings": head}
-            if head and head_bits != width:
-                what, slug, recipe = f"{what} {head_bits}-bit", f"{slug}{head_bits}", {**recipe, "head_bits": head_bits}
+            if head and table_bits != width:
+                what, slug = f"{what} {table_bits}-bit", f"{slug}{table_bits}"
+                recipe = {**recipe, "head_bits": table_bits}
             rows.append(Row(f"{what}, portable", f"{slug}-portable", "lowbit", recipe=tuple(recipe.items())))
             rows.append(Row(f"{what}, fused", f"{slug}-fused", "fused", source=f"{slug}-portable"))
     head = f"lowbit-w{bits[0]}-head-emb"
@@ -182,11 +185,10 @@ def rows_by_folder(rows: dict[str, Row]) -> dict[str, Row]:
 
 def measure(folder: str, windows: int, length: int, prompt_tokens: int, new_tokens: int, play: str) -> dict:
     """MB, perplexity, prompt ms, decode tokens/s and this process's peak RSS for one genai folder."""
-    import resource
-
     import onnxruntime_genai as og
 
     from lowbit.ir.files import model_bytes
+    from lowbit.runtime.memory import peak_rss_mb
     from lowbit.tools import eval_perplexity, genai, text
 
     src = genai.read_folder(folder)
@@ -202,7 +204,7 @@ def measure(folder: str, windows: int, length: int, prompt_tokens: int, new_toke
         "perplexity": value,
         "prompt_ms": result.prompt_seconds * 1e3,
         "decode_tok_s": result.tokens_per_second,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -317,6 +319,9 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length of the decode timing")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens of the decode timing")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3], help="widths of the lowbit rows")
+    parser.add_argument(
+        "--head-bits", type=int, nargs="+", default=[4], help="widths of the head and table for bodies below 4 bits"
+    )
     parser.add_argument("--clip-search", action="store_true", help="lowbit rows with Recipe(clip_search=True)")
     parser.add_argument("--calibration-windows", type=int, default=128, help="calibration windows")
     parser.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration window")
@@ -334,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = {row.name: row for row in default_rows(args.bits)}
+    rows = {row.name: row for row in default_rows(args.bits, args.head_bits)}
     by_folder = rows_by_folder(rows)
     unknown = sorted(set(args.rows or ()) - set(by_folder))
     if unknown:

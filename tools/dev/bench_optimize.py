@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import resource
 import tempfile
 import time
 
@@ -28,6 +27,7 @@ import lowbit
 from lowbit.ir.files import model_bytes
 from lowbit.passes import axis_selectors, pipelines, quantize_candidates, quantize_weights
 from lowbit.passes.report import OptimizeReport
+from lowbit.runtime.memory import peak_rss_mb
 from lowbit.tools import models, text
 from lowbit.tools.dev.bench_large_model import Sampler
 
@@ -80,7 +80,7 @@ class Bench:
 
     def table(self) -> str:
         total = sum(phase.seconds for phase in self.phases if phase.peak_mib is not None)
-        peak = _peak_rss_mib()
+        peak = peak_rss_mb()
         rows = [self.row(phase, total) for phase in self.phases]
         rows.append(f"| **total** | {total:.1f} | 100.0 | {peak:.0f} | {peak / self.fp32_mib:.2f} |")
         return "\n".join([COLUMNS, "|---|---:|---:|---:|---:|", *rows])
@@ -136,10 +136,6 @@ def measure(path: pathlib.Path, recipe: lowbit.Recipe, tokenizer: str, windows: 
     bench.run("save", lambda: lowbit.save(model, output))
     bench.sampler.running = False
     return bench
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def main(argv: list[str] | None = None) -> None:
