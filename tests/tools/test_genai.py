@@ -530,6 +530,21 @@ def test_smollm2_genai_folder_generates_torch_greedy_tokens(smollm2_available, t
 # The generation benchmark (tools/dev/bench_generate.py)
 
 
+def test_bench_generate_reuses_a_folder_recorded_before_a_recipe_field_existed():
+    """A recipe record written before a Recipe field was added (so without it) is the same recipe when the field
+    has its default: the folder is reused, not remade; a record that differs is not."""
+    import dataclasses
+
+    from lowbit.tools.dev import bench_generate
+
+    recipe = dataclasses.asdict(lowbit.Recipe(bits=3, method="gptq"))
+    old = {key: value for key, value in recipe.items() if key != "head_bits"}
+    assert bench_generate._with_recipe_defaults({"recipe": old}) == {"recipe": recipe}
+    fused = {"fused_from": {"recipe": old}, "int8_activations": True}
+    assert bench_generate._with_recipe_defaults(fused) == {"fused_from": {"recipe": recipe}, "int8_activations": True}
+    assert bench_generate._with_recipe_defaults({"recipe": {**old, "bits": 4}}) != {"recipe": recipe}
+
+
 def test_bench_generate_plot_has_one_point_per_row():
     import xml.etree.ElementTree as ET
 

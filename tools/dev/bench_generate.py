@@ -105,6 +105,19 @@ def _recipe_record(row: Row, args) -> dict:
     }
 
 
+def _with_recipe_defaults(record: dict) -> dict:
+    """``record`` with the Recipe fields added since it was written set to their defaults (the same recipe:
+    a new option's default leaves what optimize does unchanged)."""
+    import lowbit
+
+    defaults = dataclasses.asdict(lowbit.Recipe())
+    if "recipe" in record:
+        record = {**record, "recipe": {**defaults, **record["recipe"]}}
+    if "fused_from" in record:
+        record = {**record, "fused_from": _with_recipe_defaults(record["fused_from"])}
+    return record
+
+
 def _hf_folder(args, workdir: pathlib.Path) -> pathlib.Path:
     from lowbit.tools import genai
 
@@ -135,7 +148,7 @@ def make_folder(row: Row, rows: dict[str, Row], args, workdir: pathlib.Path) -> 
     if genai.is_genai_folder(out) and record_path.is_file():
         made = json.loads(record_path.read_text())
         made.pop("seconds", None)  # how long it took to make: not part of what it is
-        if made == record:
+        if _with_recipe_defaults(made) == record:
             return out
     if out.exists():
         import shutil
