@@ -408,18 +408,15 @@ def _transposed_constant(value) -> tuple[object, object] | None:
     return (producer, source) if analysis.is_constant_weight(source) else None
 
 
-def untie_embeddings(model) -> list[str]:
-    """Give every ``Gather(Transpose(W), ids)`` its own constant table ``W^T``; returns the Gather names.
-
-    For a recipe that quantizes only one of the head and the embedding (``tie_as_table`` keeps a pair that
-    both quantize together): the quantized one gets its own copy, the other reads the float table."""
+def _tied_gathers(model, suffix: str):
+    """``(gather, transpose, weight, table)`` for every ``Gather(Transpose(W), ids)`` of ``model``: ``table`` a
+    new initializer ``W^T`` named after ``W`` with ``suffix``, not yet read by anything."""
     import onnx_ir as ir
 
     from lowbit.ir import builders
 
     graph = model.graph
     taken = builders.graph_names(graph)
-    untied = []
     for node in list(graph):
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.attributes.get_int("axis", 0):
             continue
@@ -427,16 +424,28 @@ def untie_embeddings(model) -> list[str]:
         if found is None:
             continue
         transpose, weight = found
-        name = builders.fresh_name(f"{weight.name}.embedding_table", taken)
-        table = np.ascontiguousarray(weight.const_value.numpy().T)
-        value = ir.Value(
-            name=name, shape=ir.Shape(table.shape), type=ir.TensorType(weight.dtype), const_value=ir.tensor(table)
+        array = np.ascontiguousarray(weight.const_value.numpy().T)
+        table = ir.Value(
+            name=builders.fresh_name(f"{weight.name}.{suffix}", taken),
+            shape=ir.Shape(array.shape),
+            type=ir.TensorType(weight.dtype),
+            const_value=ir.tensor(array),
         )
-        graph.register_initializer(value)
-        node.replace_input_with(0, value)
+        graph.register_initializer(table)
+        yield node, transpose, weight, table
+
+
+def untie_embeddings(model) -> list[str]:
+    """Give every ``Gather(Transpose(W), ids)`` its own constant table ``W^T``; returns the Gather names.
+
+    For a recipe that quantizes only one of the head and the embedding (``tie_as_table`` keeps a pair that
+    both quantize together): the quantized one gets its own copy, the other reads the float table."""
+    untied = []
+    for gather, transpose, _, table in _tied_gathers(model, "embedding_table"):
+        gather.replace_input_with(0, table)
         if not transpose.outputs[0].uses() and not transpose.outputs[0].is_graph_output():
-            graph.remove(transpose, safe=True)
-        untied.append(node.name)
+            model.graph.remove(transpose, safe=True)
+        untied.append(gather.name)
     return untied
 
 
@@ -451,28 +460,13 @@ def tie_as_table(model) -> list[str]:
     embedding share, in the portable and in the fused file."""
     import onnx_ir as ir
 
-    from lowbit.ir import builders
-
     graph = model.graph
-    taken = builders.graph_names(graph)
     tied = []
-    for node in list(graph):
-        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.attributes.get_int("axis", 0):
-            continue
-        found = _transposed_constant(node.inputs[0])
-        if found is None:
-            continue
-        transpose, weight = found
-        table = np.ascontiguousarray(weight.const_value.numpy().T)
-        name = builders.fresh_name(f"{weight.name}.table", taken)
-        value = ir.Value(
-            name=name, shape=ir.Shape(table.shape), type=ir.TensorType(weight.dtype), const_value=ir.tensor(table)
-        )
-        graph.register_initializer(value)
+    for gather, transpose, weight, table in _tied_gathers(model, "table"):
         for use in list(transpose.outputs[0].uses()):  # the readers of W^T read the table itself
-            use.node.replace_input_with(use.idx, value)
+            use.node.replace_input_with(use.idx, table)
         readers = [use for use in weight.uses() if use.node is not transpose]
-        transpose.replace_input_with(0, value)  # now Transpose(T) = W
+        transpose.replace_input_with(0, table)  # now Transpose(T) = W
         transpose.outputs[0].shape = ir.Shape(weight.const_value.shape)
         for use in readers:
             use.node.replace_input_with(use.idx, transpose.outputs[0])
@@ -480,7 +474,7 @@ def tie_as_table(model) -> list[str]:
             graph.remove(transpose, safe=True)
         if not weight.uses() and weight.name in graph.initializers:
             graph.initializers.pop(weight.name)
-        tied.append(node.name)
+        tied.append(gather.name)
     return tied
 
 

@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "op_checks.h"
 #include "quant_matmul.h"
 #include "quant_matmul_op.h"
 
@@ -17,14 +18,12 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
   return s + "]";
 }
 
-[[noreturn]] void Fail(const std::string& message) {
-  ORT_CXX_API_THROW("QuantMatMul: " + message, ORT_INVALID_ARGUMENT);
-}
+constexpr const char* kOp = "QuantMatMul";
+
+[[noreturn]] void Fail(const std::string& message) { FailOp(kOp, message); }
 
 void CheckShape(const char* name, const Ort::ConstValue& value, const std::vector<int64_t>& expected) {
-  const std::vector<int64_t> actual = value.GetTensorTypeAndShapeInfo().GetShape();
-  if (actual != expected)
-    Fail(std::string(name) + " must have shape " + ShapeString(expected) + ", got " + ShapeString(actual));
+  CheckShapeOf(kOp, name, value, expected);
 }
 
 // An optional int attribute: its value, or `absent` when the node does not have it.
@@ -40,31 +39,47 @@ int64_t OptionalAttribute(const Ort::ConstKernelInfo& info, const char* name, in
 
 }  // namespace
 
-const std::vector<ONNXTensorElementDataType> kQuantMatMulInputTypes = {
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+void FailOp(const char* op, const std::string& message) {
+  ORT_CXX_API_THROW(std::string(op) + ": " + message, ORT_INVALID_ARGUMENT);
+}
 
-QuantMatMulAttributes::QuantMatMulAttributes(const Ort::ConstKernelInfo& info)
+void CheckShapeOf(const char* op, const char* name, const Ort::ConstValue& value,
+                  const std::vector<int64_t>& expected) {
+  const std::vector<int64_t> actual = value.GetTensorTypeAndShapeInfo().GetShape();
+  if (actual != expected)
+    FailOp(op, std::string(name) + " must have shape " + ShapeString(expected) + ", got " + ShapeString(actual));
+}
+
+PackedWeightAttributes::PackedWeightAttributes(const Ort::ConstKernelInfo& info, const char* op)
     : bits(static_cast<int>(info.GetAttribute<int64_t>("bits"))),
       group_axis(static_cast<int>(info.GetAttribute<int64_t>("group_axis"))),
       group_size(info.GetAttribute<int64_t>("group_size")),
       K(info.GetAttribute<int64_t>("K")),
       N(info.GetAttribute<int64_t>("N")) {
-  const int64_t int8 = OptionalAttribute(info, "int8_activations", 0);
-  if (int8 != 0 && int8 != 1) Fail("int8_activations must be 0 or 1, got " + std::to_string(int8));
-  int8_activations = int8 == 1;
-  if (bits != 2 && bits != 3 && bits != 4 && bits != 8) Fail("bits must be 2, 3, 4 or 8, got " + std::to_string(bits));
-  if (group_axis != 0 && group_axis != 1) Fail("group_axis must be 0 or 1");
-  if (group_size < 1 || K < 1 || N < 1) Fail("group_size, K and N must be >= 1");
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
+    FailOp(op, "bits must be 2, 3, 4 or 8, got " + std::to_string(bits));
+  if (group_axis != 0 && group_axis != 1) FailOp(op, "group_axis must be 0 or 1");
+  if (group_size < 1 || K < 1 || N < 1) FailOp(op, "group_size, K and N must be >= 1");
   groups = CeilDiv(group_axis == 0 ? K : N, group_size);
   tiles = CeilDiv(N, kTile);
   quads = CeilDiv(K, kQuad);
   block_bytes = kTile * kQuad * bits / 8;
 }
 
-std::vector<int64_t> QuantMatMulAttributes::ParamsShape() const {
+std::vector<int64_t> PackedWeightAttributes::ParamsShape() const {
   return group_axis == 0 ? std::vector<int64_t>{groups, N} : std::vector<int64_t>{K, groups};
+}
+
+const std::vector<ONNXTensorElementDataType> kQuantMatMulInputTypes = {
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+
+QuantMatMulAttributes::QuantMatMulAttributes(const Ort::ConstKernelInfo& info)
+    : PackedWeightAttributes(info, kOp) {
+  const int64_t int8 = OptionalAttribute(info, "int8_activations", 0);
+  if (int8 != 0 && int8 != 1) Fail("int8_activations must be 0 or 1, got " + std::to_string(int8));
+  int8_activations = int8 == 1;
 }
 
 QuantMatMulInputs::QuantMatMulInputs(const Ort::KernelContext& ctx, const QuantMatMulAttributes& at) {

@@ -8,30 +8,19 @@
 #include <vector>
 
 #include "codes.h"
+#include "op_checks.h"
 #include "quant_matmul.h"
 
 namespace lowbit {
 namespace {
 
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr const char* kOp = "QuantGather";
 
-std::string ShapeString(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-[[noreturn]] void Fail(const std::string& message) {
-  ORT_CXX_API_THROW("QuantGather: " + message, ORT_INVALID_ARGUMENT);
-}
+[[noreturn]] void Fail(const std::string& message) { FailOp(kOp, message); }
 
 void CheckShape(const char* name, const Ort::ConstValue& value, const std::vector<int64_t>& expected) {
-  const std::vector<int64_t> actual = value.GetTensorTypeAndShapeInfo().GetShape();
-  if (actual != expected)
-    Fail(std::string(name) + " must have shape " + ShapeString(expected) + ", got " + ShapeString(actual));
+  CheckShapeOf(kOp, name, value, expected);
 }
-
-bool Present(const Ort::ConstValue& value) { return static_cast<const OrtValue*>(value) != nullptr; }
 
 }  // namespace
 
@@ -39,24 +28,7 @@ const std::vector<ONNXTensorElementDataType> kQuantGatherInputTypes = {
     ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
     ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8};
 
-QuantGatherAttributes::QuantGatherAttributes(const Ort::ConstKernelInfo& info)
-    : bits(static_cast<int>(info.GetAttribute<int64_t>("bits"))),
-      group_axis(static_cast<int>(info.GetAttribute<int64_t>("group_axis"))),
-      group_size(info.GetAttribute<int64_t>("group_size")),
-      K(info.GetAttribute<int64_t>("K")),
-      N(info.GetAttribute<int64_t>("N")) {
-  if (bits != 2 && bits != 3 && bits != 4 && bits != 8) Fail("bits must be 2, 3, 4 or 8, got " + std::to_string(bits));
-  if (group_axis != 0 && group_axis != 1) Fail("group_axis must be 0 or 1");
-  if (group_size < 1 || K < 1 || N < 1) Fail("group_size, K and N must be >= 1");
-  groups = CeilDiv(group_axis == 0 ? K : N, group_size);
-  tiles = CeilDiv(N, kTile);
-  quads = CeilDiv(K, kQuad);
-  block_bytes = kTile * kQuad * bits / 8;
-}
-
-std::vector<int64_t> QuantGatherAttributes::ParamsShape() const {
-  return group_axis == 0 ? std::vector<int64_t>{groups, N} : std::vector<int64_t>{K, groups};
-}
+QuantGatherAttributes::QuantGatherAttributes(const Ort::ConstKernelInfo& info) : PackedWeightAttributes(info, kOp) {}
 
 QuantGatherKernel::QuantGatherKernel(const OrtApi*, const OrtKernelInfo* info) : attrs_(Ort::ConstKernelInfo(info)) {}
 

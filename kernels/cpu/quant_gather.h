@@ -8,6 +8,8 @@
 
 #include <vector>
 
+#include "op_checks.h"
+
 namespace lowbit {
 
 enum QuantGatherInput { kGatherPacked = 0, kGatherIds, kGatherScales, kGatherZeroPoints, kGatherNumInputs };
@@ -17,13 +19,8 @@ extern const std::vector<ONNXTensorElementDataType> kQuantGatherInputTypes;
 constexpr ONNXTensorElementDataType kQuantGatherOutputType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 
 // The attributes describing W, as QuantMatMul's (without int8_activations, which concerns activations).
-struct QuantGatherAttributes {
-  int bits, group_axis;
-  int64_t group_size, K, N;
-  int64_t groups, tiles, quads, block_bytes;  // implied
-
+struct QuantGatherAttributes : PackedWeightAttributes {
   explicit QuantGatherAttributes(const Ort::ConstKernelInfo& info);  // throws on invalid values
-  std::vector<int64_t> ParamsShape() const;                          // of scales and zero points
 };
 
 // Inputs are read from the kernel context, like QuantMatMul's (an absent zero_points is a null value).

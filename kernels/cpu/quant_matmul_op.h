@@ -10,6 +10,8 @@
 #include <memory>
 #include <vector>
 
+#include "op_checks.h"
+
 namespace lowbit {
 
 enum QuantMatMulInput {
@@ -29,14 +31,10 @@ enum QuantMatMulInput {
 extern const std::vector<ONNXTensorElementDataType> kQuantMatMulInputTypes;
 constexpr ONNXTensorElementDataType kQuantMatMulOutputType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 
-struct QuantMatMulAttributes {
-  int bits, group_axis;
+struct QuantMatMulAttributes : PackedWeightAttributes {
   bool int8_activations;  // optional attribute, default 0
-  int64_t group_size, K, N;
-  int64_t groups, tiles, quads, block_bytes;  // implied
 
   explicit QuantMatMulAttributes(const Ort::ConstKernelInfo& info);  // throws on invalid values
-  std::vector<int64_t> ParamsShape() const;                          // of scales and zero points
 };
 
 // The inputs of one call, with checked shapes; absent optional inputs are null values.
@@ -48,7 +46,7 @@ struct QuantMatMulInputs {
   std::vector<int64_t> y_shape;
 
   QuantMatMulInputs(const Ort::KernelContext& ctx, const QuantMatMulAttributes& at);  // throws on bad shapes
-  static bool Present(const Ort::ConstValue& value) { return static_cast<const OrtValue*>(value) != nullptr; }
+  static bool Present(const Ort::ConstValue& value) { return lowbit::Present(value); }
 };
 
 // Y has A's shape with the last dimension N.

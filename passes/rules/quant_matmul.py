@@ -50,6 +50,11 @@ class DequantizedWeight:
     def shape(self) -> tuple[int, int]:
         return self.codes.shape
 
+    def op_attributes(self) -> dict[str, int]:
+        """The attributes that describe this weight on ``lowbit::QuantMatMul`` and ``lowbit::QuantGather``."""
+        k, n = self.shape
+        return {"bits": self.bits, "group_size": self.group_size, "group_axis": self.group_axis, "K": k, "N": n}
+
     def transposed(self) -> DequantizedWeight:
         """The weight of ``Transpose(W)``: groups along the other axis (a tied head's ``E^T``)."""
         return DequantizedWeight(
@@ -231,7 +236,6 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
         return [constants["pointers"], constants["rows"], constants["values"]]
 
     def _quant_matmul(self, op, a, source, weight, bias, outliers=None):
-        k, n = weight.shape
         constants = self.state.lowbit_constants(op, source, weight)
         inputs = [a, constants["packed"], constants["scales"], constants["zero_points"]]
         if bias is not None or outliers is not None:
@@ -248,15 +252,11 @@ class _FuseDequantizeMatMul(pattern.RewriteRuleClassBase):
                 _name=self._name,
                 _domain=quant_matmul_op.DOMAIN,
                 _version=1,
-                bits=weight.bits,
-                group_size=weight.group_size,
-                group_axis=weight.group_axis,
-                K=k,
-                N=n,
+                **weight.op_attributes(),
                 **optional,
             ),
             a,
-            n,
+            weight.shape[1],
         )
 
     def _matmulnbits(self, op, a, source, weight, bias):

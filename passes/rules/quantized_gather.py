@@ -125,7 +125,6 @@ class _FuseDequantizeGather(pattern.RewriteRuleClassBase):
         source = (dequantize, True)
         weight = self.state.dequantized(*source)
         constants = self.state.lowbit_constants(op, source, weight)
-        k, n = weight.shape
         self.state.count(f"lowbit::QuantGather {weight.bits}" + (" (shares the LM head's codes)" if shared else ""))
         inputs = [constants["packed"], ids, constants["scales"], constants["zero_points"]]
         gathered = op.op(
@@ -134,15 +133,11 @@ class _FuseDequantizeGather(pattern.RewriteRuleClassBase):
             _name=self._name,
             _domain=lowbit_ops.DOMAIN,
             _version=1,
-            bits=weight.bits,
-            group_size=weight.group_size,
-            group_axis=weight.group_axis,
-            K=k,
-            N=n,
+            **weight.op_attributes(),
         )
         gathered.dtype = ir.DataType.FLOAT
         if ids.shape is not None:
-            gathered.shape = ir.Shape([*ids.shape, k])
+            gathered.shape = ir.Shape([*ids.shape, weight.shape[0]])
         return gathered
 
 

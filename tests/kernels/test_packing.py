@@ -95,5 +95,5 @@ def test_the_cpp_kernel_accepts_exactly_the_supported_bits():
 
     assert packing.SUPPORTED_BITS is SUPPORTED_BITS
     source = (pathlib.Path(packing.__file__).parent / "cpu" / "op_io.cpp").read_text()
-    (check,) = re.findall(r"if \(((?:bits != \d+(?: && )?)+)\) Fail\(\"bits must be", source)
+    (check,) = re.findall(r"if \(((?:bits != \d+(?: && )?)+)\)\s+FailOp\(op, \"bits must be", source)
     assert tuple(sorted(int(value) for value in re.findall(r"bits != (\d+)", check))) == SUPPORTED_BITS
