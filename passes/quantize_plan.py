@@ -258,14 +258,15 @@ def measure_widths(
             plan.candidates = {axis: plan.candidates[axis]}  # the other axis's codes are not needed again
         per_width.append(width_plans)
         axes.append(chosen)
-    costs, errors = [], []
+    table = WidthTable(tuple(widths), per_width, axes, costs=[], errors=[])
     for position, plan in enumerate(plans):
-        chosen = [width_plans[position].candidates[axis[position]] for width_plans, axis in zip(per_width, axes)]
-        costs.append([stored_bytes(candidate, weight_type(plan.first), fused) for candidate in chosen])
-        errors.append(
+        table.costs.append(
+            [stored_bytes(candidate, weight_type(plan.first), fused) for candidate in table.candidates(position)]
+        )
+        table.errors.append(
             [width_plans[position].output_errors()[axis[position]] for width_plans, axis in zip(per_width, axes)]
         )
-    return WidthTable(tuple(widths), per_width, axes, costs, errors)
+    return table
 
 
 def choose_within_budget(
@@ -293,7 +294,7 @@ def choose_within_budget(
         not_measured = [plans[i].first.weight.name or "" for i in calibrated if i not in kept]
         calibrated = [i for i in calibrated if i in kept]
     measured = calibrated
-    fixed = [i for i in range(len(plans)) if i not in set(measured)]
+    fixed = sorted(set(range(len(plans))) - set(measured))
     axes: list[str | None] = [None] * len(plans)
     options: list[dict[str, dict]] = [{} for _ in plans]
     if fixed:

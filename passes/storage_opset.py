@@ -32,7 +32,7 @@ def unsupported_ops(model: ir.Model, opset: int) -> list[str]:
             try:
                 schema = onnx.defs.get_schema(node.op_type, opset, "")
             except onnx.defs.SchemaError:
-                if not runtime_only_op(node.op_type, opset):
+                if not _runtime_kernel(node.op_type, opset):
                     found.append(f"{node.op_type} node {node.name!r} (no such op in opset {opset})")
                 continue
             if schema.deprecated:
@@ -57,7 +57,11 @@ def runtime_only_op(op_type: str, opset: int) -> bool:
         onnx.defs.get_schema(op_type, opset, "")
         return False
     except onnx.defs.SchemaError:
-        pass
+        return _runtime_kernel(op_type, opset)
+
+
+def _runtime_kernel(op_type: str, opset: int) -> bool:
+    """Whether ONNX Runtime's CPU provider has a default-domain kernel for ``op_type`` at ``opset``."""
     return any(low <= opset <= high for low, high in _runtime_default_domain_kernels().get(op_type, ()))
 
 
