@@ -118,7 +118,7 @@ def _command_optimize(args: argparse.Namespace) -> None:
     print(result.report.summary())
     for notice in result.report.notices(recipe.fused):
         print(notice, file=sys.stderr)
-    form = "fused lowbit ops (run with lowbit.runtime.session)" if recipe.fused else "portable QDQ (stock ONNX Runtime)"
+    form = result.report.form(recipe.fused, "run with lowbit.runtime.session", "stock ONNX Runtime")
     print(f"wrote {target} ({_model_mib(target):.1f} MiB, {form}; input {_model_mib(source):.1f} MiB)")
     if args.report:
         pathlib.Path(args.report).write_text(result.report.to_json())

@@ -89,6 +89,25 @@ class OptimizeReport:
         )
 
     @property
+    def fused(self) -> dict[str, int]:
+        """What FuseQDQPass fused weights into: op (``lowbit::QuantMatMul oc4``, ...) -> count."""
+        counts: dict[str, int] = {}
+        for record in self.passes:
+            if record.name == "FuseQDQPass":
+                for op, count in record.details.get("fused", {}).items():
+                    counts[op] = counts.get(op, 0) + count
+        return counts
+
+    def form(self, fused_requested: bool, lowbit_runner: str, stock_runner: str) -> str:
+        """What the written model needs to run, for a command's last line: lowbit's ops (run by
+        ``lowbit_runner``), ONNX Runtime's own fused ops or the portable QDQ form (``stock_runner``)."""
+        if any(op.startswith("lowbit::") for op in self.fused):
+            return f"fused lowbit ops ({lowbit_runner})"
+        if self.fused:
+            return f"fused ONNX Runtime contrib ops ({stock_runner})"
+        return f"portable QDQ ({stock_runner}" + ("; nothing was fused)" if fused_requested else ")")
+
+    @property
     def unfused(self) -> dict[str, str]:
         """Quantized weights that FuseQDQPass left in the portable form: DequantizeLinear node -> reason."""
         return {

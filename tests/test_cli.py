@@ -182,3 +182,28 @@ def test_fused_warns_on_the_command_line_when_a_weight_stays_unfused(tmp_path, c
     assert code == 0
     assert "not fused (portable form, slower)" in captured.out and "scales are float16" in captured.out
     assert "lowbit: warning: 1 quantized weight(s) stay in the portable form" in captured.err
+    assert "portable QDQ (stock ONNX Runtime; nothing was fused)" in captured.out
+
+
+def test_last_line_names_what_the_written_model_needs_to_run(mlp_file, tmp_path, capsys):
+    """Fused: lowbit's op library; not asked to fuse: stock ONNX Runtime."""
+    assert main(["optimize", str(mlp_file), "-o", str(tmp_path / "f.onnx"), "--group-size", "8", "--fused"]) == 0
+    assert "fused lowbit ops (run with lowbit.runtime.session)" in capsys.readouterr().out
+    assert main(["optimize", str(mlp_file), "-o", str(tmp_path / "p.onnx"), "--group-size", "8"]) == 0
+    assert "portable QDQ (stock ONNX Runtime)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("fused", "requested", "form"),
+    [
+        ({"lowbit::QuantMatMul oc4": 2, "com.microsoft::GatherBlockQuantized 4": 1}, True, "fused lowbit ops (L)"),
+        ({"com.microsoft::MatMulNBits 4": 3}, True, "fused ONNX Runtime contrib ops (S)"),
+        ({}, True, "portable QDQ (S; nothing was fused)"),
+        ({}, False, "portable QDQ (S)"),
+    ],
+)
+def test_report_form_follows_what_was_fused(fused, requested, form):
+    from lowbit.passes.report import OptimizeReport, PassRecord
+
+    report = OptimizeReport(recipe={}, passes=[PassRecord("FuseQDQPass", bool(fused), 0.0, 0.0, {"fused": fused})])
+    assert report.form(requested, "L", "S") == form

@@ -691,10 +691,8 @@ def command_optimize(args, recipe) -> None:
     print(result.report.summary())
     for notice in result.report.notices(recipe.fused):
         print(notice, file=sys.stderr)
-    form = (
-        "fused lowbit ops (og loads the op library named in genai_config.json)"
-        if recipe.fused
-        else "portable QDQ (stock onnxruntime-genai)"
+    form = result.report.form(
+        recipe.fused, "og loads the op library named in genai_config.json", "stock onnxruntime-genai"
     )
     print(
         f"wrote {out}/ ({folder_mib(out):.1f} MiB, onnxruntime-genai folder, {form}; input {folder_mib(src.folder):.1f} MiB)"
