@@ -303,3 +303,23 @@ def test_cli_view(quantized_mlp, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out and output.stat().st_size > 10_000
     assert main(["view", str(tmp_path / "missing.onnx"), "-o", str(output)]) == 2
     assert "missing.onnx" in capsys.readouterr().err
+
+
+def test_budget_width_options_from_the_report(tmp_path):
+    """Under a size budget every layer row carries each width's error and bytes."""
+    original, chosen, report = tmp_path / "mlp.onnx", tmp_path / "mlp.budget.onnx", tmp_path / "report.json"
+    lowbit.save(factories.mlp(), original)
+    calibration = [factories.feeds_for(factories.mlp(), seed) for seed in range(4)]
+    result = lowbit.optimize(
+        lowbit.load(original), lowbit.Recipe(bits=3, group_size=8, budget="8"), calibration=calibration
+    )
+    lowbit.save(result.model, chosen)
+    report.write_text(result.report.to_json())
+    records = {r["layer"]: r for r in result.report.to_dict()["weights"]}
+    data = build_view_data(chosen, report=report)
+    rows = {row["layer"]: row for row in data["layers"]["rows"]}
+    for layer in ("fc1", "fc2"):
+        options = records[layer]["width_options"]
+        assert len(options) >= 2 and str(records[layer]["bits"]) in options
+        assert rows[layer]["width_options"] == options
+    assert any(p["details"].get("budget") for p in data["report"]["passes"])

@@ -148,3 +148,31 @@ def test_smollm2_in_chromium(browser, smollm2_onnx, tmp_path, shots):
     assert count(browser, "#panes g.grp") < len(laid_out)  # drawn: only what is on (or near) the screen
     assert browser.errors == []
     browser.screenshot(shots / "viewer_smollm2.png")
+
+
+def test_budget_report_shows_each_layers_width_options(browser, tmp_path, shots):
+    """Under a size budget the layers tab says what the budget allowed and used, and each layer row lists
+    every candidate width's error and bytes with the chosen one in brackets."""
+    from tests import factories
+
+    original, chosen, report = tmp_path / "mlp.onnx", tmp_path / "mlp.budget.onnx", tmp_path / "report.json"
+    lowbit.save(factories.mlp(), original)
+    calibration = [factories.feeds_for(factories.mlp(), seed) for seed in range(4)]
+    recipe = lowbit.Recipe(bits=3, group_size=8, budget="8")
+    result = lowbit.optimize(lowbit.load(original), recipe, calibration=calibration)
+    lowbit.save(result.model, chosen)
+    report.write_text(result.report.to_json())
+    open_page(browser, write_view(chosen, tmp_path / "view.html", report=report))
+    browser.click_element("#tabs button[data-tab=layers]")
+    text = browser.evaluate("document.getElementById('tab-layers').innerText")
+    assert "Budget 8" in text and "bits per weight" in text
+    column = browser.evaluate(
+        "[...document.querySelectorAll('table.layers th')].findIndex(th => th.textContent === 'width options')"
+    )
+    cells = browser.evaluate(
+        f"[...document.querySelectorAll('table.layers tbody tr')].map(tr => tr.children[{column}].textContent)"
+    )
+    bits = {w.layer: w.bits for w in result.report.weights}
+    assert len(cells) == 2 and all(f"[{b}b " in cell for b, cell in zip(bits.values(), cells))
+    browser.screenshot(shots / "viewer_budget.png")
+    assert browser.errors == []

@@ -21,7 +21,7 @@ from lowbit.ir import analysis
 from lowbit.tools.viewer.graph_data import GraphIndex
 
 #: WeightRecord fields the page shows when a report has them.
-REPORT_FIELDS = ("relative_error", "output_error", "axis_errors", "bytes_before", "method", "kind")
+REPORT_FIELDS = ("relative_error", "output_error", "axis_errors", "width_options", "bytes_before", "method", "kind")
 #: Overlay fields copied into a quantized layer's table row.
 _ROW_FIELDS = (
     "bits",
@@ -33,6 +33,7 @@ _ROW_FIELDS = (
     "output_error",
     "adadim_choice",
     "axis_errors",
+    "width_options",
 )
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 

@@ -75,6 +75,9 @@
   }
   const adadimText = (q) => q.adadim_choice + (q.axis_errors && Object.keys(q.axis_errors).length ?
     " (output error " + Object.entries(q.axis_errors).map(([axis, e]) => `${axis} ${fmtNum(e)}`).join(", ") + ")" : "");
+  // Under a size budget: each candidate width's error (end to end where measured, else trace(dW^T H dW)) and bytes.
+  const widthText = (q) => q.width_options ? Object.entries(q.width_options).map(([bits, o]) =>
+    `${+bits === q.bits ? "[" : ""}${bits}b ${fmtNum(o.sensitivity ?? o.error)} ${fmtBytes(o.bytes)}${+bits === q.bits ? "]" : ""}`).join(" · ") : "";
   const quantBadge = (q) => q ? `${q.bits}b g${q.group_size} ${q.axis}` + (q.adadim_choice ? ` AdaDim:${q.adadim_choice}` : "") +
     (q.relative_error != null ? ` · err ${q.relative_error.toFixed(4)}` : "") : "";
 
@@ -507,7 +510,7 @@
       if (n.quant) {
         const q = n.quant;
         html += `<h4>Quantized weight</h4>` + rows([["layer", esc(q.layer)], ["codes", esc(q.weight)], ["float weight", q.source_weight && esc(q.source_weight)],
-          ["shape", esc(JSON.stringify(q.shape))], ["bits", q.bits], ["group size", q.group_size], ["group axis", q.axis], ["AdaDim choice", q.adadim_choice && esc(adadimText(q))],
+          ["shape", esc(JSON.stringify(q.shape))], ["bits", q.bits], ["group size", q.group_size], ["group axis", q.axis], ["AdaDim choice", q.adadim_choice && esc(adadimText(q))], ["width options", q.width_options && esc(widthText(q))],
           ["symmetric", String(q.symmetric)], ["method", q.method && esc(q.method)], ["bytes", fmtBytes(q.bytes)], ["bytes before", fmtBytes(q.bytes_before)],
           ["relative error", fmtNum(q.relative_error)], ["output error", fmtNum(q.output_error)]]);
       }
@@ -552,13 +555,18 @@
         card("weight bytes", `${fmtBytes(before)} → ${fmtBytes(after)}`) + (errs.length ? card("mean relative error", fmtNum(errs.reduce((a, b) => a + b, 0) / errs.length)) + card("max", fmtNum(Math.max(...errs))) : "") + "</div>";
       if (DATA.report) {
         html += `<p>Report <b>${esc(DATA.report.label)}</b>, recipe <code>${esc(JSON.stringify(DATA.report.recipe))}</code></p>`;
+        const budget = DATA.report.passes.map((p) => p.details && p.details.budget).find((b) => b);
+        if (budget) html += `<p>Budget <b>${esc(budget.budget)}</b>${budget.sensitivity ? ` (${esc(budget.sensitivity)} sensitivity)` : ""}: ` +
+          `${fmtBytes(budget.bytes)} of ${fmtBytes(budget.limit_bytes)} allowed, ${fmtNum(budget.bits_per_weight)} bits per weight; ` +
+          esc(Object.entries(budget.widths).filter(([, n]) => n).map(([bits, n]) => `${n} at ${bits} bits`).join(", ")) +
+          `. The width options column lists each width's error and bytes, the chosen one in brackets.</p>`;
         if (DATA.report.passes.length) html += `<table><thead><tr><th>pass</th><th>modified</th><th>seconds</th><th>peak RSS MB</th><th>details</th></tr></thead><tbody>` +
           DATA.report.passes.map((p) => `<tr><td>${esc(p.name)}</td><td>${p.modified}</td><td class="num">${fmtNum(p.seconds)}</td><td class="num">${Math.round(p.peak_rss_mb)}</td><td>${esc(JSON.stringify(p.details))}</td></tr>`).join("") + "</tbody></table><br>";
       }
       for (const w of DATA.warnings) html += `<p class="warn">${esc(w)}</p>`;
       const columns = [["#", (r, i) => i + 1, 1], ["layer", (r) => r.layer], ["kind", (r) => r.kind], ["weight", (r) => r.weight], ["shape", (r) => JSON.stringify(r.shape)],
         ["status", (r) => r.status], ["bits", (r) => r.bits, 1], ["group", (r) => r.group_size, 1], ["axis", (r) => r.axis],
-        ["AdaDim", (r) => r.adadim_choice && adadimText(r)], ["bytes before", (r) => r.bytes_before, 1], ["bytes after", (r) => r.bytes_after, 1],
+        ["AdaDim", (r) => r.adadim_choice && adadimText(r)], ["width options", (r) => r.width_options && widthText(r)], ["bytes before", (r) => r.bytes_before, 1], ["bytes after", (r) => r.bytes_after, 1],
         ["ratio", (r) => r.bytes_before ? r.bytes_after / r.bytes_before : null, 1], ["rel. error", (r) => r.relative_error, 1], ["output error", (r) => r.output_error, 1], ["note", (r) => r.reason]];
       const order = rows.map((r, i) => i);
       let sortColumn = 0, ascending = true;
