@@ -20,7 +20,8 @@ import dataclasses
 import numpy as np
 
 from lowbit.passes.quant.gptq import HessianFactor, sweep
-from lowbit.passes.quant.rtn import check_weight
+from lowbit.passes.quant.rtn import check_weight, expand_groups, scheme_group_params
+from lowbit.passes.quant.scheme import QuantScheme
 
 #: Lloyd's iterations at most; it stops earlier once no group's error moves by more than ``_TOLERANCE``.
 MAX_ITERATIONS = 30
@@ -88,13 +89,50 @@ def fit_codebook(
     )
 
 
+def fit_shared_table(
+    weight: np.ndarray, scheme: QuantScheme, channel_weights: np.ndarray | None = None, iterations: int = MAX_ITERATIONS
+) -> CodebookWeight:
+    """One table of ``2**bits`` levels for the whole weight, in the integer grid's code units, under each
+    group's own scale and zero point: ``W[k, n] = s_g * (table[q] - z_g)``. It stores what the integer grid
+    stores (codes, scales, zero points) plus ``2**bits`` floats, and spaces the levels as the weight's
+    values fall (denser near the zero point for bell-shaped groups, as NF4's fixed table does).
+
+    The scales and zero points are ``scheme``'s (min-max, or the clip search); the table is fitted by
+    weighted k-means from the integer grid ``0 .. 2**bits - 1`` with weights ``c[k] * s_g**2``, which is
+    the squared error in the weight's units, so the error never exceeds the integer grid's with the same
+    group parameters."""
+    weight = check_weight(weight)
+    if scheme.symmetric:
+        raise ValueError("a shared table has its own zero points: use an asymmetric scheme")
+    block_size, axis = scheme.block_size(weight.shape), scheme.block_axis
+    scales, zero_points = scheme_group_params(weight, scheme, block_size, axis, channel_weights)
+    full_scales = expand_groups(scales, block_size, axis, weight.shape).astype(np.float64)
+    full_zero = expand_groups(zero_points, block_size, axis, weight.shape).astype(np.float64)
+    rows = np.ones(weight.shape[0]) if channel_weights is None else np.asarray(channel_weights, np.float64)
+    units = (weight / full_scales + full_zero).reshape(1, -1)  # every element in code units, one k-means row
+    element_weights = (rows[:, None] * np.square(full_scales)).reshape(1, -1)
+    table = _lloyd(units, element_weights, np.arange(1 << scheme.bits, dtype=np.float64)[None, :], iterations)[0]
+    tables = scales[..., None].astype(np.float64) * (table - zero_points[..., None].astype(np.float64))
+    fitted = CodebookWeight(np.zeros(weight.shape, np.uint8), tables.astype(np.float32), scheme.bits, block_size, axis)
+    codes = _assign(weight.reshape(-1, 1), tables.reshape(-1, 1 << scheme.bits)[fitted.group_index().reshape(-1)])
+    return dataclasses.replace(fitted, codes=codes.reshape(weight.shape))
+
+
 def quantize_gptq_codebook(
     weight: np.ndarray, factor: HessianFactor, bits: int, block_size: int, axis: int, update_width: int = 128
 ) -> CodebookWeight:
-    """Tables fitted on the original weight (``fit_codebook`` weighted by ``diag(H)``), then GPTQ's error
-    propagation (``gptq.sweep``) rounds each input channel, in the factor's order, to the nearest entries of
-    its tables: the tables stay fixed, like GPTQ's static groups, so the codes can move but the levels do not."""
-    fitted = fit_codebook(weight, bits, block_size, axis, factor.channel_weights)
+    """Tables fitted on the original weight (``fit_codebook`` weighted by ``diag(H)``), then ``gptq_onto_tables``."""
+    return gptq_onto_tables(
+        weight, factor, fit_codebook(weight, bits, block_size, axis, factor.channel_weights), update_width
+    )
+
+
+def gptq_onto_tables(
+    weight: np.ndarray, factor: HessianFactor, fitted: CodebookWeight, update_width: int = 128
+) -> CodebookWeight:
+    """GPTQ's error propagation (``gptq.sweep``) rounds each input channel, in the factor's order, to the
+    nearest entries of ``fitted``'s tables: the tables stay fixed, like GPTQ's static groups, so the codes
+    can move but the levels do not."""
     num_cols = fitted.codes.shape[1]
     codes = np.empty_like(fitted.codes)
 
@@ -158,6 +196,15 @@ def _kmeans(values: np.ndarray, weights: np.ndarray, entries: int, iterations: i
     at most ``entries`` distinct values get those values (padded with the largest)."""
     low, high = values.min(axis=1, keepdims=True), values.max(axis=1, keepdims=True)
     tables = (low + (high - low) * np.linspace(0.0, 1.0, entries)[None, :]).astype(np.float64)
+    tables = _lloyd(values, weights, tables, iterations)
+    exact = _distinct_tables(values, entries)
+    return np.where(np.isnan(exact), tables, exact)
+
+
+def _lloyd(values: np.ndarray, weights: np.ndarray, tables: np.ndarray, iterations: int) -> np.ndarray:
+    """Weighted Lloyd iterations on every row of ``values [P, n]`` from sorted ``tables [P, entries]``: each
+    step lowers (or keeps) the row's weighted squared error."""
+    entries = tables.shape[1]
     rows = np.arange(len(values))[:, None] * entries
     previous = None
     for _ in range(iterations):
@@ -171,8 +218,7 @@ def _kmeans(values: np.ndarray, weights: np.ndarray, entries: int, iterations: i
         if previous is not None and np.all(previous - error <= _TOLERANCE * np.maximum(previous, 1e-30)):
             break
         previous = error
-    exact = _distinct_tables(values, entries)
-    return np.where(np.isnan(exact), tables, exact)
+    return tables
 
 
 def _distinct_tables(values: np.ndarray, entries: int) -> np.ndarray:

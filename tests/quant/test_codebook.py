@@ -7,8 +7,16 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from lowbit.passes.quant.adadim import output_error
-from lowbit.passes.quant.codebook import CodebookWeight, fit_codebook, quantize_gptq_codebook
+from lowbit.passes.quant.codebook import (
+    CodebookWeight,
+    fit_codebook,
+    fit_shared_table,
+    gptq_onto_tables,
+    quantize_gptq_codebook,
+)
 from lowbit.passes.quant.gptq import factor_hessian
+from lowbit.passes.quant.rtn import quantize_rtn
+from lowbit.passes.quant.scheme import QuantScheme
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
 weights = st.integers(1, 19).flatmap(
@@ -145,3 +153,61 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs(axis):
     nearest = fit_codebook(weight, 3, -1, axis, np.diag(hessian)).dequantize()
     gptq = quantize_gptq_codebook(weight, factor_hessian(hessian), 3, -1, axis).dequantize()
     assert output_error(weight, gptq, hessian) < 0.8 * output_error(weight, nearest, hessian)
+
+
+schemes = st.builds(
+    QuantScheme,
+    bits=st.sampled_from([2, 3, 4]),
+    group_size=st.sampled_from([1, 3, 4, 16]),
+    group_axis=st.sampled_from(["oc", "ic"]),
+    clip_search=st.booleans(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(weights, schemes, st.integers(0, 2**31 - 1))
+def test_shared_table_is_never_worse_than_the_integer_grid_with_the_same_groups(weight, scheme, seed):
+    """A table fitted from the integer grid, under the grid's own scales and zero points, only lowers the
+    weighted error; the codes index it and every group's table is the shared one scaled and shifted."""
+    channel_weights = np.random.default_rng(seed).uniform(0.0, 3.0, weight.shape[0])
+    fitted = fit_shared_table(weight, scheme, channel_weights)
+    grid = quantize_rtn(weight, scheme, channel_weights)
+    assert fitted.codes.shape == weight.shape and int(fitted.codes.max()) < 1 << scheme.bits
+    ours = weighted_error(weight, fitted.dequantize(), channel_weights)
+    theirs = weighted_error(weight, grid.dequantize(), channel_weights)
+    assert ours <= theirs * (1 + 1e-5) + 1e-6 * float(np.sum(np.square(weight, dtype=np.float64)))
+    tables = fitted.tables.reshape(-1, 1 << scheme.bits).astype(np.float64)
+    scales = grid.scales.reshape(-1, 1).astype(np.float64)
+    shared = tables / scales + grid.zero_points.reshape(-1, 1)
+    np.testing.assert_allclose(shared, np.broadcast_to(shared[:1], shared.shape), rtol=1e-4, atol=1e-3)
+
+
+def test_shared_table_moves_levels_towards_the_centre_of_bell_shaped_groups():
+    """Normal weights under min-max groups: the fitted levels crowd the middle of the range, and the error
+    drops well below the evenly spaced grid's."""
+    weight = np.random.default_rng(5).normal(size=(256, 64)).astype(np.float32)
+    scheme = QuantScheme(bits=3, group_size=128, group_axis="oc")
+    fitted = fit_shared_table(weight, scheme)
+    grid = quantize_rtn(weight, scheme)
+    shared = fitted.tables[0, 0] / grid.scales[0, 0] + grid.zero_points[0, 0]
+    steps = np.diff(shared)
+    assert steps[len(steps) // 2] < steps[0] and steps[len(steps) // 2] < steps[-1]
+    ones = np.ones(weight.shape[0])
+    assert weighted_error(weight, fitted.dequantize(), ones) < 0.85 * weighted_error(weight, grid.dequantize(), ones)
+
+
+def test_shared_table_refuses_symmetric_schemes():
+    with pytest.raises(ValueError, match="asymmetric"):
+        fit_shared_table(np.ones((4, 4), np.float32), QuantScheme(bits=3, group_size=4, symmetric=True))
+
+
+@pytest.mark.parametrize("axis", ["oc", "ic"])
+def test_gptq_onto_a_shared_table_lowers_the_output_error(axis):
+    rng = np.random.default_rng(6)
+    inputs = rng.normal(size=(2048, 64)) @ (rng.normal(size=(64, 64)) + 3 * np.eye(64))
+    hessian = inputs.T @ inputs
+    weight = rng.normal(size=(64, 48)).astype(np.float32)
+    fitted = fit_shared_table(weight, QuantScheme(bits=3, group_size=16, group_axis=axis), np.diag(hessian))
+    gptq = gptq_onto_tables(weight, factor_hessian(hessian), fitted)
+    np.testing.assert_array_equal(gptq.tables, fitted.tables)
+    assert output_error(weight, gptq.dequantize(), hessian) < 0.8 * output_error(weight, fitted.dequantize(), hessian)

@@ -1,4 +1,4 @@
-"""Codebook (k-means table) codes against lowbit's integer grid at about the same bytes, on SmolLM2.
+"""Non-uniform codes (k-means tables) against lowbit's integer grid at about the same bytes, on SmolLM2.
 
     python -m lowbit.tools.dev.bench_codebook --bits 3 --out bench-codebook
 
@@ -7,7 +7,7 @@ table) is replaced by its reconstruction under each format ("fake quantization":
 the quantized values, so the figure is the format's accuracy, not a kernel's); perplexity on othello
 windows, the H-weighted output error summed over the weights (``trace(dW^T H dW) / trace(W^T H W)``,
 the AdaDim criterion) and the stored bits per weight (integer: ``quantize_plan.stored_bytes`` of the
-fused form; codebook: codes + float32 tables). Rows stream as they finish and are cached in
+fused form; shared table: that plus its float32 table; codebook: codes + float32 tables). Rows stream as they finish and are cached in
 ``--out/rows.json`` (a run that was stopped resumes); ``--out`` keeps the table in ``results.md``.
 """
 
@@ -25,8 +25,9 @@ import onnx_ir as ir
 
 import lowbit
 from lowbit.ir import analysis
+from lowbit.kernels import packing
 from lowbit.passes.quant.adadim import output_error
-from lowbit.passes.quant.codebook import fit_codebook, quantize_gptq_codebook
+from lowbit.passes.quant.codebook import fit_codebook, fit_shared_table, gptq_onto_tables, quantize_gptq_codebook
 from lowbit.passes.quant.gptq import factor_hessian, quantize_gptq
 from lowbit.passes.quant.rtn import quantize_rtn
 from lowbit.passes.quant.scheme import QuantScheme
@@ -72,6 +73,24 @@ def codebook_format(bits: int, block_size: int, axis: str, method: str = "rtn") 
     return Format(f"codebook{bits} {group} {axis} {method}", quantize)
 
 
+def shared_table_format(bits: int, group_size: int, axis: str, method: str, clip_search: bool) -> Format:
+    """The integer grid's groups (scales, zero points, clip search) with one fitted table of levels per weight
+    (``fit_shared_table``); ``gptq``: GPTQ's sweep onto those tables. Stored as the fused integer form plus
+    the table in float32."""
+    scheme = QuantScheme(bits=bits, group_size=group_size, group_axis=axis, clip_search=clip_search)
+
+    def quantize(weight, hessian):
+        fitted = fit_shared_table(weight, scheme, np.diag(hessian))
+        if method == "gptq":
+            fitted = gptq_onto_tables(weight, factor_hessian(hessian), fitted)
+        tiles, quads, block = packing.packed_shape(bits, *weight.shape)
+        groups = fitted.tables.size >> bits
+        return fitted.dequantize(), 8 * (tiles * quads * block + 5 * groups) + 32 * (1 << bits)
+
+    label = f"table{bits} g{group_size} {axis} {method}" + (" + clip" if clip_search else "")
+    return Format(label, quantize)
+
+
 def adadim(first: Format, second: Format) -> Format:
     """Per weight, the format with the lower H-weighted output error (AdaDim's matrix selector)."""
 
@@ -83,13 +102,15 @@ def adadim(first: Format, second: Format) -> Format:
 
 
 def formats(bits: int, group_size: int, with_gptq: bool) -> list[Format]:
-    """The integer grid (per-OC, and AdaDim over both layouts) against per-channel codebooks (per-OC, per-IC,
-    AdaDim), by nearest rounding and, with ``with_gptq``, by GPTQ."""
+    """The integer grid (per-OC, and AdaDim over both layouts) against the same groups with a fitted table of
+    levels and against per-channel codebooks (per-OC, per-IC, AdaDim), by nearest rounding and, with
+    ``with_gptq``, by GPTQ."""
     methods = ("rtn", "gptq") if with_gptq else ("rtn",)
     rows = []
     for method in methods:
         rows += [
             int_format(bits, group_size, "oc", method, True),
+            shared_table_format(bits, group_size, "oc", method, True),
             adadim(int_format(bits, group_size, "oc", method, True), int_format(bits, group_size, "ic", method, True)),
             codebook_format(bits, -1, "oc", method),
             codebook_format(bits, -1, "ic", method),
