@@ -5,6 +5,7 @@ Cholesky factor), then one axis chosen per weight by the AdaDim selector. No gra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from lowbit.passes.quant.rtn import QuantizedWeight, quantize_rtn
 from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.tied import tied_hessian
 from lowbit.passes.quantize_plan import TiedTablePlan
+from lowbit.runtime.threads import one_blas_thread
 
 #: The weight kinds that ``CandidateQuantizer.head_bits`` applies to.
 HEAD_KINDS = ("lm_head", "embedding")
@@ -154,8 +156,9 @@ def transposed(quantized: QuantizedWeight) -> QuantizedWeight:
 def _in_threads(quantizer: CandidateQuantizer, plans: list, work, desc: str, workers: int | None) -> list:
     """``work(own, plan)`` for every plan, in order. Consecutive plans that share a Hessian array make one job
     (its GPTQ factor made once), run with its own ``own`` copy of ``quantizer``; jobs run on ``workers`` threads
-    (NumPy, BLAS and torch release the GIL). A job computes what it would alone, so the results do not depend on
-    the number of threads."""
+    (NumPy, BLAS and torch release the GIL), each calling BLAS on one thread where there are several workers
+    (``threads.one_blas_thread``). A job computes what it would alone, so the results do not depend on the number
+    of threads."""
     jobs: list[list] = []
     for plan in plans:
         if jobs and plan.hessian is not None and jobs[-1][-1].hessian is plan.hessian:
@@ -169,7 +172,12 @@ def _in_threads(quantizer: CandidateQuantizer, plans: list, work, desc: str, wor
 
     results = []
     workers = min(len(jobs), workers or usable_cores()) or 1
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(plans), desc=desc, unit="weight", leave=False) as bar:
+    blas_threads = one_blas_thread() if workers > 1 else contextlib.nullcontext()
+    with (
+        blas_threads,
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=len(plans), desc=desc, unit="weight", leave=False) as bar,
+    ):
         for job_results in pool.map(run, jobs):
             results.extend(job_results)
             bar.update(len(job_results))

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
 from lowbit.passes.quant.hessian import HessianAccumulator
-from lowbit.runtime.session import external_data_dirs, proto_sharing_initializers, session_from_proto
+from lowbit.runtime.session import external_data_dirs, proto_sharing_initializers, session_from_proto, session_options
+from lowbit.runtime.threads import NO_SPINNING, one_blas_thread
 
 
 @dataclasses.dataclass
@@ -81,14 +82,17 @@ def weight_activations(model: ir.Model) -> dict[str, int]:
 def _session_with_outputs(model: ir.Model, names: list[str], providers: list[str] | None) -> ort.InferenceSession:
     """A session whose outputs are ``names`` only: the model's own outputs are dropped and so is every node
     that none of ``names`` depends on (an LM's head, the last layers past the last weight asked for), which
-    ONNX Runtime would otherwise run for nothing."""
+    ONNX Runtime would otherwise run for nothing. Its threads sleep between runs (``threads.NO_SPINNING``): the
+    statistics of each run's outputs are computed in between."""
     proto, memory = proto_sharing_initializers(model)
     existing = {output.name: output for output in proto.graph.output}
     outputs = [existing[name] if name in existing else onnx.ValueInfoProto(name=name) for name in names]
     del proto.graph.output[:]
     proto.graph.output.extend(outputs)
     keep_nodes_needed_for(proto.graph, names)
-    return session_from_proto(proto, external_data_dirs(model), providers=providers, consume=True, memory_files=memory)
+    options = session_options()
+    options.add_session_config_entry(*NO_SPINNING)
+    return session_from_proto(proto, external_data_dirs(model), options, providers, consume=True, memory_files=memory)
 
 
 def keep_nodes_needed_for(graph: onnx.GraphProto, names: list[str]) -> None:
@@ -135,7 +139,9 @@ def collect(
 ) -> CalibrationStats:
     """Run ``model`` on every feed dict of ``batches`` and accumulate the weight-input statistics;
     the first ``keep_samples`` feed dicts are kept in ``samples``, all of them in ``feeds`` with
-    ``keep_feeds``. ``only``: the activations to collect (default: all; none: the model is not run)."""
+    ``keep_feeds``. ``only``: the activations to collect (default: all; none: the model is not run). The
+    statistics are computed with BLAS on one thread (``threads.one_blas_thread``: same results), between the
+    runs of a session whose threads sleep meanwhile."""
     activations = weight_activations(model)
     if not activations:
         raise ValueError("the model has no weight MatMul/Gemm to calibrate")
@@ -144,22 +150,23 @@ def collect(
     stats = CalibrationStats(
         {name: HessianAccumulator(activations[name]) for name in names}, feeds=[] if keep_feeds else None
     )
-    for feeds in tqdm(batches, desc="calibration", unit="batch", total=total):
-        if sess is not None:
-            start = time.perf_counter()
-            values = sess.run(names, dict(feeds))
-            ran = time.perf_counter()
-            for name, value in zip(names, values):
-                stats.by_activation[name].update(value)
-            del values
-            stats.seconds["onnxruntime"] += ran - start
-            stats.seconds["statistics"] += time.perf_counter() - ran
-        kept = {name: np.asarray(value) for name, value in feeds.items()}
-        if len(stats.samples) < keep_samples:
-            stats.samples.append(kept)
-        if keep_feeds:
-            stats.feeds.append(kept)
-        stats.batches += 1
+    with one_blas_thread():
+        for feeds in tqdm(batches, desc="calibration", unit="batch", total=total):
+            if sess is not None:
+                start = time.perf_counter()
+                values = sess.run(names, dict(feeds))
+                ran = time.perf_counter()
+                for name, value in zip(names, values):
+                    stats.by_activation[name].update(value)
+                del values
+                stats.seconds["onnxruntime"] += ran - start
+                stats.seconds["statistics"] += time.perf_counter() - ran
+            kept = {name: np.asarray(value) for name, value in feeds.items()}
+            if len(stats.samples) < keep_samples:
+                stats.samples.append(kept)
+            if keep_feeds:
+                stats.feeds.append(kept)
+            stats.batches += 1
     if stats.batches == 0:
         raise ValueError("calibration got no batches")
     return stats

@@ -117,3 +117,13 @@ def test_nodes_whose_subgraphs_read_a_needed_value_are_kept():
     )
     keep_nodes_needed_for(graph, ["y"])
     assert [node.op_type for node in graph.node] == ["Relu", "If"]
+
+
+def test_the_session_threads_sleep_between_runs():
+    """The statistics are computed between two runs: the session's threads must not spin meanwhile."""
+    from lowbit.runtime.calibration import _session_with_outputs
+    from lowbit.runtime.threads import NO_SPINNING
+
+    key, value = NO_SPINNING
+    options = _session_with_outputs(factories.mlp(), ["act_out"], None).get_session_options()
+    assert options.get_session_config_entry(key) == value
