@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable, Mapping, Set
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -41,7 +42,8 @@ class CalibrationStats:
     samples: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
     #: Every feed dict, kept only on request (``keep_feeds``): the sequential mode runs them again.
     feeds: list[dict[str, np.ndarray]] | None = None
-    #: Seconds ``collect`` spent running the model (``"onnxruntime"``) and folding its outputs (``"statistics"``).
+    #: Seconds ``collect`` spent running the model (``"onnxruntime"``) and waiting for its outputs to be folded
+    #: (``"statistics"``: the folding not done while the model ran the next batch).
     seconds: dict[str, float] = dataclasses.field(default_factory=lambda: {"onnxruntime": 0.0, "statistics": 0.0})
 
     def for_use(self, use: analysis.WeightUse) -> HessianAccumulator:
@@ -82,8 +84,8 @@ def weight_activations(model: ir.Model) -> dict[str, int]:
 def _session_with_outputs(model: ir.Model, names: list[str], providers: list[str] | None) -> ort.InferenceSession:
     """A session whose outputs are ``names`` only: the model's own outputs are dropped and so is every node
     that none of ``names`` depends on (an LM's head, the last layers past the last weight asked for), which
-    ONNX Runtime would otherwise run for nothing. Its threads sleep between runs (``threads.NO_SPINNING``): the
-    statistics of each run's outputs are computed in between."""
+    ONNX Runtime would otherwise run for nothing. Its threads sleep between runs (``threads.NO_SPINNING``),
+    leaving the cores to the statistics."""
     proto, memory = proto_sharing_initializers(model)
     existing = {output.name: output for output in proto.graph.output}
     outputs = [existing[name] if name in existing else onnx.ValueInfoProto(name=name) for name in names]
@@ -140,8 +142,8 @@ def collect(
     """Run ``model`` on every feed dict of ``batches`` and accumulate the weight-input statistics;
     the first ``keep_samples`` feed dicts are kept in ``samples``, all of them in ``feeds`` with
     ``keep_feeds``. ``only``: the activations to collect (default: all; none: the model is not run). The
-    statistics are computed with BLAS on one thread (``threads.one_blas_thread``: same results), between the
-    runs of a session whose threads sleep meanwhile."""
+    statistics of each batch are computed on a thread with BLAS on one thread (``threads.one_blas_thread``: same
+    results) while the session, whose threads sleep between runs, runs the next batch."""
     activations = weight_activations(model)
     if not activations:
         raise ValueError("the model has no weight MatMul/Gemm to calibrate")
@@ -150,23 +152,37 @@ def collect(
     stats = CalibrationStats(
         {name: HessianAccumulator(activations[name]) for name in names}, feeds=[] if keep_feeds else None
     )
-    with one_blas_thread():
+    # Each run's outputs are folded on a thread while ONNX Runtime runs the next batch (NumPy and BLAS release
+    # the GIL); one fold at a time, in batch order, so the sums are the same as folded in the loop.
+    with one_blas_thread(), ThreadPoolExecutor(1) as folder:
+        folding: Future | None = None
         for feeds in tqdm(batches, desc="calibration", unit="batch", total=total):
             if sess is not None:
                 start = time.perf_counter()
                 values = sess.run(names, dict(feeds))
                 ran = time.perf_counter()
-                for name, value in zip(names, values):
-                    stats.by_activation[name].update(value)
-                del values
+                if folding is not None:
+                    folding.result()
                 stats.seconds["onnxruntime"] += ran - start
                 stats.seconds["statistics"] += time.perf_counter() - ran
+                folding = folder.submit(_fold, stats, names, values)
+                del values
             kept = {name: np.asarray(value) for name, value in feeds.items()}
             if len(stats.samples) < keep_samples:
                 stats.samples.append(kept)
             if keep_feeds:
                 stats.feeds.append(kept)
             stats.batches += 1
+        if folding is not None:
+            start = time.perf_counter()
+            folding.result()
+            stats.seconds["statistics"] += time.perf_counter() - start
     if stats.batches == 0:
         raise ValueError("calibration got no batches")
     return stats
+
+
+def _fold(stats: CalibrationStats, names: list[str], values: list[np.ndarray]) -> None:
+    """Fold one run's outputs (the activations ``names``) into their accumulators."""
+    for name, value in zip(names, values):
+        stats.by_activation[name].update(value)

@@ -127,3 +127,21 @@ def test_the_session_threads_sleep_between_runs():
     key, value = NO_SPINNING
     options = _session_with_outputs(factories.mlp(), ["act_out"], None).get_session_options()
     assert options.get_session_config_entry(key) == value
+
+
+def test_batches_folded_beside_the_next_run_give_the_sums_of_folding_in_order():
+    """Each run's outputs are folded on a thread while the next batch runs: the sums are the ones of folding
+    every batch in order, bit for bit, and a batch that cannot be folded (NaN) still fails the collection."""
+    from lowbit.passes.quant.hessian import HessianAccumulator
+
+    model = factories.mlp()
+    batches = [factories.feeds_for(model, seed=seed) for seed in range(6)]
+    stats = collect(model, batches)
+    in_order = HessianAccumulator(40)
+    for batch in batches:
+        in_order.update(batch["x"])
+    np.testing.assert_array_equal(stats.by_activation["x"].hessian, in_order.hessian)
+    np.testing.assert_array_equal(stats.by_activation["x"].abs_sum, in_order.abs_sum)
+    poisoned = {name: np.full_like(value, np.nan) for name, value in batches[2].items()}
+    with pytest.raises(ValueError, match="NaN"):
+        collect(model, [*batches[:2], poisoned, *batches[3:]])
