@@ -36,7 +36,8 @@ from lowbit.passes.quant.adadim import lowest, output_error, relative
 from lowbit.passes.quant.rtn import QuantizedWeight
 from lowbit.passes.quant.scheme import SELECTORS
 from lowbit.runtime.calibration import keep_nodes_needed_for
-from lowbit.runtime.session import external_data_dirs, proto_sharing_initializers, session_from_proto
+from lowbit.runtime.session import external_data_dirs, proto_sharing_initializers, session_from_proto, session_options
+from lowbit.runtime.threads import NO_SPINNING
 
 
 @dataclasses.dataclass
@@ -339,7 +340,8 @@ def module_session(
 ) -> ort.InferenceSession:
     """The module's subgraph with its weights turned into graph inputs (fed with candidates); ``data_dirs``:
     where the external data of the extracted model lies (``runtime.session.external_data_dirs``),
-    ``memory_files``: its in-memory external data (``runtime.session.proto_sharing_initializers``)."""
+    ``memory_files``: its in-memory external data (``runtime.session.proto_sharing_initializers``). Its threads
+    sleep between runs (``threads.NO_SPINNING``), leaving the cores to the NumPy work between the trials."""
     sub = extractor.extract_model(module.inputs, module.outputs)
     weights = {tensor.name: tensor for tensor in sub.graph.initializer if tensor.name in weight_names}
     kept = [tensor for tensor in sub.graph.initializer if tensor.name not in weights]
@@ -347,7 +349,9 @@ def module_session(
     sub.graph.initializer.extend(kept)
     for name, tensor in weights.items():
         sub.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
-    return session_from_proto(sub, data_dirs, memory_files=memory_files)
+    options = session_options()
+    options.add_session_config_entry(*NO_SPINNING)
+    return session_from_proto(sub, data_dirs, options, memory_files=memory_files)
 
 
 def make_selector(name: str):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx.utils
 import onnx_ir as ir
 
-from lowbit.passes.axis_selectors import Module, _capture, _module_boundaries
+from lowbit.passes.axis_selectors import Module, _capture, _module_boundaries, module_session
+from lowbit.runtime.threads import NO_SPINNING
 from tests import factories
 
 
@@ -73,3 +75,14 @@ def test_a_consumed_capture_returns_the_same_values():
         assert left.keys() == right.keys()
         for name in left:
             np.testing.assert_array_equal(left[name], right[name])
+
+
+def test_a_module_session_takes_the_candidates_as_inputs_and_sleeps_between_runs():
+    """The module's weights are inputs fed with candidates; NumPy works between the trials, so the session's
+    threads must not spin meanwhile."""
+    model = factories.mlp()
+    hidden = model.graph.node(2).outputs[0].name
+    sess = module_session(onnx.utils.Extractor(ir.to_proto(model)), Module("fc", ["x"], [hidden], []), ["w1"], {})
+    assert "w1" in {value.name for value in sess.get_inputs()}
+    key, value = NO_SPINNING
+    assert sess.get_session_options().get_session_config_entry(key) == value
