@@ -5,7 +5,7 @@ threads, lowbit's own worker threads that each call BLAS, other processes), a ca
 threads waits for the slowest of them to be scheduled and can take longer than on one thread.
 ``one_blas_thread`` runs a block with every loaded BLAS on one thread: OpenBLAS splits a call's output among
 its threads, so each element is computed the same way and the results are the same bits on one thread as
-on several. The limit needs ``threadpoolctl``; without it the block runs with the BLAS threads as they are.
+on several (``threadpoolctl`` sets the limit).
 
 ONNX Runtime's threads spin for a while after each run, waiting for the next one: in a loop that runs a
 session and then works on its outputs, they take the cores from that work. ``NO_SPINNING`` is the session
@@ -24,10 +24,7 @@ NO_SPINNING = ("session.intra_op.allow_spinning", "0")
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
     """Run the block with every loaded BLAS library (NumPy's, SciPy's) on one thread (same results)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # an optional speed-up: the results do not depend on it
-        yield
-        return
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(limits=1, user_api="blas"):
         yield

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
+import threadpoolctl
 from scipy.linalg import blas
 
 from lowbit.runtime.threads import one_blas_thread
@@ -25,12 +25,11 @@ def test_results_are_the_same_bits_on_one_blas_thread():
 
 
 def test_the_limit_holds_inside_the_block_only():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-
     def blas_threads() -> list[int]:
         return [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
 
     before = blas_threads()
+    assert before  # NumPy's and SciPy's BLAS are loaded
     with one_blas_thread():
         assert set(blas_threads()) <= {1}
     assert blas_threads() == before
