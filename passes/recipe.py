@@ -132,11 +132,12 @@ class Recipe:
         kind=str,
     )
     budget_sensitivity: str = _option(
-        "output",
-        "with a budget, the error the widths minimise: output = each weight's own output error "
-        "trace(dW^T H dW) on calibration data; kl = the model's output with only that weight quantized, run once "
-        "per weight and width on 2 calibration samples (KL of the logits for an LM, else the relative squared "
-        "error of the first output); weights an input feed cannot replace keep bits",
+        "kl",
+        "with a budget, the error the widths minimise: kl = the model's output with only that weight quantized, "
+        "run once per weight and width on 2 calibration samples (KL of the logits for an LM, else the relative "
+        "squared error of the first output; weights an input feed cannot replace keep bits); output = each "
+        "weight's own output error trace(dW^T H dW) on calibration data (no extra runs, but a poor predictor of "
+        "the model's quality)",
         ("output", "kl"),
     )
 

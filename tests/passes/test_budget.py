@@ -63,7 +63,7 @@ def test_bytes_within_budget_and_the_graph_holds_the_chosen_widths():
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_a_budget_equal_to_a_uniform_width_is_never_worse_than_it(bits):
     budget = uniform_bits(bits) + 1e-9  # the uniform width's bytes, less than a byte above (float round-off)
-    report = optimize(f"{budget:.12f}").report
+    report = optimize(f"{budget:.12f}", budget_sensitivity="output").report
     uniform_error = sum(record.width_options[str(bits)]["error"] for record in report.weights)
     chosen_error = sum(record.width_options[str(record.bits)]["error"] for record in report.weights)
     assert report.budget["bytes"] <= report.budget["limit_bytes"]
@@ -72,10 +72,13 @@ def test_a_budget_equal_to_a_uniform_width_is_never_worse_than_it(bits):
 
 
 def test_more_budget_never_raises_the_error():
-    errors = [optimize(budget).report.budget["output_error"] for budget in ("2.6", "3.5", "5", "9")]
+    def optimize_on_output_error(budget):
+        return optimize(budget, budget_sensitivity="output")
+
+    errors = [optimize_on_output_error(b).report.budget["output_error"] for b in ("2.6", "3.5", "5", "9")]
     assert errors == sorted(errors, reverse=True)
     assert errors[-1] == pytest.approx(
-        sum(min(o["error"] for o in r.width_options.values()) for r in optimize("9").report.weights)
+        sum(min(o["error"] for o in r.width_options.values()) for r in optimize_on_output_error("9").report.weights)
     )
 
 
@@ -217,7 +220,7 @@ def test_budget_sensitivity_is_validated():
     from lowbit.passes.quant.allocate import parse_budget
     from lowbit.passes.quantize_plan import SizeBudget
 
-    assert lowbit.Recipe().budget_sensitivity == "output"
+    assert lowbit.Recipe().budget_sensitivity == "kl"
     with pytest.raises(ValueError, match="budget_sensitivity"):
         lowbit.Recipe(budget="3", budget_sensitivity="hessian")
     with pytest.raises(ValueError, match="budget sensitivity must be one of"):
