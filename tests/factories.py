@@ -106,3 +106,17 @@ def feeds_for(m: ir.Model, seed: int = 1) -> dict[str, np.ndarray]:
         else:
             feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds
+
+
+def calibrated_mlp_files(folder, recipe):
+    """``mlp.onnx``, its optimized form under ``recipe`` (4 calibration batches) and the report, written to
+    ``folder``: ``(original, optimized, report path, OptimizeResult)``, for the viewer's tests."""
+    import lowbit
+
+    original, optimized, report = folder / "mlp.onnx", folder / "mlp.optimized.onnx", folder / "report.json"
+    lowbit.save(mlp(), original)
+    calibration = [feeds_for(mlp(), seed) for seed in range(4)]
+    result = lowbit.optimize(lowbit.load(original), recipe, calibration=calibration)
+    lowbit.save(result.model, optimized)
+    report.write_text(result.report.to_json())
+    return original, optimized, report, result

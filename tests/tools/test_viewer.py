@@ -211,14 +211,8 @@ def test_report_records_missing_from_the_graph_are_warned(quantized_mlp, tmp_pat
 
 
 def test_adadim_choice_and_output_errors_from_the_report(tmp_path):
-    original, chosen, report = tmp_path / "mlp.onnx", tmp_path / "mlp.adadim.onnx", tmp_path / "report.json"
-    lowbit.save(factories.mlp(), original)
-    calibration = [factories.feeds_for(factories.mlp(), seed) for seed in range(4)]
-    result = lowbit.optimize(
-        lowbit.load(original), lowbit.Recipe(bits=3, group_size=8, axis="adadim"), calibration=calibration
-    )
-    lowbit.save(result.model, chosen)
-    report.write_text(result.report.to_json())
+    recipe = lowbit.Recipe(bits=3, group_size=8, axis="adadim")
+    original, chosen, report, result = factories.calibrated_mlp_files(tmp_path, recipe)
     records = {r["layer"]: r for r in result.report.to_dict()["weights"]}
     data = build_view_data(chosen, compare=original, report=report)
     quant = {q["layer"]: q for q in data["panes"][1]["quant"]}
@@ -307,14 +301,9 @@ def test_cli_view(quantized_mlp, tmp_path, capsys):
 
 def test_budget_width_options_from_the_report(tmp_path):
     """Under a size budget every layer row carries each width's error and bytes."""
-    original, chosen, report = tmp_path / "mlp.onnx", tmp_path / "mlp.budget.onnx", tmp_path / "report.json"
-    lowbit.save(factories.mlp(), original)
-    calibration = [factories.feeds_for(factories.mlp(), seed) for seed in range(4)]
-    result = lowbit.optimize(
-        lowbit.load(original), lowbit.Recipe(bits=3, group_size=8, budget="8"), calibration=calibration
+    _, chosen, report, result = factories.calibrated_mlp_files(
+        tmp_path, lowbit.Recipe(bits=3, group_size=8, budget="8")
     )
-    lowbit.save(result.model, chosen)
-    report.write_text(result.report.to_json())
     records = {r["layer"]: r for r in result.report.to_dict()["weights"]}
     data = build_view_data(chosen, report=report)
     rows = {row["layer"]: row for row in data["layers"]["rows"]}

@@ -155,13 +155,9 @@ def test_budget_report_shows_each_layers_width_options(browser, tmp_path, shots)
     every candidate width's error and bytes with the chosen one in brackets."""
     from tests import factories
 
-    original, chosen, report = tmp_path / "mlp.onnx", tmp_path / "mlp.budget.onnx", tmp_path / "report.json"
-    lowbit.save(factories.mlp(), original)
-    calibration = [factories.feeds_for(factories.mlp(), seed) for seed in range(4)]
-    recipe = lowbit.Recipe(bits=3, group_size=8, budget="8")
-    result = lowbit.optimize(lowbit.load(original), recipe, calibration=calibration)
-    lowbit.save(result.model, chosen)
-    report.write_text(result.report.to_json())
+    _, chosen, report, result = factories.calibrated_mlp_files(
+        tmp_path, lowbit.Recipe(bits=3, group_size=8, budget="8")
+    )
     open_page(browser, write_view(chosen, tmp_path / "view.html", report=report))
     browser.click_element("#tabs button[data-tab=layers]")
     text = browser.evaluate("document.getElementById('tab-layers').innerText")
