@@ -1,5 +1,6 @@
 """Non-uniform codes: every group of a ``[K, N]`` weight gets its own table of ``2**bits`` values, fitted by
-weighted 1-D k-means (SqueezeLLM's codebooks), pure NumPy, no graph code.
+weighted 1-D k-means (SqueezeLLM's codebooks), or the integer grid's groups share one fitted table of levels
+(``fit_shared_table``); pure NumPy, no graph code.
 
 Groups are laid out as in rtn.py: runs of ``block_size`` elements along ``axis`` of ``B[K, N]`` (axis 0:
 per-OC groups, ``g`` input channels of one output channel; axis 1: per-IC groups, ``g`` output channels of one
@@ -113,9 +114,10 @@ def fit_shared_table(
     element_weights = (rows[:, None] * np.square(full_scales)).reshape(1, -1)
     table = _lloyd(units, element_weights, np.arange(1 << scheme.bits, dtype=np.float64)[None, :], iterations)[0]
     tables = scales[..., None].astype(np.float64) * (table - zero_points[..., None].astype(np.float64))
-    fitted = CodebookWeight(np.zeros(weight.shape, np.uint8), tables.astype(np.float32), scheme.bits, block_size, axis)
-    codes = _assign(weight.reshape(-1, 1), tables.reshape(-1, 1 << scheme.bits)[fitted.group_index().reshape(-1)])
-    return dataclasses.replace(fitted, codes=codes.reshape(weight.shape))
+    # Nearest level in code units is the nearest in the weight's units (an affine map with a positive scale);
+    # assigned row by row against the one table, without a table per element.
+    codes = _assign(units.reshape(weight.shape), np.broadcast_to(table, (weight.shape[0], len(table))))
+    return CodebookWeight(codes, tables.astype(np.float32), scheme.bits, block_size, axis)
 
 
 def quantize_gptq_codebook(
