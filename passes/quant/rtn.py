@@ -96,8 +96,13 @@ def range_params(
 #: Clipping ratios ``search_group_params`` tries: the min-max range times 1.0, 0.975, ..., 0.5 (AWQ's grid).
 CLIP_RATIOS = np.linspace(1.0, 0.5, 21)
 
-#: Elements (ratios x weight entries) ``search_group_params`` handles in one vectorised step.
-_SEARCH_CHUNK_ELEMENTS = 1 << 22
+#: Up to this many elements (ratios x weight entries) ``search_group_params`` evaluates every ratio in one
+#: vectorised step (fewest NumPy calls: a single row in GPTQ's sweep); above it, one ratio at a time over
+#: blocks of the weight that stay in cache while every ratio is tried on them.
+_SEARCH_ALL_AT_ONCE_ELEMENTS = 1 << 19
+
+#: Weight entries in one cache block of ``search_group_params``'s blocked evaluation.
+_SEARCH_BLOCK_ELEMENTS = 1 << 16
 
 
 def search_group_params(
@@ -119,49 +124,138 @@ def search_group_params(
     Ratios are positive, so a shrunk group's min and max are the ratio times the group's own (exactly, in
     float32: rounding is monotonic); only the rounding error is evaluated per ratio, on the weight laid
     out as ``[..., group, member, ...]`` (a short last group padded with its edge value, weighted zero).
+    Small inputs evaluate all ratios at once, large ones one ratio at a time on cache-sized blocks
+    (``_blocked_rounding_error``); both give the same errors bit for bit.
     """
     weight = np.asarray(weight, dtype=np.float32)
-    row_weights = np.ones(weight.shape[0]) if channel_weights is None else np.asarray(channel_weights, dtype=np.float64)
-    if row_weights.shape != (weight.shape[0],):
-        raise ValueError(
-            f"channel_weights must have one entry per row ({weight.shape[0]}), got shape {row_weights.shape}"
-        )
+    num_rows = weight.shape[0]
+    row_weights = None
+    if channel_weights is not None:
+        row_weights = np.asarray(channel_weights, dtype=np.float64)
+        if row_weights.shape != (num_rows,):
+            raise ValueError(f"channel_weights must have one entry per row ({num_rows}), got shape {row_weights.shape}")
+    error, scales, zero_points = _candidate_errors(weight, bits, block_size, axis, symmetric, row_weights, ratios)
+    # per group the first ratio with the lowest error (earlier ratios win ties), taken from the flat candidates
+    best = np.argmin(error, axis=0).ravel()
+    picked = best * best.size + np.arange(best.size)
+    return scales.ravel()[picked].reshape(error.shape[1:]), zero_points.ravel()[picked].reshape(error.shape[1:])
+
+
+def _candidate_errors(
+    weight: np.ndarray,
+    bits: int,
+    block_size: int,
+    axis: int,
+    symmetric: bool,
+    row_weights: np.ndarray | None,
+    ratios: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per ratio (leading axis) and group: the weighted squared rounding error (float64), the scale and the
+    zero point of ``search_group_params``' candidates; the parameters keep the members axis (length 1)."""
     ratios = np.asarray(ratios, dtype=np.float32)
+    grouped, element_weights = _grouped_layout(weight, block_size, axis, row_weights)
+    members = axis + 1  # the axis of a group's members in the grouped layout
+    group_min = grouped.min(axis=members, keepdims=True)
+    group_max = grouped.max(axis=members, keepdims=True)
+    shrink = ratios.reshape(-1, 1, 1, 1)  # one candidate range per ratio
+    scales, zero_points = range_params(shrink * group_min, shrink * group_max, bits, symmetric)
+    offsets = zero_points.astype(np.float32)
+    max_code = (1 << bits) - 1
+    if len(ratios) * grouped.size <= _SEARCH_ALL_AT_ONCE_ELEMENTS:
+        error = _rounding_error(grouped, scales, offsets, element_weights, max_code, members + 1)
+    else:
+        error = _blocked_rounding_error(grouped, scales, offsets, element_weights, max_code, members)
+    return error, scales, zero_points
+
+
+def _grouped_layout(
+    weight: np.ndarray, block_size: int, axis: int, row_weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``weight`` as ``[G, g, N]`` (axis 0) or ``[K, G, g]`` (axis 1), a short last group padded with its
+    edge value, and the float64 weight of each element's squared error, broadcastable to that layout: its
+    row's weight, zero for padding; ``None`` where every weight would be 1 (multiplying by 1 changes nothing)."""
     length = weight.shape[axis]
     num_groups = -(-length // block_size)
     padding = num_groups * block_size - length
+    if padding:
+        weight = np.take(weight, np.minimum(np.arange(length + padding), length - 1), axis=axis)
     grouped_shape = list(weight.shape)
     grouped_shape[axis : axis + 1] = [num_groups, block_size]
-    members = axis + 1  # the axis of a group's members in the grouped layout
-    if padding:
-        weight = np.pad(weight, [(0, padding) if a == axis else (0, 0) for a in range(2)], mode="edge")
     grouped = weight.reshape(grouped_shape)
+    if row_weights is None and not padding:
+        return grouped, None
     if axis == 0:  # rows are grouped: a padded row gets weight zero
-        element_weights = np.pad(row_weights, (0, padding)).reshape(num_groups, block_size, 1)
-    else:
-        real_members = (np.arange(num_groups * block_size) < length).reshape(num_groups, block_size)
-        element_weights = row_weights.reshape(-1, 1, 1) * real_members
-    group_min = grouped.min(axis=members, keepdims=True)
-    group_max = grouped.max(axis=members, keepdims=True)
-    chunk = max(1, _SEARCH_CHUNK_ELEMENTS // grouped.size)
-    candidates = []  # (error, scales, zero points) per ratio and group, one entry per chunk of ratios
-    for first in range(0, len(ratios), chunk):
-        shrink = ratios[first : first + chunk].reshape(-1, 1, 1, 1)  # one candidate range per ratio
-        scales, zero_points = range_params(shrink * group_min, shrink * group_max, bits, symmetric)
-        offsets = zero_points.astype(np.float32)
-        codes = np.clip(np.round(grouped / scales) + offsets, 0, (1 << bits) - 1)
-        residual = grouped - (codes - offsets) * scales
-        error = np.sum(element_weights * np.square(residual, dtype=np.float64), axis=members + 1)
-        candidates.append((error, scales.squeeze(members + 1), zero_points.squeeze(members + 1)))
-    _, best_scales, best_zero_points = _lowest_error(*(np.concatenate(parts) for parts in zip(*candidates)))
-    return best_scales, best_zero_points
+        if row_weights is None:
+            row_weights = np.ones(length)
+        return grouped, np.concatenate([row_weights, np.zeros(padding)]).reshape(num_groups, block_size, 1)
+    real_members = (np.arange(num_groups * block_size) < length).reshape(1, num_groups, block_size)
+    if row_weights is None:
+        return grouped, real_members.astype(np.float64)
+    return grouped, row_weights.reshape(-1, 1, 1) * real_members
 
 
-def _lowest_error(error: np.ndarray, *params: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Per group, the error and parameters of the candidate (leading axis) with the lowest error; the first
-    minimum, so earlier candidates win ties."""
-    pick = np.argmin(error, axis=0)[None]
-    return tuple(np.take_along_axis(a, pick, axis=0)[0] for a in (error, *params))
+def _rounding_error(
+    grouped: np.ndarray,
+    scales: np.ndarray,
+    offsets: np.ndarray,
+    element_weights: np.ndarray | None,
+    max_code: int,
+    members: int,
+) -> np.ndarray:
+    """Weighted squared error of rounding ``grouped`` onto the grids of ``scales`` and ``offsets`` (zero points
+    as float32, broadcast against ``grouped``), summed over the axis ``members``: float32 rounding and
+    reconstruction as in ``quantize_with_params`` and ``QuantizedWeight.dequantize``, the squares in float64."""
+    approx = np.divide(grouped, scales)
+    np.round(approx, out=approx)
+    approx += offsets
+    np.clip(approx, 0, max_code, out=approx)
+    approx -= offsets
+    approx *= scales
+    np.subtract(grouped, approx, out=approx)
+    squared = np.square(approx, dtype=np.float64)
+    if element_weights is not None:
+        squared *= element_weights
+    return squared.sum(axis=members)
+
+
+def _blocked_rounding_error(
+    grouped: np.ndarray,
+    scales: np.ndarray,
+    offsets: np.ndarray,
+    element_weights: np.ndarray | None,
+    max_code: int,
+    members: int,
+) -> np.ndarray:
+    """``_rounding_error`` of every candidate (leading axis of ``scales`` and ``offsets``), one candidate at a
+    time on contiguous blocks of ``grouped`` along its free axis (columns of ``[G, g, N]``, rows of
+    ``[K, G, g]``), so that a block stays in cache while every candidate is tried on it.
+
+    A block holds at least two slices of the free axis: the sum over ``[G, g, N]``'s strided members axis
+    then runs in order over the members exactly as on the whole array (over a single slice NumPy would sum
+    them pairwise, which rounds differently)."""
+    free = 2 if members == 1 else 0  # the free axis in the grouped layout
+    free_length = grouped.shape[free]
+    num_blocks = max(1, min(-(-grouped.size // _SEARCH_BLOCK_ELEMENTS), free_length // 2))
+    edges = (np.arange(num_blocks + 1) * free_length // num_blocks).tolist()
+    error_shape = list(grouped.shape)
+    del error_shape[members]
+    error = np.empty([len(scales), *error_shape])
+    error_free = free // 2  # the free axis in the error's layout
+
+    def along(array: np.ndarray, axis: int, first: int, last: int) -> np.ndarray:
+        if array.shape[axis] == 1:  # broadcast along the free axis
+            return array
+        return array[(slice(None),) * axis + (slice(first, last),)]
+
+    for first, last in zip(edges[:-1], edges[1:]):
+        block = np.ascontiguousarray(along(grouped, free, first, last))
+        block_weights = None if element_weights is None else along(element_weights, free, first, last)
+        for candidate in range(len(scales)):
+            block_scales = along(scales[candidate], free, first, last)
+            block_offsets = along(offsets[candidate], free, first, last)
+            block_error = _rounding_error(block, block_scales, block_offsets, block_weights, max_code, members)
+            along(error[candidate], error_free, first, last)[...] = block_error
+    return error
 
 
 def quantize_with_params(

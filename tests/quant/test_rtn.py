@@ -1,6 +1,7 @@
 """RTN group quantization: laws that hold for every weight (hypothesis) and edge cases."""
 
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -192,14 +193,94 @@ def test_clip_search_clips_cheap_outliers_and_keeps_a_costly_one():
     assert abs(approx[5, 0] - weight[5, 0]) <= kept[0][0, 0] / 2 * (1 + 1e-6)  # the costly weight is not clipped
 
 
-def test_clip_search_in_chunks_equals_one_step(monkeypatch):
-    weight = np.random.default_rng(2).standard_t(3, size=(40, 24)).astype(np.float32)
-    channel_weights = np.random.default_rng(3).exponential(size=40)
-    whole = search_group_params(weight, 2, 16, 0, False, channel_weights)
-    monkeypatch.setattr(rtn, "_SEARCH_CHUNK_ELEMENTS", weight.size * 3)  # three ratios a step, the last one short
-    chunked = search_group_params(weight, 2, 16, 0, False, channel_weights)
-    for got, expected in zip(chunked, whole):
-        np.testing.assert_array_equal(got, expected)
+def _reference_search_group_params(weight, bits, block_size, axis, symmetric, channel_weights=None, ratios=None):
+    """``search_group_params`` as it was before its blocked evaluation (all ratios in chunks of 2**22
+    elements), kept verbatim as the reference the faster one must equal bit for bit; also returns every
+    candidate's error (ratio, group)."""
+    ratios = rtn.CLIP_RATIOS if ratios is None else ratios
+    weight = np.asarray(weight, dtype=np.float32)
+    row_weights = np.ones(weight.shape[0]) if channel_weights is None else np.asarray(channel_weights, dtype=np.float64)
+    ratios = np.asarray(ratios, dtype=np.float32)
+    length = weight.shape[axis]
+    num_groups = -(-length // block_size)
+    padding = num_groups * block_size - length
+    grouped_shape = list(weight.shape)
+    grouped_shape[axis : axis + 1] = [num_groups, block_size]
+    members = axis + 1
+    if padding:
+        weight = np.pad(weight, [(0, padding) if a == axis else (0, 0) for a in range(2)], mode="edge")
+    grouped = weight.reshape(grouped_shape)
+    if axis == 0:
+        element_weights = np.pad(row_weights, (0, padding)).reshape(num_groups, block_size, 1)
+    else:
+        real_members = (np.arange(num_groups * block_size) < length).reshape(num_groups, block_size)
+        element_weights = row_weights.reshape(-1, 1, 1) * real_members
+    group_min = grouped.min(axis=members, keepdims=True)
+    group_max = grouped.max(axis=members, keepdims=True)
+    chunk = max(1, (1 << 22) // grouped.size)
+    candidates = []
+    for first in range(0, len(ratios), chunk):
+        shrink = ratios[first : first + chunk].reshape(-1, 1, 1, 1)
+        scales, zero_points = rtn.range_params(shrink * group_min, shrink * group_max, bits, symmetric)
+        offsets = zero_points.astype(np.float32)
+        codes = np.clip(np.round(grouped / scales) + offsets, 0, (1 << bits) - 1)
+        residual = grouped - (codes - offsets) * scales
+        error = np.sum(element_weights * np.square(residual, dtype=np.float64), axis=members + 1)
+        candidates.append((error, scales.squeeze(members + 1), zero_points.squeeze(members + 1)))
+    error, scales, zero_points = (np.concatenate(parts) for parts in zip(*candidates))
+    pick = np.argmin(error, axis=0)[None]
+    return (*(np.take_along_axis(a, pick, axis=0)[0] for a in (scales, zero_points)), error)
+
+
+_DEFAULT_EVALUATION = (rtn._SEARCH_ALL_AT_ONCE_ELEMENTS, rtn._SEARCH_BLOCK_ELEMENTS)
+_LENGTHS = st.one_of(st.integers(1, 12), st.integers(13, 200), st.just(576))
+
+
+@settings(max_examples=250, deadline=None)
+@given(
+    num_rows=_LENGTHS,
+    num_cols=_LENGTHS,
+    axis=st.sampled_from([0, 1]),
+    group=st.sampled_from([1, 3, 8, 16, 100, 128, -1]),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    symmetric=st.booleans(),
+    weighted=st.booleans(),
+    values=st.sampled_from(["normal", "heavy", "integers", "constant"]),
+    ratios=st.sampled_from([None, [1.0], [0.9, 1.0, 0.9, 0.6]]),
+    evaluation=st.sampled_from([_DEFAULT_EVALUATION, (0, _DEFAULT_EVALUATION[1]), (0, 1), (0, 37), (0, 5000)]),
+    seed=st.integers(0, 2**16),
+)
+def test_clip_search_equals_the_reference_bit_for_bit(
+    num_rows, num_cols, axis, group, bits, symmetric, weighted, values, ratios, evaluation, seed
+):
+    """All ratios at once or one at a time on cache blocks (thresholds lowered so that small weights take
+    the blocked path too, blocks down to the two-slice minimum): the scales, the zero points and every
+    candidate's error are exactly the reference's, also for short last groups, single rows and ties (integer
+    and constant weights)."""
+    rng = np.random.default_rng(seed)
+    shape = (num_rows, num_cols)
+    weight = {
+        "normal": lambda: rng.standard_normal(shape),
+        "heavy": lambda: rng.standard_t(2, shape) * 10.0 ** rng.integers(-20, 20),
+        "integers": lambda: rng.integers(-3, 4, shape),
+        "constant": lambda: np.full(shape, rng.standard_normal()),
+    }[values]().astype(np.float32)
+    block = weight.shape[axis] if group == -1 else min(group, weight.shape[axis])
+    channel_weights = rng.exponential(size=num_rows) if weighted else None
+    args = (weight, bits, block, axis, symmetric, channel_weights)
+    *expected, expected_error = _reference_search_group_params(*args, ratios=ratios)
+    ratios = rtn.CLIP_RATIOS if ratios is None else ratios
+    with (
+        mock.patch.object(rtn, "_SEARCH_ALL_AT_ONCE_ELEMENTS", evaluation[0]),
+        mock.patch.object(rtn, "_SEARCH_BLOCK_ELEMENTS", evaluation[1]),
+    ):
+        got = search_group_params(*args, ratios=ratios)
+        # the errors too: a last-bit difference in them seldom changes a winner
+        error, _, _ = rtn._candidate_errors(*args, ratios)
+    for got_params, expected_params in zip(got, expected, strict=True):
+        assert got_params.dtype == expected_params.dtype
+        np.testing.assert_array_equal(got_params, expected_params, strict=True)
+    np.testing.assert_array_equal(error, expected_error, strict=True)
 
 
 def test_clip_search_rejects_channel_weights_of_the_wrong_length():
