@@ -23,6 +23,7 @@ from lowbit.passes.recipe import Recipe
 from lowbit.passes.report import OptimizeReport
 from lowbit.runtime import session as runtime_session
 from lowbit.runtime.calibration import CalibrationStats
+from lowbit.runtime.memory import release_free_memory
 
 #: Above this many bytes of tensors, ``save`` writes them to an external data file (protobuf's 2 GB cap).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -126,7 +127,9 @@ def load(path: str | os.PathLike, *, checker: bool = True) -> ir.Model:
 
     ``checker=False`` skips ``onnx.checker`` only (the other checks stay): for graphs that ONNX Runtime runs
     but the checker refuses, such as the genai builder's, which puts its contrib op
-    ``SimplifiedLayerNormalization`` in the ONNX domain."""
+    ``SimplifiedLayerNormalization`` in the ONNX domain.
+
+    The tensors hold their bytes themselves (``_own_tensor_bytes``), not the parsed proto, which is dropped."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX file at {str(path)!r}")
@@ -152,8 +155,62 @@ def load(path: str | os.PathLike, *, checker: bool = True) -> ir.Model:
     if complaint:
         raise ValueError(f"{str(path)!r} is not a valid ONNX model: {complaint}")
     _check_opsets_and_names(model, path)
+    _own_tensor_bytes(model)
+    del proto  # nothing reads it any more
+    release_free_memory()  # the parsed proto's pages, resident in the heap until handed back
     model.meta[model_files.SOURCE_KEY] = sources
     return model
+
+
+#: The fields of a TensorProto whose tensor ``_own_tensor_bytes`` turns into a NumPy array: what ``ir.Tensor``
+#: writes back, so that the saved file is the same.
+_PLAIN_TENSOR_FIELDS = frozenset({"dims", "data_type", "name", "raw_data", "doc_string"})
+
+
+def _own_tensor_bytes(model: ir.Model) -> None:
+    """Give every tensor that reads the parsed proto (onnx_ir's ``TensorProtoTensor``) bytes of its own.
+
+    Under protobuf's upb backend, reading ``raw_data`` copies it: each ``numpy()`` of such a tensor (calibration,
+    planning, every session made from the model) made another copy of each weight, and one tensor kept the
+    whole parsed proto alive. A plain tensor (raw bytes of a type NumPy holds exactly) becomes an ``ir.Tensor``
+    over one copy of its bytes, which serializes to the same TensorProto; any other gets a proto of its own.
+    """
+
+    def owned(tensor):
+        if not isinstance(tensor, ir.serde.TensorProtoTensor):
+            return tensor
+        proto = tensor.raw
+        fields = {field.name for field, _ in proto.ListFields()}
+        if (
+            "raw_data" in fields
+            and fields <= _PLAIN_TENSOR_FIELDS
+            and tensor.dtype in runtime_session.NUMPY_BYTES_TYPES
+        ):
+            array = np.frombuffer(proto.raw_data, dtype=tensor.dtype.numpy().newbyteorder("<")).reshape(proto.dims)
+            return ir.Tensor(array, dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string or None)
+        copy = onnx.TensorProto()
+        copy.CopyFrom(proto)
+        return ir.serde.TensorProtoTensor(copy)
+
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            value.const_value = owned(value.const_value)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        _own_attribute_tensors(node, owned)
+    for function in model.functions.values():
+        for node in ir.traversal.RecursiveGraphIterator(function):
+            _own_attribute_tensors(node, owned)
+
+
+def _own_attribute_tensors(node: ir.Node, owned) -> None:
+    for name, attribute in list(node.attributes.items()):
+        if attribute.is_ref() or attribute.type not in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS):
+            continue
+        if attribute.type == ir.AttributeType.TENSOR:
+            value = owned(attribute.value)
+        else:
+            value = [owned(tensor) for tensor in attribute.value]
+        node.attributes[name] = ir.Attr(name, attribute.type, value, doc_string=attribute.doc_string)
 
 
 def export(module, example_args: tuple, **kwargs) -> ir.Model:

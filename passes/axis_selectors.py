@@ -36,7 +36,14 @@ from lowbit.passes.quant.adadim import lowest, output_error, relative
 from lowbit.passes.quant.rtn import QuantizedWeight
 from lowbit.passes.quant.scheme import SELECTORS
 from lowbit.runtime.calibration import keep_nodes_needed_for
-from lowbit.runtime.session import external_data_dirs, proto_sharing_initializers, session_from_proto, session_options
+from lowbit.runtime.memory import release_free_memory
+from lowbit.runtime.session import (
+    NO_PREPACKING,
+    external_data_dirs,
+    proto_sharing_initializers,
+    session_from_proto,
+    session_options,
+)
 from lowbit.runtime.threads import NO_SPINNING
 
 
@@ -215,6 +222,7 @@ class SubgraphSelector:
         # proto is its session's only (pruned, emptied once serialized).
         proto, memory = proto_sharing_initializers(model)
         captured = _capture(proto, data_dirs, modules, samples, consume=True, memory_files=memory)
+        release_free_memory()  # the capture session's memory, before the module sessions
         proto, memory = proto_sharing_initializers(model)
         extractor = onnx.utils.Extractor(proto)
         del proto
@@ -309,18 +317,21 @@ def _capture(
     names = sorted({name for module in modules for name in (*module.inputs, *module.outputs)})
     graph_inputs = {value.name for value in proto.graph.input}
     extra = [name for name in names if name not in graph_inputs]
+    # A few runs only: MatMul weights are not pre-packed (a packed copy of every weight beside the session's own).
+    options = session_options()
+    options.add_session_config_entry(*NO_PREPACKING)
     if consume and extra:
         del proto.graph.output[:]
         proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra)
         keep_nodes_needed_for(proto.graph, extra)
-        sess = session_from_proto(proto, data_dirs, consume=True, memory_files=memory_files)
+        sess = session_from_proto(proto, data_dirs, options, consume=True, memory_files=memory_files)
         added = []
     else:
         existing = {output.name for output in proto.graph.output}
         added = [name for name in extra if name not in existing]
         proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
         try:
-            sess = session_from_proto(proto, data_dirs, memory_files=memory_files)
+            sess = session_from_proto(proto, data_dirs, options, memory_files=memory_files)
         finally:
             del proto.graph.output[len(proto.graph.output) - len(added) :]
     captured = []

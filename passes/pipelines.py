@@ -27,7 +27,7 @@ from lowbit.passes.reorder_channels import ReorderChannelsPass
 from lowbit.passes.report import OptimizeReport, PassRecord
 from lowbit.passes.split_outliers import SplitOutliersPass
 from lowbit.runtime.calibration import CalibrationStats
-from lowbit.runtime.memory import peak_rss_mb
+from lowbit.runtime.memory import peak_rss_mb, release_free_memory
 
 DUMP_DIR_VARIABLE = "LOWBIT_DUMP_DIR"
 
@@ -129,6 +129,7 @@ def run_pipeline(model: ir.Model, passes: list[LowbitPass], report: OptimizeRepo
         model = result.model
         name = type(pass_).__name__
         seconds = time.perf_counter() - start
+        release_free_memory()  # what the pass freed (its sessions, temporaries) is not carried into the next one
         report.passes.append(PassRecord(name, result.modified, seconds, peak_rss_mb(), dict(pass_.details)))
         report.weights.extend(pass_.weight_records)
         report.skipped.extend(pass_.skipped)

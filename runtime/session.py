@@ -36,6 +36,11 @@ ORT_ERRORS = tuple(
     value for value in vars(_ort_state).values() if isinstance(value, type) and issubclass(value, Exception)
 )
 
+#: ``SessionOptions.add_session_config_entry`` pair: MatMul weights are not pre-packed. Pre-packing keeps a packed
+#: copy of each weight for the session's lifetime, which pays for itself only over many runs; its results may
+#: differ from the unpacked kernel's in the last bits.
+NO_PREPACKING = ("session.disable_prepacking", "1")
+
 #: ORT's error for a node of our domain when no library registered it.
 _LOWBIT_OP_MISSING = re.compile(r"\blowbit:\w+\(-?\d+\) is not a registered function/op")
 
@@ -171,7 +176,7 @@ def session_from_proto(
     (``external_data_dirs`` of the model it was made from) whatever the working directory.
 
     ``memory_files``: external data locations held in memory (uint8 arrays, ``proto_sharing_initializers``), read
-    before ``data_dirs``.
+    before ``data_dirs``; a tensor that is a whole such array is shared with the session, not copied into it.
 
     ``consume``: empty ``proto`` (``Clear``) once it is serialized, before ONNX Runtime reads it, so that a proto
     holding the weights inline (made by ``ir.to_proto`` for this session only) is not a third copy of them
@@ -211,13 +216,37 @@ def session_from_proto(
     buffers = [files[location] for location in locations]
     if locations:
         options.add_external_initializers_from_files_in_memory(locations, buffers, [buffer.size for buffer in buffers])
+    shared = _share_in_memory_initializers(external, memory_files or {}, options)
     serialized = proto.SerializeToString()
     if consume:
         proto.Clear()
     sess = ort.InferenceSession(serialized, options, providers=providers or ["CPUExecutionProvider"])
     del serialized
-    sess._lowbit_data_files = buffers
+    sess._lowbit_data_files = (buffers, shared)
     return sess
+
+
+def _share_in_memory_initializers(
+    external: list[onnx.TensorProto], memory_files: Mapping[str, np.ndarray], options: ort.SessionOptions
+) -> list[ort.OrtValue]:
+    """Hand ONNX Runtime each whole-file tensor of ``memory_files`` (``proto_sharing_initializers``' arrays) as a
+    shared initializer (``add_initializer``), which it reads in place: from the in-memory file alone it would copy
+    the tensor into the session. Returns the OrtValues, which must live as long as the session."""
+    shared = []
+    for tensor in external:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+        buffer = memory_files.get(location)
+        if buffer is None or external_nbytes(tensor) != (0, buffer.size):
+            continue
+        dtype = ir.DataType(tensor.data_type).numpy().newbyteorder("<")
+        if dtype.kind not in "fiu":  # a type of ml_dtypes (bfloat16), which OrtValue does not take: copied
+            continue
+        value = ort.OrtValue.ortvalue_from_numpy(buffer.view(dtype).reshape(tuple(tensor.dims)))
+        options.add_initializer(tensor.name, value)
+        shared.append(value)
+    return shared
 
 
 def session_from_model(
@@ -228,7 +257,7 @@ def session_from_model(
 
 
 #: ONNX element types whose NumPy arrays (``onnx_ir``'s ``numpy()``) hold exactly the bytes ONNX stores.
-_SHAREABLE_TYPES = frozenset(
+NUMPY_BYTES_TYPES = frozenset(
     {
         ir.DataType.FLOAT,
         ir.DataType.FLOAT16,
@@ -262,7 +291,7 @@ def proto_sharing_initializers(model: ir.Model) -> tuple[onnx.ModelProto, dict[s
     shared: dict[str, tuple[ir.Value, np.ndarray]] = {}
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
-        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.dtype not in _SHAREABLE_TYPES:
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.dtype not in NUMPY_BYTES_TYPES:
             continue
         if tensor.nbytes <= SMALL_EXTERNAL_TENSOR:
             continue

@@ -279,6 +279,49 @@ def test_load_without_the_checker_keeps_the_other_checks(tmp_path):
         lowbit.load(tmp_path / "absent.onnx", checker=False)
 
 
+def test_loaded_tensors_own_their_bytes_and_save_as_they_were(tmp_path):
+    """lowbit.load gives plain raw-data tensors NumPy arrays of their own (each numpy() is the same array, not
+    another copy of the parsed proto's bytes), a doc_string too; others keep a proto of their own (here
+    float_data). Saved unchanged, every tensor is written back as the file had it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    plain = numpy_helper.from_array(np.arange(8 * 4, dtype=np.float32).reshape(8, 4), "w")
+    scalar = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "s")
+    listed = helper.make_tensor("b", TensorProto.FLOAT, [4], [0.5] * 4)  # float_data, not raw_data
+    described = numpy_helper.from_array(np.ones(4, dtype=np.float32), "c")
+    described.doc_string = "bias"
+    constant = helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.ones(4, np.float32), "kv"))
+    graph = helper.make_graph(
+        [
+            constant,
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Mul", ["h", "s"], ["m"]),
+            helper.make_node("Add", ["m", "b"], ["a"]),
+            helper.make_node("Add", ["a", "c"], ["a2"]),
+            helper.make_node("Add", ["a2", "k"], ["y"]),
+        ],
+        "plain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [plain, scalar, listed, described],
+    )
+    path = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    model = lowbit.load(path)
+    weights = model.graph.initializers
+    assert isinstance(weights["w"].const_value, ir.Tensor)
+    assert weights["w"].const_value.numpy() is weights["w"].const_value.numpy()
+    assert isinstance(weights["b"].const_value, ir.serde.TensorProtoTensor)
+    assert isinstance(weights["c"].const_value, ir.Tensor)
+    output = lowbit.save(model, tmp_path / "again.onnx")
+    before, after = onnx.load(path), onnx.load(output)
+    assert [t.SerializeToString() for t in after.graph.initializer] == [
+        t.SerializeToString() for t in before.graph.initializer
+    ]
+    assert after.graph.node[0].SerializeToString() == before.graph.node[0].SerializeToString()
+
+
 def test_gptq_damping_reaches_gptq():
     """A recipe field is one edit plus its use: Recipe.gptq_damping is the dampening GPTQ gets."""
     from lowbit.passes import pipelines
