@@ -201,10 +201,11 @@ ChooseWidth = Callable[[int, list[WeightPlan]], list[str]]
 
 @dataclasses.dataclass
 class BudgetChoice:
-    """What ``choose_within_budget`` decided: an axis per plan (its candidates hold the chosen width), each
-    measured plan's options per width ({"axis", "error", "bytes"}) and the totals."""
+    """What ``choose_within_budget`` decided: a width and an axis per plan (its candidates hold that width),
+    each measured plan's options per width ({"axis", "error", "bytes"}) and the totals."""
 
     axes: list[str]
+    bits: list[int]
     options: list[dict[str, dict]]
     details: dict
 
@@ -296,6 +297,7 @@ def choose_within_budget(
     measured = calibrated
     fixed = sorted(set(range(len(plans))) - set(measured))
     axes: list[str | None] = [None] * len(plans)
+    bits = [default_bits] * len(plans)
     options: list[dict[str, dict]] = [{} for _ in plans]
     if fixed:
         for i, axis in zip(fixed, choose_width(default_bits, [plans[i] for i in fixed])):
@@ -324,6 +326,7 @@ def choose_within_budget(
         plans[i].candidates = table.plans[pick][position].candidates
         plans[i].choice_errors = table.plans[pick][position].choice_errors
         axes[i] = table.axes[pick][position]
+        bits[i] = table.widths[pick]
         options[i] = table.options(position)
     used = allocate.total_cost(table.costs, picks) + fixed_bytes
     widths = [table.widths[pick] for pick in picks]
@@ -343,4 +346,4 @@ def choose_within_budget(
         details["sensitivity_error"] = sum(row[pick] for row, pick in zip(table.sensitivities, picks))
         if not_measured:
             details["not_measured"] = not_measured  # kept at default_bits: a feed cannot replace them
-    return BudgetChoice(axes, options, details)
+    return BudgetChoice(axes, bits, options, details)

@@ -73,11 +73,10 @@ class QuantizeWeightsPass(LowbitPass):
         axis by RTN error, then run ``scheme.method`` on the chosen axis only, as the AdaDim paper does);
         None: ``scheme.method`` on every candidate axis. ``budget``: choose each weight's width among
         ``budget.widths`` (``quantize_plan.choose_within_budget``; ``scheme.bits`` then serves weights
-        without calibration statistics only). ``head_bits``: the width of LM heads and embedding tables
+        without calibration statistics only; with ``calibration_mode="sequential"`` the widths are chosen on
+        the parallel statistics and the sweep quantizes each layer again at them). ``head_bits``: the width of LM heads and embedding tables
         (default: ``scheme.bits``)."""
         super().__init__()
-        if budget is not None and calibration_mode == "sequential":
-            raise ValueError("a size budget is not supported with calibration_mode='sequential'")
         self.budget = budget
         if choice_method not in (None, *METHODS):
             raise ValueError(f"choice_method must be None or one of {METHODS}, got {choice_method!r}")
@@ -119,9 +118,7 @@ class QuantizeWeightsPass(LowbitPass):
             if self._runs_subgraphs or self.calibration_mode == "sequential":
                 _infer_missing_types(model)  # the selectors and the sweep cut subgraphs at typed values
         budget = None
-        if self.calibration_mode == "sequential" and plans:  # no weight: nothing to sweep
-            choices = self._choose_sequentially(model, plans, statistics)
-        elif self.budget is not None and plans:
+        if self.budget is not None and plans:
             samples = statistics.samples if statistics is not None else []
             budget = choose_within_budget(
                 model,
@@ -133,6 +130,10 @@ class QuantizeWeightsPass(LowbitPass):
             )
             choices = budget.axes
             self.details["budget"] = budget.details
+            if self.calibration_mode == "sequential":  # the widths stay; the layers are quantized again in order
+                choices = self._choose_sequentially(model, plans, statistics, budget.bits)
+        elif self.calibration_mode == "sequential" and plans:  # no weight: nothing to sweep
+            choices = self._choose_sequentially(model, plans, statistics)
         else:
             choices = self._choose(model, plans, statistics.samples if statistics is not None else [])
         if plans:
@@ -177,8 +178,28 @@ class QuantizeWeightsPass(LowbitPass):
                 summed[key] = summed.get(key, 0) + value
         return choices
 
-    def _choose_sequentially(self, model: ir.Model, plans: list[axis_selectors.WeightPlan], statistics) -> list[str]:
-        """Decoder layers in graph order on sequential statistics, then the other weights on the parallel ones."""
+    def _choose_at_widths(
+        self, model: ir.Model | None, plans: list[axis_selectors.WeightPlan], samples, widths: list[int] | None
+    ) -> list[str]:
+        """``_choose`` with a width per plan (None: the scheme's for all), one call per width."""
+        if widths is None:
+            return self._choose(model, plans, samples)
+        choices: list[str | None] = [None] * len(plans)
+        for bits in sorted(set(widths)):
+            positions = [position for position, width in enumerate(widths) if width == bits]
+            for position, axis in zip(positions, self._choose(model, [plans[p] for p in positions], samples, bits)):
+                choices[position] = axis
+        return choices
+
+    def _choose_sequentially(
+        self,
+        model: ir.Model,
+        plans: list[axis_selectors.WeightPlan],
+        statistics,
+        widths: list[int] | None = None,
+    ) -> list[str]:
+        """Decoder layers in graph order on sequential statistics, then the other weights on the parallel ones;
+        ``widths``: each plan's width (a budget's choice), else the scheme's."""
         if statistics.feeds is None:
             raise ValueError(
                 "calibration_mode='sequential' runs the calibration feeds again: pass the batches to optimize(), or "
@@ -189,7 +210,9 @@ class QuantizeWeightsPass(LowbitPass):
 
         def quantize(layer: sequential.Layer, step: sequential.LayerStep) -> dict[str, np.ndarray]:
             layer_plans = [plans[i] for i in layer.indices]
-            layer_choices = self._choose(step.model if self._runs_subgraphs else None, layer_plans, step.samples)
+            layer_widths = None if widths is None else [widths[i] for i in layer.indices]
+            layer_model = step.model if self._runs_subgraphs else None
+            layer_choices = self._choose_at_widths(layer_model, layer_plans, step.samples, layer_widths)
             for index, axis in zip(layer.indices, layer_choices):
                 choices[index] = axis
             return {plan.first.weight.name: plan.session_input(axis) for plan, axis in zip(layer_plans, layer_choices)}
@@ -206,7 +229,10 @@ class QuantizeWeightsPass(LowbitPass):
                     f"sequential calibration: ONNX Runtime cannot run a layer on the calibration feeds: {error}"
                 ) from error
             stream_bytes = sweep.stream_bytes
-        for index, axis in zip(rest, self._choose(model, [plans[i] for i in rest], statistics.samples)):
+        rest_widths = None if widths is None else [widths[i] for i in rest]
+        for index, axis in zip(
+            rest, self._choose_at_widths(model, [plans[i] for i in rest], statistics.samples, rest_widths)
+        ):
             choices[index] = axis
         self.details["calibration"] = {
             "mode": "sequential",
@@ -218,7 +244,8 @@ class QuantizeWeightsPass(LowbitPass):
 
     def parallel_activations(self, graph: ir.Graph) -> set[str]:
         """The activations whose parallel statistics this pass reads: the inputs of the weights it quantizes,
-        in sequential mode only of those outside decoder layers (the sweep measures the rest itself)."""
+        in sequential mode without a budget only of those outside decoder layers (the sweep measures the rest
+        itself)."""
         groups: dict[int, list[analysis.WeightUse]] = {}
         for use in analysis.weight_uses(graph):
             if use.kind != "embedding":
@@ -227,15 +254,21 @@ class QuantizeWeightsPass(LowbitPass):
             uses[0].node.inputs[0].name
             for uses in groups.values()
             if self.policy.reason(uses) is None
-            and (self.calibration_mode == "parallel" or sequential.layer_of(uses) is None)
+            and (self._reads_parallel_statistics or sequential.layer_of(uses) is None)
         }
+
+    @property
+    def _reads_parallel_statistics(self) -> bool:
+        """Whether decoder layers read the parallel statistics: in parallel mode, and under a budget (its widths
+        are chosen on them before a sequential sweep quantizes the layers again)."""
+        return self.calibration_mode == "parallel" or self.budget is not None
 
     def _hessian(self, uses: list[analysis.WeightUse], statistics: CalibrationStats | None) -> np.ndarray | None:
         """H of the weight's input: None for embeddings, for the decoder layers that the sequential sweep
         measures itself, and for RTN where the statistics do not cover it (collected before a pass made this
         weight); GPTQ and AdaDim cannot do without it."""
         use = uses[0]
-        if self.calibration_mode == "sequential" and sequential.layer_of(uses) is not None:
+        if not self._reads_parallel_statistics and sequential.layer_of(uses) is not None:
             return None  # deferred: the sweep's statistics
         if statistics is None or use.kind == "embedding":
             return None

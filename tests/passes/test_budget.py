@@ -114,8 +114,6 @@ def test_recipe_budget_field():
     assert "budget='3'" in lowbit.Recipe(budget="3").calibration_reasons
     with pytest.raises(ValueError, match="budget"):
         lowbit.Recipe(budget="three")
-    with pytest.raises(ValueError, match="size budget is not supported with calibration_mode='sequential'"):
-        optimize("3", calibration_mode="sequential")
     with pytest.raises(ValueError, match="needs calibration"):
         lowbit.optimize(mlp(), lowbit.Recipe(budget="3"))
 

@@ -4,6 +4,7 @@ the parallel statistics outside decoder layers."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import tracemalloc
@@ -376,3 +377,27 @@ def test_block_selector_dequantizes_each_candidate_once(monkeypatch):
     assert details["selection"]["modules"] == 2
     assert calls and set(calls.values()) == {1}
     assert len({plan for plan, _ in calls}) == 7
+
+
+@pytest.mark.slow
+def test_budget_widths_chosen_in_parallel_then_layers_quantized_in_order():
+    """Under a budget the widths are allocated on the parallel statistics, then the sweep quantizes each layer
+    again at its width: the widths and bytes are the parallel budget's, layer 0 (the float model's inputs)
+    is the same, a later layer is not."""
+    feeds = _feeds(4)
+    recipe = lowbit.Recipe(group_size=32, method="gptq", budget="4", budget_sensitivity="output")
+    parallel_result, parallel = _optimize(_llama(), recipe, feeds)
+    result, seq = _optimize(_llama(), dataclasses.replace(recipe, calibration_mode="sequential"), feeds)
+    widths = {record.name: record.bits for record in result.report.weights}
+    assert widths == {record.name: record.bits for record in parallel_result.report.weights}
+    assert len(set(widths.values())) > 1  # a mix, so each width's weights are quantized in their own call
+    assert result.report.budget == parallel_result.report.budget
+    assert result.report.bytes_after == parallel_result.report.bytes_after <= result.report.budget["limit_bytes"]
+    details = {p.name: p.details for p in result.report.passes}
+    assert details["CaptureCalibrationPass"]["activations"] == 8  # the budget reads every layer's statistics
+    assert details["QuantizeWeightsPass"]["calibration"]["layers"] == 2
+    assert parallel.keys() == seq.keys()
+    for name in parallel:
+        if ".layers.0." in name:
+            np.testing.assert_array_equal(seq[name], parallel[name])
+    assert any(not np.array_equal(seq[name], parallel[name]) for name in parallel if ".layers.1." in name)
