@@ -20,6 +20,7 @@ Runtime's float32 arithmetic, ``(q - zp) * scale``, so ``dequantize()`` equals w
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import numpy as np
 
@@ -159,12 +160,11 @@ def _candidate_errors(
     group_max = grouped.max(axis=members, keepdims=True)
     shrink = ratios.reshape(-1, 1, 1, 1)  # one candidate range per ratio
     scales, zero_points = range_params(shrink * group_min, shrink * group_max, bits, symmetric)
-    offsets = zero_points.astype(np.float32)
-    max_code = (1 << bits) - 1
+    grids = _Grids(scales, zero_points.astype(np.float32), (1 << bits) - 1)
     if len(ratios) * grouped.size <= _SEARCH_ALL_AT_ONCE_ELEMENTS:
-        error = _rounding_error(grouped, scales, offsets, element_weights, max_code, members + 1)
+        error = _rounding_error(grouped, grids, element_weights, members + 1)
     else:
-        error = _blocked_rounding_error(grouped, scales, offsets, element_weights, max_code, members)
+        error = _blocked_rounding_error(grouped, grids, element_weights, members)
     return error, scales, zero_points
 
 
@@ -194,23 +194,25 @@ def _grouped_layout(
     return grouped, row_weights.reshape(-1, 1, 1) * real_members
 
 
-def _rounding_error(
-    grouped: np.ndarray,
-    scales: np.ndarray,
-    offsets: np.ndarray,
-    element_weights: np.ndarray | None,
-    max_code: int,
-    members: int,
-) -> np.ndarray:
-    """Weighted squared error of rounding ``grouped`` onto the grids of ``scales`` and ``offsets`` (zero points
-    as float32, broadcast against ``grouped``), summed over the axis ``members``: float32 rounding and
-    reconstruction as in ``quantize_with_params`` and ``QuantizedWeight.dequantize``, the squares in float64."""
-    approx = np.divide(grouped, scales)
+class _Grids(typing.NamedTuple):
+    """Candidate integer grids: scales and zero points (as float32) broadcast against the grouped weight,
+    codes ``0 .. max_code``."""
+
+    scales: np.ndarray
+    offsets: np.ndarray
+    max_code: int
+
+
+def _rounding_error(grouped: np.ndarray, grids: _Grids, element_weights: np.ndarray | None, members: int) -> np.ndarray:
+    """Weighted squared error of rounding ``grouped`` onto ``grids``, summed over the axis ``members``: float32
+    rounding and reconstruction as in ``quantize_with_params`` and ``QuantizedWeight.dequantize``, the squares
+    in float64."""
+    approx = np.divide(grouped, grids.scales)
     np.round(approx, out=approx)
-    approx += offsets
-    np.clip(approx, 0, max_code, out=approx)
-    approx -= offsets
-    approx *= scales
+    approx += grids.offsets
+    np.clip(approx, 0, grids.max_code, out=approx)
+    approx -= grids.offsets
+    approx *= grids.scales
     np.subtract(grouped, approx, out=approx)
     squared = np.square(approx, dtype=np.float64)
     if element_weights is not None:
@@ -219,14 +221,9 @@ def _rounding_error(
 
 
 def _blocked_rounding_error(
-    grouped: np.ndarray,
-    scales: np.ndarray,
-    offsets: np.ndarray,
-    element_weights: np.ndarray | None,
-    max_code: int,
-    members: int,
+    grouped: np.ndarray, grids: _Grids, element_weights: np.ndarray | None, members: int
 ) -> np.ndarray:
-    """``_rounding_error`` of every candidate (leading axis of ``scales`` and ``offsets``), one candidate at a
+    """``_rounding_error`` of every candidate (leading axis of the grids' scales and offsets), one candidate at a
     time on contiguous blocks of ``grouped`` along its free axis (columns of ``[G, g, N]``, rows of
     ``[K, G, g]``), so that a block stays in cache while every candidate is tried on it.
 
@@ -239,7 +236,7 @@ def _blocked_rounding_error(
     edges = (np.arange(num_blocks + 1) * free_length // num_blocks).tolist()
     error_shape = list(grouped.shape)
     del error_shape[members]
-    error = np.empty([len(scales), *error_shape])
+    error = np.empty([len(grids.scales), *error_shape])
     error_free = free // 2  # the free axis in the error's layout
 
     def along(array: np.ndarray, axis: int, first: int, last: int) -> np.ndarray:
@@ -250,10 +247,13 @@ def _blocked_rounding_error(
     for first, last in zip(edges[:-1], edges[1:]):
         block = np.ascontiguousarray(along(grouped, free, first, last))
         block_weights = None if element_weights is None else along(element_weights, free, first, last)
-        for candidate in range(len(scales)):
-            block_scales = along(scales[candidate], free, first, last)
-            block_offsets = along(offsets[candidate], free, first, last)
-            block_error = _rounding_error(block, block_scales, block_offsets, block_weights, max_code, members)
+        for candidate in range(len(grids.scales)):
+            block_grids = _Grids(
+                along(grids.scales[candidate], free, first, last),
+                along(grids.offsets[candidate], free, first, last),
+                grids.max_code,
+            )
+            block_error = _rounding_error(block, block_grids, block_weights, members)
             along(error[candidate], error_free, first, last)[...] = block_error
     return error
 
