@@ -220,6 +220,7 @@ class SubgraphSelector:
         # Neither the capture's proto nor the extractor's holds the weights: their initializers are references to
         # the model's own arrays (``proto_sharing_initializers``), which the sessions read in place. The capture's
         # proto is its session's only (pruned, emptied once serialized).
+        release_free_memory()  # what the candidates' threads freed, before the capture session
         proto, memory = proto_sharing_initializers(model)
         captured = _capture(proto, data_dirs, modules, samples, consume=True, memory_files=memory)
         release_free_memory()  # the capture session's memory, before the module sessions
@@ -317,9 +318,11 @@ def _capture(
     names = sorted({name for module in modules for name in (*module.inputs, *module.outputs)})
     graph_inputs = {value.name for value in proto.graph.input}
     extra = [name for name in names if name not in graph_inputs]
-    # A few runs only: MatMul weights are not pre-packed (a packed copy of every weight beside the session's own).
+    # A few runs only: MatMul weights are not pre-packed (a packed copy of every weight beside the session's own),
+    # and the run's buffers are not kept in an arena that outlives them.
     options = session_options()
     options.add_session_config_entry(*NO_PREPACKING)
+    options.enable_cpu_mem_arena = False
     if consume and extra:
         del proto.graph.output[:]
         proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra)
