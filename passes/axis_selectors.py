@@ -57,12 +57,32 @@ class WeightPlan:
     candidates: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)
     #: The candidates' output errors, kept when the chosen candidate is replaced afterwards (choice by RTN).
     choice_errors: dict[str, float] | None = None
-    #: Output errors measured so far, each with the candidate and Hessian it was measured on (``output_errors``).
+    #: Output errors measured so far, each with the candidate and Hessian it was measured on (``output_errors``;
+    #: None once released).
     _measured: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    #: Whether ``hessian`` was dropped once measured (``release_hessian``).
+    _released: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     @property
     def first(self) -> analysis.WeightUse:
         return self.uses[0]
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the plan has its input's H, or had it before ``release_hessian``."""
+        return self.hessian is not None or self._released
+
+    def release_hessian(self) -> None:
+        """Measure what the axis choice and the report read of H (every candidate's output error, the output
+        energy), then drop this plan's reference to it. A plan with one candidate keeps it: the report measures
+        the candidate as written (``rtn.fit_to_type`` may change it)."""
+        if self.hessian is None or len(self.candidates) < 2:
+            return
+        self.output_errors()
+        self.output_energy()
+        self._measured = {key: (candidate, None, error) for key, (candidate, _, error) in self._measured.items()}
+        self.hessian = None
+        self._released = True
 
     def session_input(self, axis: str) -> np.ndarray:
         """The ``axis`` candidate, dequantized, in the weight initializer's own type (fp16, bf16, float64 or
@@ -96,9 +116,7 @@ def matrix_errors(plan: WeightPlan) -> dict[str, float]:
 def select_matrix(plans: list[WeightPlan]) -> list[str]:
     """Per weight, the axis with the lower output error (ties: the first candidate, i.e. per-OC)."""
     return [
-        lowest(plan.output_errors())
-        if len(plan.candidates) > 1 and plan.hessian is not None
-        else next(iter(plan.candidates))
+        lowest(plan.output_errors()) if len(plan.candidates) > 1 and plan.calibrated else next(iter(plan.candidates))
         for plan in plans
     ]
 
@@ -246,7 +264,7 @@ class SubgraphSelector:
         grouped: dict[str, list[int]] = {}
         self.unmatched = 0
         for index, plan in enumerate(plans):
-            if len(plan.candidates) < 2 or plan.hessian is None:
+            if len(plan.candidates) < 2 or not plan.calibrated:
                 continue
             if any(use.node.op_type != "MatMul" for use in plan.uses) or not plan.first.weight.is_initializer():
                 continue

@@ -67,6 +67,7 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
         budget=None
         if recipe.budget is None
         else SizeBudget(parse_budget(recipe.budget), fused=recipe.fused, sensitivity=recipe.budget_sensitivity),
+        owns_statistics=not isinstance(calibration, CalibrationStats),  # collected here: nobody else holds them
     )
     sequential = recipe.calibration_mode == "sequential"
     splits = recipe.outlier_fraction > 0 or recipe.split

@@ -95,11 +95,16 @@ def choose(
     model: ir.Model | None,
     samples,
     workers: int | None = None,
+    release_hessians: bool = False,
 ) -> tuple[list[str], dict | None]:
     """Quantize ``plans`` by ``choice_method`` along every candidate axis and choose one axis each: by
     ``selector`` on ``model`` (None: the ``matrix`` choice); where ``choice_method`` is not ``method``, the
     chosen axis is quantized again by ``method``. Returns the axes and the selector's details (None when no
-    selector ran). ``workers``: threads that quantize (default: the cores this process may use)."""
+    selector ran). ``workers``: threads that quantize (default: the cores this process may use).
+    ``release_hessians``: each plan drops its H once its candidates are measured (``WeightPlan.release_hessian``),
+    before the selector runs; only where ``choice_method`` is ``method`` (nothing is quantized again)."""
+    if release_hessians and choice_method != method:
+        raise ValueError("the chosen axes are quantized again by the method, which reads the Hessians")
     candidates = _in_threads(
         quantizer,
         plans,
@@ -109,6 +114,8 @@ def choose(
     )
     for plan, found in zip(plans, candidates):
         plan.candidates = found
+        if release_hessians:
+            plan.release_hessian()
     details = None
     if selector is None or model is None:
         choices = axis_selectors.select_matrix(plans)

@@ -13,7 +13,9 @@ along every candidate axis and a selector (``passes/axis_selectors.py``: matrix,
 error on calibration data) picks one. GPTQ and AdaDim read the statistics CaptureCalibrationPass left
 with the model (``runtime.calibration.calibration_of``). ``calibration_mode="sequential"`` quantizes decoder layers one after another, each
 with statistics taken on the model whose earlier layers are already quantized (``passes/sequential.py``);
-its selectors judge a layer's modules on those partially-quantized inputs too.
+its selectors judge a layer's modules on those partially-quantized inputs too. Statistics the pipeline collected
+itself (``owns_statistics``) lose each Hessian as soon as the candidates and their output errors are made, before
+the AdaDim subgraphs run and the weights are written, where nothing reads it again (``_releases_hessians``).
 
 Weights of any float type are quantized (bfloat16 and double in float32, written as a float32
 DequantizeLinear and a Cast back to the weight's type; float16 with float16 scales, the codes kept where
@@ -68,6 +70,7 @@ class QuantizeWeightsPass(LowbitPass):
         calibration_mode: str = "parallel",
         choice_method: str | None = None,
         budget: SizeBudget | None = None,
+        owns_statistics: bool = False,
     ):
         """``choice_method``: the method whose candidates the AdaDim selector compares (``"rtn"``: choose the
         axis by RTN error, then run ``scheme.method`` on the chosen axis only, as the AdaDim paper does);
@@ -75,8 +78,11 @@ class QuantizeWeightsPass(LowbitPass):
         ``budget.widths`` (``quantize_plan.choose_within_budget``; ``scheme.bits`` then serves weights
         without calibration statistics only; with ``calibration_mode="sequential"`` the widths are chosen on
         the parallel statistics and the sweep quantizes each layer again at them). ``head_bits``: the width of LM heads and embedding tables
-        (default: ``scheme.bits``)."""
+        (default: ``scheme.bits``). ``owns_statistics``: the calibration statistics are the pipeline's own (its
+        calibration pass collected them), so their Hessians may be dropped once read (``_releases_hessians``);
+        statistics a caller passed in must stay whole, they may serve other recipes."""
         super().__init__()
+        self.owns_statistics = owns_statistics
         self.budget = budget
         if choice_method not in (None, *METHODS):
             raise ValueError(f"choice_method must be None or one of {METHODS}, got {choice_method!r}")
@@ -111,6 +117,10 @@ class QuantizeWeightsPass(LowbitPass):
         statistics = calibration_of(model)
         planning = plan_weights(model.graph, self.policy, lambda uses: self._hessian(uses, statistics))
         plans, self.skipped = planning.plans, planning.skipped
+        release = self._releases_hessians and statistics is not None
+        if release:  # the plans now hold the only references: each drops its own once measured (``choose``)
+            for accumulator in statistics.by_activation.values():
+                accumulator.release()
         if planning.tied_lm_heads:
             self.details["tied_lm_heads"] = planning.tied_lm_heads
         if plans:  # refuse before changing anything when the storage opset cannot hold the model
@@ -135,7 +145,8 @@ class QuantizeWeightsPass(LowbitPass):
         elif self.calibration_mode == "sequential" and plans:  # no weight: nothing to sweep
             choices = self._choose_sequentially(model, plans, statistics)
         else:
-            choices = self._choose(model, plans, statistics.samples if statistics is not None else [])
+            samples = statistics.samples if statistics is not None else []
+            choices = self._choose(model, plans, samples, release_hessians=release)
         if plans:
             analysis.normalize_default_domain(model)
         names = builders.NameAllocator(model.graph)
@@ -155,11 +166,29 @@ class QuantizeWeightsPass(LowbitPass):
         widths = (self.scheme.bits,) if self.budget is None else (self.scheme.bits, *self.budget.widths)
         return widths if self.quantizer.head_bits is None else (*widths, self.quantizer.head_bits)
 
+    @property
+    def _releases_hessians(self) -> bool:
+        """Whether H is read once, by the candidates and their measures, so that it may be dropped after: the
+        pipeline's own statistics, without a budget (it quantizes at every width), a sequential sweep or another
+        method choosing the axis (the chosen axis is quantized again)."""
+        return (
+            self.owns_statistics
+            and self.budget is None
+            and self.calibration_mode == "parallel"
+            and self.choice_method == self.scheme.method
+        )
+
     def _choose(
-        self, model: ir.Model | None, plans: list[axis_selectors.WeightPlan], samples, bits: int | None = None
+        self,
+        model: ir.Model | None,
+        plans: list[axis_selectors.WeightPlan],
+        samples,
+        bits: int | None = None,
+        release_hessians: bool = False,
     ) -> list[str]:
         """Quantize ``plans`` (at ``bits``, default the scheme's) along every candidate axis and choose one axis
-        each (selector details summed; without a model to run, the ``matrix`` choice)."""
+        each (selector details summed; without a model to run, the ``matrix`` choice); ``release_hessians``: as
+        ``quantize_candidates.choose``."""
         quantizer = self.quantizer
         if bits is not None:
             quantizer = dataclasses.replace(quantizer, scheme=dataclasses.replace(quantizer.scheme, bits=bits))
@@ -171,6 +200,7 @@ class QuantizeWeightsPass(LowbitPass):
             selector=self.selector if self._runs_subgraphs else None,
             model=model,
             samples=samples,
+            release_hessians=release_hessians,
         )
         if selection is not None:
             summed = self.details.setdefault("selection", {})

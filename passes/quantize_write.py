@@ -45,9 +45,7 @@ def write_weight(
     if plan.choice_errors is not None:  # chosen between other candidates: the written one is measured below
         axis_errors = plan.choice_errors
     else:
-        axis_errors = (
-            axis_selectors.matrix_errors(plan) if len(plan.candidates) > 1 and plan.hessian is not None else {}
-        )
+        axis_errors = axis_selectors.matrix_errors(plan) if len(plan.candidates) > 1 and plan.calibrated else {}
     if plan.choice_errors is None and axis in axis_errors:  # AdaDim already measured the written candidate
         output_error = axis_errors[axis]
     elif plan.hessian is not None:

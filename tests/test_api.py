@@ -73,6 +73,53 @@ def test_optimize_with_calibration_runs_adadim_gptq_and_reports_output_error():
     check_valid(result.model)
 
 
+ADADIM_GPTQ = lowbit.Recipe(bits=3, group_size=16, axis="adadim", method="gptq", selector="matrix")
+
+
+def test_statistics_collected_by_optimize_drop_their_hessians_before_the_weights_are_written(monkeypatch):
+    import weakref
+
+    from lowbit.passes import capture_calibration, quantize_weights
+
+    collected, alive_at_write = [], []
+
+    def collect(*args, **kwargs):
+        stats = capture_calibration.collect.__wrapped__(*args, **kwargs)
+        collected.extend(weakref.ref(accumulator.hessian) for accumulator in stats.by_activation.values())
+        return stats
+
+    def write_weight(*args, **kwargs):
+        alive_at_write.append(sum(ref() is not None for ref in collected))
+        return write_weight.__wrapped__(*args, **kwargs)
+
+    collect.__wrapped__ = capture_calibration.collect
+    write_weight.__wrapped__ = quantize_weights.write_weight
+    monkeypatch.setattr(capture_calibration, "collect", collect)
+    monkeypatch.setattr(quantize_weights, "write_weight", write_weight)
+    model = factories.mlp()
+    lowbit.optimize(model, ADADIM_GPTQ, calibration=[factories.feeds_for(model, seed=seed) for seed in range(4)])
+    assert len(collected) == 2 and alive_at_write == [0, 0]
+
+
+def test_statistics_passed_in_keep_their_hessians_and_give_what_collected_ones_give():
+    """Callers reuse one collect() across recipes: optimize must not empty it; the release of collected
+    statistics changes nothing in the model or the report."""
+    import dataclasses
+
+    from lowbit.runtime.calibration import collect
+
+    def outcome(calibration):
+        result = lowbit.optimize(factories.mlp(), ADADIM_GPTQ, calibration=calibration)
+        return ir.to_proto(result.model).SerializeToString(), [dataclasses.asdict(w) for w in result.report.weights]
+
+    batches = [factories.feeds_for(factories.mlp(), seed=seed) for seed in range(4)]
+    stats = collect(factories.mlp(), batches)
+    before = {name: accumulator.hessian.copy() for name, accumulator in stats.by_activation.items()}
+    assert outcome(stats) == outcome(stats) == outcome(batches)
+    for name, hessian in before.items():
+        np.testing.assert_array_equal(stats.by_activation[name].hessian, hessian)
+
+
 def test_optimize_needs_an_ir_model(mlp_file):
     with pytest.raises(TypeError, match="lowbit.load"):
         lowbit.optimize(str(mlp_file), lowbit.Recipe())

@@ -40,8 +40,9 @@ class HessianAccumulator:
         if len(flat) == 0:
             return
         # upper(H) += upper(X^T X): BLAS dsyrk on X^T (a Fortran-ordered view of X, no copy), in place
+        matrix = self._kept_matrix()
         tokens = flat.astype(np.float64)
-        self._matrix = blas.dsyrk(1.0, tokens.T, beta=1.0, c=self._matrix, trans=0, lower=0, overwrite_c=1)
+        self._matrix = blas.dsyrk(1.0, tokens.T, beta=1.0, c=matrix, trans=0, lower=0, overwrite_c=1)
         del tokens
         self._mirrored = False
         # The magnitudes in the activations' own type (float32 from ONNX Runtime): |x| and the maximum are exact in
@@ -55,6 +56,7 @@ class HessianAccumulator:
     @property
     def hessian(self) -> np.ndarray:
         """``H = X^T X`` [K, K] float64, symmetric (the lower triangle is refreshed from the upper one after updates)."""
+        self._kept_matrix()
         if not self._mirrored:
             np.copyto(self._matrix, self._matrix.T, where=np.tri(self.channels, k=-1, dtype=bool))
             self._mirrored = True
@@ -67,6 +69,15 @@ class HessianAccumulator:
             raise ValueError(f"hessian must be [{self.channels}, {self.channels}], got shape {value.shape}")
         self._matrix = value
         self._mirrored = False  # the upper triangle is what counts, as after an update
+
+    def release(self) -> None:
+        """Drop H (the ``[K, K]`` matrix) once nothing will read it again; the magnitudes and token count stay."""
+        self._matrix = None
+
+    def _kept_matrix(self) -> np.ndarray:
+        if self._matrix is None:
+            raise RuntimeError("H was released (HessianAccumulator.release): it cannot be read or updated")
+        return self._matrix
 
     @property
     def mean_abs(self) -> np.ndarray:

@@ -112,3 +112,15 @@ def test_assigned_hessian_is_kept_and_further_updates_add_to_it():
     np.testing.assert_array_equal(accumulator.hessian, start + np.outer([1, 2, 3], [1, 2, 3]))
     with pytest.raises(ValueError, match=r"must be \[3, 3\]"):
         accumulator.hessian = np.zeros((2, 2))
+
+
+def test_released_hessian_cannot_be_read_or_updated_and_the_magnitudes_stay():
+    acc = HessianAccumulator(3)
+    acc.update(np.array([[1.0, -2.0, 3.0]]))
+    acc.release()
+    with pytest.raises(RuntimeError, match="released"):
+        _ = acc.hessian
+    with pytest.raises(RuntimeError, match="released"):
+        acc.update(np.ones((1, 3)))
+    np.testing.assert_array_equal(acc.abs_max, [1.0, 2.0, 3.0])
+    assert acc.tokens == 1
