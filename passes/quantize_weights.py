@@ -128,8 +128,8 @@ class QuantizeWeightsPass(LowbitPass):
             if self._runs_subgraphs or self.calibration_mode == "sequential":
                 _infer_missing_types(model)  # the selectors and the sweep cut subgraphs at typed values
         budget = None
+        samples = statistics.samples if statistics is not None else []
         if self.budget is not None and plans:
-            samples = statistics.samples if statistics is not None else []
             budget = choose_within_budget(
                 model,
                 plans,
@@ -145,7 +145,6 @@ class QuantizeWeightsPass(LowbitPass):
         elif self.calibration_mode == "sequential" and plans:  # no weight: nothing to sweep
             choices = self._choose_sequentially(model, plans, statistics)
         else:
-            samples = statistics.samples if statistics is not None else []
             choices = self._choose(model, plans, samples, release_hessians=release)
         if plans:
             analysis.normalize_default_domain(model)
