@@ -29,6 +29,16 @@ GATHER_OP_TYPE = "QuantGather"
 GATHER_INPUT_NAMES = ("packed", "ids", "scales", "zero_points")
 
 
+def storage_scales(scales: np.ndarray) -> np.ndarray:
+    """Group scales in the type the ops store them: float16 where every scale is exactly a float16 value
+    (``rtn.round_scales`` makes them so), float32 otherwise. Lossless either way: the kernels compute in
+    float32 and read either type."""
+    scales = np.asarray(scales, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        half = scales.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), scales) else scales
+
+
 @dataclasses.dataclass
 class QuantMatMulWeights:
     """The constant inputs of one ``QuantMatMul`` (``zero_points``, ``perm``, ``bias``, the outliers optional)."""
@@ -53,7 +63,7 @@ class QuantMatMulWeights:
         zero_points = None if quantized.symmetric else quantized.zero_points
         return cls(
             packing.pack(quantized.codes, quantized.bits),
-            quantized.scales.astype(np.float32),
+            storage_scales(quantized.scales),
             zero_points,
             perm,
             bias,

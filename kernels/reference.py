@@ -20,8 +20,9 @@ Inputs (``G = ceil(K / g)`` for axis 0, ``ceil(N / g)`` for axis 1):
 0. ``A``: float32 ``[..., K]``, rank >= 1.
 1. ``packed``: uint8 ``[ceil(N / 64), ceil(K / 4), 32 * bits]``, the codes ``q[K, N]`` in the layout of
    :mod:`lowbit.kernels.packing`.
-2. ``scales``: float32 ``[G, N]`` (axis 0) or ``[K, G]`` (axis 1), the layout of ONNX blocked
-   quantization and of ``QuantizedWeight.scales``.
+2. ``scales``: float32 or float16 ``[G, N]`` (axis 0) or ``[K, G]`` (axis 1), the layout of ONNX blocked
+   quantization and of ``QuantizedWeight.scales``; float16 scales are read as the float32 of their value
+   (half the bytes, the same arithmetic).
 3. ``zero_points`` (optional): uint8, same shape as ``scales``, unsigned domain like the codes.
    Absent: every zero point is the mid-point ``2**(bits - 1)`` (symmetric quantization).
 4. ``perm`` (optional): int64 ``[K]``, indices in ``[0, K)``; row ``k`` of ``W`` multiplies
@@ -75,7 +76,7 @@ Inputs:
 0. ``packed``: uint8 ``[ceil(N / 64), ceil(K / 4), 32 * bits]``, as ``QuantMatMul``'s input 1.
 1. ``ids``: int64, any shape (rank 0 too), values in ``[-N, N)``; a negative id counts from the end
    (``n = id + N``), as ONNX ``Gather``. Any other value is an error that names the op, the id and ``N``.
-2. ``scales``: float32, as ``QuantMatMul``'s input 2.
+2. ``scales``: float32 or float16, as ``QuantMatMul``'s input 2.
 3. ``zero_points`` (optional): uint8, as ``QuantMatMul``'s input 3 (absent: ``2**(bits - 1)``).
 
 Output: ``Y``, float32 ``[*ids.shape, K]``, ``Y[..., k] = float32(q[k, n] - z) * s`` with ``n = ids[...]``

@@ -24,10 +24,13 @@ type and, where the activation's shape is known, their shape.
 
 from __future__ import annotations
 
+import collections
+
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from lowbit.ir import analysis
+from lowbit.kernels import model as quant_matmul_op
 from lowbit.passes.base import LowbitPass
 from lowbit.passes.rules import quant_matmul, quantized_gather
 
@@ -86,5 +89,18 @@ class FuseQDQPass(LowbitPass):
             "unfused": unfused,
             "initializer_bytes_before": bytes_before,
             "initializer_bytes_after": analysis.initializer_bytes(model.graph),
+            "scale_types": _scale_types(model.graph),
         }
         return ir.passes.PassResult(model, modified=bool(rewrites))
+
+
+def _scale_types(graph: ir.Graph) -> dict[str, int]:
+    """How many of lowbit's fused weights store their scales in each type (float16 where lossless)."""
+    scales = {
+        id(node.inputs[2]): node.inputs[2]
+        for node in graph
+        if node.domain == quant_matmul_op.DOMAIN
+        and node.op_type in (quant_matmul_op.OP_TYPE, quant_matmul_op.GATHER_OP_TYPE)
+    }
+    counts = collections.Counter(value.dtype.name.lower() for value in scales.values())
+    return dict(sorted(counts.items()))

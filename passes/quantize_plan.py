@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from lowbit.ir import analysis, builders, files
 from lowbit.kernels import packing
+from lowbit.kernels.model import storage_scales
 from lowbit.passes.axis_selectors import WeightPlan, matrix_errors
 from lowbit.passes.quant import allocate
 from lowbit.passes.quant.rtn import MAX_MAGNITUDE, QuantizedWeight, check_weight
@@ -181,12 +182,13 @@ class SizeBudget:
 
 def stored_bytes(quantized: QuantizedWeight, float_dtype: ir.DataType, fused: bool) -> int:
     """Bytes of the written form of ``quantized``: codes, scales and zero points (fused: the packed codes with
-    their tile padding, float32 scales, uint8 zero points; fusion may repack narrower codes tighter, never wider)."""
+    their tile padding, the scales as the fused ops store them, uint8 zero points; fusion may repack narrower
+    codes tighter, never wider)."""
     if not fused:
         return builders.dequantize_linear("bytes", quantized, float_dtype).nbytes
     tiles, quads, block = packing.packed_shape(quantized.bits, *quantized.codes.shape)
     zero_points = 0 if quantized.symmetric else quantized.zero_points.size
-    return tiles * quads * block + 4 * quantized.scales.size + zero_points
+    return tiles * quads * block + storage_scales(quantized.scales).nbytes + zero_points
 
 
 def other_tensor_bytes(model: ir.Model, plans: list[WeightPlan]) -> int:

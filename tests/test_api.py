@@ -1,5 +1,6 @@
 """Public API: load/save safety, Recipe validation, optimize end to end on a small graph."""
 
+import dataclasses
 import hashlib
 import json
 import pathlib
@@ -136,8 +137,9 @@ def test_dump_dir_saves_the_model_after_each_pass(tmp_path, monkeypatch):
 def test_fused_recipe_writes_fused_ops_that_run_in_a_lowbit_session(mlp_file, tmp_path, ops_library):
     from lowbit.runtime.session import session
 
-    portable = lowbit.optimize(lowbit.load(mlp_file), lowbit.Recipe(bits=3, group_size=16, axis="ic")).model
-    result = lowbit.optimize(lowbit.load(mlp_file), lowbit.Recipe(bits=3, group_size=16, axis="ic", fused=True))
+    recipe = lowbit.Recipe(bits=3, group_size=16, axis="ic", scale_dtype="float16")  # the fused form's default
+    portable = lowbit.optimize(lowbit.load(mlp_file), recipe).model
+    result = lowbit.optimize(lowbit.load(mlp_file), dataclasses.replace(recipe, fused=True))
     assert [p.name for p in result.report.passes][-2:] == ["FuseQDQPass", "CleanupPass"]
     assert [node.op_type for node in result.model.graph] == ["QuantMatMul", "Relu", "QuantMatMul"]
     path = lowbit.save(result.model, tmp_path / "mlp.w3.fused.onnx")

@@ -78,6 +78,7 @@ def test_every_recipe_field_is_a_flag_that_reaches_the_recipe(mlp_file, tmp_path
         "gptq_damping": 0.05,
         "budget": "3.5",
         "budget_sensitivity": "output",
+        "scale_dtype": "float32",
     }
     values["head_bits"] = 8
     for excluded in ("head_bits", "budget"):  # they exclude each other: each in a recipe of its own

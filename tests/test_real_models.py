@@ -99,7 +99,9 @@ def test_smollm2_fused_equals_qdq(smollm2_onnx, eval_windows, ops_library, tmp_p
     from lowbit.runtime.session import session
 
     qdq_path, fused_path = tmp_path / "qdq.onnx", tmp_path / "fused.onnx"
-    recipe = lowbit.Recipe(bits=bits, group_size=128, axis=axis, outlier_fraction=outlier_fraction)
+    recipe = lowbit.Recipe(
+        bits=bits, group_size=128, axis=axis, outlier_fraction=outlier_fraction, scale_dtype="float16"
+    )  # float16 scales (the fused form's default) in both forms: the same weights
     _optimize_to(smollm2_onnx, qdq_path, recipe)
     report = _optimize_to(smollm2_onnx, fused_path, dataclasses.replace(recipe, fused=True))
     fuse = next(p for p in report.passes if p.name == "FuseQDQPass")

@@ -15,6 +15,16 @@ void CheckShapeOf(const char* op, const char* name, const Ort::ConstValue& value
                   const std::vector<int64_t>& expected);
 inline bool Present(const Ort::ConstValue& value) { return static_cast<const OrtValue*>(value) != nullptr; }
 
+// The group scales as the ops read them: stored as float32 or float16 (half the bytes; the kernels compute in
+// float32 either way). Declared with kAnyScaleType, so ScalesOf checks the element type.
+constexpr ONNXTensorElementDataType kAnyScaleType = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+struct ScaleView {
+  const float* f32 = nullptr;
+  const uint16_t* f16 = nullptr;  // float16 bits
+  float operator[](int64_t i) const { return f32 ? f32[i] : Ort::Float16_t::FromBits(f16[i]).ToFloat(); }
+};
+ScaleView ScalesOf(const char* op, const Ort::ConstValue& scales);  // throws unless float32 or float16
+
 // The attributes that describe a packed weight, shared by QuantMatMul and QuantGather: bits, group_axis,
 // group_size, K, N, validated with messages naming `op`, and the sizes they imply.
 struct PackedWeightAttributes {

@@ -66,12 +66,23 @@ PackedWeightAttributes::PackedWeightAttributes(const Ort::ConstKernelInfo& info,
   block_bytes = kTile * kQuad * bits / 8;
 }
 
+ScaleView ScalesOf(const char* op, const Ort::ConstValue& scales) {
+  switch (scales.GetTensorTypeAndShapeInfo().GetElementType()) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+      return ScaleView{scales.GetTensorData<float>(), nullptr};
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+      return ScaleView{nullptr, static_cast<const uint16_t*>(scales.GetTensorRawData())};
+    default:
+      FailOp(op, "scales must be float32 or float16");
+  }
+}
+
 std::vector<int64_t> PackedWeightAttributes::ParamsShape() const {
   return group_axis == 0 ? std::vector<int64_t>{groups, N} : std::vector<int64_t>{K, groups};
 }
 
 const std::vector<ONNXTensorElementDataType> kQuantMatMulInputTypes = {
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, kAnyScaleType,
     ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
     ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 
@@ -102,6 +113,7 @@ QuantMatMulInputs::QuantMatMulInputs(const Ort::KernelContext& ctx, const QuantM
     Fail("A must have shape [..., " + std::to_string(at.K) + "], got " + ShapeString(y_shape));
   CheckShape("packed", packed, {at.tiles, at.quads, at.block_bytes});
   CheckShape("scales", scales, at.ParamsShape());
+  ScalesOf(kOp, scales);  // float32 or float16
   if (Present(zero_points)) CheckShape("zero_points", zero_points, at.ParamsShape());
   if (Present(perm)) CheckShape("perm", perm, {at.K});
   if (Present(bias)) CheckShape("bias", bias, {at.N});

@@ -25,7 +25,7 @@ void CheckShape(const char* name, const Ort::ConstValue& value, const std::vecto
 }  // namespace
 
 const std::vector<ONNXTensorElementDataType> kQuantGatherInputTypes = {
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, kAnyScaleType,
     ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8};
 
 QuantGatherAttributes::QuantGatherAttributes(const Ort::ConstKernelInfo& info) : PackedWeightAttributes(info, kOp) {}
@@ -53,6 +53,7 @@ Ort::Status QuantGatherKernel::Compute(OrtKernelContext* context) try {
       count > kGatherZeroPoints ? ctx.GetInput(kGatherZeroPoints) : Ort::ConstValue{nullptr};
   CheckShape("packed", packed, {at.tiles, at.quads, at.block_bytes});
   CheckShape("scales", scales, at.ParamsShape());
+  const ScaleView s = ScalesOf(kOp, scales);
   if (Present(zero_points)) CheckShape("zero_points", zero_points, at.ParamsShape());
 
   const Ort::TensorTypeAndShapeInfo ids_info = ids.GetTensorTypeAndShapeInfo();
@@ -67,7 +68,6 @@ Ort::Status QuantGatherKernel::Compute(OrtKernelContext* context) try {
   float* out = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
 
   const uint8_t* codes = packed.GetTensorData<uint8_t>();
-  const float* s = scales.GetTensorData<float>();
   const uint8_t* z = Present(zero_points) ? zero_points.GetTensorData<uint8_t>() : nullptr;
   const int mid = 1 << (at.bits - 1);
   for (int64_t r = 0; r < rows; ++r, out += at.K) {

@@ -82,7 +82,7 @@ struct QuantMatMulKernel::PreparedParams {
   std::vector<float> scale, zero;
   std::vector<uint8_t> zero_bytes;  // int8_activations: the zero points as the int8 path reads them (int8.h)
 
-  PreparedParams(const QuantMatMulAttributes& at, const float* scales, const uint8_t* zero_points) {
+  PreparedParams(const QuantMatMulAttributes& at, const ScaleView& scales, const uint8_t* zero_points) {
     const float mid = static_cast<float>(1 << (at.bits - 1));
     auto zero_at = [&](int64_t i) { return kMagic + (zero_points ? static_cast<float>(zero_points[i]) : mid); };
     if (at.group_axis == 0) {  // [groups][N] -> [tiles][groups][64]
@@ -139,7 +139,7 @@ QuantMatMulKernel::QuantMatMulKernel(const OrtApi*, const OrtKernelInfo* info)
   if (scales_constant && has_params_shape(scales) &&
       (!has_zero_points || (zero_points_constant && has_params_shape(zero_points))))
     constant_params_ = std::make_unique<PreparedParams>(
-        attrs_, scales.GetTensorData<float>(), has_zero_points ? zero_points.GetTensorData<uint8_t>() : nullptr);
+        attrs_, ScalesOf("QuantMatMul", scales), has_zero_points ? zero_points.GetTensorData<uint8_t>() : nullptr);
   // Outlier indices that are initializers are checked once, here (a wrong shape: the first Compute).
   auto present = [&](QuantMatMulInput i) {
     return kernel_info.GetInputCount() > static_cast<size_t>(i) && !kernel_info.GetInputName(i).empty();
@@ -277,7 +277,7 @@ Ort::Status QuantMatMulKernel::Compute(OrtKernelContext* context) try {
   std::unique_ptr<PreparedParams> call_params;
   if (!constant_params_)
     call_params = std::make_unique<PreparedParams>(
-        at, in.scales.GetTensorData<float>(),
+        at, ScalesOf("QuantMatMul", in.scales),
         in.Present(in.zero_points) ? in.zero_points.GetTensorData<uint8_t>() : nullptr);
   const PreparedParams& params = constant_params_ ? *constant_params_ : *call_params;
 

@@ -18,6 +18,9 @@ Ort::Custom::OrtLiteCustomOp* MakeOp(const char* name, const char* provider,
   // Compute takes the kernel context only, so declare the inputs (see kernels/reference.py) here.
   op->input_types_ = input_types;
   op->output_types_ = {output_type};
+  // The Lite API reads an input of undefined type as variadic; ours (the scales, kAnyScaleType) are single
+  // optional-position inputs that take several element types.
+  op->GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_OPTIONAL; };
   return op;
 }
 

@@ -3,6 +3,7 @@
 // input-channel lanes (j = k % 4, the quad position), each dequantizing its weights exactly as
 // DequantizeLinear does and accumulating in fp32; the 4 lanes are summed through shared memory, and the
 // column's sparse outliers (if any) are added by the lane that writes the output.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -44,7 +45,8 @@ __global__ void __launch_bounds__(kTile* kQuad) QuantMatMulKernel(CudaProblem p,
     const int64_t param =
         p.group_axis == 0 ? (k / p.group_size) * p.N + n_param : k * p.groups + n_param / p.group_size;
     const int zero = p.zero_points ? p.zero_points[param] : 1 << (Bits - 1);
-    const float w = float(CodeAt(tile + q * p.block_bytes, Bits, j, c) - zero) * p.scales[param];
+    const float scale = p.scales ? p.scales[param] : __half2float(__ushort_as_half(p.scales_f16[param]));
+    const float w = float(CodeAt(tile + q * p.block_bytes, Bits, j, c) - zero) * scale;
     const int64_t source = p.perm ? p.perm[k] : k;
     const bool valid = source >= 0 && source < p.K;  // out-of-range permutation: NaN (the CPU kernel raises)
 #pragma unroll

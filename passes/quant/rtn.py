@@ -66,32 +66,53 @@ def expand_groups(per_group: np.ndarray, block_size: int, axis: int, shape: tupl
 
 
 def group_params(
-    weight: np.ndarray, bits: int, block_size: int, axis: int, symmetric: bool
+    weight: np.ndarray, bits: int, block_size: int, axis: int, symmetric: bool, scale_dtype: str = "float32"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale (float32) and zero point (uint8) of every group of ``weight`` along ``axis``."""
+    """Scale (float32, rounded to ``scale_dtype``'s values) and zero point (uint8) of every group of
+    ``weight`` along ``axis``."""
     starts = group_starts(weight.shape[axis], block_size)
     group_max = np.maximum.reduceat(weight, starts, axis=axis).astype(np.float32)
     group_min = np.minimum.reduceat(weight, starts, axis=axis).astype(np.float32)
-    return range_params(group_min, group_max, bits, symmetric)
+    return range_params(group_min, group_max, bits, symmetric, scale_dtype)
 
 
 def range_params(
-    group_min: np.ndarray, group_max: np.ndarray, bits: int, symmetric: bool
+    group_min: np.ndarray, group_max: np.ndarray, bits: int, symmetric: bool, scale_dtype: str = "float32"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale (float32) and zero point (uint8) of groups whose values span ``[group_min, group_max]``."""
+    """Scale (float32, rounded to ``scale_dtype``'s values) and zero point (uint8) of groups whose values
+    span ``[group_min, group_max]``; the zero point is chosen for the rounded scale."""
     max_code = (1 << bits) - 1
     if symmetric:
         abs_max = np.maximum(np.abs(group_max), np.abs(group_min))
-        scales = (2.0 * abs_max / max_code).astype(np.float32)
+        scales = round_scales((2.0 * abs_max / max_code).astype(np.float32), scale_dtype)
         scales[scales == 0] = 1.0  # an all-zero group: any scale reconstructs it exactly
         zero_points = np.full(scales.shape, 1 << (bits - 1), dtype=np.uint8)
         return scales, zero_points
     group_max = np.maximum(group_max, 0.0)
     group_min = np.minimum(group_min, 0.0)
-    scales = ((group_max - group_min) / max_code).astype(np.float32)
+    scales = round_scales(((group_max - group_min) / max_code).astype(np.float32), scale_dtype)
     scales[scales == 0] = 1.0
     zero_points = np.clip(np.round(-group_min / scales), 0, max_code).astype(np.uint8)
     return scales, zero_points
+
+
+#: float16's normal range: a scale outside it would lose precision (subnormal) or overflow in float16.
+_FLOAT16_NORMAL = (float(np.finfo(np.float16).smallest_normal), float(np.finfo(np.float16).max))
+
+
+def round_scales(scales: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """float32 ``scales`` as ``scale_dtype`` keeps them: for float16, each scale within float16's normal range
+    becomes its nearest float16 value (a relative change below 2**-11); a scale outside that range stays as
+    it is, so its weight is written with float32 scales (``kernels.model.storage_scales``)."""
+    if scale_dtype == "float32":
+        return scales
+    if scale_dtype != "float16":
+        raise ValueError(f"scale_dtype must be float32 or float16, got {scale_dtype!r}")
+    low, high = _FLOAT16_NORMAL
+    in_range = (scales >= low) & (scales <= high)
+    with np.errstate(over="ignore"):
+        rounded = scales.astype(np.float16).astype(np.float32)
+    return np.where(in_range & np.isfinite(rounded), rounded, scales).astype(np.float32)
 
 
 #: Clipping ratios ``search_group_params`` tries: the min-max range times 1.0, 0.975, ..., 0.5 (AWQ's grid).
@@ -114,6 +135,7 @@ def search_group_params(
     symmetric: bool,
     channel_weights: np.ndarray | None = None,
     ratios: np.ndarray = CLIP_RATIOS,
+    scale_dtype: str = "float32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Like ``group_params``, but each group's range is its min-max range times the ratio of ``ratios``
     with the lowest squared rounding error over the group, each row ``k`` weighted by
@@ -135,7 +157,9 @@ def search_group_params(
         row_weights = np.asarray(channel_weights, dtype=np.float64)
         if row_weights.shape != (num_rows,):
             raise ValueError(f"channel_weights must have one entry per row ({num_rows}), got shape {row_weights.shape}")
-    error, scales, zero_points = _candidate_errors(weight, bits, block_size, axis, symmetric, row_weights, ratios)
+    error, scales, zero_points = _candidate_errors(
+        weight, bits, block_size, axis, symmetric, row_weights, ratios, scale_dtype
+    )
     # per group the first ratio with the lowest error (earlier ratios win ties), taken from the flat candidates
     best = np.argmin(error, axis=0).ravel()
     picked = best * best.size + np.arange(best.size)
@@ -150,6 +174,7 @@ def _candidate_errors(
     symmetric: bool,
     row_weights: np.ndarray | None,
     ratios: np.ndarray,
+    scale_dtype: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per ratio (leading axis) and group: the weighted squared rounding error (float64), the scale and the
     zero point of ``search_group_params``' candidates; the parameters keep the members axis (length 1)."""
@@ -159,7 +184,7 @@ def _candidate_errors(
     group_min = grouped.min(axis=members, keepdims=True)
     group_max = grouped.max(axis=members, keepdims=True)
     shrink = ratios.reshape(-1, 1, 1, 1)  # one candidate range per ratio
-    scales, zero_points = range_params(shrink * group_min, shrink * group_max, bits, symmetric)
+    scales, zero_points = range_params(shrink * group_min, shrink * group_max, bits, symmetric, scale_dtype)
     grids = _Grids(scales, zero_points.astype(np.float32), (1 << bits) - 1)
     if len(ratios) * grouped.size <= _SEARCH_ALL_AT_ONCE_ELEMENTS:
         error = _rounding_error(grouped, grids, element_weights, members + 1)
@@ -331,8 +356,10 @@ def scheme_group_params(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Group parameters of ``weight`` as ``scheme`` asks: searched clipping range or plain min-max."""
     if scheme.clip_search:
-        return search_group_params(weight, scheme.bits, block_size, axis, scheme.symmetric, channel_weights)
-    return group_params(weight, scheme.bits, block_size, axis, scheme.symmetric)
+        return search_group_params(
+            weight, scheme.bits, block_size, axis, scheme.symmetric, channel_weights, scale_dtype=scheme.scale_dtype
+        )
+    return group_params(weight, scheme.bits, block_size, axis, scheme.symmetric, scheme.scale_dtype)
 
 
 def quantize_rtn(weight: np.ndarray, scheme: QuantScheme, channel_weights: np.ndarray | None = None) -> QuantizedWeight:

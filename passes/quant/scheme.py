@@ -16,6 +16,9 @@ import dataclasses
 SUPPORTED_BITS = (2, 3, 4, 8)
 GROUP_AXES = ("oc", "ic")
 METHODS = ("rtn", "gptq")
+#: How group scales are stored: float32, or float16 (half the bytes; scales are rounded to float16 values
+#: when they are computed, so the codes are chosen against the scales the file keeps).
+SCALE_DTYPES = ("float32", "float16")
 #: The recipe's other vocabularies, kept here at the bottom so that the recipe, the CLI and the passes
 #: that act on them read one list each without importing the passes' heavy modules.
 SELECTORS = ("matrix", "block", "layer")
@@ -39,6 +42,8 @@ class QuantScheme:
     method: str = "rtn"
     #: Search each group's clipping range (``rtn.search_group_params``) instead of taking its min-max range.
     clip_search: bool = False
+    #: The type the scales are written in (``SCALE_DTYPES``); ``rtn.round_scales`` makes them its values.
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -51,6 +56,8 @@ class QuantScheme:
             raise ValueError(f"group_axis must be one of {GROUP_AXES}, got {self.group_axis!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
 
     @property
     def block_axis(self) -> int:

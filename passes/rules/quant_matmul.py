@@ -7,8 +7,8 @@ for its other readers, and every MatMul it feeds reuses one set of packed initia
 left without readers is removed afterwards as dead code.
 
 Codes are repacked at the narrowest width that holds them exactly (3-bit codes that the portable form
-stores in UINT4 pack as 3 bits), so fusion is lossless: the op dequantizes the same integers with the
-same scales. ``MatMulNBits`` takes per-OC (``axis=0``) weights whose codes fit 4 bits and whose block is a
+stores in UINT4 pack as 3 bits) and scales that are all float16 values are stored as float16, so fusion
+is lossless: the op dequantizes the same integers with the same scales. ``MatMulNBits`` takes per-OC (``axis=0``) weights whose codes fit 4 bits and whose block is a
 power of two >= 16, when the fuse pass asks for it; everything else that is fp32 goes to
 ``lowbit::QuantMatMul``.
 
@@ -465,7 +465,7 @@ class FusionState:
             "lowbit",
             lambda: {
                 "packed": packing.pack(weight.codes, weight.bits),
-                "scales": weight.scales,
+                "scales": quant_matmul_op.storage_scales(weight.scales),  # float16 where lossless
                 "zero_points": weight.zero_points,
             },
         )

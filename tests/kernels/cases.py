@@ -30,8 +30,11 @@ SHAPES = [
 ]
 
 
-def make_weights(weight, bits, group, axis, symmetric, extras, rng) -> QuantMatMulWeights:
-    quantized = quantize_rtn(weight, QuantScheme(bits=bits, group_size=group, group_axis=axis, symmetric=symmetric))
+def make_weights(weight, bits, group, axis, symmetric, extras, rng, scale_dtype="float32") -> QuantMatMulWeights:
+    """RTN-quantized ``weight`` as the op's inputs; ``extras``: with a permutation and a bias; ``scale_dtype``
+    float16: scales rounded to float16 values, which the inputs then store as float16."""
+    scheme = QuantScheme(bits=bits, group_size=group, group_axis=axis, symmetric=symmetric, scale_dtype=scale_dtype)
+    quantized = quantize_rtn(weight, scheme)
     k, n = weight.shape
     perm = rng.permutation(k).astype(np.int64) if extras else None
     bias = rng.standard_normal(n).astype(np.float32) if extras else None

@@ -40,6 +40,27 @@ def test_random_weights_and_batches(ops_library, isa, shape, bits, axis, symmetr
         assert_matches_reference(run_kernel(weights, a[:batch]), weights, a[:batch])
 
 
+@pytest.mark.parametrize("shape", [(131, 67, 13), (256, 192, 128), (1, 70, 64)], ids=lambda s: "K{}xN{}g{}".format(*s))
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("int8_activations", [False, True], ids=["float", "int8"])
+def test_float16_scales(ops_library, shape, bits, axis, int8_activations):
+    """Scales stored as float16 (the fused form's default): read as float32 when the op prepares them, so the
+    result matches the reference on every path, with the weights constant or fed at run time."""
+    k, n, group = shape
+    rng = np.random.default_rng([k, n, group, bits, 16])
+    # magnitudes 0.5-2 (a group of one weight near 0 would have a scale below float16's normal range, and
+    # such a weight keeps float32 scales)
+    weight = (rng.uniform(0.5, 2.0, (k, n)) * rng.choice([-1.0, 1.0], (k, n))).astype(np.float32)
+    weights = make_weights(weight, bits, group, axis, bits == 8, k % 2 == 0, rng, scale_dtype="float16")
+    assert weights.scales.dtype == np.float16
+    weights.int8_activations = int8_activations
+    a = rng.standard_normal((17, k)).astype(np.float32)
+    for batch in (1, 3, 17):
+        assert_matches_reference(run_kernel(weights, a[:batch]), weights, a[:batch])
+    assert_matches_reference(run_kernel(weights, a[:5], constant_weights=False), weights, a[:5])
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "K{}xN{}g{}".format(*s))
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("axis", AXES)
@@ -166,3 +187,7 @@ def test_invalid_inputs_raise_clear_errors(ops_library):
     weights.scales = np.ones((3, 8), np.float32)
     with pytest.raises(Exception, match=r"scales must have shape \[2, 8\], got \[3, 8\]"):
         run_kernel(weights, one)
+    weights.scales = np.ones((2, 8), np.float64)
+    for constant in (True, False):
+        with pytest.raises(Exception, match="QuantMatMul: scales must be float32 or float16"):
+            run_kernel(weights, one, constant_weights=constant)

@@ -108,6 +108,20 @@ def test_weights_fed_at_run_time(ops_library, axis):
     assert_bitwise_equal(run_gather(weights, ids, constant_weights=False), oracle(weights, ids))
 
 
+@pytest.mark.parametrize("constant_weights", [True, False], ids=["constant", "fed"])
+@pytest.mark.parametrize("axis", AXES)
+def test_float16_scales(ops_library, axis, constant_weights):
+    """Scales stored as float16 (the fused form's default) gather the same rows as their float32 values."""
+    rng = np.random.default_rng(13)
+    weights = QuantMatMulWeights.from_quantized(quantized_weight(70, 90, 4, 16, axis, False, rng))
+    as_float32 = run_gather(weights, np.arange(-90, 90), constant_weights)
+    weights.scales = weights.scales.astype(np.float16)
+    ids = np.array([[89, -90], [3, 3]])
+    expected = oracle(weights, ids)
+    assert_bitwise_equal(run_gather(weights, ids, constant_weights), expected)
+    assert not np.array_equal(run_gather(weights, np.arange(-90, 90), constant_weights), as_float32)  # read as float16
+
+
 def test_tied_head_and_embedding_share_one_table(ops_library):
     """QuantMatMul(QuantGather(ids)) over the same three initializers: the table is stored once."""
     rng = np.random.default_rng(12)

@@ -411,7 +411,8 @@ def test_fusing_a_portable_folder_equals_quantizing_with_fused(tiny_genai, tiny_
 
     if not _lib.is_built():
         pytest.skip(f"lowbit op library not built; run `{_lib.BUILD_COMMAND}`")
-    recipe = {**HEAD_AND_TABLE, "include_embeddings": True}
+    # float16 scales (the fused form's default) in the portable folder too: the same weights in both
+    recipe = {**HEAD_AND_TABLE, "include_embeddings": True, "scale_dtype": "float16"}
     calibration = {"calibration_text": TEXT, "calibration_length": 32, "calibration_windows": 4}
     genai.optimize_folder(tiny_genai, tmp_path / "portable", lowbit.Recipe(**recipe), **calibration)
     genai.optimize_folder(tiny_genai, tmp_path / "fused", lowbit.Recipe(**recipe, fused=True), **calibration)

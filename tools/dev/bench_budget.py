@@ -9,8 +9,8 @@ each width's axis chosen by the selector, output error and stored bytes), then e
 (``allocate.allocate``; a uniform row takes one width everywhere) and writes the chosen reconstructions into
 the float model, whose quality is measured as ``bench_quality`` does. Quality equals that of the quantized
 file (its QDQ or fused graph computes the same weights); MB is the file's tensors: the chosen candidates'
-stored bytes (``--fused``: as lowbit::QuantMatMul packs them; else the portable form) plus every tensor left
-in float. ``--out`` gets ``rows.json`` (resumable), ``results.md`` and ``frontier.svg``.
+stored bytes (``--fused``: as lowbit::QuantMatMul packs them, float16 scales unless ``--scale-dtype float32``;
+else the portable form) plus every tensor left in float. ``--out`` gets ``rows.json`` (resumable), ``results.md`` and ``frontier.svg``.
 
 ``--sensitivity output kl``: each budget is allocated on each error table, the output error ``trace(dW^T H dW)``
 (rows ``3``) and the end-to-end error of ``passes/sensitivity.py`` (rows ``3 kl``: KL of the logits for SmolLM2,
@@ -33,9 +33,10 @@ import lowbit
 from lowbit.passes import axis_selectors
 from lowbit.passes.fold_weights import FoldWeightsPass
 from lowbit.passes.quant.allocate import allocate, parse_budget, total_cost
-from lowbit.passes.quant.scheme import SUPPORTED_BITS, QuantScheme
+from lowbit.passes.quant.scheme import SCALE_DTYPES, SUPPORTED_BITS, QuantScheme
 from lowbit.passes.quantize_candidates import CandidateQuantizer, choose
 from lowbit.passes.quantize_plan import SkipPolicy, WidthTable, measure_widths, other_tensor_bytes, plan_weights
+from lowbit.passes.recipe import Recipe
 from lowbit.passes.sensitivity import OutputSensitivity
 from lowbit.tools.dev.bench_quality import Bench, Setting
 
@@ -87,7 +88,10 @@ def measure(bench: Bench, args) -> Measured:
     model = FoldWeightsPass()(lowbit.load(bench.source)).model
     statistics = bench.statistics()
     plans = plan_weights(model.graph, SkipPolicy(), lambda uses: statistics.for_use(uses[0]).hessian).plans
-    scheme = QuantScheme(group_size=args.group_size, method=args.method, clip_search=args.clip_search)
+    scale_dtype = Recipe(fused=args.fused, scale_dtype=args.scale_dtype).stored_scale_dtype
+    scheme = QuantScheme(
+        group_size=args.group_size, method=args.method, clip_search=args.clip_search, scale_dtype=scale_dtype
+    )
     axes = ("oc", "ic") if args.axis == "adadim" else (args.axis,)
     selector = axis_selectors.make_selector(args.selector) if len(axes) > 1 else None
 
@@ -233,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--choice-method", choices=("rtn", "gptq"), help="AdaDim: choose axes by this method's error")
     parser.add_argument("--clip-search", action="store_true")
     parser.add_argument("--fused", action="store_true", help="count bytes as the fused op stores them")
+    parser.add_argument(
+        "--scale-dtype", choices=SCALE_DTYPES, help="the scales' values (default: float16 with --fused, as Recipe's)"
+    )
     parser.add_argument("--calibration-windows", type=int, default=128)
     parser.add_argument("--calibration-length", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=40)
