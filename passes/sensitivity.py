@@ -114,9 +114,10 @@ class OutputSensitivity:
     def _run(self, weights: dict[str, np.ndarray], sample: dict[str, np.ndarray]) -> np.ndarray:
         return np.asarray(self.session.run([self.output], {**sample, **weights})[0])
 
-    def error(self, position: int, weight: np.ndarray) -> float:
-        """The output's error with measured weight ``position``'s weight replaced by ``weight`` (``[K, N]``), the others float."""
-        feed = {self.names[position]: np.ascontiguousarray(weight, dtype=self.dtypes[position])}
+    def error(self, position: int, weight: np.ndarray, context: dict[str, np.ndarray] | None = None) -> float:
+        """The output's error with measured weight ``position``'s weight replaced by ``weight`` (``[K, N]``), the
+        others float, or as ``context`` (``contexts``: feeds by weight name) gives them."""
+        feed = {**(context or {}), self.names[position]: np.ascontiguousarray(weight, dtype=self.dtypes[position])}
         total = 0.0
         for index, sample in enumerate(self.samples):
             output = self._run(feed, sample)
@@ -131,16 +132,27 @@ class OutputSensitivity:
             total /= self._energy if self._energy > 0 else 1.0
         return max(total, 0.0)
 
-    def table(self, candidates: Sequence[Sequence[QuantizedWeight]]) -> list[list[float]]:
+    def table(
+        self, candidates: Sequence[Sequence[QuantizedWeight]], chosen: Sequence[int] | None = None
+    ) -> list[list[float]]:
         """``error`` of every measured weight (row, in ``measured`` order) at every candidate (column), with a
-        progress bar."""
+        progress bar. ``chosen`` (a column per row): measured in the context of that mix, every other weight at
+        its chosen candidate instead of float, so that what one weight costs is judged beside the others'
+        errors (they compound at low widths)."""
+        context = None if chosen is None else self.contexts(candidates, chosen)
         errors = []
-        with tqdm(
-            total=sum(len(row) for row in candidates), desc=f"budget sensitivity ({self.measure})", unit="run"
-        ) as bar:
+        desc = f"budget sensitivity ({self.measure}{', in context' if chosen is not None else ''})"
+        with tqdm(total=sum(len(row) for row in candidates), desc=desc, unit="run") as bar:
             for position, row in enumerate(candidates):
                 errors.append([])
                 for candidate in row:
-                    errors[-1].append(self.error(position, candidate.dequantize()))
+                    errors[-1].append(self.error(position, candidate.dequantize(), context))
                     bar.update()
         return errors
+
+    def contexts(self, candidates: Sequence[Sequence[QuantizedWeight]], chosen: Sequence[int]) -> dict[str, np.ndarray]:
+        """Feeds that set every measured weight to its ``chosen`` candidate."""
+        return {
+            name: np.ascontiguousarray(row[column].dequantize(), dtype=dtype)
+            for name, dtype, row, column in zip(self.names, self.dtypes, candidates, chosen, strict=True)
+        }

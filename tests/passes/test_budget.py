@@ -177,6 +177,29 @@ def test_end_to_end_sensitivity_is_zero_for_the_float_weight_and_grows_with_coar
         assert errors == sorted(errors)  # coarser codes, larger output error
 
 
+def test_sensitivity_in_context_judges_each_weight_beside_the_others_at_their_chosen_widths():
+    """``table(candidates, chosen)``: every other weight is fed at its chosen candidate. With the float weights
+    chosen it is the plain table; with a mix chosen, each weight's error at its own chosen candidate is the
+    mix's error (the same model), and a weight's float candidate leaves only the others' error."""
+    from lowbit.passes.quantize_plan import SkipPolicy, plan_weights
+    from lowbit.passes.sensitivity import OutputSensitivity
+
+    model = tiny_lm()
+    plans = plan_weights(model.graph, SkipPolicy(), lambda uses: None).plans
+    sensitivity = OutputSensitivity(model, plans, calibration(model, 2))
+    candidates = [[quantize_rtn(plan.weight, QuantScheme(bits, GROUP, "oc")) for bits in (2, 4, 8)] for plan in plans]
+    plain = sensitivity.table(candidates)
+    mix = [0, 1]  # w1 at 2 bits, w2 at 4
+    in_context = sensitivity.table(candidates, mix)
+    mix_error = in_context[0][mix[0]]
+    assert in_context[1][mix[1]] == pytest.approx(mix_error, rel=1e-12)
+    assert mix_error > max(plain[0][0], plain[1][1])  # the two errors compound
+    assert in_context != plain
+    context = sensitivity.contexts(candidates, mix)
+    alone = {**context, "w2": plans[1].weight}  # w2 float, w1 at its chosen 2 bits
+    assert sensitivity.error(0, candidates[0][0].dequantize(), alone) == pytest.approx(plain[0][0], rel=1e-12)
+
+
 @pytest.mark.parametrize(("make", "measure"), [(tiny_lm, "kl"), (mlp, "relative_mse")])
 @pytest.mark.parametrize("budget", ["2.6", "3", "3.5"])
 def test_kl_budget_stays_within_its_limit_and_records_the_measure(make, measure, budget):

@@ -48,19 +48,29 @@ class Measured:
     model: ir.Model
     plans: list[axis_selectors.WeightPlan]
     table: WidthTable
+    sensitivity: OutputSensitivity | None = None  # kept for ``in context`` rows
+    in_context: dict[str, list[list[float]]] = dataclasses.field(default_factory=dict)  # by budget row
 
     @property
     def weights(self) -> int:
         return sum(plan.weight.size for plan in self.plans)
 
     def picks(self, row: str) -> list[int]:
-        """``W3`` (uniform) or a budget (``3.5``, ``180MB``; ``3.5 kl``: on the end-to-end errors): one width
-        index per plan."""
+        """``W3`` (uniform) or a budget (``3.5``, ``180MB``; ``3.5 kl``: on the end-to-end errors; ``3.5 kl in
+        context``: the ``3.5 kl`` mix measured again with every other weight at its chosen width, then
+        allocated on those errors): one width index per plan."""
         if row.startswith("W"):
             return [self.table.widths.index(int(row[1:]))] * len(self.plans)
         budget, _, measure = row.partition(" ")
+        limit = parse_budget(budget).limit(self.weights, self.other_bytes)
+        if measure == "kl in context":
+            first = f"{budget} kl"
+            if first not in self.in_context:
+                candidates = [self.table.candidates(position) for position in range(len(self.plans))]
+                self.in_context[first] = self.sensitivity.table(candidates, self.picks(first))
+            return allocate(self.table.costs, self.in_context[first], limit)
         errors = self.table.sensitivities if measure == "kl" else self.table.errors
-        return allocate(self.table.costs, errors, parse_budget(budget).limit(self.weights, self.other_bytes))
+        return allocate(self.table.costs, errors, limit)
 
     @property
     def other_bytes(self) -> int:
@@ -114,7 +124,7 @@ def measure(bench: Bench, args) -> Measured:
             f"{[{k: v.shape for k, v in sample.items()} for sample in sensitivity.samples]}"
         )
         table.sensitivities = sensitivity.table([table.candidates(i) for i in range(len(plans))])
-        del sensitivity
+        return Measured(model, plans, table, sensitivity if args.in_context else None)
     return Measured(model, plans, table)
 
 
@@ -197,7 +207,7 @@ def frontier_svg(rows: dict[str, dict], metric: str) -> str:
         )
 
     def series_of(key: str) -> str:
-        return "uniform" if key.startswith("W") else "budget kl" if key.endswith(" kl") else "budget"
+        return "uniform" if key.startswith("W") else "budget kl" if " kl" in key else "budget"
 
     for series, colour in (("uniform", "#567"), ("budget", "#1559b0"), ("budget kl", "#b05915")):
         keys = sorted((k for k in points if series_of(k) == series), key=lambda k: points[k][0])
@@ -254,6 +264,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sensitivity-samples", type=int, default=2, help="calibration samples for kl")
     parser.add_argument("--sensitivity-length", type=int, default=256, help="tokens of each kl sample")
     parser.add_argument("--statistics", type=pathlib.Path, help="calibration statistics cache (pickle)")
+    parser.add_argument(
+        "--in-context",
+        action="store_true",
+        help="with kl: also rows '3 kl in context', the kl mix measured again around itself and allocated anew",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-budget"))
     args = parser.parse_args(argv)
     setting = Setting.from_args(args, args.uniform)
@@ -263,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     measured = measure(bench, args)
     uniform = [f"W{bits}" for bits in args.uniform]
     budgets = [f"{budget} kl" if measure == "kl" else budget for budget in args.budgets for measure in args.sensitivity]
+    if args.in_context:
+        budgets += [f"{budget} kl in context" for budget in args.budgets]
     order = [key for pair in itertools.zip_longest(budgets, uniform) for key in pair if key is not None]
     for key in order:  # budgets and uniform widths in turn, so that an interrupted run has both
         picks = measured.picks(key)
@@ -280,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
                 if measured.table.sensitivities is None
                 else sum(row[pick] for row, pick in zip(measured.table.sensitivities, picks)),
                 "budget": None if key.startswith("W") else str(parse_budget(key.partition(" ")[0])),
-                "sensitivity": None if key.startswith("W") else ("kl" if key.endswith(" kl") else "output"),
+                "sensitivity": None if key.startswith("W") else key.partition(" ")[2] or "output",
             }
 
         bench.run(key, build)
