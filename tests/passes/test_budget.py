@@ -178,9 +178,9 @@ def test_end_to_end_sensitivity_is_zero_for_the_float_weight_and_grows_with_coar
 
 
 def test_sensitivity_in_context_judges_each_weight_beside_the_others_at_their_chosen_widths():
-    """``table(candidates, chosen)``: every other weight is fed at its chosen candidate. With the float weights
-    chosen it is the plain table; with a mix chosen, each weight's error at its own chosen candidate is the
-    mix's error (the same model), and a weight's float candidate leaves only the others' error."""
+    """``table(candidates, chosen)``: every other weight is fed at its chosen candidate. Each weight's error at
+    its own chosen candidate is the mix's error (the same model), larger than either weight's error alone (they
+    compound); with the other weight fed as float again, a weight's error is its plain one."""
     from lowbit.passes.quantize_plan import SkipPolicy, plan_weights
     from lowbit.passes.sensitivity import OutputSensitivity
 
