@@ -124,7 +124,7 @@ def measure(bench: Bench, args) -> Measured:
             f"{[{k: v.shape for k, v in sample.items()} for sample in sensitivity.samples]}"
         )
         table.sensitivities = sensitivity.table([table.candidates(i) for i in range(len(plans))])
-        return Measured(model, plans, table, sensitivity if args.in_context else None)
+        return Measured(model, plans, table, sensitivity if args.in_context else None)  # kept for those rows
     return Measured(model, plans, table)
 
 
@@ -266,8 +266,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--statistics", type=pathlib.Path, help="calibration statistics cache (pickle)")
     parser.add_argument(
         "--in-context",
-        action="store_true",
-        help="with kl: also rows '3 kl in context', the kl mix measured again around itself and allocated anew",
+        nargs="+",
+        default=[],
+        metavar="BUDGET",
+        help="with kl: also rows '3 kl in context' for these budgets: the kl mix measured again around itself "
+        "(one more run per weight, width and sample) and allocated anew",
     )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-budget"))
     args = parser.parse_args(argv)
@@ -278,8 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     measured = measure(bench, args)
     uniform = [f"W{bits}" for bits in args.uniform]
     budgets = [f"{budget} kl" if measure == "kl" else budget for budget in args.budgets for measure in args.sensitivity]
-    if args.in_context:
-        budgets += [f"{budget} kl in context" for budget in args.budgets]
+    budgets += [f"{budget} kl in context" for budget in args.in_context]
     order = [key for pair in itertools.zip_longest(budgets, uniform) for key in pair if key is not None]
     for key in order:  # budgets and uniform widths in turn, so that an interrupted run has both
         picks = measured.picks(key)
