@@ -32,7 +32,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
-from lowbit.passes.quant.adadim import lowest, output_error, relative
+from lowbit.passes.quant.adadim import lowest, output_error, relative, relative_output_error
 from lowbit.passes.quant.rtn import QuantizedWeight
 from lowbit.passes.quant.scheme import SELECTORS
 from lowbit.runtime.calibration import keep_nodes_needed_for
@@ -98,6 +98,20 @@ class WeightPlan:
     def output_energy(self) -> float:
         """``trace(W^T H W)``, measured once."""
         return self._measure(None, None)
+
+    @property
+    def tied_head_hessian(self) -> np.ndarray | None:
+        """H of the input of an LM head that reads this weight transposed (a tied embedding table), or None."""
+        return None
+
+    def written_output_error(self, reconstructed: np.ndarray) -> float | None:
+        """The relative output error of ``reconstructed`` (the weight as written): on this weight's H, else on a
+        tied head's H; None without calibration."""
+        if self.hessian is not None:
+            return relative(output_error(self.weight, reconstructed, self.hessian), self.output_energy())
+        if self.tied_head_hessian is not None:
+            return relative_output_error(self.weight.T, reconstructed.T, self.tied_head_hessian)
+        return None
 
     def _measure(self, key: str | None, candidate: QuantizedWeight | None) -> float:
         cached = self._measured.get(key)

@@ -19,7 +19,6 @@ from lowbit.passes.quant.gptq import HessianFactor, HessianNotPositiveDefinite, 
 from lowbit.passes.quant.rtn import QuantizedWeight, quantize_rtn
 from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.tied import tied_hessian
-from lowbit.passes.quantize_plan import TiedTablePlan
 from lowbit.runtime.threads import one_blas_thread
 
 #: The weight kinds that ``CandidateQuantizer.head_bits`` applies to.
@@ -55,9 +54,9 @@ class CandidateQuantizer:
         ``W = table^T`` per-OC, transposed back)."""
         bits = self.head_bits if self.head_bits is not None and plan.first.kind in HEAD_KINDS else self.scheme.bits
         if plan.first.kind == "embedding":
-            if method == "gptq" and _calibrated_tied_table(plan):
+            if method == "gptq" and plan.tied_head_hessian is not None:
                 weight = plan.weight.T
-                factor = self.factor(tied_hessian(plan.head_hessian, weight))
+                factor = self.factor(tied_hessian(plan.tied_head_hessian, weight))
                 scheme = dataclasses.replace(self.scheme, bits=bits, group_axis="oc", method="gptq")
                 return transposed(quantize_factored(weight, factor, scheme))
             return quantize_rtn(plan.weight, dataclasses.replace(self.scheme, bits=bits, group_axis="ic", method="rtn"))
@@ -142,11 +141,7 @@ def choose(
 
 def _method_matters(plan: axis_selectors.WeightPlan) -> bool:
     """Whether the method changes how ``plan`` is quantized (a plain embedding table is always RTN)."""
-    return plan.first.kind != "embedding" or _calibrated_tied_table(plan)
-
-
-def _calibrated_tied_table(plan: axis_selectors.WeightPlan) -> bool:
-    return isinstance(plan, TiedTablePlan) and plan.head_hessian is not None
+    return plan.first.kind != "embedding" or plan.tied_head_hessian is not None
 
 
 def transposed(quantized: QuantizedWeight) -> QuantizedWeight:

@@ -76,6 +76,10 @@ class TiedTablePlan(WeightPlan):
 
     head_hessian: np.ndarray | None = None
 
+    @property
+    def tied_head_hessian(self) -> np.ndarray | None:
+        return self.head_hessian
+
 
 @dataclasses.dataclass
 class Planning:

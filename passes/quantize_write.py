@@ -10,7 +10,6 @@ import onnx_ir as ir
 from lowbit.ir import analysis, builders
 from lowbit.passes import axis_selectors
 from lowbit.passes.gemm_to_matmul import replace_gemm
-from lowbit.passes.quant import adadim
 from lowbit.passes.quant.rtn import fit_to_type, relative_error
 from lowbit.passes.report import WeightRecord
 
@@ -21,10 +20,7 @@ def write_weight(
     """Replace the weight of ``plan`` by its ``axis`` candidate's QDQ form; the record says what was written
     (``method``: the recipe's; embeddings are RTN unless tied to a calibrated LM head, whose relative output
     error is then the record's)."""
-    from lowbit.passes.quantize_plan import TiedTablePlan  # it imports this module
-
     first = plan.first
-    tied_head = plan.head_hessian if isinstance(plan, TiedTablePlan) else None
     float_dtype = weight_type(first)
     try:
         quantized = fit_to_type(plan.candidates[axis], builders.dequantized_type(float_dtype).numpy())
@@ -48,14 +44,8 @@ def write_weight(
         axis_errors = axis_selectors.matrix_errors(plan) if len(plan.candidates) > 1 and plan.calibrated else {}
     if plan.choice_errors is None and axis in axis_errors:  # AdaDim already measured the written candidate
         output_error = axis_errors[axis]
-    elif plan.hessian is not None:
-        output_error = adadim.relative(
-            adadim.output_error(plan.weight, reconstructed, plan.hessian), plan.output_energy()
-        )
-    elif tied_head is not None:
-        output_error = adadim.relative_output_error(plan.weight.T, reconstructed.T, tied_head)
     else:
-        output_error = None
+        output_error = plan.written_output_error(reconstructed)
     return WeightRecord(
         name=first.weight.name or "",
         layer=first.layer,
@@ -65,7 +55,7 @@ def write_weight(
         axis=axis,
         group_size=quantized.block_size,
         symmetric=quantized.symmetric,
-        method="rtn" if first.kind == "embedding" and tied_head is None else method,
+        method="rtn" if first.kind == "embedding" and plan.tied_head_hessian is None else method,
         bytes_before=int(plan.weight.size * float_dtype.itemsize),
         bytes_after=qdq.nbytes,
         relative_error=relative_error(plan.weight, reconstructed),
