@@ -13,8 +13,8 @@ struct CudaProblem {
   int64_t group_size, groups;
   const uint8_t* packed;  // [tiles][quads][block_bytes]
   int64_t quads, block_bytes;
-  const float* scales;          // float32 scales, or null and
-  const uint16_t* scales_f16;   // float16 scales (their bits)
+  const float* scales;         // float32 scales, or null when
+  const uint16_t* scales_f16;  // the scales are float16 (their bits), else null
   const uint8_t* zero_points;  // or null: mid-point
   const int64_t* perm;         // or null
   const float* bias;           // or null
