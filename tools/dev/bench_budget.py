@@ -9,13 +9,16 @@ each width's axis chosen by the selector, output error and stored bytes), then e
 (``allocate.allocate``; a uniform row takes one width everywhere) and writes the chosen reconstructions into
 the float model, whose quality is measured as ``bench_quality`` does. Quality equals that of the quantized
 file (its QDQ or fused graph computes the same weights); MB is the file's tensors: the chosen candidates'
-stored bytes (``--fused``: as lowbit::QuantMatMul packs them, float16 scales unless ``--scale-dtype float32``;
-else the portable form) plus every tensor left in float. ``--out`` gets ``rows.json`` (resumable), ``results.md`` and ``frontier.svg``.
+stored bytes (``--fused``: as lowbit::QuantMatMul packs them, float16 scales unless ``--scale-dtype
+float32``; else the portable form) plus every tensor left in float. ``--out`` gets ``rows.json``
+(resumable), ``results.md`` and ``frontier.svg``.
 
 ``--sensitivity output kl``: each budget is allocated on each error table, the output error ``trace(dW^T H dW)``
 (rows ``3``) and the end-to-end error of ``passes/sensitivity.py`` (rows ``3 kl``: KL of the logits for SmolLM2,
 relative squared error of the embeddings for MiniLM), measured on the first ``--sensitivity-samples``
 calibration samples, each cut to ``--sensitivity-length`` tokens. Every row lists both summed errors.
+``--in-context 3``: also the row ``3 kl in context``, the ``3 kl`` mix measured again with every other weight
+at its chosen width (``OutputSensitivity.table(..., chosen)``) and allocated on those errors.
 """
 
 from __future__ import annotations
