@@ -113,7 +113,7 @@ QuantMatMulInputs::QuantMatMulInputs(const Ort::KernelContext& ctx, const QuantM
     Fail("A must have shape [..., " + std::to_string(at.K) + "], got " + ShapeString(y_shape));
   CheckShape("packed", packed, {at.tiles, at.quads, at.block_bytes});
   CheckShape("scales", scales, at.ParamsShape());
-  ScalesOf(kOp, scales);  // float32 or float16
+  scale_values = ScalesOf(kOp, scales);
   if (Present(zero_points)) CheckShape("zero_points", zero_points, at.ParamsShape());
   if (Present(perm)) CheckShape("perm", perm, {at.K});
   if (Present(bias)) CheckShape("bias", bias, {at.N});

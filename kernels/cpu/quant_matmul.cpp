@@ -277,7 +277,7 @@ Ort::Status QuantMatMulKernel::Compute(OrtKernelContext* context) try {
   std::unique_ptr<PreparedParams> call_params;
   if (!constant_params_)
     call_params = std::make_unique<PreparedParams>(
-        at, ScalesOf("QuantMatMul", in.scales),
+        at, in.scale_values,
         in.Present(in.zero_points) ? in.zero_points.GetTensorData<uint8_t>() : nullptr);
   const PreparedParams& params = constant_params_ ? *constant_params_ : *call_params;
 

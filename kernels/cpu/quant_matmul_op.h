@@ -41,6 +41,7 @@ struct QuantMatMulAttributes : PackedWeightAttributes {
 struct QuantMatMulInputs {
   Ort::ConstValue a{nullptr}, packed{nullptr}, scales{nullptr}, zero_points{nullptr}, perm{nullptr}, bias{nullptr};
   Ort::ConstValue outlier_pointers{nullptr}, outlier_rows{nullptr}, outlier_values{nullptr};
+  ScaleView scale_values;    // the scales as float32 or float16, type checked
   int64_t M = 0;             // rows of A
   int64_t outlier_count = 0;  // nnz of the sparse outliers (0 when absent)
   std::vector<int64_t> y_shape;

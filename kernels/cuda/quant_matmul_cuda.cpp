@@ -20,7 +20,6 @@ Ort::Status QuantMatMulCudaKernel::Compute(OrtKernelContext* context) try {
   float* y = ctx.GetOutput(0, in.y_shape).GetTensorMutableData<float>();
   if (in.M == 0) return Ort::Status{nullptr};
   auto data = [&](const Ort::ConstValue& value) { return in.Present(value) ? value.GetTensorRawData() : nullptr; };
-  const ScaleView scales = ScalesOf("QuantMatMul (CUDA)", in.scales);  // device pointers, either type
   const CudaProblem problem{in.M,
                             at.K,
                             at.N,
@@ -31,8 +30,8 @@ Ort::Status QuantMatMulCudaKernel::Compute(OrtKernelContext* context) try {
                             static_cast<const uint8_t*>(data(in.packed)),
                             at.quads,
                             at.block_bytes,
-                            scales.f32,
-                            scales.f16,
+                            in.scale_values.f32,  // device pointers, one of them null
+                            in.scale_values.f16,
                             static_cast<const uint8_t*>(data(in.zero_points)),
                             static_cast<const int64_t*>(data(in.perm)),
                             static_cast<const float*>(data(in.bias)),

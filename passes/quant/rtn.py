@@ -24,7 +24,7 @@ import typing
 
 import numpy as np
 
-from lowbit.passes.quant.scheme import QuantScheme
+from lowbit.passes.quant.scheme import SCALE_DTYPES, QuantScheme
 
 
 @dataclasses.dataclass
@@ -106,8 +106,8 @@ def round_scales(scales: np.ndarray, scale_dtype: str) -> np.ndarray:
     it is, so its weight is written with float32 scales (``kernels.model.storage_scales``)."""
     if scale_dtype == "float32":
         return scales
-    if scale_dtype != "float16":
-        raise ValueError(f"scale_dtype must be float32 or float16, got {scale_dtype!r}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
     low, high = _FLOAT16_NORMAL
     in_range = (scales >= low) & (scales <= high)
     with np.errstate(over="ignore"):

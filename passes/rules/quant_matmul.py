@@ -8,9 +8,9 @@ left without readers is removed afterwards as dead code.
 
 Codes are repacked at the narrowest width that holds them exactly (3-bit codes that the portable form
 stores in UINT4 pack as 3 bits) and scales that are all float16 values are stored as float16, so fusion
-is lossless: the op dequantizes the same integers with the same scales. ``MatMulNBits`` takes per-OC (``axis=0``) weights whose codes fit 4 bits and whose block is a
-power of two >= 16, when the fuse pass asks for it; everything else that is fp32 goes to
-``lowbit::QuantMatMul``.
+is lossless: the op dequantizes the same integers with the same scales. ``MatMulNBits`` takes per-OC
+(``axis=0``) weights whose codes fit 4 bits and whose block is a power of two >= 16, when the fuse pass asks
+for it; everything else that is fp32 goes to ``lowbit::QuantMatMul``.
 
 The exact float32 outliers that ``SplitOutliersPass`` keeps beside a weight (a side branch of standard
 ONNX added to the MatMul's output) become the fused op's ``outlier_*`` inputs: the rules with outliers match
