@@ -14,6 +14,12 @@ from collections.abc import Iterable, Iterator
 import onnx_ir as ir
 
 SOURCE_KEY = "lowbit.source_files"
+#: ``lowbit.save`` writes the tensors into ``<name>.data`` beside the model past this many bytes of them.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: ``ir.save`` keeps tensors below this many bytes inline even when it writes an external data file.
+INLINE_TENSOR_BYTES = 256
+#: The longest file name (bytes) a file system takes, so the longest external data location ``save`` writes.
+LONGEST_FILE_NAME = 255
 
 
 def tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol | None]]:
@@ -31,6 +37,55 @@ def tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol | None]]:
                 elif attribute.type == ir.AttributeType.TENSORS:
                     for index, tensor in enumerate(attribute.value or ()):
                         yield f"{node.name}.{attribute.name}[{index}]", tensor
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes of every tensor's data (initializers and tensor attributes, subgraphs included)."""
+    return sum(tensor.nbytes for _, tensor in tensors(model) if tensor is not None)
+
+
+def file_bytes(model: ir.Model, external_data: str | None = None) -> int:
+    """Bytes that ``ir.save(model, path, external_data=external_data)`` writes: the model file (the graph's
+    nodes, names, shapes and metadata, and the inline tensors) plus the data file, found without copying a
+    tensor: the initializers are serialized as data-less headers and their data's bytes added. Exact for
+    an inline file; with ``external_data`` an upper bound (every offset counted with the most digits)."""
+    initializers = [value for value in model.graph.initializers.values() if value.const_value is not None]
+    originals = [value.const_value for value in initializers]
+    for value, tensor in zip(initializers, originals):
+        value.const_value = ir.ExternalTensor(
+            "",
+            None,
+            None,
+            tensor.dtype,
+            shape=tensor.shape,
+            name=value.name,
+            doc_string=tensor.doc_string,
+            metadata_props=dict(tensor.metadata_props),
+        )
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in zip(initializers, originals):
+            value.const_value = tensor
+    # a header holds one external_data entry {"location": ""} and data_location = EXTERNAL (2 bytes)
+    placeholder = _field_bytes(_field_bytes(len("location")) + _field_bytes(0)) + 2
+    largest_offset = str(tensor_bytes(model))
+    graph, data_file = proto.graph.ByteSize(), 0
+    for header, tensor in zip(proto.graph.initializer, originals):
+        size = header.ByteSize() - placeholder
+        if external_data is not None and tensor.nbytes >= INLINE_TENSOR_BYTES:
+            entries = (("location", external_data), ("offset", largest_offset), ("length", str(tensor.nbytes)))
+            size += 2 + sum(_field_bytes(_field_bytes(len(k)) + _field_bytes(len(v.encode()))) for k, v in entries)
+            data_file += tensor.nbytes
+        else:
+            size += _field_bytes(tensor.nbytes)  # raw_data
+        graph += _field_bytes(size) - _field_bytes(header.ByteSize())
+    return proto.ByteSize() - _field_bytes(proto.graph.ByteSize()) + _field_bytes(graph) + data_file
+
+
+def _field_bytes(size: int) -> int:
+    """Bytes of a length-delimited protobuf field (field number below 16) whose content is ``size`` bytes."""
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
 
 
 def files_read(model: ir.Model) -> set[str]:

@@ -29,6 +29,10 @@ GATHER_OP_TYPE = "QuantGather"
 GATHER_INPUT_NAMES = ("packed", "ids", "scales", "zero_points")
 
 
+#: The types of lowbit::QuantMatMul's outlier inputs (CSC: column pointers [N + 1], rows and values [nnz]).
+OUTLIER_TYPES = {"pointers": np.uint32, "rows": np.uint16, "values": np.float32}
+
+
 def storage_scales(scales: np.ndarray) -> np.ndarray:
     """Group scales in the type the ops store them: float16 where every scale is exactly a float16 value
     (``rtn.round_scales`` makes them so), float32 otherwise. Lossless either way: the kernels compute in

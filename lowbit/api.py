@@ -26,7 +26,6 @@ from lowbit.runtime.calibration import CalibrationStats
 from lowbit.runtime.memory import release_free_memory
 
 #: Above this many bytes of tensors, ``save`` writes them to an external data file (protobuf's 2 GB cap).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 @dataclasses.dataclass
@@ -336,7 +335,7 @@ def save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> pathlib.
             f"save() takes an onnx_ir.Model (from lowbit.load / optimize) or an onnx.ModelProto, got {type(model).__name__}"
         )
     path = model_files.check_writable_file(path, "output", suffix=".onnx")
-    external = f"{path.name}.data" if _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD else None
+    external = f"{path.name}.data" if model_files.tensor_bytes(model) > model_files.EXTERNAL_DATA_THRESHOLD else None
     targets = [path] + ([path.parent / external] if external else [])
     model_files.refuse_input_files(targets, model_files.files_read(model), "model")
     undo = _detach_external_data(model)
@@ -373,8 +372,3 @@ def _cleanup_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _tensor_bytes(model: ir.Model) -> int:
-    """Bytes of every tensor ``save`` writes (initializers and tensor attributes, subgraphs included)."""
-    return sum(tensor.nbytes for _, tensor in model_files.tensors(model) if tensor is not None)

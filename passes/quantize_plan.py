@@ -32,6 +32,7 @@ from lowbit.passes.quant.scheme import SUPPORTED_BITS
 from lowbit.passes.quantize_write import weight_type
 from lowbit.passes.report import SkippedWeight, WeightRecord
 from lowbit.passes.sensitivity import MEASURES, OutputSensitivity
+from lowbit.passes.split_outliers import fused_outlier_bytes
 
 #: Uses grouped by (weight value id, is an embedding read): one plan (or one skip) per group.
 UseGroups = dict[tuple[int, bool], list[analysis.WeightUse]]
@@ -195,10 +196,29 @@ def stored_bytes(quantized: QuantizedWeight, float_dtype: ir.DataType, fused: bo
     return tiles * quads * block + storage_scales(quantized.scales).nbytes + zero_points
 
 
-def other_tensor_bytes(model: ir.Model, plans: list[WeightPlan]) -> int:
-    """Bytes of every tensor of ``model`` that is not a planned weight (what a megabyte budget leaves for them)."""
-    planned = {plan.first.weight.name for plan in plans}
-    return sum(tensor.nbytes for name, tensor in files.tensors(model) if tensor is not None and name not in planned)
+def other_file_bytes(model: ir.Model, plans: list[WeightPlan], fused: bool, may_be_external: bool) -> int:
+    """What a megabyte budget leaves for everything but the planned weights' stored arrays: an upper bound
+    on what the written file holds besides them. The model's file bytes now (``files.file_bytes``: tensors,
+    nodes, names and metadata; with the longest data-file headers where ``may_be_external``) less the
+    planned weights' data, with the sparse outliers at the fused op's types where ``fused``, plus the graph
+    bytes each weight's quantized form adds (``written_structure_bytes``)."""
+    location = "x" * files.LONGEST_FILE_NAME if may_be_external else None
+    planned = {plan.first.weight.name: plan for plan in plans}
+    total = files.file_bytes(model, location)
+    for value in model.graph.initializers.values():
+        if value.name in planned and value.const_value is not None:
+            total += written_structure_bytes(planned[value.name]) - value.const_value.nbytes
+        elif fused and (outlier_bytes := fused_outlier_bytes(value)) is not None:
+            total += max(0, outlier_bytes - value.const_value.nbytes)
+    return total
+
+
+def written_structure_bytes(plan: WeightPlan) -> int:
+    """An upper bound on the graph bytes (beyond its arrays' data) that a weight's quantized form adds, in
+    either form: its arrays, nodes and their outputs are named after its layer or itself (at most 16 names,
+    each under 16 characters longer) with under 256 bytes of types, shapes and attributes besides."""
+    name = max(len((plan.first.layer or "").encode()), len((plan.first.weight.name or "").encode()))
+    return 16 * (name + 16) + 256
 
 
 #: ``choose_width(bits, plans)``: quantize ``plans`` at ``bits`` along their candidate axes, return one axis each.
@@ -312,7 +332,11 @@ def choose_within_budget(
         stored_bytes(plans[i].candidates[axes[i]], weight_type(plans[i].first), budget.fused) for i in fixed
     )
     weights = sum(plan.weight.size for plan in plans)
-    limit = budget.budget.limit(weights, other_tensor_bytes(model, plans)) - fixed_bytes
+    megabytes = budget.budget.megabytes
+    other = 0
+    if megabytes is not None:
+        other = other_file_bytes(model, plans, budget.fused, megabytes * 1e6 > files.EXTERNAL_DATA_THRESHOLD)
+    limit = budget.budget.limit(weights, other) - fixed_bytes
     table = measure_widths([plans[i] for i in measured], budget.widths, budget.fused, choose_width)
     if sensitivity is not None:
         table.sensitivities = sensitivity.table([table.candidates(position) for position in range(len(measured))])

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
 from lowbit.ir.builders import NameAllocator, fresh_name
+from lowbit.kernels.model import OUTLIER_TYPES
 from lowbit.passes.base import LowbitPass
 from lowbit.passes.quant import outliers
 from lowbit.passes.quant.scheme import QuantScheme
@@ -60,6 +61,8 @@ MIN_OPSET = 11
 #: The node metadata copied to new nodes: the module path (``analysis.module_path``); the rest (stack
 #: traces, class names) takes about 1 kB a node.
 _SCOPE_KEYS = ("pkg.torch.onnx.name_scopes",)
+#: ``Value.meta`` key naming which CSC array of a sparse branch an initializer holds (not saved in the file).
+OUTLIER_ARRAY_KEY = "lowbit.outlier_array"
 
 
 class SplitOutliersPass(LowbitPass):
@@ -306,6 +309,8 @@ class _BranchWriter:
         values = self.constant(f"{name}.outlier_values", np.append(sparse.values, np.float32(0))[:, None])
         pointer_array = sparse.column_pointers().astype(_index_type(sparse.nnz + 1))
         pointers = self.constant(f"{name}.outlier_pointers", pointer_array)
+        for array, value in (("rows", rows), ("values", values), ("pointers", pointers)):
+            value.meta[OUTLIER_ARRAY_KEY] = array
         like = nodes[0]
         rows_cast = self.node("Cast", [rows], like, "outliers.rows", to=ir.DataType.INT64)
         pointers_cast = self.node("Cast", [pointers], like, "outliers.pointers", to=ir.DataType.INT64)
@@ -357,6 +362,16 @@ class _BranchWriter:
                 self.graph.insert_before(next(iter(self.graph)), [flat, transposed])
             self.transposed[id(activation)] = transposed.outputs[0]
         return self.transposed[id(activation)]
+
+
+def fused_outlier_bytes(value: ir.Value) -> int | None:
+    """Bytes that lowbit::QuantMatMul stores for a sparse branch's initializer ``value`` (its CSC arrays at the
+    op's types, ``OUTLIER_TYPES``, without the branch's trailing zero entry), None for any other value."""
+    array = value.meta.get(OUTLIER_ARRAY_KEY)
+    if array is None or value.const_value is None:
+        return None
+    entries = value.const_value.size - (array != "pointers")
+    return entries * np.dtype(OUTLIER_TYPES[array]).itemsize
 
 
 def _index_type(length: int) -> type:

@@ -95,6 +95,16 @@ def shared_weight(seed: int = 0, k: int = 16) -> ir.Model:
     return model([x], [second.outputs[0]], [first, second], [w])
 
 
+def with_export_metadata(model, name_length: int = 40):
+    """``model`` with long node names and per-node metadata, as torch.onnx writes them (graph bytes that a
+    megabyte budget must count)."""
+    for node in model.graph:
+        node.name = f"{node.name}.{'m' * name_length}"
+        node.metadata_props["pkg.torch.onnx.stack_trace"] = "File model.py, line 1, in forward\n" * 8
+        node.metadata_props["pkg.torch.onnx.name_scopes"] = str(["", "model", node.name])
+    return model
+
+
 def feeds_for(m: ir.Model, seed: int = 1) -> dict[str, np.ndarray]:
     """Random inputs for every graph input (token ids below 50 for int64 inputs)."""
     rng = np.random.default_rng(seed)

@@ -410,7 +410,12 @@ def read_outlier_branch(
         return "the branch's arrays do not form a CSC matrix of the weight's shape"
     if k > 1 << 16 or nnz >= 1 << 32:
         return f"K = {k} or {nnz} outliers exceed the op's uint16 rows / uint32 pointers"
-    return pointers.astype(np.uint32), row_array[:nnz].astype(np.uint16), value_array.reshape(-1)[:nnz].copy()
+    types = quant_matmul_op.OUTLIER_TYPES
+    return (
+        pointers.astype(types["pointers"]),
+        row_array[:nnz].astype(types["rows"]),
+        value_array.reshape(-1)[:nnz].astype(types["values"]),
+    )
 
 
 class FusionState:

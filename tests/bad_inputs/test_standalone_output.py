@@ -14,6 +14,7 @@ import onnx_ir as ir
 import pytest
 
 import lowbit
+from lowbit.ir import files
 from lowbit.kernels import _lib
 from lowbit.runtime.session import session
 from tests import factories
@@ -100,7 +101,7 @@ def test_output_beside_the_input_does_not_read_its_data_file(recipe, tmp_path):
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_past_the_threshold_every_tensor_goes_to_the_outputs_own_data_file(recipe, tmp_path, monkeypatch):
-    monkeypatch.setattr(lowbit.api, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(files, "EXTERNAL_DATA_THRESHOLD", 0)
     source = _write_external(factories.tied_lm(), tmp_path / "A", 1024)
     before = _digests(source.parent)
     result = _optimize(source, recipe)
@@ -125,7 +126,7 @@ def test_save_leaves_the_model_reading_its_input_and_the_input_data_file_alone(t
     lowbit.save(model, tmp_path / "A" / "copy.onnx")
     assert isinstance(table.const_value, ir.ExternalTensor)
     before = _digests(source.parent)
-    monkeypatch.setattr(lowbit.api, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(files, "EXTERNAL_DATA_THRESHOLD", 0)
     with pytest.raises(ValueError, match="refusing to overwrite"):
         lowbit.save(model, tmp_path / "A" / "out.onnx")
     assert _digests(source.parent) == before

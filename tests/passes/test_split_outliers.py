@@ -12,11 +12,12 @@ from lowbit.cli import main
 from lowbit.ir import analysis
 from lowbit.passes import pipelines
 from lowbit.passes.capture_calibration import CaptureCalibrationPass
+from lowbit.passes.fuse_qdq import FuseQDQPass
 from lowbit.passes.quant import outliers
 from lowbit.passes.quant.rtn import quantize_rtn
 from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
-from lowbit.passes.split_outliers import SplitOutliersPass
+from lowbit.passes.split_outliers import SplitOutliersPass, fused_outlier_bytes
 from lowbit.runtime.calibration import calibration_of
 from tests import factories
 from tests.parity import assert_parity, check_valid, run, serialized
@@ -319,3 +320,20 @@ def test_running_twice_keeps_node_names_unique():
     assert len(names) == len(set(names))
     check_valid(model)
     assert_parity(reference, model, factories.feeds_for(model), **PARITY)
+
+
+@pytest.mark.parametrize("k", [40, 300])  # rows stored in uint8 / uint16 by the branch, uint16 by the fused op
+def test_fused_outlier_bytes_are_what_the_fused_op_stores(k):
+    """``fused_outlier_bytes`` of the branch's arrays (which a fused megabyte budget counts) equals the bytes
+    of lowbit::QuantMatMul's outlier inputs after fusion."""
+    model = factories.mlp(k=k, hidden=64, n=24)
+    SplitOutliersPass(outlier_fraction=0.05)(model)
+    counted = sum(fused_outlier_bytes(value) or 0 for value in model.graph.initializers.values())
+    assert counted > 0
+    QuantizeWeightsPass(SCHEME)(model)
+    FuseQDQPass()(model)
+    fused = [node for node in model.graph if node.op_type == "QuantMatMul"]
+    assert len(fused) == 2
+    stored = sum(value.const_value.nbytes for node in fused for value in node.inputs[-3:])
+    assert [value.name.rsplit(".", 1)[-1] for value in fused[0].inputs[-3:]] == ["pointers", "rows", "values"]
+    assert counted == stored

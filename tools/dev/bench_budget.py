@@ -8,9 +8,10 @@ Every weight is measured once at every width (``quantize_plan.measure_widths``: 
 each width's axis chosen by the selector, output error and stored bytes), then each row allocates widths
 (``allocate.allocate``; a uniform row takes one width everywhere) and writes the chosen reconstructions into
 the float model, whose quality is measured as ``bench_quality`` does. Quality equals that of the quantized
-file (its QDQ or fused graph computes the same weights); MB is the file's tensors: the chosen candidates'
-stored bytes (``--fused``: as lowbit::QuantMatMul packs them, float16 scales unless ``--scale-dtype
-float32``; else the portable form) plus every tensor left in float. ``--out`` gets ``rows.json``
+file (its QDQ or fused graph computes the same weights); MB is the file as a megabyte budget counts it: the
+chosen candidates' stored bytes (``--fused``: as lowbit::QuantMatMul packs them, float16 scales unless
+``--scale-dtype float32``; else the portable form) plus every tensor left in float and the graph's own bytes
+(names, metadata; ``quantize_plan.other_file_bytes``, an upper bound on the written file). ``--out`` gets ``rows.json``
 (resumable), ``results.md`` and ``frontier.svg``.
 
 ``--sensitivity output kl``: each budget is allocated on each error table, the output error ``trace(dW^T H dW)``
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import pathlib
 import pickle
@@ -33,12 +35,13 @@ import numpy as np
 import onnx_ir as ir
 
 import lowbit
+from lowbit.ir import files
 from lowbit.passes import axis_selectors
 from lowbit.passes.fold_weights import FoldWeightsPass
 from lowbit.passes.quant.allocate import allocate, parse_budget, total_cost
 from lowbit.passes.quant.scheme import SCALE_DTYPES, SUPPORTED_BITS, QuantScheme
 from lowbit.passes.quantize_candidates import CandidateQuantizer, choose
-from lowbit.passes.quantize_plan import SkipPolicy, WidthTable, measure_widths, other_tensor_bytes, plan_weights
+from lowbit.passes.quantize_plan import SkipPolicy, WidthTable, measure_widths, other_file_bytes, plan_weights
 from lowbit.passes.recipe import Recipe
 from lowbit.passes.sensitivity import OutputSensitivity
 from lowbit.tools.dev.bench_quality import Bench, Setting
@@ -51,6 +54,7 @@ class Measured:
     model: ir.Model
     plans: list[axis_selectors.WeightPlan]
     table: WidthTable
+    fused: bool  # bytes counted as lowbit::QuantMatMul stores them
     sensitivity: OutputSensitivity | None = None  # kept for ``in context`` rows
     in_context: dict[str, list[list[float]]] = dataclasses.field(default_factory=dict)  # by budget row
 
@@ -64,6 +68,17 @@ class Measured:
         allocated on those errors): one width index per plan."""
         if row.startswith("W"):
             return [self.table.widths.index(int(row[1:]))] * len(self.plans)
+        row, _, subset = row.partition(" at ")
+        if subset:  # ``3 kl at 2/3/4/8``: allocated among these widths only
+            columns = [self.table.widths.index(int(bits)) for bits in subset.split("/")]
+            narrowed = dataclasses.replace(
+                self, table=dataclasses.replace(self.table, widths=tuple(self.table.widths[c] for c in columns))
+            )
+            for name in ("costs", "errors", "sensitivities"):
+                table = getattr(self.table, name)
+                if table is not None:
+                    setattr(narrowed.table, name, [[line[c] for c in columns] for line in table])
+            return [columns[pick] for pick in narrowed.picks(row)]
         budget, _, measure = row.partition(" ")
         limit = parse_budget(budget).limit(self.weights, self.other_bytes)
         if measure == "kl in context":
@@ -75,9 +90,12 @@ class Measured:
         errors = self.table.sensitivities if measure == "kl" else self.table.errors
         return allocate(self.table.costs, errors, limit)
 
-    @property
+    @functools.cached_property
     def other_bytes(self) -> int:
-        return other_tensor_bytes(self.model, self.plans)
+        """The file's bytes besides the weights' stored arrays, as a megabyte budget counts them (the float
+        model has the most tensor bytes of any row, so it decides whether a row may need a data file)."""
+        may_be_external = files.tensor_bytes(self.model) > files.EXTERNAL_DATA_THRESHOLD
+        return other_file_bytes(self.model, self.plans, self.fused, may_be_external)
 
     def write(self, picks: list[int], path: pathlib.Path) -> None:
         """The float model with every planned weight replaced by its chosen reconstruction."""
@@ -127,8 +145,9 @@ def measure(bench: Bench, args) -> Measured:
             f"{[{k: v.shape for k, v in sample.items()} for sample in sensitivity.samples]}"
         )
         table.sensitivities = sensitivity.table([table.candidates(i) for i in range(len(plans))])
-        return Measured(model, plans, table, sensitivity if args.in_context else None)  # kept for those rows
-    return Measured(model, plans, table)
+        kept = sensitivity if args.in_context else None  # for the in-context rows
+        return Measured(model, plans, table, args.fused, kept)
+    return Measured(model, plans, table, args.fused)
 
 
 def statistics_cache(bench: Bench, path: pathlib.Path | None) -> None:
@@ -275,6 +294,13 @@ def main(argv: list[str] | None = None) -> None:
         help="with kl: also rows '3 kl in context' for these budgets: the kl mix measured again around itself "
         "(one more run per weight, width and sample) and allocated anew",
     )
+    parser.add_argument(
+        "--also-widths",
+        type=int,
+        nargs="+",
+        choices=SUPPORTED_BITS,
+        help="also rows '3 kl at 2/3/4/8': every budget allocated among these of the measured widths only",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-budget"))
     args = parser.parse_args(argv)
     setting = Setting.from_args(args, args.uniform)
@@ -285,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     uniform = [f"W{bits}" for bits in args.uniform]
     budgets = [f"{budget} kl" if measure == "kl" else budget for budget in args.budgets for measure in args.sensitivity]
     budgets += [f"{budget} kl in context" for budget in args.in_context]
+    if args.also_widths:
+        budgets += [f"{budget} at {'/'.join(map(str, args.also_widths))}" for budget in budgets]
     order = [key for pair in itertools.zip_longest(budgets, uniform) for key in pair if key is not None]
     for key in order:  # budgets and uniform widths in turn, so that an interrupted run has both
         picks = measured.picks(key)
