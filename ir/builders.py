@@ -24,12 +24,13 @@ _SIGNED = {2: ir.DataType.INT2, 4: ir.DataType.INT4, 8: ir.DataType.INT8}
 
 
 def storage_bits(quantized: QuantizedWeight) -> int:
-    """Bits of the ONNX code type: 3-bit codes have none and go in 4 bits, and so do 2-bit per-OC codes
-    of a weight whose N is not a multiple of 4: ONNX Runtime 1.32 folds ``DequantizeLinear(2-bit,
-    axis=0) + MatMul`` into ``MatMulNBits`` with wrong results then (found by tests/fuzz)."""
+    """Bits of the ONNX code type: 3-bit codes have none and go in 4 bits, 5- and 6-bit codes in 8, and
+    2-bit per-OC codes of a weight whose N is not a multiple of 4 in 4: ONNX Runtime 1.32 folds
+    ``DequantizeLinear(2-bit, axis=0) + MatMul`` into ``MatMulNBits`` with wrong results then (found by
+    tests/fuzz)."""
     if quantized.bits == 3 or (quantized.bits == 2 and quantized.block_axis == 0 and quantized.codes.shape[1] % 4):
         return 4
-    return quantized.bits
+    return 8 if quantized.bits in (5, 6) else quantized.bits
 
 
 def required_opset(bits: int) -> int:

@@ -19,6 +19,10 @@ columns of one input channel (AVX2/AVX-512 float paths):
   2-3, 4-5, 6-7.
 * 3-bit, 96 bytes, dense: the low two bits of every code in the 2-bit layout (64 bytes), then bit 2 of
   ``u[i]`` as bit ``i`` of a little-endian 256-bit plane (32 bytes).
+* 5-bit, 160 bytes: the low four bits in the 4-bit layout (128 bytes), then bit 4 of ``u[i]`` as bit ``i``
+  of a 256-bit plane (32 bytes).
+* 6-bit, 192 bytes: the low four bits in the 4-bit layout (128 bytes), then the high two bits in the
+  2-bit layout (64 bytes).
 
 So a weight costs exactly ``bits / 8`` bytes (plus the padding of the last tile and quad).
 """
@@ -61,12 +65,15 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         packed = u
     elif bits == 4:
-        packed = u[..., :128] | (u[..., 128:] << 4)
+        packed = _pack4(u)
     elif bits == 2:
         packed = _pack2(u)
+    elif bits == 3:
+        packed = np.concatenate([_pack2(u & 3), _pack_plane(u >> 2)], axis=-1)
+    elif bits == 5:
+        packed = np.concatenate([_pack4(u & 15), _pack_plane(u >> 4)], axis=-1)
     else:
-        high = np.packbits((u >> 2) & 1, axis=-1, bitorder="little")
-        packed = np.concatenate([_pack2(u & 3), high], axis=-1)
+        packed = np.concatenate([_pack4(u & 15), _pack2(u >> 4)], axis=-1)
     return np.ascontiguousarray(packed, dtype=np.uint8)
 
 
@@ -80,14 +87,31 @@ def unpack(packed: np.ndarray, bits: int, k: int, n: int) -> np.ndarray:
     if bits == 8:
         u = packed
     elif bits == 4:
-        u = np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
+        u = _unpack4(packed)
     elif bits == 2:
         u = _unpack2(packed)
+    elif bits == 3:
+        u = _unpack2(packed[..., :64]) | (np.unpackbits(packed[..., 64:], axis=-1, bitorder="little") << 2)
+    elif bits == 5:
+        u = _unpack4(packed[..., :128]) | (np.unpackbits(packed[..., 128:], axis=-1, bitorder="little") << 4)
     else:
-        high = np.unpackbits(packed[..., 64:], axis=-1, bitorder="little")
-        u = _unpack2(packed[..., :64]) | (high << 2)
+        u = _unpack4(packed[..., :128]) | (_unpack2(packed[..., 128:]) << 4)
     codes = u.reshape(tiles, quads, TILE, QUAD).transpose(1, 3, 0, 2).reshape(quads * QUAD, tiles * TILE)
     return np.ascontiguousarray(codes[:k, :n])
+
+
+def _pack4(u: np.ndarray) -> np.ndarray:
+    """256 four-bit codes -> 128 bytes: byte i = u[i] | u[i+128] << 4."""
+    return u[..., :128] | (u[..., 128:] << 4)
+
+
+def _unpack4(packed: np.ndarray) -> np.ndarray:
+    return np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
+
+
+def _pack_plane(bit: np.ndarray) -> np.ndarray:
+    """256 one-bit values -> 32 bytes: bit i of the little-endian plane is ``bit[i]``."""
+    return np.packbits(bit & 1, axis=-1, bitorder="little")
 
 
 def _pack2(u: np.ndarray) -> np.ndarray:

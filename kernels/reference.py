@@ -6,7 +6,7 @@ with a group-quantized weight ``W[K, N]`` (the ONNX ``MatMul`` right operand; to
 
 Attributes (all int; required unless a default is given):
 
-* ``bits`` in {2, 3, 4, 8}; ``K >= 1`` input channels; ``N >= 1`` output channels;
+* ``bits`` in {2, 3, 4, 5, 6, 8}; ``K >= 1`` input channels; ``N >= 1`` output channels;
 * ``group_axis``: 0 = per-OC groups (``g`` consecutive input channels of one output channel share a
   scale; ``DequantizeLinear(axis=0, block_size=g)``), 1 = per-IC groups (``g`` consecutive output
   channels of one input channel; ``axis=1``);

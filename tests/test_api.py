@@ -167,7 +167,7 @@ def test_optimize_refuses_what_is_not_a_recipe(recipe, error, message):
         ({"symmetric": "no"}, TypeError, "Recipe.symmetric must be a bool, got 'no'"),
         ({"bits": 4.0}, TypeError, "Recipe.bits must be a int"),
         ({"bits": True}, TypeError, "Recipe.bits must be a int"),
-        ({"bits": 5}, ValueError, "Recipe.bits must be one of \\(2, 3, 4, 8\\)"),
+        ({"bits": 7}, ValueError, "Recipe.bits must be one of \\(2, 3, 4, 5, 6, 8\\)"),
         ({"group_size": "128"}, TypeError, "Recipe.group_size must be a int"),
         ({"axis": "rows"}, ValueError, "Recipe.axis must be one of"),
         ({"reorder": "size"}, ValueError, "Recipe.reorder must be one of \\('absmax', 'hessian'\\) or None"),
@@ -175,7 +175,7 @@ def test_optimize_refuses_what_is_not_a_recipe(recipe, error, message):
         ({"outlier_fraction": 1.0}, ValueError, "outlier_fraction must be in \\[0, 1\\)"),
         ({"outlier_fraction": "0.1"}, TypeError, "Recipe.outlier_fraction must be a float"),
         ({"head_bits": 4}, ValueError, "head_bits applies to the LM head and embedding tables: include one"),
-        ({"head_bits": 5, "include_lm_head": True}, ValueError, "Recipe.head_bits must be one of"),
+        ({"head_bits": 7, "include_lm_head": True}, ValueError, "Recipe.head_bits must be one of"),
         ({"head_bits": 4, "include_lm_head": True, "budget": "3"}, ValueError, "head_bits and Recipe.budget exclude"),
     ],
 )

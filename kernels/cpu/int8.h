@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "codes.h"
 #include "quant_matmul.h"
 
 namespace lowbit {

@@ -1,14 +1,13 @@
 // AVX2 int8-activation primitives (int8.h); compiled with -mavx2 -mfma, run only where the CPU has both.
 //
 // vpmaddubsw multiplies u8 codes by s8 activation codes and adds adjacent pairs with int16 saturation;
-// vpmaddwd by ones then adds the pairs of a column's quad into int32. Codes of up to 4 bits keep a pair
-// within 2 * 15 * 127, so the pair sums of 8 quads still add up exactly in int16 before one vpmaddwd; 8-bit
-// codes would saturate (2 * 255 * 127 > 2^15), so they are split into their low 7 bits and bit 7, two exact
-// products combined in int32.
+// vpmaddwd by ones then adds the pairs of a column's quad into int32. Codes of b < 8 bits keep a pair within
+// 2 * (2^b - 1) * 127, so the pair sums of several quads (8 at 4 bits, 2 at 6) still add up exactly in int16
+// before one vpmaddwd; 8-bit codes would saturate (2 * 255 * 127 > 2^15), so they are split into their low 7
+// bits and bit 7, two exact products combined in int32.
 #include <immintrin.h>
 
-#include <cstring>
-
+#include "avx2_codes.h"
 #include "int8.h"
 #include "prefetch.h"
 
@@ -17,29 +16,6 @@ namespace {
 
 constexpr int kDecodedLayout = 0;  // a Layout value: codes already one per byte (int8.h's decoded scratch)
 constexpr int kMaxInputs = (kActivationBlock / kQuad + 1) * kQuad;  // of a block, from its first quad
-
-// 32 code bytes of columns 8v .. 8v + 7 (4 input channels each) of a packed block (kernels/packing.py's
-// u[32v .. 32v + 31]); Layout is the bit width, or kDecodedLayout for 256 bytes per block.
-template <int Layout>
-__m256i CodeBytes(const uint8_t* block, int v) {
-  if (Layout == 8 || Layout == kDecodedLayout)
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * v));
-  if (Layout == 4) {
-    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * (v & 3)));
-    return _mm256_and_si256(v < 4 ? bytes : _mm256_srli_epi16(bytes, 4), _mm256_set1_epi8(15));
-  }
-  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * (v & 1)));
-  const __m256i low = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * (v >> 1)), _mm256_set1_epi8(3));
-  if (Layout == 2) return low;
-  int32_t plane;  // bit 2 of the 32 codes: byte b's bit is bit b of the plane
-  std::memcpy(&plane, block + 64 + 4 * v, 4);
-  const __m256i spread = _mm256_shuffle_epi8(
-      _mm256_set1_epi32(plane), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2,
-                                                 2, 3, 3, 3, 3, 3, 3, 3, 3));
-  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
-  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-  return _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(4)));
-}
 
 // Per column (int32 lane): the dot product of its 4 8-bit code bytes with the 4 activation codes of d.
 __m256i Dot8(__m256i codes, __m256i d) {
@@ -50,18 +26,20 @@ __m256i Dot8(__m256i codes, __m256i d) {
                           _mm256_slli_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(high, d), ones), 7));
 }
 
-// Quads whose vpmaddubsw pair sums (each at most 2 * 15 * 127, codes below 16) add up within int16.
-constexpr int64_t kInt16Quads = 32767 / (2 * 15 * kInt8Limit);
+// Quads whose vpmaddubsw pair sums (each at most 2 * (2^Bits - 1) * 127) add up within int16.
+template <int Bits>
+constexpr int64_t kInt16Quads = 32767 / (2 * ((1 << Bits) - 1) * kInt8Limit);
 
 int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// acc[v] = the int32 sums of column vector v over the block's quads. Codes below 16 (bits < 8, decoded)
-// sum kInt16Quads quads in int16 before vpmaddwd widens them, 4 column vectors at a time (registers).
-template <int Layout>
+// acc[v] = the int32 sums of column vector v over the block's quads (codes of Bits bits in Layout). Codes of
+// fewer than 8 bits sum kInt16Quads<Bits> quads in int16 before vpmaddwd widens them, 4 column vectors at a
+// time (registers).
+template <int Layout, int Bits>
 __attribute__((always_inline)) inline void Sums(const uint8_t* codes, int64_t block_bytes, int64_t quads,
                                                 const int32_t* words, __m256i* acc) {
   const __m256i ones = _mm256_set1_epi16(1);
-  if (Layout == 8) {
+  if constexpr (Bits == 8) {
 #pragma GCC unroll 8
     for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_si256();
     for (int64_t q = 0; q < quads; ++q) {
@@ -78,11 +56,11 @@ __attribute__((always_inline)) inline void Sums(const uint8_t* codes, int64_t bl
     __m256i wide[4];
 #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v) wide[v] = _mm256_setzero_si256();
-    for (int64_t q0 = 0; q0 < quads; q0 += kInt16Quads) {
+    for (int64_t q0 = 0; q0 < quads; q0 += kInt16Quads<Bits>) {
       __m256i narrow[4];
 #pragma GCC unroll 4
       for (int v = 0; v < 4; ++v) narrow[v] = _mm256_setzero_si256();
-      for (int64_t q = q0, q1 = Min(quads, q0 + kInt16Quads); q < q1; ++q) {
+      for (int64_t q = q0, q1 = Min(quads, q0 + kInt16Quads<Bits>); q < q1; ++q) {
         if (Layout != kDecodedLayout && half == 0) PrefetchBlock(codes + q * block_bytes, block_bytes);
         const __m256i d = _mm256_set1_epi32(words[q]);
 #pragma GCC unroll 4
@@ -99,10 +77,10 @@ __attribute__((always_inline)) inline void Sums(const uint8_t* codes, int64_t bl
 }
 
 // Row r of the tile: integer sums over the block's quads, then the epilogue into out.
-template <int Layout>
+template <int Layout, int Bits>
 void Row(const Int8Tile& t, const uint8_t* codes, int64_t block_bytes, int64_t r) {
   __m256i acc[8];
-  Sums<Layout>(codes, block_bytes, t.quads, t.words + r * t.word_stride, acc);
+  Sums<Layout, Bits>(codes, block_bytes, t.quads, t.words + r * t.word_stride, acc);
   const __m256 act = _mm256_set1_ps(t.act_scale[r * t.param_stride]);
   const __m256 corr = _mm256_set1_ps(static_cast<float>(t.corr[r * t.param_stride]));
   float* out = t.out + r * kTile;
@@ -120,7 +98,7 @@ void Row(const Int8Tile& t, const uint8_t* codes, int64_t block_bytes, int64_t r
 template <int Bits>
 void TileBits(const Int8Tile& t) {
   if (Bits == 8 || t.rows == 1) {
-    for (int64_t r = 0; r < t.rows; ++r) Row<Bits>(t, t.codes, t.block_bytes, r);
+    for (int64_t r = 0; r < t.rows; ++r) Row<Bits, Bits>(t, t.codes, t.block_bytes, r);
     return;
   }
   for (int64_t q = 0; q < t.quads; ++q) {
@@ -129,16 +107,11 @@ void TileBits(const Int8Tile& t) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.decoded + q * kTile * kQuad + 32 * v),
                           CodeBytes<Bits>(t.codes + q * t.block_bytes, v));
   }
-  for (int64_t r = 0; r < t.rows; ++r) Row<kDecodedLayout>(t, t.decoded, kTile * kQuad, r);
+  for (int64_t r = 0; r < t.rows; ++r) Row<kDecodedLayout, Bits>(t, t.decoded, kTile * kQuad, r);
 }
 
 void Tile(const Int8Tile& t) {
-  switch (t.bits) {
-    case 2: return TileBits<2>(t);
-    case 3: return TileBits<3>(t);
-    case 4: return TileBits<4>(t);
-    default: return TileBits<8>(t);
-  }
+  WithBits(t.bits, [&](auto bits) { TileBits<decltype(bits)::value>(t); });
 }
 
 // Lanes of k = base .. base + 7 inside [k0, k1), as maskload wants them.

@@ -78,12 +78,7 @@ void TileBits(const Int8Tile& t) {
 }
 
 void Tile(const Int8Tile& t) {
-  switch (t.bits) {
-    case 2: return TileBits<2>(t);
-    case 3: return TileBits<3>(t);
-    case 4: return TileBits<4>(t);
-    default: return TileBits<8>(t);
-  }
+  WithBits(t.bits, [&](auto bits) { TileBits<decltype(bits)::value>(t); });
 }
 
 // One row, S tiles at once (Int8Tiles): each quad step reads a block of every tile, so S streams of the
@@ -131,12 +126,7 @@ void TilesCount(const Int8Tiles& t) {
 
 void Tiles(const Int8Tiles& t) {
   static_assert(kInt8MaxTiles == 4, "TilesCount handles 1 to 4 tiles");
-  switch (t.bits) {
-    case 2: return TilesCount<2>(t);
-    case 3: return TilesCount<3>(t);
-    case 4: return TilesCount<4>(t);
-    default: return TilesCount<8>(t);
-  }
+  WithBits(t.bits, [&](auto bits) { TilesCount<decltype(bits)::value>(t); });
 }
 
 // Lanes of k = base .. base + 15 inside [k0, k1).

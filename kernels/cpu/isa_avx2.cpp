@@ -1,8 +1,7 @@
 // AVX2 + FMA kernels; compiled with -mavx2 -mfma, run only where the CPU has both (quant_matmul.cpp).
 #include <immintrin.h>
 
-#include <cstring>
-
+#include "avx2_codes.h"
 #include "kernels_impl.h"
 #include "quant_matmul.h"
 
@@ -20,24 +19,12 @@ struct Avx2 {
   static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F FMAdd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
 
-  // 3-bit blocks become one byte per code, the 8-bit layout (kernels/packing.py): byte b of 32-byte row v is
-  // the low bits of u[32v + b] (the 2-bit field at bits 2 (v >> 1) of block byte 32 (v & 1) + b) plus 4 where
-  // bit b of dword v of the high-bit plane is set (that dword spread to one byte per bit, then compared).
+  // 3-, 5- and 6-bit blocks become one byte per code, the 8-bit layout (kernels/packing.py; avx2_codes.h).
   template <int Bits>
   static const uint8_t* Expand(const uint8_t* block, uint8_t* buffer) {
-    if (Bits != 3) return block;
-    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
-                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));
-    for (int v = 0; v < 8; ++v) {
-      const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * (v & 1)));
-      const __m256i low = _mm256_and_si256(_mm256_srli_epi16(words, 2 * (v >> 1)), _mm256_set1_epi8(3));
-      int32_t plane;
-      std::memcpy(&plane, block + 64 + 4 * v, 4);
-      const __m256i bits = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(plane), spread), bit);
-      const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(bits, bit), _mm256_set1_epi8(4));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(buffer + 32 * v), _mm256_or_si256(low, high));
-    }
+    if (!kExpanded<Bits>) return block;
+    for (int v = 0; v < 8; ++v)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(buffer + 32 * v), CodeBytes<Bits>(block, v));
     return buffer;
   }
 
@@ -46,7 +33,7 @@ struct Avx2 {
   template <int Bits>
   static F Decode(const uint8_t* block, int j, int v) {
     __m256i q;
-    if (Bits == 8 || Bits == 3) {
+    if (Bits == 8 || kExpanded<Bits>) {
       q = Field(block + 32 * v, 8 * j, 0xFF);
     } else if (Bits == 4) {  // columns 32.. in the high nibbles
       q = Field(block + 32 * (v & 3), 8 * j + 4 * (v >> 2), 15);

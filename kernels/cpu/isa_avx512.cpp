@@ -19,12 +19,11 @@ struct Avx512 {
   static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F FMAdd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
 
-  // 3-bit blocks become one byte per code, the 8-bit layout (kernels/packing.py): CodeBytes, the high-bit
-  // plane's qword as the byte mask of one masked add.
+  // 3-, 5- and 6-bit blocks become one byte per code, the 8-bit layout (kernels/packing.py; vnni_codes.h).
   template <int Bits>
   static const uint8_t* Expand(const uint8_t* block, uint8_t* buffer) {
-    if (Bits != 3) return block;
-    for (int v = 0; v < 4; ++v) _mm512_store_si512(buffer + 64 * v, CodeBytes<3>(block, v));
+    if (!kExpanded<Bits>) return block;
+    for (int v = 0; v < 4; ++v) _mm512_store_si512(buffer + 64 * v, CodeBytes<Bits>(block, v));
     return buffer;
   }
 
@@ -32,7 +31,7 @@ struct Avx512 {
   // Lane l reads the 32-bit word that holds column 16v + l's four input channels, one per byte or nibble.
   template <int Bits>
   static F Decode(const uint8_t* block, int j, int v) {
-    if (Bits == 8 || Bits == 3) return MaskOr(Words(block + 64 * v, 8 * j), 0xFF);
+    if (Bits == 8 || kExpanded<Bits>) return MaskOr(Words(block + 64 * v, 8 * j), 0xFF);
     if (Bits == 4) return MaskOr(Words(block + 64 * (v & 1), 8 * j + 4 * (v >> 1)), 15);  // columns 32.. high nibbles
     return MaskOr(Words(block, 8 * j + 2 * v), 3);  // 2-bit field: 16 columns per bit pair
   }

@@ -14,6 +14,7 @@
 
 #include <cstring>
 
+#include "codes.h"
 #include "prefetch.h"
 #include "quant_matmul.h"
 #include "vnni_codes.h"
@@ -232,12 +233,7 @@ int64_t GemmAvx512VnniScratchBytes(const Problem& p) {
 }
 
 void GemmAvx512Vnni(const Problem& p, const float* a, int64_t t0, int64_t t1, void* scratch) {
-  switch (p.bits) {
-    case 2: return Gemm<2>(p, a, t0, t1, scratch);
-    case 3: return Gemm<3>(p, a, t0, t1, scratch);
-    case 4: return Gemm<4>(p, a, t0, t1, scratch);
-    default: return Gemm<8>(p, a, t0, t1, scratch);
-  }
+  WithBits(p.bits, [&](auto bits) { Gemm<decltype(bits)::value>(p, a, t0, t1, scratch); });
 }
 
 }  // namespace lowbit

@@ -6,8 +6,8 @@
 // An Isa type provides: W (floats per vector), kNR (vectors per microkernel column block), F (the
 // vector), Zero, Set1, Load, Store, Sub, Mul, FMAdd, Expand<Bits>(block, buffer) and Decode<Bits>(codes,
 // j, v). Expand runs once per packed (tile, quad) block (kernels/packing.py) and returns what Decode reads
-// for it: the block itself, or buffer (kExpandBytes) filled with a layout cheaper to decode (3-bit codes,
-// whose high bits lie in a separate plane, become one byte per code). Decode gives the floats 2^23 + q for
+// for it: the block itself, or buffer (kExpandBytes) filled with a layout cheaper to decode (3-, 5- and 6-bit
+// codes, whose high bits lie in a separate field, become one byte per code). Decode gives the floats 2^23 + q for
 // the codes of columns v*W .. v*W + W - 1 and input channel j (0..3) of the block.
 //
 // The math (W[k, n] = (q - z) * s, groups along K for per-OC or along N for per-IC):
@@ -28,6 +28,9 @@ namespace {
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 constexpr int kExpandBytes = kTile * kQuad;  // one byte per code of a block
+// Widths whose codes straddle two fields (a 2- or 4-bit layout plus high bits): Expand gives them a byte each.
+template <int Bits>
+constexpr bool kExpanded = Bits == 3 || Bits == 5 || Bits == 6;
 
 // Calls body(codes, j, k) for every input channel k in [k0, k1): codes is expand(block, buffer) of the
 // packed quad holding k, and j = k % 4. Whole quads are unrolled so that j is a constant in the decoders.
@@ -229,21 +232,11 @@ struct Kernels {
   }
 
   static void GemvAnyBits(const Problem& p, const float* x, int64_t t0, int64_t t1) {
-    switch (p.bits) {
-      case 2: return Gemv<2>(p, x, t0, t1);
-      case 3: return Gemv<3>(p, x, t0, t1);
-      case 4: return Gemv<4>(p, x, t0, t1);
-      default: return Gemv<8>(p, x, t0, t1);
-    }
+    WithBits(p.bits, [&](auto bits) { Gemv<decltype(bits)::value>(p, x, t0, t1); });
   }
 
   static void GemmAnyBits(const Problem& p, const float* a, int64_t t0, int64_t t1, float* scratch) {
-    switch (p.bits) {
-      case 2: return Gemm<2>(p, a, t0, t1, scratch);
-      case 3: return Gemm<3>(p, a, t0, t1, scratch);
-      case 4: return Gemm<4>(p, a, t0, t1, scratch);
-      default: return Gemm<8>(p, a, t0, t1, scratch);
-    }
+    WithBits(p.bits, [&](auto bits) { Gemm<decltype(bits)::value>(p, a, t0, t1, scratch); });
   }
 };
 

@@ -56,8 +56,8 @@ PackedWeightAttributes::PackedWeightAttributes(const Ort::ConstKernelInfo& info,
       group_size(info.GetAttribute<int64_t>("group_size")),
       K(info.GetAttribute<int64_t>("K")),
       N(info.GetAttribute<int64_t>("N")) {
-  if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
-    FailOp(op, "bits must be 2, 3, 4 or 8, got " + std::to_string(bits));
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8)
+    FailOp(op, "bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(bits));
   if (group_axis != 0 && group_axis != 1) FailOp(op, "group_axis must be 0 or 1");
   if (group_size < 1 || K < 1 || N < 1) FailOp(op, "group_size, K and N must be >= 1");
   groups = CeilDiv(group_axis == 0 ? K : N, group_size);

@@ -79,12 +79,7 @@ void Launch(const CudaProblem& p, cudaStream_t stream) {
 
 const char* LaunchQuantMatMulCuda(const CudaProblem& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (p.bits) {
-    case 2: Launch<2>(p, s); break;
-    case 3: Launch<3>(p, s); break;
-    case 4: Launch<4>(p, s); break;
-    default: Launch<8>(p, s); break;
-  }
+  WithBits(p.bits, [&](auto bits) { Launch<decltype(bits)::value>(p, s); });
   const cudaError_t error = cudaGetLastError();
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
 }

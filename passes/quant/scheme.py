@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_AXES = ("oc", "ic")
 METHODS = ("rtn", "gptq")
 #: How group scales are stored: float32, or float16 (half the bytes; scales are rounded to float16 values

@@ -529,7 +529,7 @@ def _recipe_case(folder, mentions, **recipe) -> Case:
 
 @case
 def bits_out_of_range(folder, cleanup):
-    return _recipe_case(folder, ("bits",), bits=5)
+    return _recipe_case(folder, ("bits",), bits=7)
 
 
 @case

@@ -11,10 +11,10 @@ import numpy as np
 from lowbit.kernels import packing, reference
 from lowbit.kernels.model import QuantMatMulWeights
 from lowbit.passes.quant.rtn import quantize_rtn
-from lowbit.passes.quant.scheme import QuantScheme
+from lowbit.passes.quant.scheme import SUPPORTED_BITS, QuantScheme
 
 RTOL = 1e-5
-BITS = (2, 3, 4, 8)
+BITS = SUPPORTED_BITS
 AXES = ("oc", "ic")
 #: (K, N, group_size): ragged tails, K or N = 1, groups smaller than a vector, not a multiple of 8, one group.
 SHAPES = [

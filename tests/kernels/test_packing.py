@@ -7,8 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from lowbit.kernels import packing
-
-BITS = [2, 3, 4, 8]
+from lowbit.passes.quant.scheme import SUPPORTED_BITS as BITS
 
 
 @st.composite
@@ -58,18 +57,33 @@ def test_bit_placement_within_a_block():
         elif bits == 4:
             np.testing.assert_array_equal(block, u[:128] | u[128:] << 4)
         elif bits == 2:
-            np.testing.assert_array_equal(block, u[:64] | u[64:128] << 2 | u[128:192] << 4 | u[192:] << 6)
+            np.testing.assert_array_equal(block, two_bit_layout(u))
+        elif bits == 3:
+            np.testing.assert_array_equal(block[:64], two_bit_layout(u & 3))
+            assert block[64:].tobytes() == plane(u >> 2)
+        elif bits == 5:
+            np.testing.assert_array_equal(block[:128], (u & 15)[:128] | (u & 15)[128:] << 4)
+            assert block[128:].tobytes() == plane(u >> 4)
         else:
-            low = u & 3
-            np.testing.assert_array_equal(block[:64], low[:64] | low[64:128] << 2 | low[128:192] << 4 | low[192:] << 6)
-            plane = sum(int(c >> 2) << i for i, c in enumerate(u))  # bit i = bit 2 of u[i]
-            assert block[64:].tobytes() == plane.to_bytes(32, "little")
+            assert bits == 6
+            np.testing.assert_array_equal(block[:128], (u & 15)[:128] | (u & 15)[128:] << 4)
+            np.testing.assert_array_equal(block[128:], two_bit_layout(u >> 4))
+
+
+def two_bit_layout(u: np.ndarray) -> np.ndarray:
+    """64 bytes: byte i holds u[i], u[i + 64], u[i + 128], u[i + 192] in bits 0-1, 2-3, 4-5, 6-7."""
+    return u[:64] | u[64:128] << 2 | u[128:192] << 4 | u[192:] << 6
+
+
+def plane(bit: np.ndarray) -> bytes:
+    """32 bytes, bit i of the little-endian 256-bit number = bit[i]."""
+    return sum(int(b & 1) << i for i, b in enumerate(bit)).to_bytes(32, "little")
 
 
 @pytest.mark.parametrize(
     "codes, bits, message",
     [
-        (np.zeros((2, 2), np.uint8), 5, "bits"),
+        (np.zeros((2, 2), np.uint8), 7, "bits"),
         (np.full((2, 2), 16, np.uint8), 4, "codes must be uint8"),
         (np.zeros((2, 2), np.int32), 4, "codes must be uint8"),
         (np.zeros((0, 2), np.uint8), 4, "non-empty"),

@@ -172,7 +172,7 @@ def test_wrong_shapes_and_attributes_raise_clear_errors(ops_library):
             variant(zero_points=np.ones((2, 69), np.uint8)),
             r"QuantGather: zero_points must have shape \[2, 70\], got \[2, 69\]",
         ),
-        (variant(bits=5), "QuantGather: bits must be 2, 3, 4 or 8, got 5"),
+        (variant(bits=7), "QuantGather: bits must be 2, 3, 4, 5, 6 or 8, got 7"),
         (variant(group_axis=2), "QuantGather: group_axis must be 0 or 1"),
     ]
     for weights, message in cases:

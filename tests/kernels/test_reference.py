@@ -6,11 +6,11 @@ import pytest
 from lowbit.kernels import reference
 from lowbit.kernels.model import QuantMatMulWeights
 from lowbit.passes.quant.rtn import quantize_rtn
-from lowbit.passes.quant.scheme import QuantScheme
+from lowbit.passes.quant.scheme import SUPPORTED_BITS, QuantScheme
 
 SCHEMES = [
     QuantScheme(bits=bits, group_size=group, group_axis=axis, symmetric=symmetric)
-    for bits in (2, 3, 4, 8)
+    for bits in SUPPORTED_BITS
     for axis in ("oc", "ic")
     for symmetric in (False, True)
     for group in (16, 7, -1)

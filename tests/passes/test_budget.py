@@ -9,7 +9,7 @@ import pytest
 import lowbit
 from lowbit.ir import files
 from lowbit.passes.quant.rtn import quantize_rtn
-from lowbit.passes.quant.scheme import QuantScheme
+from lowbit.passes.quant.scheme import SUPPORTED_BITS, QuantScheme
 from lowbit.passes.quantize_plan import SkipPolicy, plan_weights, written_structure_bytes
 from tests import factories
 from tests.parity import check_valid
@@ -51,14 +51,14 @@ def test_bytes_within_budget_and_the_graph_holds_the_chosen_widths():
     assert budget["bits_per_weight"] <= 3.0
     matmuls = {node.name: node for node in result.model.graph if node.op_type == "MatMul"}
     for record in report.weights:
-        assert set(record.width_options) == {"2", "3", "4", "8"}
+        assert set(record.width_options) == {str(bits) for bits in SUPPORTED_BITS}
         assert record.bytes_after == record.width_options[str(record.bits)]["bytes"]
         weight = mlp().graph.initializers[record.name].const_value.numpy()
         expected = quantize_rtn(weight, QuantScheme(record.bits, GROUP, record.axis))
         dequantize = matmuls[{"w1": "fc1", "w2": "fc2"}[record.name]].inputs[1].producer()
         np.testing.assert_array_equal(dequantize.inputs[0].const_value.numpy(), expected.codes)
         np.testing.assert_array_equal(dequantize.inputs[1].const_value.numpy(), expected.scales)
-    assert budget["widths"] == {str(bits): sum(r.bits == bits for r in report.weights) for bits in (2, 3, 4, 8)}
+    assert budget["widths"] == {str(bits): sum(r.bits == bits for r in report.weights) for bits in SUPPORTED_BITS}
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from lowbit.kernels import packing
 from lowbit.passes.fuse_qdq import FuseQDQPass
-from lowbit.passes.quant.scheme import QuantScheme
+from lowbit.passes.quant.scheme import SUPPORTED_BITS, QuantScheme
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.rules.quant_matmul import read_dequantize
 from lowbit.passes.split_outliers import SplitOutliersPass
@@ -23,7 +23,7 @@ from tests.parity import check_valid, run, serialized
 RTOL = 1e-5
 SCHEMES = [
     QuantScheme(bits, group, axis, symmetric)
-    for bits in (2, 3, 4, 8)
+    for bits in SUPPORTED_BITS
     for group, axis in ((16, "oc"), (32, "ic"), (7, "ic"), (-1, "oc"))
     for symmetric in (False, True)
 ]

@@ -19,7 +19,7 @@ import lowbit
 from lowbit.ir import builders
 from lowbit.passes.fold_norm_scales import FoldNormScalesPass
 from lowbit.passes.quant.rtn import expand_groups, fit_to_type, quantize_rtn
-from lowbit.passes.quant.scheme import QuantScheme
+from lowbit.passes.quant.scheme import SUPPORTED_BITS, QuantScheme
 from lowbit.runtime.session import session_options
 
 RNG_SEED = 0
@@ -218,7 +218,7 @@ def _fp16_weight_near_the_limit() -> np.ndarray:
     return weight
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("axis", ["oc", "ic"])
 def test_float16_weights_near_65504_dequantize_to_finite_values_close_to_the_float_model(bits, symmetric, axis):
@@ -242,7 +242,7 @@ def test_fit_to_type_keeps_float16_reconstructions_finite_and_within_one_step():
     rng = np.random.default_rng(3)
     weight = rng.uniform(-65504, 65504, (64, 32)).astype(np.float16).astype(np.float32)
     weight[0] = -65504
-    for bits in (2, 3, 4, 8):
+    for bits in SUPPORTED_BITS:
         for symmetric in (False, True):
             quantized = quantize_rtn(weight, QuantScheme(bits, 8, "ic", symmetric))
             assert not np.isfinite(quantized.dequantize().astype(np.float16)).all() or bits == 8

@@ -5,14 +5,14 @@ import onnx_ir as ir
 import pytest
 
 from lowbit.passes.quant.rtn import quantize_rtn
-from lowbit.passes.quant.scheme import QuantScheme
+from lowbit.passes.quant.scheme import SUPPORTED_BITS, QuantScheme
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from tests import factories
 from tests.parity import check_valid, run, serialized
 
 SCHEMES = [
     QuantScheme(bits, group, axis, symmetric)
-    for bits in (2, 3, 4, 8)
+    for bits in SUPPORTED_BITS
     for group, axis in ((16, "oc"), (16, "ic"), (-1, "oc"), (7, "ic"))
     for symmetric in (False, True)
 ]
@@ -53,13 +53,14 @@ def test_qdq_graph_equals_numpy_reference(scheme):
 
 
 def test_storage_bytes_follow_the_bit_width():
-    """4-bit codes pack two per byte, 2-bit four per byte; 3-bit codes are stored in 4 bits."""
+    """4-bit codes pack two per byte, 2-bit four per byte; 3-bit codes are stored in 4 bits, 5- and 6-bit
+    codes in 8."""
     sizes = {}
-    for bits in (2, 3, 4, 8):
+    for bits in SUPPORTED_BITS:
         quantize = QuantizeWeightsPass(QuantScheme(bits, -1, "oc", symmetric=True))
         quantize(factories.mlp(k=64, hidden=64, n=64))
         sizes[bits] = quantize.weight_records[0].bytes_after - 64 * 4  # minus the scales
-    assert sizes == {2: 64 * 64 // 4, 3: 64 * 64 // 2, 4: 64 * 64 // 2, 8: 64 * 64}
+    assert sizes == {2: 64 * 64 // 4, 3: 64 * 64 // 2, 4: 64 * 64 // 2, 5: 64 * 64, 6: 64 * 64, 8: 64 * 64}
 
 
 def test_lm_head_and_embedding_are_left_in_float_by_default_and_reported():

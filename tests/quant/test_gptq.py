@@ -18,7 +18,7 @@ from lowbit.passes.quant.rtn import (
     quantize_with_params,
     search_group_params,
 )
-from lowbit.passes.quant.scheme import QuantScheme
+from lowbit.passes.quant.scheme import SUPPORTED_BITS, QuantScheme
 
 LAWS = settings(max_examples=30, deadline=None)
 
@@ -101,7 +101,7 @@ def test_matches_unblocked_reference(axis, group_size, act_order, update_width):
 
 @LAWS
 @given(
-    bits=st.sampled_from([2, 3, 4, 8]),
+    bits=st.sampled_from(SUPPORTED_BITS),
     symmetric=st.booleans(),
     axis=st.sampled_from(["oc", "ic"]),
     group_size=st.sampled_from([-1, 1, 4, 5, 16]),
@@ -167,7 +167,7 @@ def grid_weight(rng, shape, bits, group, axis) -> np.ndarray:
 
 @LAWS
 @given(
-    bits=st.sampled_from([2, 3, 4, 8]),
+    bits=st.sampled_from(SUPPORTED_BITS),
     axis=st.sampled_from(["oc", "ic"]),
     group_size=st.sampled_from([1, 3, 8, 20]),
     act_order=st.booleans(),
@@ -185,7 +185,7 @@ def test_weight_on_grid_is_recovered_exactly(bits, axis, group_size, act_order, 
 
 @LAWS
 @given(
-    bits=st.sampled_from([2, 3, 4, 8]),
+    bits=st.sampled_from(SUPPORTED_BITS),
     symmetric=st.booleans(),
     axis=st.sampled_from(["oc", "ic"]),
     group_size=st.sampled_from([-1, 4, 7]),
@@ -285,7 +285,7 @@ def test_clip_search_lowers_gptq_output_error_of_gaussian_weights(axis, act_orde
 
 @LAWS
 @given(
-    bits=st.sampled_from([2, 3, 4, 8]),
+    bits=st.sampled_from(SUPPORTED_BITS),
     symmetric=st.booleans(),
     act_order=st.booleans(),
     clip_search=st.booleans(),
@@ -316,7 +316,7 @@ def test_factor_of_another_width_is_refused():
 
 @LAWS
 @given(
-    bits=st.sampled_from([2, 3, 4, 8]),
+    bits=st.sampled_from(SUPPORTED_BITS),
     symmetric=st.booleans(),
     seed=st.integers(0, 2**16),
     spread=st.sampled_from([1e-30, 1e-3, 1.0, 1e4, 1e30]),

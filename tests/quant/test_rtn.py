@@ -11,7 +11,7 @@ from hypothesis.extra.numpy import arrays
 
 from lowbit.passes.quant import rtn
 from lowbit.passes.quant.rtn import group_params, quantize_rtn, relative_error, search_group_params
-from lowbit.passes.quant.scheme import QuantScheme
+from lowbit.passes.quant.scheme import SUPPORTED_BITS, QuantScheme
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
 weights = st.integers(1, 19).flatmap(
@@ -19,7 +19,7 @@ weights = st.integers(1, 19).flatmap(
 )
 schemes = st.builds(
     QuantScheme,
-    bits=st.sampled_from([2, 3, 4, 8]),
+    bits=st.sampled_from(SUPPORTED_BITS),
     group_size=st.sampled_from([-1, 1, 3, 4, 7, 16]),
     group_axis=st.sampled_from(["oc", "ic"]),
     symmetric=st.booleans(),
@@ -56,7 +56,7 @@ def test_per_ic_of_w_equals_per_oc_of_w_transposed(weight, scheme):
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
 def test_zero_weight_is_reconstructed_exactly(bits, symmetric):
     weight = np.zeros((10, 6), np.float32)
     quantized = quantize_rtn(weight, QuantScheme(bits, 4, "oc", symmetric))
@@ -109,7 +109,7 @@ def test_bad_weights_raise(weight, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"bits": 5}, "bits"),
+        ({"bits": 7}, "bits"),
         ({"group_size": 0}, "group_size"),
         ({"group_size": -2}, "group_size"),
         ({"group_axis": "x"}, "group_axis"),
@@ -242,7 +242,7 @@ _LENGTHS = st.one_of(st.integers(1, 12), st.integers(13, 200), st.just(576))
     num_cols=_LENGTHS,
     axis=st.sampled_from([0, 1]),
     group=st.sampled_from([1, 3, 8, 16, 100, 128, -1]),
-    bits=st.sampled_from([2, 3, 4, 8]),
+    bits=st.sampled_from(SUPPORTED_BITS),
     symmetric=st.booleans(),
     weighted=st.booleans(),
     values=st.sampled_from(["normal", "heavy", "integers", "constant"]),

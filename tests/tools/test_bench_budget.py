@@ -33,8 +33,9 @@ ROWS = {
 def test_markdown_lists_every_row_with_its_widths():
     lines = markdown(ROWS, "perplexity").splitlines()
     assert len(lines) == 2 + len(ROWS)
-    assert "| 3 | 170.0 | 2.990 | 52.0000 | 10/150/50/0 | 12.5 |" in lines
-    assert "| W3 | 171.0 | 3.250 | 57.0000 | 0/210/0/0 | 20 |" in lines
+    assert "| row | MB | bits per weight | perplexity | widths (2/3/4/5/6/8) | summed output error |" in lines
+    assert "| 3 | 170.0 | 2.990 | 52.0000 | 10/150/50/0/0/0 | 12.5 |" in lines
+    assert "| W3 | 171.0 | 3.250 | 57.0000 | 0/210/0/0/0/0 | 20 |" in lines
 
 
 def test_frontier_places_points_by_megabytes_and_quality():

@@ -165,7 +165,8 @@ def markdown(rows: dict[str, dict], metric: str) -> str:
     end_to_end = any(row.get("sensitivity_error") is not None for row in rows.values())
     extra = (" summed end-to-end error |", "---:|") if end_to_end else ("", "")
     lines = [
-        f"| row | MB | bits per weight | {metric} | widths (2/3/4/8) | summed output error |{extra[0]}",
+        f"| row | MB | bits per weight | {metric} | widths ({'/'.join(map(str, SUPPORTED_BITS))}) | summed output error |"
+        f"{extra[0]}",
         f"|---|---:|---:|---:|---|---:|{extra[1]}",
     ]
     for key, row in rows.items():

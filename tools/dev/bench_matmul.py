@@ -8,8 +8,8 @@ For each ``K x N`` weight and batch ``M`` it times ``Y[M, N] = A[M, K] @ W`` as:
 * ``fp32``: plain MatMul;
 * ``nbits-acc0`` / ``nbits-acc4``: per-OC 4-bit g128 ``com.microsoft::MatMulNBits`` (accuracy level 0: fp32
   activations; 4: int8 activations);
-* ``lowbit-{ic,oc}{4,3,2}``: ``lowbit::QuantMatMul``, g128, asymmetric;
-* ``lowbit-i8-{ic,oc}{4,3,2}``: the same with ``int8_activations=1`` (the counterpart of ``nbits-acc4``).
+* ``lowbit-{ic,oc}{6,5,4,3,2}``: ``lowbit::QuantMatMul``, g128, asymmetric;
+* ``lowbit-i8-{ic,oc}{6,5,4,3,2}``: the same with ``int8_activations=1`` (the counterpart of ``nbits-acc4``).
 
 Two modes, each a table:
 
@@ -25,7 +25,7 @@ Two modes, each a table:
   streaming read of a 16 MiB buffer read again and again.
 
 Each table gives the time per call in us, the speed-up over the baseline method of the same run
-(``--baseline``, fp32 by default), the bandwidth share, and for 3 and 2 bits the time relative to the
+(``--baseline``, fp32 by default), the bandwidth share, and for the other widths the time relative to the
 4-bit time scaled by bytes (1.00: as fast as its bytes). Timings go through I/O binding; the nodes' outputs
 share one buffer. On a machine shared with other jobs, multi-threaded calls wait for descheduled worker
 threads: run it on an idle machine, or compare with ``--threads 1 --clock thread`` (the CPU time of the one
@@ -65,7 +65,7 @@ from lowbit.runtime import session as runtime
 SHAPES = ((576, 576), (576, 1536), (1536, 576), (4096, 4096), (4096, 11008))
 BATCHES = (1, 8, 32)
 GROUP = 128
-LOWBIT_METHODS = tuple(f"lowbit-{axis}{bits}" for axis in ("ic", "oc") for bits in (4, 3, 2))
+LOWBIT_METHODS = tuple(f"lowbit-{axis}{bits}" for axis in ("ic", "oc") for bits in (6, 5, 4, 3, 2))
 INT8_METHODS = tuple(method.replace("lowbit-", "lowbit-i8-") for method in LOWBIT_METHODS)
 METHODS = ("fp32", "nbits-acc0", "nbits-acc4", *LOWBIT_METHODS, *INT8_METHODS)
 MODES = ("non-resident", "resident")
@@ -289,7 +289,7 @@ def bench_shape(
 
 
 def bytes_ratio(row: dict[str, Result], method: str) -> float | None:
-    """A 3/2-bit lowbit method's time over (its bytes / the 4-bit bytes) x the 4-bit time of the same axis, in
+    """A lowbit method's time (other than 4-bit) over (its bytes / the 4-bit bytes) x the 4-bit time of the same axis, in
     one row of results: 1.00 when time follows bytes. None when the row has no 4-bit cell of that axis."""
     four = row.get(method[:-1] + "4")
     if four is None:
@@ -340,7 +340,7 @@ def shape_tables(results: Sequence[Result], bandwidth: float, baseline: str, sha
         methods,
         lambda row, method: f"{100 * row[method].nbytes / row[method].seconds / bandwidth:.0f}",
     )
-    low = [method for method in methods if method.startswith("lowbit-") and method[-1] in "23"]
+    low = [method for method in methods if method.startswith("lowbit-") and method[-1] in "2356"]
     if low:
         out += _grid(
             "time / (bytes / 4-bit bytes x 4-bit time), same axis (1.00: as fast as its bytes)",
@@ -368,7 +368,7 @@ def tables(
 ) -> str:
     """Markdown tables, one set per (shape, mode) in the order measured: us per call, speed-up over
     ``baseline`` of the same run (where measured), the rate as a share of ``bandwidth[mode]`` (bytes per
-    second; column ``shares[mode]``), time relative to bytes for 3 and 2 bits, and per-IC against per-OC."""
+    second; column ``shares[mode]``), time relative to bytes for widths other than 4, and per-IC against per-OC."""
     out = []
     for key in dict.fromkeys((r.k, r.n, r.mode) for r in results):
         chosen = [r for r in results if (r.k, r.n, r.mode) == key]
