@@ -65,20 +65,16 @@ class Measured:
     def picks(self, row: str) -> list[int]:
         """``W3`` (uniform) or a budget (``3.5``, ``180MB``; ``3.5 kl``: on the end-to-end errors; ``3.5 kl in
         context``: the ``3.5 kl`` mix measured again with every other weight at its chosen width, then
-        allocated on those errors): one width index per plan."""
+        allocated on those errors; ``3.5 kl at 2,3,4,8``: allocated among these widths only): one width index
+        per plan."""
         if row.startswith("W"):
             return [self.table.widths.index(int(row[1:]))] * len(self.plans)
         row, _, subset = row.partition(" at ")
-        if subset:  # ``3 kl at 2/3/4/8``: allocated among these widths only
-            columns = [self.table.widths.index(int(bits)) for bits in subset.split("/")]
-            narrowed = dataclasses.replace(
-                self, table=dataclasses.replace(self.table, widths=tuple(self.table.widths[c] for c in columns))
-            )
-            for name in ("costs", "errors", "sensitivities"):
-                table = getattr(self.table, name)
-                if table is not None:
-                    setattr(narrowed.table, name, [[line[c] for c in columns] for line in table])
-            return [columns[pick] for pick in narrowed.picks(row)]
+        columns = list(range(len(self.table.widths)))
+        if subset:
+            if row.endswith("in context"):
+                raise ValueError(f"{row!r}: rows in context are measured among every width")
+            columns = [self.table.widths.index(int(bits)) for bits in subset.split(",")]
         budget, _, measure = row.partition(" ")
         limit = parse_budget(budget).limit(self.weights, self.other_bytes)
         if measure == "kl in context":
@@ -86,9 +82,12 @@ class Measured:
             if first not in self.in_context:
                 candidates = [self.table.candidates(position) for position in range(len(self.plans))]
                 self.in_context[first] = self.sensitivity.table(candidates, self.picks(first))
-            return allocate(self.table.costs, self.in_context[first], limit)
-        errors = self.table.sensitivities if measure == "kl" else self.table.errors
-        return allocate(self.table.costs, errors, limit)
+            errors = self.in_context[first]
+        else:
+            errors = self.table.sensitivities if measure == "kl" else self.table.errors
+        costs = [[line[c] for c in columns] for line in self.table.costs]
+        picks = allocate(costs, [[line[c] for c in columns] for line in errors], limit)
+        return [columns[pick] for pick in picks]
 
     @functools.cached_property
     def other_bytes(self) -> int:
@@ -170,6 +169,9 @@ def markdown(rows: dict[str, dict], metric: str) -> str:
         f"|---|---:|---:|---:|---|---:|{extra[1]}",
     ]
     for key, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {key} | failed: {row['error']} |")
+            continue
         if key == "fp32":
             lines.append(
                 f"| fp32 | {row['bytes'] / 1e6:.1f} | 32 | {row['quality']:.4f} | - | - |{' - |' * end_to_end}"
@@ -189,7 +191,9 @@ def frontier_svg(rows: dict[str, dict], metric: str) -> str:
     """MB against quality, uniform widths and budgets as two series (log scale for perplexity), the fp32
     quality as a dashed line. Plain SVG in the viewer's colours: no plotting library needed."""
     width, height, left, right, top, bottom = 640, 400, 70, 20, 30, 50
-    points = {key: (row["megabytes"], row["quality"]) for key, row in rows.items() if key != "fp32"}
+    points = {
+        key: (row["megabytes"], row["quality"]) for key, row in rows.items() if key != "fp32" and "error" not in row
+    }
     fp32 = rows["fp32"]["quality"] if "fp32" in rows else None
     log = metric == "perplexity"
     ys = [y for _, y in points.values()] + ([fp32] if fp32 else [])
@@ -300,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         nargs="+",
         choices=SUPPORTED_BITS,
-        help="also rows '3 kl at 2/3/4/8': every budget allocated among these of the measured widths only",
+        help="also rows '3 kl at 2,3,4,8': every budget allocated among these of the measured widths only",
     )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-budget"))
     args = parser.parse_args(argv)
@@ -313,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     budgets = [f"{budget} kl" if measure == "kl" else budget for budget in args.budgets for measure in args.sensitivity]
     budgets += [f"{budget} kl in context" for budget in args.in_context]
     if args.also_widths:
-        budgets += [f"{budget} at {'/'.join(map(str, args.also_widths))}" for budget in budgets]
+        budgets += [f"{budget} at {','.join(map(str, args.also_widths))}" for budget in budgets]
     order = [key for pair in itertools.zip_longest(budgets, uniform) for key in pair if key is not None]
     for key in order:  # budgets and uniform widths in turn, so that an interrupted run has both
         picks = measured.picks(key)
