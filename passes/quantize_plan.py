@@ -215,10 +215,12 @@ def other_file_bytes(model: ir.Model, plans: list[WeightPlan], fused: bool, may_
 
 def written_structure_bytes(plan: WeightPlan) -> int:
     """An upper bound on the graph bytes (beyond its arrays' data) that a weight's quantized form adds, in
-    either form: its arrays, nodes and their outputs are named after its layer or itself (at most 16 names,
-    each under 16 characters longer) with under 256 bytes of types, shapes and attributes besides."""
+    either form. Its arrays, nodes and their outputs are named after its layer or itself, each name written a
+    few times (the initializer, its value info, the node input): bounded by 16 lengths of the longer name plus
+    512 bytes of suffixes, types, shapes and attributes (checked against written files of both forms, with
+    short and 200-character names, in tests/passes/test_budget.py)."""
     name = max(len((plan.first.layer or "").encode()), len((plan.first.weight.name or "").encode()))
-    return 16 * (name + 16) + 256
+    return 16 * name + 512
 
 
 #: ``choose_width(bits, plans)``: quantize ``plans`` at ``bits`` along their candidate axes, return one axis each.
