@@ -24,13 +24,13 @@ _SIGNED = {2: ir.DataType.INT2, 4: ir.DataType.INT4, 8: ir.DataType.INT8}
 
 
 def storage_bits(quantized: QuantizedWeight) -> int:
-    """Bits of the ONNX code type: 3-bit codes have none and go in 4 bits, 5- and 6-bit codes in 8, and
-    2-bit per-OC codes of a weight whose N is not a multiple of 4 in 4: ONNX Runtime 1.32 folds
+    """Bits of the ONNX code type: the narrowest that holds the codes (3 bits in 4, 5 and 6 in 8), and 4 for
+    2-bit per-OC codes of a weight whose N is not a multiple of 4: ONNX Runtime 1.32 folds
     ``DequantizeLinear(2-bit, axis=0) + MatMul`` into ``MatMulNBits`` with wrong results then (found by
     tests/fuzz)."""
-    if quantized.bits == 3 or (quantized.bits == 2 and quantized.block_axis == 0 and quantized.codes.shape[1] % 4):
+    if quantized.bits == 2 and quantized.block_axis == 0 and quantized.codes.shape[1] % 4:
         return 4
-    return 8 if quantized.bits in (5, 6) else quantized.bits
+    return min(bits for bits in _UNSIGNED if bits >= quantized.bits)
 
 
 def required_opset(bits: int) -> int:

@@ -91,9 +91,9 @@ def unpack(packed: np.ndarray, bits: int, k: int, n: int) -> np.ndarray:
     elif bits == 2:
         u = _unpack2(packed)
     elif bits == 3:
-        u = _unpack2(packed[..., :64]) | (np.unpackbits(packed[..., 64:], axis=-1, bitorder="little") << 2)
+        u = _unpack2(packed[..., :64]) | (_unpack_plane(packed[..., 64:]) << 2)
     elif bits == 5:
-        u = _unpack4(packed[..., :128]) | (np.unpackbits(packed[..., 128:], axis=-1, bitorder="little") << 4)
+        u = _unpack4(packed[..., :128]) | (_unpack_plane(packed[..., 128:]) << 4)
     else:
         u = _unpack4(packed[..., :128]) | (_unpack2(packed[..., 128:]) << 4)
     codes = u.reshape(tiles, quads, TILE, QUAD).transpose(1, 3, 0, 2).reshape(quads * QUAD, tiles * TILE)
@@ -112,6 +112,10 @@ def _unpack4(packed: np.ndarray) -> np.ndarray:
 def _pack_plane(bit: np.ndarray) -> np.ndarray:
     """256 one-bit values -> 32 bytes: bit i of the little-endian plane is ``bit[i]``."""
     return np.packbits(bit & 1, axis=-1, bitorder="little")
+
+
+def _unpack_plane(plane: np.ndarray) -> np.ndarray:
+    return np.unpackbits(plane, axis=-1, bitorder="little")
 
 
 def _pack2(u: np.ndarray) -> np.ndarray:

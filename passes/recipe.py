@@ -137,8 +137,8 @@ class Recipe:
         None,
         "a size budget: average bits per quantized weight, scales and zero points included (e.g. 3.5), or "
         "megabytes of the written file, graph and metadata included (e.g. 180MB); every weight is quantized at "
-        "2, 3, 4, 5, 6 and 8 bits, its output error measured on calibration data, and the widths with the lowest total error that fit "
-        "are kept (bits then applies only to embedding tables; needs calibration)",
+        "2, 3, 4, 5, 6 and 8 bits, its output error measured on calibration data, and the widths with the "
+        "lowest total error that fit are kept (bits then applies only to embedding tables; needs calibration)",
         kind=str,
     )
     budget_sensitivity: str = _option(
