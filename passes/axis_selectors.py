@@ -84,6 +84,12 @@ class WeightPlan:
         self.hessian = None
         self._released = True
 
+    def release_arrays(self) -> None:
+        """Let go of the float weight, its candidates and H once the weight is written (the layer-by-layer sweep:
+        what a layer held is freed before the next one is quantized); the plan serves nothing after."""
+        self.weight = np.empty((0, 0), np.float32)
+        self.hessian, self.candidates, self._measured, self.choice_errors = None, {}, {}, None
+
     def session_input(self, axis: str) -> np.ndarray:
         """The ``axis`` candidate, dequantized, in the weight initializer's own type (fp16, bf16, float64 or
         float32): what a subgraph session that reads the weight takes as its input."""

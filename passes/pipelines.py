@@ -41,6 +41,10 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     outliers ranked by ``outlier_criterion``; layer split into three value clusters).
     ``fold_norms`` adds FoldNormScalesPass before calibration; ``reorder`` (a criterion of
     ReorderChannelsPass: ``"absmax"`` or ``"hessian"``; needs calibration) adds it after calibration.
+    With calibration feeds (not statistics), in parallel mode without a budget, reordering or outlier
+    splitting, the decoder layers are calibrated, quantized and written one layer at a time on the float
+    model (``QuantizeWeightsPass(calibrate_by_layer=True)``: the same statistics, one layer's Hessians in
+    memory at a time); the calibration pass keeps the feeds and collects only the other weights' statistics.
     ``calibration_mode="sequential"``: decoder layers quantized one after another on statistics of the
     partially-quantized model (``lowbit.passes.sequential``); the calibration pass then keeps the feeds and,
     unless reordering or outlier splitting read them, collects only the statistics the sweep does not measure
@@ -54,6 +58,13 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
             "weights), so statistics collected on the unfolded graph would be wrong: pass calibration feeds instead"
         )
     scheme = recipe.scheme()
+    sequential = recipe.calibration_mode == "sequential"
+    splits = recipe.outlier_fraction > 0 or recipe.split
+    owns_statistics = calibration is not None and not isinstance(calibration, CalibrationStats)
+    # Reordering and outlier splitting read every weight's statistics before quantization; else the decoder layers
+    # are calibrated as they are quantized (sequentially, or layer by layer on the float model).
+    by_layer = owns_statistics and recipe.reorder is None and not splits
+    calibrate_by_layer = by_layer and not sequential and recipe.budget is None
     quantize = QuantizeWeightsPass(
         scheme,
         candidate_axes=recipe.candidate_axes,
@@ -68,14 +79,12 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
         if recipe.budget is None
         else SizeBudget(parse_budget(recipe.budget), fused=recipe.fused, sensitivity=recipe.budget_sensitivity),
         owns_statistics=not isinstance(calibration, CalibrationStats),  # collected here: nobody else holds them
+        calibrate_by_layer=calibrate_by_layer,
     )
-    sequential = recipe.calibration_mode == "sequential"
-    splits = recipe.outlier_fraction > 0 or recipe.split
-    # Reordering and outlier splitting read every weight's statistics; else the sweep measures the layers itself.
-    only_unswept = sequential and recipe.reorder is None and not splits
-    activations = quantize.parallel_activations if only_unswept else None
+    sweeps = (by_layer and sequential) or calibrate_by_layer
+    activations = quantize.parallel_activations if sweeps else None
     calibrate = (
-        [CaptureCalibrationPass(calibration, keep_feeds=sequential, activations=activations)]
+        [CaptureCalibrationPass(calibration, keep_feeds=sequential or calibrate_by_layer, activations=activations)]
         if calibration is not None
         else []
     )

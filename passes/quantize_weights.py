@@ -48,6 +48,7 @@ from lowbit.passes.quant.scheme import CALIBRATION_MODES, GROUP_AXES, METHODS, Q
 from lowbit.passes.quantize_candidates import CandidateQuantizer, choose
 from lowbit.passes.quantize_plan import SizeBudget, SkipPolicy, choose_within_budget, plan_weights
 from lowbit.passes.quantize_write import write_weight
+from lowbit.passes.report import WeightRecord
 from lowbit.passes.storage_opset import check_convertible, require_storage_support
 from lowbit.runtime.calibration import CalibrationStats, calibration_of
 from lowbit.runtime.session import ORT_ERRORS
@@ -71,6 +72,7 @@ class QuantizeWeightsPass(LowbitPass):
         choice_method: str | None = None,
         budget: SizeBudget | None = None,
         owns_statistics: bool = False,
+        calibrate_by_layer: bool = False,
     ):
         """``choice_method``: the method whose candidates the AdaDim selector compares (``"rtn"``: choose the
         axis by RTN error, then run ``scheme.method`` on the chosen axis only, as the AdaDim paper does);
@@ -80,8 +82,18 @@ class QuantizeWeightsPass(LowbitPass):
         the parallel statistics and the sweep quantizes each layer again at them). ``head_bits``: the width of LM heads and embedding tables
         (default: ``scheme.bits``). ``owns_statistics``: the calibration statistics are the pipeline's own (its
         calibration pass collected them), so their Hessians may be dropped once read (``_releases_hessians``);
-        statistics a caller passed in must stay whole, they may serve other recipes."""
+        statistics a caller passed in must stay whole, they may serve other recipes. ``calibrate_by_layer`` (parallel
+        mode, no budget): the decoder layers' statistics are taken one layer at a time on the float model
+        (``sequential.LayerSweep``'s float stream: the calibration pass keeps the feeds and collects only the other
+        weights' statistics, ``parallel_activations``) and each layer is written as soon as it is quantized, so
+        that one layer's Hessians, candidates and float weights are alive at a time instead of every layer's; a
+        graph the sweep cannot cut between its layers is calibrated whole (``by_layer_refused`` says why)."""
         super().__init__()
+        if calibrate_by_layer and (calibration_mode != "parallel" or budget is not None):
+            raise ValueError("calibrate_by_layer takes the parallel mode's statistics, without a budget")
+        self.calibrate_by_layer = calibrate_by_layer
+        #: Why this graph's layers could not be calibrated one at a time (``parallel_activations``), or None.
+        self.by_layer_refused: str | None = None
         self.owns_statistics = owns_statistics
         self.budget = budget
         if choice_method not in (None, *METHODS):
@@ -144,13 +156,16 @@ class QuantizeWeightsPass(LowbitPass):
                 choices = self._choose_sequentially(model, plans, statistics, budget.bits)
         elif self.calibration_mode == "sequential" and plans:  # no weight: nothing to sweep
             choices = self._choose_sequentially(model, plans, statistics)
-        else:
+        elif not self._by_layer:
             choices = self._choose(model, plans, samples, release_hessians=release)
         if plans:
             analysis.normalize_default_domain(model)
         names = builders.NameAllocator(model.graph)
-        for plan, axis in zip(plans, choices):
-            self.weight_records.append(write_weight(model.graph, plan, axis, names, self.scheme.method))
+        if self._by_layer and plans:
+            self.weight_records.extend(self._write_by_layer(model, plans, statistics, names))
+        else:
+            for plan, axis in zip(plans, choices):
+                self.weight_records.append(write_weight(model.graph, plan, axis, names, self.scheme.method))
         if budget is not None:
             budget.annotate(self.weight_records)
         modified = bool(self.weight_records)
@@ -229,12 +244,6 @@ class QuantizeWeightsPass(LowbitPass):
     ) -> list[str]:
         """Decoder layers in graph order on sequential statistics, then the other weights on the parallel ones;
         ``widths``: each plan's width (a budget's choice), else the scheme's."""
-        if statistics.feeds is None:
-            raise ValueError(
-                "calibration_mode='sequential' runs the calibration feeds again: pass the batches to optimize(), or "
-                "statistics collected with collect(..., keep_feeds=True)"
-            )
-        layers, rest = sequential.group_layers(plans)
         choices: list[str | None] = [None] * len(plans)
 
         def quantize(layer: sequential.Layer, step: sequential.LayerStep) -> dict[str, np.ndarray]:
@@ -246,30 +255,80 @@ class QuantizeWeightsPass(LowbitPass):
                 choices[index] = axis
             return {plan.first.weight.name: plan.session_input(axis) for plan, axis in zip(layer_plans, layer_choices)}
 
-        stream_bytes = []
-        if layers:
-            sweep = sequential.LayerSweep(
-                model, plans, layers, statistics.feeds, selector_samples=len(statistics.samples)
-            )
-            try:
-                sweep.run(quantize)
-            except ORT_ERRORS as error:  # e.g. feeds of the wrong shapes, met here first when no parallel pass ran
-                raise ValueError(
-                    f"sequential calibration: ONNX Runtime cannot run a layer on the calibration feeds: {error}"
-                ) from error
-            stream_bytes = sweep.stream_bytes
+        rest = self._sweep(model, plans, statistics, quantize, "quantized")
         rest_widths = None if widths is None else [widths[i] for i in rest]
         for index, axis in zip(
             rest, self._choose_at_widths(model, [plans[i] for i in rest], statistics.samples, rest_widths)
         ):
             choices[index] = axis
+        return choices
+
+    def _write_by_layer(
+        self,
+        model: ir.Model,
+        plans: list[axis_selectors.WeightPlan],
+        statistics: CalibrationStats,
+        names: builders.NameAllocator,
+    ) -> list[WeightRecord]:
+        """Decoder layers calibrated on the float model, quantized and written one after another, each layer's
+        Hessians, candidates and float weights let go once it is written; then the other weights on the
+        parallel statistics. Returns the records in the plans' order."""
+        records: list[WeightRecord | None] = [None] * len(plans)
+        release = self.choice_method == self.scheme.method
+
+        def write(indices: list[int], axes: list[str]) -> None:
+            for index, axis in zip(indices, axes):
+                records[index] = write_weight(model.graph, plans[index], axis, names, self.scheme.method)
+                plans[index].release_arrays()
+
+        def quantize(layer: sequential.Layer, step: sequential.LayerStep) -> dict[str, np.ndarray]:
+            layer_plans = [plans[i] for i in layer.indices]
+            layer_model = step.model if self._runs_subgraphs else None
+            write(layer.indices, self._choose(layer_model, layer_plans, step.samples, release_hessians=release))
+            return {}
+
+        _, rest = sequential.group_layers(plans)
+        # The other weights' axes are chosen on the float model, before the sweep writes the layers into it.
+        rest_axes = self._choose(model, [plans[i] for i in rest], statistics.samples, release_hessians=release)
+        self._sweep(model, plans, statistics, quantize, "float")
+        write(rest, rest_axes)
+        return records
+
+    def _sweep(
+        self,
+        model: ir.Model,
+        plans: list[axis_selectors.WeightPlan],
+        statistics: CalibrationStats,
+        quantize: sequential.LayerQuantizer,
+        stream: str,
+    ) -> list[int]:
+        """Run ``quantize`` on the decoder layers in graph order (``sequential.LayerSweep`` on ``stream``); returns
+        the indices of the plans outside them, which the sweep leaves to the caller."""
+        if statistics is None or statistics.feeds is None:
+            raise ValueError(
+                f"calibrating {'layer by layer' if stream == 'float' else 'sequentially'} runs the calibration feeds "
+                "again: pass the batches to optimize(), or statistics collected with collect(..., keep_feeds=True)"
+            )
+        layers, rest = sequential.group_layers(plans)
+        stream_bytes = []
+        if layers:
+            sweep = sequential.LayerSweep(
+                model, plans, layers, statistics.feeds, selector_samples=len(statistics.samples), stream=stream
+            )
+            try:
+                sweep.run(quantize)
+            except ORT_ERRORS as error:  # e.g. feeds of the wrong shapes, met here first when no parallel pass ran
+                raise ValueError(
+                    f"calibration by layer: ONNX Runtime cannot run a layer on the calibration feeds: {error}"
+                ) from error
+            stream_bytes = sweep.stream_bytes
         self.details["calibration"] = {
-            "mode": "sequential",
+            "mode": self.calibration_mode,
             "layers": len(layers),
             "stream_mb": max(stream_bytes, default=0) / 2**20,
             "parallel_statistics": [plans[i].first.layer for i in rest if plans[i].hessian is not None],
         }
-        return choices
+        return rest
 
     def parallel_activations(self, graph: ir.Graph) -> set[str]:
         """The activations whose parallel statistics this pass reads: the inputs of the weights it quantizes,
@@ -279,18 +338,26 @@ class QuantizeWeightsPass(LowbitPass):
         for use in analysis.weight_uses(graph):
             if use.kind != "embedding":
                 groups.setdefault(id(use.weight), []).append(use)
+        quantized = [uses for uses in groups.values() if self.policy.reason(uses) is None]
+        if self.calibrate_by_layer:
+            self.by_layer_refused = sequential.unsweepable(graph, quantized)
         return {
             uses[0].node.inputs[0].name
-            for uses in groups.values()
-            if self.policy.reason(uses) is None
-            and (self._reads_parallel_statistics or sequential.layer_of(uses) is None)
+            for uses in quantized
+            if self._reads_parallel_statistics or sequential.layer_of(uses) is None
         }
 
     @property
     def _reads_parallel_statistics(self) -> bool:
         """Whether decoder layers read the parallel statistics: in parallel mode, and under a budget (its widths
         are chosen on them before a sequential sweep quantizes the layers again)."""
-        return self.calibration_mode == "parallel" or self.budget is not None
+        return (self.calibration_mode == "parallel" and not self._by_layer) or self.budget is not None
+
+    @property
+    def _by_layer(self) -> bool:
+        """Whether the decoder layers are calibrated and written one at a time (``calibrate_by_layer``, where the
+        graph allows it)."""
+        return self.calibrate_by_layer and self.by_layer_refused is None
 
     def _hessian(self, uses: list[analysis.WeightUse], statistics: CalibrationStats | None) -> np.ndarray | None:
         """H of the weight's input: None for embeddings, for the decoder layers that the sequential sweep

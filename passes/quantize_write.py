@@ -37,7 +37,7 @@ def write_weight(
         else:
             use.node.replace_input_with(use.input_index, qdq.output)
     if first.weight.is_initializer() and not first.weight.uses() and not first.weight.is_graph_output():
-        graph.initializers.pop(first.weight.name)
+        graph.initializers.pop(first.weight.name).const_value = None  # out of the graph: its array may be freed
     if plan.choice_errors is not None:  # chosen between other candidates: the written one is measured below
         axis_errors = plan.choice_errors
     else:

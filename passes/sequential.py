@@ -1,14 +1,21 @@
-"""Sequential calibration: each decoder layer's weight statistics taken on the model whose earlier
-layers are already quantized (GPTQ's order), for about two forward passes in all (each layer runs twice:
-with float weights for its statistics, with quantized ones for the next layer's input), not one per layer.
+"""Layer sweeps: decoder layers quantized one after another, each on the weight statistics of its own inputs.
+
+Two streams. ``quantized`` (``calibration_mode="sequential"``): each layer's statistics are taken on the model
+whose earlier layers are already quantized (GPTQ's order), for about two forward passes in all (each layer runs
+twice: with float weights for its statistics, with quantized ones for the next layer's input), not one per layer.
+``float`` (the parallel mode's statistics, layer by layer): the next layer's input is computed with float
+weights in the same run that gives the layer's statistics, so the statistics are those of the whole float model,
+for one forward pass, with one layer's Hessians alive at a time instead of every layer's.
 
 The shortcut: cut the graph before every decoder layer. The cut ``C_i`` is the set of values produced
 before layer ``i`` and read at or after it that depend on some weight (the residual stream; values
 computed from graph inputs alone, such as rotary tables and masks, are recomputed instead). For every
 calibration sample the sweep keeps ``C_i`` in memory, runs only layer ``i``'s extracted subgraph (inputs:
 the graph inputs and ``C_i``) with float weights to accumulate ``H`` of its weights' inputs, lets the caller
-quantize the layer, and runs the subgraph again with the quantized weights to produce ``C_{i+1}``, which
-replaces ``C_i`` sample by sample. Memory: one cut for all samples (samples x tokens x hidden float32 for
+quantize the layer, and runs the subgraph again with the quantized weights to produce ``C_{i+1}`` (float stream:
+``C_{i+1}`` comes out of the first run), which replaces ``C_i`` sample by sample. The sessions read the model's
+own weight arrays (``runtime.session.proto_sharing_initializers``), no copy of them; a layer's arrays are let go
+once it is quantized (``LayerSweep.run``), so a caller that writes each layer as it goes frees its float weights. Memory: one cut for all samples (samples x tokens x hidden float32 for
 a residual stream: 128 x 256 x 576 floats = 75 MB for SmolLM2), never one per layer; past
 ``max_stream_bytes`` (default 2 GiB; checked on the first sample of every cut) the sweep refuses.
 
@@ -20,6 +27,7 @@ the layers stay in float while the sweep runs.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
@@ -33,10 +41,22 @@ from tqdm.auto import tqdm
 from lowbit.ir import analysis
 from lowbit.passes.axis_selectors import Module, WeightPlan, decoder_layer, module_session
 from lowbit.passes.quant.hessian import HessianAccumulator
-from lowbit.runtime.session import external_data_dirs, session_from_proto, set_external_data_dirs
+from lowbit.runtime.calibration import FoldBehind
+from lowbit.runtime.memory import release_free_memory
+from lowbit.runtime.session import (
+    external_data_dirs,
+    external_location,
+    proto_sharing_initializers,
+    session_from_proto,
+    session_options,
+    set_external_data_dirs,
+)
+from lowbit.runtime.threads import NO_SPINNING
 
 #: Refuse to hold more than this many bytes of layer inputs (one cut, all samples).
 MAX_STREAM_BYTES = 2 * 2**30
+#: How the input of the next layer is computed: with the layer quantized, or in float.
+STREAMS = ("quantized", "float")
 
 
 def layer_of(uses: list[analysis.WeightUse]) -> str | None:
@@ -56,7 +76,8 @@ class Layer:
 
 
 def group_layers(plans: list[WeightPlan]) -> tuple[list[Layer], list[int]]:
-    """Plans grouped by decoder layer in graph order, and the indices of the plans outside any layer."""
+    """Plans (anything with ``uses``) grouped by decoder layer in graph order, and the indices of the plans
+    outside any layer."""
     layers: dict[str, Layer] = {}
     rest = []
     for index, plan in enumerate(plans):
@@ -82,7 +103,8 @@ class LayerStep:
         return self.build_model()
 
 
-#: Quantizes one layer (its plans' ``hessian`` already set); returns weight name -> quantized [K, N] value.
+#: Quantizes one layer (its plans' ``hessian`` already set); returns weight name -> quantized [K, N] value (read
+#: by the quantized stream only).
 LayerQuantizer = Callable[[Layer, LayerStep], Mapping[str, np.ndarray]]
 
 
@@ -98,41 +120,60 @@ class LayerSweep:
         *,
         selector_samples: int = 4,
         max_stream_bytes: int = MAX_STREAM_BYTES,
+        stream: str = "quantized",
     ):
+        """``stream``: ``"quantized"`` (each layer's input computed with the earlier layers quantized) or
+        ``"float"`` (with float weights: the whole float model's statistics)."""
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
         if not feeds:
             raise ValueError("sequential calibration got no calibration feeds")
         expected = sorted(value.name for value in model.graph.inputs if not value.is_initializer())
         if sorted(feeds[0]) != expected:
             raise ValueError(f"calibration feeds name the inputs {sorted(feeds[0])}; the model takes {expected}")
         self.model, self.plans, self.layers, self.feeds = model, plans, layers, feeds
-        self.selector_samples, self.max_stream_bytes = selector_samples, max_stream_bytes
+        self.selector_samples, self.max_stream_bytes, self.stream = selector_samples, max_stream_bytes, stream
         self.graph_inputs = expected
-        self.cuts = _cuts(model.graph, plans, layers)
+        self.cuts = _cuts(model.graph, [plan.uses for plan in plans], layers)
         #: Where the model's external data lies (sessions on its subgraphs read it from there).
         self.data_dirs = external_data_dirs(model)
         #: Bytes of layer inputs held while each layer was quantized (one cut, every sample).
         self.stream_bytes: list[int] = []
 
     def run(self, quantize: LayerQuantizer) -> None:
-        extractor = onnx.utils.Extractor(ir.to_proto(self.model))
+        proto, self.memory_files = proto_sharing_initializers(self.model)
+        locations = {tensor.name: external_location(tensor) for tensor in proto.graph.initializer}
+        extractor = onnx.utils.Extractor(proto)
+        del proto
         stream = self._prefix(extractor)
-        for index, layer in enumerate(tqdm(self.layers, desc="sequential calibration", unit="layer")):
+        for index, layer in enumerate(tqdm(self.layers, desc="calibration by layer", unit="layer")):
             inputs, outputs = [*self.graph_inputs, *self.cuts[index]], self.cuts[index + 1]
             self.stream_bytes.append(sum(value.nbytes for sample in stream for value in sample.values()))
-            self._set_hessians(extractor, layer, inputs, stream)
             samples = [{**self.feeds[s], **stream[s]} for s in range(min(self.selector_samples, len(stream)))]
-            build = functools.partial(_float_subgraph, extractor, inputs, outputs, self.data_dirs)
+            last = index + 1 == len(self.layers)
+            self._set_hessians(extractor, layer, inputs, stream, [] if self.stream == "quantized" or last else outputs)
+            build = functools.partial(_float_subgraph, extractor, inputs, outputs, self.data_dirs, self.model)
             quantized = quantize(layer, LayerStep(build, samples))
-            if index + 1 < len(self.layers):
+            if self.stream == "quantized" and not last:
                 self._advance(extractor, Module(layer.name, inputs, outputs, layer.indices), quantized, stream)
+            for weight in {id(self.plans[i].first.weight): self.plans[i].first.weight for i in layer.indices}.values():
+                if not weight.uses():  # written by the caller: no later session reads its float array, let it go
+                    self.memory_files.pop(locations.get(weight.name), None)
+            release_free_memory()
 
     def _prefix(self, extractor: onnx.utils.Extractor) -> list[dict[str, np.ndarray]]:
         """The first cut for every sample (e.g. the token embeddings)."""
         stream: list[dict[str, np.ndarray]] = [{} for _ in self.feeds]
         if self.cuts[0]:
-            sess = session_from_proto(extractor.extract_model(self.graph_inputs, self.cuts[0]), self.data_dirs)
+            sess = self._session(extractor.extract_model(self.graph_inputs, self.cuts[0]))
             self._replace(stream, sess, self.cuts[0], {})
         return stream
+
+    def _session(self, proto: onnx.ModelProto) -> ort.InferenceSession:
+        """A session on a part of the model; its threads sleep between runs, leaving a core to the folds."""
+        options = session_options()
+        options.add_session_config_entry(*NO_SPINNING)
+        return session_from_proto(proto, self.data_dirs, options, memory_files=self.memory_files)
 
     def _replace(self, stream, sess: ort.InferenceSession, names: list[str], weights: Mapping[str, np.ndarray]) -> None:
         """Run ``sess`` on every sample (its feeds, its cut, ``weights``) and put the outputs in place of its
@@ -152,21 +193,28 @@ class LayerSweep:
                 "calibration windows, or calibration_mode='parallel'"
             )
 
-    def _set_hessians(self, extractor, layer: Layer, inputs: list[str], stream) -> None:
-        """Run the layer with float weights on every sample and set its plans' H from its weights' inputs."""
+    def _set_hessians(self, extractor, layer: Layer, inputs: list[str], stream, outputs: list[str]) -> None:
+        """Run the layer with float weights on every sample and set its plans' H from its weights' inputs; where
+        ``outputs`` (the next cut) are asked for, they replace each sample's cut in ``stream``."""
         activations: dict[str, int] = {}
         for index in layer.indices:
             plan = self.plans[index]
             activations[plan.first.node.inputs[0].name] = plan.weight.shape[0]
         computed = [name for name in activations if name not in inputs]
-        sess = session_from_proto(extractor.extract_model(inputs, computed), self.data_dirs) if computed else None
+        names = computed + [name for name in outputs if name not in computed and name not in inputs]
+        sess = self._session(extractor.extract_model(inputs, names)) if names else None
         accumulators = {name: HessianAccumulator(channels) for name, channels in activations.items()}
-        for feeds, cut in zip(self.feeds, stream):
-            values = {**feeds, **cut}
-            if sess is not None:
-                values.update(zip(computed, sess.run(computed, values)))
-            for name, accumulator in accumulators.items():
-                accumulator.update(values[name])
+        with FoldBehind() as folder:
+            for sample, feeds in enumerate(self.feeds):
+                values = {**feeds, **stream[sample]}
+                if sess is not None:
+                    values.update(zip(names, sess.run(names, values)))
+                folder.submit(_fold, accumulators, {name: values[name] for name in accumulators})
+                if outputs:
+                    stream[sample] = {name: values[name] for name in outputs}
+                    if sample == 0:
+                        self._check_memory(stream[0])
+                del values
         for index in layer.indices:
             plan = self.plans[index]
             plan.hessian = accumulators[plan.first.node.inputs[0].name].hessian
@@ -178,20 +226,51 @@ class LayerSweep:
         missing = sorted(set(names) - set(quantized))
         if missing:
             raise ValueError(f"layer {module.name!r}: the quantizer returned no value for the weights {missing}")
-        sess = module_session(extractor, module, names, self.data_dirs)
+        sess = module_session(extractor, module, names, self.data_dirs, self.memory_files)
         self._replace(stream, sess, module.outputs, {name: np.asarray(quantized[name]) for name in names})
 
 
+def _fold(accumulators: dict[str, HessianAccumulator], values: dict[str, np.ndarray]) -> None:
+    for name, accumulator in accumulators.items():
+        accumulator.update(values[name])
+
+
 def _float_subgraph(
-    extractor: onnx.utils.Extractor, inputs: list[str], outputs: list[str], data_dirs: Mapping[str, str]
+    extractor: onnx.utils.Extractor,
+    inputs: list[str],
+    outputs: list[str],
+    data_dirs: Mapping[str, str],
+    model: ir.Model,
 ) -> ir.Model | None:
-    """The layer's float subgraph, its external tensors read from the whole model's folders."""
+    """The layer's float subgraph, its tensors ``model``'s own (the extractor's proto refers to them by name) and
+    its external tensors read from the whole model's folders."""
     if not outputs:
         return None
-    return set_external_data_dirs(ir.serde.deserialize_model(extractor.extract_model(inputs, outputs)), data_dirs)
+    sub = set_external_data_dirs(ir.serde.deserialize_model(extractor.extract_model(inputs, outputs)), data_dirs)
+    for name, value in sub.graph.initializers.items():
+        own = model.graph.initializers.get(name)
+        if own is not None and own.const_value is not None and not isinstance(own.const_value, ir.ExternalTensor):
+            value.const_value = own.const_value
+    return sub
 
 
-def _cuts(graph: ir.Graph, plans: list[WeightPlan], layers: list[Layer]) -> list[list[str]]:
+def unsweepable(graph: ir.Graph, groups: list[list[analysis.WeightUse]]) -> str | None:
+    """Why a sweep cannot cut ``graph`` between the decoder layers of the weights with these uses, or None."""
+    holders = [_Uses(uses) for uses in groups]
+    layers, _ = group_layers(holders)
+    if not layers:
+        return None
+    try:
+        _cuts(graph, groups, layers)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+_Uses = collections.namedtuple("_Uses", "uses")
+
+
+def _cuts(graph: ir.Graph, uses: list[list[analysis.WeightUse]], layers: list[Layer]) -> list[list[str]]:
     """Value names of the cut before every layer and after the last one (``len(layers) + 1`` cuts)."""
     nodes = list(graph)
     position = {id(node): index for index, node in enumerate(nodes)}
@@ -205,7 +284,7 @@ def _cuts(graph: ir.Graph, plans: list[WeightPlan], layers: list[Layer]) -> list
     points = [first[layer.name] for layer in layers] + [last[layers[-1].name] + 1]
     for number, layer in enumerate(layers):
         for index in layer.indices:
-            for use in plans[index].uses:
+            for use in uses[index]:
                 if not points[number] <= position[id(use.node)] < points[number + 1]:
                     raise ValueError(
                         f"decoder layer {layer.name!r}: its weight {use.weight.name!r} lies outside the layer's span "

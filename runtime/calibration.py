@@ -152,20 +152,13 @@ def collect(
     stats = CalibrationStats(
         {name: HessianAccumulator(activations[name]) for name in names}, feeds=[] if keep_feeds else None
     )
-    # Each run's outputs are folded on a thread while ONNX Runtime runs the next batch (NumPy and BLAS release
-    # the GIL); one fold at a time, in batch order, so the sums are the same as folded in the loop.
-    with one_blas_thread(), ThreadPoolExecutor(1) as folder:
-        folding: Future | None = None
+    with FoldBehind() as folder:
         for feeds in tqdm(batches, desc="calibration", unit="batch", total=total):
             if sess is not None:
                 start = time.perf_counter()
                 values = sess.run(names, dict(feeds))
-                ran = time.perf_counter()
-                if folding is not None:
-                    folding.result()
-                stats.seconds["onnxruntime"] += ran - start
-                stats.seconds["statistics"] += time.perf_counter() - ran
-                folding = folder.submit(_fold, stats, names, values)
+                stats.seconds["onnxruntime"] += time.perf_counter() - start
+                folder.submit(_fold, stats, names, values)
                 del values
             kept = {name: np.asarray(value) for name, value in feeds.items()}
             if len(stats.samples) < keep_samples:
@@ -173,13 +166,47 @@ def collect(
             if keep_feeds:
                 stats.feeds.append(kept)
             stats.batches += 1
-        if folding is not None:
-            start = time.perf_counter()
-            folding.result()
-            stats.seconds["statistics"] += time.perf_counter() - start
+    stats.seconds["statistics"] += folder.waited
     if stats.batches == 0:
         raise ValueError("calibration got no batches")
     return stats
+
+
+class FoldBehind:
+    """Folds each run's outputs into statistics on one thread while the caller runs the next batch (NumPy and BLAS
+    release the GIL). One fold at a time, in submission order, each with BLAS on one thread
+    (``threads.one_blas_thread``), so the sums are the same bits as folded in the loop. ``waited``: seconds the
+    caller spent waiting for folds, i.e. the statistics' time that the runs did not hide."""
+
+    def __init__(self):
+        self.waited = 0.0
+        self._pending: Future | None = None
+        self._blas = one_blas_thread()
+        self._pool = ThreadPoolExecutor(1)
+
+    def __enter__(self) -> FoldBehind:
+        self._blas.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._blas.__exit__(*exc)
+
+    def submit(self, fold, *args) -> None:
+        """Run ``fold(*args)`` once the previous fold is done (waiting for it here)."""
+        self._wait()
+        self._pending = self._pool.submit(fold, *args)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            start = time.perf_counter()
+            self._pending.result()
+            self.waited += time.perf_counter() - start
+            self._pending = None
 
 
 def _fold(stats: CalibrationStats, names: list[str], values: list[np.ndarray]) -> None:

@@ -153,6 +153,13 @@ def proto_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 SMALL_EXTERNAL_TENSOR = 1024
 
 
+def external_location(tensor: onnx.TensorProto) -> str | None:
+    """Where a proto tensor's data lies (its external data location), or None when it is inline."""
+    if not onnx.external_data_helper.uses_external_data(tensor):
+        return None
+    return onnx.external_data_helper.ExternalDataInfo(tensor).location
+
+
 def external_nbytes(tensor: onnx.TensorProto) -> tuple[int, int]:
     """(offset, length) in bytes of an external tensor's data (length from its shape when not stored)."""
     info = onnx.external_data_helper.ExternalDataInfo(tensor)

@@ -401,3 +401,63 @@ def test_budget_widths_chosen_in_parallel_then_layers_quantized_in_order():
         if ".layers.0." in name:
             np.testing.assert_array_equal(seq[name], parallel[name])
     assert any(not np.array_equal(seq[name], parallel[name]) for name in parallel if ".layers.1." in name)
+
+
+def _whole_and_by_layer(recipe: lowbit.Recipe, feeds):
+    """The recipe on statistics of the whole float model (collected beforehand: calibrated whole) and on the feeds
+    (the pipeline's own: calibrated layer by layer)."""
+    whole, whole_tensors = _optimize(_llama(), recipe, collect(_llama(), feeds, keep_samples=4))
+    by_layer, by_layer_tensors = _optimize(_llama(), recipe, feeds)
+    return whole, whole_tensors, by_layer, by_layer_tensors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("selector", ["matrix", "block", "layer"])
+def test_by_layer_calibration_equals_the_whole_model(selector):
+    """The float stream gives each layer the statistics of the whole float model: the same codes, scales and zero
+    points, the same axis choices and report."""
+    recipe = lowbit.Recipe(bits=3, group_size=16, method="gptq", axis="adadim", selector=selector, clip_search=True)
+    whole, whole_tensors, by_layer, by_layer_tensors = _whole_and_by_layer(recipe, _feeds(6))
+    assert whole_tensors.keys() == by_layer_tensors.keys() and len(whole_tensors) == 14 * 3
+    for name in whole_tensors:
+        np.testing.assert_array_equal(by_layer_tensors[name], whole_tensors[name], err_msg=name)
+    details = {p.name: p.details for p in by_layer.report.passes}
+    assert details["CaptureCalibrationPass"]["activations"] == 0  # the float model is not run whole
+    assert details["QuantizeWeightsPass"]["calibration"]["mode"] == "parallel"
+    assert details["QuantizeWeightsPass"]["calibration"]["layers"] == 2
+    assert "calibration" not in {p.name: p.details for p in whole.report.passes}["QuantizeWeightsPass"]
+    for mine, theirs in zip(by_layer.report.weights, whole.report.weights, strict=True):
+        assert (mine.name, mine.axis, mine.bits) == (theirs.name, theirs.axis, theirs.bits)
+        assert mine.output_error == pytest.approx(theirs.output_error, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_by_layer_calibration_lets_each_layer_go(monkeypatch):
+    """When a layer is quantized, the Hessians and float weights of the layers before it are freed."""
+    from lowbit.passes import quantize_weights
+
+    earlier: list[weakref.ref] = []
+    choose = quantize_weights.choose
+
+    def watching(quantizer, plans, **options):
+        gc.collect()
+        assert all(ref() is None for ref in earlier), "an earlier layer's H or float weight is still alive"
+        earlier.extend(weakref.ref(array) for plan in plans for array in (plan.weight, plan.hessian))
+        return choose(quantizer, plans, **options)
+
+    monkeypatch.setattr(quantize_weights, "choose", watching)
+    recipe = lowbit.Recipe(bits=3, group_size=16, method="gptq", axis="adadim", selector="matrix")
+    result, _ = _optimize(_llama(3), recipe, _feeds(2))
+    assert len(earlier) == 2 * 21 and len(result.report.weights) == 21
+
+
+@pytest.mark.slow
+def test_a_graph_the_sweep_cannot_cut_is_calibrated_whole(monkeypatch):
+    monkeypatch.setattr(sequential, "unsweepable", lambda graph, groups: "its layers interleave")
+    recipe = lowbit.Recipe(bits=3, group_size=16, method="gptq")
+    whole, whole_tensors, by_layer, by_layer_tensors = _whole_and_by_layer(recipe, _feeds(2))
+    details = {p.name: p.details for p in by_layer.report.passes}
+    assert details["CaptureCalibrationPass"]["activations"] == 4 * 2  # the inputs of q/k/v, o, gate/up, down
+    assert "calibration" not in details["QuantizeWeightsPass"]
+    for name in whole_tensors:
+        np.testing.assert_array_equal(by_layer_tensors[name], whole_tensors[name], err_msg=name)
