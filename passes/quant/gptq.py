@@ -1,4 +1,4 @@
-"""GPTQ group quantization of a ``[K, N]`` weight: NumPy (torch for the factorisation), no graph code.
+"""GPTQ group quantization of a ``[K, N]`` weight: NumPy (SciPy's LAPACK for the factorisation), no graph code.
 
 GPTQ (Frantar et al., IST-DASLab/gptq) quantizes the input channels one at a time and spreads each
 channel's rounding error over the input channels not yet quantized, weighted by the inverse of the
@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import torch
+from scipy.linalg import lapack
 
 from lowbit.passes.quant.rtn import QuantizedWeight, check_weight, scheme_group_params
 from lowbit.passes.quant.scheme import QuantScheme
@@ -196,13 +196,14 @@ def _inverse_hessian_cholesky(hessian: np.ndarray) -> np.ndarray:
     ``R = J L J``, so ``U = R^-1``: one Cholesky and one triangular solve, cheaper than GPTQ's
     Cholesky, inverse, Cholesky.
     """
-    reversed_hessian = torch.from_numpy(hessian[::-1, ::-1].copy())
-    lower, info = torch.linalg.cholesky_ex(reversed_hessian)
-    if info.item() != 0:
+    reversed_hessian = np.ascontiguousarray(hessian[::-1, ::-1], dtype=np.float64)
+    lower, info = lapack.dpotrf(reversed_hessian, lower=True, clean=True)
+    if info != 0:
         raise HessianNotPositiveDefinite("the damped Hessian is not positive definite; increase damp")
-    upper = lower.flip(0, 1)
-    identity = torch.eye(len(hessian), dtype=upper.dtype)
-    return torch.linalg.solve_triangular(upper, identity, upper=True).numpy().astype(np.float32)
+    inverse, info = lapack.dtrtri(lower[::-1, ::-1], lower=False)
+    if info != 0:
+        raise HessianNotPositiveDefinite("the Hessian's Cholesky factor is singular; increase damp")
+    return inverse.astype(np.float32)
 
 
 def _current_rows(
