@@ -105,13 +105,12 @@ def _command_optimize(args: argparse.Namespace) -> None:
         files.refuse_input_files([args.report], inputs, "--report JSON")
     calibration = None
     if args.calibration_tokenizer:
-        from lowbit.tools import models, text
+        from lowbit.tools import text
 
-        tokenizer = models.named_tokenizer(args.calibration_tokenizer)
         corpus = text.file_text(args.calibration_text) if args.calibration_text else None
         inputs = [value.name for value in model.graph.inputs]
-        calibration = text.calibration_feeds(
-            tokenizer, inputs, args.calibration_length, args.calibration_windows, corpus
+        calibration = text.named_calibration_feeds(
+            args.calibration_tokenizer, inputs, args.calibration_length, args.calibration_windows, corpus
         )
     result = lowbit.optimize(model, recipe, calibration=calibration)
     lowbit.save(result.model, target)

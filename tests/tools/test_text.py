@@ -74,6 +74,20 @@ def test_smollm2_windows_decode_to_the_start_of_the_text(smollm2_tokenizer):
     assert source.startswith(smollm2_tokenizer.decode(windows.ravel()))
 
 
+def test_named_feeds_come_from_a_child_process_equal_to_the_tokenizer_here(smollm2_tokenizer):
+    """The command line tokenizes in a child process (transformers and torch stay out of the optimizing one): the
+    windows are those of the tokenizer loaded here, and a child's error comes back as it was raised."""
+    source = text.play_text(text.EVALUATION_PLAY)
+    here = text.calibration_feeds(smollm2_tokenizer, ["input_ids", "attention_mask"], 32, 3, source)
+    child = text.named_calibration_feeds("smollm2", ["input_ids", "attention_mask"], 32, 3, source)
+    assert [sorted(feed) for feed in child] == [sorted(feed) for feed in here]
+    for mine, theirs in zip(child, here, strict=True):
+        for name in mine:
+            np.testing.assert_array_equal(mine[name], theirs[name])
+    with pytest.raises(FileNotFoundError, match="neither a shipped model"):
+        text.named_calibration_feeds("/no/such/tokenizer", ["input_ids"], 32, 1)
+
+
 def test_file_text_reads_plain_text_and_jsonl(tmp_path):
     plain = tmp_path / "corpus.txt"
     plain.write_text("first line\nsecond line\n", encoding="utf-8")

@@ -28,7 +28,7 @@ from lowbit.ir.files import model_bytes
 from lowbit.passes import axis_selectors, pipelines, quantize_candidates, quantize_weights
 from lowbit.passes.report import OptimizeReport
 from lowbit.runtime.memory import peak_rss_mb
-from lowbit.tools import models, text
+from lowbit.tools import text
 from lowbit.tools.dev.bench_large_model import Sampler
 
 #: The recipe of issue 19's measurement: W3 g128 AdaDim (block selector) GPTQ with clip search.
@@ -119,7 +119,7 @@ def measure(path: pathlib.Path, recipe: lowbit.Recipe, tokenizer: str, windows: 
         inputs = [value.name for value in model.graph.inputs]
         feeds = bench.run(
             "calibration windows (tokenize)",
-            lambda: text.calibration_feeds(models.named_tokenizer(tokenizer), inputs, length, windows),
+            lambda: text.named_calibration_feeds(tokenizer, inputs, length, windows),
         )
     report = OptimizeReport(recipe=dataclasses.asdict(recipe))
     for pass_ in pipelines.portable_pipeline(recipe, calibration=feeds):
