@@ -322,6 +322,7 @@ class QuantizeWeightsPass(LowbitPass):
                     f"calibration by layer: ONNX Runtime cannot run a layer on the calibration feeds: {error}"
                 ) from error
             stream_bytes = sweep.stream_bytes
+            self.details.update({f"seconds_{part}": seconds for part, seconds in sweep.seconds.items()})
         self.details["calibration"] = {
             "mode": self.calibration_mode,
             "layers": len(layers),

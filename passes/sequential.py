@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -139,6 +140,9 @@ class LayerSweep:
         self.data_dirs = external_data_dirs(model)
         #: Bytes of layer inputs held while each layer was quantized (one cut, every sample).
         self.stream_bytes: list[int] = []
+        #: Seconds spent running the layers for their statistics (``"onnxruntime"``) and waiting for the statistics
+        #: to be folded (``"statistics"``), as ``runtime.calibration.CalibrationStats.seconds``.
+        self.seconds = {"onnxruntime": 0.0, "statistics": 0.0}
 
     def run(self, quantize: LayerQuantizer) -> None:
         proto, self.memory_files = proto_sharing_initializers(self.model)
@@ -208,13 +212,16 @@ class LayerSweep:
             for sample, feeds in enumerate(self.feeds):
                 values = {**feeds, **stream[sample]}
                 if sess is not None:
+                    start = time.perf_counter()
                     values.update(zip(names, sess.run(names, values)))
+                    self.seconds["onnxruntime"] += time.perf_counter() - start
                 folder.submit(_fold, accumulators, {name: values[name] for name in accumulators})
                 if outputs:
                     stream[sample] = {name: values[name] for name in outputs}
                     if sample == 0:
                         self._check_memory(stream[0])
                 del values
+        self.seconds["statistics"] += folder.waited
         for index in layer.indices:
             plan = self.plans[index]
             plan.hessian = accumulators[plan.first.node.inputs[0].name].hessian

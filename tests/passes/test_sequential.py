@@ -334,6 +334,7 @@ def test_outlier_branches_stay_inside_their_decoder_layer():
     details = {p.name: p.details for p in result.report.passes}
     assert details["SplitOutliersPass"]["weights_with_outliers"] == 14
     assert details["QuantizeWeightsPass"]["calibration"]["layers"] == 2
+    assert details["QuantizeWeightsPass"]["seconds_onnxruntime"] > 0  # the layers' runs, timed as the pass's own
 
 
 def test_a_graph_without_weights_has_nothing_to_sweep():
@@ -396,6 +397,7 @@ def test_budget_widths_chosen_in_parallel_then_layers_quantized_in_order():
     details = {p.name: p.details for p in result.report.passes}
     assert details["CaptureCalibrationPass"]["activations"] == 8  # the budget reads every layer's statistics
     assert details["QuantizeWeightsPass"]["calibration"]["layers"] == 2
+    assert details["QuantizeWeightsPass"]["seconds_onnxruntime"] > 0  # the layers' runs, timed as the pass's own
     assert parallel.keys() == seq.keys()
     for name in parallel:
         if ".layers.0." in name:
@@ -425,6 +427,7 @@ def test_by_layer_calibration_equals_the_whole_model(selector):
     assert details["CaptureCalibrationPass"]["activations"] == 0  # the float model is not run whole
     assert details["QuantizeWeightsPass"]["calibration"]["mode"] == "parallel"
     assert details["QuantizeWeightsPass"]["calibration"]["layers"] == 2
+    assert details["QuantizeWeightsPass"]["seconds_onnxruntime"] > 0  # the layers' runs, timed as the pass's own
     assert "calibration" not in {p.name: p.details for p in whole.report.passes}["QuantizeWeightsPass"]
     for mine, theirs in zip(by_layer.report.weights, whole.report.weights, strict=True):
         assert (mine.name, mine.axis, mine.bits) == (theirs.name, theirs.axis, theirs.bits)
