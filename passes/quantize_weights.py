@@ -50,7 +50,7 @@ from lowbit.passes.quantize_plan import SizeBudget, SkipPolicy, choose_within_bu
 from lowbit.passes.quantize_write import write_weight
 from lowbit.passes.report import WeightRecord
 from lowbit.passes.storage_opset import check_convertible, require_storage_support
-from lowbit.runtime.calibration import CalibrationStats, calibration_of
+from lowbit.runtime.calibration import CalibrationStats, calibration_of, collect
 from lowbit.runtime.session import ORT_ERRORS
 
 
@@ -129,6 +129,8 @@ class QuantizeWeightsPass(LowbitPass):
         statistics = calibration_of(model)
         planning = plan_weights(model.graph, self.policy, lambda uses: self._hessian(uses, statistics))
         plans, self.skipped = planning.plans, planning.skipped
+        if self.calibrate_by_layer and self.by_layer_refused is not None:
+            self.details["by_layer_refused"] = self.by_layer_refused
         release = self._releases_hessians and statistics is not None
         if release:  # the plans now hold the only references: each drops its own once measured (``choose``)
             for accumulator in statistics.by_activation.values():
@@ -287,10 +289,24 @@ class QuantizeWeightsPass(LowbitPass):
             write(layer.indices, self._choose(layer_model, layer_plans, step.samples, release_hessians=release))
             return {}
 
-        _, rest = sequential.group_layers(plans)
+        layers, rest = sequential.group_layers(plans)
         # The other weights' axes are chosen on the float model, before the sweep writes the layers into it.
         rest_axes = self._choose(model, [plans[i] for i in rest], statistics.samples, release_hessians=release)
-        self._sweep(model, plans, statistics, quantize, "float")
+        swept = [index for layer in layers for index in layer.indices]
+        inputs = {plans[i].first.node.inputs[0].name: plans[i].weight.shape[0] for i in swept}
+        whole_hessians = sum(8 * channels**2 for channels in inputs.values())
+        try:  # never more memory for the layers' inputs than the whole model's Hessians would take (or 2 GiB)
+            self._sweep(model, plans, statistics, quantize, "float", max(sequential.MAX_STREAM_BYTES, whole_hessians))
+        except sequential.StreamTooLarge as error:
+            if any(record is not None for record in records):  # a later layer's inputs grew: too late to go back
+                raise
+            self.by_layer_refused = self.details["by_layer_refused"] = f"{error} (calibrated whole instead)"
+            whole = collect(model, statistics.feeds, only=set(inputs), keep_samples=0)
+            for index in swept:
+                plans[index].hessian = whole.for_use(plans[index].first).hessian
+            for accumulator in whole.by_activation.values():  # the plans hold the only references (``choose``)
+                accumulator.release()
+            write(swept, self._choose(model, [plans[i] for i in swept], statistics.samples, release_hessians=release))
         write(rest, rest_axes)
         return records
 
@@ -301,6 +317,7 @@ class QuantizeWeightsPass(LowbitPass):
         statistics: CalibrationStats,
         quantize: sequential.LayerQuantizer,
         stream: str,
+        max_stream_bytes: int = sequential.MAX_STREAM_BYTES,
     ) -> list[int]:
         """Run ``quantize`` on the decoder layers in graph order (``sequential.LayerSweep`` on ``stream``); returns
         the indices of the plans outside them, which the sweep leaves to the caller."""
@@ -313,7 +330,13 @@ class QuantizeWeightsPass(LowbitPass):
         stream_bytes = []
         if layers:
             sweep = sequential.LayerSweep(
-                model, plans, layers, statistics.feeds, selector_samples=len(statistics.samples), stream=stream
+                model,
+                plans,
+                layers,
+                statistics.feeds,
+                selector_samples=len(statistics.samples),
+                max_stream_bytes=max_stream_bytes,
+                stream=stream,
             )
             try:
                 sweep.run(quantize)

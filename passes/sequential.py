@@ -56,6 +56,12 @@ from lowbit.runtime.threads import NO_SPINNING
 
 #: Refuse to hold more than this many bytes of layer inputs (one cut, all samples).
 MAX_STREAM_BYTES = 2 * 2**30
+
+
+class StreamTooLarge(ValueError):
+    """The layer inputs of every sample would take more memory than the sweep may hold."""
+
+
 #: How the input of the next layer is computed: with the layer quantized, or in float.
 STREAMS = ("quantized", "float")
 
@@ -191,8 +197,9 @@ class LayerSweep:
         total = sum(value.nbytes for value in first.values()) * len(self.feeds)
         if total > self.max_stream_bytes:
             shapes = {name: list(value.shape) for name, value in first.items()}
-            raise ValueError(
-                f"sequential calibration would hold {total / 2**20:.0f} MiB of layer inputs ({len(self.feeds)} samples "
+            what = "sequential calibration" if self.stream == "quantized" else "calibrating layer by layer"
+            raise StreamTooLarge(
+                f"{what} would hold {total / 2**20:.0f} MiB of layer inputs ({len(self.feeds)} samples "
                 f"of {shapes}), over the limit of {self.max_stream_bytes / 2**20:.0f} MiB: use fewer or shorter "
                 "calibration windows, or calibration_mode='parallel'"
             )

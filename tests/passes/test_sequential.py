@@ -462,5 +462,20 @@ def test_a_graph_the_sweep_cannot_cut_is_calibrated_whole(monkeypatch):
     details = {p.name: p.details for p in by_layer.report.passes}
     assert details["CaptureCalibrationPass"]["activations"] == 4 * 2  # the inputs of q/k/v, o, gate/up, down
     assert "calibration" not in details["QuantizeWeightsPass"]
+    assert details["QuantizeWeightsPass"]["by_layer_refused"] == "its layers interleave"
+    for name in whole_tensors:
+        np.testing.assert_array_equal(by_layer_tensors[name], whole_tensors[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_layer_inputs_larger_than_the_hessians_are_calibrated_whole(monkeypatch):
+    """Where every sample's layer inputs would take more memory than the layers' Hessians (and than the 2 GiB floor,
+    here 0), the float model is calibrated whole instead, with the same result."""
+    monkeypatch.setattr(sequential, "MAX_STREAM_BYTES", 0)
+    recipe = lowbit.Recipe(bits=3, group_size=16, method="gptq", axis="adadim", selector="block")
+    feeds = _feeds(48, tokens=64)  # 48 x 2 x 64 x 64 float32 = 1.5 MiB of inputs; the Hessians take 0.6 MiB
+    whole, whole_tensors, by_layer, by_layer_tensors = _whole_and_by_layer(recipe, feeds)
+    refused = {p.name: p.details for p in by_layer.report.passes}["QuantizeWeightsPass"]["by_layer_refused"]
+    assert "calibrating layer by layer would hold 2 MiB" in refused and refused.endswith("(calibrated whole instead)")
     for name in whole_tensors:
         np.testing.assert_array_equal(by_layer_tensors[name], whole_tensors[name], err_msg=name)
