@@ -15,9 +15,10 @@ the graph inputs and ``C_i``) with float weights to accumulate ``H`` of its weig
 quantize the layer, and runs the subgraph again with the quantized weights to produce ``C_{i+1}`` (float stream:
 ``C_{i+1}`` comes out of the first run), which replaces ``C_i`` sample by sample. The sessions read the model's
 own weight arrays (``runtime.session.proto_sharing_initializers``), no copy of them; a layer's arrays are let go
-once it is quantized (``LayerSweep.run``), so a caller that writes each layer as it goes frees its float weights. Memory: one cut for all samples (samples x tokens x hidden float32 for
-a residual stream: 128 x 256 x 576 floats = 75 MB for SmolLM2), never one per layer; past
-``max_stream_bytes`` (default 2 GiB; checked on the first sample of every cut) the sweep refuses.
+once it is quantized (``LayerSweep.run``), so a caller that writes each layer as it goes frees its float weights.
+Memory: one cut for all samples (samples x tokens x hidden float32 for a residual stream), never one per layer;
+past ``max_stream_bytes`` (default 2 GiB; checked on the first sample of every cut) the sweep refuses
+(``StreamTooLarge``).
 
 Which weights: MatMul weights (initializers) whose every use sits in one decoder layer (module path
 ``...layers.<i>``, see ``axis_selectors.decoder_layer``). The others (LM head, embeddings, Gemm weights,
@@ -134,7 +135,7 @@ class LayerSweep:
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
         if not feeds:
-            raise ValueError("sequential calibration got no calibration feeds")
+            raise ValueError("the layer sweep got no calibration feeds")
         expected = sorted(value.name for value in model.graph.inputs if not value.is_initializer())
         if sorted(feeds[0]) != expected:
             raise ValueError(f"calibration feeds name the inputs {sorted(feeds[0])}; the model takes {expected}")
@@ -198,10 +199,11 @@ class LayerSweep:
         if total > self.max_stream_bytes:
             shapes = {name: list(value.shape) for name, value in first.items()}
             what = "sequential calibration" if self.stream == "quantized" else "calibrating layer by layer"
+            other_mode = ", or calibration_mode='parallel'" if self.stream == "quantized" else ""
             raise StreamTooLarge(
                 f"{what} would hold {total / 2**20:.0f} MiB of layer inputs ({len(self.feeds)} samples "
                 f"of {shapes}), over the limit of {self.max_stream_bytes / 2**20:.0f} MiB: use fewer or shorter "
-                "calibration windows, or calibration_mode='parallel'"
+                f"calibration windows{other_mode}"
             )
 
     def _set_hessians(self, extractor, layer: Layer, inputs: list[str], stream, outputs: list[str]) -> None:

@@ -10,13 +10,15 @@ Calibration and evaluation never share a text: calibrate on ``CALIBRATION_PLAYS`
 
 from __future__ import annotations
 
-import concurrent.futures
 import importlib.util
 import json
-import multiprocessing
 import os
 import pathlib
+import pickle
 import re
+import subprocess
+import sys
+import tempfile
 import warnings
 from collections.abc import Mapping
 
@@ -180,14 +182,32 @@ def named_calibration_feeds(
     tokenizer: str, input_names: list[str], length: int, count: int, text: str | None = None
 ) -> list[dict[str, np.ndarray]]:
     """``calibration_feeds`` with the tokenizer ``tools.models.named_tokenizer`` finds by ``tokenizer``, made in a
-    child process: loading a Hugging Face tokenizer imports transformers and torch, hundreds of MiB that would
-    stay resident in the calling process while it quantizes; only the token arrays come back."""
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the caller's memory or threads
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as child:
-        return child.submit(_calibration_feeds_of, tokenizer, input_names, length, count, text).result()
+    child interpreter: loading a Hugging Face tokenizer imports transformers and torch, hundreds of MiB that would
+    stay resident in the calling process while it quantizes; only the token arrays come back (or the child's
+    exception, raised here)."""
+    with tempfile.TemporaryDirectory(prefix="lowbit-tokenize-") as folder:
+        request, answer = pathlib.Path(folder, "request.pickle"), pathlib.Path(folder, "answer.pickle")
+        request.write_bytes(pickle.dumps((tokenizer, input_names, length, count, text)))
+        code = f"from lowbit.tools import text; text._answer_named_feeds({str(request)!r}, {str(answer)!r})"
+        done = subprocess.run(
+            [sys.executable, "-c", code], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False
+        )
+        if not answer.is_file():
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"tokenizing in a child process failed (exit {done.returncode}): {' / '.join(tail)}")
+        failed, value = pickle.loads(answer.read_bytes())
+    if failed:
+        raise value
+    return value
 
 
-def _calibration_feeds_of(tokenizer: str, input_names: list[str], length: int, count: int, text: str | None):
+def _answer_named_feeds(request: str, answer: str) -> None:
+    """The child's side of ``named_calibration_feeds``: (False, feeds) or (True, the exception) into ``answer``."""
     from lowbit.tools import models
 
-    return calibration_feeds(models.named_tokenizer(tokenizer), input_names, length, count, text)
+    tokenizer, input_names, length, count, text = pickle.loads(pathlib.Path(request).read_bytes())
+    try:
+        result = (False, calibration_feeds(models.named_tokenizer(tokenizer), input_names, length, count, text))
+    except Exception as error:  # any failure is the caller's to report, as if it had happened there
+        result = (True, error)
+    pathlib.Path(answer).write_bytes(pickle.dumps(result))
