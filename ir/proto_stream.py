@@ -43,12 +43,11 @@ class Weight(NamedTuple):
 
 
 class _Tensor(NamedTuple):
-    """An initializer field of the graph: offsets of its key, its length varint, its body and its end; of its
+    """An initializer field of the graph: offsets of its length varint (after the key), its body and its end; of its
     ``raw_data`` length varint and bytes (when it has exactly one such field); whether it holds nothing but
     dims, data_type, name, doc_string and raw_data (what ``ir.Tensor`` writes back the same); its data type
     and element count (None for a negative dimension)."""
 
-    key: int
     length_at: int
     body: int
     end: int
@@ -61,7 +60,6 @@ class _Tensor(NamedTuple):
 
 
 class _Graph(NamedTuple):
-    key: int
     length_at: int
     body: int
     end: int
@@ -152,11 +150,10 @@ def _layout(reader: _Reader, end: int) -> list[_Graph]:
     """The graph fields of the ModelProto that fills the file up to ``end``, with their initializer fields."""
     graphs = []
     while reader.position < end:
-        key = reader.position
         number, wire = reader.key(end)
         if number == _MODEL_GRAPH and wire == _LENGTH:
             length_at, body, graph_end = reader.message(end)
-            graphs.append(_Graph(key, length_at, body, graph_end, list(_initializers(reader, graph_end))))
+            graphs.append(_Graph(length_at, body, graph_end, list(_initializers(reader, graph_end))))
         else:
             reader.skip_value(number, wire, end)
     return graphs
@@ -164,15 +161,14 @@ def _layout(reader: _Reader, end: int) -> list[_Graph]:
 
 def _initializers(reader: _Reader, end: int) -> Iterator[_Tensor]:
     while reader.position < end:
-        key = reader.position
         number, wire = reader.key(end)
         if number == _GRAPH_INITIALIZER and wire == _LENGTH:
-            yield _tensor(reader, key, *reader.message(end))
+            yield _tensor(reader, *reader.message(end))
         else:
             reader.skip_value(number, wire, end)
 
 
-def _tensor(reader: _Reader, key: int, length_at: int, body: int, end: int) -> _Tensor:
+def _tensor(reader: _Reader, length_at: int, body: int, end: int) -> _Tensor:
     dims, data_type, raws, plain = [], 0, [], True
     while reader.position < end:
         number, wire = reader.key(end)
@@ -194,7 +190,7 @@ def _tensor(reader: _Reader, key: int, length_at: int, body: int, end: int) -> _
     raw_length_at, raw_data, raw_bytes = raws[0] if len(raws) == 1 else (None, 0, 0)
     elements = math.prod(dims) if all(dim < 2**63 for dim in dims) else None  # int64: above is negative
     return _Tensor(
-        key, length_at, body, end, raw_length_at, raw_data, raw_bytes, plain and len(raws) == 1, data_type, elements
+        length_at, body, end, raw_length_at, raw_data, raw_bytes, plain and len(raws) == 1, data_type, elements
     )
 
 
