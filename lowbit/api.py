@@ -18,6 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from lowbit.ir import files as model_files
+from lowbit.ir import proto_stream
 from lowbit.passes import pipelines
 from lowbit.passes.recipe import Recipe
 from lowbit.passes.report import OptimizeReport
@@ -66,18 +67,83 @@ def _external_files(model: ir.Model, base_dir: pathlib.Path) -> set[str]:
 _EXTERNAL_CONSTANTS_COMPLAINT = "Cannot parse data from external tensors"
 
 
-def _check(path: pathlib.Path, full_check: bool = True) -> str | None:
+def _check(model: pathlib.Path | bytes, full_check: bool = True) -> str | None:
     try:
-        onnx.checker.check_model(str(path), full_check=full_check)
+        onnx.checker.check_model(model if isinstance(model, bytes) else str(model), full_check=full_check)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         return str(error).strip()
     return None
 
 
-def _checker_complaint(path: pathlib.Path) -> str | None:
+def _checker_complaint(path: pathlib.Path, proto: onnx.ModelProto, weights: list[proto_stream.Weight]) -> str | None:
     """What ``onnx.checker`` (with strict shape inference) finds wrong with the file, or None.
 
-    Run on the path, before the model is parsed, so that its copy and ours are not in memory together.
+    Checked first without the weights that ``load`` reads from the file itself (``_checked_without_weights``),
+    which needs no copy of them: a model that passes so passes whole. Otherwise (or where that check could
+    differ) the file is checked whole, so that any complaint is the file's own.
+    """
+    stand_in = _checked_without_weights(proto, weights)
+    if stand_in is not None and _check(stand_in) is None:
+        return None
+    return _file_checker_complaint(path)
+
+
+def _checked_without_weights(proto: onnx.ModelProto, weights: list[proto_stream.Weight]) -> bytes | None:
+    """``proto`` (whose ``weights`` are empty) serialized for the checker with those initializers made graph
+    inputs of their type and shape; None where the checker could then say otherwise than on the file.
+
+    What the checker checks of such a tensor (a plain raw-data tensor whose bytes fill its shape) holds, and
+    shape inference reads no value of a tensor that large (``SMALL_EXTERNAL_TENSOR``), as with external data.
+    Not so where the IR version is below 4 (initializers must be inputs there), a weight's name is also an
+    input's or another initializer's, or the model has external data (the checker would look for it in the
+    working directory).
+    """
+    if not weights or proto.ir_version < 4 or any(_external_proto_tensors(proto)):
+        return None
+    left_out = {weight.index for weight in weights}
+    names = collections.Counter(
+        [tensor.name for tensor in proto.graph.initializer] + [value.name for value in proto.graph.input]
+    )
+    tensors = [tensor for index, tensor in enumerate(proto.graph.initializer) if index in left_out]
+    if any(names[tensor.name] > 1 for tensor in tensors):
+        return None
+    check = onnx.ModelProto()
+    check.CopyFrom(proto)
+    del check.graph.initializer[:]
+    check.graph.initializer.extend(
+        tensor for index, tensor in enumerate(proto.graph.initializer) if index not in left_out
+    )
+    check.graph.input.extend(
+        onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims) for tensor in tensors
+    )
+    return check.SerializeToString()
+
+
+def _external_proto_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """The tensors of ``proto`` stored as external data: in graphs, subgraphs and functions, sparse ones too."""
+
+    def tensors(graph) -> Iterator[onnx.TensorProto]:
+        sparse = list(getattr(graph, "sparse_initializer", ()))
+        yield from getattr(graph, "initializer", ())
+        for node in graph.node:
+            for attribute in node.attribute:
+                yield attribute.t
+                yield from attribute.tensors
+                sparse += [attribute.sparse_tensor, *attribute.sparse_tensors]
+                for subgraph in (attribute.g, *attribute.graphs):
+                    yield from tensors(subgraph)
+        for tensor in sparse:
+            yield from (tensor.values, tensor.indices)
+
+    for graph in (proto.graph, *proto.functions):
+        for tensor in tensors(graph):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                yield tensor
+
+
+def _file_checker_complaint(path: pathlib.Path) -> str | None:
+    """What ``onnx.checker`` (with strict shape inference) finds wrong with the file, read by the checker.
+
     A file whose small constants (shapes, axes) are external data too (``onnx.save(...,
     save_as_external_data=True, size_threshold=0)``) is valid, but the checker's shape inference cannot read
     them: it is then checked without shape inference, and shape inference (as strict) runs on a copy
@@ -128,15 +194,14 @@ def load(path: str | os.PathLike, *, checker: bool = True) -> ir.Model:
     but the checker refuses, such as the genai builder's, which puts its contrib op
     ``SimplifiedLayerNormalization`` in the ONNX domain.
 
-    The tensors hold their bytes themselves (``_own_tensor_bytes``), not the parsed proto, which is dropped."""
+    The file is parsed without the main graph's large weights (``_parse``), whose bytes are read into arrays of
+    their own; the other tensors hold their bytes themselves too (``_own_tensor_bytes``), not the parsed
+    proto, which is dropped."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX file at {str(path)!r}")
-    complaint = _checker_complaint(path) if checker else None
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except Exception as error:  # protobuf raises DecodeError, RuntimeWarning subclasses, ...
-        raise ValueError(f"{str(path)!r} is not a readable ONNX model: {error}") from error
+    proto, weights = _parse(path)
+    complaint = _checker_complaint(path, proto, weights) if checker else None
     if not proto.opset_import or not proto.graph.output:
         raise ValueError(f"{str(path)!r} is not a usable ONNX model: it has no opset import or no graph outputs")
     sparse = [tensor.values.name or tensor.indices.name for tensor in proto.graph.sparse_initializer]
@@ -154,11 +219,55 @@ def load(path: str | os.PathLike, *, checker: bool = True) -> ir.Model:
     if complaint:
         raise ValueError(f"{str(path)!r} is not a valid ONNX model: {complaint}")
     _check_opsets_and_names(model, path)
+    _read_weights(model, proto, weights, path)
     _own_tensor_bytes(model)
     del proto  # nothing reads it any more
     release_free_memory()  # the parsed proto's pages, resident in the heap until handed back
     model.meta[model_files.SOURCE_KEY] = sources
     return model
+
+
+def _parse(path: pathlib.Path) -> tuple[onnx.ModelProto, list[proto_stream.Weight]]:
+    """The file's ModelProto with the ``raw_data`` of the main graph's large plain initializers empty, and where
+    their bytes lie in the file (``proto_stream.read_without_weights``). A file that ``onnx.load`` reads as
+    text (by its suffix: ``.json``, ``.textproto``, ...) is parsed whole, as it does."""
+    text = onnx.serialization.registry.get_format_from_file_extension(path.suffix) not in (None, "protobuf")
+    itemsizes = {dtype.value: int(dtype.itemsize) for dtype in runtime_session.NUMPY_BYTES_TYPES}
+    if text:
+        data, weights = None, []
+    else:
+        data, weights = proto_stream.read_without_weights(path, runtime_session.SMALL_EXTERNAL_TENSOR, itemsizes)
+    try:
+        proto = onnx.load(path, load_external_data=False) if text else onnx.load_model_from_string(data)
+    except Exception as error:  # protobuf raises DecodeError, RuntimeWarning subclasses, ...
+        raise ValueError(f"{str(path)!r} is not a readable ONNX model: {error}") from error
+    return proto, weights
+
+
+def _read_weights(
+    model: ir.Model, proto: onnx.ModelProto, weights: list[proto_stream.Weight], path: pathlib.Path
+) -> None:
+    """Give each main-graph initializer that ``_parse`` left empty an array of its own, read from the file, as
+    ``_own_tensor_bytes`` makes it from parsed bytes. Read, not mapped: a mapped file's pages count as the
+    process's memory. Of initializers with one name, the model holds the last (``onnx_ir``), read only if empty."""
+    names = [tensor.name for tensor in proto.graph.initializer]
+    last = {name: index for index, name in enumerate(names)}
+    with open(path, "rb") as file:
+        for weight in weights:
+            name = names[weight.index]
+            if last[name] != weight.index:
+                continue
+            value = model.graph.initializers[name]
+            tensor = value.const_value
+            array = np.empty(weight.length, np.uint8)
+            file.seek(weight.offset)
+            if file.readinto(array) != weight.length:
+                raise ValueError(f"{str(path)!r} changed while it was read: tensor {name!r} is cut short")
+            array = array.view(tensor.dtype.numpy().newbyteorder("<")).reshape(tensor.raw.dims)
+            array.flags.writeable = False  # as the parsed bytes were
+            value.const_value = ir.Tensor(
+                array, dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string or None
+            )
 
 
 #: The fields of a TensorProto whose tensor ``_own_tensor_bytes`` turns into a NumPy array: what ``ir.Tensor``
@@ -323,7 +432,8 @@ def save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> pathlib.
 
     The output stands alone: tensors that the model still reads from its input's external data file (a
     bias or norm weight left in float) are written inline, or into ``<name>.data`` past the threshold,
-    never referenced. Refuses to write over the file the model was loaded from or any external data it
+    never referenced. An inline file is written as ``ir.save`` writes it, without a serialized copy of the
+    weights (``proto_stream.write_model``). Refuses to write over the file the model was loaded from or any external data it
     reads. The files are written in a private folder beside the output and moved into place once
     complete, so an error, Ctrl-C or SIGTERM leaves the previous output and no partial file. ``model`` is
     unchanged (an ``onnx.ModelProto`` is accepted too).
@@ -343,9 +453,11 @@ def save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> pathlib.
     try:
         with _cleanup_on_sigterm():
             staging = pathlib.Path(tempfile.mkdtemp(prefix=".lowbit-save-", dir=path.parent))  # unique per call
-            ir.save(model, staging / path.name, external_data=external)
             if external:
+                ir.save(model, staging / path.name, external_data=external)
                 os.replace(staging / external, path.parent / external)
+            else:
+                proto_stream.write_model(model, staging / path.name)  # what ir.save writes, without copies
             os.replace(staging / path.name, path)
     except OSError as error:  # name the output, not the staging file (errno keeps the subclass)
         raise OSError(error.errno, f"cannot write {str(path)!r}: {error.strerror}") from error

@@ -255,15 +255,16 @@ def test_sigterm_during_save_leaves_no_partial_file(tmp_path):
     output = tmp_path / "model.onnx"
     output.write_bytes(b"previous output")
     script = textwrap.dedent(f"""
-        import os, signal, time, onnx_ir as ir
+        import os, signal, time
         import lowbit
+        from lowbit.ir import proto_stream
         from tests import factories
-        real_save = ir.save
-        def slow_save(model, path, **kwargs):
-            real_save(model, path, **kwargs)
+        real_write = proto_stream.write_model
+        def slow_write(model, path):
+            real_write(model, path)
             os.kill(os.getpid(), signal.SIGTERM)  # arrives after the staging file is written, before it moves
             time.sleep(5)
-        ir.save = slow_save
+        proto_stream.write_model = slow_write
         lowbit.save(factories.mlp(), {str(output)!r})
     """)
     completed = subprocess.run(

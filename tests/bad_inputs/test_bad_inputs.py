@@ -121,11 +121,11 @@ def test_a_failed_save_keeps_the_previous_output_and_leaves_no_temporary_file(tm
     output.write_bytes(b"previous output")
     model = factories.mlp()
 
-    def failing_save(model, path, **kwargs):
+    def failing_write(model, path):
         pathlib.Path(path).write_bytes(b"half a model")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lowbit.api.ir, "save", failing_save)
+    monkeypatch.setattr(lowbit.api.proto_stream, "write_model", failing_write)
     with pytest.raises(OSError, match="model.out.onnx"):
         lowbit.save(model, output)
     assert output.read_bytes() == b"previous output"
