@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 
 import onnx_ir as ir
 
+from lowbit.ir import proto_stream
+
 SOURCE_KEY = "lowbit.source_files"
 #: ``lowbit.save`` writes the tensors into ``<name>.data`` beside the model past this many bytes of them.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -98,11 +100,22 @@ def files_read(model: ir.Model) -> set[str]:
 
 
 def model_bytes(path: str | os.PathLike) -> int:
-    """Size of a model file plus every external data file it names, each counted once (the tensors are
-    not read, only their locations)."""
+    """Size of a model file plus every external data file it names, each counted once (the file is parsed
+    without its weights, ``proto_stream.parse_without_weights``: only the locations are read)."""
     path = pathlib.Path(path)
-    read = files_read(ir.load(path)) | {str(path.resolve())}
+    proto, _ = proto_stream.parse_without_weights(path, 0, _WHOLE_BYTE_ITEMSIZES)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    read = files_read(model) | {str(path.resolve())}
     return sum(pathlib.Path(file).stat().st_size for file in read)
+
+
+#: ONNX type number -> bytes per element, for the types whose elements take whole bytes.
+_WHOLE_BYTE_ITEMSIZES = {
+    dtype.value: int(dtype.itemsize)
+    for dtype in ir.DataType
+    if dtype not in (ir.DataType.UNDEFINED, ir.DataType.STRING) and float(dtype.itemsize).is_integer()
+}
 
 
 def refuse_input_files(targets: Iterable[str | os.PathLike], protected: set[str], what: str = "output") -> None:

@@ -20,12 +20,14 @@ from __future__ import annotations
 import io
 import math
 import os
+import pathlib
 import sys
 import threading
 from collections.abc import Iterator, Mapping
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 _MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
@@ -275,6 +277,21 @@ def read_without_weights(
                     raise ValueError(f"{str(path)!r} changed while it was read")
             at += len(piece)
     return bytes(data), weights
+
+
+def parse_without_weights(
+    path: str | os.PathLike, min_bytes: int, itemsizes: Mapping[int, int]
+) -> tuple[onnx.ModelProto, list[Weight]]:
+    """``read_without_weights`` parsed: the file's ModelProto with those weights empty, and where their bytes lie.
+    A file that ``onnx.load`` reads as text (by its suffix: ``.json``, ``.textproto``, ...) is parsed whole, as
+    it does. Raises ValueError, naming the file, where it cannot be parsed."""
+    text = onnx.serialization.registry.get_format_from_file_extension(pathlib.Path(path).suffix)
+    data, weights = (None, []) if text not in (None, "protobuf") else read_without_weights(path, min_bytes, itemsizes)
+    try:
+        proto = onnx.load(path, load_external_data=False) if data is None else onnx.load_model_from_string(data)
+    except Exception as error:  # protobuf raises DecodeError, RuntimeWarning subclasses, ...
+        raise ValueError(f"{str(path)!r} is not a readable ONNX model: {error}") from error
+    return proto, weights
 
 
 #: Tensors that ``onnx_ir`` serializes from something other than their bytes (a proto, strings, a file reference).

@@ -229,19 +229,9 @@ def load(path: str | os.PathLike, *, checker: bool = True) -> ir.Model:
 
 def _parse(path: pathlib.Path) -> tuple[onnx.ModelProto, list[proto_stream.Weight]]:
     """The file's ModelProto with the ``raw_data`` of the main graph's large plain initializers empty, and where
-    their bytes lie in the file (``proto_stream.read_without_weights``). A file that ``onnx.load`` reads as
-    text (by its suffix: ``.json``, ``.textproto``, ...) is parsed whole, as it does."""
-    text = onnx.serialization.registry.get_format_from_file_extension(path.suffix) not in (None, "protobuf")
+    their bytes lie in the file (``proto_stream.parse_without_weights``)."""
     itemsizes = {dtype.value: int(dtype.itemsize) for dtype in runtime_session.NUMPY_BYTES_TYPES}
-    if text:
-        data, weights = None, []
-    else:
-        data, weights = proto_stream.read_without_weights(path, runtime_session.SMALL_EXTERNAL_TENSOR, itemsizes)
-    try:
-        proto = onnx.load(path, load_external_data=False) if text else onnx.load_model_from_string(data)
-    except Exception as error:  # protobuf raises DecodeError, RuntimeWarning subclasses, ...
-        raise ValueError(f"{str(path)!r} is not a readable ONNX model: {error}") from error
-    return proto, weights
+    return proto_stream.parse_without_weights(path, runtime_session.SMALL_EXTERNAL_TENSOR, itemsizes)
 
 
 def _read_weights(

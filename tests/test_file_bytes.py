@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -44,3 +45,14 @@ def test_file_bytes_with_a_data_file_is_an_upper_bound_within_the_offsets_digits
     ir.save(model, tmp_path / "model.onnx", external_data=location)
     written = sum(path.stat().st_size for path in tmp_path.iterdir())
     assert written <= counted <= written + 20 * len(model.graph.initializers)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".textproto"])
+def test_model_bytes_counts_the_file_and_each_data_file_it_names_once(tmp_path, suffix):
+    model = factories.mlp()
+    inline = tmp_path / f"inline{suffix}"
+    onnx.save(ir.to_proto(model), inline)
+    assert files.model_bytes(inline) == inline.stat().st_size
+    split = tmp_path / "split.onnx"
+    onnx.save(ir.to_proto(model), split, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    assert files.model_bytes(split) == split.stat().st_size + (tmp_path / "weights.bin").stat().st_size
