@@ -158,7 +158,7 @@ class QuantizeWeightsPass(LowbitPass):
                 choices = self._choose_sequentially(model, plans, statistics, budget.bits)
         elif self.calibration_mode == "sequential" and plans:  # no weight: nothing to sweep
             choices = self._choose_sequentially(model, plans, statistics)
-        elif not self._by_layer:
+        elif not (self._by_layer and plans):
             choices = self._choose(model, plans, samples, release_hessians=release)
         if plans:
             analysis.normalize_default_domain(model)

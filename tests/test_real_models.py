@@ -89,7 +89,13 @@ def test_cli_calibrates_on_text_and_runs_adadim_gptq(minilm_onnx, tmp_path, text
     weights = json.loads(report.read_text())["weights"]
     assert len(weights) == 36 and all(w["method"] == "gptq" and set(w["axis_errors"]) == {"oc", "ic"} for w in weights)
     passes = {p["name"]: p for p in json.loads(report.read_text())["passes"]}
-    assert passes["CaptureCalibrationPass"]["details"]["tokens"] == 4 * 64
+    assert passes["CaptureCalibrationPass"]["details"]["feeds_kept"] == 4  # the layers are calibrated one at a time
+    assert passes["QuantizeWeightsPass"]["details"]["calibration"] == {
+        "mode": "parallel",
+        "layers": 6,
+        "stream_mb": pytest.approx(4 * 64 * 384 * 4 / 2**20, rel=0.5),  # the hidden states, and the attention mask
+        "parallel_statistics": [],
+    }
 
 
 @pytest.mark.parametrize("bits, axis, outlier_fraction", [(4, "ic", 0), (3, "oc", 0), (2, "ic", 0), (3, "ic", 0.005)])
