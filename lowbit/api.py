@@ -121,22 +121,8 @@ def _checked_without_weights(proto: onnx.ModelProto, weights: list[proto_stream.
 
 def _external_proto_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """The tensors of ``proto`` stored as external data: in graphs, subgraphs and functions, sparse ones too."""
-
-    def tensors(graph) -> Iterator[onnx.TensorProto]:
-        sparse = list(getattr(graph, "sparse_initializer", ()))
-        yield from getattr(graph, "initializer", ())
-        for node in graph.node:
-            for attribute in node.attribute:
-                yield attribute.t
-                yield from attribute.tensors
-                sparse += [attribute.sparse_tensor, *attribute.sparse_tensors]
-                for subgraph in (attribute.g, *attribute.graphs):
-                    yield from tensors(subgraph)
-        for tensor in sparse:
-            yield from (tensor.values, tensor.indices)
-
     for graph in (proto.graph, *proto.functions):
-        for tensor in tensors(graph):
+        for tensor in runtime_session.proto_tensors(graph):
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 yield tensor
 
@@ -253,11 +239,8 @@ def _read_weights(
             file.seek(weight.offset)
             if file.readinto(array) != weight.length:
                 raise ValueError(f"{str(path)!r} changed while it was read: tensor {name!r} is cut short")
-            array = array.view(tensor.dtype.numpy().newbyteorder("<")).reshape(tensor.raw.dims)
             array.flags.writeable = False  # as the parsed bytes were
-            value.const_value = ir.Tensor(
-                array, dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string or None
-            )
+            value.const_value = _plain_tensor(array, tensor)
 
 
 #: The fields of a TensorProto whose tensor ``_own_tensor_bytes`` turns into a NumPy array: what ``ir.Tensor``
@@ -284,8 +267,7 @@ def _own_tensor_bytes(model: ir.Model) -> None:
             and fields <= _PLAIN_TENSOR_FIELDS
             and tensor.dtype in runtime_session.NUMPY_BYTES_TYPES
         ):
-            array = np.frombuffer(proto.raw_data, dtype=tensor.dtype.numpy().newbyteorder("<")).reshape(proto.dims)
-            return ir.Tensor(array, dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string or None)
+            return _plain_tensor(np.frombuffer(proto.raw_data, np.uint8), tensor)
         copy = onnx.TensorProto()
         copy.CopyFrom(proto)
         return ir.serde.TensorProtoTensor(copy)
@@ -298,6 +280,13 @@ def _own_tensor_bytes(model: ir.Model) -> None:
     for function in model.functions.values():
         for node in ir.traversal.RecursiveGraphIterator(function):
             _own_attribute_tensors(node, owned)
+
+
+def _plain_tensor(data: np.ndarray, tensor: ir.serde.TensorProtoTensor) -> ir.Tensor:
+    """An ``ir.Tensor`` over ``data`` (the raw bytes of a plain tensor, uint8) with ``tensor``'s type, shape, name and
+    doc string: it serializes to the same TensorProto."""
+    array = data.view(tensor.dtype.numpy().newbyteorder("<")).reshape(tensor.raw.dims)
+    return ir.Tensor(array, dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string or None)
 
 
 def _own_attribute_tensors(node: ir.Node, owned) -> None:

@@ -133,18 +133,25 @@ def set_external_data_dirs(model: ir.Model, dirs: Mapping[str, str]) -> ir.Model
     return model
 
 
-def proto_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every initializer and tensor attribute of ``graph`` and its subgraphs (protobuf messages)."""
-    yield from graph.initializer
+def proto_tensors(graph: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx.TensorProto]:
+    """Every initializer and tensor attribute of ``graph`` (or a function's nodes) and its subgraphs, sparse
+    tensors' values and indices too (protobuf messages)."""
+    sparse = list(getattr(graph, "sparse_initializer", ()))
+    yield from getattr(graph, "initializer", ())
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.HasField("t"):
                 yield attribute.t
             yield from attribute.tensors
+            if attribute.HasField("sparse_tensor"):
+                sparse.append(attribute.sparse_tensor)
+            sparse.extend(attribute.sparse_tensors)
             if attribute.HasField("g"):
                 yield from proto_tensors(attribute.g)
             for subgraph in attribute.graphs:
                 yield from proto_tensors(subgraph)
+    for tensor in sparse:
+        yield from (tensor.values, tensor.indices)
 
 
 #: External tensors up to this many bytes (what onnx.save keeps inline by default) are read into the proto:
