@@ -27,7 +27,7 @@ from lowbit.passes.reorder_channels import ReorderChannelsPass
 from lowbit.passes.report import OptimizeReport, PassRecord
 from lowbit.passes.split_outliers import SplitOutliersPass
 from lowbit.runtime.calibration import CalibrationStats
-from lowbit.runtime.memory import peak_rss_mb, release_free_memory
+from lowbit.runtime.memory import map_large_allocations, peak_rss_mb, release_free_memory
 
 DUMP_DIR_VARIABLE = "LOWBIT_DUMP_DIR"
 
@@ -131,7 +131,10 @@ def outlier_pipeline(recipe: Recipe, *, calibration) -> list[LowbitPass]:
 
 def run_pipeline(model: ir.Model, passes: list[LowbitPass], report: OptimizeReport) -> ir.Model:
     """Run ``passes`` in order on ``model`` (in place), recording each in ``report`` (what every
-    ``LowbitPass`` reports: ``details``, ``weight_records``, ``skipped``)."""
+    ``LowbitPass`` reports: ``details``, ``weight_records``, ``skipped``). Large allocations get their own
+    mappings from here on (``memory.map_large_allocations``), so that what the passes' threads free is handed
+    back at once."""
+    map_large_allocations()
     dump_dir = os.environ.get(DUMP_DIR_VARIABLE)
     for index, pass_ in enumerate(passes):
         start = time.perf_counter()

@@ -5,7 +5,9 @@ whose earlier layers are already quantized (GPTQ's order), for about two forward
 twice: with float weights for its statistics, with quantized ones for the next layer's input), not one per layer.
 ``float`` (the parallel mode's statistics, layer by layer): the next layer's input is computed with float
 weights in the same run that gives the layer's statistics, so the statistics are those of the whole float model,
-for one forward pass, with one layer's Hessians alive at a time instead of every layer's.
+for one forward pass, with one layer's Hessians alive at a time instead of every layer's (two while a layer is
+quantized on a second thread, which the float stream does while the next layer is calibrated: neither waits
+for the other, and the cores that one part leaves idle go to the other).
 
 The shortcut: cut the graph before every decoder layer. The cut ``C_i`` is the set of values produced
 before layer ``i`` and read at or after it that depend on some weight (the residual stream; values
@@ -29,6 +31,7 @@ the layers stay in float while the sweep runs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import time
@@ -43,7 +46,7 @@ from tqdm.auto import tqdm
 from lowbit.ir import analysis
 from lowbit.passes.axis_selectors import Module, WeightPlan, decoder_layer, module_session
 from lowbit.passes.quant.hessian import HessianAccumulator
-from lowbit.runtime.calibration import FoldBehind
+from lowbit.runtime.calibration import RunBehind
 from lowbit.runtime.memory import release_free_memory
 from lowbit.runtime.session import (
     external_data_dirs,
@@ -148,29 +151,51 @@ class LayerSweep:
         #: Bytes of layer inputs held while each layer was quantized (one cut, every sample).
         self.stream_bytes: list[int] = []
         #: Seconds spent running the layers for their statistics (``"onnxruntime"``) and waiting for the statistics
-        #: to be folded (``"statistics"``), as ``runtime.calibration.CalibrationStats.seconds``.
-        self.seconds = {"onnxruntime": 0.0, "statistics": 0.0}
+        #: to be folded (``"statistics"``), as ``runtime.calibration.CalibrationStats.seconds``; on the float stream,
+        #: waiting for a layer's quantization that the next layer's calibration did not hide (``"quantization"``).
+        self.seconds = {"onnxruntime": 0.0, "statistics": 0.0} | ({"quantization": 0.0} if stream == "float" else {})
 
     def run(self, quantize: LayerQuantizer) -> None:
+        """Calibrate the layers in graph order and hand each to ``quantize``; on the float stream ``quantize`` runs on
+        a second thread, one layer at a time and in order, while the next layer is calibrated (its errors are raised
+        here)."""
         proto, self.memory_files = proto_sharing_initializers(self.model)
         locations = {tensor.name: external_location(tensor) for tensor in proto.graph.initializer}
         extractor = onnx.utils.Extractor(proto)
         del proto
         stream = self._prefix(extractor)
-        for index, layer in enumerate(tqdm(self.layers, desc="calibration by layer", unit="layer")):
-            inputs, outputs = [*self.graph_inputs, *self.cuts[index]], self.cuts[index + 1]
-            self.stream_bytes.append(sum(value.nbytes for sample in stream for value in sample.values()))
-            samples = [{**self.feeds[s], **stream[s]} for s in range(min(self.selector_samples, len(stream)))]
-            last = index + 1 == len(self.layers)
-            self._set_hessians(extractor, layer, inputs, stream, [] if self.stream == "quantized" or last else outputs)
-            build = functools.partial(_float_subgraph, extractor, inputs, outputs, self.data_dirs, self.model)
-            quantized = quantize(layer, LayerStep(build, samples))
-            if self.stream == "quantized" and not last:
-                self._advance(extractor, Module(layer.name, inputs, outputs, layer.indices), quantized, stream)
-            for weight in {id(self.plans[i].first.weight): self.plans[i].first.weight for i in layer.indices}.values():
-                if not weight.uses():  # written by the caller: no later session reads its float array, let it go
-                    self.memory_files.pop(locations.get(weight.name), None)
-            release_free_memory()
+        with RunBehind() if self.stream == "float" else contextlib.nullcontext() as behind:
+            for index, layer in enumerate(tqdm(self.layers, desc="calibration by layer", unit="layer")):
+                inputs, outputs = [*self.graph_inputs, *self.cuts[index]], self.cuts[index + 1]
+                self.stream_bytes.append(sum(value.nbytes for sample in stream for value in sample.values()))
+                samples = [{**self.feeds[s], **stream[s]} for s in range(min(self.selector_samples, len(stream)))]
+                last = index + 1 == len(self.layers)
+                self._set_hessians(
+                    extractor, layer, inputs, stream, [] if self.stream == "quantized" or last else outputs
+                )
+                build = functools.partial(_float_subgraph, extractor, inputs, outputs, self.data_dirs, self.model)
+                step = LayerStep(build, samples)
+                if behind is None:
+                    quantized = quantize(layer, step)
+                    if not last:
+                        self._advance(extractor, Module(layer.name, inputs, outputs, layer.indices), quantized, stream)
+                    self._let_go(layer, locations)
+                else:  # float stream: the next layer's input is ready, so it is calibrated while this one is quantized
+                    if index:
+                        behind.wait()  # one layer quantized at a time, in order
+                        self._let_go(self.layers[index - 1], locations)
+                    behind.submit(quantize, layer, step)
+            if behind is not None:
+                behind.wait()
+                self._let_go(self.layers[-1], locations)
+                self.seconds["quantization"] = behind.waited
+
+    def _let_go(self, layer: Layer, locations: Mapping[str, str | None]) -> None:
+        """Drop the float arrays of the layer's weights that the caller wrote (no later session reads them)."""
+        for weight in {id(self.plans[i].first.weight): self.plans[i].first.weight for i in layer.indices}.values():
+            if not weight.uses():
+                self.memory_files.pop(locations.get(weight.name), None)
+        release_free_memory()
 
     def _prefix(self, extractor: onnx.utils.Extractor) -> list[dict[str, np.ndarray]]:
         """The first cut for every sample (e.g. the token embeddings)."""
@@ -217,7 +242,7 @@ class LayerSweep:
         names = computed + [name for name in outputs if name not in computed and name not in inputs]
         sess = self._session(extractor.extract_model(inputs, names)) if names else None
         accumulators = {name: HessianAccumulator(channels) for name, channels in activations.items()}
-        with FoldBehind() as folder:
+        with RunBehind() as folder:
             for sample, feeds in enumerate(self.feeds):
                 values = {**feeds, **stream[sample]}
                 if sess is not None:

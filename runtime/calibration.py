@@ -152,7 +152,7 @@ def collect(
     stats = CalibrationStats(
         {name: HessianAccumulator(activations[name]) for name in names}, feeds=[] if keep_feeds else None
     )
-    with FoldBehind() as folder:
+    with RunBehind() as folder:
         for feeds in tqdm(batches, desc="calibration", unit="batch", total=total):
             if sess is not None:
                 start = time.perf_counter()
@@ -172,11 +172,12 @@ def collect(
     return stats
 
 
-class FoldBehind:
-    """Folds each run's outputs into statistics on one thread while the caller runs the next batch (NumPy and BLAS
-    release the GIL). One fold at a time, in submission order, each with BLAS on one thread
-    (``threads.one_blas_thread``), so the sums are the same bits as folded in the loop. ``waited``: seconds the
-    caller spent waiting for folds, i.e. the statistics' time that the runs did not hide."""
+class RunBehind:
+    """Runs work on one thread while the caller goes on with the next step (NumPy, BLAS and ONNX Runtime release
+    the GIL): each run's outputs folded into statistics while the next batch runs (``collect``), a decoder layer
+    quantized while the next one is calibrated (``sequential.LayerSweep``). One piece of work at a time, in
+    submission order, with BLAS on one thread (``threads.one_blas_thread``), so the results are the same bits as
+    done in the loop. ``waited``: seconds the caller spent waiting for it, i.e. the time its steps did not hide."""
 
     def __init__(self):
         self.waited = 0.0
@@ -184,24 +185,25 @@ class FoldBehind:
         self._blas = one_blas_thread()
         self._pool = ThreadPoolExecutor(1)
 
-    def __enter__(self) -> FoldBehind:
+    def __enter__(self) -> RunBehind:
         self._blas.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         try:
             if exc[0] is None:
-                self._wait()
+                self.wait()
         finally:
             self._pool.shutdown(wait=True)
             self._blas.__exit__(*exc)
 
-    def submit(self, fold, *args) -> None:
-        """Run ``fold(*args)`` once the previous fold is done (waiting for it here)."""
-        self._wait()
-        self._pending = self._pool.submit(fold, *args)
+    def submit(self, work, *args) -> None:
+        """Run ``work(*args)`` once the previous work is done (waiting for it here, its exception raised here)."""
+        self.wait()
+        self._pending = self._pool.submit(work, *args)
 
-    def _wait(self) -> None:
+    def wait(self) -> None:
+        """Wait for the work submitted last (raising its exception)."""
         if self._pending is not None:
             start = time.perf_counter()
             self._pending.result()

@@ -26,15 +26,34 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+#: ``mallopt``'s parameter number for the size from which glibc serves an allocation from its own mapping.
+M_MMAP_THRESHOLD = -3
+#: Allocations of this size and more get their own mapping (``map_large_allocations``).
+LARGE_ALLOCATION_BYTES = 4 * 2**20
+
+
 @functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None (another C library, another system)."""
+def _glibc(name: str):
+    """A glibc function by name, or None (another C library, another system)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(None).malloc_trim  # the C library the interpreter runs on
+        return getattr(ctypes.CDLL(None), name)  # the C library the interpreter runs on
     except (OSError, AttributeError):
         return None
+
+
+def map_large_allocations() -> bool:
+    """Have glibc serve allocations of ``LARGE_ALLOCATION_BYTES`` and more from their own mappings, handed back to
+    the system as soon as they are freed; returns whether it could (glibc only). Process-wide and lasting.
+
+    By default glibc raises that threshold to the size of each large block freed (up to 32 MiB), after which such
+    blocks come from the arena of the thread that asked for them and stay resident there when freed. With the
+    threads of a layer sweep (ONNX Runtime's, the statistics', the quantizer's) each temporary of a few MiB then
+    stays resident in several arenas at once. Setting the threshold also stops that adjustment.
+    """
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES) == 1
 
 
 def release_free_memory() -> None:
@@ -44,6 +63,6 @@ def release_free_memory() -> None:
     allocations may not fit it; a pass that follows a session's end would start with that memory still counted
     against the process. Nothing the program holds is touched.
     """
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)

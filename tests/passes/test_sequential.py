@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import threading
 import tracemalloc
 import weakref
 
@@ -479,3 +480,60 @@ def test_layer_inputs_larger_than_the_hessians_are_calibrated_whole(monkeypatch)
     assert "calibrating layer by layer would hold 2 MiB" in refused and refused.endswith("(calibrated whole instead)")
     for name in whole_tensors:
         np.testing.assert_array_equal(by_layer_tensors[name], whole_tensors[name], err_msg=name)
+
+
+def test_float_stream_quantizes_a_layer_while_the_next_is_calibrated(monkeypatch):
+    """The float stream hands each layer to the quantizer on a second thread and goes on calibrating the next one:
+    layer 0's quantization sees layer 1's calibration start before it ends; layers are quantized in order, one at
+    a time, and the sweep reports the time it waited for them."""
+    events: list[str] = []
+    layer_one_calibrating = threading.Event()
+    set_hessians = sequential.LayerSweep._set_hessians
+
+    def calibrating(self, extractor, layer, *args):
+        events.append(f"calibrate {layer.name}")
+        if layer is self.layers[1]:
+            layer_one_calibrating.set()
+        return set_hessians(self, extractor, layer, *args)
+
+    monkeypatch.setattr(sequential.LayerSweep, "_set_hessians", calibrating)
+    model = _llama(3)
+    plans = _plans(model)
+    layers, _ = sequential.group_layers(plans)
+    threads = set()
+
+    def quantize(layer, step):
+        threads.add(threading.current_thread())
+        events.append(f"quantize {layer.name}")
+        if layer is layers[0]:
+            assert layer_one_calibrating.wait(timeout=60), "layer 1 was not calibrated while layer 0 was quantized"
+        events.append(f"quantized {layer.name}")
+        return {}
+
+    sweep = sequential.LayerSweep(model, plans, layers, _feeds(2), stream="float")
+    sweep.run(quantize)
+    assert threading.main_thread() not in threads
+    assert [event for event in events if event.startswith("quantize")] == [
+        f"{verb} {layer.name}" for layer in layers for verb in ("quantize", "quantized")
+    ]
+    assert events.index(f"calibrate {layers[1].name}") < events.index(f"quantized {layers[0].name}")
+    assert sweep.seconds["quantization"] >= 0
+
+
+def test_float_stream_raises_the_quantizers_error_and_stops(monkeypatch):
+    """An error in a layer's quantization (on the second thread) is raised by the sweep, and no later layer is
+    quantized after it."""
+    model = _llama(3)
+    plans = _plans(model)
+    layers, _ = sequential.group_layers(plans)
+    quantized = []
+
+    def quantize(layer, step):
+        if layer is layers[1]:
+            raise RuntimeError(f"cannot quantize {layer.name}")
+        quantized.append(layer.name)
+        return {}
+
+    with pytest.raises(RuntimeError, match=f"cannot quantize {layers[1].name}"):
+        sequential.LayerSweep(model, plans, layers, _feeds(2), stream="float").run(quantize)
+    assert quantized == [layers[0].name]

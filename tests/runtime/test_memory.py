@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from lowbit.runtime.memory import peak_rss_mb, release_free_memory
 
@@ -37,3 +38,40 @@ def test_release_free_memory_returns_freed_heap_pages():
     release_free_memory()
     assert _rss_mb() < before - 100
     del kept
+
+
+MAPPED_AFTER_A_LARGE_FREE = """
+import ctypes, sys
+import numpy as np
+import pytest
+from lowbit.runtime.memory import map_large_allocations
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "set":
+    assert map_large_allocations()
+freed = np.ones(16 * 2**20 // 8)
+del freed  # by default glibc now serves blocks up to 16 MiB from its arenas
+before = libc.mallinfo2().hblkhd
+block = np.ones(5 * 2**20 // 8)
+print((libc.mallinfo2().hblkhd - before) / 2**20)
+"""
+
+
+def test_map_large_allocations_keeps_large_blocks_in_their_own_mappings():
+    """After a 16 MiB block is freed, glibc's default serves a 5 MiB block from its arena (where it stays resident
+    once freed); with ``map_large_allocations`` it gets its own mapping. In child processes: the setting lasts."""
+    if not sys.platform.startswith("linux") or not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"):
+        pytest.skip("glibc 2.33 or newer only (mallinfo2)")
+
+    def mapped_mib(mode: str) -> float:
+        run = subprocess.run([sys.executable, "-c", MAPPED_AFTER_A_LARGE_FREE, mode], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return float(run.stdout)
+
+    assert mapped_mib("default") == 0
+    assert mapped_mib("set") >= 5
