@@ -206,8 +206,10 @@ class LayerSweep:
         return stream
 
     def _session(self, proto: onnx.ModelProto) -> ort.InferenceSession:
-        """A session on a part of the model; its threads sleep between runs, leaving a core to the folds."""
-        options = session_options()
+        """A session on a part of the model; its threads sleep between runs, leaving a core to the folds. On the
+        float stream it runs on one thread: the layer quantized beside it takes the other cores, and ONNX
+        Runtime's threads, which wait for one another at every node, lose more to sharing cores than they gain."""
+        options = session_options(intra_op_threads=1 if self.stream == "float" else None)
         options.add_session_config_entry(*NO_SPINNING)
         return session_from_proto(proto, self.data_dirs, options, memory_files=self.memory_files)
 
