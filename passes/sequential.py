@@ -5,9 +5,8 @@ whose earlier layers are already quantized (GPTQ's order), for about two forward
 twice: with float weights for its statistics, with quantized ones for the next layer's input), not one per layer.
 ``float`` (the parallel mode's statistics, layer by layer): the next layer's input is computed with float
 weights in the same run that gives the layer's statistics, so the statistics are those of the whole float model,
-for one forward pass, with one layer's Hessians alive at a time instead of every layer's (two while a layer is
-quantized on a second thread, which the float stream does while the next layer is calibrated: neither waits
-for the other, and the cores that one part leaves idle go to the other).
+for one forward pass, with one layer's Hessians alive at a time instead of every layer's (two: a layer is quantized
+on a second thread while the next one is calibrated, so that the cores one part leaves idle go to the other).
 
 The shortcut: cut the graph before every decoder layer. The cut ``C_i`` is the set of values produced
 before layer ``i`` and read at or after it that depend on some weight (the residual stream; values
