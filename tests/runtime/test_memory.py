@@ -1,6 +1,7 @@
 """runtime.memory: peak_rss_mb is the peak of this process, not of the parent that started it;
-release_free_memory hands freed heap pages back."""
+release_free_memory hands freed heap pages back; map_large_allocations gives large blocks their own mappings."""
 
+import ctypes
 import subprocess
 import sys
 
@@ -65,7 +66,7 @@ print((libc.mallinfo2().hblkhd - before) / 2**20)
 def test_map_large_allocations_keeps_large_blocks_in_their_own_mappings():
     """After a 16 MiB block is freed, glibc's default serves a 5 MiB block from its arena (where it stays resident
     once freed); with ``map_large_allocations`` it gets its own mapping. In child processes: the setting lasts."""
-    if not sys.platform.startswith("linux") or not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"):
+    if not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2"):
         pytest.skip("glibc 2.33 or newer only (mallinfo2)")
 
     def mapped_mib(mode: str) -> float:
