@@ -44,7 +44,6 @@ def test_release_free_memory_returns_freed_heap_pages():
 MAPPED_AFTER_A_LARGE_FREE = """
 import ctypes, sys
 import numpy as np
-import pytest
 from lowbit.runtime.memory import map_large_allocations
 
 class MallInfo2(ctypes.Structure):

@@ -9,9 +9,10 @@ save), one pass at a time: calibration (in the calibration pass, or layer by lay
 is split into the ONNX Runtime runs and the statistics' time they did not hide (the passes' own timers),
 quantization into the candidates, the AdaDim selection and the writing (timers put around those functions
 here). Calibrated by layer, a layer is quantized on a second thread while the next one is calibrated, so those
-parts overlap the ONNX Runtime runs; "quantization not hidden" is the time the calibration waited for them. Peak RSS is sampled from ``/proc/self/status`` (Linux) during each phase; the ratio divides
-it by the bytes of the fp32 model files (``ir.files.model_bytes``). Run it on an idle machine and write the
-load beside the figures: every phase is compute bound.
+parts overlap the ONNX Runtime runs; "quantization not hidden" is the time the calibration waited for them.
+Peak RSS is sampled from ``/proc/self/status`` (Linux) during each phase; the ratio divides it by the bytes of
+the fp32 model files (``ir.files.model_bytes``). Run it on an idle machine and write the load beside the
+figures: every phase is compute bound.
 """
 
 from __future__ import annotations
