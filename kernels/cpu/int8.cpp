@@ -34,13 +34,13 @@ bool Int8Plan::StreamsTiles() const {
 }
 
 int64_t Int8Plan::ScratchBytes() const {
-  if (StreamsTiles()) {  // out and column zero points per tile; per-IC a quantized group per tile
+  if (StreamsTiles()) {  // out per tile; per-IC a quantized group per tile
     const int64_t per_ic = p_.group_axis == 1 ? kInt8MaxTiles * RowsBytes() : 0;
-    return 2 * AlignUp(kInt8MaxTiles * kTile * 4) + per_ic + 64;
+    return AlignUp(kInt8MaxTiles * kTile * 4) + per_ic + 64;
   }
-  // out and the per-IC group's out [M][64], decoded codes, column zero points; per-IC two quantized groups
+  // out and the per-IC group's out [M][64], decoded codes; per-IC two quantized groups
   const int64_t per_ic = p_.group_axis == 1 ? 2 * RowsBytes() : 0;
-  return 2 * AlignUp(p_.M * kTile * 4) + AlignUp(kDecodedBytes) + AlignUp(kTile * 4) + per_ic + 64;
+  return 2 * AlignUp(p_.M * kTile * 4) + AlignUp(kDecodedBytes) + per_ic + 64;
 }
 
 Int8Rows Int8Plan::Quantize(const float* a, const float* scale, const uint8_t* zero, void* rows_memory) const {
@@ -66,10 +66,9 @@ Int8Rows Int8Plan::Quantize(const float* a, const float* scale, const uint8_t* z
 }
 
 // out[M][64] += the products of every block of tile t (per-OC: with the column scales and zero points)
-void Int8Plan::AddBlocks(const Int8Rows& rows, int64_t t, float* col_zero, uint8_t* decoded, float* out) const {
+void Int8Plan::AddBlocks(const Int8Rows& rows, int64_t t, uint8_t* decoded, float* out) const {
   const int64_t blocks = static_cast<int64_t>(blocks_.size());
   const uint8_t* tile = p_.packed + t * p_.quads * p_.block_bytes;
-  int64_t zero_group = -1;
   for (int64_t i = 0; i < blocks; ++i) {
     const Int8Block& b = blocks_[i];
     Int8Tile job{tile + b.q0 * p_.block_bytes,
@@ -87,13 +86,9 @@ void Int8Plan::AddBlocks(const Int8Rows& rows, int64_t t, float* col_zero, uint8
                  decoded,
                  out};
     if (p_.group_axis == 0) {
-      const int64_t offset = (t * p_.groups + b.group) * kTile;
-      if (b.group != zero_group) {
-        for (int c = 0; c < kTile; ++c) col_zero[c] = zero_bytes_[offset + c];
-        zero_group = b.group;
-      }
+      const int64_t offset = Int8PerOcOffset(t, b.group, p_.groups);
       job.col_scale = p_.params.scale + offset;
-      job.col_zero = col_zero;
+      job.col_zero = zero_bytes_ + offset;
     }
     kernels_.tile(job);
   }
@@ -102,8 +97,7 @@ void Int8Plan::AddBlocks(const Int8Rows& rows, int64_t t, float* col_zero, uint8
 void Int8Plan::RunTiles(const float* a, const Int8Rows* shared, int64_t t0, int64_t t1, uint8_t* memory) const {
   const int64_t blocks = static_cast<int64_t>(blocks_.size()), tile_bytes = p_.quads * p_.block_bytes;
   float* out = reinterpret_cast<float*>(memory);  // [kInt8MaxTiles][64]
-  float* col_zero = out + kInt8MaxTiles * kTile;  // [kInt8MaxTiles][64]
-  uint8_t* slots = memory + 2 * AlignUp(kInt8MaxTiles * kTile * 4);
+  uint8_t* slots = memory + AlignUp(kInt8MaxTiles * kTile * 4);
   Int8Rows slot_rows[kInt8MaxTiles];
   int64_t slot_group[kInt8MaxTiles] = {-1, -1, -1, -1};  // per-IC: the group quantized in each slot
   const Int8Rows* rows[kInt8MaxTiles];
@@ -128,7 +122,6 @@ void Int8Plan::RunTiles(const float* a, const Int8Rows* shared, int64_t t0, int6
     job.count = count;
     job.bits = p_.bits;
     job.block_bytes = p_.block_bytes;
-    int64_t zero_group = -1;
     for (int64_t i = 0; i < blocks; ++i) {
       const Int8Block& b = blocks_[i];
       job.quads = b.q1 - b.q0;
@@ -138,16 +131,14 @@ void Int8Plan::RunTiles(const float* a, const Int8Rows* shared, int64_t t0, int6
         job.act_scale[s] = rows[s]->scale[i];
         job.corr[s] = rows[s]->corr[i];
         job.out[s] = out + s * kTile;
-        job.col_scale[s] = job.col_zero[s] = nullptr;
+        job.col_scale[s] = nullptr;
+        job.col_zero[s] = nullptr;
         if (p_.group_axis == 0) {
-          const int64_t offset = ((t + s) * p_.groups + b.group) * kTile;
-          if (b.group != zero_group)
-            for (int c = 0; c < kTile; ++c) col_zero[s * kTile + c] = zero_bytes_[offset + c];
+          const int64_t offset = Int8PerOcOffset(t + s, b.group, p_.groups);
           job.col_scale[s] = p_.params.scale + offset;
-          job.col_zero[s] = col_zero + s * kTile;
+          job.col_zero[s] = zero_bytes_ + offset;
         }
       }
-      zero_group = b.group;
       kernels_.tiles(job);
     }
     for (int s = 0; s < count; ++s) {
@@ -164,8 +155,7 @@ void Int8Plan::Run(const float* a, const Int8Rows* shared, int64_t t0, int64_t t
   float* out = reinterpret_cast<float*>(memory);
   float* group_out = reinterpret_cast<float*>(memory + out_bytes);
   uint8_t* decoded = memory + 2 * out_bytes;
-  float* col_zero = reinterpret_cast<float*>(decoded + AlignUp(kDecodedBytes));
-  uint8_t* slots = reinterpret_cast<uint8_t*>(col_zero) + AlignUp(kTile * 4);
+  uint8_t* slots = decoded + AlignUp(kDecodedBytes);
   Int8Rows slot_rows[2];
   int64_t slot_group[2] = {-1, -1};  // per-IC: the groups quantized in the two slots
 
@@ -173,7 +163,7 @@ void Int8Plan::Run(const float* a, const Int8Rows* shared, int64_t t0, int64_t t
     const int64_t n0 = t * kTile, count = Min(kTile, p_.N - n0);
     for (int64_t i = 0; i < p_.M * kTile; ++i) out[i] = 0.0f;
     if (p_.group_axis == 0) {
-      AddBlocks(*shared, t, col_zero, decoded, out);
+      AddBlocks(*shared, t, decoded, out);
     } else {  // each output group of the tile with its own activations x * s[:, j]
       const int64_t j0 = n0 / p_.group_size, j1 = (n0 + count - 1) / p_.group_size;
       for (int64_t j = j0; j <= j1; ++j) {
@@ -184,12 +174,12 @@ void Int8Plan::Run(const float* a, const Int8Rows* shared, int64_t t0, int64_t t
           slot_group[slot] = j;
         }
         if (j0 == j1) {
-          AddBlocks(slot_rows[slot], t, col_zero, decoded, out);
+          AddBlocks(slot_rows[slot], t, decoded, out);
           continue;
         }
         // a tile split between groups: the whole tile with this group's activations, its columns kept
         for (int64_t i = 0; i < p_.M * kTile; ++i) group_out[i] = 0.0f;
-        AddBlocks(slot_rows[slot], t, col_zero, decoded, group_out);
+        AddBlocks(slot_rows[slot], t, decoded, group_out);
         const int64_t c0 = j * p_.group_size - n0 > 0 ? j * p_.group_size - n0 : 0;
         const int64_t c1 = Min(count, (j + 1) * p_.group_size - n0);
         for (int64_t r = 0; r < p_.M; ++r)

@@ -49,7 +49,7 @@ struct Int8Tile {
   const int32_t* corr;     // row r: corr[r * param_stride]
   int64_t param_stride;
   const float* col_scale;   // [64] or null
-  const float* col_zero;    // [64] or null
+  const uint8_t* col_zero;  // [64] or null: the zero points as bytes (zero_bytes)
   uint8_t* decoded;         // scratch of kDecodedBytes: the codes as bytes, shared by the rows
   float* out;               // [rows][64]
 };
@@ -71,9 +71,9 @@ struct Int8Tiles {
   const int32_t* words[kInt8MaxTiles];  // the row's words of the block, per tile (per-IC: its group's)
   float act_scale[kInt8MaxTiles];
   int32_t corr[kInt8MaxTiles];
-  const float* col_scale[kInt8MaxTiles];  // [64] each, or null
-  const float* col_zero[kInt8MaxTiles];   // [64] each, or null
-  float* out[kInt8MaxTiles];              // [64] each
+  const float* col_scale[kInt8MaxTiles];   // [64] each, or null
+  const uint8_t* col_zero[kInt8MaxTiles];  // [64] bytes each, or null
+  float* out[kInt8MaxTiles];               // [64] each
 };
 using Int8TilesFn = void (*)(const Int8Tiles& t);
 
@@ -96,16 +96,26 @@ struct Int8Rows {
   int32_t* corr;   // [rows][blocks]
 };
 
-// Zero points as bytes, prepared with the scales (quant_matmul.cpp). Per-OC: [tiles][groups][64], the layout
-// of GroupParams. Per-IC, as the quantizers read them: one row of bytes per output group, z[k] at k, zeros
-// past K and room for a whole vector read from the last quad.
+// Zero points as bytes, prepared with the scales (quant_matmul.cpp). Per-OC, scales and zero points alike are
+// [tiles / kInt8MaxTiles][groups][kInt8MaxTiles][64] (Int8PerOcOffset): the tiles that the one-row kernels
+// stream at once keep their parameters side by side, one stream of memory instead of two per tile (with more
+// streams in flight a single thread drew less from memory). Per-IC, as the quantizers read them: one row of
+// bytes per output group, z[k] at k, zeros past K and room for a whole vector read from the last quad.
 constexpr int64_t kZeroBytesPad = 64;
+
+// Per-OC: where the 64 parameters of tile t and group g start, and how many the layout holds.
+inline int64_t Int8PerOcOffset(int64_t t, int64_t g, int64_t groups) {
+  return (((t / kInt8MaxTiles) * groups + g) * kInt8MaxTiles + t % kInt8MaxTiles) * kTile;
+}
+inline int64_t Int8PerOcSize(int64_t tiles, int64_t groups) {
+  return (tiles + kInt8MaxTiles - 1) / kInt8MaxTiles * groups * kInt8MaxTiles * kTile;
+}
 
 // A call's blocks and the driver. Per-OC, the activations are quantized once per call (Quantize, before the
 // threads); per-IC, once per output group by each task that needs it (Run's scratch).
 class Int8Plan {
  public:
-  // zero_bytes: per-OC [tiles][groups][64], per-IC [groups][4 * quads + kZeroBytesPad] (see kZeroBytesPad)
+  // zero_bytes: per-OC as Int8PerOcOffset, per-IC [groups][4 * quads + kZeroBytesPad] (see kZeroBytesPad)
   Int8Plan(const Problem& p, const Int8Kernels& kernels, const uint8_t* zero_bytes);
   int64_t RowsBytes() const;     // of one Int8Rows for all rows
   int64_t ScratchBytes() const;  // of Run
@@ -116,7 +126,7 @@ class Int8Plan {
   void Run(const float* a, const Int8Rows* shared, int64_t t0, int64_t t1, void* scratch) const;
 
  private:
-  void AddBlocks(const Int8Rows& rows, int64_t t, float* col_zero, uint8_t* decoded, float* out) const;
+  void AddBlocks(const Int8Rows& rows, int64_t t, uint8_t* decoded, float* out) const;
   // Run for one row with the kernels' `tiles`: kInt8MaxTiles tiles at a time (per-IC: each tile in one group)
   bool StreamsTiles() const;
   void RunTiles(const float* a, const Int8Rows* shared, int64_t t0, int64_t t1, uint8_t* memory) const;

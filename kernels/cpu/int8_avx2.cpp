@@ -32,6 +32,11 @@ constexpr int64_t kInt16Quads = 32767 / (2 * ((1 << Bits) - 1) * kInt8Limit);
 
 int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// The 8 zero points (bytes) at z as floats.
+__m256 ZeroPoints(const uint8_t* z) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z))));
+}
+
 // acc[v] = the int32 sums of column vector v over the block's quads (codes of Bits bits in Layout). Codes of
 // fewer than 8 bits sum kInt16Quads<Bits> quads in int16 before vpmaddwd widens them, 4 column vectors at a
 // time (registers).
@@ -88,7 +93,7 @@ void Row(const Int8Tile& t, const uint8_t* codes, int64_t block_bytes, int64_t r
   for (int v = 0; v < 8; ++v) {  // exact in float (int8.h); unrolled: the accumulators stay in registers
     const __m256 total = _mm256_cvtepi32_ps(acc[v]);
     const __m256 sum =
-        t.col_zero ? _mm256_fnmadd_ps(_mm256_loadu_ps(t.col_zero + 8 * v), corr, total) : _mm256_sub_ps(total, corr);
+        t.col_zero ? _mm256_fnmadd_ps(ZeroPoints(t.col_zero + 8 * v), corr, total) : _mm256_sub_ps(total, corr);
     const __m256 scale = t.col_scale ? _mm256_mul_ps(act, _mm256_loadu_ps(t.col_scale + 8 * v)) : act;
     _mm256_storeu_ps(out + 8 * v, _mm256_fmadd_ps(sum, scale, _mm256_loadu_ps(out + 8 * v)));
   }

@@ -16,6 +16,11 @@ namespace {
 constexpr int kRowsAtOnce = 4;
 constexpr int kMaxInputs = (kActivationBlock / kQuad + 1) * kQuad;  // of a block, from its first quad
 
+// The 16 zero points (bytes) at z as floats.
+__m512 ZeroPoints(const uint8_t* z) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z))));
+}
+
 // Rows r0 .. r0 + R - 1 of the tile: integer sums over the block's quads, then the epilogue into out. (One
 // flat array of accumulators, always inlined: only so does GCC 12 keep them in registers.) kPacked: the codes
 // are the weight's (prefetched ahead), not the decoded scratch.
@@ -45,7 +50,7 @@ __attribute__((always_inline)) inline void Rows(const Int8Tile& t, const uint8_t
 #pragma GCC unroll 4
     for (int cb = 0; cb < 4; ++cb) {  // exact in float (int8.h)
       const __m512 total = _mm512_cvtepi32_ps(acc[r * 4 + cb]);
-      const __m512 sum = t.col_zero ? _mm512_fnmadd_ps(_mm512_loadu_ps(t.col_zero + 16 * cb), corr, total)
+      const __m512 sum = t.col_zero ? _mm512_fnmadd_ps(ZeroPoints(t.col_zero + 16 * cb), corr, total)
                                     : _mm512_sub_ps(total, corr);
       const __m512 scale = t.col_scale ? _mm512_mul_ps(act, _mm512_loadu_ps(t.col_scale + 16 * cb)) : act;
       _mm512_storeu_ps(out + 16 * cb, _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(out + 16 * cb)));
@@ -105,7 +110,7 @@ void TilesBits(const Int8Tiles& t) {
 #pragma GCC unroll 4
     for (int cb = 0; cb < 4; ++cb) {  // exact in float (int8.h)
       const __m512 total = _mm512_cvtepi32_ps(acc[s * 4 + cb]);
-      const __m512 sum = t.col_zero[s] ? _mm512_fnmadd_ps(_mm512_loadu_ps(t.col_zero[s] + 16 * cb), corr, total)
+      const __m512 sum = t.col_zero[s] ? _mm512_fnmadd_ps(ZeroPoints(t.col_zero[s] + 16 * cb), corr, total)
                                        : _mm512_sub_ps(total, corr);
       const __m512 scale = t.col_scale[s] ? _mm512_mul_ps(act, _mm512_loadu_ps(t.col_scale[s] + 16 * cb)) : act;
       float* out = t.out[s] + 16 * cb;

@@ -94,10 +94,19 @@ struct QuantMatMulKernel::PreparedParams {
             scale[(t * at.groups + j) * kTile + i] = scales[j * at.N + n];
             zero[(t * at.groups + j) * kTile + i] = zero_at(j * at.N + n);
           }
-      if (at.int8_activations) {  // [tiles][groups][64] as bytes, a quarter of the floats' memory traffic;
-        zero_bytes.resize(zero.size());  // the int8 path reads no float zero points
-        for (size_t i = 0; i < zero.size(); ++i) zero_bytes[i] = static_cast<uint8_t>(zero[i] - kMagic);
-        std::vector<float>().swap(zero);
+      if (at.int8_activations) {  // the int8 path's layout (Int8PerOcOffset), zero points as bytes: a quarter
+        std::vector<float> int8_scale(Int8PerOcSize(at.tiles, at.groups), 0.0f);  // of the floats' traffic
+        zero_bytes.assign(int8_scale.size(), 0);
+        for (int64_t t = 0; t < at.tiles; ++t)
+          for (int64_t j = 0; j < at.groups; ++j) {
+            const int64_t from = (t * at.groups + j) * kTile, to = Int8PerOcOffset(t, j, at.groups);
+            for (int64_t i = 0; i < kTile; ++i) {
+              int8_scale[to + i] = scale[from + i];
+              zero_bytes[to + i] = static_cast<uint8_t>(zero[from + i] - kMagic);
+            }
+          }
+        scale.swap(int8_scale);
+        std::vector<float>().swap(zero);  // the int8 path reads no float zero points
       }
     } else {  // [K][groups] -> [groups][K]
       scale.resize(at.groups * at.K);
