@@ -33,6 +33,10 @@ constexpr int64_t kIntTaskBytes = 256 * 1024;
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Units per task for `total` units and at most `most` per task: as few tasks as `most` allows, of even
+// sizes (15 tiles at most 14 per task ran as 14 + 1, one thread doing nearly all of the work; now 8 + 7).
+int64_t EvenUnits(int64_t total, int64_t most) { return CeilDiv(total, CeilDiv(total, most)); }
+
 // The exact float32 outliers kept beside the quantized weight (CSC over W's rows, i.e. the permuted A).
 struct SparseColumns {
   const uint32_t* pointers;  // [N + 1]
@@ -352,7 +356,7 @@ Ort::Status QuantMatMulKernel::Compute(OrtKernelContext* context) try {
     int64_t units = std::max<int64_t>(1, kIntTaskBytes / (unit * at.quads * at.block_bytes));
     if (job.path == Path::kInt8 && M == 1)  // at least the tiles the one-row kernels stream at once (int8.h)
       units = std::max<int64_t>(units, CeilDiv(kInt8MaxTiles, unit));
-    job.tiles_per_task = unit * units;
+    job.tiles_per_task = unit * EvenUnits(CeilDiv(at.tiles, unit), units);
   }
 
   const int64_t weight_bytes = at.tiles * at.quads * at.block_bytes;
