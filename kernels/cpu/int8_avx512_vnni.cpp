@@ -42,6 +42,9 @@ __attribute__((always_inline)) inline void Rows(const Int8Tile& t, const uint8_t
 #pragma GCC unroll 16
     for (int i = 0; i < R * 4; ++i) Dpbusd(acc[i], bytes[i % 4], d[i / 4]);
   }
+  __m512 zero[4];  // the rows share them (converted once: the stores to out may alias the bytes)
+#pragma GCC unroll 4
+  for (int cb = 0; cb < 4; ++cb) zero[cb] = t.col_zero ? ZeroPoints(t.col_zero + 16 * cb) : _mm512_set1_ps(1.0f);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const __m512 act = _mm512_set1_ps(t.act_scale[(r0 + r) * t.param_stride]);
@@ -50,8 +53,7 @@ __attribute__((always_inline)) inline void Rows(const Int8Tile& t, const uint8_t
 #pragma GCC unroll 4
     for (int cb = 0; cb < 4; ++cb) {  // exact in float (int8.h)
       const __m512 total = _mm512_cvtepi32_ps(acc[r * 4 + cb]);
-      const __m512 sum = t.col_zero ? _mm512_fnmadd_ps(ZeroPoints(t.col_zero + 16 * cb), corr, total)
-                                    : _mm512_sub_ps(total, corr);
+      const __m512 sum = _mm512_fnmadd_ps(zero[cb], corr, total);
       const __m512 scale = t.col_scale ? _mm512_mul_ps(act, _mm512_loadu_ps(t.col_scale + 16 * cb)) : act;
       _mm512_storeu_ps(out + 16 * cb, _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(out + 16 * cb)));
     }
