@@ -30,7 +30,8 @@ int64_t Int8Plan::RowsBytes() const {
 }
 
 bool Int8Plan::StreamsTiles() const {
-  return p_.M == 1 && kernels_.tiles && (p_.group_axis == 0 || p_.groups == 1 || p_.group_size % kTile == 0);
+  return p_.M == 1 && kernels_.tiles && p_.quads * p_.block_bytes >= kInt8StreamTileBytes &&
+         (p_.group_axis == 0 || p_.groups == 1 || p_.group_size % kTile == 0);
 }
 
 int64_t Int8Plan::ScratchBytes() const {

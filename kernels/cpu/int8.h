@@ -59,6 +59,9 @@ using Int8TileFn = void (*)(const Int8Tile& t);
 // One row (M = 1) reads every code once: the kernels then stream several tiles at once, each from its own
 // pages, instead of one after another (one stream of a single thread draws less from memory than several).
 constexpr int kInt8MaxTiles = 4;
+// ... where a tile is long enough: short tiles (few input channels) one after another are one long stream
+// already, and several of them at once restart every stream after a few pages.
+constexpr int64_t kInt8StreamTileBytes = 32 * 1024;
 
 // One block of `count` (1 .. kInt8MaxTiles) tiles for one row: for each tile s,
 //   out[s][c] += act_scale[s] * col_scale[s][c] * (sum_q dot4(codes[s] of quad q, column c; words[s][q])

@@ -46,9 +46,10 @@ def test_kernel_matches_oracle(ops_library, isa, shape, bits, axis):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("axis, group", [("oc", 128), ("oc", 13), ("ic", 64), ("ic", 128), ("ic", 192), ("ic", 1000)])
 def test_one_row_over_many_tiles_and_tasks(ops_library, isa, bits, axis, group):
-    """One row streams several tiles at once: more tiles than one step, a ragged last tile, per-IC groups of one
-    or two tiles or straddling tiles, and (2 threads) tasks that start mid-way."""
-    k, n = 1024, 64 * 11 + 5
+    """One row streams several tiles at once where tiles are long (2048 input channels: at least
+    kInt8StreamTileBytes at every width): more tiles than one step, a ragged last tile, per-IC groups of one or
+    two tiles or straddling tiles, and (2 threads) tasks that start mid-way."""
+    k, n = 2048, 64 * 11 + 5
     rng = np.random.default_rng([bits, group, 11])
     weights = int8_weights(k, n, group, bits, axis, False, bits == 4, rng)
     a = rng.standard_normal((2, k)).astype(np.float32)
