@@ -46,7 +46,8 @@ void Tile(const Int8Tile& t) {
       for (int64_t q = 0; q < t.quads; ++q)
         for (int j = 0; j < kQuad; ++j)
           dot += CodeAt(t.codes + q * t.block_bytes, t.bits, j, c) * static_cast<int8_t>(words[q] >> (8 * j));
-      const float sum = static_cast<float>(dot) - (t.col_zero ? static_cast<float>(t.col_zero[c]) * corr : corr);  // exact (int8.h)
+      const float zero = t.col_zero ? static_cast<float>(t.col_zero[c]) : 1.0f;
+      const float sum = static_cast<float>(dot) - zero * corr;  // exact (int8.h)
       t.out[r * kTile + c] += (t.col_scale ? act * t.col_scale[c] : act) * sum;
     }
   }
