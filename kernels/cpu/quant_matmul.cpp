@@ -89,29 +89,29 @@ struct QuantMatMulKernel::PreparedParams {
   PreparedParams(const QuantMatMulAttributes& at, const ScaleView& scales, const uint8_t* zero_points) {
     const float mid = static_cast<float>(1 << (at.bits - 1));
     auto zero_at = [&](int64_t i) { return kMagic + (zero_points ? static_cast<float>(zero_points[i]) : mid); };
-    if (at.group_axis == 0) {  // [groups][N] -> [tiles][groups][64]
-      scale.assign(at.tiles * at.groups * kTile, 0.0f);
-      zero.assign(scale.size(), kMagic);
+    if (at.group_axis == 0) {
+      // [groups][N] -> [tiles][groups][64]; with int8_activations the int8 path's layout (Int8PerOcOffset) and
+      // the zero points as bytes only (a quarter of the floats' memory traffic)
+      const bool int8 = at.int8_activations;
+      auto offset = [&](int64_t t, int64_t j) {
+        return int8 ? Int8PerOcOffset(t, j, at.groups) : (t * at.groups + j) * kTile;
+      };
+      scale.assign(int8 ? Int8PerOcSize(at.tiles, at.groups) : at.tiles * at.groups * kTile, 0.0f);
+      if (int8)
+        zero_bytes.assign(scale.size(), 0);
+      else
+        zero.assign(scale.size(), kMagic);
       for (int64_t t = 0; t < at.tiles; ++t)
-        for (int64_t j = 0; j < at.groups; ++j)
+        for (int64_t j = 0; j < at.groups; ++j) {
+          const int64_t to = offset(t, j);
           for (int64_t i = 0, n = t * kTile; i < kTile && n < at.N; ++i, ++n) {
-            scale[(t * at.groups + j) * kTile + i] = scales[j * at.N + n];
-            zero[(t * at.groups + j) * kTile + i] = zero_at(j * at.N + n);
+            scale[to + i] = scales[j * at.N + n];
+            if (int8)
+              zero_bytes[to + i] = static_cast<uint8_t>(zero_at(j * at.N + n) - kMagic);
+            else
+              zero[to + i] = zero_at(j * at.N + n);
           }
-      if (at.int8_activations) {  // the int8 path's layout (Int8PerOcOffset), zero points as bytes: a quarter
-        std::vector<float> int8_scale(Int8PerOcSize(at.tiles, at.groups), 0.0f);  // of the floats' traffic
-        zero_bytes.assign(int8_scale.size(), 0);
-        for (int64_t t = 0; t < at.tiles; ++t)
-          for (int64_t j = 0; j < at.groups; ++j) {
-            const int64_t from = (t * at.groups + j) * kTile, to = Int8PerOcOffset(t, j, at.groups);
-            for (int64_t i = 0; i < kTile; ++i) {
-              int8_scale[to + i] = scale[from + i];
-              zero_bytes[to + i] = static_cast<uint8_t>(zero[from + i] - kMagic);
-            }
-          }
-        scale.swap(int8_scale);
-        std::vector<float>().swap(zero);  // the int8 path reads no float zero points
-      }
+        }
     } else {  // [K][groups] -> [groups][K]
       scale.resize(at.groups * at.K);
       zero.resize(scale.size());
