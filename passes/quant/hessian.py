@@ -5,13 +5,38 @@ Memory is O(K^2) whatever the number of tokens: each batch is folded into runnin
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from scipy.linalg import blas
 
+#: Rows of float32 (or float16) activations whose products are summed in float32 at a time before the sum joins
+#: H's float64 total: BLAS runs at float32 speed while every float32 sum stays short (its rounding error grows
+#: with its length); what a caller folds in one ``update`` call up to this many rows is one such sum.
+FLOAT32_ROWS = 4096
+
+#: Per thread, one float32 ``[K, K]`` buffer per K for those products: a new one per update would be a fresh
+#: mapping each time (``runtime.memory.map_large_allocations``), every page of it faulted in again. It lives as
+#: long as its thread (calibration folds on threads of their own).
+_products = threading.local()
+
+
+def _float32_product(rows: np.ndarray) -> np.ndarray:
+    """upper(``rows^T rows``) in float32 (BLAS ssyrk, in this thread's buffer for its size: valid until the thread's
+    next call); the lower triangle is 0."""
+    channels = rows.shape[1]
+    buffers = _products.__dict__.setdefault("buffers", {})
+    if channels not in buffers:
+        buffers[channels] = np.zeros((channels, channels), dtype=np.float32, order="F")  # syrk never writes below
+    return blas.ssyrk(1.0, rows.T, beta=0.0, c=buffers[channels], trans=0, lower=0, overwrite_c=1)
+
 
 class HessianAccumulator:
-    """Accumulates ``H = X^T X`` (float64, by symmetric rank-k updates), per-channel abs-max and sum of ``|x|``, and the token count.
+    """Accumulates ``H = X^T X``, per-channel abs-max and sum of ``|x|``, and the token count.
 
+    H is a float64 total of symmetric rank-k updates: float32 activations (ONNX Runtime's) are multiplied in
+    float32, up to ``FLOAT32_ROWS`` rows at a time (what the GPTQ reference does for all of H), and those sums
+    added in float64; float64 and integer activations are multiplied in float64.
     ``update`` takes activations of any leading shape ``[..., K]``; every leading index is a token.
     """
 
@@ -39,10 +64,16 @@ class HessianAccumulator:
             raise ValueError("activations contain NaN or Inf")
         if len(flat) == 0:
             return
-        # upper(H) += upper(X^T X): BLAS dsyrk on X^T (a Fortran-ordered view of X, no copy), in place
+        # upper(H) += upper(X^T X): BLAS syrk on X^T (a Fortran-ordered view of X, no copy)
         matrix = self._kept_matrix()
-        tokens = flat.astype(np.float64)
-        self._matrix = blas.dsyrk(1.0, tokens.T, beta=1.0, c=matrix, trans=0, lower=0, overwrite_c=1)
+        if flat.dtype.itemsize <= 4:
+            tokens = flat.astype(np.float32, copy=False)
+            for start in range(0, len(tokens), FLOAT32_ROWS):
+                rows = tokens[start : start + FLOAT32_ROWS]
+                np.add(matrix, _float32_product(rows), out=matrix)
+        else:
+            tokens = flat.astype(np.float64)
+            self._matrix = blas.dsyrk(1.0, tokens.T, beta=1.0, c=matrix, trans=0, lower=0, overwrite_c=1)
         del tokens
         self._mirrored = False
         # The magnitudes in the activations' own type (float32 from ONNX Runtime): |x| and the maximum are exact in

@@ -8,16 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from lowbit.passes.quant import hessian
 from lowbit.passes.quant.hessian import HessianAccumulator
 
 
 @settings(max_examples=50, deadline=None)
 @given(
-    data=hnp.arrays(np.int64, st.tuples(st.integers(1, 40), st.integers(1, 6)), elements=st.integers(-1000, 1000)),
+    data=hnp.arrays(np.int64, st.tuples(st.integers(1, 40), st.integers(1, 6)), elements=st.integers(-64, 64)),
     cuts=st.lists(st.integers(0, 40), max_size=6),
 )
 def test_streamed_statistics_equal_one_shot(data, cuts):
-    """Integer-valued activations make every float64 sum exact, so any chunking must agree bit for bit."""
+    """Small integer-valued activations make every sum exact (in float32 too: 40 products of at most 64^2 stay
+    under 2^24), so any chunking must agree bit for bit."""
     inputs = data.astype(np.float32)
     accumulator = HessianAccumulator(inputs.shape[1])
     for chunk in np.split(inputs, sorted(cut % (len(inputs) + 1) for cut in cuts)):
@@ -29,20 +31,43 @@ def test_streamed_statistics_equal_one_shot(data, cuts):
     assert accumulator.tokens == len(exact)
 
 
-def test_leading_axes_are_tokens_and_float32_is_accumulated_in_float64():
+def test_leading_axes_are_tokens_and_float32_products_are_summed_to_float32_accuracy():
     rng = np.random.default_rng(0)
     batch = (1.0 + rng.random((3, 500, 8)) * 1e-3).astype(np.float32)
     accumulator = HessianAccumulator(8)
     accumulator.update(batch)
     flat = batch.reshape(-1, 8).astype(np.float64)
     assert accumulator.tokens == 1500
-    np.testing.assert_allclose(accumulator.hessian, flat.T @ flat, rtol=1e-13)
+    np.testing.assert_allclose(accumulator.hessian, flat.T @ flat, rtol=1e-5)
     assert accumulator.hessian.dtype == np.float64
+
+
+def test_float32_products_of_one_update_are_summed_in_float32_and_updates_in_float64():
+    """2^24 + 1 is not a float32: within one update (and ``FLOAT32_ROWS`` rows) it rounds, across updates or
+    across row chunks it does not."""
+    rows = np.array([[4096.0], [1.0]], dtype=np.float32)  # squares 2^24 and 1
+    one_update = HessianAccumulator(1)
+    one_update.update(rows)
+    assert one_update.hessian[0, 0] == 2.0**24
+    two_updates = HessianAccumulator(1)
+    two_updates.update(rows[:1])
+    two_updates.update(rows[1:])
+    assert two_updates.hessian[0, 0] == 2.0**24 + 1
+    float64_rows = HessianAccumulator(1)
+    float64_rows.update(rows.astype(np.float64))
+    assert float64_rows.hessian[0, 0] == 2.0**24 + 1
+
+
+def test_long_float32_updates_are_summed_in_chunks(monkeypatch):
+    monkeypatch.setattr(hessian, "FLOAT32_ROWS", 1)
+    accumulator = HessianAccumulator(1)
+    accumulator.update(np.array([[4096.0], [1.0]], dtype=np.float32))
+    assert accumulator.hessian[0, 0] == 2.0**24 + 1
 
 
 def test_float32_magnitudes_equal_their_float64_values_bit_for_bit():
     """|x| and its maximum are taken in the activations' float32 and the sum accumulated in float64: the same
-    bits as taking all of them in float64."""
+    bits as taking all of them in float64 (H, from float32 products, to float32 round-off)."""
     rng = np.random.default_rng(3)
     batches = [(rng.standard_normal((2, 97, 24)) * rng.uniform(0.1, 40, 24)).astype(np.float32) for _ in range(5)]
     accumulator = HessianAccumulator(24)
@@ -52,7 +77,10 @@ def test_float32_magnitudes_equal_their_float64_values_bit_for_bit():
         reference.update(batch.astype(np.float64))
     np.testing.assert_array_equal(accumulator.abs_max, reference.abs_max)
     np.testing.assert_array_equal(accumulator.abs_sum, reference.abs_sum)
-    np.testing.assert_array_equal(accumulator.hessian, reference.hessian)
+    # float32 products: each entry within float32 round-off of the largest (entries that cancel lose relative digits)
+    np.testing.assert_allclose(
+        accumulator.hessian, reference.hessian, rtol=0, atol=1e-6 * np.abs(reference.hessian).max()
+    )
     flat = np.concatenate([batch.reshape(-1, 24) for batch in batches]).astype(np.float64)
     np.testing.assert_array_equal(accumulator.abs_max, np.abs(flat).max(axis=0))
 

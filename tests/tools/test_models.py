@@ -142,3 +142,31 @@ def test_minilm_export_is_a_dynamic_sentence_embedding(minilm_onnx):
     ]
     assert [(v.name, symbolic_dims(v)) for v in model.graph.outputs] == [("sentence_embedding", ["batch", 384])]
     assert "transformer.encoder.layer.0.attention.self.query" in scopes(model)
+
+
+def test_smollm2_tokenizer_is_cached_and_reads_back_to_the_same_tokens(smollm2_available, tmp_path, monkeypatch):
+    """The first call builds the tokenizer from the GGUF file and keeps a copy; later calls read the copy (the GGUF
+    file is not opened) and tokenize exactly as the GGUF's tokenizer does, special tokens included."""
+    from lowbit.tools import text
+
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    built = models.smollm2_tokenizer()
+    kept = [path.name for path in tmp_path.iterdir()]
+    assert (
+        len(kept) == 1
+        and kept[0].startswith("smollm2-tokenizer.")
+        and (tmp_path / kept[0] / "tokenizer.json").is_file()
+    )
+
+    def no_gguf():
+        raise AssertionError("the cached tokenizer must not read the GGUF file")
+
+    monkeypatch.setattr(models, "smollm2_gguf", no_gguf)
+    cached = models.smollm2_tokenizer()
+    sample = text.play_text(text.EVALUATION_PLAY)[:20000] + " <|im_start|>user\nhi<|im_end|>"
+    assert cached(sample, add_special_tokens=False)["input_ids"] == built(sample, add_special_tokens=False)["input_ids"]
+    assert (cached.bos_token, cached.eos_token, cached.chat_template) == (
+        built.bos_token,
+        built.eos_token,
+        built.chat_template,
+    )
