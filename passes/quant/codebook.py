@@ -120,6 +120,70 @@ def fit_shared_table(
     return CodebookWeight(codes, tables.astype(np.float32), scheme.bits, block_size, axis)
 
 
+def fit_bcq(
+    weight: np.ndarray,
+    bits: int,
+    block_size: int,
+    axis: int,
+    channel_weights: np.ndarray | None = None,
+    iterations: int = MAX_ITERATIONS,
+    scale_dtype: type = np.float16,
+) -> CodebookWeight:
+    """Binary-coded quantization (BCQ, as ShiftAddLLM builds it): every group is ``sum_i alpha_i * b_i`` with
+    ``bits`` scales ``alpha`` of its own and signs ``b_i = +-1`` per element, so the group's table is every signed
+    sum of its scales (``2**bits`` levels, symmetric about 0) and an element's code picks one sign pattern.
+
+    Fitted by alternating least squares (Xu et al.'s alternating multi-bit quantization): scales from the greedy
+    residual signs, then in turn the scales that minimise the group's weighted squared error for the signs, and
+    the nearest signed sum for every element; stored ``bits`` scales per group in ``scale_dtype`` (the fit
+    rounds them to it). The table is kept sorted, as the other formats' are."""
+    weight = check_weight(weight)
+    if not 1 <= bits <= 8:
+        raise ValueError(f"BCQ bits must be in 1..8, got {bits}")
+    length = weight.shape[axis]
+    block_size = min(block_size, length) if block_size > 0 else length
+    row_weights = np.ones(weight.shape[0]) if channel_weights is None else np.asarray(channel_weights, np.float64)
+    values, element_weights = _grouped(weight, row_weights, block_size, axis)
+    values = values.astype(np.float64)
+    element_weights = element_weights + 1e-30  # a group whose rows all weigh 0 is fitted unweighted
+    signs = np.array([[1.0 if (pattern >> i) & 1 else -1.0 for i in range(bits)] for pattern in range(1 << bits)])
+    scales = np.empty((len(values), bits))
+    residual = values.copy()
+    for i in range(bits):  # greedy start: each scale the weighted mean |residual|, its sign the residual's
+        scales[:, i] = np.sum(element_weights * np.abs(residual), axis=1) / np.sum(element_weights, axis=1)
+        residual -= scales[:, i : i + 1] * np.where(residual >= 0, 1.0, -1.0)
+    patterns = None
+    for _ in range(iterations):
+        scales = scales.astype(scale_dtype).astype(np.float64)
+        levels = scales @ signs.T  # [P, 2**bits]: every signed sum
+        order = np.argsort(levels, axis=1, kind="stable")
+        tables = np.take_along_axis(levels, order, axis=1)
+        codes = _assign(values, tables.astype(np.float32)).astype(np.int64)
+        new_patterns = np.take_along_axis(order, codes, axis=1)  # [P, g]: the sign pattern of each element
+        if patterns is not None and np.array_equal(new_patterns, patterns):
+            break
+        patterns = new_patterns
+        bits_of = signs[patterns]  # [P, g, bits]
+        weighted = bits_of * element_weights[..., None]
+        gram = np.einsum("pgi,pgj->pij", weighted, bits_of)
+        gram += np.eye(bits) * (1e-9 * np.trace(gram, axis1=1, axis2=2) / bits + 1e-30)[:, None, None]
+        scales = np.linalg.solve(gram, np.einsum("pgi,pg->pi", weighted, values)[..., None])[..., 0]
+    scales = scales.astype(scale_dtype).astype(np.float64)
+    levels = scales @ signs.T
+    tables = np.sort(levels, axis=1)
+    codes = _assign(values, tables.astype(np.float32))
+    groups = -(-length // block_size)
+    other = weight.shape[1 - axis]
+    table_shape = (groups, other) if axis == 0 else (other, groups)
+    return CodebookWeight(
+        codes=_ungrouped(codes, weight.shape, block_size, axis).astype(np.uint8),
+        tables=tables.astype(np.float32).reshape(*table_shape, 1 << bits),
+        bits=bits,
+        block_size=block_size,
+        block_axis=axis,
+    )
+
+
 def quantize_gptq_codebook(
     weight: np.ndarray, factor: HessianFactor, bits: int, block_size: int, axis: int, update_width: int = 128
 ) -> CodebookWeight:

@@ -1,4 +1,4 @@
-"""Codebook (k-means table) quantization: laws that hold for every weight (hypothesis) and edge cases."""
+"""Codebook (k-means table) and binary-coded (BCQ) quantization: laws that hold for every weight (hypothesis) and edge cases."""
 
 import numpy as np
 import pytest
@@ -9,6 +9,7 @@ from hypothesis.extra.numpy import arrays
 from lowbit.passes.quant.adadim import output_error
 from lowbit.passes.quant.codebook import (
     CodebookWeight,
+    fit_bcq,
     fit_codebook,
     fit_shared_table,
     gptq_onto_tables,
@@ -211,3 +212,83 @@ def test_gptq_onto_a_shared_table_lowers_the_output_error(axis):
     gptq = gptq_onto_tables(weight, factor_hessian(hessian), fitted)
     np.testing.assert_array_equal(gptq.tables, fitted.tables)
     assert output_error(weight, gptq.dequantize(), hessian) < 0.8 * output_error(weight, fitted.dequantize(), hessian)
+
+
+def greedy_bcq(weight, bits, block_size, axis, channel_weights):
+    """The residual-sign start of BCQ written out group by group: each scale the weighted mean |residual|."""
+    out = np.empty(weight.shape, np.float64)
+    length = weight.shape[axis]
+    block_size = length if block_size < 1 else min(block_size, length)
+    rows = np.broadcast_to(channel_weights[:, None], weight.shape) + 1e-30
+    for start in range(0, length, block_size):
+        cut = (
+            (slice(start, start + block_size), slice(None))
+            if axis == 0
+            else (slice(None), slice(start, start + block_size))
+        )
+        part, part_rows = weight[cut].astype(np.float64), rows[cut]
+        lines, line_rows = (part.T, part_rows.T) if axis == 0 else (part, part_rows)
+        done = []
+        for line, line_weights in zip(lines, line_rows):
+            residual, approx = line.copy(), np.zeros_like(line)
+            for _ in range(bits):
+                alpha = np.sum(line_weights * np.abs(residual)) / np.sum(line_weights)
+                step = alpha * np.where(residual >= 0, 1.0, -1.0)
+                approx, residual = approx + step, residual - step
+            done.append(approx)
+        out[cut] = np.array(done).T if axis == 0 else np.array(done)
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(weights, layouts, st.integers(0, 2**31 - 1))
+def test_bcq_tables_are_signed_sums_and_never_worse_than_the_greedy_start(weight, layout, seed):
+    bits, block_size, axis = layout
+    channel_weights = np.random.default_rng(seed).uniform(0.0, 3.0, weight.shape[0])
+    fitted = fit_bcq(weight, bits, block_size, axis, channel_weights, scale_dtype=np.float64)
+    assert fitted.codes.dtype == np.uint8 and fitted.codes.shape == weight.shape
+    assert int(fitted.codes.max()) < 1 << bits
+    assert np.all(np.diff(fitted.tables, axis=-1) >= 0)
+    np.testing.assert_array_equal(fitted.tables, -fitted.tables[..., ::-1])  # every signed sum, so symmetric
+    ours = weighted_error(weight, fitted.dequantize(), channel_weights)
+    start = weighted_error(weight, greedy_bcq(weight, bits, block_size, axis, channel_weights), channel_weights)
+    stored = np.sum(channel_weights) * weight.shape[1] * float(np.finfo(np.float32).smallest_subnormal) ** 2
+    assert ours <= start * (1 + 1e-5) + 1e-6 * float(np.sum(np.square(weight, dtype=np.float64))) + stored
+
+
+@pytest.mark.parametrize(("shape", "block_size", "axis"), [((64, 40), 32, 0), ((40, 64), 32, 1), ((72, 9), 32, 0)])
+def test_bcq_weights_come_back_exactly(shape, block_size, axis):
+    """Every group sum_i alpha_i * b_i with float16 scales of its own, each sign pattern equally often (where the
+    greedy start is already exact; alternating least squares can stop in a local optimum elsewhere): the fit finds
+    those scales and signs (a ragged last group included)."""
+    rng = np.random.default_rng(3)
+    patterns = np.array([[1.0 if (p >> i) & 1 else -1.0 for i in range(3)] for p in range(8)])
+    lines = shape[1] if axis == 0 else shape[0]  # the groups run along the other axis
+    length = shape[axis]
+    weight = np.empty((lines, length), np.float32)
+    for line in range(lines):
+        for start in range(0, length, block_size):
+            size = min(block_size, length - start)
+            chosen = rng.permutation(np.arange(size) % 8)
+            alphas = np.array([0.5, 0.25, 0.125]) * 2.0 ** rng.integers(-6, 2)
+            weight[line, start : start + size] = patterns[chosen] @ alphas
+    weight = np.ascontiguousarray(weight.T if axis == 0 else weight)
+    fitted = fit_bcq(weight, 3, block_size, axis)
+    np.testing.assert_array_equal(fitted.dequantize(), weight)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_gptq_onto_bcq_tables_lowers_the_output_error(axis):
+    rng = np.random.default_rng(6)
+    inputs = rng.normal(size=(2048, 64)) @ (rng.normal(size=(64, 64)) + 3 * np.eye(64))
+    hessian = inputs.T @ inputs
+    weight = rng.normal(size=(64, 48)).astype(np.float32)
+    fitted = fit_bcq(weight, 3, 16, axis, np.diag(hessian))
+    gptq = gptq_onto_tables(weight, factor_hessian(hessian), fitted)
+    np.testing.assert_array_equal(gptq.tables, fitted.tables)
+    assert output_error(weight, gptq.dequantize(), hessian) < 0.8 * output_error(weight, fitted.dequantize(), hessian)
+
+
+def test_bcq_refuses_bad_bits():
+    with pytest.raises(ValueError, match="BCQ bits"):
+        fit_bcq(np.ones((4, 4), np.float32), 0, 4, 0)

@@ -28,3 +28,10 @@ def test_adadim_row_keeps_the_lower_error_of_its_two_formats():
     chosen, _ = bench_codebook.adadim(first, second).quantize(weight, hessian)
     errors = [output_error(weight, f.quantize(weight, hessian)[0], hessian) for f in (first, second)]
     assert output_error(weight, chosen, hessian) == min(errors)
+
+
+def test_only_picks_rows_by_their_whole_printed_names():
+    names = [fmt.name for fmt in bench_codebook.formats(3, 128, with_gptq=True)]
+    assert all(bench_codebook._chosen(name, None) for name in names)
+    picked = [name for name in names if bench_codebook._chosen(name, ["int3 g128 oc gptq + clip", "bcq3 g128 oc rtn"])]
+    assert picked == ["bcq3 g128 oc rtn", "int3 g128 oc gptq + clip"]  # not the AdaDim row that contains one

@@ -7,7 +7,8 @@ table) is replaced by its reconstruction under each format ("fake quantization":
 the quantized values, so the figure is the format's accuracy, not a kernel's); perplexity on othello
 windows, the H-weighted output error summed over the weights (``trace(dW^T H dW) / trace(W^T H W)``,
 the AdaDim criterion) and the stored bits per weight (integer: ``quantize_plan.stored_bytes`` of the
-fused form; shared table: that plus its float32 table; codebook: codes + float32 tables). Rows stream as they finish and are cached in
+fused form; shared table: that plus its float32 table; codebook: codes + float32 tables; BCQ: codes + float16
+scales). Rows stream as they finish and are cached in
 ``--out/rows.json`` (a run that was stopped resumes); ``--out`` keeps the table in ``results.md``.
 """
 
@@ -27,7 +28,13 @@ import lowbit
 from lowbit.ir import analysis
 from lowbit.kernels import packing
 from lowbit.passes.quant.adadim import output_error
-from lowbit.passes.quant.codebook import fit_codebook, fit_shared_table, gptq_onto_tables, quantize_gptq_codebook
+from lowbit.passes.quant.codebook import (
+    fit_bcq,
+    fit_codebook,
+    fit_shared_table,
+    gptq_onto_tables,
+    quantize_gptq_codebook,
+)
 from lowbit.passes.quant.gptq import factor_hessian, quantize_gptq
 from lowbit.passes.quant.rtn import quantize_rtn
 from lowbit.passes.quant.scheme import QuantScheme
@@ -91,6 +98,21 @@ def shared_table_format(bits: int, group_size: int, axis: str, method: str, clip
     return Format(label, quantize)
 
 
+def bcq_format(bits: int, group_size: int, axis: str, method: str) -> Format:
+    """Binary-coded groups (``fit_bcq``: ``bits`` float16 scales per group, every signed sum of them a level), by
+    nearest level or by GPTQ's sweep onto those levels. Stored as the codes plus the scales."""
+    block_axis = 0 if axis == "oc" else 1
+
+    def quantize(weight, hessian):
+        fitted = fit_bcq(weight, bits, group_size, block_axis, np.diag(hessian))
+        if method == "gptq":
+            fitted = gptq_onto_tables(weight, factor_hessian(hessian), fitted)
+        groups = fitted.tables.size >> bits
+        return fitted.dequantize(), weight.size * bits + groups * bits * 16
+
+    return Format(f"bcq{bits} g{group_size} {axis} {method}", quantize)
+
+
 def adadim(first: Format, second: Format) -> Format:
     """Per weight, the format with the lower H-weighted output error (AdaDim's matrix selector)."""
 
@@ -111,6 +133,7 @@ def formats(bits: int, group_size: int, with_gptq: bool) -> list[Format]:
         rows += [
             int_format(bits, group_size, "oc", method, True),
             shared_table_format(bits, group_size, "oc", method, True),
+            bcq_format(bits, group_size, "oc", method),
             adadim(int_format(bits, group_size, "oc", method, True), int_format(bits, group_size, "ic", method, True)),
             codebook_format(bits, -1, "oc", method),
             codebook_format(bits, -1, "ic", method),
@@ -138,12 +161,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         done["fp32"] = {"format": "fp32", "perplexity": perplexity(str(source), windows), "bits": 32.0, "error": 0.0}
     rows = [done["fp32"]]
     _print_row(rows[0], header=True)
-    todo = [fmt for fmt in formats(args.bits, args.group_size, args.gptq) if fmt.name not in done]
+    chosen = [fmt for fmt in formats(args.bits, args.group_size, args.gptq) if _chosen(fmt.name, args.only)]
+    todo = [fmt for fmt in chosen if fmt.name not in done]
     stats = None
     if todo:
         feeds = text.calibration_feeds(tokenizer, ["input_ids"], args.calibration_length, args.calibration_windows)
         stats = collect(lowbit.load(source), feeds, total=len(feeds))
-    for fmt in formats(args.bits, args.group_size, args.gptq):
+    for fmt in chosen:
         if fmt.name in done:
             rows.append(done[fmt.name])
             _print_row(done[fmt.name])
@@ -180,6 +204,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _chosen(name: str, only: list[str] | None) -> bool:
+    """Whether the row ``name`` is asked for: every row without ``--only``, else the rows it names."""
+    return not only or name in only
+
+
 def _print_row(row: dict, header: bool = False) -> None:
     if header:
         print(f"{'format':<48} {'bits/w':>7} {'mean rel. output error':>23} {'perplexity':>11}", flush=True)
@@ -207,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-length", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=10)
     parser.add_argument("--gptq", action="store_true", help="add the integer GPTQ row (slower)")
+    parser.add_argument("--only", nargs="+", help="only these rows (format names as the table prints them)")
     parser.add_argument("--out", default="bench-codebook")
     run(parser.parse_args(argv))
 
