@@ -1,5 +1,6 @@
 """Non-uniform codes: every group of a ``[K, N]`` weight gets its own table of ``2**bits`` values, fitted by
-weighted 1-D k-means (SqueezeLLM's codebooks), or the integer grid's groups share one fitted table of levels
+weighted 1-D k-means (SqueezeLLM's codebooks) or made of every signed sum of ``bits`` scales of its own
+(``fit_bcq``: ShiftAddLLM's binary-coded groups), or the integer grid's groups share one fitted table of levels
 (``fit_shared_table``); pure NumPy, no graph code.
 
 Groups are laid out as in rtn.py: runs of ``block_size`` elements along ``axis`` of ``B[K, N]`` (axis 0:
