@@ -66,29 +66,9 @@ def fit_codebook(
     iterations: int = MAX_ITERATIONS,
 ) -> CodebookWeight:
     """Fit a ``2**bits``-entry table per group of ``weight`` (weighted k-means) and code every element."""
-    weight = check_weight(weight)
-    if not 1 <= bits <= 8:
-        raise ValueError(f"codebook bits must be in 1..8, got {bits}")
-    if axis not in (0, 1):
-        raise ValueError(f"axis must be 0 or 1, got {axis}")
-    length = weight.shape[axis]
-    block_size = min(block_size, length) if block_size > 0 else length
-    row_weights = np.ones(weight.shape[0]) if channel_weights is None else np.asarray(channel_weights, np.float64)
-    if row_weights.shape != (weight.shape[0],) or not np.all(row_weights >= 0):
-        raise ValueError(f"channel_weights must be {weight.shape[0]} non-negative values, got {row_weights.shape}")
-    values, element_weights = _grouped(weight, row_weights, block_size, axis)
+    weight, block_size, values, element_weights = _groups_to_fit(weight, bits, block_size, axis, channel_weights)
     tables = _kmeans(values, element_weights, 1 << bits, iterations).astype(np.float32)
-    codes = _assign(values, tables)
-    groups = -(-length // block_size)
-    other = weight.shape[1 - axis]
-    table_shape = (groups, other) if axis == 0 else (other, groups)
-    return CodebookWeight(
-        codes=_ungrouped(codes, weight.shape, block_size, axis).astype(np.uint8),
-        tables=tables.reshape(*table_shape, 1 << bits),
-        bits=bits,
-        block_size=block_size,
-        block_axis=axis,
-    )
+    return _from_groups(_assign(values, tables), tables, weight.shape, bits, block_size, axis)
 
 
 def fit_shared_table(
@@ -138,13 +118,7 @@ def fit_bcq(
     residual signs, then in turn the scales that minimise the group's weighted squared error for the signs, and
     the nearest signed sum for every element; stored ``bits`` scales per group in ``scale_dtype`` (the fit
     rounds them to it). The table is kept sorted, as the other formats' are."""
-    weight = check_weight(weight)
-    if not 1 <= bits <= 8:
-        raise ValueError(f"BCQ bits must be in 1..8, got {bits}")
-    length = weight.shape[axis]
-    block_size = min(block_size, length) if block_size > 0 else length
-    row_weights = np.ones(weight.shape[0]) if channel_weights is None else np.asarray(channel_weights, np.float64)
-    values, element_weights = _grouped(weight, row_weights, block_size, axis)
+    weight, block_size, values, element_weights = _groups_to_fit(weight, bits, block_size, axis, channel_weights)
     values = values.astype(np.float64)
     element_weights = element_weights + 1e-30  # a group whose rows all weigh 0 is fitted unweighted
     signs = np.array([[1.0 if (pattern >> i) & 1 else -1.0 for i in range(bits)] for pattern in range(1 << bits)])
@@ -169,20 +143,8 @@ def fit_bcq(
         gram = np.einsum("pgi,pgj->pij", weighted, bits_of)
         gram += np.eye(bits) * (1e-9 * np.trace(gram, axis1=1, axis2=2) / bits + 1e-30)[:, None, None]
         scales = np.linalg.solve(gram, np.einsum("pgi,pg->pi", weighted, values)[..., None])[..., 0]
-    scales = scales.astype(scale_dtype).astype(np.float64)
-    levels = scales @ signs.T
-    tables = np.sort(levels, axis=1)
-    codes = _assign(values, tables.astype(np.float32))
-    groups = -(-length // block_size)
-    other = weight.shape[1 - axis]
-    table_shape = (groups, other) if axis == 0 else (other, groups)
-    return CodebookWeight(
-        codes=_ungrouped(codes, weight.shape, block_size, axis).astype(np.uint8),
-        tables=tables.astype(np.float32).reshape(*table_shape, 1 << bits),
-        bits=bits,
-        block_size=block_size,
-        block_axis=axis,
-    )
+    tables = np.sort(scales.astype(scale_dtype).astype(np.float64) @ signs.T, axis=1).astype(np.float32)
+    return _from_groups(_assign(values, tables), tables, weight.shape, bits, block_size, axis)
 
 
 def quantize_gptq_codebook(
@@ -217,6 +179,40 @@ def gptq_onto_tables(
 
     sweep(check_weight(weight), factor, round_row, update_width)
     return dataclasses.replace(fitted, codes=codes)
+
+
+def _groups_to_fit(
+    weight: np.ndarray, bits: int, block_size: int, axis: int, channel_weights: np.ndarray | None
+) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """The checked float32 weight, its group length (``block_size`` <= 0: the whole axis) and its groups' values and
+    element weights (``_grouped``), for a table fit of ``bits``."""
+    weight = check_weight(weight)
+    if not 1 <= bits <= 8:
+        raise ValueError(f"table bits must be in 1..8, got {bits}")
+    if axis not in (0, 1):
+        raise ValueError(f"axis must be 0 or 1, got {axis}")
+    length = weight.shape[axis]
+    block_size = min(block_size, length) if block_size > 0 else length
+    row_weights = np.ones(weight.shape[0]) if channel_weights is None else np.asarray(channel_weights, np.float64)
+    if row_weights.shape != (weight.shape[0],) or not np.all(row_weights >= 0):
+        raise ValueError(f"channel_weights must be {weight.shape[0]} non-negative values, got {row_weights.shape}")
+    return (weight, block_size, *_grouped(weight, row_weights, block_size, axis))
+
+
+def _from_groups(
+    codes: np.ndarray, tables: np.ndarray, shape: tuple[int, int], bits: int, block_size: int, axis: int
+) -> CodebookWeight:
+    """The ``CodebookWeight`` of codes ``[P, block_size]`` and float32 tables ``[P, 2**bits]`` laid out by groups."""
+    groups = -(-shape[axis] // block_size)
+    other = shape[1 - axis]
+    table_shape = (groups, other) if axis == 0 else (other, groups)
+    return CodebookWeight(
+        codes=_ungrouped(codes, shape, block_size, axis).astype(np.uint8),
+        tables=tables.reshape(*table_shape, 1 << bits),
+        bits=bits,
+        block_size=block_size,
+        block_axis=axis,
+    )
 
 
 def _grouped(weight: np.ndarray, row_weights: np.ndarray, block_size: int, axis: int) -> tuple[np.ndarray, np.ndarray]:

@@ -30,24 +30,35 @@ def weighted_error(weight, approx, channel_weights):
     return float(np.sum(channel_weights[:, None] * np.square(weight.astype(np.float64) - approx)))
 
 
-def uniform_grid(weight, bits, block_size, axis):
-    """Each group rounded to the nearest of 2**bits evenly spaced levels between its min and max."""
+def by_group(weight, block_size, axis, fit, channel_weights=None):
+    """Each group's values (float64, with their rows' weights) replaced by ``fit(values, weights)``."""
     out = np.empty(weight.shape, np.float64)
+    rows = np.broadcast_to(
+        (np.ones(weight.shape[0]) if channel_weights is None else channel_weights)[:, None], weight.shape
+    )
     length = weight.shape[axis]
     block_size = length if block_size < 1 else min(block_size, length)
     for start in range(0, length, block_size):
-        part = weight[start : start + block_size] if axis == 0 else weight[:, start : start + block_size]
-        lines = part.T if axis == 0 else part
-        done = []
-        for line in lines.astype(np.float64):
-            levels = np.linspace(line.min(), line.max(), 1 << bits)
-            done.append(levels[np.argmin(np.abs(line[:, None] - levels[None, :]), axis=1)])
-        done = np.array(done)
-        if axis == 0:
-            out[start : start + block_size] = done.T
-        else:
-            out[:, start : start + block_size] = done
+        cut = (
+            (slice(start, start + block_size), slice(None))
+            if axis == 0
+            else (slice(None), slice(start, start + block_size))
+        )
+        part, part_rows = weight[cut].astype(np.float64), rows[cut]
+        lines, line_rows = (part.T, part_rows.T) if axis == 0 else (part, part_rows)
+        done = np.array([fit(line, line_weights) for line, line_weights in zip(lines, line_rows)])
+        out[cut] = done.T if axis == 0 else done
     return out
+
+
+def uniform_grid(weight, bits, block_size, axis):
+    """Each group rounded to the nearest of 2**bits evenly spaced levels between its min and max."""
+
+    def nearest_level(line, _):
+        levels = np.linspace(line.min(), line.max(), 1 << bits)
+        return levels[np.argmin(np.abs(line[:, None] - levels[None, :]), axis=1)]
+
+    return by_group(weight, block_size, axis, nearest_level)
 
 
 @settings(max_examples=200, deadline=None)
@@ -216,28 +227,17 @@ def test_gptq_onto_a_shared_table_lowers_the_output_error(axis):
 
 def greedy_bcq(weight, bits, block_size, axis, channel_weights):
     """The residual-sign start of BCQ written out group by group: each scale the weighted mean |residual|."""
-    out = np.empty(weight.shape, np.float64)
-    length = weight.shape[axis]
-    block_size = length if block_size < 1 else min(block_size, length)
-    rows = np.broadcast_to(channel_weights[:, None], weight.shape) + 1e-30
-    for start in range(0, length, block_size):
-        cut = (
-            (slice(start, start + block_size), slice(None))
-            if axis == 0
-            else (slice(None), slice(start, start + block_size))
-        )
-        part, part_rows = weight[cut].astype(np.float64), rows[cut]
-        lines, line_rows = (part.T, part_rows.T) if axis == 0 else (part, part_rows)
-        done = []
-        for line, line_weights in zip(lines, line_rows):
-            residual, approx = line.copy(), np.zeros_like(line)
-            for _ in range(bits):
-                alpha = np.sum(line_weights * np.abs(residual)) / np.sum(line_weights)
-                step = alpha * np.where(residual >= 0, 1.0, -1.0)
-                approx, residual = approx + step, residual - step
-            done.append(approx)
-        out[cut] = np.array(done).T if axis == 0 else np.array(done)
-    return out
+
+    def greedy(line, line_weights):
+        line_weights = line_weights + 1e-30
+        residual, approx = line.copy(), np.zeros_like(line)
+        for _ in range(bits):
+            alpha = np.sum(line_weights * np.abs(residual)) / np.sum(line_weights)
+            step = alpha * np.where(residual >= 0, 1.0, -1.0)
+            approx, residual = approx + step, residual - step
+        return approx
+
+    return by_group(weight, block_size, axis, greedy, channel_weights)
 
 
 @settings(max_examples=200, deadline=None)
@@ -290,5 +290,5 @@ def test_gptq_onto_bcq_tables_lowers_the_output_error(axis):
 
 
 def test_bcq_refuses_bad_bits():
-    with pytest.raises(ValueError, match="BCQ bits"):
+    with pytest.raises(ValueError, match="table bits"):
         fit_bcq(np.ones((4, 4), np.float32), 0, 4, 0)
