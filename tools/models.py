@@ -102,13 +102,14 @@ def smollm2_tokenizer():
     path = smollm2_gguf()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     temporary = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.tmp")
-    try:  # written aside and renamed, so that a reader never sees half a folder; a failure only loses the copy
-        tokenizer.save_pretrained(temporary)
-        os.replace(temporary, cached)
-    except OSError:
-        pass
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    # Written aside and renamed, so that a reader never sees half a folder. Where it cannot be written (a read-only
+    # cache folder, another process's copy renamed first) only the copy is lost: the tokenizer is the same.
+    with contextlib.suppress(OSError):
+        try:
+            tokenizer.save_pretrained(temporary)
+            os.replace(temporary, cached)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
     return tokenizer
 
 
