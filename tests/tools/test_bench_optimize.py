@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import lowbit
 from lowbit.passes import quantize_candidates
 from lowbit.tools.dev import bench_optimize
@@ -33,3 +35,11 @@ def test_every_phase_is_a_row_and_the_timers_are_removed_after(tmp_path, capsys)
     shares = [float(line.split("|")[3]) for line in table.splitlines()[2:] if "&nbsp;" not in line]
     assert abs(sum(shares[:-1]) - 100) < 0.5
     assert (tmp_path / "out.onnx").exists()
+
+
+def test_a_missing_output_folder_is_refused_before_the_run(tmp_path, monkeypatch):
+    path = tmp_path / "mlp.onnx"
+    lowbit.save(factories.mlp(), path)
+    monkeypatch.setattr(bench_optimize, "measure", lambda *args: pytest.fail("the run started"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bench_optimize.main([str(path), "-o", str(tmp_path / "missing" / "out.onnx")])

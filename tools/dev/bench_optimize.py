@@ -27,7 +27,7 @@ import tempfile
 import time
 
 import lowbit
-from lowbit.ir.files import model_bytes
+from lowbit.ir.files import check_writable_file, model_bytes
 from lowbit.passes import axis_selectors, pipelines, quantize_candidates, quantize_weights
 from lowbit.passes.report import OptimizeReport
 from lowbit.runtime.memory import peak_rss_mb
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         "-o", "--output", type=pathlib.Path, help="where to write the result (default: a temporary folder)"
     )
     args = parser.parse_args(argv)
+    if args.output is not None:
+        check_writable_file(args.output, "-o", suffix=".onnx")  # before the run, not when it saves at the end
     recipe = lowbit.Recipe(**json.loads(args.recipe))
     load = os.getloadavg()
     print(
