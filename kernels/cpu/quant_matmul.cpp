@@ -88,7 +88,8 @@ struct QuantMatMulKernel::PreparedParams {
 
   PreparedParams(const QuantMatMulAttributes& at, const ScaleView& scales, const uint8_t* zero_points) {
     const float mid = static_cast<float>(1 << (at.bits - 1));
-    auto zero_at = [&](int64_t i) { return kMagic + (zero_points ? static_cast<float>(zero_points[i]) : mid); };
+    auto zero_code = [&](int64_t i) { return zero_points ? static_cast<float>(zero_points[i]) : mid; };
+    auto zero_at = [&](int64_t i) { return kMagic + zero_code(i); };
     if (at.group_axis == 0) {
       // [groups][N] -> [tiles][groups][64]; with int8_activations the int8 path's layout (Int8PerOcOffset) and
       // the zero points as bytes only (a quarter of the floats' memory traffic)
@@ -107,7 +108,7 @@ struct QuantMatMulKernel::PreparedParams {
           for (int64_t i = 0, n = t * kTile; i < kTile && n < at.N; ++i, ++n) {
             scale[to + i] = scales[j * at.N + n];
             if (int8)
-              zero_bytes[to + i] = static_cast<uint8_t>(zero_at(j * at.N + n) - kMagic);
+              zero_bytes[to + i] = static_cast<uint8_t>(zero_code(j * at.N + n));
             else
               zero[to + i] = zero_at(j * at.N + n);
           }
