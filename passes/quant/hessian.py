@@ -5,38 +5,22 @@ Memory is O(K^2) whatever the number of tokens: each batch is folded into runnin
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 from scipy.linalg import blas
 
-#: Rows of float32 (or float16) activations whose products are summed in float32 at a time before the sum joins
-#: H's float64 total: BLAS runs at float32 speed while every float32 sum stays short (its rounding error grows
-#: with its length); what a caller folds in one ``update`` call up to this many rows is one such sum.
+#: Rows of float32 (or float16) activations whose products are summed in float32 before that sum joins H's float64
+#: total, whatever the sizes of the updates that bring them: BLAS runs at float32 speed and adds into its float32
+#: sum in place, while every float32 sum stays short (its rounding error grows with its length).
 FLOAT32_ROWS = 4096
-
-#: Per thread, one float32 ``[K, K]`` buffer per K for those products: a new one per update would be a fresh
-#: mapping each time (``runtime.memory.map_large_allocations``), every page of it faulted in again. It lives as
-#: long as its thread (calibration folds on threads of their own).
-_products = threading.local()
-
-
-def _float32_product(rows: np.ndarray) -> np.ndarray:
-    """upper(``rows^T rows``) in float32 (BLAS ssyrk, in this thread's buffer for its size: valid until the thread's
-    next call); the lower triangle is 0."""
-    channels = rows.shape[1]
-    buffers = _products.__dict__.setdefault("buffers", {})
-    if channels not in buffers:
-        buffers[channels] = np.zeros((channels, channels), dtype=np.float32, order="F")  # syrk never writes below
-    return blas.ssyrk(1.0, rows.T, beta=0.0, c=buffers[channels], trans=0, lower=0, overwrite_c=1)
 
 
 class HessianAccumulator:
     """Accumulates ``H = X^T X``, per-channel abs-max and sum of ``|x|``, and the token count.
 
-    H is a float64 total of symmetric rank-k updates: float32 activations (ONNX Runtime's) are multiplied in
-    float32, up to ``FLOAT32_ROWS`` rows at a time (what the GPTQ reference does for all of H), and those sums
-    added in float64; float64 and integer activations are multiplied in float64.
+    H is a float64 total of symmetric rank-k updates: the products of float32 activations (ONNX Runtime's) are
+    summed in float32 (what the GPTQ reference does for all of H), in a float32 ``[K, K]`` sum of the last rows
+    that joins the float64 total every ``FLOAT32_ROWS`` rows and when H is read; float64 and integer activations
+    are multiplied and summed in float64. Reading H between updates ends the float32 sum there.
     ``update`` takes activations of any leading shape ``[..., K]``; every leading index is a token.
     """
 
@@ -48,6 +32,10 @@ class HessianAccumulator:
         # reading ``hessian`` mirrors it into the lower one, in place. Fortran order lets BLAS update in place.
         self._matrix = np.zeros((channels, channels), dtype=np.float64, order="F")
         self._mirrored = True
+        # The float32 sum of the products of the last ``_pending_rows`` float32 rows (upper triangle), not yet in
+        # ``_matrix``; allocated by the first float32 update after H was last read.
+        self._pending: np.ndarray | None = None
+        self._pending_rows = 0
         self.abs_max = np.zeros(channels, dtype=np.float64)
         self.abs_sum = np.zeros(channels, dtype=np.float64)
         self.tokens = 0
@@ -60,34 +48,54 @@ class HessianAccumulator:
         flat = x.reshape(-1, self.channels)
         if not np.issubdtype(flat.dtype, np.floating):  # |x| of an integer type can overflow
             flat = flat.astype(np.float64)
-        if not np.isfinite(flat).all():
-            raise ValueError("activations contain NaN or Inf")
         if len(flat) == 0:
             return
-        # upper(H) += upper(X^T X): BLAS syrk on X^T (a Fortran-ordered view of X, no copy)
+        # The magnitudes in the activations' own type (float32 from ONNX Runtime): |x| and the maximum are exact in
+        # it, and the sum is accumulated in float64, so the statistics are those of float64 passes at a fraction of
+        # their cost. A NaN or an infinity anywhere shows in its column's maximum: checked before anything changes.
+        magnitudes = np.abs(flat)
+        column_max = magnitudes.max(axis=0)
+        if not np.isfinite(column_max).all():
+            raise ValueError("activations contain NaN or Inf")
         matrix = self._kept_matrix()
         if flat.dtype.itemsize <= 4:
-            tokens = flat.astype(np.float32, copy=False)
-            for start in range(0, len(tokens), FLOAT32_ROWS):
-                rows = tokens[start : start + FLOAT32_ROWS]
-                np.add(matrix, _float32_product(rows), out=matrix)
-        else:
-            tokens = flat.astype(np.float64)
-            self._matrix = blas.dsyrk(1.0, tokens.T, beta=1.0, c=matrix, trans=0, lower=0, overwrite_c=1)
-        del tokens
+            self._add_float32_products(flat.astype(np.float32, copy=False))
+        else:  # upper(H) += upper(X^T X): BLAS syrk on X^T (a Fortran-ordered view of X, no copy)
+            self._matrix = blas.dsyrk(
+                1.0, flat.astype(np.float64).T, beta=1.0, c=matrix, trans=0, lower=0, overwrite_c=1
+            )
         self._mirrored = False
-        # The magnitudes in the activations' own type (float32 from ONNX Runtime): |x| and the maximum are exact in
-        # it, and the sum is accumulated in float64 as before, so the statistics are the same at a fraction of the
-        # float64 passes' cost.
-        magnitudes = np.abs(flat)
-        np.maximum(self.abs_max, magnitudes.max(axis=0), out=self.abs_max)
+        np.maximum(self.abs_max, column_max, out=self.abs_max)
         self.abs_sum += magnitudes.sum(axis=0, dtype=np.float64)
         self.tokens += len(flat)
+
+    def _add_float32_products(self, tokens: np.ndarray) -> None:
+        """Add upper(``tokens^T tokens``) to the float32 sum (BLAS ssyrk, in place), moving that sum into the
+        float64 total each time it holds ``FLOAT32_ROWS`` rows."""
+        start = 0
+        while start < len(tokens):
+            if self._pending_rows == FLOAT32_ROWS:
+                self._end_float32_sum()
+            if self._pending is None:  # syrk never writes below the diagonal: the lower triangle stays 0
+                self._pending = np.zeros((self.channels, self.channels), dtype=np.float32, order="F")
+            rows = tokens[start : start + FLOAT32_ROWS - self._pending_rows]
+            beta = 1.0 if self._pending_rows else 0.0  # 0: the sum starts over (the old one is in the total)
+            self._pending = blas.ssyrk(1.0, rows.T, beta=beta, c=self._pending, trans=0, lower=0, overwrite_c=1)
+            self._pending_rows += len(rows)
+            start += len(rows)
+
+    def _end_float32_sum(self) -> None:
+        """Add the float32 sum of the last rows into the float64 total."""
+        if self._pending_rows:
+            np.add(self._matrix, self._pending, out=self._matrix)
+            self._pending_rows = 0
 
     @property
     def hessian(self) -> np.ndarray:
         """``H = X^T X`` [K, K] float64, symmetric (the lower triangle is refreshed from the upper one after updates)."""
         self._kept_matrix()
+        self._end_float32_sum()
+        self._pending = None  # read once the updates are done: no need to keep the float32 sum's memory
         if not self._mirrored:
             np.copyto(self._matrix, self._matrix.T, where=np.tri(self.channels, k=-1, dtype=bool))
             self._mirrored = True
@@ -99,11 +107,13 @@ class HessianAccumulator:
         if value.shape != (self.channels, self.channels):
             raise ValueError(f"hessian must be [{self.channels}, {self.channels}], got shape {value.shape}")
         self._matrix = value
+        self._pending, self._pending_rows = None, 0  # rows before the assignment are not part of it
         self._mirrored = False  # the upper triangle is what counts, as after an update
 
     def release(self) -> None:
         """Drop H (the ``[K, K]`` matrix) once nothing will read it again; the magnitudes and token count stay."""
         self._matrix = None
+        self._pending, self._pending_rows = None, 0
 
     def _kept_matrix(self) -> np.ndarray:
         if self._matrix is None:
