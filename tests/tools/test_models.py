@@ -170,3 +170,21 @@ def test_smollm2_tokenizer_is_cached_and_reads_back_to_the_same_tokens(smollm2_a
         built.eos_token,
         built.chat_template,
     )
+    # the calibration feeds' child reads the same copy with the tokenizers library alone: the same ids
+    file_tokenizer = text.ids_tokenizer("smollm2")
+    assert isinstance(file_tokenizer, text.FileTokenizer)
+    assert (
+        file_tokenizer(sample, add_special_tokens=False)["input_ids"]
+        == built(sample, add_special_tokens=False)["input_ids"]
+    )
+
+
+def test_ids_tokenizer_builds_smollm2_through_transformers_before_a_copy_is_cached(
+    smollm2_available, tmp_path, monkeypatch
+):
+    from lowbit.tools import text
+
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    first = text.ids_tokenizer("smollm2")
+    assert not isinstance(first, text.FileTokenizer)
+    assert isinstance(text.ids_tokenizer("smollm2"), text.FileTokenizer)  # the first call kept a copy
