@@ -39,6 +39,7 @@ Choices:
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import numpy as np
 from scipy.linalg import lapack
@@ -165,6 +166,10 @@ def sweep(weight: np.ndarray, factor: HessianFactor, round_row, update_width: in
     every update so far) onto the grid and returns its float32 reconstruction, keeping the codes itself;
     ``pending(first, last)`` gives rows ``first:last`` (processing order) with every update so far, for grids
     whose parameters are made from rows not yet reached (GPTQ's groups without act-order).
+
+    Updates are blocked on two levels: a row's error goes at once to the rest of its ``EAGER_ROWS`` rows, a
+    finished run of those rows to the rest of the ``update_width`` block in one product, and a finished block to
+    every row after it in one product; blocking changes the float round-off, not the algorithm.
     """
     num_rows, num_cols = weight.shape
     if factor.inv_chol.shape != (num_rows, num_rows):
@@ -176,17 +181,35 @@ def sweep(weight: np.ndarray, factor: HessianFactor, round_row, update_width: in
     for start in range(0, num_rows, update_width):
         stop = min(start + update_width, num_rows)
         errors = np.empty((stop - start, num_cols), dtype=np.float32)
-        for row in range(start, stop):
-            local = row - start
+        for run in range(start, stop, EAGER_ROWS):
+            run_stop = min(run + EAGER_ROWS, stop)
+            for row in range(run, run_stop):
+                local = row - start
+                blocks = _Blocks(start, run, run_stop, stop)
 
-            def pending(first: int, last: int, local=local, start=start, stop=stop, errors=errors) -> np.ndarray:
-                return _current_rows(current, inv_chol, errors[:local], start, stop, first, last)
+                def pending(first: int, last: int, blocks=blocks, errors=errors[:local]) -> np.ndarray:
+                    return _current_rows(current, inv_chol, errors, blocks, first, last)
 
-            values = current[row]
-            rounded = round_row(row, values, pending)
-            errors[local] = (values - rounded) / inv_chol[row, row]
-            current[row + 1 : stop] -= inv_chol[row, row + 1 : stop, None] * errors[local]
+                values = current[row]
+                rounded = round_row(row, values, pending)
+                errors[local] = (values - rounded) / inv_chol[row, row]
+                current[row + 1 : run_stop] -= inv_chol[row, row + 1 : run_stop, None] * errors[local]
+            current[run_stop:stop] -= inv_chol[run:run_stop, run_stop:stop].T @ errors[run - start : run_stop - start]
         current[stop:] -= inv_chol[start:stop, stop:].T @ errors
+
+
+#: Rows whose errors ``sweep`` propagates one by one (each row's to the rest of its run); longer runs spend more
+#: time in NumPy's elementwise updates, shorter ones in more, smaller products.
+EAGER_ROWS = 16
+
+
+class _Blocks(typing.NamedTuple):
+    """Where a row of ``sweep`` lies: its ``update_width`` block ``start:stop`` and its eager run ``run:run_stop``."""
+
+    start: int
+    run: int
+    run_stop: int
+    stop: int
 
 
 def _inverse_hessian_cholesky(hessian: np.ndarray) -> np.ndarray:
@@ -207,18 +230,20 @@ def _inverse_hessian_cholesky(hessian: np.ndarray) -> np.ndarray:
 
 
 def _current_rows(
-    current: np.ndarray, inv_chol: np.ndarray, errors: np.ndarray, start: int, stop: int, first: int, last: int
+    current: np.ndarray, inv_chol: np.ndarray, errors: np.ndarray, blocks: _Blocks, first: int, last: int
 ) -> np.ndarray:
-    """Rows ``first:last`` with every update so far, including the lazy one pending past the block.
-
-    Rows inside the block ``start:stop`` are updated eagerly; rows after it still miss the
-    contribution of the block's rows already quantized (``errors``), which is added here.
-    """
-    inside = current[first : min(last, stop)]
-    if last <= stop:
-        return inside
-    outside = current[stop:last] - inv_chol[start : start + len(errors), stop:last].T @ errors
-    return np.concatenate([inside, outside])
+    """Rows ``first:last`` (``first`` in the current run) with every update so far, including those ``sweep``
+    has not applied yet: rows of the run are up to date; rows after it in the block miss the errors of the run's
+    rows already quantized, rows after the block those of the block's (``errors``: the block's rows so far)."""
+    start, run, run_stop, stop = blocks
+    parts = [current[first : min(last, run_stop)]]
+    done = start + len(errors)  # rows of the block quantized so far
+    if last > run_stop and stop > run_stop:
+        rows = slice(run_stop, min(last, stop))
+        parts.append(current[rows] - inv_chol[run:done, rows].T @ errors[run - start :])
+    if last > stop:
+        parts.append(current[stop:last] - inv_chol[start:done, stop:last].T @ errors)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _round_row(

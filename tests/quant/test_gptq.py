@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lowbit.passes.quant import gptq as gptq_module
 from lowbit.passes.quant.gptq import _round_row, factor_hessian, quantize_factored, quantize_gptq
 from lowbit.passes.quant.rtn import (
     QuantizedWeight,
@@ -88,11 +89,14 @@ def test_output_error_below_rtn(axis, bits, symmetric, act_order, clip_search):
     assert gptq < 0.8 * rtn
 
 
-@pytest.mark.parametrize("update_width", [1, 7, 128])
+@pytest.mark.parametrize(("update_width", "eager_rows"), [(1, 16), (7, 16), (128, 16), (128, 3), (7, 3), (11, 1)])
 @pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize(("axis", "group_size"), [("oc", 8), ("oc", -1), ("ic", 8), ("ic", -1)])
-def test_matches_unblocked_reference(axis, group_size, act_order, update_width):
-    weight, hessian = correlated_layer(7, 30, 20)  # 30 rows, groups of 8 and blocks of 7: nothing aligns
+def test_matches_unblocked_reference(axis, group_size, act_order, update_width, eager_rows, monkeypatch):
+    """Blocks of 7 or 11 rows, eager runs of 3 (a group's rows straddle runs and blocks, so the rows a group's
+    parameters are made from carry updates still pending at both levels) and groups of 8: nothing aligns."""
+    monkeypatch.setattr(gptq_module, "EAGER_ROWS", eager_rows)
+    weight, hessian = correlated_layer(7, 30, 20)
     scheme = QuantScheme(bits=3, group_size=group_size, group_axis=axis)
     got = quantize_gptq(weight, hessian, scheme, update_width=update_width, act_order=act_order)
     expected = reference_gptq(weight, hessian, scheme, act_order=act_order)
