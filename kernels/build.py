@@ -68,6 +68,8 @@ CPU_SOURCES = [
         ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx2", "-mfma", "-Wno-maybe-uninitialized"],
         False,
     ),
+    # the clip search's loops, bit for bit NumPy's: every operation rounded on its own (no FMA contraction)
+    ("clip_search.cpp", ["-ffp-contract=off", "-fno-math-errno"], False),
     ("op_io.cpp", [], True),
     ("quant_matmul.cpp", [], True),
     ("quant_gather.cpp", [], True),

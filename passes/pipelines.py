@@ -13,6 +13,7 @@ import time
 import onnx_ir as ir
 
 from lowbit.ir import files
+from lowbit.kernels import clip_search
 from lowbit.passes.base import LowbitPass
 from lowbit.passes.capture_calibration import CaptureCalibrationPass
 from lowbit.passes.cleanup import CleanupPass
@@ -133,8 +134,9 @@ def run_pipeline(model: ir.Model, passes: list[LowbitPass], report: OptimizeRepo
     """Run ``passes`` in order on ``model`` (in place), recording each in ``report`` (what every
     ``LowbitPass`` reports: ``details``, ``weight_records``, ``skipped``). Large allocations get their own
     mappings from here on (``memory.map_large_allocations``), so that what the passes' threads free is handed
-    back at once."""
+    back at once; the clip search runs its compiled loops where the op library is built (``kernels.clip_search``)."""
     map_large_allocations()
+    clip_search.install()
     dump_dir = os.environ.get(DUMP_DIR_VARIABLE)
     for index, pass_ in enumerate(passes):
         start = time.perf_counter()

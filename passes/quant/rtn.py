@@ -185,12 +185,27 @@ def _candidate_errors(
     group_max = grouped.max(axis=members, keepdims=True)
     shrink = ratios.reshape(-1, 1, 1, 1)  # one candidate range per ratio
     scales, zero_points = range_params(shrink * group_min, shrink * group_max, bits, symmetric, scale_dtype)
-    grids = _Grids(scales, zero_points.astype(np.float32), (1 << bits) - 1)
-    if len(ratios) * grouped.size <= _SEARCH_ALL_AT_ONCE_ELEMENTS:
+    grids = Grids(scales, zero_points.astype(np.float32), (1 << bits) - 1)
+    if _compiled_rounding_errors is not None:
+        error = _compiled_rounding_errors(grouped, grids, element_weights, axis)
+    elif len(ratios) * grouped.size <= _SEARCH_ALL_AT_ONCE_ELEMENTS:
         error = _rounding_error(grouped, grids, element_weights, members + 1)
     else:
         error = _blocked_rounding_error(grouped, grids, element_weights, members)
     return error, scales, zero_points
+
+
+#: The candidates' errors from compiled loops, bit for bit ``_rounding_error``'s (``lowbit.kernels.clip_search``
+#: installs them where the op library is built), or None: NumPy.
+_compiled_rounding_errors = None
+
+
+def use_compiled_rounding_errors(function) -> None:
+    """Evaluate the clip search's candidates with ``function(grouped, grids, element_weights, axis)`` (the errors
+    ``_rounding_error`` gives for the layout ``_grouped_layout`` makes along ``axis``, the same bits), or with NumPy
+    again for None."""
+    global _compiled_rounding_errors
+    _compiled_rounding_errors = function
 
 
 def _grouped_layout(
@@ -219,7 +234,7 @@ def _grouped_layout(
     return grouped, row_weights.reshape(-1, 1, 1) * real_members
 
 
-class _Grids(typing.NamedTuple):
+class Grids(typing.NamedTuple):
     """Candidate integer grids: scales and zero points (as float32) broadcast against the grouped weight,
     codes ``0 .. max_code``."""
 
@@ -228,7 +243,7 @@ class _Grids(typing.NamedTuple):
     max_code: int
 
 
-def _rounding_error(grouped: np.ndarray, grids: _Grids, element_weights: np.ndarray | None, members: int) -> np.ndarray:
+def _rounding_error(grouped: np.ndarray, grids: Grids, element_weights: np.ndarray | None, members: int) -> np.ndarray:
     """Weighted squared error of rounding ``grouped`` onto ``grids``, summed over the axis ``members``: float32
     rounding and reconstruction as in ``quantize_with_params`` and ``QuantizedWeight.dequantize``, the squares
     in float64."""
@@ -246,7 +261,7 @@ def _rounding_error(grouped: np.ndarray, grids: _Grids, element_weights: np.ndar
 
 
 def _blocked_rounding_error(
-    grouped: np.ndarray, grids: _Grids, element_weights: np.ndarray | None, members: int
+    grouped: np.ndarray, grids: Grids, element_weights: np.ndarray | None, members: int
 ) -> np.ndarray:
     """``_rounding_error`` of every candidate (leading axis of the grids' scales and offsets), one candidate at a
     time on contiguous blocks of ``grouped`` along its free axis (columns of ``[G, g, N]``, rows of
@@ -273,7 +288,7 @@ def _blocked_rounding_error(
         block = np.ascontiguousarray(along(grouped, free, first, last))
         block_weights = None if element_weights is None else along(element_weights, free, first, last)
         for candidate in range(len(grids.scales)):
-            block_grids = _Grids(
+            block_grids = Grids(
                 along(grids.scales[candidate], free, first, last),
                 along(grids.offsets[candidate], free, first, last),
                 grids.max_code,

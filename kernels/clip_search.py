@@ -1,0 +1,65 @@
+"""The clip search's candidate errors in compiled loops (``cpu/clip_search.cpp``, in the op library), bit for bit
+NumPy's (``passes.quant.rtn._rounding_error``), installed into ``rtn`` by ``install``: the quantization math stays
+NumPy (the bottom layer imports nothing of lowbit) and runs the loops where the library is built."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+from lowbit.kernels import _lib
+from lowbit.passes.quant import rtn
+
+_INT64, _FLOAT, _POINTER = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+@functools.cache
+def _functions() -> tuple | None:
+    """The library's two entry points (contiguous and strided members), or None where it is not built."""
+    if not _lib.is_built():
+        return None
+    library = ctypes.CDLL(str(_lib.library_path()))
+    contiguous, strided = library.lowbit_rounding_errors_contiguous, library.lowbit_rounding_errors_strided
+    contiguous.argtypes = [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _INT64, _POINTER, _FLOAT, _POINTER]
+    strided.argtypes = [_POINTER, _INT64, _INT64, _INT64, _POINTER, _POINTER, _INT64, _POINTER, _FLOAT, _POINTER]
+    contiguous.restype = strided.restype = None
+    return contiguous, strided
+
+
+def install() -> bool:
+    """Have ``rtn``'s clip search evaluate its candidates here where the op library is built (the same errors,
+    faster); returns whether it could (else NumPy goes on doing it)."""
+    if _functions() is None:
+        return False
+    rtn.use_compiled_rounding_errors(rounding_errors)
+    return True
+
+
+def rounding_errors(grouped: np.ndarray, grids: rtn.Grids, element_weights: np.ndarray | None, axis: int) -> np.ndarray:
+    """``rtn._rounding_error`` of every candidate (the grids' leading axis) on ``grouped`` as ``rtn._grouped_layout``
+    lays it out along ``axis`` (``[K, G, g]`` for 1, ``[G, g, N]`` for 0): float64 ``[R, K, G]`` or ``[R, G, N]``."""
+    contiguous, strided = _functions()
+    candidates = grids.scales.shape[0]
+    values = np.ascontiguousarray(grouped, dtype=np.float32)
+    if axis == 1:
+        rows, groups, members = values.shape
+        columns = 1
+        shape, weights_shape = (candidates, rows, groups, 1), (rows, groups, members)
+        out = np.empty((candidates, rows, groups))
+    else:
+        groups, members, columns = values.shape
+        shape, weights_shape = (candidates, groups, 1, columns), (groups, members, 1)
+        out = np.empty((candidates, groups, columns))
+    scales = np.ascontiguousarray(np.broadcast_to(grids.scales, shape), dtype=np.float32)
+    offsets = np.ascontiguousarray(np.broadcast_to(grids.offsets, shape), dtype=np.float32)
+    weights = None
+    if element_weights is not None:
+        weights = np.ascontiguousarray(np.broadcast_to(element_weights, weights_shape), dtype=np.float64)
+    pointers = (scales.ctypes.data, offsets.ctypes.data, candidates, None if weights is None else weights.ctypes.data)
+    if columns == 1:  # members along rows, or a single column, whose members NumPy also sums as contiguous (pairwise)
+        contiguous(values.ctypes.data, out.size // candidates, members, *pointers, grids.max_code, out.ctypes.data)
+    else:
+        strided(values.ctypes.data, groups, members, columns, *pointers, grids.max_code, out.ctypes.data)
+    return out
