@@ -52,14 +52,22 @@ def rounding_errors(grouped: np.ndarray, grids: rtn.Grids, element_weights: np.n
         groups, members, columns = values.shape
         shape, weights_shape = (candidates, groups, 1, columns), (groups, members, 1)
         out = np.empty((candidates, groups, columns))
-    scales = np.ascontiguousarray(np.broadcast_to(grids.scales, shape), dtype=np.float32)
-    offsets = np.ascontiguousarray(np.broadcast_to(grids.offsets, shape), dtype=np.float32)
-    weights = None
-    if element_weights is not None:
-        weights = np.ascontiguousarray(np.broadcast_to(element_weights, weights_shape), dtype=np.float64)
-    pointers = (scales.ctypes.data, offsets.ctypes.data, candidates, None if weights is None else weights.ctypes.data)
+    scales, offsets = _full(grids.scales, shape, np.float32), _full(grids.offsets, shape, np.float32)
+    weights = None if element_weights is None else _full(element_weights, weights_shape, np.float64)
+    pointers = (_address(scales), _address(offsets), candidates, None if weights is None else _address(weights))
     if columns == 1:  # members along rows, or a single column, whose members NumPy also sums as contiguous (pairwise)
-        contiguous(values.ctypes.data, out.size // candidates, members, *pointers, grids.max_code, out.ctypes.data)
+        contiguous(_address(values), out.size // candidates, members, *pointers, grids.max_code, _address(out))
     else:
-        strided(values.ctypes.data, groups, members, columns, *pointers, grids.max_code, out.ctypes.data)
+        strided(_address(values), groups, members, columns, *pointers, grids.max_code, _address(out))
     return out
+
+
+def _full(array: np.ndarray, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``array`` broadcast to ``shape``, C-contiguous, of ``dtype`` (no copy where it is already that)."""
+    if array.shape != shape:
+        array = np.broadcast_to(array, shape)
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
