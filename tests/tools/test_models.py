@@ -179,6 +179,25 @@ def test_smollm2_tokenizer_is_cached_and_reads_back_to_the_same_tokens(smollm2_a
     )
 
 
+def test_tokenizing_child_imports_neither_transformers_nor_torch_once_smollm2_is_cached(
+    smollm2_available, tmp_path, monkeypatch
+):
+    """What the calibration feeds' child does (``text.ids_tokenizer`` and the windows), in a fresh interpreter:
+    importing transformers and torch would cost seconds before the optimizing process has its feeds."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    models.smollm2_tokenizer()  # builds the cached copy
+    code = (
+        "import sys; from lowbit.tools import text; "
+        "text.token_windows(text.ids_tokenizer('smollm2'), text.calibration_text(), 256, 4); "
+        "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_ids_tokenizer_builds_smollm2_through_transformers_before_a_copy_is_cached(
     smollm2_available, tmp_path, monkeypatch
 ):
