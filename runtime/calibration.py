@@ -2,9 +2,10 @@
 
 The activation input of every weight MatMul/Gemm becomes a graph output of a *copy* of the model, whose own
 outputs, and the nodes that only they need (an LM's head), are dropped; each calibration batch is run once and
-folded into a ``HessianAccumulator`` (``H = X^T X``, a float64 sum of each batch's float32 products; per-channel
-abs-max and mean |x|; token count). Memory is O(sum of K^2) whatever the number of batches. Statistics are
-keyed by the activation's value name, so weights that read the same input (q/k/v, gate/up) share one H.
+folded into a ``HessianAccumulator`` (``H = X^T X``, a float64 sum of float32 sums of the products, each over
+``FLOAT32_ROWS`` rows of the stream; per-channel abs-max and mean |x|; token count). Memory is O(sum of K^2)
+whatever the number of batches. Statistics are keyed by the activation's value name, so weights that read the
+same input (q/k/v, gate/up) share one H.
 
 For the sequential mode (``lowbit.passes.sequential``) ``collect`` can keep every feed dict (token ids:
 small) and collect only the activations that the sweep does not measure itself.

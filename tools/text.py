@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from lowbit.tools import cache
+from lowbit.tools.cache import smollm2_tokenizer_folder
 
 #: Plays that feed calibration statistics by default.
 CALIBRATION_PLAYS = ("hamlet", "macbeth", "lear")
@@ -220,7 +220,7 @@ def ids_tokenizer(name: str):
     (``tools.cache.smollm2_tokenizer_folder``; its ``tokenizer.json`` is the saved state of the transformers
     tokenizer) as a ``FileTokenizer``, any other (or a first SmolLM2 build) through transformers."""
     if name == "smollm2":
-        saved = cache.smollm2_tokenizer_folder() / "tokenizer.json"
+        saved = smollm2_tokenizer_folder() / "tokenizer.json"
         if saved.is_file():
             return FileTokenizer(saved)
     from lowbit.tools import models

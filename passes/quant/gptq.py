@@ -183,9 +183,9 @@ def sweep(weight: np.ndarray, factor: HessianFactor, round_row, update_width: in
         errors = np.empty((stop - start, num_cols), dtype=np.float32)
         for run in range(start, stop, EAGER_ROWS):
             run_stop = min(run + EAGER_ROWS, stop)
+            blocks = _Blocks(start, run, run_stop, stop)
             for row in range(run, run_stop):
                 local = row - start
-                blocks = _Blocks(start, run, run_stop, stop)
 
                 def pending(first: int, last: int, blocks=blocks, errors=errors[:local]) -> np.ndarray:
                     return _current_rows(current, inv_chol, errors, blocks, first, last)
