@@ -10,6 +10,8 @@ import numpy as np
 import onnx_ir as ir
 
 #: Module-path leaf names that mark an output projection onto the vocabulary.
+#: Node metadata marking the float MatMuls of a residual-stream rotation (RotateResidualPass): no weights.
+ROTATION_KEY = "lowbit.rotation"
 LM_HEAD_NAMES = frozenset({"lm_head", "embed_out", "output_projection"})
 #: Weight types the passes quantize (bfloat16 and double are quantized in float32 and cast back).
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
@@ -90,11 +92,12 @@ def weight_uses(graph: ir.Graph) -> list[WeightUse]:
     """Every weight MatMul / Gemm / LM head / embedding Gather of the main graph, in graph order.
 
     A MatMul counts when its B input is a constant 2-D float tensor, or (for a tied LM head) a Transpose
-    of an embedding table that a Gather also reads; its A input must not be constant.
+    of an embedding table that a Gather also reads; its A input must not be constant. The float rotations
+    of RotateResidualPass (node metadata ``ROTATION_KEY``) are not weights.
     """
     uses: list[WeightUse] = []
     for node in graph:
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx") or ROTATION_KEY in node.metadata_props:
             continue
         layer = module_path(node)
         if node.op_type in ("MatMul", "Gemm") and len(node.inputs) >= 2:
@@ -220,7 +223,7 @@ def unquantizable_weights(graph: ir.Graph, weight_nodes: set[int]) -> list[tuple
                 visit(subgraph, inside or node)
             if node.op_type not in ("MatMul", "Gemm") or node.domain not in DEFAULT_DOMAINS or len(node.inputs) < 2:
                 continue
-            if id(node) in weight_nodes:
+            if id(node) in weight_nodes or ROTATION_KEY in node.metadata_props:  # the rotation pass reports those
                 continue
             activation, weight = node.inputs[0], node.inputs[1]
             if weight is None or activation is None:

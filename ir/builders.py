@@ -178,6 +178,17 @@ class NameAllocator:
         return fresh_name(name, self.taken)
 
 
+def replace_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """``new`` becomes the graph output that ``old`` was, under ``old``'s name (the graph's interface keeps
+    its names; ``old`` takes ``new``'s)."""
+    for index, output in enumerate(graph.outputs):
+        if output is old:
+            graph.outputs[index] = new
+            old_name, new_name = old.name, new.name
+            old.name, new.name = None, None  # free the names before swapping (names are unique in a graph)
+            old.name, new.name = new_name, old_name
+
+
 def fresh_name(name: str, taken: set[str]) -> str:
     """``name``, else ``name_2``, ``name_3``, ...: the first one not in ``taken`` (added to it)."""
     candidate = unique_name(name, taken.__contains__)

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.ir import analysis
-from lowbit.ir.builders import NameAllocator
+from lowbit.ir.builders import NameAllocator, replace_graph_output
 from lowbit.passes.base import LowbitPass
 
 NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization"})
@@ -65,12 +65,7 @@ def _reroute(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     for usage in list(old.uses()):
         if usage.node is not new.producer():
             usage.node.replace_input_with(usage.idx, new)
-    for index, output in enumerate(graph.outputs):
-        if output is old:
-            graph.outputs[index] = new
-            old_name, new_name = old.name, new.name
-            old.name, new.name = None, None  # free the names before swapping (names are unique in a graph)
-            old.name, new.name = new_name, old_name
+    replace_graph_output(graph, old, new)
 
 
 class FoldNormScalesPass(LowbitPass):

@@ -26,6 +26,7 @@ from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.recipe import Recipe
 from lowbit.passes.reorder_channels import ReorderChannelsPass
 from lowbit.passes.report import OptimizeReport, PassRecord
+from lowbit.passes.rotate_residual import RotateResidualPass
 from lowbit.passes.split_outliers import SplitOutliersPass
 from lowbit.runtime.calibration import CalibrationStats
 from lowbit.runtime.memory import map_large_allocations, peak_rss_mb, release_free_memory
@@ -40,7 +41,7 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     needed at run time).
     ``outlier_fraction > 0`` / ``split`` add SplitOutliersPass before quantization (dense-and-sparse
     outliers ranked by ``outlier_criterion``; layer split into three value clusters).
-    ``fold_norms`` adds FoldNormScalesPass before calibration; ``reorder`` (a criterion of
+    ``fold_norms`` adds FoldNormScalesPass before calibration; ``rotate`` adds it and RotateResidualPass; ``reorder`` (a criterion of
     ReorderChannelsPass: ``"absmax"`` or ``"hessian"``; needs calibration) adds it after calibration.
     With calibration feeds (not statistics), in parallel mode without a budget, reordering or outlier
     splitting, the decoder layers are calibrated, quantized and written one layer at a time on the float
@@ -53,10 +54,12 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     """
     if recipe.reorder is not None and calibration is None:
         raise ValueError(f"reorder={recipe.reorder!r} sorts channels by calibration statistics: pass calibration data")
-    if recipe.fold_norms and isinstance(calibration, CalibrationStats):
+    if (recipe.fold_norms or recipe.rotate) and isinstance(calibration, CalibrationStats):
+        option = "rotate" if recipe.rotate else "fold_norms"
         raise ValueError(
-            "fold_norms=True changes the activations that weight MatMuls read (the norm's scale moves into the "
-            "weights), so statistics collected on the unfolded graph would be wrong: pass calibration feeds instead"
+            f"{option}=True changes the activations that weight MatMuls read (norm scales move into the weights, "
+            "the residual stream is rotated), so statistics collected on the unchanged graph would be wrong: pass "
+            "calibration feeds instead"
         )
     scheme = recipe.scheme()
     sequential = recipe.calibration_mode == "sequential"
@@ -102,11 +105,13 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
                 include_lm_head=recipe.include_lm_head,
             )
         ]
-    fold_norm_scales = [FoldNormScalesPass()] if recipe.fold_norms else []
+    fold_norm_scales = [FoldNormScalesPass()] if recipe.fold_norms or recipe.rotate else []
+    rotate_residual = [RotateResidualPass()] if recipe.rotate else []
     reorder_channels = [ReorderChannelsPass(recipe.reorder)] if recipe.reorder is not None else []
     return [
         FoldWeightsPass(),
         *fold_norm_scales,
+        *rotate_residual,
         *calibrate,
         *reorder_channels,
         *outliers,

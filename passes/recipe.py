@@ -103,6 +103,12 @@ class Recipe:
         False, "split each weight into three value clusters quantized apart, where that lowers its error"
     )
     fold_norms: bool = _option(False, "fold RMSNorm/LayerNorm scales into the weights that read the norm")
+    rotate: bool = _option(
+        False,
+        "carry the residual stream rotated by a random orthogonal matrix folded into the weights (norm scales "
+        "folded first), so that no input channel of the weights reading it stands out; float MatMuls by the "
+        "rotation are added where the stream meets a tied table or an unfolded norm",
+    )
     reorder: str | None = _option(
         None,
         "sort input channels by this calibration statistic where the permutation folds into the producing "

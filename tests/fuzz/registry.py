@@ -26,6 +26,7 @@ from lowbit.passes.quant.outliers import CRITERIA as OUTLIER_CRITERIA
 from lowbit.passes.quant.scheme import GROUP_AXES, SUPPORTED_BITS, QuantScheme
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.passes.reorder_channels import ReorderChannelsPass
+from lowbit.passes.rotate_residual import RotateResidualPass
 from lowbit.passes.split_outliers import SplitOutliersPass
 
 LOSSLESS, ANALYSIS, QUANTIZE = "lossless", "analysis", "quantize"
@@ -70,6 +71,7 @@ PASSES: dict[str, Entry] = {
     "fold_weights": Entry(lambda context: FoldWeightsPass(), LOSSLESS),
     "capture_calibration": Entry(lambda context: CaptureCalibrationPass(context.batches), ANALYSIS),
     "fold_norm_scales": Entry(lambda context: FoldNormScalesPass(), LOSSLESS),
+    "rotate_residual": Entry(lambda context: RotateResidualPass(int(context.rng.integers(2**31))), LOSSLESS),
     "reorder_channels": Entry(lambda context: ReorderChannelsPass(context.pick(("absmax", "hessian"))), LOSSLESS, True),
     "split_outliers": Entry(
         lambda context: SplitOutliersPass(
@@ -108,6 +110,7 @@ def random_recipe(context: Context) -> lowbit.Recipe:
         outlier_criterion=context.pick(OUTLIER_CRITERIA),
         split=context.flag(0.2),
         fold_norms=context.flag(0.3),
+        rotate=context.flag(0.3),
         reorder=context.pick((None, None, "absmax", "hessian")),
         calibration_mode=context.pick(("parallel", "parallel", "sequential")),
         choice_method=context.pick((None, None, "rtn")),
