@@ -201,10 +201,11 @@ def other_file_bytes(model: ir.Model, plans: list[WeightPlan], fused: bool, may_
     on what the written file holds besides them. The model's file bytes now (``files.file_bytes``: tensors,
     nodes, names and metadata; with the longest data-file headers where ``may_be_external``) less the
     planned weights' data, with the sparse outliers at the fused op's types where ``fused``, plus the graph
-    bytes each weight's quantized form adds (``written_structure_bytes``)."""
+    bytes each weight's quantized form adds (``written_structure_bytes``), less the exporter's record of the export
+    that CleanupPass drops (``files.EXPORT_PROVENANCE_KEYS``)."""
     location = "x" * files.LONGEST_FILE_NAME if may_be_external else None
     planned = {plan.first.weight.name: plan for plan in plans}
-    total = files.file_bytes(model, location)
+    total = files.file_bytes(model, location) - files.export_provenance_bytes(model)  # CleanupPass drops those
     for value in model.graph.initializers.values():
         if value.name in planned and value.const_value is not None:
             total += written_structure_bytes(planned[value.name]) - value.const_value.nbytes

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from lowbit.ir import files
 from lowbit.passes.cleanup import CleanupPass
 from tests import factories
 from tests.parity import assert_parity, check_valid, serialized
@@ -22,7 +23,7 @@ def test_dead_node_and_its_initializer_are_removed():
     model.graph.append(factories.node("MatMul", [model.graph.inputs[0], dead_weight], "dead"))
     cleanup = CleanupPass()
     assert cleanup(model).modified
-    assert cleanup.details == {"removed_nodes": 1, "removed_initializers": 1}
+    assert cleanup.details == {"removed_nodes": 1, "removed_initializers": 1, "dropped_export_metadata_bytes": 0}
     check_valid(model)
     assert_parity(reference, model, factories.feeds_for(model), rtol=0, atol=0)
 
@@ -35,3 +36,23 @@ def test_a_default_domain_spelled_ai_onnx_keeps_its_opset_import():
     result = CleanupPass()(model)
     assert result.modified and model.opset_imports.get("") == version and "ai.onnx" not in model.opset_imports
     check_valid(model)
+
+
+def test_the_exporters_record_of_the_export_is_dropped_and_the_module_paths_kept():
+    """Stack traces (naming the exporting machine's paths), FX nodes and class names go, to the byte the
+    budget counts; the module path the passes and the viewer read stays; outputs unchanged."""
+    reference = factories.with_export_metadata(factories.mlp())
+    model = factories.with_export_metadata(factories.mlp())
+    for node in model.graph:
+        node.metadata_props["namespace"] = f"{node.name}: torch.nn.Linear"
+    before = files.file_bytes(model)
+    provenance = files.export_provenance_bytes(model)
+    assert provenance > 0
+    cleanup = CleanupPass()
+    assert cleanup(model).modified
+    assert cleanup.details["dropped_export_metadata_bytes"] == provenance
+    assert before - files.file_bytes(model) == provenance
+    for node in model.graph:
+        assert set(node.metadata_props) == {"pkg.torch.onnx.name_scopes"}
+    check_valid(model)
+    assert_parity(reference, model, factories.feeds_for(model), rtol=0, atol=0)
