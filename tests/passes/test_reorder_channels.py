@@ -272,13 +272,6 @@ def export_tiny_qwen2():
     return ir.to_proto(models.export_causal_lm(module))
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen2():
-    """A factory of fresh copies of the exported random Qwen2."""
-    proto = export_tiny_qwen2()
-    return lambda: ir.from_proto(proto)
-
-
 @pytest.mark.slow
 def test_optimize_runs_fold_norms_then_calibration_then_reorder(tiny_qwen2):
     import lowbit

@@ -17,7 +17,7 @@ from tests import factories
 from tests.factories import constant, graph_input, node
 from tests.parity import check_valid, run
 from tests.passes.test_fold_norm_scales import rms_norm
-from tests.passes.test_reorder_channels import assert_lossless, export_tiny_qwen2, token_batches
+from tests.passes.test_reorder_channels import assert_lossless, token_batches
 
 HIDDEN, VOCAB, INNER = 16, 80, 24  # the table past FoldWeightsPass.SHARED_LIMIT: a tie stays a tie
 
@@ -176,12 +176,6 @@ def test_unfolded_norm_scale_gets_the_unrotated_value():
     rotate(model)
     assert_lossless(reference, model, feeds(model))
     assert rotate.details["rotated_streams"] == 0  # every reader is an exit: nothing is gained, nothing changes
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2():
-    proto = export_tiny_qwen2()
-    return lambda: ir.from_proto(proto)
 
 
 @pytest.mark.slow
