@@ -123,13 +123,10 @@ class RotateResidualPass(LowbitPass):
         matmuls = {use.node: use for use in uses if use.kind in ("matmul", "lm_head") and use.node.op_type == "MatMul"}
         names = NameAllocator(graph)
         rotations = _Rotations(graph, names, self.seed)
-        rotated, skipped, traced = [], [], set()
+        rotated, skipped = [], []
         for seed in [use for use in uses if use.kind == "embedding"]:
-            if seed.node.outputs[0] in traced:
-                continue
             try:
                 plan = self._trace(seed, matmuls)
-                traced.update(plan.stream)
             except NotRotatable as reason:
                 skipped.append({"node": seed.node.name, "reason": str(reason)})
                 continue
@@ -165,6 +162,10 @@ class RotateResidualPass(LowbitPass):
             if value.is_graph_output():
                 plan.exit(value, (None, -1))
             for usage in value.uses():
+                # Whatever joins a stream traced before this one enters it through a marked MatMul: stop there, so
+                # that no weight turns twice.
+                if ROTATION_KEY in usage.node.metadata_props:
+                    raise NotRotatable(f"{usage.node.name!r} rotates it into the stream of another table")
                 for extended in self._follow(value, usage.node, usage.idx, plan, matmuls):
                     if extended not in plan.stream:
                         plan.stream[extended] = None
@@ -173,13 +174,7 @@ class RotateResidualPass(LowbitPass):
             self._contribution(value, usage, plan, matmuls)
         if not plan.rows:
             raise NotRotatable("no weight MatMul reads the stream through a norm whose scale folded to 1")
-        weights = [use.weight for use in plan.rows + plan.columns]
-        if len(set(weights)) != len(weights):
-            raise NotRotatable("a weight both reads and writes the stream, or is read twice")
-        clash = [value.name for value in plan.entries if value in plan.stream]
-        if clash:
-            raise NotRotatable(f"{clash[0]!r} is both in the stream and added into it from outside")
-        return plan
+        return plan  # a weight that reads and writes the stream turns on both sides: Q^T W Q
 
     def _follow(self, value: ir.Value, node: ir.Node, index: int, plan: _Plan, matmuls: dict) -> list[ir.Value]:
         """The values through which ``node`` (reading ``value`` at ``index``) carries the stream on; records

@@ -37,18 +37,30 @@ def test_random_orthogonal_differs_between_seeds_and_refuses_no_channels():
 
 
 def residual_lm(
-    seed: int = 0, tied: bool = True, stream_output: bool = False, outside_term: bool = False, layers: int = 2
+    seed: int = 0,
+    tied: bool = True,
+    stream_output: bool = False,
+    outside_term: bool = False,
+    second_table: bool = False,
+    layers: int = 2,
 ) -> ir.Model:
     """ids -> Gather(table) -> ``layers`` x [x + (relu(rms(x) @ W_up) @ W_down + b)] -> rms -> head.
 
     ``tied``: the head reads ``Transpose(table)``, else a head of its own. ``stream_output``: the last stream
-    value is also a graph output. ``outside_term``: a graph input is added into the stream (no writer)."""
+    value is also a graph output. ``outside_term``: a graph input is added into the stream (no writer).
+    ``second_table``: a second embedding Gather is added to the first (as position embeddings are)."""
     rng = np.random.default_rng(seed)
     ids = graph_input("ids", [2, 7], ir.DataType.INT64)
     table = constant("embed", rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32))
     nodes = [node("Gather", [table, ids], "embed_tokens")]
     inputs, inits, outputs = [ids], [table], []
     x = nodes[-1].outputs[0]
+    if second_table:
+        other = constant("embed_2", rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32))
+        nodes.append(node("Gather", [other, ids], "embed_positions"))
+        nodes.append(node("Add", [x, nodes[-1].outputs[0]], "embeddings"))
+        inits.append(other)
+        x = nodes[-1].outputs[0]
     for layer in range(layers):
         gamma = constant(f"gamma_{layer}", rng.uniform(0.5, 2, HIDDEN).astype(np.float32))
         normed, norm_inits = rms_norm(x, gamma, nodes, f"norm_{layer}")
@@ -148,6 +160,17 @@ def test_a_term_added_from_outside_is_rotated_into_the_stream():
     assert_lossless(reference, model, feeds(model))
     readers = [entry["reads"] for entry in rotate.details["streams"][0]["float_rotations"]]
     assert "extra" in readers
+
+
+def test_a_second_table_joining_the_stream_is_rotated_in_once():
+    """The second Gather's stream is the first one's from the Add on: its table is rotated in by a float MatMul
+    (traced from the first table), and tracing from it again is refused, so no weight turns twice."""
+    reference, model = residual_lm(second_table=True), residual_lm(second_table=True)
+    rotate = rotated(model)
+    assert_lossless(reference, model, feeds(model))
+    assert rotate.details["rotated_streams"] == 1
+    (skipped,) = rotate.details["skipped_streams"]
+    assert skipped["node"] == "embed_positions" and "another table" in skipped["reason"]
 
 
 def test_layer_norm_stream_is_left_alone_with_the_reason():
