@@ -9,9 +9,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-#: Module-path leaf names that mark an output projection onto the vocabulary.
 #: Node metadata marking the float MatMuls of a residual-stream rotation (RotateResidualPass): no weights.
 ROTATION_KEY = "lowbit.rotation"
+#: Module-path leaf names that mark an output projection onto the vocabulary.
 LM_HEAD_NAMES = frozenset({"lm_head", "embed_out", "output_projection"})
 #: Weight types the passes quantize (bfloat16 and double are quantized in float32 and cast back).
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})

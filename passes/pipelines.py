@@ -41,8 +41,9 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     needed at run time).
     ``outlier_fraction > 0`` / ``split`` add SplitOutliersPass before quantization (dense-and-sparse
     outliers ranked by ``outlier_criterion``; layer split into three value clusters).
-    ``fold_norms`` adds FoldNormScalesPass before calibration; ``rotate`` adds it and RotateResidualPass; ``reorder`` (a criterion of
-    ReorderChannelsPass: ``"absmax"`` or ``"hessian"``; needs calibration) adds it after calibration.
+    ``fold_norms`` adds FoldNormScalesPass before calibration, ``rotate`` adds it and RotateResidualPass;
+    ``reorder`` (a criterion of ReorderChannelsPass: ``"absmax"`` or ``"hessian"``; needs calibration) adds it
+    after calibration.
     With calibration feeds (not statistics), in parallel mode without a budget, reordering or outlier
     splitting, the decoder layers are calibrated, quantized and written one layer at a time on the float
     model (``QuantizeWeightsPass(calibrate_by_layer=True)``: the same statistics, one layer's Hessians in

@@ -182,17 +182,9 @@ class RotateResidualPass(LowbitPass):
         op, domain = node.op_type, node.domain if node.domain != "ai.onnx" else ""
         if (domain, op) in UNIT_SCALE_NORMS and index == 0:
             scale = analysis.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-            bias = node.inputs[2] if len(node.inputs) > 2 else None
-            if (
-                scale is not None
-                and np.all(scale == 1)
-                and bias is None
-                and node.attributes.get_int("axis", -1)
-                in (
-                    -1,
-                    (_static_rank(value) or 0) - 1,
-                )
-            ):
+            has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+            last_axis = node.attributes.get_int("axis", -1) in (-1, (_static_rank(value) or 0) - 1)
+            if scale is not None and np.all(scale == 1) and not has_bias and last_axis:
                 return [node.outputs[0]]
         elif domain == "":
             if op == "Add" and len(node.inputs) == 2:

@@ -42,13 +42,15 @@ def residual_lm(
     stream_output: bool = False,
     outside_term: bool = False,
     second_table: bool = False,
+    norm_op: bool = False,
     layers: int = 2,
 ) -> ir.Model:
     """ids -> Gather(table) -> ``layers`` x [x + (relu(rms(x) @ W_up) @ W_down + b)] -> rms -> head.
 
     ``tied``: the head reads ``Transpose(table)``, else a head of its own. ``stream_output``: the last stream
     value is also a graph output. ``outside_term``: a graph input is added into the stream (no writer).
-    ``second_table``: a second embedding Gather is added to the first (as position embeddings are)."""
+    ``second_table``: a second embedding Gather is added to the first (as position embeddings are).
+    ``norm_op``: the norms are opset 23's RMSNormalization instead of the exporter's decomposed form."""
     rng = np.random.default_rng(seed)
     ids = graph_input("ids", [2, 7], ir.DataType.INT64)
     table = constant("embed", rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32))
@@ -63,7 +65,7 @@ def residual_lm(
         x = nodes[-1].outputs[0]
     for layer in range(layers):
         gamma = constant(f"gamma_{layer}", rng.uniform(0.5, 2, HIDDEN).astype(np.float32))
-        normed, norm_inits = rms_norm(x, gamma, nodes, f"norm_{layer}")
+        normed, norm_inits = norm(x, gamma, nodes, f"norm_{layer}", norm_op)
         up = constant(f"w_up_{layer}", rng.standard_normal((HIDDEN, INNER)).astype(np.float32))
         down = constant(f"w_down_{layer}", rng.standard_normal((INNER, HIDDEN)).astype(np.float32))
         bias = constant(f"b_down_{layer}", rng.standard_normal(HIDDEN).astype(np.float32))
@@ -82,7 +84,7 @@ def residual_lm(
     if stream_output:
         outputs.append(x)
     final_gamma = constant("final_gamma", rng.uniform(0.5, 2, HIDDEN).astype(np.float32))
-    normed, norm_inits = rms_norm(x, final_gamma, nodes, "final_norm")
+    normed, norm_inits = norm(x, final_gamma, nodes, "final_norm", norm_op)
     inits += norm_inits
     if tied:
         nodes.append(node("Transpose", [table], "tie", perm=[1, 0]))
@@ -91,7 +93,14 @@ def residual_lm(
         head = constant("lm_head.weight", rng.standard_normal((HIDDEN, VOCAB)).astype(np.float32))
         inits.append(head)
     nodes.append(node("MatMul", [normed, head], "lm_head", output="logits"))
-    return factories.model(inputs, [nodes[-1].outputs[0], *outputs], nodes, inits)
+    return factories.model(inputs, [nodes[-1].outputs[0], *outputs], nodes, inits, opset=23 if norm_op else 20)
+
+
+def norm(x: ir.Value, gamma: ir.Value, nodes: list, prefix: str, norm_op: bool) -> tuple[ir.Value, list]:
+    if not norm_op:
+        return rms_norm(x, gamma, nodes, prefix)
+    nodes.append(node("RMSNormalization", [x, gamma], prefix, axis=-1, epsilon=1e-5))
+    return nodes[-1].outputs[0], [gamma]
 
 
 def feeds(model: ir.Model, seed: int = 3) -> dict[str, np.ndarray]:
@@ -135,8 +144,9 @@ def test_tied_lm_rotates_losslessly_with_a_float_matmul_at_each_end():
     assert not weights & {node.name for node in ends.values()}
 
 
-def test_untied_lm_rotates_table_and_head_with_no_float_matmul():
-    reference, model = residual_lm(tied=False), residual_lm(tied=False)
+@pytest.mark.parametrize("norm_op", [False, True])
+def test_untied_lm_rotates_table_and_head_with_no_float_matmul(norm_op):
+    reference, model = residual_lm(tied=False, norm_op=norm_op), residual_lm(tied=False, norm_op=norm_op)
     rotate = rotated(model)
     assert_lossless(reference, model, feeds(model))
     (stream,) = rotate.details["streams"]
