@@ -178,6 +178,24 @@ class NameAllocator:
         return fresh_name(name, self.taken)
 
 
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer ``name`` (already unique in ``graph``) holding ``array`` in its own type."""
+    value = _initializer(name, array)
+    graph.register_initializer(value)
+    return value
+
+
+def set_input_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, name: str) -> None:
+    """Give ``node`` input ``index`` the value ``array`` in that input's type: in place when no other node reads
+    it, else as a new initializer ``name``."""
+    value = node.inputs[index]
+    array = np.ascontiguousarray(array.astype(value.dtype.numpy()))
+    if len(value.uses()) == 1 and value.is_initializer():
+        value.const_value = ir.tensor(array, name=value.name)
+    else:
+        node.replace_input_with(index, add_initializer(graph, name, array))
+
+
 def replace_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     """``new`` becomes the graph output that ``old`` was, under ``old``'s name (the graph's interface keeps
     its names; ``old`` takes ``new``'s)."""

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.ir import analysis
-from lowbit.ir.builders import NameAllocator, replace_graph_output
+from lowbit.ir.builders import NameAllocator, add_initializer, replace_graph_output, set_input_constant
 from lowbit.passes.base import LowbitPass
 
 NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization"})
@@ -32,27 +32,6 @@ NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization"})
 
 class NormNotFoldable(Exception):
     """This norm cannot be folded; the message says why."""
-
-
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.tensor(array).dtype),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
-
-
-def _set_input_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, name: str) -> None:
-    """Give ``node`` input ``index`` the value ``array``: in place when no other node reads it, else a copy."""
-    value = node.inputs[index]
-    array = np.ascontiguousarray(array.astype(value.dtype.numpy()))
-    if len(value.uses()) == 1 and value.is_initializer():
-        value.const_value = ir.tensor(array, name=value.name)
-    else:
-        node.replace_input_with(index, _constant(graph, name, array))
 
 
 def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
@@ -172,7 +151,7 @@ class FoldNormScalesPass(LowbitPass):
             scaled = (scale * weight).astype(weight.dtype)
             use.weight.const_value = ir.tensor(np.ascontiguousarray(scaled), name=use.weight.name)
         source_gamma = node.inputs[index]
-        _set_input_constant(
+        set_input_constant(
             graph, node, index, np.ones(source_gamma.const_value.shape), names.fresh(f"{node.name}_unit_scale")
         )
         _drop_if_unused(graph, source_gamma)
@@ -199,9 +178,9 @@ class FoldNormScalesPass(LowbitPass):
             existing = analysis.constant_array(add.inputs[other])
             if existing is not None and existing.size == bias.size and existing.shape[-1] == bias.size:
                 total = existing.astype(np.float64) + bias.reshape(existing.shape)
-                _set_input_constant(graph, add, other, total, names.fresh(f"{add.name}_folded_bias"))
+                set_input_constant(graph, add, other, total, names.fresh(f"{add.name}_folded_bias"))
                 return 0
-        value = _constant(graph, names.fresh(f"{matmul.name}_norm_bias"), bias.astype(dtype.numpy()))
+        value = add_initializer(graph, names.fresh(f"{matmul.name}_norm_bias"), bias.astype(dtype.numpy()))
         add = ir.node("Add", [output, value], name=names.fresh_node(f"{matmul.name}_norm_bias"))
         add.outputs[0].name = names.fresh(f"{output.name}_norm_bias")
         add.outputs[0].shape, add.outputs[0].type = output.shape, output.type or ir.TensorType(dtype)
@@ -242,10 +221,10 @@ class FoldNormScalesPass(LowbitPass):
         conv.inputs[1].const_value = ir.tensor(new_weight.astype(weight.dtype), name=conv.inputs[1].name)
         new_bias = ((bias - mean) * scale + beta).astype(weight.dtype)
         if has_bias:
-            _set_input_constant(graph, conv, 2, new_bias, names.fresh(f"{conv.name}_folded_bias"))
+            set_input_constant(graph, conv, 2, new_bias, names.fresh(f"{conv.name}_folded_bias"))
         else:
             conv.resize_inputs(3)
-            conv.replace_input_with(2, _constant(graph, names.fresh(f"{conv.name}_folded_bias"), new_bias))
+            conv.replace_input_with(2, add_initializer(graph, names.fresh(f"{conv.name}_folded_bias"), new_bias))
         _reroute(graph, node.outputs[0], conv.outputs[0])
         inputs = list(node.inputs)
         graph.remove(node, safe=True)

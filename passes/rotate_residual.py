@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.ir import analysis
-from lowbit.ir.builders import NameAllocator, replace_graph_output
+from lowbit.ir.builders import NameAllocator, add_initializer, replace_graph_output, set_input_constant
 from lowbit.passes.base import LowbitPass
 from lowbit.passes.quant.rotation import random_orthogonal
 from lowbit.passes.report import SkippedWeight
@@ -267,10 +267,7 @@ class RotateResidualPass(LowbitPass):
         for node, index in plan.biases:
             bias = analysis.constant_array(node.inputs[index]).astype(np.float64)
             rotated = (bias.reshape(-1, plan.width) @ rotation).reshape(bias.shape)
-            if len(node.inputs[index].uses()) == 1 and node.inputs[index].is_initializer():
-                _replace(node.inputs[index], rotated)
-            else:
-                node.replace_input_with(index, _initializer(graph, names, f"{node.name}_rotated_bias", rotated, dtype))
+            set_input_constant(graph, node, index, rotated, names.fresh(f"{node.name}_rotated_bias"))
         inserted = []
         if plan.entered is not None:
             exits = {(id(node), index) for node, index in plan.exits.pop(plan.entered, [])}
@@ -328,9 +325,8 @@ class _Rotations:
     def stored(self, width: int, dtype: ir.DataType) -> ir.Value:
         key = (width, dtype, False)
         if key not in self._stored:
-            self._stored[key] = _initializer(
-                self.graph, self.names, f"lowbit_rotation_{width}", self.array(width), dtype
-            )
+            name = self.names.fresh(f"lowbit_rotation_{width}")
+            self._stored[key] = add_initializer(self.graph, name, self.array(width).astype(dtype.numpy()))
         return self._stored[key]
 
     def transposed(self, width: int, dtype: ir.DataType) -> ir.Value:
@@ -347,15 +343,6 @@ class _Rotations:
 
 def _replace(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(np.ascontiguousarray(array.astype(value.dtype.numpy())), name=value.name)
-
-
-def _initializer(graph: ir.Graph, names: NameAllocator, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
-    name = names.fresh(name)
-    array = np.ascontiguousarray(array.astype(dtype.numpy()))
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype))
-    value.const_value = ir.tensor(array, name=name)
-    graph.register_initializer(value)
-    return value
 
 
 def _matmul(graph: ir.Graph, names: NameAllocator, value: ir.Value, rotation: ir.Value, direction: str) -> ir.Node:
