@@ -403,6 +403,7 @@ def module_session(
         sub.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
     options = session_options()
     options.add_session_config_entry(*NO_SPINNING)
+    options.enable_cpu_mem_arena = False  # a few runs per module: no arena that outlives their buffers
     return session_from_proto(sub, data_dirs, options, memory_files=memory_files)
 
 

@@ -32,7 +32,6 @@ import onnx_ir.passes.common as common
 from lowbit.ir import analysis
 from lowbit.kernels import model as quant_matmul_op
 from lowbit.passes.base import LowbitPass
-from lowbit.passes.rules import quant_matmul, quantized_gather
 
 
 class FuseQDQPass(LowbitPass):
@@ -59,6 +58,10 @@ class FuseQDQPass(LowbitPass):
         self.int8_activations = int8_activations
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # Imported here: the rules load onnxscript's rewriter, whose memory a compile need not hold while it
+        # quantizes (this pass runs after the weights are written).
+        from lowbit.passes.rules import quant_matmul, quantized_gather
+
         state = quant_matmul.FusionState(model.graph)
         rule_sets = quant_matmul.rule_sets(
             state,

@@ -210,6 +210,7 @@ class LayerSweep:
         Runtime's threads, which wait for one another at every node, lose more to sharing cores than they gain."""
         options = session_options(intra_op_threads=1 if self.stream == "float" else None)
         options.add_session_config_entry(*NO_SPINNING)
+        options.enable_cpu_mem_arena = False  # a session per layer: no arena that outlives the runs' buffers
         return session_from_proto(proto, self.data_dirs, options, memory_files=self.memory_files)
 
     def _replace(self, stream, sess: ort.InferenceSession, names: list[str], weights: Mapping[str, np.ndarray]) -> None:

@@ -16,7 +16,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
-import onnxscript.version_converter
 
 from lowbit.ir import analysis, builders
 
@@ -167,6 +166,8 @@ def require_storage_support(model: ir.Model, bits: int) -> None:
     analysis.normalize_default_domain(model)
     current = model.opset_imports.get("", None)
     if current is None or current < target:
+        import onnxscript.version_converter  # here: its memory is not held while the weights are quantized
+
         try:
             if current is not None:
                 adapt_signatures(model, current, target)

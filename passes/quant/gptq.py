@@ -68,23 +68,26 @@ class HessianFactor:
 
 def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = True) -> HessianFactor:
     """Order and inverse Cholesky factor of ``hessian + damp * mean(diag(H)) * I`` (dead channels' ``H[k, k]``
-    set to 1 first); ``HessianNotPositiveDefinite`` where it has none (more dampening may give one)."""
-    hessian = np.asarray(hessian, dtype=np.float64)
+    set to 1 first); ``HessianNotPositiveDefinite`` where it has none (more dampening may give one).
+
+    One ``[K, K]`` float64 working copy beside ``hessian`` (the largest temporaries of a layer's quantization):
+    ordered and reversed in the copy that fancy indexing makes, factored and inverted in place."""
+    hessian = np.asarray(hessian)
     if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"hessian must be a square [K, K] matrix, got shape {hessian.shape}")
     if not np.isfinite(hessian).all():
         raise ValueError("hessian contains NaN or Inf; refusing to quantize")
     if damp < 0:
         raise ValueError(f"damp must be non-negative, got {damp}")
-    num_rows = len(hessian)
-    channel_weights = np.diag(hessian).copy()  # what an error on each input channel costs (clip search)
-    hessian = hessian.copy()
-    dead = np.diag(hessian) == 0
-    hessian[dead, dead] = 1.0
-    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(num_rows)
-    hessian = hessian[np.ix_(order, order)]
-    hessian[np.diag_indices(num_rows)] += damp * np.mean(np.diag(hessian))
-    return HessianFactor(order, _inverse_hessian_cholesky(hessian), channel_weights, act_order)
+    channel_weights = np.diag(hessian).astype(np.float64)  # what an error on each input channel costs (clip search)
+    diagonal = channel_weights.copy()
+    diagonal[diagonal == 0] = 1.0  # dead channels
+    order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(len(diagonal))
+    damping = damp * np.mean(diagonal[order])
+    reverse = order[::-1]
+    reversed_hessian = hessian[np.ix_(reverse, reverse)].astype(np.float64, copy=False)  # J P H P^T J
+    reversed_hessian[np.diag_indices(len(reverse))] = diagonal[reverse] + damping
+    return HessianFactor(order, _inverse_cholesky_of_reversed(reversed_hessian), channel_weights, act_order)
 
 
 def quantize_gptq(
@@ -212,21 +215,35 @@ class _Blocks(typing.NamedTuple):
     stop: int
 
 
-def _inverse_hessian_cholesky(hessian: np.ndarray) -> np.ndarray:
-    """Upper triangular ``U`` with ``U^T U = hessian^-1``, computed in float64, returned as float32.
+def _inverse_cholesky_of_reversed(reversed_hessian: np.ndarray) -> np.ndarray:
+    """Upper triangular ``U`` with ``U^T U = H^-1``, computed in float64 in place of ``reversed_hessian``
+    (``J H J``, ``J`` the index reversal; C-contiguous, symmetric), returned as float32.
 
-    With ``J`` the index reversal, ``J H J = L L^T`` gives ``H = R R^T`` for the upper triangular
-    ``R = J L J``, so ``U = R^-1``: one Cholesky and one triangular solve, cheaper than GPTQ's
-    Cholesky, inverse, Cholesky.
+    ``J H J = L L^T`` gives ``H = R R^T`` for the upper triangular ``R = J L J``, so ``U = R^-1``: one Cholesky
+    and one triangular inversion, cheaper than GPTQ's Cholesky, inverse, Cholesky.
     """
-    reversed_hessian = np.ascontiguousarray(hessian[::-1, ::-1], dtype=np.float64)
-    lower, info = lapack.dpotrf(reversed_hessian, lower=True, clean=True)
+    # The transpose of a symmetric C-contiguous matrix is itself in Fortran order: LAPACK works on it in place.
+    lower, info = lapack.dpotrf(reversed_hessian.T, lower=True, clean=True, overwrite_a=True)
     if info != 0:
         raise HessianNotPositiveDefinite("the damped Hessian is not positive definite; increase damp")
-    inverse, info = lapack.dtrtri(lower[::-1, ::-1], lower=False)
+    _reverse_in_place(lower)  # R = J L J
+    inverse, info = lapack.dtrtri(lower, lower=False, overwrite_c=True)
     if info != 0:
         raise HessianNotPositiveDefinite("the Hessian's Cholesky factor is singular; increase damp")
     return inverse.astype(np.float32)
+
+
+def _reverse_in_place(matrix: np.ndarray, block_rows: int = 64) -> None:
+    """``matrix[::-1, ::-1]`` written into ``matrix`` itself, a block of rows at a time (no full-size copy)."""
+    rows = len(matrix)
+    top = 0
+    while rows - 2 * top >= 2 * block_rows:
+        bottom = rows - top - block_rows
+        kept = matrix[top : top + block_rows].copy()
+        matrix[top : top + block_rows] = matrix[bottom : bottom + block_rows][::-1, ::-1]
+        matrix[bottom : bottom + block_rows] = kept[::-1, ::-1]
+        top += block_rows
+    matrix[top : rows - top] = matrix[top : rows - top][::-1, ::-1].copy()
 
 
 def _current_rows(

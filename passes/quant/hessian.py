@@ -97,7 +97,7 @@ class HessianAccumulator:
         self._end_float32_sum()
         self._pending = None  # read once the updates are done: no need to keep the float32 sum's memory
         if not self._mirrored:
-            np.copyto(self._matrix, self._matrix.T, where=np.tri(self.channels, k=-1, dtype=bool))
+            _mirror_upper_triangle(self._matrix)
             self._mirrored = True
         return self._matrix
 
@@ -124,3 +124,14 @@ class HessianAccumulator:
     def mean_abs(self) -> np.ndarray:
         """Per-channel mean ``|x|`` over all tokens seen (zeros before any token)."""
         return self.abs_sum / max(self.tokens, 1)
+
+
+def _mirror_upper_triangle(matrix: np.ndarray, block: int = 256) -> None:
+    """Copy the upper triangle of a square matrix onto its lower one, ``block`` columns at a time (temporaries
+    of ``block`` rows, not of the whole matrix)."""
+    channels = len(matrix)
+    for start in range(0, channels, block):
+        stop = min(start + block, channels)
+        matrix[stop:, start:stop] = matrix[start:stop, stop:].T
+        square = matrix[start:stop, start:stop]
+        np.copyto(square, square.T.copy(), where=np.tri(stop - start, k=-1, dtype=bool))

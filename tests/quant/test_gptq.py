@@ -340,3 +340,62 @@ def test_row_rounding_is_the_stored_reconstruction_bit_for_bit(bits, symmetric, 
     codes, rounded = _round_row(values[0], row_scales, row_offsets, (1 << bits) - 1)
     np.testing.assert_array_equal(codes, expected_codes[0])
     np.testing.assert_array_equal(rounded, expected[0])
+
+
+@LAWS
+@given(
+    channels=st.sampled_from([1, 2, 3, 63, 64, 65, 127, 128, 129, 130, 191, 200]),
+    act_order=st.booleans(),
+    dead=st.booleans(),
+    damp=st.sampled_from([0.0, 0.01, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_factor_is_the_inverse_cholesky_of_the_ordered_damped_hessian(channels, act_order, dead, damp, seed):
+    """``U^T U = (P H P^T + damping)^-1`` with ``U`` upper triangular, the rows in ``order`` (by decreasing
+    ``H[k, k]`` with act-order), dead channels' ``H[k, k]`` set to 1 before the damping's mean; sizes around the
+    in-place reversal's 64-row blocks."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.standard_normal((2 * channels + 5, channels)) * rng.uniform(0.1, 10, channels)
+    if dead:
+        tokens[:, rng.integers(0, channels)] = 0
+    hessian = tokens.T @ tokens
+    original = hessian.copy()
+    factor = factor_hessian(hessian, damp=damp, act_order=act_order)
+    np.testing.assert_array_equal(hessian, original)  # the caller's H is not touched
+    diagonal = np.where(np.diag(hessian) == 0, 1.0, np.diag(hessian))
+    expected_order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(channels)
+    np.testing.assert_array_equal(factor.order, expected_order)
+    np.testing.assert_array_equal(factor.channel_weights, np.diag(hessian))
+    damped = hessian.copy()
+    damped[np.diag_indices(channels)] = diagonal
+    damped = damped[np.ix_(expected_order, expected_order)] + damp * diagonal.mean() * np.eye(channels)
+    upper = factor.inv_chol.astype(np.float64)
+    assert factor.inv_chol.dtype == np.float32 and np.array_equal(upper, np.triu(upper))
+    np.testing.assert_allclose(upper.T @ upper @ damped, np.eye(channels), atol=2e-3 * np.sqrt(channels))
+
+
+def test_factor_works_beside_the_hessian_in_one_working_copy():
+    """The largest temporaries of a layer's quantization: besides H, one float64 [K, K] working copy and the
+    float32 result, not the copies of a straightforward ordering, reversal and inversion."""
+    import tracemalloc
+
+    channels = 512
+    tokens = np.random.default_rng(0).standard_normal((600, channels))
+    hessian = tokens.T @ tokens
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        factor_hessian(hessian)
+        extra = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert extra <= 1.6 * hessian.nbytes, f"{extra / hessian.nbytes:.2f} x H"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 127, 128, 129, 255, 256, 257, 300])
+def test_reverse_in_place_is_the_rotation_by_half_a_turn(rows):
+    matrix = np.asfortranarray(np.random.default_rng(rows).standard_normal((rows, rows + 3)))
+    expected = matrix[::-1, ::-1].copy()
+    gptq_module._reverse_in_place(matrix)
+    np.testing.assert_array_equal(matrix, expected)

@@ -165,3 +165,12 @@ def test_released_hessian_cannot_be_read_or_updated_and_the_magnitudes_stay():
         acc.update(np.ones((1, 3)))
     np.testing.assert_array_equal(acc.abs_max, [1.0, 2.0, 3.0])
     assert acc.tokens == 1
+
+
+@pytest.mark.parametrize("channels", [1, 2, 255, 256, 257, 600])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_mirror_copies_the_upper_triangle_onto_the_lower(channels, order):
+    matrix = np.asarray(np.random.default_rng(channels).standard_normal((channels, channels)), order=order)
+    upper = np.triu(matrix)
+    hessian._mirror_upper_triangle(matrix)
+    np.testing.assert_array_equal(matrix, upper + np.triu(upper, 1).T)
