@@ -35,3 +35,31 @@ def test_only_picks_rows_by_their_whole_printed_names():
     assert all(bench_codebook._chosen(name, None) for name in names)
     picked = [name for name in names if bench_codebook._chosen(name, ["int3 g128 oc gptq + clip", "bcq3 g128 oc rtn"])]
     assert picked == ["bcq3 g128 oc rtn", "int3 g128 oc gptq + clip"]  # not the AdaDim row that contains one
+
+
+def test_minilm_rows_measure_cosine_and_resume_from_their_cache(minilm_onnx, texts_available, tmp_path, monkeypatch):
+    """On MiniLM: fp32 has cosine 1, the quantized row less, with its bits and output error; a second run reads
+    the cached rows instead of quantizing again."""
+    import shutil
+
+    shutil.copy(minilm_onnx, tmp_path / "minilm.fp32.onnx")  # Bench reuses an export in its folder
+    argv = [
+        "--model",
+        "minilm",
+        "--calibration-windows",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--only",
+        "int3 g128 oc rtn + clip",
+    ]
+    rows = bench_codebook.run(bench_codebook.parse_args(argv))
+    assert [row["format"] for row in rows] == ["fp32", "int3 g128 oc rtn + clip"]
+    assert rows[0]["quality"] == pytest.approx(1.0, abs=1e-6)
+    quantized = rows[1]
+    assert 0.5 < quantized["quality"] < 1.0 and 3.0 < quantized["bits"] < 4.0 and 0 < quantized["output_error"] < 1
+    assert "| int3 g128 oc rtn + clip | " in (tmp_path / "results.md").read_text()
+    monkeypatch.setattr(
+        bench_codebook, "fake_quantize", lambda *args: pytest.fail("the cached row was quantized again")
+    )
+    assert bench_codebook.run(bench_codebook.parse_args(argv)) == rows

@@ -1,25 +1,27 @@
-"""Non-uniform codes (k-means tables) against lowbit's integer grid at about the same bytes, on SmolLM2.
+"""Non-uniform codes (k-means tables, BCQ) against lowbit's integer grid at about the same bytes, on SmolLM2
+or MiniLM.
 
     python -m lowbit.tools.dev.bench_codebook --bits 3 --out bench-codebook
+    python -m lowbit.tools.dev.bench_codebook --model minilm --bits 3 --gptq --out bench-codebook-minilm
 
-Every weight of the decoder layers (the head and the embedding stay float, as in the README's quality
-table) is replaced by its reconstruction under each format ("fake quantization": the float model with
-the quantized values, so the figure is the format's accuracy, not a kernel's); perplexity on othello
-windows, the H-weighted output error summed over the weights (``trace(dW^T H dW) / trace(W^T H W)``,
-the AdaDim criterion) and the stored bits per weight (integer: ``quantize_plan.stored_bytes`` of the
-fused form; shared table: that plus its float32 table; codebook: codes + float32 tables; BCQ: codes + float16
-scales). Rows stream as they finish and are cached in
-``--out/rows.json`` (a run that was stopped resumes); ``--out`` keeps the table in ``results.md``.
+Every MatMul weight (the head and the embedding stay float, as in the README's quality table) is replaced by
+its reconstruction under each format ("fake quantization": the float model with the quantized values, so the
+figure is the format's accuracy, not a kernel's); quality as ``bench_quality`` measures it (SmolLM2: perplexity
+on othello windows; MiniLM: mean embedding cosine to fp32 on its sentences), the H-weighted output error
+averaged over the weights (``trace(dW^T H dW) / trace(W^T H W)``, the AdaDim criterion) and the stored bits
+per weight (integer: ``quantize_plan.stored_bytes`` of the fused form; shared table: that plus its float32
+table; codebook: codes + float32 tables; BCQ: codes + float16 scales). Rows stream as they finish and are
+cached in ``--out/rows.json`` (a run that was stopped resumes; a new setting wants a new folder); ``--out``
+keeps the table in ``results.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import functools
 import pathlib
 import sys
-import time
 
 import numpy as np
 import onnx_ir as ir
@@ -39,8 +41,7 @@ from lowbit.passes.quant.gptq import factor_hessian, quantize_gptq
 from lowbit.passes.quant.rtn import quantize_rtn
 from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quantize_plan import stored_bytes
-from lowbit.runtime.calibration import collect
-from lowbit.tools import models, text
+from lowbit.tools.dev.bench_quality import Bench, Setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,65 +144,41 @@ def formats(bits: int, group_size: int, with_gptq: bool) -> list[Format]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    source = out / "smollm2.fp32.onnx"
-    if not source.exists():
-        models.export_smollm2(source, cache=True)
-    cache = out / "rows.json"
-    setting = {k: getattr(args, k) for k in ("bits", "group_size", "calibration_windows", "calibration_length")}
-    setting["eval_windows"] = args.eval_windows
-    cached = json.loads(cache.read_text()) if cache.exists() else {}
-    done = cached.get("rows", {}) if cached.get("setting") == setting else {}
-    tokenizer = models.smollm2_tokenizer()
-    windows = text.token_windows(tokenizer, text.evaluation_text(), 512, args.eval_windows)
-    from lowbit.tools.eval_perplexity import perplexity
-
-    if "fp32" not in done:
-        done["fp32"] = {"format": "fp32", "perplexity": perplexity(str(source), windows), "bits": 32.0, "error": 0.0}
-    rows = [done["fp32"]]
-    _print_row(rows[0], header=True)
-    chosen = [fmt for fmt in formats(args.bits, args.group_size, args.gptq) if _chosen(fmt.name, args.only)]
-    todo = [fmt for fmt in chosen if fmt.name not in done]
-    stats = None
-    if todo:
-        feeds = text.calibration_feeds(tokenizer, ["input_ids"], args.calibration_length, args.calibration_windows)
-        stats = collect(lowbit.load(source), feeds, total=len(feeds))
-    for fmt in chosen:
-        if fmt.name in done:
-            rows.append(done[fmt.name])
-            _print_row(done[fmt.name])
-            continue
-        start = time.perf_counter()
-        model = lowbit.load(source)
-        stored_bits = weights = 0
-        errors = []
-        for use in analysis.weight_uses(model.graph):
-            if use.kind not in ("matmul",) or use.weight.const_value is None:
-                continue
-            weight = np.asarray(use.weight.const_value.numpy(), dtype=np.float32)
-            hessian = stats.for_use(use).hessian
-            approx, bits = fmt.quantize(weight, hessian)
-            energy = output_error(weight, np.zeros_like(weight), hessian)
-            errors.append(output_error(weight, approx, hessian) / energy if energy > 0 else 0.0)
-            use.weight.const_value = ir.tensor(np.asarray(approx, np.float32), name=use.weight.name)
-            stored_bits += bits
-            weights += weight.size
-        path = out / "fake_quantized.onnx"
-        lowbit.save(model, path)
-        row = {
-            "format": fmt.name,
-            "perplexity": perplexity(str(path), windows),
-            "bits": stored_bits / weights,
-            "error": float(np.mean(errors)),
-            "seconds": time.perf_counter() - start,
-        }
-        rows.append(row)
-        _print_row(row)
-        done[fmt.name] = row
-        cache.write_text(json.dumps({"setting": setting, "rows": done}, indent=1))
-    (out / "results.md").write_text(markdown(rows, args))
+    """Every chosen format's row (fp32 first), printed and cached as each finishes."""
+    bench = Bench(Setting.from_args(args, [args.bits]))
+    rows = [{"format": "fp32", "bits": 32.0, "output_error": 0.0, **bench.run("fp32")}]
+    _print_row(rows[0], metric(args.model), header=True)
+    for fmt in formats(args.bits, args.group_size, args.gptq):
+        if _chosen(fmt.name, args.only):
+            rows.append({"format": fmt.name, **bench.run(fmt.name, functools.partial(fake_quantize, bench, fmt))})
+            _print_row(rows[-1], metric(args.model))
+    (args.out / "results.md").write_text(markdown(rows, args))
     return rows
+
+
+def fake_quantize(bench: Bench, fmt: Format, path: pathlib.Path) -> dict:
+    """Write the float model with every MatMul weight replaced by its reconstruction under ``fmt``; returns the
+    stored bits per weight and the mean relative output error."""
+    model = lowbit.load(bench.source)
+    stored_bits = weights = 0
+    errors = []
+    for use in analysis.weight_uses(model.graph):
+        if use.kind != "matmul" or use.weight.const_value is None:
+            continue
+        weight = np.asarray(use.weight.const_value.numpy(), dtype=np.float32)
+        hessian = bench.statistics().for_use(use).hessian
+        approx, bits = fmt.quantize(weight, hessian)
+        energy = output_error(weight, np.zeros_like(weight), hessian)
+        errors.append(output_error(weight, approx, hessian) / energy if energy > 0 else 0.0)
+        use.weight.const_value = ir.tensor(np.asarray(approx, np.float32), name=use.weight.name)
+        stored_bits += bits
+        weights += weight.size
+    lowbit.save(model, path)
+    return {"bits": stored_bits / weights, "output_error": float(np.mean(errors))}
+
+
+def metric(model: str) -> str:
+    return "perplexity" if model == "smollm2" else "cosine"
 
 
 def _chosen(name: str, only: list[str] | None) -> bool:
@@ -209,36 +186,56 @@ def _chosen(name: str, only: list[str] | None) -> bool:
     return not only or name in only
 
 
-def _print_row(row: dict, header: bool = False) -> None:
+def _print_row(row: dict, metric_name: str, header: bool = False) -> None:
     if header:
-        print(f"{'format':<48} {'bits/w':>7} {'mean rel. output error':>23} {'perplexity':>11}", flush=True)
-    print(f"{row['format']:<48} {row['bits']:>7.3f} {row['error']:>23.5f} {row['perplexity']:>11.4f}", flush=True)
+        print(f"{'format':<48} {'bits/w':>7} {'mean rel. output error':>23} {metric_name:>11}", flush=True)
+    if "error" in row:  # the format raised (Bench.run keeps the message)
+        print(f"{row['format']:<48} failed: {row['error']}", flush=True)
+    else:
+        print(
+            f"{row['format']:<48} {row['bits']:>7.3f} {row['output_error']:>23.5f} {row['quality']:>11.4f}", flush=True
+        )
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    if args.model == "smollm2":
+        what = f"SmolLM2, decoder weights at {args.bits} bits (head and embedding float)"
+        measured = f"perplexity on othello {args.eval_windows} x {args.eval_length} tokens"
+    else:
+        what = f"MiniLM, every MatMul weight at {args.bits} bits (embeddings float)"
+        measured = "mean embedding cosine to fp32 on the held-out play's sentences"
     lines = [
-        f"SmolLM2, decoder weights at {args.bits} bits (head and embedding float), calibration "
-        f"{args.calibration_windows} x {args.calibration_length} tokens, perplexity on othello "
-        f"{args.eval_windows} x 512 tokens, fake quantization.",
+        f"{what}, calibration {args.calibration_windows} x {args.calibration_length}, {measured}, fake quantization.",
         "",
-        "| format | bits per weight | mean relative output error | perplexity |",
+        f"| format | bits per weight | mean relative output error | {metric(args.model)} |",
         "|---|---:|---:|---:|",
     ]
-    lines += [f"| {r['format']} | {r['bits']:.3f} | {r['error']:.5f} | {r['perplexity']:.4f} |" for r in rows]
+    lines += [
+        f"| {r['format']} | failed: {r['error']} | | |"
+        if "error" in r
+        else f"| {r['format']} | {r['bits']:.3f} | {r['output_error']:.5f} | {r['quality']:.4f} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("smollm2", "minilm"), default="smollm2")
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=128, help="group size of the integer rows")
     parser.add_argument("--calibration-windows", type=int, default=32)
     parser.add_argument("--calibration-length", type=int, default=256)
-    parser.add_argument("--eval-windows", type=int, default=10)
+    parser.add_argument("--eval-windows", type=int, default=10, help="SmolLM2's perplexity windows")
+    parser.add_argument("--eval-length", type=int, default=512, help="tokens per perplexity window")
     parser.add_argument("--gptq", action="store_true", help="add the integer GPTQ row (slower)")
     parser.add_argument("--only", nargs="+", help="only these rows (format names as the table prints them)")
-    parser.add_argument("--out", default="bench-codebook")
-    run(parser.parse_args(argv))
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-codebook"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":
