@@ -126,14 +126,18 @@ def adadim(first: Format, second: Format) -> Format:
 
 def formats(bits: int, group_size: int, with_gptq: bool) -> list[Format]:
     """The integer grid (per-OC, and AdaDim over both layouts) against the same groups with a fitted table of
-    levels and against per-channel codebooks (per-OC, per-IC, AdaDim), by nearest rounding and, with
-    ``with_gptq``, by GPTQ."""
+    levels (per-OC, and AdaDim), against BCQ and against per-channel codebooks (per-OC, per-IC, AdaDim), by
+    nearest rounding and, with ``with_gptq``, by GPTQ."""
     methods = ("rtn", "gptq") if with_gptq else ("rtn",)
     rows = []
     for method in methods:
         rows += [
             int_format(bits, group_size, "oc", method, True),
             shared_table_format(bits, group_size, "oc", method, True),
+            adadim(
+                shared_table_format(bits, group_size, "oc", method, True),
+                shared_table_format(bits, group_size, "ic", method, True),
+            ),
             bcq_format(bits, group_size, "oc", method),
             adadim(int_format(bits, group_size, "oc", method, True), int_format(bits, group_size, "ic", method, True)),
             codebook_format(bits, -1, "oc", method),
