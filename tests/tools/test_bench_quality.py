@@ -43,3 +43,23 @@ def test_markdown_has_a_line_per_row_with_clip_search_rows_apart(tmp_path):
     assert len(lines) == 4 + 3 + len(LOWBIT_ROWS)  # fp32 line, blank, header, rule; ORT rows; lowbit rows
     assert "| lowbit gptq adadim block | 52.5 (1 MiB) | n/a |" in lines
     assert "| lowbit gptq adadim block + clip | 50.5 (1 MiB) | crashed |" in lines
+
+
+def test_cached_rows_of_another_setting_are_refused(tmp_path):
+    """A folder's cached rows were measured under one setting: another (other than the widths, by which rows are
+    keyed) is refused, naming what differs, instead of mixing stale rows into the table."""
+    import dataclasses
+    import json
+    import pathlib
+
+    import pytest
+
+    from lowbit.tools.dev.bench_quality import Bench, Setting
+
+    (tmp_path / "smollm2.fp32.onnx").write_bytes(b"")  # Bench exports the model only when it is missing
+    setting = Setting("smollm2", (3,), 128, 1, 8, 4, 8, pathlib.Path(tmp_path))
+    bench = Bench(setting)
+    bench.rows_path.write_text(json.dumps({"fp32": {"quality": 48.0, "bytes": 1}}))
+    assert Bench(dataclasses.replace(setting, bits=(4,))).rows["fp32"]["quality"] == 48.0  # widths may change
+    with pytest.raises(ValueError, match=r"another setting \(eval_windows 4 -> 10\): use another --out"):
+        Bench(dataclasses.replace(setting, eval_windows=10))

@@ -9,7 +9,7 @@ SmolLM2: calibration on 128 windows x 256 tokens of the calibration plays, perpl
 of the held-out play (activations fp32 everywhere: ONNX Runtime's MatMulNBits at accuracy level 0).
 MiniLM: calibration on sentences of the calibration plays, mean embedding cosine against fp32 on
 sentences of the held-out play. Each finished row is cached in ``--out/rows.json``, so an interrupted
-run resumes; ``--out`` also gets ``results.md``, ``axis_choices.md`` and ``quality.png``.
+run resumes (a folder whose rows were measured under another setting is refused); ``--out`` also gets ``results.md``, ``axis_choices.md`` and ``quality.png``.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class Bench:
         setting.out.mkdir(parents=True, exist_ok=True)
         self.rows_path = setting.out / "rows.json"
         self.rows: dict[str, dict] = json.loads(self.rows_path.read_text()) if self.rows_path.exists() else {}
+        _check_rows_setting(setting, bool(self.rows))
         self.source = setting.out / f"{setting.model}.fp32.onnx"
         if not self.source.exists():
             (models.export_smollm2 if setting.model == "smollm2" else models.export_minilm)(self.source)
@@ -195,6 +196,20 @@ class Bench:
                     self.run(f"W{bits} ORT {algorithm}", self.ort_row(bits, algorithm))
             for row in LOWBIT_ROWS:
                 self.run(_lowbit_key(bits, *row), self.lowbit_row(bits, *row))
+
+
+def _check_rows_setting(setting: Setting, has_rows: bool) -> None:
+    """Refuse a folder whose cached rows were measured under another setting (the widths aside: rows are keyed by
+    width), then record this one (``setting.json``) for the next run."""
+    recorded = {name: value for name, value in dataclasses.asdict(setting).items() if name not in ("bits", "out")}
+    path = setting.out / "setting.json"
+    if has_rows and path.exists():
+        cached = json.loads(path.read_text())
+        differing = sorted(name for name in recorded if cached.get(name) != recorded[name])
+        if differing:
+            changes = ", ".join(f"{name} {cached.get(name)!r} -> {recorded[name]!r}" for name in differing)
+            raise ValueError(f"{setting.out} holds rows measured with another setting ({changes}): use another --out")
+    path.write_text(json.dumps(recorded, indent=1))
 
 
 def _lowbit_key(bits: int, method: str, axis: str, selector: str | None, clip_search: bool) -> str:
