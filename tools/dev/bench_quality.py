@@ -9,7 +9,8 @@ SmolLM2: calibration on 128 windows x 256 tokens of the calibration plays, perpl
 of the held-out play (activations fp32 everywhere: ONNX Runtime's MatMulNBits at accuracy level 0).
 MiniLM: calibration on sentences of the calibration plays, mean embedding cosine against fp32 on
 sentences of the held-out play. Each finished row is cached in ``--out/rows.json``, so an interrupted
-run resumes (a folder whose rows were measured under another setting is refused); ``--out`` also gets ``results.md``, ``axis_choices.md`` and ``quality.png``.
+run resumes (a folder whose rows were measured under another setting is refused); ``--out`` also gets
+``results.md``, ``axis_choices.md`` and ``quality.png``.
 """
 
 from __future__ import annotations
