@@ -84,6 +84,12 @@ class WeightPlan:
         self.hessian = None
         self._released = True
 
+    def keep_candidate(self, axis: str) -> None:
+        """Drop every candidate but ``axis``'s, and the other candidates that the measured errors hold."""
+        self.candidates = {axis: self.candidates[axis]}
+        for key in [key for key in self._measured if key not in (None, axis)]:
+            del self._measured[key]
+
     def release_arrays(self) -> None:
         """Let go of the float weight, its candidates and H once the weight is written (the layer-by-layer sweep:
         what a layer held is freed before the next one is quantized); the plan serves nothing after."""

@@ -285,7 +285,7 @@ def measure_widths(
         for plan, axis in zip(width_plans, chosen):
             if plan.choice_errors is None and len(plan.candidates) > 1:
                 plan.choice_errors = matrix_errors(plan)  # both axes' errors, for the report
-            plan.candidates = {axis: plan.candidates[axis]}  # the other axis's codes are not needed again
+            plan.keep_candidate(axis)  # the other axis's codes are not needed again
         per_width.append(width_plans)
         axes.append(chosen)
     table = WidthTable(tuple(widths), per_width, axes, costs=[], errors=[])

@@ -139,8 +139,9 @@ class QuantizeWeightsPass(LowbitPass):
             self.details["tied_lm_heads"] = planning.tied_lm_heads
         if plans:  # refuse before changing anything when the storage opset cannot hold the model
             check_convertible(model, builders.required_opset(min(self._widths)))
-            if self._runs_subgraphs or self.calibration_mode == "sequential":
-                _infer_missing_types(model)  # the selectors and the sweep cut subgraphs at typed values
+            kl_budget = self.budget is not None and self.budget.sensitivity == "kl"
+            if self._runs_subgraphs or self.calibration_mode == "sequential" or kl_budget:
+                _infer_missing_types(model)  # the selectors, the sweep and the budget's sensitivity cut subgraphs
         budget = None
         samples = statistics.samples if statistics is not None else []
         if self.budget is not None and plans:

@@ -24,10 +24,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
+import onnx.utils
 import onnx_ir as ir
+import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
+from lowbit.passes import sequential
 from lowbit.passes.axis_selectors import WeightPlan
 from lowbit.passes.quant.rtn import QuantizedWeight
 from lowbit.runtime.calibration import keep_nodes_needed_for
@@ -65,18 +68,67 @@ def output_measure(model: ir.Model) -> str:
     return "kl" if any(use.kind == "lm_head" for use in analysis.weight_uses(model.graph)) else "relative_mse"
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+def _starts_and_cuts(
+    graph: ir.Graph, plans: Sequence[WeightPlan], proto: onnx.ModelProto
+) -> tuple[list[int | None], list[list[str]]]:
+    """Per plan, the index of the cut before its decoder layer (None: outside the layers), and those cuts (the values
+    ``proto``, pruned to the measured output, computes); no cuts where the graph cannot be cut between its layers."""
+    layers, _ = sequential.group_layers(plans)
+    starts: list[int | None] = [None] * len(plans)
+    if not layers:
+        return starts, []
+    try:
+        cuts = sequential.layer_cuts(graph, [plan.uses for plan in plans], layers)
+    except ValueError:  # a weight outside its layer's span: every run takes the whole model
+        return starts, []
+    for number, layer in enumerate(layers):
+        for index in layer.indices:
+            starts[index] = number
+    produced = {name for node in proto.graph.node for name in node.output}
+    return starts, [[name for name in cut if name in produced] for cut in cuts[:-1]]
+
+
+class _Distribution:
+    """What the KL of one sample's logits against its float logits needs of the float ones, computed once:
+    ``p`` = softmax, ``p . z`` and ``logsumexp(z)`` per position (``z``: the logits less their maximum), the sum of
+    ``p``. ``KL(p || softmax(y)) = p . z - p . y' + (logsumexp(y') - logsumexp(z)) sum(p)`` (``y'``: ``y`` less its
+    maximum), so each candidate costs one exponential per logit, not the two of a log-softmax and of ``p``; a
+    candidate whose logits are the float ones gives exactly 0."""
+
+    def __init__(self, logits: np.ndarray):
+        shifted, self.log_sum = _shifted_log_sum(logits)
+        self.p = np.exp(shifted - self.log_sum[..., None])
+        self.p_dot = np.einsum("...v,...v->...", self.p, shifted)
+        self.p_sum = self.p.sum(axis=-1)
+
+    def kl(self, logits: np.ndarray) -> float:
+        """``KL(p || softmax(logits))`` averaged over positions (nats per token)."""
+        p_dot, log_sum = _shifted_log_sum(logits, self.p)
+        per_position = (self.p_dot - p_dot) + (log_sum - self.log_sum) * self.p_sum
+        return float(per_position.mean())
+
+
+def _shifted_log_sum(logits: np.ndarray, p: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``z`` = the logits in float64 less their maximum over the last axis, and ``logsumexp(z)``; given ``p``,
+    ``p . z`` in place of ``z`` (``z`` is then overwritten by its exponential: one array of the logits' size)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    first = z if p is None else np.einsum("...v,...v->...", p, z)
+    exponentials = np.exp(z) if p is None else np.exp(z, out=z)
+    return first, np.log(exponentials.sum(axis=-1))
 
 
 class OutputSensitivity:
-    """One session of the float ``model`` with the weights of ``plans`` overridable, its first output's float
+    """Sessions of the float ``model`` with the weights of ``plans`` overridable, its first output's float
     values on ``samples`` (feed dicts) kept as the reference. ``measured``: the positions in ``plans`` of the
     weights it measures (``overridable`` ones that the first output depends on); ``error`` and ``table`` count
-    positions in that list. Make it before any weight of ``model`` changes and drop it after (the session reads
-    the model's arrays)."""
+    positions in that list. Make it before any weight of ``model`` changes and drop it after (the sessions read
+    the model's arrays).
+
+    A weight in a decoder layer changes nothing before that layer, so its runs start there: the values that cross
+    into the layer (``sequential.layer_cuts``) are computed once per sample, and a session of the rest of the model
+    (one at a time, made when a weight of its layer is first measured) takes them as inputs. Weights outside the
+    decoder layers, and every weight of a graph that cannot be cut between its layers, run the whole model."""
 
     def __init__(self, model: ir.Model, plans: Sequence[WeightPlan], samples: Sequence[dict[str, np.ndarray]]):
         if not samples:
@@ -84,50 +136,103 @@ class OutputSensitivity:
         if not model.graph.outputs:
             raise ValueError("the model has no graph output to measure")
         self.measure = output_measure(model)
-        proto, memory = proto_sharing_initializers(model)
-        output = proto.graph.output[0]
-        self.output = output.name
+        self.output = model.graph.outputs[0].name
+        self._data_dirs = external_data_dirs(model)
+        proto, self._memory_files = proto_sharing_initializers(model)
         del proto.graph.output[1:]
         keep_nodes_needed_for(proto.graph, [self.output])
         if proto.ir_version < 4:  # initializers are overridable graph inputs from IR version 4
             proto.ir_version = 4
-        initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
+        initializers = {tensor.name for tensor in proto.graph.initializer}
         self.measured = [
             i for i, plan in enumerate(plans) if overridable(plan) and plan.first.weight.name in initializers
         ]
         self.names = [plans[i].first.weight.name for i in self.measured]
         self.dtypes = [_OVERRIDABLE_TYPES[plans[i].first.weight.const_value.dtype] for i in self.measured]
-        for name in self.names:
-            tensor = initializers[name]
-            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
-        options = session_options()
-        options.log_severity_level = 3  # not one warning per weight that "an initializer is also an input"
-        self.session = session_from_proto(proto, external_data_dirs(model), options, consume=True, memory_files=memory)
+        #: Per measured position, the index of the decoder layer its runs start from (None: the whole model).
+        self.start_layers, self._cuts = _starts_and_cuts(model.graph, [plans[i] for i in self.measured], proto)
+        self._extractor = onnx.utils.Extractor(proto) if self._cuts else None
+        whole = onnx.ModelProto()
+        whole.CopyFrom(proto)  # the extractor keeps ``proto``; the weights are shared, not copied
+        cut_names = list(dict.fromkeys(name for cut in self._cuts for name in cut))
+        whole.graph.output.extend(onnx.ValueInfoProto(name=name) for name in cut_names)
+        self.session = self._overridable_session(whole)
         weights = set(self.names)
         inputs = {value.name for value in self.session.get_inputs()} - weights
         self.samples = [{name: value for name, value in sample.items() if name in inputs} for sample in samples]
-        self.reference = [self._run({}, sample) for sample in self.samples]
-        if self.measure == "kl":
-            self._reference_log = [_log_softmax(reference) for reference in self.reference]
+        self.reference, self._float_stream = [], []
+        for sample in self.samples:
+            values = dict(zip([self.output, *cut_names], self.session.run([self.output, *cut_names], sample)))
+            self.reference.append(np.asarray(values.pop(self.output)))
+            self._float_stream.append(values)
         self._energy = sum(float(np.square(reference, dtype=np.float64).sum()) for reference in self.reference)
+        #: The rest of the model from one cut: (cut index, session, its float outputs as the measure compares them:
+        #: arrays, or ``_Distribution`` for ``kl``).
+        self._suffix: tuple[int | None, ort.InferenceSession, list] | None = None
+        #: The cut values under the last ``context`` (its identity, the values per sample).
+        self._context_stream: tuple[int, list[dict[str, np.ndarray]]] | None = None
 
-    def _run(self, weights: dict[str, np.ndarray], sample: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(self.session.run([self.output], {**sample, **weights})[0])
+    def _overridable_session(self, proto: onnx.ModelProto) -> ort.InferenceSession:
+        """A session on ``proto`` (consumed) whose measured weights are graph inputs as well as initializers."""
+        for tensor in proto.graph.initializer:
+            if tensor.name in self.names:
+                proto.graph.input.append(
+                    onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+                )
+        options = session_options()
+        options.log_severity_level = 3  # not one warning per weight that "an initializer is also an input"
+        return session_from_proto(proto, self._data_dirs, options, consume=True, memory_files=self._memory_files)
+
+    def _session_from(self, start: int | None) -> tuple[ort.InferenceSession, list]:
+        """The session that runs from cut ``start`` (None: the whole model) and its float outputs, in the form the
+        measure compares (log-probabilities for ``kl``)."""
+        if self._suffix is None or self._suffix[0] != start:
+            self._suffix = None  # one rest-of-model session at a time
+            if start is None:
+                session, reference = self.session, self.reference
+            else:
+                cut = self._cuts[start]
+                inputs = [value.name for value in self.session.get_inputs() if value.name not in self.names]
+                session = self._overridable_session(self._extractor.extract_model([*inputs, *cut], [self.output]))
+                reference = [
+                    self._run(session, {}, sample, stream) for sample, stream in zip(self.samples, self._float_stream)
+                ]
+            if self.measure == "kl":
+                reference = [_Distribution(output) for output in reference]
+            self._suffix = (start, session, reference)
+        return self._suffix[1], self._suffix[2]
+
+    def _run(self, session: ort.InferenceSession, weights, sample, stream) -> np.ndarray:
+        names = {value.name for value in (*session.get_inputs(), *session.get_overridable_initializers())}
+        feeds = {name: value for name, value in {**sample, **stream, **weights}.items() if name in names}
+        return np.asarray(session.run([self.output], feeds)[0])
+
+    def _stream(self, context: dict[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
+        """Every sample's cut values with the weights as ``context`` sets them (None: float)."""
+        if not context or not self._cuts:
+            return self._float_stream
+        if self._context_stream is None or self._context_stream[0] != id(context):
+            names = list(self._float_stream[0])
+            self._context_stream = (
+                id(context),
+                [dict(zip(names, self.session.run(names, {**sample, **context}))) for sample in self.samples],
+            )
+        return self._context_stream[1]
 
     def error(self, position: int, weight: np.ndarray, context: dict[str, np.ndarray] | None = None) -> float:
         """The output's error with measured weight ``position``'s weight replaced by ``weight`` (``[K, N]``), the
         others float, or as ``context`` (``contexts``: feeds by weight name) gives them."""
+        start = self.start_layers[position]
+        session, reference = self._session_from(start)
+        streams = self._stream(context) if start is not None else [{} for _ in self.samples]
         feed = {**(context or {}), self.names[position]: np.ascontiguousarray(weight, dtype=self.dtypes[position])}
         total = 0.0
-        for index, sample in enumerate(self.samples):
-            output = self._run(feed, sample)
+        for index, (sample, stream) in enumerate(zip(self.samples, streams)):
+            output = self._run(session, feed, sample, stream)
             if self.measure == "kl":
-                reference = self._reference_log[index]
-                log_q = _log_softmax(output)
-                per_position = (np.exp(reference) * (reference - log_q)).sum(axis=-1)
-                total += float(per_position.mean()) / len(self.samples)
+                total += reference[index].kl(output) / len(self.samples)
             else:
-                total += float(np.square(output.astype(np.float64) - self.reference[index]).sum())
+                total += float(np.square(output.astype(np.float64) - reference[index]).sum())
         if self.measure != "kl":
             total /= self._energy if self._energy > 0 else 1.0
         return max(total, 0.0)
@@ -140,13 +245,16 @@ class OutputSensitivity:
         its chosen candidate instead of float, so that what one weight costs is judged beside the others'
         errors (they compound at low widths)."""
         context = None if chosen is None else self.contexts(candidates, chosen)
-        errors = []
+        errors: list[list[float]] = [[] for _ in candidates]
         desc = f"budget sensitivity ({self.measure}{', in context' if chosen is not None else ''})"
+        # Layer by layer, so that each rest-of-model session is made once.
+        order = sorted(
+            range(len(candidates)), key=lambda p: (self.start_layers[p] is None, self.start_layers[p] or 0, p)
+        )
         with tqdm(total=sum(len(row) for row in candidates), desc=desc, unit="run") as bar:
-            for position, row in enumerate(candidates):
-                errors.append([])
-                for candidate in row:
-                    errors[-1].append(self.error(position, candidate.dequantize(), context))
+            for position in order:
+                for candidate in candidates[position]:
+                    errors[position].append(self.error(position, candidate.dequantize(), context))
                     bar.update()
         return errors
 

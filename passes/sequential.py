@@ -144,7 +144,7 @@ class LayerSweep:
         self.model, self.plans, self.layers, self.feeds = model, plans, layers, feeds
         self.selector_samples, self.max_stream_bytes, self.stream = selector_samples, max_stream_bytes, stream
         self.graph_inputs = expected
-        self.cuts = _cuts(model.graph, [plan.uses for plan in plans], layers)
+        self.cuts = layer_cuts(model.graph, [plan.uses for plan in plans], layers)
         #: Where the model's external data lies (sessions on its subgraphs read it from there).
         self.data_dirs = external_data_dirs(model)
         #: Bytes of layer inputs held while each layer was quantized (one cut, every sample).
@@ -304,7 +304,7 @@ def unsweepable(graph: ir.Graph, groups: list[list[analysis.WeightUse]]) -> str 
     if not layers:
         return None
     try:
-        _cuts(graph, groups, layers)
+        layer_cuts(graph, groups, layers)
     except ValueError as error:
         return str(error)
     return None
@@ -313,7 +313,7 @@ def unsweepable(graph: ir.Graph, groups: list[list[analysis.WeightUse]]) -> str 
 _Uses = collections.namedtuple("_Uses", "uses")
 
 
-def _cuts(graph: ir.Graph, uses: list[list[analysis.WeightUse]], layers: list[Layer]) -> list[list[str]]:
+def layer_cuts(graph: ir.Graph, uses: list[list[analysis.WeightUse]], layers: list[Layer]) -> list[list[str]]:
     """Value names of the cut before every layer and after the last one (``len(layers) + 1`` cuts)."""
     nodes = list(graph)
     position = {id(node): index for index, node in enumerate(nodes)}

@@ -86,3 +86,27 @@ def test_a_module_session_takes_the_candidates_as_inputs_and_sleeps_between_runs
     assert "w1" in {value.name for value in sess.get_inputs()}
     key, value = NO_SPINNING
     assert sess.get_session_options().get_session_config_entry(key) == value
+
+
+def test_keeping_one_candidate_lets_the_others_go_and_keeps_its_error():
+    """A budget keeps one axis per width: the other candidate must not stay alive in the plan's measured errors."""
+    import gc
+    import weakref
+
+    from lowbit.ir import analysis
+    from lowbit.passes.axis_selectors import WeightPlan
+    from lowbit.passes.quant.rtn import quantize_rtn
+    from lowbit.passes.quant.scheme import QuantScheme
+
+    model = factories.mlp(k=32, hidden=48, n=16)
+    use = analysis.weight_uses(model.graph)[0]
+    weight = analysis.weight_value_array(use)
+    x = np.random.default_rng(0).standard_normal((64, weight.shape[0]))
+    plan = WeightPlan([use], weight, x.T @ x)
+    plan.candidates = {axis: quantize_rtn(weight, QuantScheme(3, 16, axis)) for axis in ("oc", "ic")}
+    errors, energy = plan.output_errors(), plan.output_energy()
+    dropped = weakref.ref(plan.candidates["oc"])
+    plan.keep_candidate("ic")
+    gc.collect()
+    assert dropped() is None and list(plan.candidates) == ["ic"]
+    assert plan.output_errors() == {"ic": errors["ic"]} and plan.output_energy() == energy

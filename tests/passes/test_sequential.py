@@ -28,7 +28,7 @@ from lowbit.passes.quant.scheme import CALIBRATION_MODES, QuantScheme
 from lowbit.passes.quantize_weights import QuantizeWeightsPass
 from lowbit.runtime.calibration import collect
 from tests import factories
-from tests.parity import check_valid
+from tests.parity import check_valid, run
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="the 'models' extra (transformers) is not installed")
@@ -537,3 +537,59 @@ def test_float_stream_raises_the_quantizers_error_and_stops(monkeypatch):
     with pytest.raises(RuntimeError, match=f"cannot quantize {layers[1].name}"):
         sequential.LayerSweep(model, plans, layers, _feeds(2), stream="float").run(quantize)
     assert quantized == [layers[0].name]
+
+
+def _kl_to_float(model: ir.Model, replaced: dict[str, np.ndarray], feeds) -> float:
+    """The definition of the budget's KL sensitivity: the whole model run with ``replaced`` weights against the float
+    model, KL of the softmax of the logits, averaged over positions and samples."""
+    changed = ir.from_proto(ir.to_proto(model))
+    for name, value in replaced.items():
+        changed.graph.initializers[name].const_value = ir.tensor(value.astype(np.float32), name=name)
+    total = 0.0
+    for sample in feeds:
+        p, q = (run(m, sample)[0].astype(np.float64) for m in (model, changed))
+        log_p, log_q = (x - x.max(-1, keepdims=True) for x in (p, q))
+        log_p, log_q = (x - np.log(np.exp(x).sum(-1, keepdims=True)) for x in (log_p, log_q))
+        total += float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean()) / len(feeds)
+    return total
+
+
+def test_budget_sensitivity_runs_from_each_weights_layer_and_equals_whole_model_runs():
+    """``OutputSensitivity`` feeds each decoder-layer weight's candidate to the rest of the model from the cut before
+    its layer: the KL equals the whole model's, alone and beside the other weights' chosen candidates."""
+    from lowbit.passes.quant.rtn import quantize_rtn
+    from lowbit.passes.sensitivity import OutputSensitivity
+
+    model, feeds = _llama(3), _feeds(2)
+    plans = _plans(model)
+    sensitivity = OutputSensitivity(model, plans, feeds)
+    assert sensitivity.measure == "kl" and len(sensitivity.measured) == len(plans) == 21
+    assert sensitivity.start_layers == [position // 7 for position in range(21)]  # 7 weights in each of 3 layers
+    candidates = [[quantize_rtn(plan.weight, QuantScheme(bits, 16, "oc")) for bits in (2, 4)] for plan in plans]
+    plain = sensitivity.table(candidates)
+    chosen = [position % 2 for position in range(len(plans))]
+    in_context = sensitivity.table(candidates, chosen)
+    names = [plan.first.weight.name for plan in plans]
+    context = {name: row[pick].dequantize() for name, row, pick in zip(names, candidates, chosen)}
+    for position in (0, 9, 20):  # first layer, middle, last weight
+        assert sensitivity.error(position, plans[position].weight) == 0.0
+        for column in range(2):
+            alone = {names[position]: candidates[position][column].dequantize()}
+            assert plain[position][column] == pytest.approx(_kl_to_float(model, alone, feeds), rel=1e-4)
+            mix = {**context, **alone}
+            assert in_context[position][column] == pytest.approx(_kl_to_float(model, mix, feeds), rel=1e-4)
+        assert plain[position][0] > plain[position][1] > 0  # 2 bits cost more than 4
+
+
+def test_kl_budget_on_a_graph_without_value_types_cuts_it_between_layers():
+    """The sensitivity's rest-of-model sessions start at typed values: a file without value types gets them first."""
+    model = _llama(2)
+    for node in model.graph:
+        for output in node.outputs:
+            if not output.is_graph_output():
+                output.type, output.shape = None, None
+    recipe = lowbit.Recipe(group_size=16, budget="5", budget_sensitivity="kl", selector="matrix")
+    result = lowbit.optimize(model, recipe, calibration=_feeds(2))
+    check_valid(result.model)
+    assert result.report.budget["bytes"] <= result.report.budget["limit_bytes"]
+    assert all(r.width_options[str(r.bits)]["sensitivity"] >= 0 for r in result.report.weights if r.width_options)
