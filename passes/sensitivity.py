@@ -169,8 +169,8 @@ class OutputSensitivity:
         #: The rest of the model from one cut: (cut index, session, its float outputs as the measure compares them:
         #: arrays, or ``_Distribution`` for ``kl``).
         self._suffix: tuple[int | None, ort.InferenceSession, list] | None = None
-        #: The cut values under the last ``context`` (its identity, the values per sample).
-        self._context_stream: tuple[int, list[dict[str, np.ndarray]]] | None = None
+        #: The cut values under the last ``context`` (a shallow copy of it, the values per sample).
+        self._context_stream: tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]] | None = None
 
     def _overridable_session(self, proto: onnx.ModelProto) -> ort.InferenceSession:
         """A session on ``proto`` (consumed) whose measured weights are graph inputs as well as initializers."""
@@ -185,7 +185,7 @@ class OutputSensitivity:
 
     def _session_from(self, start: int | None) -> tuple[ort.InferenceSession, list]:
         """The session that runs from cut ``start`` (None: the whole model) and its float outputs, in the form the
-        measure compares (log-probabilities for ``kl``)."""
+        measure compares (``_Distribution`` for ``kl``)."""
         if self._suffix is None or self._suffix[0] != start:
             self._suffix = None  # one rest-of-model session at a time
             if start is None:
@@ -208,15 +208,15 @@ class OutputSensitivity:
         return np.asarray(session.run([self.output], feeds)[0])
 
     def _stream(self, context: dict[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
-        """Every sample's cut values with the weights as ``context`` sets them (None: float)."""
+        """Every sample's cut values with the weights as ``context`` sets them (None: float); computed again when
+        the context holds other arrays than the last one (the same arrays are taken to hold the same values)."""
         if not context or not self._cuts:
             return self._float_stream
-        if self._context_stream is None or self._context_stream[0] != id(context):
+        cached = None if self._context_stream is None else self._context_stream[0]
+        if cached is None or cached.keys() != context.keys() or any(context[k] is not cached[k] for k in context):
             names = list(self._float_stream[0])
-            self._context_stream = (
-                id(context),
-                [dict(zip(names, self.session.run(names, {**sample, **context}))) for sample in self.samples],
-            )
+            values = [dict(zip(names, self.session.run(names, {**sample, **context}))) for sample in self.samples]
+            self._context_stream = (dict(context), values)
         return self._context_stream[1]
 
     def error(self, position: int, weight: np.ndarray, context: dict[str, np.ndarray] | None = None) -> float:

@@ -579,6 +579,12 @@ def test_budget_sensitivity_runs_from_each_weights_layer_and_equals_whole_model_
             mix = {**context, **alone}
             assert in_context[position][column] == pytest.approx(_kl_to_float(model, mix, feeds), rel=1e-4)
         assert plain[position][0] > plain[position][1] > 0  # 2 bits cost more than 4
+    # A later context that changes a weight before the measured one's layer: its cut is computed again.
+    changed = {**context, names[0]: candidates[0][1 - chosen[0]].dequantize()}
+    weight = candidates[20][0].dequantize()
+    got = sensitivity.error(20, weight, changed)
+    assert got == pytest.approx(_kl_to_float(model, {**changed, names[20]: weight}, feeds), rel=1e-4)
+    assert got != pytest.approx(in_context[20][0], rel=1e-4)
 
 
 def test_kl_budget_on_a_graph_without_value_types_cuts_it_between_layers():
