@@ -315,7 +315,7 @@ def choose_within_budget(
     feed dicts; ``OutputSensitivity``), where the weights a feed cannot replace keep ``default_bits`` too.
     Leaves the chosen width's candidates in every plan."""
     calibrated = [i for i, plan in enumerate(plans) if plan.hessian is not None]
-    sensitivity, not_measured, output_measure = None, [], None
+    sensitivity, not_measured, output_measure, whole_model_reason = None, [], None, None
     if budget.sensitivity == "kl" and calibrated:
         if not samples:
             raise ValueError("budget sensitivity 'kl' runs the model on calibration samples, and none were kept")
@@ -343,7 +343,7 @@ def choose_within_budget(
     table = measure_widths([plans[i] for i in measured], budget.widths, budget.fused, choose_width)
     if sensitivity is not None:
         table.sensitivities = sensitivity.table([table.candidates(position) for position in range(len(measured))])
-        output_measure = sensitivity.measure
+        output_measure, whole_model_reason = sensitivity.measure, sensitivity.whole_model_reason
         del sensitivity  # its session reads the model's arrays, which the pass is about to replace
     allocated = table.errors if table.sensitivities is None else table.sensitivities
     try:
@@ -379,4 +379,6 @@ def choose_within_budget(
         details["sensitivity_error"] = sum(row[pick] for row, pick in zip(table.sensitivities, picks))
         if not_measured:
             details["not_measured"] = not_measured  # kept at default_bits: a feed cannot replace them
+        if whole_model_reason is not None:  # the runs could not start at each weight's layer (slower, same errors)
+            details["sensitivity_whole_model"] = whole_model_reason
     return BudgetChoice(axes, bits, options, details)

@@ -70,22 +70,23 @@ def output_measure(model: ir.Model) -> str:
 
 def _starts_and_cuts(
     graph: ir.Graph, plans: Sequence[WeightPlan], proto: onnx.ModelProto
-) -> tuple[list[int | None], list[list[str]]]:
-    """Per plan, the index of the cut before its decoder layer (None: outside the layers), and those cuts (the values
-    ``proto``, pruned to the measured output, computes); no cuts where the graph cannot be cut between its layers."""
+) -> tuple[list[int | None], list[list[str]], str | None]:
+    """Per plan, the index of the cut before its decoder layer (None: outside the layers), those cuts (the values
+    ``proto``, pruned to the measured output, computes), and why every run takes the whole model (None: it does not):
+    no weight in a decoder layer, or a graph that cannot be cut between its layers."""
     layers, _ = sequential.group_layers(plans)
     starts: list[int | None] = [None] * len(plans)
     if not layers:
-        return starts, []
+        return starts, [], "no measured weight lies in a decoder layer"
     try:
         cuts = sequential.layer_cuts(graph, [plan.uses for plan in plans], layers)
-    except ValueError:  # a weight outside its layer's span: every run takes the whole model
-        return starts, []
+    except ValueError as error:  # a weight outside its layer's span
+        return starts, [], str(error)
     for number, layer in enumerate(layers):
         for index in layer.indices:
             starts[index] = number
     produced = {name for node in proto.graph.node for name in node.output}
-    return starts, [[name for name in cut if name in produced] for cut in cuts[:-1]]
+    return starts, [[name for name in cut if name in produced] for cut in cuts[:-1]], None
 
 
 class _Distribution:
@@ -149,8 +150,11 @@ class OutputSensitivity:
         ]
         self.names = [plans[i].first.weight.name for i in self.measured]
         self.dtypes = [_OVERRIDABLE_TYPES[plans[i].first.weight.const_value.dtype] for i in self.measured]
-        #: Per measured position, the index of the decoder layer its runs start from (None: the whole model).
-        self.start_layers, self._cuts = _starts_and_cuts(model.graph, [plans[i] for i in self.measured], proto)
+        #: Per measured position, the index of the decoder layer its runs start from (None: the whole model);
+        #: why every run takes the whole model, or None.
+        self.start_layers, self._cuts, self.whole_model_reason = _starts_and_cuts(
+            model.graph, [plans[i] for i in self.measured], proto
+        )
         self._extractor = onnx.utils.Extractor(proto) if self._cuts else None
         whole = onnx.ModelProto()
         whole.CopyFrom(proto)  # the extractor keeps ``proto``; the weights are shared, not copied

@@ -239,6 +239,7 @@ def test_kl_budget_stays_within_its_limit_and_records_the_measure(make, measure,
     assert details["bytes"] == result.report.bytes_after
     assert details["sensitivity"] == "kl" and details["sensitivity_measure"] == measure
     assert details["sensitivity_samples"] == 2
+    assert details["sensitivity_whole_model"] == "no measured weight lies in a decoder layer"  # none has layers
     records = result.report.weights
     assert all({"error", "sensitivity", "bytes"} <= set(o) for r in records for o in r.width_options.values())
     chosen = sum(r.width_options[str(r.bits)]["sensitivity"] for r in records)

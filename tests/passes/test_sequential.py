@@ -565,6 +565,7 @@ def test_budget_sensitivity_runs_from_each_weights_layer_and_equals_whole_model_
     sensitivity = OutputSensitivity(model, plans, feeds)
     assert sensitivity.measure == "kl" and len(sensitivity.measured) == len(plans) == 21
     assert sensitivity.start_layers == [position // 7 for position in range(21)]  # 7 weights in each of 3 layers
+    assert sensitivity.whole_model_reason is None
     candidates = [[quantize_rtn(plan.weight, QuantScheme(bits, 16, "oc")) for bits in (2, 4)] for plan in plans]
     plain = sensitivity.table(candidates)
     chosen = [position % 2 for position in range(len(plans))]
@@ -598,4 +599,5 @@ def test_kl_budget_on_a_graph_without_value_types_cuts_it_between_layers():
     result = lowbit.optimize(model, recipe, calibration=_feeds(2))
     check_valid(result.model)
     assert result.report.budget["bytes"] <= result.report.budget["limit_bytes"]
+    assert "sensitivity_whole_model" not in result.report.budget  # the runs started at each weight's layer
     assert all(r.width_options[str(r.bits)]["sensitivity"] >= 0 for r in result.report.weights if r.width_options)
