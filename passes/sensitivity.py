@@ -89,6 +89,11 @@ def _starts_and_cuts(
     return starts, [[name for name in cut if name in produced] for cut in cuts[:-1]], None
 
 
+def _feed_names(session: ort.InferenceSession) -> set[str]:
+    """The names a session takes feeds for: its inputs and its overridable initializers."""
+    return {value.name for value in (*session.get_inputs(), *session.get_overridable_initializers())}
+
+
 class _Distribution:
     """What the KL of one sample's logits against its float logits needs of the float ones, computed once:
     ``p`` = softmax, ``p . z`` and ``logsumexp(z)`` per position (``z``: the logits less their maximum), the sum of
@@ -170,16 +175,17 @@ class OutputSensitivity:
             self.reference.append(np.asarray(values.pop(self.output)))
             self._float_stream.append(values)
         self._energy = sum(float(np.square(reference, dtype=np.float64).sum()) for reference in self.reference)
-        #: The rest of the model from one cut: (cut index, session, its float outputs as the measure compares them:
-        #: arrays, or ``_Distribution`` for ``kl``).
-        self._suffix: tuple[int | None, ort.InferenceSession, list] | None = None
+        #: The rest of the model from one cut: (cut index, session, the names it takes feeds for, its float outputs as
+        #: the measure compares them: arrays, or ``_Distribution`` for ``kl``).
+        self._suffix: tuple[int | None, ort.InferenceSession, set[str], list] | None = None
         #: The cut values under the last ``context`` (a shallow copy of it, the values per sample).
         self._context_stream: tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]] | None = None
 
     def _overridable_session(self, proto: onnx.ModelProto) -> ort.InferenceSession:
         """A session on ``proto`` (consumed) whose measured weights are graph inputs as well as initializers."""
+        weights = set(self.names)
         for tensor in proto.graph.initializer:
-            if tensor.name in self.names:
+            if tensor.name in weights:
                 proto.graph.input.append(
                     onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
                 )
@@ -187,27 +193,30 @@ class OutputSensitivity:
         options.log_severity_level = 3  # not one warning per weight that "an initializer is also an input"
         return session_from_proto(proto, self._data_dirs, options, consume=True, memory_files=self._memory_files)
 
-    def _session_from(self, start: int | None) -> tuple[ort.InferenceSession, list]:
-        """The session that runs from cut ``start`` (None: the whole model) and its float outputs, in the form the
-        measure compares (``_Distribution`` for ``kl``)."""
+    def _session_from(self, start: int | None) -> tuple[ort.InferenceSession, set[str], list]:
+        """The session that runs from cut ``start`` (None: the whole model), the names it takes feeds for (inputs and
+        overridable weights), and its float outputs in the form the measure compares (``_Distribution`` for ``kl``)."""
         if self._suffix is None or self._suffix[0] != start:
             self._suffix = None  # one rest-of-model session at a time
             if start is None:
-                session, reference = self.session, self.reference
+                session = self.session
+                names = _feed_names(session)
+                reference = self.reference
             else:
                 cut = self._cuts[start]
                 inputs = [value.name for value in self.session.get_inputs() if value.name not in self.names]
                 session = self._overridable_session(self._extractor.extract_model([*inputs, *cut], [self.output]))
+                names = _feed_names(session)
                 reference = [
-                    self._run(session, {}, sample, stream) for sample, stream in zip(self.samples, self._float_stream)
+                    self._run(session, names, {}, sample, stream)
+                    for sample, stream in zip(self.samples, self._float_stream)
                 ]
             if self.measure == "kl":
                 reference = [_Distribution(output) for output in reference]
-            self._suffix = (start, session, reference)
-        return self._suffix[1], self._suffix[2]
+            self._suffix = (start, session, names, reference)
+        return self._suffix[1:]
 
-    def _run(self, session: ort.InferenceSession, weights, sample, stream) -> np.ndarray:
-        names = {value.name for value in (*session.get_inputs(), *session.get_overridable_initializers())}
+    def _run(self, session: ort.InferenceSession, names: set[str], weights, sample, stream) -> np.ndarray:
         feeds = {name: value for name, value in {**sample, **stream, **weights}.items() if name in names}
         return np.asarray(session.run([self.output], feeds)[0])
 
@@ -227,12 +236,12 @@ class OutputSensitivity:
         """The output's error with measured weight ``position``'s weight replaced by ``weight`` (``[K, N]``), the
         others float, or as ``context`` (``contexts``: feeds by weight name) gives them."""
         start = self.start_layers[position]
-        session, reference = self._session_from(start)
+        session, names, reference = self._session_from(start)
         streams = self._stream(context) if start is not None else [{} for _ in self.samples]
         feed = {**(context or {}), self.names[position]: np.ascontiguousarray(weight, dtype=self.dtypes[position])}
         total = 0.0
         for index, (sample, stream) in enumerate(zip(self.samples, streams)):
-            output = self._run(session, feed, sample, stream)
+            output = self._run(session, names, feed, sample, stream)
             if self.measure == "kl":
                 total += reference[index].kl(output) / len(self.samples)
             else:
