@@ -11,8 +11,8 @@ on othello windows; MiniLM: mean embedding cosine to fp32 on its sentences), the
 averaged over the weights (``trace(dW^T H dW) / trace(W^T H W)``, the AdaDim criterion) and the stored bits
 per weight (integer: ``quantize_plan.stored_bytes`` of the fused form; shared table: that plus its float32
 table; codebook: codes + float32 tables; BCQ: codes + float16 scales). Rows stream as they finish and are
-cached in ``--out/rows.json`` (a run that was stopped resumes; rows of another setting are refused: use a new folder); ``--out``
-keeps the table in ``results.md``.
+cached in ``--out/rows.json`` (a run that was stopped resumes; rows of another setting are refused: use a new
+folder); ``--out`` keeps the table in ``results.md``.
 """
 
 from __future__ import annotations
