@@ -30,6 +30,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from lowbit.ir import files
 from lowbit.kernels import _lib
+from lowbit.runtime.memory import release_free_memory
 
 #: ONNX Runtime's own exception types (Fail, InvalidArgument, ...): they share no base but Exception.
 ORT_ERRORS = tuple(
@@ -237,6 +238,10 @@ def session_from_proto(
     sess = ort.InferenceSession(serialized, options, providers=providers or ["CPUExecutionProvider"])
     del serialized
     sess._lowbit_data_files = (buffers, shared)
+    if shared:
+        # ONNX Runtime still reads every in-memory file's tensor into a copy while it builds the session, then
+        # takes the shared one: the copies are freed, but the heap keeps their pages unless it is trimmed
+        release_free_memory()
     return sess
 
 
