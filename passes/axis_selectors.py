@@ -90,6 +90,11 @@ class WeightPlan:
         for key in [key for key in self._measured if key not in (None, axis)]:
             del self._measured[key]
 
+    def release_candidates(self) -> None:
+        """Let go of the candidates and H once measured (a budget's sweep measures every width of a layer, then
+        quantizes the chosen one again); the errors the report lists (``choice_errors``) stay."""
+        self.hessian, self.candidates, self._measured = None, {}, {}
+
     def release_arrays(self) -> None:
         """Let go of the float weight, its candidates and H once the weight is written (the layer-by-layer sweep:
         what a layer held is freed before the next one is quantized); the plan serves nothing after."""

@@ -44,10 +44,11 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     ``fold_norms`` adds FoldNormScalesPass before calibration, ``rotate`` adds it and RotateResidualPass;
     ``reorder`` (a criterion of ReorderChannelsPass: ``"absmax"`` or ``"hessian"``; needs calibration) adds it
     after calibration.
-    With calibration feeds (not statistics), in parallel mode without a budget, reordering or outlier
-    splitting, the decoder layers are calibrated, quantized and written one layer at a time on the float
-    model (``QuantizeWeightsPass(calibrate_by_layer=True)``: the same statistics, one layer's Hessians in
-    memory at a time); the calibration pass keeps the feeds and collects only the other weights' statistics.
+    With calibration feeds (not statistics), in parallel mode without reordering or outlier splitting, the
+    decoder layers are calibrated, quantized and written one layer at a time on the float model
+    (``QuantizeWeightsPass(calibrate_by_layer=True)``: the same statistics, one layer's Hessians in memory at a
+    time; under a budget the layers are swept once to measure every width and once to write the chosen ones);
+    the calibration pass keeps the feeds and collects only the other weights' statistics.
     ``calibration_mode="sequential"``: decoder layers quantized one after another on statistics of the
     partially-quantized model (``lowbit.passes.sequential``); the calibration pass then keeps the feeds and,
     unless reordering or outlier splitting read them, collects only the statistics the sweep does not measure
@@ -69,7 +70,7 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     # Reordering and outlier splitting read every weight's statistics before quantization; else the decoder layers
     # are calibrated as they are quantized (sequentially, or layer by layer on the float model).
     by_layer = owns_statistics and recipe.reorder is None and not splits
-    calibrate_by_layer = by_layer and not sequential and recipe.budget is None
+    calibrate_by_layer = by_layer and not sequential
     quantize = QuantizeWeightsPass(
         scheme,
         candidate_axes=recipe.candidate_axes,

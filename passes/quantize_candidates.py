@@ -48,11 +48,14 @@ class CandidateQuantizer:
             return {"ic": self.quantize(plan, "ic", method)}
         return {axis: self.quantize(plan, axis, method) for axis in self.candidate_axes}
 
-    def quantize(self, plan: axis_selectors.WeightPlan, axis: str, method: str) -> QuantizedWeight:
-        """The weight quantized along ``axis`` by ``method``. Embedding tables ``[V, D]`` go along D (``ic``),
-        by RTN, or, tied to an LM head with calibration, by GPTQ over ``quant.tied``'s Hessian (the head's
-        ``W = table^T`` per-OC, transposed back)."""
-        bits = self.head_bits if self.head_bits is not None and plan.first.kind in HEAD_KINDS else self.scheme.bits
+    def quantize(
+        self, plan: axis_selectors.WeightPlan, axis: str, method: str, bits: int | None = None
+    ) -> QuantizedWeight:
+        """The weight quantized along ``axis`` by ``method`` (at ``bits``, default the scheme's or the head's).
+        Embedding tables ``[V, D]`` go along D (``ic``), by RTN, or, tied to an LM head with calibration, by GPTQ
+        over ``quant.tied``'s Hessian (the head's ``W = table^T`` per-OC, transposed back)."""
+        if bits is None:
+            bits = self.head_bits if self.head_bits is not None and plan.first.kind in HEAD_KINDS else self.scheme.bits
         if plan.first.kind == "embedding":
             if method == "gptq" and plan.tied_head_hessian is not None:
                 weight = plan.weight.T
@@ -137,6 +140,28 @@ def choose(
         for (plan, axis), quantized in zip(requantize, chosen):
             plan.candidates[axis] = quantized
     return choices, details
+
+
+def quantize_chosen(
+    quantizer: CandidateQuantizer,
+    plans: list[axis_selectors.WeightPlan],
+    axes: list[str],
+    widths: list[int],
+    method: str,
+    workers: int | None = None,
+) -> None:
+    """Quantize each plan along its axis at its width by ``method``, as its only candidate (a budget's choice,
+    quantized again where its layer is calibrated a second time)."""
+    chosen = {id(plan): (axis, bits) for plan, axis, bits in zip(plans, axes, widths, strict=True)}
+    quantized = _in_threads(
+        quantizer,
+        plans,
+        lambda own, plan: own.quantize(plan, chosen[id(plan)][0], method, chosen[id(plan)][1]),
+        f"quantize weights ({method})",
+        workers,
+    )
+    for plan, axis, candidate in zip(plans, axes, quantized):
+        plan.candidates = {axis: candidate}
 
 
 def _method_matters(plan: axis_selectors.WeightPlan) -> bool:

@@ -17,6 +17,7 @@ with only that weight quantized); weights a feed cannot replace keep the recipe'
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -226,6 +227,8 @@ def written_structure_bytes(plan: WeightPlan) -> int:
 
 #: ``choose_width(bits, plans)``: quantize ``plans`` at ``bits`` along their candidate axes, return one axis each.
 ChooseWidth = Callable[[int, list[WeightPlan]], list[str]]
+#: Measures plans (their indices) at every width: ``(indices, sensitivity or None, the plans' positions in it)``.
+MeasureTable = Callable[[list[int], OutputSensitivity | None, list[int]], "WidthTable"]
 
 
 @dataclasses.dataclass
@@ -260,6 +263,28 @@ class WidthTable:
     def candidates(self, position: int) -> list[QuantizedWeight]:
         """Plan ``position``'s chosen candidate at every width."""
         return [plans[position].candidates[axes[position]] for plans, axes in zip(self.plans, self.axes)]
+
+    def let_go(self) -> None:
+        """Drop the candidates and the Hessians the measured plans hold (what was measured stays): a layer
+        measured in a sweep keeps no codes until its chosen width is quantized again."""
+        for width_plans in self.plans:
+            for plan in width_plans:
+                plan.release_candidates()
+
+    @staticmethod
+    def joined(tables: list[tuple[list[int], WidthTable]], indices: list[int]) -> WidthTable:
+        """One table of ``indices`` (in that order) from tables of parts of them, each with its own indices."""
+        rows = {index: (table, position) for part, table in tables for position, index in enumerate(part)}
+        first = tables[0][1]
+        order = [rows[index] for index in indices]
+        return WidthTable(
+            first.widths,
+            [[table.plans[w][position] for table, position in order] for w in range(len(first.widths))],
+            [[table.axes[w][position] for table, position in order] for w in range(len(first.widths))],
+            [table.costs[position] for table, position in order],
+            [table.errors[position] for table, position in order],
+            None if first.sensitivities is None else [table.sensitivities[position] for table, position in order],
+        )
 
     def options(self, position: int) -> dict[str, dict]:
         """Plan ``position``'s options per width, as the report lists them."""
@@ -299,6 +324,25 @@ def measure_widths(
     return table
 
 
+class UnmeasuredLayerWeight(ValueError):
+    """A budget measured layer by layer met a weight in a layer that its end-to-end sensitivity cannot measure."""
+
+
+def measure_whole(
+    plans: list[WeightPlan],
+    budget: SizeBudget,
+    choose_width: ChooseWidth,
+    indices: list[int],
+    sensitivity: OutputSensitivity | None,
+    positions: list[int],
+) -> WidthTable:
+    """``measure_widths`` of ``plans[indices]`` and, given a sensitivity, their end-to-end errors."""
+    table = measure_widths([plans[i] for i in indices], budget.widths, budget.fused, choose_width)
+    if sensitivity is not None:
+        table.sensitivities = sensitivity.table([table.candidates(p) for p in range(len(indices))], positions=positions)
+    return table
+
+
 def choose_within_budget(
     model: ir.Model,
     plans: list[WeightPlan],
@@ -306,6 +350,8 @@ def choose_within_budget(
     choose_width: ChooseWidth,
     default_bits: int,
     samples: list[dict[str, np.ndarray]] | None = None,
+    measure: MeasureTable | None = None,
+    deferred: frozenset[int] = frozenset(),
 ) -> BudgetChoice:
     """One width and axis per plan, the lowest summed error whose stored bytes fit ``budget``.
 
@@ -313,8 +359,12 @@ def choose_within_budget(
     tables) keep ``default_bits``, and their bytes count against the budget. The error is each weight's
     output error, or with ``budget.sensitivity == "kl"`` the model's output error on ``samples`` (calibration
     feed dicts; ``OutputSensitivity``), where the weights a feed cannot replace keep ``default_bits`` too.
-    Leaves the chosen width's candidates in every plan."""
-    calibrated = [i for i, plan in enumerate(plans) if plan.hessian is not None]
+    Leaves the chosen width's candidates in every plan.
+
+    ``measure`` measures the calibrated plans instead of ``measure_widths`` (the layer sweep's, which leaves no
+    candidates: the plans are quantized again at their widths); ``deferred``: plans calibrated there, whose
+    statistics are not here yet."""
+    calibrated = [i for i, plan in enumerate(plans) if plan.hessian is not None or i in deferred]
     sensitivity, not_measured, output_measure, whole_model_reason = None, [], None, None
     if budget.sensitivity == "kl" and calibrated:
         if not samples:
@@ -324,6 +374,9 @@ def choose_within_budget(
         not_measured = [plans[i].first.weight.name or "" for i in calibrated if i not in kept]
         calibrated = [i for i in calibrated if i in kept]
     measured = calibrated
+    if deferred.difference(measured):
+        unmeasured = sorted(plans[i].first.weight.name or "" for i in deferred.difference(measured))
+        raise UnmeasuredLayerWeight(f"the end-to-end sensitivity cannot measure the layer weights {unmeasured[:3]}")
     fixed = sorted(set(range(len(plans))) - set(measured))
     axes: list[str | None] = [None] * len(plans)
     bits = [default_bits] * len(plans)
@@ -340,11 +393,12 @@ def choose_within_budget(
     if megabytes is not None:
         other = other_file_bytes(model, plans, budget.fused, megabytes * 1e6 > files.EXTERNAL_DATA_THRESHOLD)
     limit = budget.budget.limit(weights, other) - fixed_bytes
-    table = measure_widths([plans[i] for i in measured], budget.widths, budget.fused, choose_width)
     if sensitivity is not None:
-        table.sensitivities = sensitivity.table([table.candidates(position) for position in range(len(measured))])
         output_measure, whole_model_reason = sensitivity.measure, sensitivity.whole_model_reason
-        del sensitivity  # its session reads the model's arrays, which the pass is about to replace
+    if measure is None:
+        measure = functools.partial(measure_whole, plans, budget, choose_width)
+    table = measure(measured, sensitivity, list(range(len(measured))))
+    del sensitivity  # its session reads the model's arrays, which the pass is about to replace
     allocated = table.errors if table.sensitivities is None else table.sensitivities
     try:
         picks = allocate.allocate(table.costs, allocated, limit) if measured else []

@@ -36,6 +36,7 @@ skip policy), ``quantize_candidates`` (candidates per axis, the GPTQ dampening r
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import onnx_ir as ir
@@ -45,8 +46,17 @@ from lowbit.ir import analysis, builders
 from lowbit.passes import axis_selectors, sequential
 from lowbit.passes.base import LowbitPass
 from lowbit.passes.quant.scheme import CALIBRATION_MODES, GROUP_AXES, METHODS, QuantScheme
-from lowbit.passes.quantize_candidates import CandidateQuantizer, choose
-from lowbit.passes.quantize_plan import SizeBudget, SkipPolicy, choose_within_budget, plan_weights
+from lowbit.passes.quantize_candidates import CandidateQuantizer, choose, quantize_chosen
+from lowbit.passes.quantize_plan import (
+    BudgetChoice,
+    SizeBudget,
+    SkipPolicy,
+    UnmeasuredLayerWeight,
+    WidthTable,
+    choose_within_budget,
+    measure_whole,
+    plan_weights,
+)
 from lowbit.passes.quantize_write import write_weight
 from lowbit.passes.report import WeightRecord
 from lowbit.passes.storage_opset import check_convertible, require_storage_support
@@ -83,14 +93,16 @@ class QuantizeWeightsPass(LowbitPass):
         (default: ``scheme.bits``). ``owns_statistics``: the calibration statistics are the pipeline's own (its
         calibration pass collected them), so their Hessians may be dropped once read (``_releases_hessians``);
         statistics a caller passed in must stay whole, they may serve other recipes. ``calibrate_by_layer`` (parallel
-        mode, no budget): the decoder layers' statistics are taken one layer at a time on the float model
+        mode): the decoder layers' statistics are taken one layer at a time on the float model
         (``sequential.LayerSweep``'s float stream: the calibration pass keeps the feeds and collects only the other
         weights' statistics, ``parallel_activations``) and each layer is written as soon as it is quantized, so
         that one layer's Hessians, candidates and float weights are alive at a time instead of every layer's; a
-        graph the sweep cannot cut between its layers is calibrated whole (``by_layer_refused`` says why)."""
+        graph the sweep cannot cut between its layers is calibrated whole (``by_layer_refused`` says why). Under a
+        budget the layers are swept twice: once to measure every width (each layer's candidates let go once
+        measured), then, the widths allocated, again to quantize each weight at its width and axis and write it."""
         super().__init__()
-        if calibrate_by_layer and (calibration_mode != "parallel" or budget is not None):
-            raise ValueError("calibrate_by_layer takes the parallel mode's statistics, without a budget")
+        if calibrate_by_layer and calibration_mode != "parallel":
+            raise ValueError("calibrate_by_layer takes the parallel mode's statistics")
         self.calibrate_by_layer = calibrate_by_layer
         #: Why this graph's layers could not be calibrated one at a time (``parallel_activations``), or None.
         self.by_layer_refused: str | None = None
@@ -145,14 +157,7 @@ class QuantizeWeightsPass(LowbitPass):
         budget = None
         samples = statistics.samples if statistics is not None else []
         if self.budget is not None and plans:
-            budget = choose_within_budget(
-                model,
-                plans,
-                self.budget,
-                lambda bits, chosen: self._choose(model, chosen, samples, bits),
-                self.scheme.bits,
-                samples,
-            )
+            budget = self._choose_budget(model, plans, statistics, samples)
             choices = budget.axes
             self.details["budget"] = budget.details
             if self.calibration_mode == "sequential":  # the widths stay; the layers are quantized again in order
@@ -165,7 +170,7 @@ class QuantizeWeightsPass(LowbitPass):
             analysis.normalize_default_domain(model)
         names = builders.NameAllocator(model.graph)
         if self._by_layer and plans:
-            self.weight_records.extend(self._write_by_layer(model, plans, statistics, names))
+            self.weight_records.extend(self._write_by_layer(model, plans, statistics, names, budget))
         else:
             for plan, axis in zip(plans, choices):
                 self.weight_records.append(write_weight(model.graph, plan, axis, names, self.scheme.method))
@@ -225,6 +230,80 @@ class QuantizeWeightsPass(LowbitPass):
                 summed[key] = summed.get(key, 0) + value
         return choices
 
+    def _choose_budget(
+        self, model: ir.Model, plans: list[axis_selectors.WeightPlan], statistics, samples
+    ) -> BudgetChoice:
+        """``choose_within_budget`` on the statistics at hand; calibrating by layer, its widths are measured in a
+        sweep of the layers (``_measure_by_layer``), or, where the sweep refuses the graph's calibration inputs or a
+        layer holds a weight the end-to-end sensitivity cannot measure, on every layer's statistics collected whole
+        (``by_layer_refused`` says why)."""
+
+        def choose_width(bits: int, chosen: list[axis_selectors.WeightPlan]) -> list[str]:
+            return self._choose(model, chosen, samples, bits)
+
+        if not self._by_layer:
+            return choose_within_budget(model, plans, self.budget, choose_width, self.scheme.bits, samples)
+        layers, _ = sequential.group_layers(plans)
+        swept = frozenset(index for layer in layers for index in layer.indices)
+        try:
+            return choose_within_budget(
+                model,
+                plans,
+                self.budget,
+                choose_width,
+                self.scheme.bits,
+                samples,
+                measure=functools.partial(self._measure_by_layer, model, plans, statistics, choose_width, swept),
+                deferred=swept,
+            )
+        except (sequential.StreamTooLarge, UnmeasuredLayerWeight) as error:
+            self.by_layer_refused = self.details["by_layer_refused"] = f"{error} (calibrated whole instead)"
+        self._collect_whole(model, plans, statistics, sorted(swept))
+        return choose_within_budget(model, plans, self.budget, choose_width, self.scheme.bits, samples)
+
+    def _measure_by_layer(
+        self,
+        model: ir.Model,
+        plans: list[axis_selectors.WeightPlan],
+        statistics: CalibrationStats,
+        choose_width,
+        swept: frozenset[int],
+        indices: list[int],
+        sensitivity,
+        positions: list[int],
+    ) -> WidthTable:
+        """A budget's ``MeasureTable`` that measures the decoder layers' weights in a sweep of the float model: each
+        layer calibrated, its weights measured at every width (and end to end), then its candidates and Hessians
+        let go; the other weights on the parallel statistics."""
+        position_of = dict(zip(indices, positions, strict=True))
+        rest = [index for index in indices if index not in swept]
+        parts = []
+        if rest or not swept:
+            parts.append(
+                (
+                    rest,
+                    measure_whole(plans, self.budget, choose_width, rest, sensitivity, [position_of[i] for i in rest]),
+                )
+            )
+
+        def quantize(layer: sequential.Layer, step: sequential.LayerStep) -> dict[str, np.ndarray]:
+            layer_model = step.model if self._runs_subgraphs else None
+
+            def choose_layer_width(bits: int, chosen: list[axis_selectors.WeightPlan]) -> list[str]:
+                return self._choose(layer_model, chosen, step.samples, bits)
+
+            rows = [position_of[index] for index in layer.indices]
+            parts.append(
+                (layer.indices, measure_whole(plans, self.budget, choose_layer_width, layer.indices, sensitivity, rows))
+            )
+            parts[-1][1].let_go()
+            for index in layer.indices:
+                plans[index].hessian = None
+            return {}
+
+        self._sweep(model, plans, statistics, quantize, "float", self._max_stream_bytes(plans))
+        return WidthTable.joined(parts, indices)
+
     def _choose_at_widths(
         self, model: ir.Model | None, plans: list[axis_selectors.WeightPlan], samples, widths: list[int] | None
     ) -> list[str]:
@@ -272,10 +351,12 @@ class QuantizeWeightsPass(LowbitPass):
         plans: list[axis_selectors.WeightPlan],
         statistics: CalibrationStats,
         names: builders.NameAllocator,
+        budget: BudgetChoice | None = None,
     ) -> list[WeightRecord]:
         """Decoder layers calibrated on the float model, quantized and written one after another, each layer's
         Hessians, candidates and float weights let go once it is written; then the other weights on the
-        parallel statistics. Returns the records in the plans' order."""
+        parallel statistics. ``budget``: its widths and axes, measured in an earlier sweep (the layers' weights
+        are quantized again at them; the others hold their candidates). Returns the records in the plans' order."""
         records: list[WeightRecord | None] = [None] * len(plans)
         release = self.choice_method == self.scheme.method
 
@@ -284,32 +365,54 @@ class QuantizeWeightsPass(LowbitPass):
                 records[index] = write_weight(model.graph, plans[index], axis, names, self.scheme.method)
                 plans[index].release_arrays()
 
+        def choose_axes(layer_model: ir.Model | None, indices: list[int], samples) -> list[str]:
+            if budget is None:
+                return self._choose(layer_model, [plans[i] for i in indices], samples, release_hessians=release)
+            axes, widths = [budget.axes[i] for i in indices], [budget.bits[i] for i in indices]
+            quantize_chosen(self.quantizer, [plans[i] for i in indices], axes, widths, self.scheme.method)
+            return axes
+
         def quantize(layer: sequential.Layer, step: sequential.LayerStep) -> dict[str, np.ndarray]:
-            layer_plans = [plans[i] for i in layer.indices]
-            layer_model = step.model if self._runs_subgraphs else None
-            write(layer.indices, self._choose(layer_model, layer_plans, step.samples, release_hessians=release))
+            write(layer.indices, choose_axes(step.model if self._runs_subgraphs else None, layer.indices, step.samples))
             return {}
 
         layers, rest = sequential.group_layers(plans)
         # The other weights' axes are chosen on the float model, before the sweep writes the layers into it.
-        rest_axes = self._choose(model, [plans[i] for i in rest], statistics.samples, release_hessians=release)
+        if budget is None:
+            rest_axes = self._choose(model, [plans[i] for i in rest], statistics.samples, release_hessians=release)
+        else:
+            rest_axes = [budget.axes[i] for i in rest]
         swept = [index for layer in layers for index in layer.indices]
-        inputs = {plans[i].first.node.inputs[0].name: plans[i].weight.shape[0] for i in swept}
-        whole_hessians = sum(8 * channels**2 for channels in inputs.values())
-        try:  # never more memory for the layers' inputs than the whole model's Hessians would take (or 2 GiB)
-            self._sweep(model, plans, statistics, quantize, "float", max(sequential.MAX_STREAM_BYTES, whole_hessians))
+        try:
+            self._sweep(model, plans, statistics, quantize, "float", self._max_stream_bytes(plans))
         except sequential.StreamTooLarge as error:
             if any(record is not None for record in records):  # a later layer's inputs grew: too late to go back
                 raise
             self.by_layer_refused = self.details["by_layer_refused"] = f"{error} (calibrated whole instead)"
-            whole = collect(model, statistics.feeds, only=set(inputs), keep_samples=0)
-            for index in swept:
-                plans[index].hessian = whole.for_use(plans[index].first).hessian
-            for accumulator in whole.by_activation.values():  # the plans hold the only references (``choose``)
-                accumulator.release()
-            write(swept, self._choose(model, [plans[i] for i in swept], statistics.samples, release_hessians=release))
+            self._collect_whole(model, plans, statistics, swept)
+            write(swept, choose_axes(model, swept, statistics.samples))
         write(rest, rest_axes)
         return records
+
+    @staticmethod
+    def _max_stream_bytes(plans: list[axis_selectors.WeightPlan]) -> int:
+        """What the sweep may hold of the layers' inputs: never more than the whole model's Hessians would take
+        (or 2 GiB)."""
+        layers, _ = sequential.group_layers(plans)
+        inputs = {
+            plans[i].first.node.inputs[0].name: plans[i].weight.shape[0] for layer in layers for i in layer.indices
+        }
+        return max(sequential.MAX_STREAM_BYTES, sum(8 * channels**2 for channels in inputs.values()))
+
+    @staticmethod
+    def _collect_whole(model: ir.Model, plans, statistics: CalibrationStats, indices: list[int]) -> None:
+        """Give ``plans[indices]`` the Hessians of the whole float model (a calibration run for their inputs)."""
+        inputs = {plans[i].first.node.inputs[0].name for i in indices}
+        whole = collect(model, statistics.feeds, only=inputs, keep_samples=0)
+        for index in indices:
+            plans[index].hessian = whole.for_use(plans[index].first).hessian
+        for accumulator in whole.by_activation.values():  # the plans hold the only references (``choose``)
+            accumulator.release()
 
     def _sweep(
         self,
@@ -374,9 +477,10 @@ class QuantizeWeightsPass(LowbitPass):
 
     @property
     def _reads_parallel_statistics(self) -> bool:
-        """Whether decoder layers read the parallel statistics: in parallel mode, and under a budget (its widths
-        are chosen on them before a sequential sweep quantizes the layers again)."""
-        return (self.calibration_mode == "parallel" and not self._by_layer) or self.budget is not None
+        """Whether decoder layers read the parallel statistics: in parallel mode unless calibrated layer by layer,
+        and under a budget in sequential mode (its widths are chosen on them before the sweep quantizes the layers
+        again)."""
+        return not self._by_layer and (self.calibration_mode == "parallel" or self.budget is not None)
 
     @property
     def _by_layer(self) -> bool:

@@ -251,23 +251,32 @@ class OutputSensitivity:
         return max(total, 0.0)
 
     def table(
-        self, candidates: Sequence[Sequence[QuantizedWeight]], chosen: Sequence[int] | None = None
+        self,
+        candidates: Sequence[Sequence[QuantizedWeight]],
+        chosen: Sequence[int] | None = None,
+        positions: Sequence[int] | None = None,
     ) -> list[list[float]]:
         """``error`` of every measured weight (row, in ``measured`` order) at every candidate (column), with a
         progress bar. ``chosen`` (a column per row): measured in the context of that mix, every other weight at
         its chosen candidate instead of float, so that what one weight costs is judged beside the others'
-        errors (they compound at low widths)."""
+        errors (they compound at low widths). ``positions``: the rows are these measured weights only (without
+        a context), e.g. one layer's in a sweep."""
+        if positions is None:
+            positions = range(len(candidates))
+        elif chosen is not None:
+            raise ValueError("a context sets every measured weight: measure all of them")
+        if len(positions) != len(candidates):
+            raise ValueError(f"{len(candidates)} rows of candidates for {len(positions)} positions")
         context = None if chosen is None else self.contexts(candidates, chosen)
         errors: list[list[float]] = [[] for _ in candidates]
         desc = f"budget sensitivity ({self.measure}{', in context' if chosen is not None else ''})"
         # Layer by layer, so that each rest-of-model session is made once.
-        order = sorted(
-            range(len(candidates)), key=lambda p: (self.start_layers[p] is None, self.start_layers[p] or 0, p)
-        )
+        starts = [self.start_layers[position] for position in positions]
+        order = sorted(range(len(candidates)), key=lambda row: (starts[row] is None, starts[row] or 0, row))
         with tqdm(total=sum(len(row) for row in candidates), desc=desc, unit="run") as bar:
-            for position in order:
-                for candidate in candidates[position]:
-                    errors[position].append(self.error(position, candidate.dequantize(), context))
+            for row in order:
+                for candidate in candidates[row]:
+                    errors[row].append(self.error(positions[row], candidate.dequantize(), context))
                     bar.update()
         return errors
 

@@ -436,6 +436,85 @@ def test_by_layer_calibration_equals_the_whole_model(selector):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sensitivity", ["output", "kl"])
+def test_a_budget_by_layer_equals_the_whole_model(sensitivity):
+    """Under a budget the layers are swept twice (measured at every width, then quantized again at the allocated
+    ones): the same widths, axes, bytes, errors and tensors as on the whole float model's statistics."""
+    recipe = lowbit.Recipe(
+        bits=3,
+        group_size=32,
+        method="gptq",
+        axis="adadim",
+        selector="block",
+        budget="4.5",
+        budget_sensitivity=sensitivity,
+    )
+    whole, whole_tensors, by_layer, by_layer_tensors = _whole_and_by_layer(recipe, _feeds(6))
+    assert whole_tensors.keys() == by_layer_tensors.keys() and len(whole_tensors) == 14 * 3
+    for name in whole_tensors:
+        np.testing.assert_array_equal(by_layer_tensors[name], whole_tensors[name], err_msg=name)
+    assert by_layer.report.budget == whole.report.budget
+    assert len(set(by_layer.report.budget["widths"].values()) - {0}) > 1  # a mix of widths
+    details = {p.name: p.details for p in by_layer.report.passes}
+    assert details["CaptureCalibrationPass"]["activations"] == 0  # the float model is not run whole
+    assert details["QuantizeWeightsPass"]["calibration"]["layers"] == 2
+    assert "by_layer_refused" not in details["QuantizeWeightsPass"]
+    for mine, theirs in zip(by_layer.report.weights, whole.report.weights, strict=True):
+        assert (mine.name, mine.axis, mine.bits, mine.width_options) == (
+            theirs.name,
+            theirs.axis,
+            theirs.bits,
+            theirs.width_options,
+        )
+        assert mine.output_error == pytest.approx(theirs.output_error, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_a_budget_by_layer_lets_each_measured_layer_go(monkeypatch):
+    """While the budget's sweep measures a layer, the Hessians and candidates of the layers measured before it are
+    freed (the float weights stay: the second sweep quantizes them again)."""
+    from lowbit.passes import quantize_weights
+
+    earlier: list[weakref.ref] = []
+    measure = quantize_weights.measure_whole
+
+    def watching(plans, budget, choose_width, indices, sensitivity, positions):
+        gc.collect()
+        assert all(ref() is None for ref in earlier), "an earlier layer's H or candidate is still alive"
+        table = measure(plans, budget, choose_width, indices, sensitivity, positions)
+        earlier.extend(weakref.ref(plans[i].hessian) for i in indices)
+        for width_plans, axes in zip(table.plans, table.axes):
+            earlier.extend(weakref.ref(plan.candidates[axis].codes) for plan, axis in zip(width_plans, axes))
+        return table
+
+    monkeypatch.setattr(quantize_weights, "measure_whole", watching)
+    recipe = lowbit.Recipe(
+        bits=3, group_size=32, method="gptq", axis="adadim", budget="4.5", budget_sensitivity="output"
+    )
+    result, _ = _optimize(_llama(3), recipe, _feeds(2))
+    assert len(result.report.weights) == 21 and len(earlier) == 21 * (1 + 6)
+
+
+@pytest.mark.slow
+def test_a_budget_with_a_layer_weight_the_sensitivity_cannot_measure_is_calibrated_whole(monkeypatch):
+    from lowbit.passes import sensitivity
+
+    overridable = sensitivity.overridable
+    monkeypatch.setattr(
+        sensitivity,
+        "overridable",
+        lambda plan: overridable(plan) and "layers.1.mlp.up" not in analysis.module_path(plan.first.node),
+    )
+    recipe = lowbit.Recipe(bits=3, group_size=32, method="gptq", budget="4.5", budget_sensitivity="kl")
+    whole, whole_tensors, by_layer, by_layer_tensors = _whole_and_by_layer(recipe, _feeds(4))
+    refused = {p.name: p.details for p in by_layer.report.passes}["QuantizeWeightsPass"]["by_layer_refused"]
+    assert "cannot measure the layer weights" in refused
+    assert by_layer.report.budget == whole.report.budget and by_layer.report.budget["not_measured"]
+    for name in whole_tensors:
+        np.testing.assert_array_equal(by_layer_tensors[name], whole_tensors[name], err_msg=name)
+
+
+@pytest.mark.slow
 def test_by_layer_calibration_lets_each_layer_go(monkeypatch):
     """When a layer is quantized, the Hessians and float weights of the layers before it are freed."""
     from lowbit.passes import quantize_weights
