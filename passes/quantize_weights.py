@@ -49,6 +49,7 @@ from lowbit.passes.quant.scheme import CALIBRATION_MODES, GROUP_AXES, METHODS, Q
 from lowbit.passes.quantize_candidates import CandidateQuantizer, choose, quantize_chosen
 from lowbit.passes.quantize_plan import (
     BudgetChoice,
+    ChooseWidth,
     SizeBudget,
     SkipPolicy,
     UnmeasuredLayerWeight,
@@ -59,6 +60,7 @@ from lowbit.passes.quantize_plan import (
 )
 from lowbit.passes.quantize_write import write_weight
 from lowbit.passes.report import WeightRecord
+from lowbit.passes.sensitivity import OutputSensitivity
 from lowbit.passes.storage_opset import check_convertible, require_storage_support
 from lowbit.runtime.calibration import CalibrationStats, calibration_of, collect
 from lowbit.runtime.session import ORT_ERRORS
@@ -266,10 +268,10 @@ class QuantizeWeightsPass(LowbitPass):
         model: ir.Model,
         plans: list[axis_selectors.WeightPlan],
         statistics: CalibrationStats,
-        choose_width,
+        choose_width: ChooseWidth,
         swept: frozenset[int],
         indices: list[int],
-        sensitivity,
+        sensitivity: OutputSensitivity | None,
         positions: list[int],
     ) -> WidthTable:
         """A budget's ``MeasureTable`` that measures the decoder layers' weights in a sweep of the float model: each

@@ -178,6 +178,12 @@ def external_nbytes(tensor: onnx.TensorProto) -> tuple[int, int]:
     return int(info.offset or 0), int(length)
 
 
+#: Sessions sharing at least this many bytes of arrays trim the heap once made (``session_from_proto``): below it
+#: the freed copies are soon reused, and trimming after every small session (a layer's, a module's) costs page
+#: faults when the heap grows again.
+TRIM_AFTER_SHARED_BYTES = 64 * 2**20
+
+
 def session_from_proto(
     proto: onnx.ModelProto,
     data_dirs: Mapping[str, str],
@@ -231,14 +237,14 @@ def session_from_proto(
     buffers = [files[location] for location in locations]
     if locations:
         options.add_external_initializers_from_files_in_memory(locations, buffers, [buffer.size for buffer in buffers])
-    shared = _share_in_memory_initializers(external, memory_files or {}, options)
+    shared, shared_locations = _share_in_memory_initializers(external, memory_files or {}, options)
     serialized = proto.SerializeToString()
     if consume:
         proto.Clear()
     sess = ort.InferenceSession(serialized, options, providers=providers or ["CPUExecutionProvider"])
     del serialized
     sess._lowbit_data_files = (buffers, shared)
-    if shared:
+    if sum(memory_files[location].size for location in shared_locations) >= TRIM_AFTER_SHARED_BYTES:
         # ONNX Runtime still reads every in-memory file's tensor into a copy while it builds the session, then
         # takes the shared one: the copies are freed, but the heap keeps their pages unless it is trimmed
         release_free_memory()
@@ -247,11 +253,12 @@ def session_from_proto(
 
 def _share_in_memory_initializers(
     external: list[onnx.TensorProto], memory_files: Mapping[str, np.ndarray], options: ort.SessionOptions
-) -> list[ort.OrtValue]:
+) -> tuple[list[ort.OrtValue], list[str]]:
     """Hand ONNX Runtime each whole-file tensor of ``memory_files`` (``proto_sharing_initializers``' arrays) as a
     shared initializer (``add_initializer``), which it reads in place: from the in-memory file alone it would copy
-    the tensor into the session. Returns the OrtValues, which must live as long as the session."""
-    shared = []
+    the tensor into the session. Returns the OrtValues, which must live as long as the session, and their
+    locations."""
+    shared, locations = [], []
     for tensor in external:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -265,7 +272,8 @@ def _share_in_memory_initializers(
         value = ort.OrtValue.ortvalue_from_numpy(buffer.view(dtype).reshape(tuple(tensor.dims)))
         options.add_initializer(tensor.name, value)
         shared.append(value)
-    return shared
+        locations.append(location)
+    return shared, locations
 
 
 def session_from_model(
