@@ -178,9 +178,8 @@ def external_nbytes(tensor: onnx.TensorProto) -> tuple[int, int]:
     return int(info.offset or 0), int(length)
 
 
-#: Sessions sharing at least this many bytes of arrays trim the heap once made (``session_from_proto``): below it
-#: the freed copies are soon reused, and trimming after every small session (a layer's, a module's) costs page
-#: faults when the heap grows again.
+#: Sessions sharing at least this many bytes of arrays trim the heap once made (``session_from_proto``); below it
+#: (a layer's or a module's session) the freed copies are soon reused by the next allocations.
 TRIM_AFTER_SHARED_BYTES = 64 * 2**20
 
 
