@@ -129,14 +129,7 @@ def choose(
         for plan, _ in requantize:
             if plan.hessian is not None:
                 plan.choice_errors = axis_selectors.matrix_errors(plan)
-        axes = {id(plan): axis for plan, axis in requantize}
-        chosen = _in_threads(
-            quantizer,
-            [plan for plan, _ in requantize],
-            lambda own, plan: own.quantize(plan, axes[id(plan)], method),
-            f"quantize weights ({method})",
-            workers,
-        )
+        chosen = _along(quantizer, [plan for plan, _ in requantize], [axis for _, axis in requantize], method, workers)
         for (plan, axis), quantized in zip(requantize, chosen):
             plan.candidates[axis] = quantized
     return choices, details
@@ -152,16 +145,29 @@ def quantize_chosen(
 ) -> None:
     """Quantize each plan along its axis at its width by ``method``, as its only candidate (a budget's choice,
     quantized again where its layer is calibrated a second time)."""
-    chosen = {id(plan): (axis, bits) for plan, axis, bits in zip(plans, axes, widths, strict=True)}
-    quantized = _in_threads(
+    for plan, axis, candidate in zip(plans, axes, _along(quantizer, plans, axes, method, workers, widths)):
+        plan.candidates = {axis: candidate}
+
+
+def _along(
+    quantizer: CandidateQuantizer,
+    plans: list[axis_selectors.WeightPlan],
+    axes: list[str],
+    method: str,
+    workers: int | None,
+    widths: list[int] | None = None,
+) -> list[QuantizedWeight]:
+    """Each plan quantized along its axis by ``method`` (at its width; default the quantizer's), in threads."""
+    chosen = {
+        id(plan): (axis, bits) for plan, axis, bits in zip(plans, axes, widths or [None] * len(plans), strict=True)
+    }
+    return _in_threads(
         quantizer,
         plans,
         lambda own, plan: own.quantize(plan, chosen[id(plan)][0], method, chosen[id(plan)][1]),
         f"quantize weights ({method})",
         workers,
     )
-    for plan, axis, candidate in zip(plans, axes, quantized):
-        plan.candidates = {axis: candidate}
 
 
 def _method_matters(plan: axis_selectors.WeightPlan) -> bool:

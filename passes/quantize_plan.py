@@ -17,7 +17,6 @@ with only that weight quantized); weights a feed cannot replace keep the recipe'
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -227,8 +226,9 @@ def written_structure_bytes(plan: WeightPlan) -> int:
 
 #: ``choose_width(bits, plans)``: quantize ``plans`` at ``bits`` along their candidate axes, return one axis each.
 ChooseWidth = Callable[[int, list[WeightPlan]], list[str]]
-#: Measures plans (their indices) at every width: ``(indices, sensitivity or None, the plans' positions in it)``.
-MeasureTable = Callable[[list[int], OutputSensitivity | None, list[int]], "WidthTable"]
+#: Measures the plans of ``indices`` at every width, end to end too where given a sensitivity on exactly those plans
+#: (in that order): ``measure(indices, sensitivity or None)``.
+MeasureTable = Callable[[list[int], OutputSensitivity | None], "WidthTable"]
 
 
 @dataclasses.dataclass
@@ -336,7 +336,8 @@ def measure_whole(
     sensitivity: OutputSensitivity | None,
     positions: list[int],
 ) -> WidthTable:
-    """``measure_widths`` of ``plans[indices]`` and, given a sensitivity, their end-to-end errors."""
+    """``measure_widths`` of ``plans[indices]`` and, given a sensitivity, their end-to-end errors (``positions``:
+    their rows in the sensitivity's measured weights)."""
     table = measure_widths([plans[i] for i in indices], budget.widths, budget.fused, choose_width)
     if sensitivity is not None:
         table.sensitivities = sensitivity.table([table.candidates(p) for p in range(len(indices))], positions=positions)
@@ -396,8 +397,11 @@ def choose_within_budget(
     if sensitivity is not None:
         output_measure, whole_model_reason = sensitivity.measure, sensitivity.whole_model_reason
     if measure is None:
-        measure = functools.partial(measure_whole, plans, budget, choose_width)
-    table = measure(measured, sensitivity, list(range(len(measured))))
+
+        def measure(indices: list[int], sensitivity: OutputSensitivity | None) -> WidthTable:
+            return measure_whole(plans, budget, choose_width, indices, sensitivity, list(range(len(indices))))
+
+    table = measure(measured, sensitivity)
     del sensitivity  # its session reads the model's arrays, which the pass is about to replace
     allocated = table.errors if table.sensitivities is None else table.sensitivities
     try:

@@ -243,10 +243,10 @@ class QuantizeWeightsPass(LowbitPass):
         def choose_width(bits: int, chosen: list[axis_selectors.WeightPlan]) -> list[str]:
             return self._choose(model, chosen, samples, bits)
 
-        if not self._by_layer:
-            return choose_within_budget(model, plans, self.budget, choose_width, self.scheme.bits, samples)
         layers, _ = sequential.group_layers(plans)
         swept = frozenset(index for layer in layers for index in layer.indices)
+        if not self._by_layer or not swept:
+            return choose_within_budget(model, plans, self.budget, choose_width, self.scheme.bits, samples)
         try:
             return choose_within_budget(
                 model,
@@ -272,15 +272,14 @@ class QuantizeWeightsPass(LowbitPass):
         swept: frozenset[int],
         indices: list[int],
         sensitivity: OutputSensitivity | None,
-        positions: list[int],
     ) -> WidthTable:
         """A budget's ``MeasureTable`` that measures the decoder layers' weights in a sweep of the float model: each
         layer calibrated, its weights measured at every width (and end to end), then its candidates and Hessians
         let go; the other weights on the parallel statistics."""
-        position_of = dict(zip(indices, positions, strict=True))
+        position_of = {index: position for position, index in enumerate(indices)}
         rest = [index for index in indices if index not in swept]
         parts = []
-        if rest or not swept:
+        if rest:
             parts.append(
                 (
                     rest,
@@ -303,7 +302,7 @@ class QuantizeWeightsPass(LowbitPass):
                 plans[index].hessian = None
             return {}
 
-        self._sweep(model, plans, statistics, quantize, "float", self._max_stream_bytes(plans))
+        self._sweep(model, plans, statistics, quantize, "float", self._max_stream_bytes(plans, swept))
         return WidthTable.joined(parts, indices)
 
     def _choose_at_widths(
@@ -386,7 +385,7 @@ class QuantizeWeightsPass(LowbitPass):
             rest_axes = [budget.axes[i] for i in rest]
         swept = [index for layer in layers for index in layer.indices]
         try:
-            self._sweep(model, plans, statistics, quantize, "float", self._max_stream_bytes(plans))
+            self._sweep(model, plans, statistics, quantize, "float", self._max_stream_bytes(plans, swept))
         except sequential.StreamTooLarge as error:
             if any(record is not None for record in records):  # a later layer's inputs grew: too late to go back
                 raise
@@ -397,13 +396,10 @@ class QuantizeWeightsPass(LowbitPass):
         return records
 
     @staticmethod
-    def _max_stream_bytes(plans: list[axis_selectors.WeightPlan]) -> int:
-        """What the sweep may hold of the layers' inputs: never more than the whole model's Hessians would take
-        (or 2 GiB)."""
-        layers, _ = sequential.group_layers(plans)
-        inputs = {
-            plans[i].first.node.inputs[0].name: plans[i].weight.shape[0] for layer in layers for i in layer.indices
-        }
+    def _max_stream_bytes(plans: list[axis_selectors.WeightPlan], swept) -> int:
+        """What the sweep of ``plans[swept]`` (the layers' weights) may hold of the layers' inputs: never more than
+        the whole model's Hessians would take (or 2 GiB)."""
+        inputs = {plans[i].first.node.inputs[0].name: plans[i].weight.shape[0] for i in swept}
         return max(sequential.MAX_STREAM_BYTES, sum(8 * channels**2 for channels in inputs.values()))
 
     @staticmethod
