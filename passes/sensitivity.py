@@ -2,9 +2,10 @@
 
 ``trace(dW^T H dW)`` says how much one matrix's output moves, not how much that matters at the model's
 output. ``OutputSensitivity`` measures the latter: one ONNX Runtime session of the float model in which
-every measured weight initializer is also a graph input (a feed replaces it; ONNX Runtime allows this from
-IR version 4), the model cut to its first graph output. For each weight and each candidate, the weight alone
-is fed as its dequantized candidate and the output is compared with the float model's (computed once):
+the weights are graph inputs fed the model's own arrays (``runtime.session.session_feeding_weights``: the
+session keeps no copy of them), the model cut to its first graph output. For each weight and each candidate,
+the weight alone is fed as its dequantized candidate and the output is compared with the float model's
+(computed once):
 
 * ``kl``: the model has an output head (an LM: ``analysis.weight_uses`` finds an ``lm_head``), so its first
   output is logits. The error is the KL divergence ``KL(p_float || p_candidate)`` of the softmax over the last
@@ -26,7 +27,6 @@ import numpy as np
 import onnx
 import onnx.utils
 import onnx_ir as ir
-import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
@@ -35,9 +35,10 @@ from lowbit.passes.axis_selectors import WeightPlan
 from lowbit.passes.quant.rtn import QuantizedWeight
 from lowbit.runtime.calibration import keep_nodes_needed_for
 from lowbit.runtime.session import (
+    WeightFedSession,
     external_data_dirs,
     proto_sharing_initializers,
-    session_from_proto,
+    session_feeding_weights,
     session_options,
 )
 
@@ -89,44 +90,58 @@ def _starts_and_cuts(
     return starts, [[name for name in cut if name in produced] for cut in cuts[:-1]], None
 
 
-def _feed_names(session: ort.InferenceSession) -> set[str]:
-    """The names a session takes feeds for: its inputs and its overridable initializers."""
-    return {value.name for value in (*session.get_inputs(), *session.get_overridable_initializers())}
+#: Positions per block of the KL's float64 arithmetic: its working memory is a block's, not the logits' size.
+KL_BLOCK_POSITIONS = 16
 
 
 class _Distribution:
     """What the KL of one sample's logits against its float logits needs of the float ones, computed once:
-    ``p`` = softmax, ``p . z`` and ``logsumexp(z)`` per position (``z``: the logits less their maximum), the sum of
-    ``p``. ``KL(p || softmax(y)) = p . z - p . y' + (logsumexp(y') - logsumexp(z)) sum(p)`` (``y'``: ``y`` less its
-    maximum), so each candidate costs one exponential per logit, not the two of a log-softmax and of ``p``; a
-    candidate whose logits are the float ones gives exactly 0."""
+    ``p`` = softmax (float32), ``p . z`` and ``logsumexp(z)`` per position (``z``: the logits less their maximum),
+    the sum of ``p``. ``KL(p || softmax(y)) = p . z - p . y' + (logsumexp(y') - logsumexp(z)) sum(p)`` (``y'``:
+    ``y`` less its maximum), so each candidate costs one exponential per logit, not the two of a log-softmax and
+    of ``p``. The identity holds for the ``p`` it is computed with, so ``p`` is kept in float32 (half the memory;
+    the KL is then weighted by the rounded probabilities) and the rest is float64, a block of positions at a time;
+    a candidate whose logits are the float ones gives exactly 0."""
 
     def __init__(self, logits: np.ndarray):
-        shifted, self.log_sum = _shifted_log_sum(logits)
-        self.p = np.exp(shifted - self.log_sum[..., None])
-        self.p_dot = np.einsum("...v,...v->...", self.p, shifted)
-        self.p_sum = self.p.sum(axis=-1)
+        rows = logits.reshape(-1, logits.shape[-1])
+        self.p = np.empty(rows.shape, np.float32)
+        self.p_dot = np.empty(len(rows))
+        self.log_sum = np.empty(len(rows))
+        for block in _blocks(len(rows)):
+            z = _shifted(rows[block])
+            self.log_sum[block] = np.log(np.exp(z).sum(axis=-1))
+            self.p[block] = np.exp(z - self.log_sum[block, None])
+            self.p_dot[block] = np.einsum("kv,kv->k", self.p[block], z)
+        self.p_sum = self.p.sum(axis=-1, dtype=np.float64)
 
     def kl(self, logits: np.ndarray) -> float:
         """``KL(p || softmax(logits))`` averaged over positions (nats per token)."""
-        p_dot, log_sum = _shifted_log_sum(logits, self.p)
-        per_position = (self.p_dot - p_dot) + (log_sum - self.log_sum) * self.p_sum
-        return float(per_position.mean())
+        rows = logits.reshape(-1, logits.shape[-1])
+        total = 0.0
+        for block in _blocks(len(rows)):
+            z = _shifted(rows[block])
+            p_dot = np.einsum("kv,kv->k", self.p[block], z)
+            log_sum = np.log(np.exp(z, out=z).sum(axis=-1))
+            total += float(((self.p_dot[block] - p_dot) + (log_sum - self.log_sum[block]) * self.p_sum[block]).sum())
+        return total / len(rows)
 
 
-def _shifted_log_sum(logits: np.ndarray, p: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``z`` = the logits in float64 less their maximum over the last axis, and ``logsumexp(z)``; given ``p``,
-    ``p . z`` in place of ``z`` (``z`` is then overwritten by its exponential: one array of the logits' size)."""
+def _blocks(count: int) -> list[slice]:
+    """``range(count)`` in slices of ``KL_BLOCK_POSITIONS``."""
+    return [slice(start, start + KL_BLOCK_POSITIONS) for start in range(0, count, KL_BLOCK_POSITIONS)]
+
+
+def _shifted(logits: np.ndarray) -> np.ndarray:
+    """The logits in float64 less their maximum over the last axis (a new array)."""
     z = logits.astype(np.float64)
     z -= z.max(axis=-1, keepdims=True)
-    first = z if p is None else np.einsum("...v,...v->...", p, z)
-    exponentials = np.exp(z) if p is None else np.exp(z, out=z)
-    return first, np.log(exponentials.sum(axis=-1))
+    return z
 
 
 class OutputSensitivity:
-    """Sessions of the float ``model`` with the weights of ``plans`` overridable, its first output's float
-    values on ``samples`` (feed dicts) kept as the reference. ``measured``: the positions in ``plans`` of the
+    """Sessions of the float ``model`` with the weights of ``plans`` overridable, and its first output's float
+    values on ``samples`` (feed dicts) as the session in use computes them, the reference. ``measured``: the positions in ``plans`` of the
     weights it measures (``overridable`` ones that the first output depends on); ``error`` and ``table`` count
     positions in that list. Make it before any weight of ``model`` changes and drop it after (the sessions read
     the model's arrays).
@@ -147,8 +162,6 @@ class OutputSensitivity:
         proto, self._memory_files = proto_sharing_initializers(model)
         del proto.graph.output[1:]
         keep_nodes_needed_for(proto.graph, [self.output])
-        if proto.ir_version < 4:  # initializers are overridable graph inputs from IR version 4
-            proto.ir_version = 4
         initializers = {tensor.name for tensor in proto.graph.initializer}
         self.measured = [
             i for i, plan in enumerate(plans) if overridable(plan) and plan.first.weight.name in initializers
@@ -165,60 +178,48 @@ class OutputSensitivity:
         whole.CopyFrom(proto)  # the extractor keeps ``proto``; the weights are shared, not copied
         cut_names = list(dict.fromkeys(name for cut in self._cuts for name in cut))
         whole.graph.output.extend(onnx.ValueInfoProto(name=name) for name in cut_names)
-        self.session = self._overridable_session(whole)
-        weights = set(self.names)
-        inputs = {value.name for value in self.session.get_inputs()} - weights
+        self.session = self._session(whole)
+        inputs = set(self.session.input_names)
         self.samples = [{name: value for name, value in sample.items() if name in inputs} for sample in samples]
-        self.reference, self._float_stream = [], []
+        self._float_stream, self._energy = [], 0.0
         for sample in self.samples:
             values = dict(zip([self.output, *cut_names], self.session.run([self.output, *cut_names], sample)))
-            self.reference.append(np.asarray(values.pop(self.output)))
+            self._energy += float(np.square(values.pop(self.output), dtype=np.float64).sum())
             self._float_stream.append(values)
-        self._energy = sum(float(np.square(reference, dtype=np.float64).sum()) for reference in self.reference)
-        #: The rest of the model from one cut: (cut index, session, the names it takes feeds for, its float outputs as
-        #: the measure compares them: arrays, or ``_Distribution`` for ``kl``).
-        self._suffix: tuple[int | None, ort.InferenceSession, set[str], list] | None = None
+        #: The rest of the model from one cut: (cut index, session, its float outputs as the measure compares them:
+        #: arrays, or ``_Distribution`` for ``kl``).
+        self._suffix: tuple[int | None, WeightFedSession, list] | None = None
         #: The cut values under the last ``context`` (a shallow copy of it, the values per sample).
         self._context_stream: tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]] | None = None
 
-    def _overridable_session(self, proto: onnx.ModelProto) -> ort.InferenceSession:
-        """A session on ``proto`` (consumed) whose measured weights are graph inputs as well as initializers."""
-        weights = set(self.names)
-        for tensor in proto.graph.initializer:
-            if tensor.name in weights:
-                proto.graph.input.append(
-                    onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-                )
+    def _session(self, proto: onnx.ModelProto) -> WeightFedSession:
+        """A session on ``proto`` (consumed) whose weights are graph inputs fed the model's arrays (no copy of them
+        lives in the session), the measured ones among them, so that a feed replaces them."""
         options = session_options()
-        options.log_severity_level = 3  # not one warning per weight that "an initializer is also an input"
-        return session_from_proto(proto, self._data_dirs, options, consume=True, memory_files=self._memory_files)
+        options.enable_cpu_mem_arena = False  # two sessions live at once: no arena keeps a run's buffers after it
+        return session_feeding_weights(
+            proto, self._data_dirs, options, memory_files=self._memory_files, also=self.names
+        )
 
-    def _session_from(self, start: int | None) -> tuple[ort.InferenceSession, set[str], list]:
-        """The session that runs from cut ``start`` (None: the whole model), the names it takes feeds for (inputs and
-        overridable weights), and its float outputs in the form the measure compares (``_Distribution`` for ``kl``)."""
+    def _session_from(self, start: int | None) -> tuple[WeightFedSession, list]:
+        """The session that runs from cut ``start`` (None: the whole model) and its float outputs (computed by that
+        session, kept while it is the current one) in the form the measure compares (``_Distribution`` for ``kl``)."""
         if self._suffix is None or self._suffix[0] != start:
             self._suffix = None  # one rest-of-model session at a time
             if start is None:
-                session = self.session
-                names = _feed_names(session)
-                reference = self.reference
+                session, streams = self.session, [{} for _ in self.samples]
             else:
                 cut = self._cuts[start]
-                inputs = [value.name for value in self.session.get_inputs() if value.name not in self.names]
-                session = self._overridable_session(self._extractor.extract_model([*inputs, *cut], [self.output]))
-                names = _feed_names(session)
-                reference = [
-                    self._run(session, names, {}, sample, stream)
-                    for sample, stream in zip(self.samples, self._float_stream)
-                ]
+                session = self._session(self._extractor.extract_model([*self.session.input_names, *cut], [self.output]))
+                streams = self._float_stream
+            reference = [self._run(session, {}, sample, stream) for sample, stream in zip(self.samples, streams)]
             if self.measure == "kl":
                 reference = [_Distribution(output) for output in reference]
-            self._suffix = (start, session, names, reference)
+            self._suffix = (start, session, reference)
         return self._suffix[1:]
 
-    def _run(self, session: ort.InferenceSession, names: set[str], weights, sample, stream) -> np.ndarray:
-        feeds = {name: value for name, value in {**sample, **stream, **weights}.items() if name in names}
-        return np.asarray(session.run([self.output], feeds)[0])
+    def _run(self, session: WeightFedSession, weights, sample, stream) -> np.ndarray:
+        return np.asarray(session.run([self.output], {**sample, **stream, **weights})[0])
 
     def _stream(self, context: dict[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
         """Every sample's cut values with the weights as ``context`` sets them (None: float); computed again when
@@ -236,12 +237,12 @@ class OutputSensitivity:
         """The output's error with measured weight ``position``'s weight replaced by ``weight`` (``[K, N]``), the
         others float, or as ``context`` (``contexts``: feeds by weight name) gives them."""
         start = self.start_layers[position]
-        session, names, reference = self._session_from(start)
+        session, reference = self._session_from(start)
         streams = self._stream(context) if start is not None else [{} for _ in self.samples]
         feed = {**(context or {}), self.names[position]: np.ascontiguousarray(weight, dtype=self.dtypes[position])}
         total = 0.0
         for index, (sample, stream) in enumerate(zip(self.samples, streams)):
-            output = self._run(session, names, feed, sample, stream)
+            output = self._run(session, feed, sample, stream)
             if self.measure == "kl":
                 total += reference[index].kl(output) / len(self.samples)
             else:

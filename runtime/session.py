@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -209,23 +209,7 @@ def session_from_proto(
     """
     options = session_options() if options is None else options
     external = [tensor for tensor in proto_tensors(proto.graph) if onnx.external_data_helper.uses_external_data(tensor)]
-    files: dict[str, np.ndarray] = dict(memory_files or {})
-    for tensor in external:
-        location = onnx.external_data_helper.ExternalDataInfo(tensor).location
-        if location not in files:
-            if location not in data_dirs:
-                raise ValueError(f"tensor {tensor.name!r} reads external data {location!r}, whose folder is not known")
-            path = os.path.join(data_dirs[location], location)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"external data file {path!r} of tensor {tensor.name!r} is missing")
-            files[location] = (
-                np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
-            )
-        offset, length = external_nbytes(tensor)
-        if length <= SMALL_EXTERNAL_TENSOR:  # inline, where ONNX Runtime's shape inference can read it
-            tensor.raw_data = files[location][offset : offset + length].tobytes()
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
+    files = _external_files(external, data_dirs, memory_files)
     locations = sorted(
         {
             onnx.external_data_helper.ExternalDataInfo(tensor).location
@@ -248,6 +232,98 @@ def session_from_proto(
         # takes the shared one: the copies are freed, but the heap keeps their pages unless it is trimmed
         release_free_memory()
     return sess
+
+
+class WeightFedSession:
+    """An ONNX Runtime session whose weights are graph inputs, and the arrays fed to them at every run
+    (``session_feeding_weights``). ``run`` takes feeds by name as ``InferenceSession.run`` does, ignores names
+    the session does not take, and a feed named as a weight replaces it for that run."""
+
+    def __init__(self, session: ort.InferenceSession, weights: dict[str, np.ndarray]):
+        self.session = session
+        self.weights = weights
+        #: The inputs a caller feeds (the graph's inputs less the weights).
+        self.input_names = [value.name for value in session.get_inputs() if value.name not in weights]
+        self._takes = {value.name for value in session.get_inputs()}
+
+    def run(self, outputs: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        taken = {name: value for name, value in feeds.items() if name in self._takes}
+        return self.session.run(list(outputs), {**self.weights, **taken})
+
+
+def session_feeding_weights(
+    proto: onnx.ModelProto,
+    data_dirs: Mapping[str, str],
+    options: ort.SessionOptions | None = None,
+    providers: list[str] | None = None,
+    *,
+    memory_files: Mapping[str, np.ndarray] | None = None,
+    also: Collection[str] = (),
+) -> WeightFedSession:
+    """A session on ``proto`` (emptied) in which every external initializer of the main graph of a type NumPy can
+    feed, and every initializer named in ``also``, is a graph input instead, fed at every run the array it would
+    have been read from: a view of ``memory_files`` (``proto_sharing_initializers``) or of its data file, mapped.
+
+    Why: ONNX Runtime copies the initializers while it builds a session, and constant folding keeps tensors made
+    from them (a tied head's transposed table) for the session's lifetime. Fed as inputs, a session of a whole
+    model costs its activations alone, for sessions that live beside the model (the end-to-end sensitivity). Its
+    results may differ in the last bits from a session holding the same weights as initializers."""
+    also = set(also)
+    declared = {value.name for value in proto.graph.input}
+    initializers = list(proto.graph.initializer)
+    files = _external_files(
+        [tensor for tensor in initializers if onnx.external_data_helper.uses_external_data(tensor)],
+        data_dirs,
+        memory_files,
+    )
+    weights: dict[str, np.ndarray] = {}
+    kept = []
+    for tensor in initializers:
+        dtype = ir.DataType(tensor.data_type).numpy().newbyteorder("<")
+        if dtype.kind in "fiub" and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            offset, length = external_nbytes(tensor)
+            location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+            array = files[location][offset : offset + length].view(dtype).reshape(tuple(tensor.dims))
+            weights[tensor.name] = array if array.flags.aligned else array.copy()
+        elif tensor.name in also:
+            weights[tensor.name] = onnx.numpy_helper.to_array(tensor)
+        else:
+            kept.append(tensor)
+            continue
+        if tensor.name not in declared:
+            proto.graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+            )
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    session = session_from_proto(proto, data_dirs, options, providers, consume=True, memory_files=memory_files)
+    return WeightFedSession(session, weights)
+
+
+def _external_files(
+    external: list[onnx.TensorProto], data_dirs: Mapping[str, str], memory_files: Mapping[str, np.ndarray] | None
+) -> dict[str, np.ndarray]:
+    """``{location: uint8 array}`` for every location ``external`` (proto tensors) reads: ``memory_files`` first,
+    else the file in its folder of ``data_dirs`` mapped read-only. Tensors of at most ``SMALL_EXTERNAL_TENSOR``
+    bytes are read into their proto (in place), where shape inference can read them."""
+    files: dict[str, np.ndarray] = dict(memory_files or {})
+    for tensor in external:
+        location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+        if location not in files:
+            if location not in data_dirs:
+                raise ValueError(f"tensor {tensor.name!r} reads external data {location!r}, whose folder is not known")
+            path = os.path.join(data_dirs[location], location)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"external data file {path!r} of tensor {tensor.name!r} is missing")
+            files[location] = (
+                np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+            )
+        offset, length = external_nbytes(tensor)
+        if length <= SMALL_EXTERNAL_TENSOR:  # inline, where ONNX Runtime's shape inference can read it
+            tensor.raw_data = files[location][offset : offset + length].tobytes()
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return files
 
 
 def _share_in_memory_initializers(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lowbit
 from lowbit.ir import files
@@ -182,6 +184,41 @@ def tiny_lm(seed: int = 3, k: int = 64, hidden: int = 128, vocab: int = 96):
     relu2 = factories.node("Relu", [fc2.outputs[0]], "act2")
     logits = factories.node("MatMul", [relu2.outputs[0], head], "lm_head", output="logits")
     return factories.model([x], [logits.outputs[0]], [fc1, relu1, fc2, relu2, logits], [w1, w2, head])
+
+
+def reference_kl(float_logits: np.ndarray, logits: np.ndarray) -> float:
+    """KL(softmax(float) || softmax(logits)) per position, averaged: the textbook form, in float64."""
+
+    def log_softmax(values):
+        values = values.astype(np.float64)
+        shifted = values - values.max(axis=-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+    log_p, log_q = log_softmax(float_logits), log_softmax(logits)
+    return float((np.exp(log_p) * (log_p - log_q)).sum(axis=-1).mean())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    positions=st.integers(1, 40),  # across the blocks' edges
+    vocab=st.integers(1, 70),
+    scale=st.sampled_from([1e-3, 1.0, 30.0]),  # flat, ordinary and peaked distributions
+    noise=st.sampled_from([0.0, 1e-4, 0.1, 3.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_kl_of_a_candidates_logits_is_the_textbook_kl(positions, vocab, scale, noise, seed):
+    """``_Distribution`` keeps the float softmax in float32 and works a block of positions at a time: the KL it
+    gives is the float64 textbook KL to float32's precision of the probabilities, and exactly 0 for the float
+    logits themselves."""
+    from lowbit.passes.sensitivity import _Distribution
+
+    rng = np.random.default_rng(seed)
+    float_logits = (scale * rng.standard_normal((1, positions, vocab))).astype(np.float32)
+    logits = (float_logits + noise * rng.standard_normal(float_logits.shape)).astype(np.float32)
+    distribution = _Distribution(float_logits)
+    assert distribution.kl(float_logits) == 0.0
+    expected = reference_kl(float_logits, logits)
+    assert distribution.kl(logits) == pytest.approx(expected, rel=1e-5, abs=1e-12)
 
 
 @pytest.mark.parametrize(("make", "measure"), [(tiny_lm, "kl"), (mlp, "relative_mse")])

@@ -9,7 +9,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from lowbit.runtime.session import SMALL_EXTERNAL_TENSOR, proto_sharing_initializers, session_from_proto
+from lowbit.runtime.session import (
+    SMALL_EXTERNAL_TENSOR,
+    proto_sharing_initializers,
+    session_feeding_weights,
+    session_from_proto,
+)
 from tests import factories
 from tests.parity import serialized
 
@@ -78,3 +83,76 @@ def test_a_shared_session_does_not_keep_a_copy_of_the_weights_resident():
         ).stdout
     )
     assert grown < 0.5
+
+
+def test_a_session_feeding_weights_reads_the_models_arrays_and_a_feed_replaces_them():
+    model = factories.mlp()
+    feeds = factories.feeds_for(model)
+    plain = session_from_proto(ir.to_proto(model), {}).run(None, feeds)
+    proto, memory = proto_sharing_initializers(model)
+    session = session_feeding_weights(proto, {}, memory_files=memory, also=["b2"])
+    assert not proto.ByteSize()  # emptied once serialized
+    # the external (large) weights and the one named; b1, small and inline, stays an initializer
+    assert set(session.weights) == {"w1", "w2", "b2"} and session.input_names == ["x"]
+    for name in ("w1", "w2"):  # views of the model's arrays, no copies
+        assert any(np.shares_memory(session.weights[name], array) for array in memory.values())
+    fed = session.run(["y"], {**feeds, "unused": np.zeros(1)})  # names the session does not take are ignored
+    np.testing.assert_allclose(fed[0], plain[0], rtol=1e-6, atol=1e-6)
+    w2 = model.graph.initializers["w2"].const_value.numpy()
+    replaced = session.run(["y"], {**feeds, "w2": np.zeros_like(w2)})[0]
+    np.testing.assert_array_equal(
+        replaced, np.broadcast_to(model.graph.initializers["b2"].const_value.numpy(), replaced.shape)
+    )
+    assert session.run(["y"], feeds)[0].tolist() == fed[0].tolist()  # the replacement lasted one run
+
+
+def test_a_session_feeding_weights_maps_a_models_data_file(tmp_path):
+    model = factories.mlp()
+    feeds = factories.feeds_for(model)
+    expected = session_from_proto(ir.to_proto(model), {}).run(None, feeds)[0]
+    ir.save(model, tmp_path / "m.onnx", external_data="m.data", size_threshold_bytes=0)
+    loaded = ir.load(tmp_path / "m.onnx")
+    session = session_feeding_weights(ir.to_proto(loaded), {"m.data": str(tmp_path)})
+    assert {"w1", "w2"} <= set(session.weights)
+    assert all(isinstance(session.weights[name].base, np.ndarray) for name in ("w1", "w2"))  # views of the map
+    np.testing.assert_allclose(session.run(["y"], feeds)[0], expected, rtol=1e-6, atol=1e-6)
+
+
+FED_SESSION_MEMORY = """
+import numpy as np
+from lowbit.runtime.memory import map_large_allocations
+from lowbit.runtime.session import proto_sharing_initializers, session_feeding_weights
+from tests import factories
+
+def status_mib(key):
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(key + ":"))
+
+map_large_allocations()
+x = factories.graph_input("x", [1, 512])
+nodes, weights, value = [], [], x
+for i in range(80):  # 80 MiB of weights in 1 MiB pieces
+    weights.append(factories.constant(f"w{i}", np.full((512, 512), 1.0 / 512, np.float32)))
+    nodes.append(factories.node("MatMul", [value, weights[-1]], f"mm{i}"))
+    value = nodes[-1].outputs[0]
+model = factories.model([x], [value], nodes, weights)
+proto, memory = proto_sharing_initializers(model)
+before = status_mib("VmRSS")
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # the peak (VmHWM) from here on
+session = session_feeding_weights(proto, {}, memory_files=memory)
+session.run([value.name], {"x": np.ones((1, 512), np.float32)})
+print((status_mib("VmHWM") - before) / 80)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads and resets /proc/self/status's peak")
+def test_a_session_feeding_weights_never_holds_a_copy_of_them():
+    """Not even while it is built (where ``session_from_proto`` copies each tensor for a moment): the peak
+    grows by a small fraction of the weights."""
+    grown = float(
+        subprocess.run(
+            [sys.executable, "-c", FED_SESSION_MEMORY], capture_output=True, text=True, check=True, cwd=ROOT
+        ).stdout
+    )
+    assert grown < 0.15
