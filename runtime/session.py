@@ -260,8 +260,8 @@ def session_feeding_weights(
     memory_files: Mapping[str, np.ndarray] | None = None,
     also: Collection[str] = (),
 ) -> WeightFedSession:
-    """A session on ``proto`` (emptied) in which every external initializer of the main graph of a type NumPy can
-    feed, and every initializer named in ``also``, is a graph input instead, fed at every run the array it would
+    """A session on ``proto`` (emptied) in which every external initializer of the main graph of a type in
+    ``FEEDABLE_TYPES``, and every initializer named in ``also``, is a graph input instead, fed at every run the array it would
     have been read from: a view of ``memory_files`` (``proto_sharing_initializers``) or of its data file, mapped.
 
     Why: ONNX Runtime copies the initializers while it builds a session, and constant folding keeps tensors made
@@ -279,10 +279,11 @@ def session_feeding_weights(
     weights: dict[str, np.ndarray] = {}
     kept = []
     for tensor in initializers:
-        dtype = ir.DataType(tensor.data_type).numpy().newbyteorder("<")
-        if dtype.kind in "fiub" and tensor.data_location == onnx.TensorProto.EXTERNAL:
+        data_type = ir.DataType(tensor.data_type)
+        if data_type in FEEDABLE_TYPES and tensor.data_location == onnx.TensorProto.EXTERNAL:
             offset, length = external_nbytes(tensor)
             location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+            dtype = data_type.numpy().newbyteorder("<")
             array = files[location][offset : offset + length].view(dtype).reshape(tuple(tensor.dims))
             weights[tensor.name] = array if array.flags.aligned else array.copy()
         elif tensor.name in also:
@@ -375,6 +376,10 @@ NUMPY_BYTES_TYPES = frozenset(
         ir.DataType.UINT64,
     }
 )
+
+#: The types ``session_feeding_weights`` feeds: NumPy's bytes are ONNX's and ONNX Runtime takes the arrays (not
+#: ml_dtypes' bfloat16).
+FEEDABLE_TYPES = NUMPY_BYTES_TYPES - {ir.DataType.BFLOAT16}
 
 #: Prefix of the in-memory locations ``share_initializers`` gives ONNX Runtime (no file has such a name).
 _SHARED_LOCATION = "lowbit-in-memory/"

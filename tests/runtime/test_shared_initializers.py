@@ -156,3 +156,20 @@ def test_a_session_feeding_weights_never_holds_a_copy_of_them():
         ).stdout
     )
     assert grown < 0.15
+
+
+def test_a_session_feeding_weights_keeps_a_type_numpy_cannot_feed_as_an_initializer():
+    """ONNX Runtime takes no bfloat16 array (ml_dtypes): such a weight stays an initializer, shared in memory."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(ml_dtypes.bfloat16)
+    x = factories.graph_input("x", [2, 64])
+    cast = factories.node("Cast", [factories.constant("w", w)], "cast", to=ir.DataType.FLOAT)
+    matmul = factories.node("MatMul", [x, cast.outputs[0]], "mm", output="y")
+    model = factories.model([x], [matmul.outputs[0]], [cast, matmul], [cast.inputs[0]])
+    proto, memory = proto_sharing_initializers(model)
+    session = session_feeding_weights(proto, {}, memory_files=memory)
+    assert "w" not in session.weights and session.input_names == ["x"]
+    feeds = {"x": rng.standard_normal((2, 64)).astype(np.float32)}
+    np.testing.assert_allclose(session.run(["y"], feeds)[0], feeds["x"] @ w.astype(np.float32), rtol=1e-5, atol=1e-5)
