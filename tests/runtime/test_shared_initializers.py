@@ -48,28 +48,49 @@ def test_large_initializers_are_references_to_the_models_arrays_and_the_outputs_
         np.testing.assert_array_equal(left, right)
 
 
-SESSION_MEMORY = """
-import numpy as np, onnx_ir as ir
+#: Prelude of the memory scripts, each run in a fresh interpreter: ``status_mib`` reads /proc/self/status, and
+#: ``chain(mib)`` is a model of ``mib`` MatMuls of 1 MiB weights, built as a pipeline runs (blocks under
+#: LARGE_ALLOCATION_BYTES from glibc's heap). Each script prints the growth it measures per MiB of weights.
+MEMORY_PRELUDE = """
+import numpy as np
 from lowbit.runtime.memory import map_large_allocations
-from lowbit.runtime.session import TRIM_AFTER_SHARED_BYTES, proto_sharing_initializers, session_from_proto
+from lowbit.runtime.session import proto_sharing_initializers
 from tests import factories
 
-def rss_mib():
+def status_mib(key):
     with open("/proc/self/status", encoding="ascii") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(key + ":"))
 
-map_large_allocations()  # as a pipeline runs: blocks under LARGE_ALLOCATION_BYTES come from glibc's heap
-x = factories.graph_input("x", [1, 512])
-nodes, weights, value = [], [], x
-for i in range(TRIM_AFTER_SHARED_BYTES // 2**20 + 16):  # 1 MiB pieces, 16 MiB over the size that trims
-    weights.append(factories.constant(f"w{i}", np.full((512, 512), 1.0 / 512, np.float32)))
-    nodes.append(factories.node("MatMul", [value, weights[-1]], f"mm{i}"))
-    value = nodes[-1].outputs[0]
-model = factories.model([x], [value], nodes, weights)
+def chain(mib):
+    x = factories.graph_input("x", [1, 512])
+    nodes, weights, value = [], [], x
+    for i in range(mib):
+        weights.append(factories.constant(f"w{i}", np.full((512, 512), 1.0 / 512, np.float32)))
+        nodes.append(factories.node("MatMul", [value, weights[-1]], f"mm{i}"))
+        value = nodes[-1].outputs[0]
+    return factories.model([x], [value], nodes, weights), value.name
+
+map_large_allocations()
+"""
+
+
+def grown_per_weight_mib(script: str) -> float:
+    """What ``script`` (after ``MEMORY_PRELUDE``) prints, run in a fresh interpreter."""
+    completed = subprocess.run(
+        [sys.executable, "-c", MEMORY_PRELUDE + script], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    return float(completed.stdout)
+
+
+SESSION_MEMORY = """
+from lowbit.runtime.session import TRIM_AFTER_SHARED_BYTES, session_from_proto
+
+mib = TRIM_AFTER_SHARED_BYTES // 2**20 + 16  # 16 MiB over the size that trims
+model, _ = chain(mib)
 proto, memory = proto_sharing_initializers(model)
-before = rss_mib()
+before = status_mib("VmRSS")
 session = session_from_proto(proto, {}, memory_files=memory)
-print((rss_mib() - before) / (TRIM_AFTER_SHARED_BYTES / 2**20 + 16))
+print((status_mib("VmRSS") - before) / mib)
 """
 
 
@@ -77,12 +98,7 @@ print((rss_mib() - before) / (TRIM_AFTER_SHARED_BYTES / 2**20 + 16))
 def test_a_shared_session_does_not_keep_a_copy_of_the_weights_resident():
     """ONNX Runtime reads each in-memory file's tensor into a copy while it builds the session, then takes the
     shared array: the session must not leave those freed copies resident (it grows by a fraction of the weights)."""
-    grown = float(
-        subprocess.run(
-            [sys.executable, "-c", SESSION_MEMORY], capture_output=True, text=True, check=True, cwd=ROOT
-        ).stdout
-    )
-    assert grown < 0.5
+    assert grown_per_weight_mib(SESSION_MEMORY) < 0.5
 
 
 def test_a_session_feeding_weights_reads_the_models_arrays_and_a_feed_replaces_them():
@@ -119,29 +135,15 @@ def test_a_session_feeding_weights_maps_a_models_data_file(tmp_path):
 
 
 FED_SESSION_MEMORY = """
-import numpy as np
-from lowbit.runtime.memory import map_large_allocations
-from lowbit.runtime.session import proto_sharing_initializers, session_feeding_weights
-from tests import factories
+from lowbit.runtime.session import session_feeding_weights
 
-def status_mib(key):
-    with open("/proc/self/status", encoding="ascii") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(key + ":"))
-
-map_large_allocations()
-x = factories.graph_input("x", [1, 512])
-nodes, weights, value = [], [], x
-for i in range(80):  # 80 MiB of weights in 1 MiB pieces
-    weights.append(factories.constant(f"w{i}", np.full((512, 512), 1.0 / 512, np.float32)))
-    nodes.append(factories.node("MatMul", [value, weights[-1]], f"mm{i}"))
-    value = nodes[-1].outputs[0]
-model = factories.model([x], [value], nodes, weights)
+model, output = chain(80)
 proto, memory = proto_sharing_initializers(model)
 before = status_mib("VmRSS")
 with open("/proc/self/clear_refs", "w") as refs:
     refs.write("5")  # the peak (VmHWM) from here on
 session = session_feeding_weights(proto, {}, memory_files=memory)
-session.run([value.name], {"x": np.ones((1, 512), np.float32)})
+session.run([output], {"x": np.ones((1, 512), np.float32)})
 print((status_mib("VmHWM") - before) / 80)
 """
 
@@ -150,12 +152,7 @@ print((status_mib("VmHWM") - before) / 80)
 def test_a_session_feeding_weights_never_holds_a_copy_of_them():
     """Not even while it is built (where ``session_from_proto`` copies each tensor for a moment): the peak
     grows by a small fraction of the weights."""
-    grown = float(
-        subprocess.run(
-            [sys.executable, "-c", FED_SESSION_MEMORY], capture_output=True, text=True, check=True, cwd=ROOT
-        ).stdout
-    )
-    assert grown < 0.15
+    assert grown_per_weight_mib(FED_SESSION_MEMORY) < 0.15
 
 
 def test_a_session_feeding_weights_keeps_a_type_numpy_cannot_feed_as_an_initializer():
