@@ -28,13 +28,17 @@ class CaptureCalibrationPass(LowbitPass):
         *,
         keep_feeds: bool = False,
         activations: Callable[[ir.Graph], Set[str]] | None = None,
+        diagonals: Callable[[ir.Graph], Set[str]] | None = None,
     ):
         """``keep_feeds``: keep every feed dict (the sequential mode runs them again); ``activations``: which
-        activations of the graph to collect (default: every weight's input; none: the model is not run)."""
+        activations of the graph to collect (default: every weight's input; none: the model is not run);
+        ``diagonals``: more activations of which only ``diag(H)`` is collected (what the outlier ranking reads
+        before a layer sweep collects the full statistics)."""
         super().__init__()
         self.batches = batches
         self.keep_feeds = keep_feeds
         self.activations = activations
+        self.diagonals = diagonals
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         collected = False
@@ -46,8 +50,11 @@ class CaptureCalibrationPass(LowbitPass):
         else:
             total = len(self.batches) if hasattr(self.batches, "__len__") else None
             only = self.activations(model.graph) if self.activations is not None else None
+            diagonals = self.diagonals(model.graph) if self.diagonals is not None else frozenset()
             try:
-                stats = collect(model, self.batches, total=total, keep_feeds=self.keep_feeds, only=only)
+                stats = collect(
+                    model, self.batches, total=total, keep_feeds=self.keep_feeds, only=only, diagonals=diagonals
+                )
                 collected = True
             except ORT_ERRORS as error:  # an op it lacks, feeds of the wrong names or shapes
                 raise ValueError(f"calibration: ONNX Runtime cannot run the model on the batches: {error}") from error
@@ -55,7 +62,8 @@ class CaptureCalibrationPass(LowbitPass):
         tokens = {accumulator.tokens for accumulator in stats.by_activation.values()}
         self.details = {
             "batches": stats.batches,
-            "activations": len(stats.by_activation),
+            "activations": sum(not accumulator.diagonal_only for accumulator in stats.by_activation.values()),
+            "diagonals_only": sum(accumulator.diagonal_only for accumulator in stats.by_activation.values()),
             "tokens": max(tokens, default=0),
         }
         if stats.feeds is not None:

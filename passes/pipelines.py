@@ -44,14 +44,15 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     ``fold_norms`` adds FoldNormScalesPass before calibration, ``rotate`` adds it and RotateResidualPass;
     ``reorder`` (a criterion of ReorderChannelsPass: ``"absmax"`` or ``"hessian"``; needs calibration) adds it
     after calibration.
-    With calibration feeds (not statistics), in parallel mode without reordering or outlier splitting, the
+    With calibration feeds (not statistics), in parallel mode without reordering or layer splitting, the
     decoder layers are calibrated, quantized and written one layer at a time on the float model
     (``QuantizeWeightsPass(calibrate_by_layer=True)``: the same statistics, one layer's Hessians in memory at a
     time; under a budget the layers are swept once to measure every width and once to write the chosen ones);
-    the calibration pass keeps the feeds and collects only the other weights' statistics.
+    the calibration pass keeps the feeds and collects only the other weights' statistics, and where outliers are
+    ranked by sensitivity the diagonal of every layer weight's H (the sweep then runs on the split model).
     ``calibration_mode="sequential"``: decoder layers quantized one after another on statistics of the
     partially-quantized model (``lowbit.passes.sequential``); the calibration pass then keeps the feeds and,
-    unless reordering or outlier splitting read them, collects only the statistics the sweep does not measure
+    unless reordering or outliers read them, collects only the statistics the sweep does not measure
     (none by default: the float model is then not run at all).
     """
     if recipe.reorder is not None and calibration is None:
@@ -67,9 +68,10 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     sequential = recipe.calibration_mode == "sequential"
     splits = recipe.outlier_fraction > 0 or recipe.split
     owns_statistics = calibration is not None and not isinstance(calibration, CalibrationStats)
-    # Reordering and outlier splitting read every weight's statistics before quantization; else the decoder layers
-    # are calibrated as they are quantized (sequentially, or layer by layer on the float model).
-    by_layer = owns_statistics and recipe.reorder is None and not splits
+    # Reordering and the layer split read every weight's statistics before quantization; else the decoder layers
+    # are calibrated as they are quantized (sequentially, or layer by layer on the float model), and outliers are
+    # ranked on diag(H) alone.
+    by_layer = owns_statistics and recipe.reorder is None and not recipe.split
     calibrate_by_layer = by_layer and not sequential
     quantize = QuantizeWeightsPass(
         scheme,
@@ -89,12 +91,6 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     )
     sweeps = (by_layer and sequential) or calibrate_by_layer
     activations = quantize.parallel_activations if sweeps else None
-    calibrate = (
-        [CaptureCalibrationPass(calibration, keep_feeds=sequential or calibrate_by_layer, activations=activations)]
-        if calibration is not None
-        else []
-    )
-    fuse = [FuseQDQPass(int8_activations=recipe.int8_activations)] if recipe.fused else []
     outliers = []
     if splits:
         outliers = [
@@ -107,6 +103,19 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
                 include_lm_head=recipe.include_lm_head,
             )
         ]
+    calibrate = (
+        [
+            CaptureCalibrationPass(
+                calibration,
+                keep_feeds=sequential or calibrate_by_layer,
+                activations=activations,
+                diagonals=outliers[0].ranked_inputs if sweeps and outliers else None,
+            )
+        ]
+        if calibration is not None
+        else []
+    )
+    fuse = [FuseQDQPass(int8_activations=recipe.int8_activations)] if recipe.fused else []
     fold_norm_scales = [FoldNormScalesPass()] if recipe.fold_norms or recipe.rotate else []
     rotate_residual = [RotateResidualPass()] if recipe.rotate else []
     reorder_channels = [ReorderChannelsPass(recipe.reorder)] if recipe.reorder is not None else []

@@ -1,9 +1,9 @@
 """SplitOutliersPass: dense-and-sparse decomposition (SqueezeLLM) and layer splitting (SplitQuant) of
 weights, before QuantizeWeightsPass quantizes them.
 
-Runs after CaptureCalibrationPass (the sensitivity criterion and the split decision read the Hessian of
-each weight's input) and before QuantizeWeightsPass. Every new MatMul reads the same activation as the
-original one, so the calibration statistics (keyed by activation name) serve it too. Lossless: the graph
+Runs after CaptureCalibrationPass (the sensitivity criterion reads the diagonal of the Hessian of each
+weight's input, the split decision the Hessian) and before QuantizeWeightsPass. Every new MatMul reads the
+same activation as the original one, so the calibration statistics (keyed by activation name) serve it too. Lossless: the graph
 computes ``x @ W`` up to float32 round-off; the weights are decomposed exactly (``passes/quant/outliers.py``).
 
 **Dense and sparse** (``outlier_fraction > 0``): the top fraction of each weight's entries (by ``|w|`` or
@@ -53,6 +53,7 @@ from lowbit.ir.builders import NameAllocator, fresh_name
 from lowbit.kernels.model import OUTLIER_TYPES
 from lowbit.passes.base import LowbitPass
 from lowbit.passes.quant import outliers
+from lowbit.passes.quant.hessian import HessianAccumulator
 from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.runtime.calibration import calibration_of
 
@@ -108,17 +109,17 @@ class SplitOutliersPass(LowbitPass):
             return ir.passes.PassResult(model, modified=False)
         statistics = calibration_of(model)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-        self._records = {"outliers": [], "split": [], "skipped": []}  # not `skipped`: run_pipeline reads that name
-        targets = self._targets(model.graph)
+        targets, skipped = self._targets(model.graph)
+        self._records = {"outliers": [], "split": [], "skipped": skipped}  # not `skipped`: run_pipeline reads that name
         if targets and self.outlier_fraction > 0 and opset < MIN_OPSET:
             raise ValueError(
                 f"dense-and-sparse needs opset {MIN_OPSET} or later (CumSum), the model has "
                 f"{opset}; convert it first (onnxscript.version_converter)"
             )
         writer = _BranchWriter(model.graph)
+        reads_statistics = statistics is not None and (self.split or self.criterion == "sensitivity")
         for uses in tqdm(targets, desc="split outliers", unit="weight", leave=False):
-            hessian = statistics.for_use(uses[0]).hessian if statistics is not None else None
-            self._rewrite(writer, uses, hessian)
+            self._rewrite(writer, uses, statistics.for_use(uses[0]) if reads_statistics else None)
         sparse_records, split_records = self._records["outliers"], self._records["split"]
         self.details = {
             "outlier_fraction": self.outlier_fraction,
@@ -134,22 +135,27 @@ class SplitOutliersPass(LowbitPass):
         }
         return ir.passes.PassResult(model, modified=writer.nodes_added > 0)
 
-    def _targets(self, graph: ir.Graph) -> list[list[analysis.WeightUse]]:
-        """The uses of every weight to rewrite, grouped by weight; the others go to ``skipped``."""
+    def ranked_inputs(self, graph: ir.Graph) -> set[str]:
+        """The activations whose ``diag(H)`` the sensitivity ranking reads: the inputs of the weights it splits."""
+        if self.outlier_fraction == 0 or self.criterion != "sensitivity":
+            return set()
+        return {uses[0].node.inputs[0].name for uses in self._targets(graph)[0]}
+
+    def _targets(self, graph: ir.Graph) -> tuple[list[list[analysis.WeightUse]], list[dict]]:
+        """The uses of every weight to rewrite, grouped by weight, and a record of each weight left alone."""
         groups: dict[int, list[analysis.WeightUse]] = {}
         for use in analysis.weight_uses(graph):
             if use.kind != "embedding":
                 groups.setdefault(id(use.weight), []).append(use)
-        targets = []
+        targets, skipped = [], []
         for uses in groups.values():
             reason = self._skip_reason(uses)
             if reason is None:
                 targets.append(uses)
             else:
                 first = uses[0]
-                record = {"name": first.weight.name or "", "layer": first.layer, "reason": reason}
-                self._records["skipped"].append(record)
-        return targets
+                skipped.append({"name": first.weight.name or "", "layer": first.layer, "reason": reason})
+        return targets, skipped
 
     def _skip_reason(self, uses: list[analysis.WeightUse]) -> str | None:
         first = uses[0]
@@ -168,7 +174,11 @@ class SplitOutliersPass(LowbitPass):
             return f"dense-and-sparse needs a float32 weight, this one is {first.weight.dtype.name}"
         return None
 
-    def _rewrite(self, writer: _BranchWriter, uses: list[analysis.WeightUse], hessian: np.ndarray | None) -> None:
+    def _rewrite(
+        self, writer: _BranchWriter, uses: list[analysis.WeightUse], accumulator: HessianAccumulator | None
+    ) -> None:
+        """Split one weight: its outliers ranked on ``accumulator.diagonal`` (sensitivity criterion), its clusters
+        judged on ``accumulator.hessian`` (the layer split)."""
         first = uses[0]
         name, layer = first.weight.name or "", first.layer
         weight = np.asarray(analysis.weight_value_array(first), dtype=np.float32)
@@ -183,9 +193,13 @@ class SplitOutliersPass(LowbitPass):
             )
         remaining, sparse = weight, None
         if self.outlier_fraction > 0:
-            scores = outliers.outlier_scores(weight, self.criterion, hessian)
+            diagonal = accumulator.diagonal if accumulator is not None and self.criterion == "sensitivity" else None
+            scores = outliers.outlier_scores(weight, self.criterion, diagonal)
             remaining, sparse = outliers.split_dense_sparse(weight, scores, self.outlier_fraction)
-        parts = self._split(name, layer, remaining, hessian) if self.split else [remaining]
+        if self.split:
+            parts = self._split(name, layer, remaining, accumulator.hessian if accumulator is not None else None)
+        else:
+            parts = [remaining]
         if (sparse is None or sparse.nnz == 0) and len(parts) == 1:
             return
         nodes = [use.node for use in uses]

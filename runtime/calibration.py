@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
 from lowbit.passes.quant.hessian import HessianAccumulator
-from lowbit.runtime.session import external_data_dirs, proto_sharing_initializers, session_from_proto, session_options
+from lowbit.runtime.session import (
+    WeightFedSession,
+    external_data_dirs,
+    proto_sharing_initializers,
+    session_feeding_weights,
+    session_from_proto,
+    session_options,
+)
 from lowbit.runtime.threads import NO_SPINNING, one_blas_thread
 
 
@@ -82,11 +89,15 @@ def weight_activations(model: ir.Model) -> dict[str, int]:
     return activations
 
 
-def _session_with_outputs(model: ir.Model, names: list[str], providers: list[str] | None) -> ort.InferenceSession:
+def _session_with_outputs(
+    model: ir.Model, names: list[str], providers: list[str] | None, *, feed_weights: bool = False
+) -> ort.InferenceSession | WeightFedSession:
     """A session whose outputs are ``names`` only: the model's own outputs are dropped and so is every node
     that none of ``names`` depends on (an LM's head, the last layers past the last weight asked for), which
     ONNX Runtime would otherwise run for nothing. Its threads sleep between runs (``threads.NO_SPINNING``),
-    leaving the cores to the statistics."""
+    leaving the cores to the statistics. ``feed_weights``: the weights are inputs fed the model's arrays
+    (``session_feeding_weights``: no copy of them in the session, none prepacked, so the activations may differ in
+    the last bits from those of a session holding them, as the layer sweep's do)."""
     proto, memory = proto_sharing_initializers(model)
     existing = {output.name: output for output in proto.graph.output}
     outputs = [existing[name] if name in existing else onnx.ValueInfoProto(name=name) for name in names]
@@ -95,6 +106,8 @@ def _session_with_outputs(model: ir.Model, names: list[str], providers: list[str
     keep_nodes_needed_for(proto.graph, names)
     options = session_options()
     options.add_session_config_entry(*NO_SPINNING)
+    if feed_weights:
+        return session_feeding_weights(proto, external_data_dirs(model), options, providers, memory_files=memory)
     return session_from_proto(proto, external_data_dirs(model), options, providers, consume=True, memory_files=memory)
 
 
@@ -139,19 +152,26 @@ def collect(
     keep_samples: int = 4,
     keep_feeds: bool = False,
     only: Set[str] | None = None,
+    diagonals: Set[str] = frozenset(),
 ) -> CalibrationStats:
     """Run ``model`` on every feed dict of ``batches`` and accumulate the weight-input statistics;
     the first ``keep_samples`` feed dicts are kept in ``samples``, all of them in ``feeds`` with
-    ``keep_feeds``. ``only``: the activations to collect (default: all; none: the model is not run). The
+    ``keep_feeds``. ``only``: the activations to collect (default: all; none: the model is not run); ``diagonals``:
+    more activations of which only ``diag(H)`` is collected (``HessianAccumulator(diagonal_only=True)``). The
     statistics of each batch are computed on a thread with BLAS on one thread (``threads.one_blas_thread``: same
-    results) while the session, whose threads sleep between runs, runs the next batch."""
+    results) while the session, whose threads sleep between runs, runs the next batch. A session that collects
+    diagonals only is fed the model's weights instead of holding a copy of them; one that collects a full H holds
+    them, as the layer sweep's sessions do, whose H must be the same to the last bit."""
     activations = weight_activations(model)
     if not activations:
         raise ValueError("the model has no weight MatMul/Gemm to calibrate")
-    names = sorted(activations if only is None else set(activations) & set(only))
-    sess = _session_with_outputs(model, names, providers) if names else None
+    full = set(activations) if only is None else set(activations) & set(only)
+    diagonal = (set(activations) & set(diagonals)) - full
+    names = sorted(full | diagonal)
+    sess = _session_with_outputs(model, names, providers, feed_weights=not full) if names else None
     stats = CalibrationStats(
-        {name: HessianAccumulator(activations[name]) for name in names}, feeds=[] if keep_feeds else None
+        {name: HessianAccumulator(activations[name], diagonal_only=name in diagonal) for name in names},
+        feeds=[] if keep_feeds else None,
     )
     with RunBehind() as folder:
         for feeds in tqdm(batches, desc="calibration", unit="batch", total=total):

@@ -15,22 +15,27 @@ FLOAT32_ROWS = 4096
 
 
 class HessianAccumulator:
-    """Accumulates ``H = X^T X``, per-channel abs-max and sum of ``|x|``, and the token count.
+    """Accumulates ``H = X^T X`` (or only its diagonal), per-channel abs-max and sum of ``|x|``, and the token count.
 
     H is a float64 total of symmetric rank-k updates: the products of float32 activations (ONNX Runtime's) are
     summed in float32 (what the GPTQ reference does for all of H), in a float32 ``[K, K]`` sum of the last rows
     that joins the float64 total every ``FLOAT32_ROWS`` rows and when H is read; float64 and integer activations
     are multiplied and summed in float64. Reading H between updates ends the float32 sum there.
     ``update`` takes activations of any leading shape ``[..., K]``; every leading index is a token.
+
+    ``diagonal_only``: only ``diag(H)``, the per-channel sum of ``x**2`` (float64 sums of the exact squares of the
+    activations), for a reader that needs no more (the outlier ranking ``H_kk * w**2``): ``K`` floats, not ``K^2``.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, *, diagonal_only: bool = False) -> None:
         if channels < 1:
             raise ValueError(f"channels must be positive, got {channels}")
         self.channels = channels
+        self.diagonal_only = diagonal_only
+        self._square_sum = np.zeros(channels, dtype=np.float64) if diagonal_only else None
         # Updates add to the upper triangle only (a symmetric rank-k update does half a GEMM's work);
         # reading ``hessian`` mirrors it into the lower one, in place. Fortran order lets BLAS update in place.
-        self._matrix = np.zeros((channels, channels), dtype=np.float64, order="F")
+        self._matrix = None if diagonal_only else np.zeros((channels, channels), dtype=np.float64, order="F")
         self._mirrored = True
         # The float32 sum of the products of the last ``_pending_rows`` float32 rows (upper triangle), not yet in
         # ``_matrix``; allocated by the first float32 update after H was last read.
@@ -57,13 +62,16 @@ class HessianAccumulator:
         column_max = magnitudes.max(axis=0)
         if not np.isfinite(column_max).all():
             raise ValueError("activations contain NaN or Inf")
-        matrix = self._kept_matrix()
-        if flat.dtype.itemsize <= 4:
-            self._add_float32_products(flat.astype(np.float32, copy=False))
-        else:  # upper(H) += upper(X^T X): BLAS syrk on X^T (a Fortran-ordered view of X, no copy)
-            self._matrix = blas.dsyrk(
-                1.0, flat.astype(np.float64).T, beta=1.0, c=matrix, trans=0, lower=0, overwrite_c=1
-            )
+        if self.diagonal_only:
+            self._square_sum += np.einsum("tk,tk->k", flat, flat, dtype=np.float64)
+        else:
+            matrix = self._kept_matrix()
+            if flat.dtype.itemsize <= 4:
+                self._add_float32_products(flat.astype(np.float32, copy=False))
+            else:  # upper(H) += upper(X^T X): BLAS syrk on X^T (a Fortran-ordered view of X, no copy)
+                self._matrix = blas.dsyrk(
+                    1.0, flat.astype(np.float64).T, beta=1.0, c=matrix, trans=0, lower=0, overwrite_c=1
+                )
         self._mirrored = False
         np.maximum(self.abs_max, column_max, out=self.abs_max)
         self.abs_sum += magnitudes.sum(axis=0, dtype=np.float64)
@@ -106,7 +114,7 @@ class HessianAccumulator:
         value = np.array(value, dtype=np.float64, order="F")  # a copy, in the layout BLAS updates in place
         if value.shape != (self.channels, self.channels):
             raise ValueError(f"hessian must be [{self.channels}, {self.channels}], got shape {value.shape}")
-        self._matrix = value
+        self._matrix, self.diagonal_only, self._square_sum = value, False, None
         self._pending, self._pending_rows = None, 0  # rows before the assignment are not part of it
         self._mirrored = False  # the upper triangle is what counts, as after an update
 
@@ -115,7 +123,17 @@ class HessianAccumulator:
         self._matrix = None
         self._pending, self._pending_rows = None, 0
 
+    @property
+    def diagonal(self) -> np.ndarray:
+        """``diag(H)`` [K] float64."""
+        return self._square_sum if self.diagonal_only else np.diagonal(self.hessian)
+
     def _kept_matrix(self) -> np.ndarray:
+        if self.diagonal_only:
+            raise ValueError(
+                f"only the diagonal of H was collected for these {self.channels} channels (diagonal_only): "
+                "collect the full statistics for a reader of H"
+            )
         if self._matrix is None:
             raise RuntimeError("H was released (HessianAccumulator.release): it cannot be read or updated")
         return self._matrix

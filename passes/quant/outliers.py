@@ -52,18 +52,22 @@ class SparseOutliers:
         return dense
 
 
-def outlier_scores(weight: np.ndarray, criterion: str, hessian: np.ndarray | None = None) -> np.ndarray:
-    """Per-entry score, larger = more worth keeping exact: ``|w|`` or ``H_kk * w**2`` (float64)."""
+def outlier_scores(weight: np.ndarray, criterion: str, diagonal: np.ndarray | None = None) -> np.ndarray:
+    """Per-entry score, larger = more worth keeping exact: ``|w|`` or ``H_kk * w**2`` (float64); ``diagonal``:
+    ``diag(H)`` of the weight's input, ``H = X^T X``."""
     weight = np.asarray(weight, dtype=np.float64)
     if criterion == "magnitude":
         return np.abs(weight)
     if criterion == "sensitivity":
-        if hessian is None:
-            raise ValueError("the sensitivity criterion needs the Hessian H = X^T X of the weight's input")
-        diagonal = np.diagonal(hessian)
-        if diagonal.shape != (weight.shape[0],):
-            raise ValueError(f"Hessian of {diagonal.shape[0]} channels does not match a weight of shape {weight.shape}")
-        return diagonal[:, None] * weight**2
+        if diagonal is None:
+            raise ValueError(
+                "the sensitivity criterion needs the diagonal of the Hessian H = X^T X of the weight's input"
+            )
+        if np.shape(diagonal) != (weight.shape[0],):
+            raise ValueError(
+                f"Hessian diagonal of shape {np.shape(diagonal)} does not match a weight of shape {weight.shape}"
+            )
+        return np.asarray(diagonal, dtype=np.float64)[:, None] * weight**2
     raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
 
 

@@ -30,7 +30,7 @@ def position_scores(statistics: HessianAccumulator, criterion: str) -> np.ndarra
     if criterion == "absmax":
         return statistics.abs_max.copy()
     if criterion == "hessian":
-        return np.diag(statistics.hessian).copy()
+        return statistics.diagonal.copy()
     raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
 
 

@@ -495,6 +495,102 @@ def test_a_budget_by_layer_lets_each_measured_layer_go(monkeypatch):
     assert len(result.report.weights) == 21 and len(earlier) == 21 * (1 + 6)
 
 
+def _initializers(model: ir.Model) -> dict[str, np.ndarray]:
+    return {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [False, True])
+def test_outliers_ranked_on_diagonals_then_calibrated_by_layer_equal_the_whole_model(fused):
+    """Dense-and-sparse outliers ranked by sensitivity read only ``diag(H)``: the calibration pass collects the
+    diagonals (no ``[K, K]`` statistics), and the layers are swept on the split model. The file equals the one made
+    on the whole float model's statistics: the same outliers, codes and zero points; the scales to float32 round-off
+    (past the first split MatMul the layers' activations are ``x @ D`` plus the sparse branch, not ``x @ W``: the same
+    values to their last bits), bit for bit where the statistics are of the model's input alone."""
+    recipe = lowbit.Recipe(
+        bits=3,
+        group_size=16,
+        method="gptq",
+        axis="adadim",
+        selector="block",
+        clip_search=True,
+        outlier_fraction=0.02,
+        outlier_criterion="sensitivity",
+        fused=fused,
+    )
+    feeds = _feeds(6)
+    whole = lowbit.optimize(_llama(), recipe, calibration=collect(_llama(), feeds, keep_samples=4))
+    by_layer = lowbit.optimize(_llama(), recipe, calibration=feeds)
+    check_valid(by_layer.model)
+    details = {p.name: p.details for p in by_layer.report.passes}
+    assert details["CaptureCalibrationPass"]["activations"] == 0
+    assert details["CaptureCalibrationPass"]["diagonals_only"] == 4 * 2  # the inputs of q/k/v, o, gate/up, down
+    assert details["SplitOutliersPass"]["weights_with_outliers"] == 14
+    assert details["QuantizeWeightsPass"]["calibration"]["layers"] == 2
+    expected, got = _initializers(whole.model), _initializers(by_layer.model)
+    assert got.keys() == expected.keys() and any(name.endswith(".outlier_values") for name in got) != fused
+    for name in expected:
+        if name.endswith(".scales") and ".layers.0.self_attn.o_proj" not in name and "layers.0.self_attn" in name:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)  # q/k/v read the layer's input
+        elif name.endswith(".scales"):
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sensitivity", ["output", "kl"])
+def test_a_budget_with_outliers_is_measured_and_written_by_layer(sensitivity):
+    """Under a budget the two sweeps run on the split model: the widths fit the budget as calibrated whole, with the
+    same outliers."""
+    recipe = lowbit.Recipe(
+        group_size=16,
+        method="gptq",
+        budget="4.5",  # the outliers take about one bit per weight
+        budget_sensitivity=sensitivity,
+        outlier_fraction=0.02,
+        outlier_criterion="sensitivity",
+    )
+    feeds = _feeds(4)
+    whole = lowbit.optimize(_llama(), recipe, calibration=collect(_llama(), feeds, keep_samples=4))
+    by_layer = lowbit.optimize(_llama(), recipe, calibration=feeds)
+    check_valid(by_layer.model)
+    details = {p.name: p.details for p in by_layer.report.passes}
+    assert details["CaptureCalibrationPass"]["diagonals_only"] == 4 * 2
+    assert "by_layer_refused" not in details["QuantizeWeightsPass"]
+    budget = by_layer.report.budget
+    assert budget["bytes"] <= budget["limit_bytes"]
+    assert sum(count > 0 for count in budget["widths"].values()) > 1  # weights at more than one width
+    expected, got = _initializers(whole.model), _initializers(by_layer.model)
+    outliers = [name for name in expected if name.endswith((".outlier_rows", ".outlier_values", ".outlier_pointers"))]
+    assert outliers and all(np.array_equal(got[name], expected[name]) for name in outliers)
+
+
+@pytest.mark.slow
+def test_outliers_in_sequential_mode_are_ranked_on_the_float_models_diagonals():
+    """Sequentially, the outliers are those of the parallel mode (both rank on the float model's ``diag(H)``); the
+    layers after the first are then quantized on the partially quantized model."""
+    options = {
+        "bits": 3,
+        "group_size": 16,
+        "method": "gptq",
+        "outlier_fraction": 0.02,
+        "outlier_criterion": "sensitivity",
+    }
+    feeds = _feeds(4)
+    parallel = lowbit.optimize(_llama(), lowbit.Recipe(**options), calibration=feeds)
+    result = lowbit.optimize(_llama(), lowbit.Recipe(**options, calibration_mode="sequential"), calibration=feeds)
+    details = {p.name: p.details for p in result.report.passes}
+    assert details["CaptureCalibrationPass"]["activations"] == 0
+    assert details["CaptureCalibrationPass"]["diagonals_only"] == 4 * 2
+    assert details["QuantizeWeightsPass"]["calibration"]["mode"] == "sequential"
+    expected, got = _initializers(parallel.model), _initializers(result.model)
+    outliers = [name for name in expected if name.endswith((".outlier_rows", ".outlier_values", ".outlier_pointers"))]
+    assert len(outliers) == 3 * 14
+    for name in outliers:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
 @pytest.mark.slow
 def test_a_budget_with_a_layer_weight_the_sensitivity_cannot_measure_is_calibrated_whole(monkeypatch):
     from lowbit.passes import sensitivity

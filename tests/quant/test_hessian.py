@@ -174,3 +174,35 @@ def test_mirror_copies_the_upper_triangle_onto_the_lower(channels, order):
     upper = np.triu(matrix)
     hessian._mirror_upper_triangle(matrix)
     np.testing.assert_array_equal(matrix, upper + np.triu(upper, 1).T)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    data=hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 40), st.integers(1, 6)),
+        elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=False),
+    ),
+    cuts=st.lists(st.integers(0, 40), max_size=6),
+)
+def test_a_diagonal_only_accumulator_sums_the_exact_squares_and_keeps_no_matrix(data, cuts):
+    """``diagonal_only``: ``diag(H)`` is the float64 sum of the float32 activations' exact squares, whatever the
+    chunking (to float64 round-off), with the magnitudes of a full accumulator and no ``[K, K]`` matrix."""
+    full, diagonal = HessianAccumulator(data.shape[1]), HessianAccumulator(data.shape[1], diagonal_only=True)
+    for chunk in np.split(data, sorted(cut % (len(data) + 1) for cut in cuts)):
+        full.update(chunk)
+        diagonal.update(chunk)
+    exact = data.astype(np.float64)
+    np.testing.assert_allclose(diagonal.diagonal, (exact**2).sum(axis=0), rtol=1e-13, atol=1e-300)
+    np.testing.assert_allclose(full.diagonal, diagonal.diagonal, rtol=1e-5, atol=1e-6 * float((exact**2).max()))
+    np.testing.assert_array_equal(diagonal.abs_max, full.abs_max)
+    np.testing.assert_array_equal(diagonal.abs_sum, full.abs_sum)
+    assert diagonal.tokens == full.tokens and diagonal._matrix is None and diagonal._pending is None
+
+
+def test_a_diagonal_only_accumulator_refuses_to_give_h():
+    accumulator = HessianAccumulator(3, diagonal_only=True)
+    accumulator.update(np.array([[1.0, -2.0, 3.0]], np.float32))
+    np.testing.assert_array_equal(accumulator.diagonal, [1.0, 4.0, 9.0])
+    with pytest.raises(ValueError, match=r"only the diagonal of H was collected for these 3 channels"):
+        _ = accumulator.hessian

@@ -30,6 +30,23 @@ def test_statistics_equal_numpy_on_every_weight_input():
     np.testing.assert_allclose(stats.by_activation["act_out"].hessian, hidden.T @ hidden, rtol=1e-5)
 
 
+def test_diagonals_are_collected_for_the_activations_not_asked_for_whole():
+    """``only`` gets a full H, ``diagonals`` (less those) ``diag(H)`` only: the model's weights fed to the session,
+    so the activations may differ from a session holding them in the last bits only."""
+    model = factories.mlp()
+    batches = [factories.feeds_for(model, seed=seed) for seed in range(3)]
+    whole = collect(model, batches)
+    mixed = collect(model, batches, only={"x"}, diagonals={"x", "act_out"})
+    diagonal = collect(model, batches, only=set(), diagonals={"x", "act_out"})
+    assert not mixed.by_activation["x"].diagonal_only and mixed.by_activation["act_out"].diagonal_only
+    np.testing.assert_array_equal(mixed.by_activation["x"].hessian, whole.by_activation["x"].hessian)
+    for stats in (mixed, diagonal):
+        for name, accumulator in stats.by_activation.items():
+            expected = np.diagonal(whole.by_activation[name].hessian)
+            np.testing.assert_allclose(accumulator.diagonal, expected, rtol=1e-5)
+            assert accumulator.tokens == whole.by_activation[name].tokens
+
+
 def test_weights_reading_the_same_input_share_one_hessian():
     model = factories.shared_weight()
     stats = collect(model, [factories.feeds_for(model)])

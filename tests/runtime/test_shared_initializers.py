@@ -171,3 +171,28 @@ def test_a_session_feeding_weights_keeps_a_type_numpy_cannot_feed_as_an_initiali
     assert "w" not in session.weights and session.input_names == ["x"]
     feeds = {"x": rng.standard_normal((2, 64)).astype(np.float32)}
     np.testing.assert_allclose(session.run(["y"], feeds)[0], feeds["x"] @ w.astype(np.float32), rtol=1e-5, atol=1e-5)
+
+
+COLLECT_MEMORY = """
+from lowbit.runtime.calibration import collect
+
+mib = 160
+model, _ = chain(mib)
+inputs = {"x", *(f"mm{i}_out" for i in range(mib - 1))}  # every MatMul's input
+feeds = [{"x": np.ones((1, 512), np.float32)}] * 2
+before = status_mib("VmRSS")
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")
+stats = collect(model, feeds, only=set(), diagonals=inputs) if DIAGONALS else collect(model, feeds)
+assert len(stats.by_activation) == mib
+print((status_mib("VmHWM") - before) / mib)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads and resets /proc/self/status's peak")
+def test_collecting_diagonals_only_neither_copies_the_weights_nor_keeps_a_matrix():
+    """A calibration that collects only ``diag(H)`` (what the outlier ranking reads before a layer sweep) grows by a
+    small fraction of the weights; one with a full H per weight grows by more than the weights (H is 2 MiB per 1 MiB
+    weight here, of which the updates touch the upper triangle)."""
+    assert grown_per_weight_mib("DIAGONALS = True\n" + COLLECT_MEMORY) < 0.15
+    assert grown_per_weight_mib("DIAGONALS = False\n" + COLLECT_MEMORY) > 1.0
