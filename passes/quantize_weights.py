@@ -154,8 +154,8 @@ class QuantizeWeightsPass(LowbitPass):
         if plans:  # refuse before changing anything when the storage opset cannot hold the model
             check_convertible(model, builders.required_opset(min(self._widths)))
             kl_budget = self.budget is not None and self.budget.sensitivity == "kl"
-            if self._runs_subgraphs or self.calibration_mode == "sequential" or kl_budget:
-                _infer_missing_types(model)  # the selectors, the sweep and the budget's sensitivity cut subgraphs
+            if self._runs_subgraphs or self.calibration_mode == "sequential" or self._by_layer or kl_budget:
+                _infer_missing_types(model)  # the selectors, the sweeps and the budget's sensitivity cut subgraphs
         budget = None
         samples = statistics.samples if statistics is not None else []
         if self.budget is not None and plans:

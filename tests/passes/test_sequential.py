@@ -776,3 +776,22 @@ def test_kl_budget_on_a_graph_without_value_types_cuts_it_between_layers():
     assert result.report.budget["bytes"] <= result.report.budget["limit_bytes"]
     assert "sensitivity_whole_model" not in result.report.budget  # the runs started at each weight's layer
     assert all(r.width_options[str(r.bits)]["sensitivity"] >= 0 for r in result.report.weights if r.width_options)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outlier_fraction", [0.0, 0.02])
+def test_by_layer_calibration_of_a_graph_without_value_types(outlier_fraction):
+    """The layer sweep cuts subgraphs at typed values: a file without value types gets them first, whatever the
+    selector (found by the fuzzer: AdaDim with the matrix selector, whose choice runs no subgraph, failed in ONNX's
+    extractor on an untyped value)."""
+    model = _llama(2)
+    for node in model.graph:
+        for output in node.outputs:
+            if not output.is_graph_output():
+                output.type, output.shape = None, None
+    recipe = lowbit.Recipe(
+        bits=3, group_size=16, method="gptq", axis="adadim", selector="matrix", outlier_fraction=outlier_fraction
+    )
+    result = lowbit.optimize(model, recipe, calibration=_feeds(2))
+    check_valid(result.model)
+    assert {p.name: p.details for p in result.report.passes}["QuantizeWeightsPass"]["calibration"]["layers"] == 2
