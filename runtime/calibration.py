@@ -97,7 +97,7 @@ def _session_with_outputs(
     ONNX Runtime would otherwise run for nothing. Its threads sleep between runs (``threads.NO_SPINNING``),
     leaving the cores to the statistics. ``feed_weights``: the weights are inputs fed the model's arrays
     (``session_feeding_weights``: no copy of them in the session, none prepacked, so the activations may differ in
-    the last bits from those of a session holding them, as the layer sweep's do)."""
+    the last bits from those of a session that holds them, as the layer sweep's sessions do)."""
     proto, memory = proto_sharing_initializers(model)
     existing = {output.name: output for output in proto.graph.output}
     outputs = [existing[name] if name in existing else onnx.ValueInfoProto(name=name) for name in names]
