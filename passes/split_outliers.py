@@ -117,7 +117,7 @@ class SplitOutliersPass(LowbitPass):
                 f"{opset}; convert it first (onnxscript.version_converter)"
             )
         writer = _BranchWriter(model.graph)
-        reads_statistics = statistics is not None and (self.split or self.criterion == "sensitivity")
+        reads_statistics = statistics is not None and (self.split or self.needs_calibration)
         for uses in tqdm(targets, desc="split outliers", unit="weight", leave=False):
             self._rewrite(writer, uses, statistics.for_use(uses[0]) if reads_statistics else None)
         sparse_records, split_records = self._records["outliers"], self._records["split"]
@@ -137,7 +137,7 @@ class SplitOutliersPass(LowbitPass):
 
     def ranked_inputs(self, graph: ir.Graph) -> set[str]:
         """The activations whose ``diag(H)`` the sensitivity ranking reads: the inputs of the weights it splits."""
-        if self.outlier_fraction == 0 or self.criterion != "sensitivity":
+        if not self.needs_calibration:
             return set()
         return {uses[0].node.inputs[0].name for uses in self._targets(graph)[0]}
 

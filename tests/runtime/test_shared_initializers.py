@@ -61,6 +61,12 @@ def status_mib(key):
     with open("/proc/self/status", encoding="ascii") as status:
         return next(int(line.split()[1]) / 1024 for line in status if line.startswith(key + ":"))
 
+def start_peak():  # VmRSS now; the peak (VmHWM) counts from here on
+    before = status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return before
+
 def chain(mib):
     x = factories.graph_input("x", [1, 512])
     nodes, weights, value = [], [], x
@@ -140,9 +146,7 @@ from lowbit.runtime.session import session_feeding_weights
 mib = 160  # the session and its run add about 12 MiB whatever the weights: enough weights to tell a copy from that
 model, output = chain(mib)
 proto, memory = proto_sharing_initializers(model)
-before = status_mib("VmRSS")
-with open("/proc/self/clear_refs", "w") as refs:
-    refs.write("5")  # the peak (VmHWM) from here on
+before = start_peak()
 session = session_feeding_weights(proto, {}, memory_files=memory)
 session.run([output], {"x": np.ones((1, 512), np.float32)})
 print((status_mib("VmHWM") - before) / mib)
@@ -180,9 +184,7 @@ mib = 160
 model, _ = chain(mib)
 inputs = {"x", *(f"mm{i}_out" for i in range(mib - 1))}  # every MatMul's input
 feeds = [{"x": np.ones((1, 512), np.float32)}] * 2
-before = status_mib("VmRSS")
-with open("/proc/self/clear_refs", "w") as refs:
-    refs.write("5")
+before = start_peak()
 stats = collect(model, feeds, only=set(), diagonals=inputs) if DIAGONALS else collect(model, feeds)
 assert len(stats.by_activation) == mib
 print((status_mib("VmHWM") - before) / mib)
