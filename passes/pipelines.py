@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import time
@@ -44,12 +45,13 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     ``fold_norms`` adds FoldNormScalesPass before calibration, ``rotate`` adds it and RotateResidualPass;
     ``reorder`` (a criterion of ReorderChannelsPass: ``"absmax"`` or ``"hessian"``; needs calibration) adds it
     after calibration.
-    With calibration feeds (not statistics), in parallel mode without reordering or layer splitting, the
+    With calibration feeds (not statistics), in parallel mode without layer splitting, the
     decoder layers are calibrated, quantized and written one layer at a time on the float model
     (``QuantizeWeightsPass(calibrate_by_layer=True)``: the same statistics, one layer's Hessians in memory at a
     time; under a budget the layers are swept once to measure every width and once to write the chosen ones);
-    the calibration pass keeps the feeds and collects only the other weights' statistics, and where outliers are
-    ranked by sensitivity the diagonal of every layer weight's H (the sweep then runs on the split model).
+    the calibration pass keeps the feeds and collects only the other weights' statistics, and the diagonal of H
+    (with abs-max) of the layer weights' inputs that outliers ranked by sensitivity or a channel sort read (the
+    sweep then runs on the split, permuted model).
     ``calibration_mode="sequential"``: decoder layers quantized one after another on statistics of the
     partially-quantized model (``lowbit.passes.sequential``); the calibration pass then keeps the feeds and,
     unless reordering or outliers read them, collects only the statistics the sweep does not measure
@@ -68,10 +70,10 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     sequential = recipe.calibration_mode == "sequential"
     splits = recipe.outlier_fraction > 0 or recipe.split
     owns_statistics = calibration is not None and not isinstance(calibration, CalibrationStats)
-    # Reordering and the layer split read every weight's statistics before quantization; else the decoder layers
-    # are calibrated as they are quantized (sequentially, or layer by layer on the float model), and outliers are
-    # ranked on diag(H) alone.
-    by_layer = owns_statistics and recipe.reorder is None and not recipe.split
+    # The layer split reads every weight's full statistics before quantization; else the decoder layers are
+    # calibrated as they are quantized (sequentially, or layer by layer on the float model), and outliers are
+    # ranked, channels sorted, on diag(H) and abs-max alone.
+    by_layer = owns_statistics and not recipe.split
     calibrate_by_layer = by_layer and not sequential
     quantize = QuantizeWeightsPass(
         scheme,
@@ -103,13 +105,15 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
                 include_lm_head=recipe.include_lm_head,
             )
         ]
+    reorder_channels = [ReorderChannelsPass(recipe.reorder)] if recipe.reorder is not None else []
+    rankers = [*reorder_channels, *outliers]  # they read diag(H) or abs-max of layer weights' inputs before the sweep
     calibrate = (
         [
             CaptureCalibrationPass(
                 calibration,
                 keep_feeds=sequential or calibrate_by_layer,
                 activations=activations,
-                diagonals=outliers[0].ranked_inputs if sweeps and outliers else None,
+                diagonals=functools.partial(_ranked_inputs, rankers) if sweeps and rankers else None,
             )
         ]
         if calibration is not None
@@ -118,7 +122,6 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     fuse = [FuseQDQPass(int8_activations=recipe.int8_activations)] if recipe.fused else []
     fold_norm_scales = [FoldNormScalesPass()] if recipe.fold_norms or recipe.rotate else []
     rotate_residual = [RotateResidualPass()] if recipe.rotate else []
-    reorder_channels = [ReorderChannelsPass(recipe.reorder)] if recipe.reorder is not None else []
     return [
         FoldWeightsPass(),
         *fold_norm_scales,
@@ -130,6 +133,11 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
         *fuse,
         CleanupPass(),
     ]
+
+
+def _ranked_inputs(rankers: list[LowbitPass], graph: ir.Graph) -> set[str]:
+    """The activations whose ``diag(H)`` and abs-max any of ``rankers`` reads."""
+    return set().union(*(ranker.ranked_inputs(graph) for ranker in rankers))
 
 
 #: The outlier setting kept on in ``outlier_pipeline``: the one that paid for its bytes and time in the

@@ -218,23 +218,18 @@ class ReorderChannelsPass(LowbitPass):
     def calibration_use(self) -> str:
         return f"it sorts channels by their {self.criterion}"
 
+    def ranked_inputs(self, graph: ir.Graph) -> set[str]:
+        """The activations whose statistics the sort reads (abs-max and ``diag(H)`` only, never the full H): the
+        inputs of the weights whose permutation folds into their producers."""
+        return {component.x.name for component in self._components(graph)[0]}
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         statistics = calibration_of(model)
         # The permuted statistics belong to this model only: the caller's object may serve other models.
         statistics = dataclasses.replace(statistics, by_activation=dict(statistics.by_activation))
         set_calibration(model, statistics)
-        uses = analysis.weight_uses(model.graph)
-        producers = {use.node: use for use in uses if use.kind != "embedding"}
-        by_input: dict[ir.Value, list[analysis.WeightUse]] = {}
-        for use in uses:
-            if use.kind != "embedding":
-                by_input.setdefault(use.node.inputs[0], []).append(use)
-        reordered, skipped, components = [], [], []
-        for x, targets in by_input.items():
-            try:
-                components.append(self._trace(x, targets, producers))
-            except PermutationNotFoldable as reason:
-                skipped += [{"layer": use.layer, "weight": use.weight.name, "reason": str(reason)} for use in targets]
+        components, skipped = self._components(model.graph)
+        reordered = []
         for component in components:
             record = self._apply(model.graph, component, statistics)
             if record is not None:
@@ -277,6 +272,23 @@ class ReorderChannelsPass(LowbitPass):
             "moved": int(np.count_nonzero(q != np.arange(len(q)))),
             "constants": constants,
         }
+
+    def _components(self, graph: ir.Graph) -> tuple[list[Component], list[dict]]:
+        """Every weight input whose permutation provably folds into its producers, and a record per weight whose
+        permutation does not."""
+        uses = analysis.weight_uses(graph)
+        producers = {use.node: use for use in uses if use.kind != "embedding"}
+        by_input: dict[ir.Value, list[analysis.WeightUse]] = {}
+        for use in uses:
+            if use.kind != "embedding":
+                by_input.setdefault(use.node.inputs[0], []).append(use)
+        components, skipped = [], []
+        for x, targets in by_input.items():
+            try:
+                components.append(self._trace(x, targets, producers))
+            except PermutationNotFoldable as reason:
+                skipped += [{"layer": use.layer, "weight": use.weight.name, "reason": str(reason)} for use in targets]
+        return components, skipped
 
     @staticmethod
     def _fixed(use: analysis.WeightUse) -> str | None:

@@ -93,12 +93,16 @@ def position_permutation(channel: np.ndarray, slice_: np.ndarray, permutation: n
 
 
 def permute_statistics(statistics: HessianAccumulator, q: np.ndarray) -> HessianAccumulator:
-    """The statistics of ``x[..., q]`` from those of ``x``: ``H[q][:, q]``, ``abs_max[q]``, ``abs_sum[q]``."""
+    """The statistics of ``x[..., q]`` from those of ``x``: ``H[q][:, q]`` (or ``diag(H)[q]`` where only the
+    diagonal was collected), ``abs_max[q]``, ``abs_sum[q]``."""
     q = np.asarray(q)
     if sorted(q.tolist()) != list(range(statistics.channels)):
         raise ValueError(f"q must be a permutation of range({statistics.channels})")
-    result = HessianAccumulator(statistics.channels)
-    result.hessian = statistics.hessian[np.ix_(q, q)]
+    result = HessianAccumulator(statistics.channels, diagonal_only=statistics.diagonal_only)
+    if statistics.diagonal_only:
+        result.diagonal[:] = statistics.diagonal[q]  # the accumulator's own square sums
+    else:
+        result.hessian = statistics.hessian[np.ix_(q, q)]
     result.abs_max = statistics.abs_max[q]
     result.abs_sum = statistics.abs_sum[q]
     result.tokens = statistics.tokens

@@ -539,6 +539,45 @@ def test_outliers_ranked_on_diagonals_then_calibrated_by_layer_equal_the_whole_m
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("criterion", "outlier_fraction"), [("absmax", 0.0), ("hessian", 0.0), ("absmax", 0.02)])
+def test_channels_sorted_on_diagonals_then_calibrated_by_layer_equal_the_whole_model(criterion, outlier_fraction):
+    """Sorting channels reads abs-max or ``diag(H)`` only: the calibration pass collects those of the sorted weights'
+    inputs (o_proj's, down_proj's; with outliers also the others), the pass permutes the model, and the layers are
+    swept on the permuted model. The file equals the one made on the whole float model's permuted statistics: the
+    same permutations, codes and zero points, the scales to float32 round-off."""
+    recipe = lowbit.Recipe(
+        bits=3,
+        group_size=16,
+        method="gptq",
+        axis="adadim",
+        clip_search=True,
+        reorder=criterion,
+        outlier_fraction=outlier_fraction,
+        outlier_criterion="sensitivity",
+    )
+    feeds = _feeds(6)
+    whole = lowbit.optimize(_llama(), recipe, calibration=collect(_llama(), feeds, keep_samples=4))
+    by_layer = lowbit.optimize(_llama(), recipe, calibration=feeds)
+    check_valid(by_layer.model)
+    details = {p.name: p.details for p in by_layer.report.passes}
+    assert details["CaptureCalibrationPass"]["activations"] == 0
+    assert details["CaptureCalibrationPass"]["diagonals_only"] == (4 if outlier_fraction else 2) * 2
+    assert details["ReorderChannelsPass"]["reordered_weights"] == 2 * 2
+    assert (
+        details["ReorderChannelsPass"]["reordered"]
+        == {p.name: p.details for p in whole.report.passes}["ReorderChannelsPass"]["reordered"]
+    )
+    assert details["QuantizeWeightsPass"]["calibration"]["layers"] == 2
+    expected, got = _initializers(whole.model), _initializers(by_layer.model)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        if name.endswith(".scales"):
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sensitivity", ["output", "kl"])
 def test_a_budget_with_outliers_is_measured_and_written_by_layer(sensitivity):
     """Under a budget the two sweeps run on the split model: the widths fit the budget as calibrated whole, with the
