@@ -187,10 +187,12 @@ class OutputSensitivity:
             self._energy += float(np.square(values.pop(self.output), dtype=np.float64).sum())
             self._float_stream.append(values)
         #: The rest of the model from one cut: (cut index, session, its float outputs as the measure compares them:
-        #: arrays, or ``_Distribution`` for ``kl``).
-        self._suffix: tuple[int | None, WeightFedSession, list] | None = None
+        #: arrays, or ``_Distribution`` for ``kl``; and their ``(shape, dtype)``).
+        self._suffix: tuple[int | None, WeightFedSession, list, list] | None = None
         #: The cut values under the last ``context`` (a shallow copy of it, the values per sample).
         self._context_stream: tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]] | None = None
+        #: The output of the last candidate run (``_run_into_buffer``).
+        self._buffer: np.ndarray | None = None
 
     def _session(self, proto: onnx.ModelProto) -> WeightFedSession:
         """A session on ``proto`` (consumed) whose weights are graph inputs fed the model's arrays (no copy of them
@@ -201,9 +203,10 @@ class OutputSensitivity:
             proto, self._data_dirs, options, memory_files=self._memory_files, also=self.names
         )
 
-    def _session_from(self, start: int | None) -> tuple[WeightFedSession, list]:
-        """The session that runs from cut ``start`` (None: the whole model) and its float outputs (computed by that
-        session, kept while it is the current one) in the form the measure compares (``_Distribution`` for ``kl``)."""
+    def _session_from(self, start: int | None) -> tuple[WeightFedSession, list, list]:
+        """The session that runs from cut ``start`` (None: the whole model), its float outputs (computed by that
+        session, kept while it is the current one) in the form the measure compares (``_Distribution`` for ``kl``),
+        and their ``(shape, dtype)``."""
         if self._suffix is None or self._suffix[0] != start:
             self._suffix = None  # one rest-of-model session at a time
             if start is None:
@@ -213,13 +216,22 @@ class OutputSensitivity:
                 session = self._session(self._extractor.extract_model([*self.session.input_names, *cut], [self.output]))
                 streams = self._float_stream
             reference = [self._run(session, {}, sample, stream) for sample, stream in zip(self.samples, streams)]
+            layouts = [(output.shape, output.dtype) for output in reference]
             if self.measure == "kl":
                 reference = [_Distribution(output) for output in reference]
-            self._suffix = (start, session, reference)
+            self._suffix = (start, session, reference, layouts)
         return self._suffix[1:]
 
     def _run(self, session: WeightFedSession, weights, sample, stream) -> np.ndarray:
         return np.asarray(session.run([self.output], {**sample, **stream, **weights})[0])
+
+    def _run_into_buffer(self, session: WeightFedSession, weights, sample, stream, layout) -> np.ndarray:
+        """``_run`` into one output buffer kept for all runs (each candidate's output is read once, then the next
+        run writes over it); ``layout``: the float output's ``(shape, dtype)``."""
+        if self._buffer is None or (self._buffer.shape, self._buffer.dtype) != layout:
+            self._buffer = None  # let the old one go first
+            self._buffer = np.empty(*layout)
+        return session.run_into(self.output, {**sample, **stream, **weights}, self._buffer)
 
     def _stream(self, context: dict[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
         """Every sample's cut values with the weights as ``context`` sets them (None: float); computed again when
@@ -237,12 +249,12 @@ class OutputSensitivity:
         """The output's error with measured weight ``position``'s weight replaced by ``weight`` (``[K, N]``), the
         others float, or as ``context`` (``contexts``: feeds by weight name) gives them."""
         start = self.start_layers[position]
-        session, reference = self._session_from(start)
+        session, reference, layouts = self._session_from(start)
         streams = self._stream(context) if start is not None else [{} for _ in self.samples]
         feed = {**(context or {}), self.names[position]: np.ascontiguousarray(weight, dtype=self.dtypes[position])}
         total = 0.0
         for index, (sample, stream) in enumerate(zip(self.samples, streams)):
-            output = self._run(session, feed, sample, stream)
+            output = self._run_into_buffer(session, feed, sample, stream, layouts[index])
             if self.measure == "kl":
                 total += reference[index].kl(output) / len(self.samples)
             else:

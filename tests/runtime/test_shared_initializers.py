@@ -128,6 +128,23 @@ def test_a_session_feeding_weights_reads_the_models_arrays_and_a_feed_replaces_t
     assert session.run(["y"], feeds)[0].tolist() == fed[0].tolist()  # the replacement lasted one run
 
 
+def test_running_into_a_buffer_writes_the_output_there_bit_for_bit():
+    """``run_into`` gives ``run``'s output, in the caller's array (no output allocated per run), with the feeds and
+    weight replacements ``run`` takes; a weight fed once stays replaced for that run only."""
+    model = factories.mlp()
+    feeds = factories.feeds_for(model)
+    proto, memory = proto_sharing_initializers(model)
+    session = session_feeding_weights(proto, {}, memory_files=memory, also=["b2"])
+    expected = session.run(["y"], feeds)[0]
+    out = np.full_like(expected, np.nan)
+    assert session.run_into("y", {**feeds, "unused": np.zeros(1)}, out) is out
+    np.testing.assert_array_equal(out, expected)
+    w2 = model.graph.initializers["w2"].const_value.numpy()
+    replaced = {**feeds, "w2": np.asfortranarray(w2 * 0.5)}  # any memory order: fed as a contiguous array
+    np.testing.assert_array_equal(session.run_into("y", replaced, out), session.run(["y"], replaced)[0])
+    np.testing.assert_array_equal(session.run_into("y", feeds, out), expected)
+
+
 def test_a_session_feeding_weights_maps_a_models_data_file(tmp_path):
     model = factories.mlp()
     feeds = factories.feeds_for(model)
