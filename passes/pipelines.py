@@ -45,13 +45,14 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     ``fold_norms`` adds FoldNormScalesPass before calibration, ``rotate`` adds it and RotateResidualPass;
     ``reorder`` (a criterion of ReorderChannelsPass: ``"absmax"`` or ``"hessian"``; needs calibration) adds it
     after calibration.
-    With calibration feeds (not statistics), in parallel mode without layer splitting, the
+    With calibration feeds (not statistics), in parallel mode, the
     decoder layers are calibrated, quantized and written one layer at a time on the float model
     (``QuantizeWeightsPass(calibrate_by_layer=True)``: the same statistics, one layer's Hessians in memory at a
     time; under a budget the layers are swept once to measure every width and once to write the chosen ones);
     the calibration pass keeps the feeds and collects only the other weights' statistics, and the diagonal of H
     (with abs-max) of the layer weights' inputs that outliers ranked by sensitivity or a channel sort read (the
-    sweep then runs on the split, permuted model).
+    sweep then runs on the split, permuted model); the layer split sweeps the float model's layers for their
+    full H itself (SplitOutliersPass), one layer's at a time.
     ``calibration_mode="sequential"``: decoder layers quantized one after another on statistics of the
     partially-quantized model (``lowbit.passes.sequential``); the calibration pass then keeps the feeds and,
     unless reordering or outliers read them, collects only the statistics the sweep does not measure
@@ -70,10 +71,10 @@ def portable_pipeline(recipe: Recipe, *, calibration=None) -> list[LowbitPass]:
     sequential = recipe.calibration_mode == "sequential"
     splits = recipe.outlier_fraction > 0 or recipe.split
     owns_statistics = calibration is not None and not isinstance(calibration, CalibrationStats)
-    # The layer split reads every weight's full statistics before quantization; else the decoder layers are
-    # calibrated as they are quantized (sequentially, or layer by layer on the float model), and outliers are
-    # ranked, channels sorted, on diag(H) and abs-max alone.
-    by_layer = owns_statistics and not recipe.split
+    # The decoder layers are calibrated as they are quantized (sequentially, or layer by layer on the float model);
+    # outliers are ranked, channels sorted, on diag(H) and abs-max alone, and the layer split sweeps the layers for
+    # their full H itself.
+    by_layer = owns_statistics
     calibrate_by_layer = by_layer and not sequential
     quantize = QuantizeWeightsPass(
         scheme,

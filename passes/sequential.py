@@ -190,10 +190,10 @@ class LayerSweep:
                 self.seconds["quantization"] = behind.waited
 
     def _let_go(self, layer: Layer, locations: Mapping[str, str | None]) -> None:
-        """Drop the float arrays of the layer's weights that the caller wrote (no later session reads them)."""
-        for weight in {id(self.plans[i].first.weight): self.plans[i].first.weight for i in layer.indices}.values():
-            if not weight.uses():
-                self.memory_files.pop(locations.get(weight.name), None)
+        """Drop the sweep's references to the float arrays of the layer's weights (no later session reads them):
+        an array the caller replaced (a written weight, a split one's new value) is then freed."""
+        for index in layer.indices:
+            self.memory_files.pop(locations.get(self.plans[index].first.weight.name), None)
         release_free_memory()
 
     def _prefix(self, extractor: onnx.utils.Extractor) -> list[dict[str, np.ndarray]]:

@@ -51,11 +51,13 @@ from tqdm.auto import tqdm
 from lowbit.ir import analysis
 from lowbit.ir.builders import NameAllocator, fresh_name
 from lowbit.kernels.model import OUTLIER_TYPES
+from lowbit.passes import sequential
+from lowbit.passes.axis_selectors import WeightPlan
 from lowbit.passes.base import LowbitPass
 from lowbit.passes.quant import outliers
 from lowbit.passes.quant.hessian import HessianAccumulator
 from lowbit.passes.quant.scheme import QuantScheme
-from lowbit.runtime.calibration import calibration_of
+from lowbit.runtime.calibration import calibration_of, collect
 
 #: CumSum appeared in opset 11.
 MIN_OPSET = 11
@@ -118,8 +120,17 @@ class SplitOutliersPass(LowbitPass):
             )
         writer = _BranchWriter(model.graph)
         reads_statistics = statistics is not None and (self.split or self.needs_calibration)
+        swept = [
+            uses
+            for uses in targets
+            if reads_statistics and self._sweeps(statistics.by_activation.get(uses[0].node.inputs[0].name))
+        ]
+        by_layer = self._rewrite_by_layer(model, writer, swept, statistics) if swept else None
+        swept_ids = {id(uses[0].weight) for uses in swept}
         for uses in tqdm(targets, desc="split outliers", unit="weight", leave=False):
-            self._rewrite(writer, uses, statistics.for_use(uses[0]) if reads_statistics else None)
+            if id(uses[0].weight) not in swept_ids:
+                accumulator = statistics.for_use(uses[0]) if reads_statistics else None
+                self._rewrite(writer, uses, *self._statistics_read(accumulator))
         sparse_records, split_records = self._records["outliers"], self._records["split"]
         self.details = {
             "outlier_fraction": self.outlier_fraction,
@@ -131,15 +142,67 @@ class SplitOutliersPass(LowbitPass):
             "split_bytes": writer.split_bytes,
             "split_min_gain": self.split_min_gain,
             "nodes_added": writer.nodes_added,
+            **({"calibration_by_layer": by_layer} if by_layer else {}),
             **self._records,
         }
         return ir.passes.PassResult(model, modified=writer.nodes_added > 0)
 
     def ranked_inputs(self, graph: ir.Graph) -> set[str]:
         """The activations whose ``diag(H)`` the sensitivity ranking reads: the inputs of the weights it splits."""
-        if not self.needs_calibration:
+        if not self.needs_calibration or self.split:  # the layer split gets full Hessians, diagonals included
             return set()
         return {uses[0].node.inputs[0].name for uses in self._targets(graph)[0]}
+
+    def _sweeps(self, accumulator: HessianAccumulator | None) -> bool:
+        """Whether a weight's Hessian comes from this pass's own layer sweep: the layer split reads the full H,
+        and the calibration pass left it to the sweep (only the diagonal, or nothing, was collected)."""
+        return self.split and (accumulator is None or accumulator.diagonal_only)
+
+    def _statistics_read(self, accumulator: HessianAccumulator | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(H, diag(H))`` as far as this pass reads them (the split reads H, the sensitivity ranking the diagonal)."""
+        if accumulator is None:
+            return None, None
+        return (
+            accumulator.hessian if self.split else None,
+            accumulator.diagonal if self.needs_calibration else None,
+        )
+
+    def _rewrite_by_layer(
+        self, model: ir.Model, writer: _BranchWriter, targets: list[list[analysis.WeightUse]], statistics
+    ) -> dict:
+        """Split the decoder layers' weights one layer at a time on the float model's Hessians
+        (``sequential.LayerSweep``, float stream: those of the whole model, one layer's alive at a time); weights
+        outside the layers, or all of them where the layers' inputs would outgrow the limit, on Hessians of the
+        whole model collected for them here. Returns what the report says of it."""
+        if statistics.feeds is None:
+            raise ValueError("the layer split reads every weight's full H: pass calibration feeds, or full statistics")
+        plans = [WeightPlan(uses, self._weight_kn(uses[0]), None) for uses in targets]
+        layers, rest = sequential.group_layers(plans)
+        rewritten = 0
+
+        def split_layer(layer: sequential.Layer, step: sequential.LayerStep) -> dict[str, np.ndarray]:
+            nonlocal rewritten
+            for index in layer.indices:
+                hessian, plans[index].hessian = plans[index].hessian, None  # one layer's Hessians alive at a time
+                self._rewrite(writer, plans[index].uses, hessian, np.diagonal(hessian).copy())
+                rewritten += 1
+            return {}
+
+        details = {"layers": len(layers), "refused": None}
+        try:
+            if layers:
+                sequential.LayerSweep(model, plans, layers, statistics.feeds, stream="float").run(split_layer)
+        except sequential.StreamTooLarge as error:
+            if rewritten:  # a later layer's inputs grew: too late to go back
+                raise
+            details["refused"] = f"{error} (calibrated whole instead)"
+            rest = list(range(len(plans)))
+        if rest:
+            inputs = {plans[index].first.node.inputs[0].name for index in rest}
+            whole = collect(model, statistics.feeds, only=inputs, keep_samples=0)
+            for index in rest:
+                self._rewrite(writer, plans[index].uses, *self._statistics_read(whole.for_use(plans[index].first)))
+        return details
 
     def _targets(self, graph: ir.Graph) -> tuple[list[list[analysis.WeightUse]], list[dict]]:
         """The uses of every weight to rewrite, grouped by weight, and a record of each weight left alone."""
@@ -174,16 +237,24 @@ class SplitOutliersPass(LowbitPass):
             return f"dense-and-sparse needs a float32 weight, this one is {first.weight.dtype.name}"
         return None
 
+    @staticmethod
+    def _weight_kn(first: analysis.WeightUse) -> np.ndarray:
+        """The weight as ``[K, N]`` float32."""
+        weight = np.asarray(analysis.weight_value_array(first), dtype=np.float32)
+        return analysis.gemm_weight_kn(first.node, weight) if first.node.op_type == "Gemm" else weight
+
     def _rewrite(
-        self, writer: _BranchWriter, uses: list[analysis.WeightUse], accumulator: HessianAccumulator | None
+        self,
+        writer: _BranchWriter,
+        uses: list[analysis.WeightUse],
+        hessian: np.ndarray | None,
+        diagonal: np.ndarray | None,
     ) -> None:
-        """Split one weight: its outliers ranked on ``accumulator.diagonal`` (sensitivity criterion), its clusters
-        judged on ``accumulator.hessian`` (the layer split)."""
+        """Split one weight: its outliers ranked on ``diagonal`` (``diag(H)``, sensitivity criterion), its clusters
+        judged on ``hessian`` (the layer split)."""
         first = uses[0]
         name, layer = first.weight.name or "", first.layer
-        weight = np.asarray(analysis.weight_value_array(first), dtype=np.float32)
-        if first.node.op_type == "Gemm":
-            weight = analysis.gemm_weight_kn(first.node, weight)
+        weight = self._weight_kn(first)
         if not np.isfinite(weight).all():
             raise ValueError(f"weight {name!r} of {layer!r} contains NaN or Inf; fix the model before quantizing")
         if self.outlier_fraction > 0 and first.weight.dtype != ir.DataType.FLOAT:
@@ -193,11 +264,10 @@ class SplitOutliersPass(LowbitPass):
             )
         remaining, sparse = weight, None
         if self.outlier_fraction > 0:
-            diagonal = accumulator.diagonal if accumulator is not None and self.criterion == "sensitivity" else None
-            scores = outliers.outlier_scores(weight, self.criterion, diagonal)
+            scores = outliers.outlier_scores(weight, self.criterion, diagonal if self.needs_calibration else None)
             remaining, sparse = outliers.split_dense_sparse(weight, scores, self.outlier_fraction)
         if self.split:
-            parts = self._split(name, layer, remaining, accumulator.hessian if accumulator is not None else None)
+            parts = self._split(name, layer, remaining, hessian)
         else:
             parts = [remaining]
         if (sparse is None or sparse.nnz == 0) and len(parts) == 1:
