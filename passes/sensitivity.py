@@ -191,8 +191,6 @@ class OutputSensitivity:
         self._suffix: tuple[int | None, WeightFedSession, list, list] | None = None
         #: The cut values under the last ``context`` (a shallow copy of it, the values per sample).
         self._context_stream: tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]] | None = None
-        #: The output of the last candidate run (``_run_into_buffer``).
-        self._buffer: np.ndarray | None = None
 
     def _session(self, proto: onnx.ModelProto) -> WeightFedSession:
         """A session on ``proto`` (consumed) whose weights are graph inputs fed the model's arrays (no copy of them
@@ -225,14 +223,6 @@ class OutputSensitivity:
     def _run(self, session: WeightFedSession, weights, sample, stream) -> np.ndarray:
         return np.asarray(session.run([self.output], {**sample, **stream, **weights})[0])
 
-    def _run_into_buffer(self, session: WeightFedSession, weights, sample, stream, layout) -> np.ndarray:
-        """``_run`` into one output buffer kept for all runs (each candidate's output is read once, then the next
-        run writes over it); ``layout``: the float output's ``(shape, dtype)``."""
-        if self._buffer is None or (self._buffer.shape, self._buffer.dtype) != layout:
-            self._buffer = None  # let the old one go first
-            self._buffer = np.empty(*layout)
-        return session.run_into(self.output, {**sample, **stream, **weights}, self._buffer)
-
     def _stream(self, context: dict[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
         """Every sample's cut values with the weights as ``context`` sets them (None: float); computed again when
         the context holds other arrays than the last one (the same arrays are taken to hold the same values)."""
@@ -252,9 +242,14 @@ class OutputSensitivity:
         session, reference, layouts = self._session_from(start)
         streams = self._stream(context) if start is not None else [{} for _ in self.samples]
         feed = {**(context or {}), self.names[position]: np.ascontiguousarray(weight, dtype=self.dtypes[position])}
-        total = 0.0
+        total, output = 0.0, None
         for index, (sample, stream) in enumerate(zip(self.samples, streams)):
-            output = self._run_into_buffer(session, feed, sample, stream, layouts[index])
+            # ONNX Runtime writes each sample's output into one buffer of this call (read once, then overwritten)
+            # instead of allocating it and handing over a copy; none is kept between calls
+            if output is None or (output.shape, output.dtype) != layouts[index]:
+                output = None
+                output = np.empty(*layouts[index])
+            session.run_into(self.output, {**sample, **stream, **feed}, output)
             if self.measure == "kl":
                 total += reference[index].kl(output) / len(self.samples)
             else:
