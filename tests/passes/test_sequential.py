@@ -499,6 +499,17 @@ def _initializers(model: ir.Model) -> dict[str, np.ndarray]:
     return {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
 
 
+def _assert_same_codes(whole: ir.Model, by_layer: ir.Model, scales_rtol: float) -> None:
+    """The same tensors, bit for bit but the scales (to ``scales_rtol``: float32 round-off in H)."""
+    expected, got = _initializers(whole), _initializers(by_layer)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        if name.endswith(".scales"):
+            np.testing.assert_allclose(got[name], expected[name], rtol=scales_rtol, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 def test_outliers_ranked_on_diagonals_then_calibrated_by_layer_equal_the_whole_model(fused):
@@ -518,10 +529,7 @@ def test_outliers_ranked_on_diagonals_then_calibrated_by_layer_equal_the_whole_m
         outlier_criterion="sensitivity",
         fused=fused,
     )
-    feeds = _feeds(6)
-    whole = lowbit.optimize(_llama(), recipe, calibration=collect(_llama(), feeds, keep_samples=4))
-    by_layer = lowbit.optimize(_llama(), recipe, calibration=feeds)
-    check_valid(by_layer.model)
+    whole, _, by_layer, _ = _whole_and_by_layer(recipe, _feeds(6))
     details = {p.name: p.details for p in by_layer.report.passes}
     assert details["CaptureCalibrationPass"]["activations"] == 0
     assert details["CaptureCalibrationPass"]["diagonals_only"] == 4 * 2  # the inputs of q/k/v, o, gate/up, down
@@ -555,10 +563,7 @@ def test_channels_sorted_on_diagonals_then_calibrated_by_layer_equal_the_whole_m
         outlier_fraction=outlier_fraction,
         outlier_criterion="sensitivity",
     )
-    feeds = _feeds(6)
-    whole = lowbit.optimize(_llama(), recipe, calibration=collect(_llama(), feeds, keep_samples=4))
-    by_layer = lowbit.optimize(_llama(), recipe, calibration=feeds)
-    check_valid(by_layer.model)
+    whole, _, by_layer, _ = _whole_and_by_layer(recipe, _feeds(6))
     details = {p.name: p.details for p in by_layer.report.passes}
     assert details["CaptureCalibrationPass"]["activations"] == 0
     assert details["CaptureCalibrationPass"]["diagonals_only"] == (4 if outlier_fraction else 2) * 2
@@ -568,13 +573,7 @@ def test_channels_sorted_on_diagonals_then_calibrated_by_layer_equal_the_whole_m
         == {p.name: p.details for p in whole.report.passes}["ReorderChannelsPass"]["reordered"]
     )
     assert details["QuantizeWeightsPass"]["calibration"]["layers"] == 2
-    expected, got = _initializers(whole.model), _initializers(by_layer.model)
-    assert got.keys() == expected.keys()
-    for name in expected:
-        if name.endswith(".scales"):
-            np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, err_msg=name)
-        else:
-            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    _assert_same_codes(whole.model, by_layer.model, scales_rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -595,10 +594,7 @@ def test_the_layer_split_sweeps_the_float_layers_then_calibrates_by_layer_equal_
         outlier_fraction=outlier_fraction,
         outlier_criterion="sensitivity",
     )
-    feeds = _feeds(6)
-    whole = lowbit.optimize(_llama(), recipe, calibration=collect(_llama(), feeds, keep_samples=4))
-    by_layer = lowbit.optimize(_llama(), recipe, calibration=feeds)
-    check_valid(by_layer.model)
+    whole, _, by_layer, _ = _whole_and_by_layer(recipe, _feeds(6))
     details = {p.name: p.details for p in by_layer.report.passes}
     expected_details = {p.name: p.details for p in whole.report.passes}["SplitOutliersPass"]
     assert details["CaptureCalibrationPass"]["activations"] == details["CaptureCalibrationPass"]["diagonals_only"] == 0
@@ -608,13 +604,7 @@ def test_the_layer_split_sweeps_the_float_layers_then_calibrates_by_layer_equal_
     assert details["SplitOutliersPass"]["weights_split"] > 0
     assert details["SplitOutliersPass"]["outliers"] == expected_details["outliers"]
     assert details["QuantizeWeightsPass"]["calibration"]["layers"] == 2
-    expected, got = _initializers(whole.model), _initializers(by_layer.model)
-    assert got.keys() == expected.keys()
-    for name in expected:
-        if name.endswith(".scales"):
-            np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, err_msg=name)
-        else:
-            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    _assert_same_codes(whole.model, by_layer.model, scales_rtol=1e-4)
 
 
 @pytest.mark.slow
