@@ -40,7 +40,6 @@ import functools
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 from lowbit.ir import analysis, builders
 from lowbit.passes import axis_selectors, sequential
@@ -155,7 +154,9 @@ class QuantizeWeightsPass(LowbitPass):
             check_convertible(model, builders.required_opset(min(self._widths)))
             kl_budget = self.budget is not None and self.budget.sensitivity == "kl"
             if self._runs_subgraphs or self.calibration_mode == "sequential" or self._by_layer or kl_budget:
-                _infer_missing_types(model)  # the selectors, the sweeps and the budget's sensitivity cut subgraphs
+                sequential.infer_missing_types(
+                    model
+                )  # the selectors, the sweeps and the budget's sensitivity cut subgraphs
         budget = None
         samples = statistics.samples if statistics is not None else []
         if self.budget is not None and plans:
@@ -501,14 +502,3 @@ class QuantizeWeightsPass(LowbitPass):
             if self.needs_calibration:
                 raise ValueError(error.args[0]) from error
             return None
-
-
-def _infer_missing_types(model: ir.Model) -> None:
-    """Fill in value types and shapes where the file carries none (ONNX shape inference), so that
-    subgraphs cut out of the model for the axis selectors have typed inputs and outputs."""
-    if all(output.type is not None for node in model.graph for output in node.outputs):
-        return
-    try:
-        ShapeInferencePass()(model)
-    except Exception as error:
-        raise ValueError(f"the model carries no value types and ONNX shape inference failed on it: {error}") from error

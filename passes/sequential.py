@@ -40,6 +40,7 @@ import numpy as np
 import onnx.utils
 import onnx_ir as ir
 import onnxruntime as ort
+from onnx_ir.passes.common import ShapeInferencePass
 from tqdm.auto import tqdm
 
 from lowbit.ir import analysis
@@ -295,6 +296,17 @@ def _float_subgraph(
         if own is not None and own.const_value is not None and not isinstance(own.const_value, ir.ExternalTensor):
             value.const_value = own.const_value
     return sub
+
+
+def infer_missing_types(model: ir.Model) -> None:
+    """Fill in value types and shapes where the file carries none (ONNX shape inference), so that
+    subgraphs cut out of the model (the layer sweeps', the axis selectors') have typed inputs and outputs."""
+    if all(output.type is not None for node in model.graph for output in node.outputs):
+        return
+    try:
+        ShapeInferencePass()(model)
+    except Exception as error:
+        raise ValueError(f"the model carries no value types and ONNX shape inference failed on it: {error}") from error
 
 
 def unsweepable(graph: ir.Graph, groups: list[list[analysis.WeightUse]]) -> str | None:

@@ -178,6 +178,8 @@ class SplitOutliersPass(LowbitPass):
             raise ValueError("the layer split reads every weight's full H: pass calibration feeds, or full statistics")
         plans = [WeightPlan(uses, self._weight_kn(uses[0]), None) for uses in targets]
         layers, rest = sequential.group_layers(plans)
+        if layers:
+            sequential.infer_missing_types(model)  # the sweep cuts the layers out as subgraphs
         rewritten = 0
 
         def split_layer(layer: sequential.Layer, step: sequential.LayerStep) -> dict[str, np.ndarray]:

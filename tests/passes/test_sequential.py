@@ -848,19 +848,28 @@ def test_kl_budget_on_a_graph_without_value_types_cuts_it_between_layers():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("outlier_fraction", [0.0, 0.02])
-def test_by_layer_calibration_of_a_graph_without_value_types(outlier_fraction):
-    """The layer sweep cuts subgraphs at typed values: a file without value types gets them first, whatever the
+@pytest.mark.parametrize(("outlier_fraction", "split"), [(0.0, False), (0.02, False), (0.0, True)])
+def test_by_layer_calibration_of_a_graph_without_value_types(outlier_fraction, split):
+    """The layer sweeps cut subgraphs at typed values: a file without value types gets them first, whatever the
     selector (found by the fuzzer: AdaDim with the matrix selector, whose choice runs no subgraph, failed in ONNX's
-    extractor on an untyped value)."""
+    extractor on an untyped value; then the layer split's own sweep, which runs before the quantizer's)."""
     model = _llama(2)
     for node in model.graph:
         for output in node.outputs:
             if not output.is_graph_output():
                 output.type, output.shape = None, None
     recipe = lowbit.Recipe(
-        bits=3, group_size=16, method="gptq", axis="adadim", selector="matrix", outlier_fraction=outlier_fraction
+        bits=3,
+        group_size=16,
+        method="gptq",
+        axis="adadim",
+        selector="matrix",
+        outlier_fraction=outlier_fraction,
+        split=split,
     )
     result = lowbit.optimize(model, recipe, calibration=_feeds(2))
     check_valid(result.model)
-    assert {p.name: p.details for p in result.report.passes}["QuantizeWeightsPass"]["calibration"]["layers"] == 2
+    details = {p.name: p.details for p in result.report.passes}
+    assert details["QuantizeWeightsPass"]["calibration"]["layers"] == 2
+    if split:
+        assert details["SplitOutliersPass"]["calibration_by_layer"] == {"layers": 2, "refused": None}
