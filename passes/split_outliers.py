@@ -185,7 +185,8 @@ class SplitOutliersPass(LowbitPass):
         def split_layer(layer: sequential.Layer, step: sequential.LayerStep) -> dict[str, np.ndarray]:
             nonlocal rewritten
             for index in layer.indices:
-                hessian, plans[index].hessian = plans[index].hessian, None  # one layer's Hessians alive at a time
+                hessian = plans[index].hessian
+                plans[index].release_arrays()  # one layer's Hessians alive at a time, the replaced weight freed
                 self._rewrite(writer, plans[index].uses, hessian, np.diagonal(hessian).copy())
                 rewritten += 1
             return {}
