@@ -154,9 +154,8 @@ class QuantizeWeightsPass(LowbitPass):
             check_convertible(model, builders.required_opset(min(self._widths)))
             kl_budget = self.budget is not None and self.budget.sensitivity == "kl"
             if self._runs_subgraphs or self.calibration_mode == "sequential" or self._by_layer or kl_budget:
-                sequential.infer_missing_types(
-                    model
-                )  # the selectors, the sweeps and the budget's sensitivity cut subgraphs
+                # the selectors, the sweeps and the budget's sensitivity cut subgraphs
+                sequential.infer_missing_types(model)
         budget = None
         samples = statistics.samples if statistics is not None else []
         if self.budget is not None and plans:

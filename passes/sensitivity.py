@@ -247,7 +247,7 @@ class OutputSensitivity:
             # ONNX Runtime writes each sample's output into one buffer of this call (read once, then overwritten)
             # instead of allocating it and handing over a copy; none is kept between calls
             if output is None or (output.shape, output.dtype) != layouts[index]:
-                output = None
+                output = None  # the old buffer goes before the new one is made
                 output = np.empty(*layouts[index])
             session.run_into(self.output, {**sample, **stream, **feed}, output)
             if self.measure == "kl":

@@ -130,7 +130,7 @@ class SplitOutliersPass(LowbitPass):
         for uses in tqdm(targets, desc="split outliers", unit="weight", leave=False):
             if id(uses[0].weight) not in swept_ids:
                 accumulator = statistics.for_use(uses[0]) if reads_statistics else None
-                self._rewrite(writer, uses, *self._statistics_read(accumulator))
+                self._rewrite(writer, uses, self._weight_kn(uses[0]), *self._statistics_read(accumulator))
         sparse_records, split_records = self._records["outliers"], self._records["split"]
         self.details = {
             "outlier_fraction": self.outlier_fraction,
@@ -185,9 +185,9 @@ class SplitOutliersPass(LowbitPass):
         def split_layer(layer: sequential.Layer, step: sequential.LayerStep) -> dict[str, np.ndarray]:
             nonlocal rewritten
             for index in layer.indices:
-                hessian = plans[index].hessian
-                plans[index].release_arrays()  # one layer's Hessians alive at a time, the replaced weight freed
-                self._rewrite(writer, plans[index].uses, hessian, np.diagonal(hessian).copy())
+                plan = plans[index]
+                self._rewrite(writer, plan.uses, plan.weight, plan.hessian, np.diagonal(plan.hessian))
+                plan.release_arrays()  # one layer's Hessians alive at a time, the replaced weight freed
                 rewritten += 1
             return {}
 
@@ -204,7 +204,8 @@ class SplitOutliersPass(LowbitPass):
             inputs = {plans[index].first.node.inputs[0].name for index in rest}
             whole = collect(model, statistics.feeds, only=inputs, keep_samples=0)
             for index in rest:
-                self._rewrite(writer, plans[index].uses, *self._statistics_read(whole.for_use(plans[index].first)))
+                plan = plans[index]
+                self._rewrite(writer, plan.uses, plan.weight, *self._statistics_read(whole.for_use(plan.first)))
         return details
 
     def _targets(self, graph: ir.Graph) -> tuple[list[list[analysis.WeightUse]], list[dict]]:
@@ -250,14 +251,14 @@ class SplitOutliersPass(LowbitPass):
         self,
         writer: _BranchWriter,
         uses: list[analysis.WeightUse],
+        weight: np.ndarray,
         hessian: np.ndarray | None,
         diagonal: np.ndarray | None,
     ) -> None:
-        """Split one weight: its outliers ranked on ``diagonal`` (``diag(H)``, sensitivity criterion), its clusters
-        judged on ``hessian`` (the layer split)."""
+        """Split one weight (``weight``: its ``[K, N]`` float32 value, ``_weight_kn``): its outliers ranked on
+        ``diagonal`` (``diag(H)``, sensitivity criterion), its clusters judged on ``hessian`` (the layer split)."""
         first = uses[0]
         name, layer = first.weight.name or "", first.layer
-        weight = self._weight_kn(first)
         if not np.isfinite(weight).all():
             raise ValueError(f"weight {name!r} of {layer!r} contains NaN or Inf; fix the model before quantizing")
         if self.outlier_fraction > 0 and first.weight.dtype != ir.DataType.FLOAT:

@@ -247,20 +247,22 @@ class WeightFedSession:
         self._takes = {value.name for value in session.get_inputs()}
 
     def run(self, outputs: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        taken = {name: value for name, value in feeds.items() if name in self._takes}
-        return self.session.run(list(outputs), {**self.weights, **taken})
+        return self.session.run(list(outputs), self._inputs(feeds))
 
     def run_into(self, output: str, feeds: Mapping[str, np.ndarray], out: np.ndarray) -> np.ndarray:
         """``run([output], feeds)[0]`` written into ``out`` (its shape and type those of the output): ONNX Runtime
         writes the output there instead of allocating it and handing over a copy, which for an LM's logits is the
         largest buffer of a run. Returns ``out``."""
         binding = self.session.io_binding()
-        taken = {name: value for name, value in feeds.items() if name in self._takes}
-        for name, value in {**self.weights, **taken}.items():  # OrtValues over the arrays' own memory: no copy
+        for name, value in self._inputs(feeds).items():  # OrtValues over the arrays' own memory: no copy
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
         binding.bind_ortvalue_output(output, ort.OrtValue.ortvalue_from_numpy(out))
         self.session.run_with_iobinding(binding)
         return out
+
+    def _inputs(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every input of a run: the weights, replaced where ``feeds`` names them, and the feeds the session takes."""
+        return {**self.weights, **{name: value for name, value in feeds.items() if name in self._takes}}
 
 
 def session_feeding_weights(
