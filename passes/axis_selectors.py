@@ -47,12 +47,22 @@ from lowbit.runtime.session import (
 from lowbit.runtime.threads import NO_SPINNING
 
 
+@dataclasses.dataclass(frozen=True)
+class DeferredWeight:
+    """A weight read when first needed (``WeightPlan.weight``): a lazily computed initializer (a layer split's
+    cluster, ``ir.LazyTensor``), which a layer sweep then holds one layer at a time."""
+
+    shape: tuple[int, ...]  # [K, N]
+    load: Callable[[], np.ndarray]
+
+
 @dataclasses.dataclass
 class WeightPlan:
-    """One weight to quantize: its uses, its [K, N] value, its input's H and the candidates per axis."""
+    """One weight to quantize: its uses, its [K, N] value (``weight``: ``source``, read where deferred), its
+    input's H and the candidates per axis."""
 
     uses: list[analysis.WeightUse]
-    weight: np.ndarray
+    source: np.ndarray | DeferredWeight
     hessian: np.ndarray | None
     candidates: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)
     #: The candidates' output errors, kept when the chosen candidate is replaced afterwards (choice by RTN).
@@ -66,6 +76,18 @@ class WeightPlan:
     @property
     def first(self) -> analysis.WeightUse:
         return self.uses[0]
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The [K, N] float32 value (a deferred one read now, and kept until ``release_arrays``)."""
+        if isinstance(self.source, DeferredWeight):
+            self.source = self.source.load()
+        return self.source
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``[K, N]``, without reading a deferred weight."""
+        return tuple(self.source.shape)
 
     @property
     def calibrated(self) -> bool:
@@ -98,7 +120,7 @@ class WeightPlan:
     def release_arrays(self) -> None:
         """Let go of the float weight, its candidates and H once the weight is written (the layer-by-layer sweep:
         what a layer held is freed before the next one is quantized); the plan serves nothing after."""
-        self.weight = np.empty((0, 0), np.float32)
+        self.source = np.empty((0, 0), np.float32)
         self.hessian, self.candidates, self._measured, self.choice_errors = None, {}, {}, None
 
     def session_input(self, axis: str) -> np.ndarray:

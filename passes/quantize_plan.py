@@ -17,6 +17,8 @@ with only that weight quantized); weights a feed cannot replace keep the recipe'
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -25,7 +27,7 @@ import onnx_ir as ir
 from lowbit.ir import analysis, builders, files
 from lowbit.kernels import packing
 from lowbit.kernels.model import storage_scales
-from lowbit.passes.axis_selectors import WeightPlan, matrix_errors
+from lowbit.passes.axis_selectors import DeferredWeight, WeightPlan, matrix_errors
 from lowbit.passes.quant import allocate
 from lowbit.passes.quant.rtn import MAX_MAGNITUDE, QuantizedWeight, check_weight
 from lowbit.passes.quant.scheme import SUPPORTED_BITS
@@ -122,20 +124,32 @@ def plan_weights(
             skipped.append(SkippedWeight(culprit.weight.name or "", culprit.layer, culprit.kind, reason))
             continue
         first = uses[0]
-        try:
-            weight = float32_weight(analysis.weight_value_array(first))
-            if first.node.op_type == "Gemm":
-                weight = analysis.gemm_weight_kn(first.node, weight)
-            check_weight(weight)
-        except ValueError as error:
-            raise ValueError(
-                f"weight {first.weight.name!r} of {first.layer!r}: {error}; fix the model before quantizing"
-            ) from error
+        tensor = first.weight.const_value
+        if isinstance(tensor, ir.LazyTensor):  # read when its layer is quantized
+            transposed = first.node.op_type == "Gemm" and first.node.attributes.get_int("transB", 0)
+            shape = tuple(tensor.shape)[::-1] if transposed else tuple(tensor.shape)
+            weight = DeferredWeight(shape, functools.partial(checked_weight, first))
+        else:
+            weight = checked_weight(first)
         if key in heads:
             plans.append(TiedTablePlan(uses, weight, None, head_hessian=hessian(heads[key])))
         else:
             plans.append(WeightPlan(uses, weight, hessian(uses)))
     return Planning(plans, skipped, len(heads))
+
+
+def checked_weight(use: analysis.WeightUse) -> np.ndarray:
+    """The weight of ``use`` as ``[K, N]`` float32, refused (naming it) where it cannot be quantized."""
+    try:
+        weight = float32_weight(analysis.weight_value_array(use))
+        if use.node.op_type == "Gemm":
+            weight = analysis.gemm_weight_kn(use.node, weight)
+        check_weight(weight)
+    except ValueError as error:
+        raise ValueError(
+            f"weight {use.weight.name!r} of {use.layer!r}: {error}; fix the model before quantizing"
+        ) from error
+    return weight
 
 
 def share_tied_tables(groups: UseGroups) -> dict[tuple[int, bool], list[analysis.WeightUse]]:
@@ -305,7 +319,9 @@ def measure_widths(
     ``choose_width``, and measure each result's stored bytes (``fused`` or portable form) and output error."""
     per_width, axes = [], []
     for bits in widths:
-        width_plans = [dataclasses.replace(plan, candidates={}, choice_errors=None) for plan in plans]
+        width_plans = [
+            dataclasses.replace(plan, source=plan.weight, candidates={}, choice_errors=None) for plan in plans
+        ]
         chosen = choose_width(bits, width_plans)
         for plan, axis in zip(width_plans, chosen):
             if plan.choice_errors is None and len(plan.candidates) > 1:
@@ -388,7 +404,7 @@ def choose_within_budget(
     fixed_bytes = sum(
         stored_bytes(plans[i].candidates[axes[i]], weight_type(plans[i].first), budget.fused) for i in fixed
     )
-    weights = sum(plan.weight.size for plan in plans)
+    weights = sum(math.prod(plan.shape) for plan in plans)
     megabytes = budget.budget.megabytes
     other = 0
     if megabytes is not None:

@@ -399,7 +399,7 @@ class QuantizeWeightsPass(LowbitPass):
     def _max_stream_bytes(plans: list[axis_selectors.WeightPlan], swept) -> int:
         """What the sweep of ``plans[swept]`` (the layers' weights) may hold of the layers' inputs: never more than
         the whole model's Hessians would take (or 2 GiB)."""
-        inputs = {plans[i].first.node.inputs[0].name: plans[i].weight.shape[0] for i in swept}
+        inputs = {plans[i].first.node.inputs[0].name: plans[i].shape[0] for i in swept}
         return max(sequential.MAX_STREAM_BYTES, sum(8 * channels**2 for channels in inputs.values()))
 
     @staticmethod

@@ -59,7 +59,7 @@ def overridable(plan: WeightPlan) -> bool:
         and not value.is_graph_input()
         and tensor is not None
         and tensor.dtype in _OVERRIDABLE_TYPES
-        and tuple(tensor.shape) == tuple(plan.weight.shape)
+        and tuple(tensor.shape) == plan.shape
         and all(use.node.op_type == "MatMul" and use.weight is value for use in plan.uses)
     )
 

@@ -240,7 +240,7 @@ class LayerSweep:
         activations: dict[str, int] = {}
         for index in layer.indices:
             plan = self.plans[index]
-            activations[plan.first.node.inputs[0].name] = plan.weight.shape[0]
+            activations[plan.first.node.inputs[0].name] = plan.shape[0]
         computed = [name for name in activations if name not in inputs]
         names = computed + [name for name in outputs if name not in computed and name not in inputs]
         sess = self._session(extractor.extract_model(inputs, names)) if names else None

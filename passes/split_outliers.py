@@ -32,7 +32,10 @@ upper clusters; the middle one stays in the original MatMul, the other two get M
 the same input, and the three outputs are added. Each is then quantized with its own ranges. A weight is
 split only where RTN under ``scheme`` (each candidate axis, the best of them) lowers the weight's output
 error ``trace(dW^T H dW)`` (with calibration; else the Frobenius weight error) by at least
-``split_min_gain`` times: the split triples the weight's bytes and MatMul work.
+``split_min_gain`` times: the split triples the weight's bytes and MatMul work. The three cluster weights are
+tensors computed when read (``ir.LazyTensor`` over the weight and the clusters' value bounds): until
+QuantizeWeightsPass replaces them, the split model holds about what the model held, and the quantizing sweep
+computes one layer's clusters at a time.
 
 Output heads stay whole unless ``include_lm_head`` (a tied head never: its table is shared with the
 embedding); embeddings are never touched. A Gemm keeps its (dense or middle) weight and gets the
@@ -43,6 +46,9 @@ branches on its output, which already holds the bias. The details list, per weig
 from __future__ import annotations
 
 import dataclasses
+import functools
+import weakref
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -270,24 +276,26 @@ class SplitOutliersPass(LowbitPass):
         if self.outlier_fraction > 0:
             scores = outliers.outlier_scores(weight, self.criterion, diagonal if self.needs_calibration else None)
             remaining, sparse = outliers.split_dense_sparse(weight, scores, self.outlier_fraction)
-        if self.split:
-            parts = self._split(name, layer, remaining, hessian)
-        else:
-            parts = [remaining]
-        if (sparse is None or sparse.nnz == 0) and len(parts) == 1:
+        bounds = self._split(name, layer, remaining, hessian) if self.split else None
+        if (sparse is None or sparse.nnz == 0) and bounds is None:
             return
         nodes = [use.node for use in uses]
         if sparse is not None and sparse.nnz:
             nbytes = writer.add_sparse(nodes, name, sparse)
             record = {"name": name, "layer": layer, "shape": list(weight.shape), "nnz": sparse.nnz, "bytes": nbytes}
             self._records["outliers"].append(record)
-        if len(parts) > 1:
-            writer.add_split(nodes, name, parts)
-        writer.keep_in_weight(uses, parts[len(parts) // 2])
+        if bounds is None:
+            writer.keep_in_weight(uses, remaining)
+        else:
+            clusters = _Clusters(remaining, bounds, first.weight.const_value.numpy(), _transposed(uses))
+            writer.add_split(nodes, name, clusters)
+            writer.keep_cluster_in_weight(uses, clusters)
 
-    def _split(self, name: str, layer: str, weight: np.ndarray, hessian: np.ndarray | None) -> list[np.ndarray]:
-        """The three clusters when splitting gains ``split_min_gain``, else ``[weight]``; recorded either way."""
-        parts = outliers.split_clusters(weight)
+    def _split(self, name: str, layer: str, weight: np.ndarray, hessian: np.ndarray | None) -> np.ndarray | None:
+        """The clusters' value bounds (``outliers.cluster_bounds``) when splitting gains ``split_min_gain``, else
+        None; recorded either way."""
+        bounds = outliers.cluster_bounds(weight, _CLUSTERS)
+        parts = outliers.cluster_parts(weight, bounds)
         schemes = [dataclasses.replace(self.scheme, group_axis=axis, method="rtn") for axis in self.candidate_axes]
         base_error, split_error = (
             min(outliers.quantization_error(weight, candidate, scheme, hessian) for scheme in schemes)
@@ -306,7 +314,55 @@ class SplitOutliersPass(LowbitPass):
                 "cluster_sizes": [int(np.count_nonzero(part)) for part in parts],
             }
         )
-        return parts if chosen else [weight]
+        return bounds if chosen else None
+
+
+#: Clusters of a layer split: lower, middle (kept in the original MatMul), upper.
+_CLUSTERS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class _Clusters:
+    """A split weight's clusters as tensors computed when read (``ir.LazyTensor``): until QuantizeWeightsPass
+    replaces them, the model holds the weight (``stored``, and its ``[K, N]`` float32 remainder where that is
+    another array) and the clusters' bounds, not three float arrays of its size."""
+
+    weight: np.ndarray  # [K, N] float32 remainder (outliers zeroed), what the MatMul computes with (a Gemm's alpha in)
+    bounds: np.ndarray  # outliers.cluster_bounds of ``weight``
+    stored: np.ndarray  # the weight as its initializer holds it: its type, a Gemm's layout and values
+    transposed: bool  # ``stored`` is [N, K] (a Gemm's B with transB)
+    #: Each cluster's array while anything holds it: the readers of one layer (the sweep's session, the plan, the
+    #: axis selector's sessions) share one copy.
+    _alive: weakref.WeakValueDictionary = dataclasses.field(default_factory=weakref.WeakValueDictionary)
+
+    def part(self, cluster: int, name: str) -> ir.LazyTensor:
+        """Cluster ``cluster`` (0 = lowest) for a MatMul of its own: ``[K, N]`` in the weight's type (its values,
+        exact in it)."""
+
+        def compute() -> np.ndarray:
+            return outliers.cluster_part(self.weight, self.bounds, cluster).astype(self.stored.dtype)
+
+        return self._lazy(cluster, compute, self.weight.shape, name)
+
+    def kept(self, name: str) -> ir.LazyTensor:
+        """The middle cluster in the initializer's own layout and values: the weight zeroed elsewhere."""
+
+        def compute() -> np.ndarray:
+            mask = (outliers.cluster_labels(self.weight, self.bounds) == _CLUSTERS // 2) & (self.weight != 0)
+            return np.where(mask.T if self.transposed else mask, self.stored, np.zeros((), self.stored.dtype))
+
+        return self._lazy(_CLUSTERS // 2, compute, self.stored.shape, name)
+
+    def _lazy(self, cluster: int, compute: Callable[[], np.ndarray], shape, name: str) -> ir.LazyTensor:
+        def evaluate() -> ir.Tensor:
+            array = self._alive.get(cluster)
+            if array is None:
+                array = self._alive[cluster] = compute()
+            return ir.tensor(array, name=name)
+
+        return ir.LazyTensor(
+            evaluate, dtype=ir.DataType.from_numpy(self.stored.dtype), shape=ir.Shape(shape), name=name
+        )
 
 
 class _BranchWriter:
@@ -320,10 +376,11 @@ class _BranchWriter:
         self.nodes_added = 0
         self.split_bytes = 0  # float bytes of the cluster weights added by layer splits
 
-    def constant(self, base: str, array: np.ndarray) -> ir.Value:
+    def constant(self, base: str, array: np.ndarray | Callable[[str], ir.TensorProtocol]) -> ir.Value:
+        """A new initializer named after ``base``: ``array``, or the tensor ``array(name)`` makes."""
         name = self.name(base)
-        tensor = ir.tensor(array, name=name)
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+        tensor = array(name) if callable(array) else ir.tensor(array, name=name)
+        value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
         self.graph.register_initializer(value)
         return value
 
@@ -338,14 +395,19 @@ class _BranchWriter:
         return node
 
     def keep_in_weight(self, uses: list[analysis.WeightUse], kept: np.ndarray) -> None:
-        """Zero the weight outside ``kept`` (``[K, N]``: the dense remainder or the middle cluster). A Gemm's
-        B keeps its own layout and values (alpha stays in the Gemm; QuantizeWeightsPass folds it later)."""
+        """Zero the weight outside ``kept`` (``[K, N]``: the dense remainder). A Gemm's B keeps its own layout and
+        values (alpha stays in the Gemm; QuantizeWeightsPass folds it later)."""
         weight = uses[0].weight
         mask = kept != 0
-        if uses[0].node.op_type == "Gemm" and uses[0].node.attributes.get_int("transB", 0):
+        if _transposed(uses):
             mask = mask.T
         original = weight.const_value.numpy()
         weight.const_value = ir.tensor(np.where(mask, original, np.zeros((), original.dtype)), name=weight.name)
+
+    def keep_cluster_in_weight(self, uses: list[analysis.WeightUse], clusters: _Clusters) -> None:
+        """Let the weight hold the middle cluster (a Gemm's B in its own layout and values)."""
+        weight = uses[0].weight
+        weight.const_value = clusters.kept(weight.name)
 
     def _extend_output(self, matmul: ir.Node, build) -> None:
         """Insert ``build(y) -> (nodes, new_y)`` after ``matmul`` and let every reader of ``y`` read ``new_y``
@@ -364,13 +426,12 @@ class _BranchWriter:
         output.name = self.name(f"{name}.partial")
         result.name = name
 
-    def add_split(self, nodes: list[ir.Node], name: str, parts: list[np.ndarray]) -> None:
+    def add_split(self, nodes: list[ir.Node], name: str, clusters: _Clusters) -> None:
         """MatMuls on the lower and upper clusters, added to each MatMul's (middle-cluster) output."""
-        dtype = nodes[0].inputs[1].dtype.numpy()  # the parts hold the weight's own values: exact in its type
         labels = ("low", "high")
         extra = [
-            self.constant(f"{name}.split_{label}", part.astype(dtype))
-            for label, part in zip(labels, (parts[0], parts[2]))
+            self.constant(f"{name}.split_{label}", functools.partial(clusters.part, cluster))
+            for label, cluster in zip(labels, (0, _CLUSTERS - 1))
         ]
         self.split_bytes += sum(value.const_value.nbytes for value in extra)
 
@@ -450,6 +511,11 @@ class _BranchWriter:
                 self.graph.insert_before(next(iter(self.graph)), [flat, transposed])
             self.transposed[id(activation)] = transposed.outputs[0]
         return self.transposed[id(activation)]
+
+
+def _transposed(uses: list[analysis.WeightUse]) -> bool:
+    """Whether the weight is stored ``[N, K]`` (a Gemm's B with transB)."""
+    return uses[0].node.op_type == "Gemm" and bool(uses[0].node.attributes.get_int("transB", 0))
 
 
 def fused_outlier_bytes(value: ir.Value) -> int | None:

@@ -321,9 +321,11 @@ def _external_files(
     """``{location: uint8 array}`` for every location ``external`` (proto tensors) reads: ``memory_files`` first,
     else the file in its folder of ``data_dirs`` mapped read-only. Tensors of at most ``SMALL_EXTERNAL_TENSOR``
     bytes are read into their proto (in place), where shape inference can read them."""
-    files: dict[str, np.ndarray] = dict(memory_files or {})
+    files: dict[str, np.ndarray] = {}
     for tensor in external:
         location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+        if location not in files and memory_files is not None and location in memory_files:
+            files[location] = memory_files[location]
         if location not in files:
             if location not in data_dirs:
                 raise ValueError(f"tensor {tensor.name!r} reads external data {location!r}, whose folder is not known")
@@ -399,7 +401,42 @@ FEEDABLE_TYPES = NUMPY_BYTES_TYPES - {ir.DataType.BFLOAT16}
 _SHARED_LOCATION = "lowbit-in-memory/"
 
 
-def proto_sharing_initializers(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+class MemoryFiles(Mapping[str, np.ndarray]):
+    """``{location: uint8 array}`` of in-memory external data (``proto_sharing_initializers``). A lazily computed
+    initializer (``ir.LazyTensor``: a layer split's clusters) is computed when a session first reads its location
+    and kept until ``pop``: a sweep of the model's layers holds one layer's, not all of them at once."""
+
+    def __init__(self):
+        self._arrays: dict[str, np.ndarray] = {}
+        self._deferred: dict[str, ir.LazyTensor] = {}
+
+    def put(self, location: str, array: np.ndarray | ir.LazyTensor) -> None:
+        if isinstance(array, ir.LazyTensor):
+            self._deferred[location] = array
+        else:
+            self._arrays[location] = array.reshape(-1).view(np.uint8)
+
+    def __getitem__(self, location: str) -> np.ndarray:
+        if location not in self._arrays:
+            self.put(location, np.ascontiguousarray(self._deferred.pop(location).numpy()))
+        return self._arrays[location]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._arrays, *self._deferred])
+
+    def __len__(self) -> int:
+        return len(self._arrays) + len(self._deferred)
+
+    def __contains__(self, location: object) -> bool:
+        return location in self._arrays or location in self._deferred
+
+    def pop(self, location: str, default=None) -> np.ndarray | None:
+        """Let go of ``location`` (its array, or what would compute it)."""
+        self._deferred.pop(location, None)
+        return self._arrays.pop(location, default)
+
+
+def proto_sharing_initializers(model: ir.Model) -> tuple[onnx.ModelProto, MemoryFiles]:
     """``ir.to_proto(model)`` whose large in-memory initializers are external references to ``model``'s own
     arrays, and ``{location: uint8 array}`` for ``session_from_proto``'s ``memory_files``.
 
@@ -409,12 +446,15 @@ def proto_sharing_initializers(model: ir.Model) -> tuple[onnx.ModelProto, dict[s
     tensors of types whose NumPy bytes are ONNX's are shared, as the model holds them when this is called (the
     session must be made before the model's weights change, and kept no longer than they are).
     """
-    shared: dict[str, tuple[ir.Value, np.ndarray]] = {}
+    shared: dict[str, tuple[ir.Value, np.ndarray | ir.LazyTensor]] = {}
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
         if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.dtype not in NUMPY_BYTES_TYPES:
             continue
         if tensor.nbytes <= SMALL_EXTERNAL_TENSOR:
+            continue
+        if isinstance(tensor, ir.LazyTensor):  # computed when a session reads it
+            shared[name] = (value, tensor)
             continue
         array = np.ascontiguousarray(tensor.numpy())
         if array.dtype.byteorder != ">" and array.nbytes == tensor.nbytes:
@@ -431,16 +471,16 @@ def proto_sharing_initializers(model: ir.Model) -> tuple[onnx.ModelProto, dict[s
         logger.setLevel(level)
         for name, (value, _) in shared.items():
             value.const_value = saved[name]
-    memory: dict[str, np.ndarray] = {}
+    memory = MemoryFiles()
     for name, (value, array) in shared.items():
         location = f"{_SHARED_LOCATION}{len(memory)}"
-        memory[location] = array.reshape(-1).view(np.uint8)
+        memory.put(location, array)
         reference = proto.graph.initializer.add(
             name=name,
-            dims=array.shape,
+            dims=tuple(array.shape),
             data_type=value.const_value.dtype.value,
             data_location=onnx.TensorProto.EXTERNAL,
         )
-        for key, entry in (("location", location), ("offset", "0"), ("length", str(array.nbytes))):
+        for key, entry in (("location", location), ("offset", "0"), ("length", str(value.const_value.nbytes))):
             reference.external_data.add(key=key, value=entry)
     return proto, memory

@@ -125,15 +125,32 @@ def kmeans_1d(values: np.ndarray, clusters: int = 3, iterations: int = 100) -> n
     return centroids
 
 
-def split_clusters(weight: np.ndarray, clusters: int = 3) -> list[np.ndarray]:
-    """The weight cut into ``clusters`` parts by 1-D k-means on its values, lowest cluster first.
+def cluster_bounds(weight: np.ndarray, clusters: int = 3) -> np.ndarray:
+    """The ``clusters - 1`` value bounds between the clusters of 1-D k-means on the weight's values (``cluster_labels``)."""
+    centroids = kmeans_1d(np.asarray(weight, dtype=np.float32), clusters)
+    return (centroids[1:] + centroids[:-1]) / 2
 
-    Each part holds its cluster's entries and zeros elsewhere; the parts sum to the weight exactly.
-    """
+
+def cluster_labels(weight: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Each entry's cluster (0 = lowest values) under ``bounds`` (``cluster_bounds``)."""
+    return np.searchsorted(bounds, np.asarray(weight, dtype=np.float64), side="right")
+
+
+def cluster_part(weight: np.ndarray, bounds: np.ndarray, cluster: int) -> np.ndarray:
+    """The entries of ``weight`` in ``cluster`` (``cluster_labels``), zeros elsewhere."""
+    return np.where(cluster_labels(weight, bounds) == cluster, weight, np.zeros((), weight.dtype))
+
+
+def cluster_parts(weight: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
+    """Every ``cluster_part`` of ``weight``, lowest cluster first: they sum to the weight exactly."""
+    labels = cluster_labels(weight, bounds)
+    return [np.where(labels == cluster, weight, np.zeros((), weight.dtype)) for cluster in range(len(bounds) + 1)]
+
+
+def split_clusters(weight: np.ndarray, clusters: int = 3) -> list[np.ndarray]:
+    """The weight cut into ``clusters`` parts by 1-D k-means on its values (``cluster_parts``)."""
     weight = np.asarray(weight, dtype=np.float32)
-    centroids = kmeans_1d(weight, clusters)
-    labels = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, weight.astype(np.float64), side="right")
-    return [np.where(labels == cluster, weight, np.float32(0)) for cluster in range(clusters)]
+    return cluster_parts(weight, cluster_bounds(weight, clusters))
 
 
 def quantization_error(

@@ -608,6 +608,42 @@ def test_the_layer_split_sweeps_the_float_layers_then_calibrates_by_layer_equal_
 
 
 @pytest.mark.slow
+def test_the_split_clusters_are_held_two_layers_at_a_time(monkeypatch):
+    """The layer split's clusters are computed when read (the model holds each weight and a byte per entry): the
+    sweep that quantizes them holds those of the layer it quantizes and of the next one it calibrates, whatever the
+    depth, and the readers of a layer (its session, its plans, the axis selector's sessions) share one copy."""
+    from lowbit.passes import split_outliers
+
+    layers, per_layer = 4, 7 * 3  # every weight split in three
+    computed: list[weakref.ref] = []
+    most_alive = 0
+    lazy = split_outliers._Clusters._lazy
+
+    def alive() -> int:
+        return sum(ref() is not None for ref in computed)
+
+    def watching(self, cluster, compute, shape, name):
+        def computing():
+            nonlocal most_alive
+            if alive() > 2 * per_layer:
+                gc.collect()  # only what a reference cycle still holds
+            most_alive = max(most_alive, alive())
+            array = compute()
+            computed.append(weakref.ref(array))
+            return array
+
+        return lazy(self, cluster, computing, shape, name)
+
+    monkeypatch.setattr(split_outliers._Clusters, "_lazy", watching)
+    recipe = lowbit.Recipe(bits=3, group_size=16, method="gptq", axis="adadim", selector="block", split=True)
+    result, tensors = _optimize(_llama(layers), recipe, _feeds(6))
+    assert {p.name: p.details for p in result.report.passes}["SplitOutliersPass"]["weights_split"] == layers * 7
+    assert sum(name.endswith(".qweight") for name in tensors) == layers * per_layer  # every cluster quantized
+    assert layers * per_layer <= len(computed) < 2 * layers * per_layer  # each cluster computed once or so
+    assert 0 < most_alive <= 2 * per_layer
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sensitivity", ["output", "kl"])
 def test_a_budget_with_outliers_is_measured_and_written_by_layer(sensitivity):
     """Under a budget the two sweeps run on the split model: the widths fit the budget as calibrated whole, with the

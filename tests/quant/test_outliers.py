@@ -107,6 +107,9 @@ def test_split_parts_sum_to_the_weight_and_are_ordered_clusters(weight):
     parts = outliers.split_clusters(weight)
     assert len(parts) == 3
     np.testing.assert_array_equal(parts[0] + parts[1] + parts[2], weight)
+    bounds = outliers.cluster_bounds(weight)
+    for cluster, part in enumerate(parts):  # one part alone, from the bounds (what the split model computes)
+        np.testing.assert_array_equal(outliers.cluster_part(weight, bounds, cluster), part)
     support = [part != 0 for part in parts]
     assert not np.any((support[0] & support[1]) | (support[1] & support[2]) | (support[0] & support[2]))
     members = [part[mask] for part, mask in zip(parts, support)]

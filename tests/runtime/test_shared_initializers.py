@@ -48,6 +48,41 @@ def test_large_initializers_are_references_to_the_models_arrays_and_the_outputs_
         np.testing.assert_array_equal(left, right)
 
 
+def test_a_lazily_computed_initializer_is_computed_when_a_session_reads_it_and_let_go_when_popped():
+    """``ir.LazyTensor`` initializers (a layer split's clusters) are shared without being computed; a session that
+    reads one computes it once, and ``pop`` lets it go."""
+    model = factories.mlp()
+    value = model.graph.initializers["w1"]
+    array = value.const_value.numpy()
+    computed = []
+
+    def compute() -> ir.Tensor:
+        computed.append(1)
+        return ir.tensor(array.copy())
+
+    value.const_value = ir.LazyTensor(compute, dtype=value.const_value.dtype, shape=value.const_value.shape)
+    proto, memory = proto_sharing_initializers(model)
+    location = next(
+        entry.value
+        for t in proto.graph.initializer
+        if t.name == "w1"
+        for entry in t.external_data
+        if entry.key == "location"
+    )
+    assert not computed and location in memory and len(memory) == 2  # w1 and w2, neither copied
+    feeds = factories.feeds_for(model)
+    shared = session_from_proto(proto, {}, memory_files=memory).run(None, feeds)
+    assert len(computed) == 1
+    np.testing.assert_array_equal(memory[location].view(array.dtype).reshape(array.shape), array)
+    assert len(computed) == 1  # kept until popped
+    value.const_value = ir.tensor(array)
+    plain = session_from_proto(ir.to_proto(model), {}).run(None, feeds)
+    for left, right in zip(shared, plain):
+        np.testing.assert_array_equal(left, right)
+    memory.pop(location)
+    assert location not in memory and len(memory) == 1
+
+
 #: Prelude of the memory scripts, each run in a fresh interpreter: ``status_mib`` reads /proc/self/status, and
 #: ``chain(mib)`` is a model of ``mib`` MatMuls of 1 MiB weights, built as a pipeline runs (blocks under
 #: LARGE_ALLOCATION_BYTES from glibc's heap). Each script prints the growth it measures per MiB of weights.
