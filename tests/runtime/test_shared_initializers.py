@@ -21,6 +21,12 @@ from tests.parity import serialized
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+def _location(proto: onnx.ModelProto, name: str) -> str:
+    """Where the proto's initializer ``name`` reads its external data."""
+    tensor = next(t for t in proto.graph.initializer if t.name == name)
+    return next(entry.value for entry in tensor.external_data if entry.key == "location")
+
+
 def test_large_initializers_are_references_to_the_models_arrays_and_the_outputs_are_the_same():
     model = factories.mlp()
     before = serialized(model)
@@ -33,13 +39,7 @@ def test_large_initializers_are_references_to_the_models_arrays_and_the_outputs_
     assert external == large and large and len(memory) == len(large)
     assert proto.ByteSize() < sum(model.graph.initializers[name].const_value.nbytes for name in large)
     array = model.graph.initializers["w1"].const_value.numpy()
-    location = next(
-        entry.value
-        for t in proto.graph.initializer
-        if t.name == "w1"
-        for entry in t.external_data
-        if entry.key == "location"
-    )
+    location = _location(proto, "w1")
     np.testing.assert_array_equal(memory[location].view(array.dtype).reshape(array.shape), array)
     feeds = factories.feeds_for(model)
     shared = session_from_proto(proto, {}, memory_files=memory).run(None, feeds)
@@ -62,13 +62,7 @@ def test_a_lazily_computed_initializer_is_computed_when_a_session_reads_it_and_l
 
     value.const_value = ir.LazyTensor(compute, dtype=value.const_value.dtype, shape=value.const_value.shape)
     proto, memory = proto_sharing_initializers(model)
-    location = next(
-        entry.value
-        for t in proto.graph.initializer
-        if t.name == "w1"
-        for entry in t.external_data
-        if entry.key == "location"
-    )
+    location = _location(proto, "w1")
     assert not computed and location in memory and len(memory) == 2  # w1 and w2, neither copied
     feeds = factories.feeds_for(model)
     shared = session_from_proto(proto, {}, memory_files=memory).run(None, feeds)
