@@ -72,6 +72,8 @@ class WeightPlan:
     _measured: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     #: Whether ``hessian`` was dropped once measured (``release_hessian``).
     _released: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
+    #: The deferred weight ``source`` was read from (``weight``), to read again after ``release_candidates``.
+    _deferred: DeferredWeight | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @property
     def first(self) -> analysis.WeightUse:
@@ -81,7 +83,7 @@ class WeightPlan:
     def weight(self) -> np.ndarray:
         """The [K, N] float32 value (a deferred one read now, and kept until ``release_arrays``)."""
         if isinstance(self.source, DeferredWeight):
-            self.source = self.source.load()
+            self._deferred, self.source = self.source, self.source.load()
         return self.source
 
     @property
@@ -114,8 +116,11 @@ class WeightPlan:
 
     def release_candidates(self) -> None:
         """Let go of the candidates and H once measured (a budget's sweep measures every width of a layer, then
-        quantizes the chosen one again); the errors the report lists (``choice_errors``) stay."""
+        quantizes the chosen one again), and of a deferred weight (read again then); the errors the report lists
+        (``choice_errors``) stay."""
         self.hessian, self.candidates, self._measured = None, {}, {}
+        if self._deferred is not None:
+            self.source = self._deferred
 
     def release_arrays(self) -> None:
         """Let go of the float weight, its candidates and H once the weight is written (the layer-by-layer sweep:

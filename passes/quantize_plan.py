@@ -319,9 +319,7 @@ def measure_widths(
     ``choose_width``, and measure each result's stored bytes (``fused`` or portable form) and output error."""
     per_width, axes = [], []
     for bits in widths:
-        width_plans = [
-            dataclasses.replace(plan, source=plan.weight, candidates={}, choice_errors=None) for plan in plans
-        ]
+        width_plans = [dataclasses.replace(plan, candidates={}, choice_errors=None) for plan in plans]
         chosen = choose_width(bits, width_plans)
         for plan, axis in zip(width_plans, chosen):
             if plan.choice_errors is None and len(plan.candidates) > 1:

@@ -608,10 +608,13 @@ def test_the_layer_split_sweeps_the_float_layers_then_calibrates_by_layer_equal_
 
 
 @pytest.mark.slow
-def test_the_split_clusters_are_held_two_layers_at_a_time(monkeypatch):
-    """The layer split's clusters are computed when read (the model holds each weight and a byte per entry): the
-    sweep that quantizes them holds those of the layer it quantizes and of the next one it calibrates, whatever the
-    depth, and the readers of a layer (its session, its plans, the axis selector's sessions) share one copy."""
+@pytest.mark.parametrize("budget", [None, "5"])
+def test_the_split_clusters_are_held_two_layers_at_a_time(monkeypatch, budget):
+    """The layer split's clusters are computed when read (the model holds each weight and its clusters' bounds): a
+    sweep holds those of the layer it quantizes or measures and of the next one it calibrates, whatever the depth,
+    and the readers of a layer (its session, its plans, the axis selector's sessions) share one copy. A budget
+    sweeps the layers twice (measured at every width, then written), and reads the clusters again in the second
+    (measured on each weight's output; the KL sensitivity runs the whole model, which reads every cluster)."""
     from lowbit.passes import split_outliers
 
     layers, per_layer = 4, 7 * 3  # every weight split in three
@@ -635,12 +638,24 @@ def test_the_split_clusters_are_held_two_layers_at_a_time(monkeypatch):
         return lazy(self, cluster, computing, shape, name)
 
     monkeypatch.setattr(split_outliers._Clusters, "_lazy", watching)
-    recipe = lowbit.Recipe(bits=3, group_size=16, method="gptq", axis="adadim", selector="block", split=True)
+    recipe = lowbit.Recipe(
+        bits=3,
+        group_size=16,
+        method="gptq",
+        axis="adadim",
+        selector="block",
+        split=True,
+        budget=budget,
+        budget_sensitivity="output",
+    )
     result, tensors = _optimize(_llama(layers), recipe, _feeds(6))
     assert {p.name: p.details for p in result.report.passes}["SplitOutliersPass"]["weights_split"] == layers * 7
     assert sum(name.endswith(".qweight") for name in tensors) == layers * per_layer  # every cluster quantized
-    assert layers * per_layer <= len(computed) < 2 * layers * per_layer  # each cluster computed once or so
+    sweeps = 1 if budget is None else 2
+    assert sweeps * layers * per_layer <= len(computed) < 2 * sweeps * layers * per_layer  # once a sweep, or so
     assert 0 < most_alive <= 2 * per_layer
+    if budget is not None:
+        assert len(set(result.report.budget["widths"].values()) - {0}) > 1  # a mix of widths
 
 
 @pytest.mark.slow
