@@ -81,7 +81,7 @@ class WeightPlan:
 
     @property
     def weight(self) -> np.ndarray:
-        """The [K, N] float32 value (a deferred one read now, and kept until ``release_arrays``)."""
+        """The [K, N] float32 value (a deferred one read now, kept until ``release_candidates`` or ``release_arrays``)."""
         if isinstance(self.source, DeferredWeight):
             self._deferred, self.source = self.source, self.source.load()
         return self.source
