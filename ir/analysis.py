@@ -136,6 +136,11 @@ def weight_layout(node: ir.Node) -> tuple:
     return ("Gemm", node.attributes.get_int("transB", 0), node.attributes.get_float("alpha", 1.0))
 
 
+def stores_weight_transposed(node: ir.Node) -> bool:
+    """Whether ``node`` reads its weight stored ``[N, K]`` (a Gemm's B with transB)."""
+    return bool(weight_layout(node)[1])
+
+
 def gemm_weight_kn(node: ir.Node, weight: np.ndarray) -> np.ndarray:
     """Gemm's B as the [K, N] operand of an equivalent MatMul, with alpha folded in."""
     if node.attributes.get_int("transB", 0):

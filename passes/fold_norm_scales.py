@@ -146,7 +146,7 @@ class FoldNormScalesPass(LowbitPass):
             if has_beta:  # beta @ (alpha W) in the [K, N] layout of a MatMul
                 product = analysis.gemm_weight_kn(use.node, weight.astype(np.float64))
                 new_adds += self._add_bias(graph, use.node, beta.astype(np.float64) @ product, use.weight.dtype, names)
-            input_axis = 1 if use.node.op_type == "Gemm" and use.node.attributes.get_int("transB", 0) else 0
+            input_axis = 1 if analysis.stores_weight_transposed(use.node) else 0
             scale = gamma.astype(np.float64).reshape((1, -1) if input_axis else (-1, 1))
             scaled = (scale * weight).astype(weight.dtype)
             use.weight.const_value = ir.tensor(np.ascontiguousarray(scaled), name=use.weight.name)

@@ -126,8 +126,7 @@ def plan_weights(
         first = uses[0]
         tensor = first.weight.const_value
         if isinstance(tensor, ir.LazyTensor):  # read when its layer is quantized
-            transposed = first.node.op_type == "Gemm" and first.node.attributes.get_int("transB", 0)
-            shape = tuple(tensor.shape)[::-1] if transposed else tuple(tensor.shape)
+            shape = tuple(tensor.shape)[::-1] if analysis.stores_weight_transposed(first.node) else tuple(tensor.shape)
             weight = DeferredWeight(shape, functools.partial(checked_weight, first))
         else:
             weight = checked_weight(first)

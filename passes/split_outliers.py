@@ -287,7 +287,9 @@ class SplitOutliersPass(LowbitPass):
         if bounds is None:
             writer.keep_in_weight(uses, remaining)
         else:
-            clusters = _Clusters(remaining, bounds, first.weight.const_value.numpy(), _transposed(uses))
+            clusters = _Clusters(
+                remaining, bounds, first.weight.const_value.numpy(), analysis.stores_weight_transposed(uses[0].node)
+            )
             writer.add_split(nodes, name, clusters)
             writer.keep_cluster_in_weight(uses, clusters)
 
@@ -399,7 +401,7 @@ class _BranchWriter:
         values (alpha stays in the Gemm; QuantizeWeightsPass folds it later)."""
         weight = uses[0].weight
         mask = kept != 0
-        if _transposed(uses):
+        if analysis.stores_weight_transposed(uses[0].node):
             mask = mask.T
         original = weight.const_value.numpy()
         weight.const_value = ir.tensor(np.where(mask, original, np.zeros((), original.dtype)), name=weight.name)
@@ -511,11 +513,6 @@ class _BranchWriter:
                 self.graph.insert_before(next(iter(self.graph)), [flat, transposed])
             self.transposed[id(activation)] = transposed.outputs[0]
         return self.transposed[id(activation)]
-
-
-def _transposed(uses: list[analysis.WeightUse]) -> bool:
-    """Whether the weight is stored ``[N, K]`` (a Gemm's B with transB)."""
-    return uses[0].node.op_type == "Gemm" and bool(uses[0].node.attributes.get_int("transB", 0))
 
 
 def fused_outlier_bytes(value: ir.Value) -> int | None:

@@ -324,23 +324,31 @@ def _external_files(
     files: dict[str, np.ndarray] = {}
     for tensor in external:
         location = onnx.external_data_helper.ExternalDataInfo(tensor).location
-        if location not in files and memory_files is not None and location in memory_files:
-            files[location] = memory_files[location]
         if location not in files:
-            if location not in data_dirs:
-                raise ValueError(f"tensor {tensor.name!r} reads external data {location!r}, whose folder is not known")
-            path = os.path.join(data_dirs[location], location)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"external data file {path!r} of tensor {tensor.name!r} is missing")
-            files[location] = (
-                np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
-            )
+            files[location] = _external_file(tensor, location, data_dirs, memory_files)
         offset, length = external_nbytes(tensor)
         if length <= SMALL_EXTERNAL_TENSOR:  # inline, where ONNX Runtime's shape inference can read it
             tensor.raw_data = files[location][offset : offset + length].tobytes()
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
     return files
+
+
+def _external_file(
+    tensor: onnx.TensorProto,
+    location: str,
+    data_dirs: Mapping[str, str],
+    memory_files: Mapping[str, np.ndarray] | None,
+) -> np.ndarray:
+    """The bytes ``tensor`` reads from ``location``: held in ``memory_files``, else its file in ``data_dirs`` mapped."""
+    if memory_files is not None and location in memory_files:
+        return memory_files[location]
+    if location not in data_dirs:
+        raise ValueError(f"tensor {tensor.name!r} reads external data {location!r}, whose folder is not known")
+    path = os.path.join(data_dirs[location], location)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"external data file {path!r} of tensor {tensor.name!r} is missing")
+    return np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
 
 
 def _share_in_memory_initializers(

@@ -576,6 +576,11 @@ def test_channels_sorted_on_diagonals_then_calibrated_by_layer_equal_the_whole_m
     _assert_same_codes(whole.model, by_layer.model, scales_rtol=1e-5)
 
 
+def _split_recipe(**options) -> lowbit.Recipe:
+    """W3 AdaDim GPTQ with the layer split, on the tiny Llama's groups."""
+    return lowbit.Recipe(bits=3, group_size=16, method="gptq", axis="adadim", selector="block", split=True, **options)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("outlier_fraction", [0.0, 0.02])
 def test_the_layer_split_sweeps_the_float_layers_then_calibrates_by_layer_equal_to_the_whole_model(outlier_fraction):
@@ -584,16 +589,7 @@ def test_the_layer_split_sweeps_the_float_layers_then_calibrates_by_layer_equal_
     then quantized by layer on the split model. The same split decisions and outliers as on the whole model's
     statistics; the same codes and zero points, the scales to float32 round-off (GPTQ's, on the split model's
     activations, where three clusters' products are summed)."""
-    recipe = lowbit.Recipe(
-        bits=3,
-        group_size=16,
-        method="gptq",
-        axis="adadim",
-        selector="block",
-        split=True,
-        outlier_fraction=outlier_fraction,
-        outlier_criterion="sensitivity",
-    )
+    recipe = _split_recipe(outlier_fraction=outlier_fraction, outlier_criterion="sensitivity")
     whole, _, by_layer, _ = _whole_and_by_layer(recipe, _feeds(6))
     details = {p.name: p.details for p in by_layer.report.passes}
     expected_details = {p.name: p.details for p in whole.report.passes}["SplitOutliersPass"]
@@ -638,16 +634,7 @@ def test_the_split_clusters_are_held_two_layers_at_a_time(monkeypatch, budget):
         return lazy(self, cluster, computing, shape, name)
 
     monkeypatch.setattr(split_outliers._Clusters, "_lazy", watching)
-    recipe = lowbit.Recipe(
-        bits=3,
-        group_size=16,
-        method="gptq",
-        axis="adadim",
-        selector="block",
-        split=True,
-        budget=budget,
-        budget_sensitivity="output",
-    )
+    recipe = _split_recipe(budget=budget, budget_sensitivity="output")
     result, tensors = _optimize(_llama(layers), recipe, _feeds(6))
     assert {p.name: p.details for p in result.report.passes}["SplitOutliersPass"]["weights_split"] == layers * 7
     assert sum(name.endswith(".qweight") for name in tensors) == layers * per_layer  # every cluster quantized
