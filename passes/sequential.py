@@ -11,15 +11,16 @@ on a second thread while the next one is calibrated, so that the cores one part 
 The shortcut: cut the graph before every decoder layer. The cut ``C_i`` is the set of values produced
 before layer ``i`` and read at or after it that depend on some weight (the residual stream; values
 computed from graph inputs alone, such as rotary tables and masks, are recomputed instead). For every
-calibration sample the sweep keeps ``C_i`` in memory, runs only layer ``i``'s extracted subgraph (inputs:
-the graph inputs and ``C_i``) with float weights to accumulate ``H`` of its weights' inputs, lets the caller
-quantize the layer, and runs the subgraph again with the quantized weights to produce ``C_{i+1}`` (float stream:
-``C_{i+1}`` comes out of the first run), which replaces ``C_i`` sample by sample. The sessions read the model's
-own weight arrays (``runtime.session.proto_sharing_initializers``), no copy of them; a layer's arrays are let go
-once it is quantized (``LayerSweep.run``), so a caller that writes each layer as it goes frees its float weights.
-Memory: one cut for all samples (samples x tokens x hidden float32 for a residual stream), never one per layer;
-past ``max_stream_bytes`` (default 2 GiB; checked on the first sample of every cut) the sweep refuses
-(``StreamTooLarge``).
+calibration sample the sweep keeps ``C_i`` (in temporary files: ``runtime.spill``), runs only layer ``i``'s
+extracted subgraph (inputs: the graph inputs and ``C_i``) with float weights to accumulate ``H`` of its weights'
+inputs, lets the caller quantize the layer, and runs the subgraph again with the quantized weights to produce
+``C_{i+1}`` (float stream: ``C_{i+1}`` comes out of the first run), which replaces ``C_i`` sample by sample. The
+sessions read the model's own weight arrays (``runtime.session.proto_sharing_initializers``), no copy of them; a
+layer's arrays are let go once it is quantized (``LayerSweep.run``), so a caller that writes each layer as it goes
+frees its float weights.
+Memory: one sample's cut at a time; the cut of every sample (samples x tokens x hidden float32 for a residual
+stream) waits in temporary files between layers, one cut's worth, never one per layer; past ``max_stream_bytes``
+(default 2 GiB; checked on the first sample of every cut) the sweep refuses (``StreamTooLarge``).
 
 Which weights: MatMul weights (initializers) whose every use sits in one decoder layer (module path
 ``...layers.<i>``, see ``axis_selectors.decoder_layer``). The others (LM head, embeddings, Gemm weights,
@@ -56,14 +57,15 @@ from lowbit.runtime.session import (
     session_options,
     set_external_data_dirs,
 )
+from lowbit.runtime.spill import SpilledSamples
 from lowbit.runtime.threads import NO_SPINNING
 
-#: Refuse to hold more than this many bytes of layer inputs (one cut, all samples).
+#: Refuse to keep more than this many bytes of layer inputs (one cut, all samples) in the temporary files.
 MAX_STREAM_BYTES = 2 * 2**30
 
 
 class StreamTooLarge(ValueError):
-    """The layer inputs of every sample would take more memory than the sweep may hold."""
+    """The layer inputs of every sample would take more bytes than the sweep may keep."""
 
 
 #: How the input of the next layer is computed: with the layer quantized, or in float.
@@ -163,11 +165,14 @@ class LayerSweep:
         locations = {tensor.name: external_location(tensor) for tensor in proto.graph.initializer}
         extractor = onnx.utils.Extractor(proto)
         del proto
-        stream = self._prefix(extractor)
-        with RunBehind() if self.stream == "float" else contextlib.nullcontext() as behind:
+        with (
+            SpilledSamples(len(self.feeds)) as stream,
+            RunBehind() if self.stream == "float" else contextlib.nullcontext() as behind,
+        ):
+            self._prefix(extractor, stream)
             for index, layer in enumerate(tqdm(self.layers, desc="calibration by layer", unit="layer")):
                 inputs, outputs = [*self.graph_inputs, *self.cuts[index]], self.cuts[index + 1]
-                self.stream_bytes.append(sum(value.nbytes for sample in stream for value in sample.values()))
+                self.stream_bytes.append(stream.nbytes)
                 samples = [{**self.feeds[s], **stream[s]} for s in range(min(self.selector_samples, len(stream)))]
                 last = index + 1 == len(self.layers)
                 self._set_hessians(
@@ -197,13 +202,11 @@ class LayerSweep:
             self.memory_files.pop(locations.get(self.plans[index].first.weight.name), None)
         release_free_memory()
 
-    def _prefix(self, extractor: onnx.utils.Extractor) -> list[dict[str, np.ndarray]]:
-        """The first cut for every sample (e.g. the token embeddings)."""
-        stream: list[dict[str, np.ndarray]] = [{} for _ in self.feeds]
+    def _prefix(self, extractor: onnx.utils.Extractor, stream: SpilledSamples) -> None:
+        """Write the first cut for every sample (e.g. the token embeddings) into ``stream``."""
         if self.cuts[0]:
             sess = self._session(extractor.extract_model(self.graph_inputs, self.cuts[0]))
             self._replace(stream, sess, self.cuts[0], {})
-        return stream
 
     def _session(self, proto: onnx.ModelProto) -> ort.InferenceSession:
         """A session on a part of the model; its threads sleep between runs, leaving a core to the folds. On the
@@ -218,9 +221,10 @@ class LayerSweep:
         """Run ``sess`` on every sample (its feeds, its cut, ``weights``) and put the outputs in place of its
         cut, one sample at a time (so that the old and new cuts are never both whole in memory)."""
         for sample, feeds in enumerate(self.feeds):
-            stream[sample] = dict(zip(names, sess.run(names, {**feeds, **stream[sample], **weights})))
+            outputs = dict(zip(names, sess.run(names, {**feeds, **stream[sample], **weights})))
             if sample == 0:
-                self._check_memory(stream[0])
+                self._check_memory(outputs)
+            stream[sample] = outputs
 
     def _check_memory(self, first: dict[str, np.ndarray]) -> None:
         total = sum(value.nbytes for value in first.values()) * len(self.feeds)
@@ -254,9 +258,11 @@ class LayerSweep:
                     self.seconds["onnxruntime"] += time.perf_counter() - start
                 folder.submit(_fold, accumulators, {name: values[name] for name in accumulators})
                 if outputs:
-                    stream[sample] = {name: values[name] for name in outputs}
+                    cut = {name: values[name] for name in outputs}
                     if sample == 0:
-                        self._check_memory(stream[0])
+                        self._check_memory(cut)
+                    stream[sample] = cut
+                    del cut
                 del values
         self.seconds["statistics"] += folder.waited
         for index in layer.indices:
