@@ -80,7 +80,13 @@ class SpilledSamples:
             if array.dtype.hasobject:
                 kept.append((name, array))
                 continue
-            _write_exactly(file.handle, file.size, array.reshape(-1).view(np.uint8))
+            try:
+                _write_exactly(file.handle, file.size, array.reshape(-1).view(np.uint8))
+            except OSError as error:  # e.g. the disk is full
+                raise OSError(
+                    f"the layer sweep could not write {array.nbytes} bytes of layer inputs to its temporary file in "
+                    f"{self._folder()!r} ({error}); set TMPDIR to a folder with room for them"
+                ) from error
             stored.append((name, array.dtype, array.shape, file.size))
             file.size += array.nbytes
             nbytes += array.nbytes
@@ -116,15 +122,17 @@ class SpilledSamples:
         try:
             handle = tempfile.TemporaryFile(dir=self._directory, buffering=0)
         except OSError as error:
-            where = self._directory or tempfile.gettempdir()
             raise OSError(
-                f"the layer sweep keeps its samples' layer inputs in a temporary file in {where!r} and cannot "
-                f"create one there ({error}); set TMPDIR to a writable folder"
+                f"the layer sweep keeps its samples' layer inputs in a temporary file in {self._folder()!r} and "
+                f"cannot create one there ({error}); set TMPDIR to a writable folder"
             ) from error
         self._writing = _File(handle)
         if previous is not None and previous.live == 0:
             previous.handle.close()
         return self._writing
+
+    def _folder(self) -> str:
+        return self._directory or tempfile.gettempdir()
 
     def _release(self, file: _File | None) -> None:
         if file is None:

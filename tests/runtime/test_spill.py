@@ -109,3 +109,14 @@ def test_an_unwritable_folder_is_named(tmp_path):
     missing = tmp_path / "no" / "such" / "folder"
     with SpilledSamples(1, directory=str(missing)) as samples, pytest.raises(OSError, match="TMPDIR"):
         samples[0] = {"x": np.ones(1)}
+
+
+def test_a_failed_write_names_the_folder(monkeypatch, tmp_path):
+    from lowbit.runtime import spill
+
+    def full(handle, offset, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spill, "_write_exactly", full)
+    with SpilledSamples(1, directory=str(tmp_path)) as samples, pytest.raises(OSError, match=str(tmp_path)):
+        samples[0] = {"x": np.ones(4)}
