@@ -302,7 +302,7 @@ class QuantizeWeightsPass(LowbitPass):
                 plans[index].hessian = None
             return {}
 
-        self._sweep(model, plans, statistics, quantize, "float", self._max_stream_bytes(plans, swept))
+        self._sweep(model, plans, statistics, quantize, "float")
         return WidthTable.joined(parts, indices)
 
     def _choose_at_widths(
@@ -385,7 +385,7 @@ class QuantizeWeightsPass(LowbitPass):
             rest_axes = [budget.axes[i] for i in rest]
         swept = [index for layer in layers for index in layer.indices]
         try:
-            self._sweep(model, plans, statistics, quantize, "float", self._max_stream_bytes(plans, swept))
+            self._sweep(model, plans, statistics, quantize, "float")
         except sequential.StreamTooLarge as error:
             if any(record is not None for record in records):  # a later layer's inputs grew: too late to go back
                 raise
@@ -394,13 +394,6 @@ class QuantizeWeightsPass(LowbitPass):
             write(swept, choose_axes(model, swept, statistics.samples))
         write(rest, rest_axes)
         return records
-
-    @staticmethod
-    def _max_stream_bytes(plans: list[axis_selectors.WeightPlan], swept) -> int:
-        """What the sweep of ``plans[swept]`` (the layers' weights) may hold of the layers' inputs: never more than
-        the whole model's Hessians would take (or 2 GiB)."""
-        inputs = {plans[i].first.node.inputs[0].name: plans[i].shape[0] for i in swept}
-        return max(sequential.MAX_STREAM_BYTES, sum(8 * channels**2 for channels in inputs.values()))
 
     @staticmethod
     def _collect_whole(model: ir.Model, plans, statistics: CalibrationStats, indices: list[int]) -> None:
@@ -419,7 +412,6 @@ class QuantizeWeightsPass(LowbitPass):
         statistics: CalibrationStats,
         quantize: sequential.LayerQuantizer,
         stream: str,
-        max_stream_bytes: int = sequential.MAX_STREAM_BYTES,
     ) -> list[int]:
         """Run ``quantize`` on the decoder layers in graph order (``sequential.LayerSweep`` on ``stream``); returns
         the indices of the plans outside them, which the sweep leaves to the caller."""
@@ -437,7 +429,6 @@ class QuantizeWeightsPass(LowbitPass):
                 layers,
                 statistics.feeds,
                 selector_samples=len(statistics.samples),
-                max_stream_bytes=max_stream_bytes,
                 stream=stream,
             )
             try:

@@ -20,7 +20,8 @@ layer's arrays are let go once it is quantized (``LayerSweep.run``), so a caller
 frees its float weights.
 Memory: one sample's cut at a time; the cut of every sample (samples x tokens x hidden float32 for a residual
 stream) waits in temporary files between layers, one cut's worth, never one per layer; past ``max_stream_bytes``
-(default 2 GiB; checked on the first sample of every cut) the sweep refuses (``StreamTooLarge``).
+(default: what fits twice in the temporary folder, ``stream_room``; checked on the first sample of every cut) the
+sweep refuses (``StreamTooLarge``).
 
 Which weights: MatMul weights (initializers) whose every use sits in one decoder layer (module path
 ``...layers.<i>``, see ``axis_selectors.decoder_layer``). The others (LM head, embeddings, Gemm weights,
@@ -34,6 +35,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 
@@ -57,15 +59,21 @@ from lowbit.runtime.session import (
     session_options,
     set_external_data_dirs,
 )
-from lowbit.runtime.spill import SpilledSamples
+from lowbit.runtime.spill import SpilledSamples, free_bytes
 from lowbit.runtime.threads import NO_SPINNING
 
-#: Refuse to keep more than this many bytes of layer inputs (one cut, all samples) in the temporary files.
-MAX_STREAM_BYTES = 2 * 2**30
+#: What the sweep leaves free in the temporary folder (``stream_room``).
+SPILL_RESERVE_BYTES = 2**30
 
 
 class StreamTooLarge(ValueError):
     """The layer inputs of every sample would take more bytes than the sweep may keep."""
+
+
+def stream_room() -> int:
+    """The bytes of layer inputs (one cut, every sample) a sweep may keep in the temporary folder: two cuts lie there
+    while one replaces the other, and ``SPILL_RESERVE_BYTES`` stay free."""
+    return max(0, (free_bytes() - SPILL_RESERVE_BYTES) // 2)
 
 
 #: How the input of the next layer is computed: with the layer quantized, or in float.
@@ -132,11 +140,12 @@ class LayerSweep:
         feeds: list[Mapping[str, np.ndarray]],
         *,
         selector_samples: int = 4,
-        max_stream_bytes: int = MAX_STREAM_BYTES,
+        max_stream_bytes: int | None = None,
         stream: str = "quantized",
     ):
         """``stream``: ``"quantized"`` (each layer's input computed with the earlier layers quantized) or
-        ``"float"`` (with float weights: the whole float model's statistics)."""
+        ``"float"`` (with float weights: the whole float model's statistics); ``max_stream_bytes``: default
+        ``stream_room()``."""
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
         if not feeds:
@@ -145,7 +154,8 @@ class LayerSweep:
         if sorted(feeds[0]) != expected:
             raise ValueError(f"calibration feeds name the inputs {sorted(feeds[0])}; the model takes {expected}")
         self.model, self.plans, self.layers, self.feeds = model, plans, layers, feeds
-        self.selector_samples, self.max_stream_bytes, self.stream = selector_samples, max_stream_bytes, stream
+        self.selector_samples, self.stream = selector_samples, stream
+        self.max_stream_bytes = stream_room() if max_stream_bytes is None else max_stream_bytes
         self.graph_inputs = expected
         self.cuts = layer_cuts(model.graph, [plan.uses for plan in plans], layers)
         #: Where the model's external data lies (sessions on its subgraphs read it from there).
@@ -219,23 +229,24 @@ class LayerSweep:
 
     def _replace(self, stream, sess: ort.InferenceSession, names: list[str], weights: Mapping[str, np.ndarray]) -> None:
         """Run ``sess`` on every sample (its feeds, its cut, ``weights``) and put the outputs in place of its
-        cut, one sample at a time (so that the old and new cuts are never both whole in memory)."""
+        cut, one sample at a time."""
         for sample, feeds in enumerate(self.feeds):
             outputs = dict(zip(names, sess.run(names, {**feeds, **stream[sample], **weights})))
             if sample == 0:
-                self._check_memory(outputs)
+                self._check_room(outputs)
             stream[sample] = outputs
 
-    def _check_memory(self, first: dict[str, np.ndarray]) -> None:
+    def _check_room(self, first: dict[str, np.ndarray]) -> None:
         total = sum(value.nbytes for value in first.values()) * len(self.feeds)
         if total > self.max_stream_bytes:
             shapes = {name: list(value.shape) for name, value in first.items()}
             what = "sequential calibration" if self.stream == "quantized" else "calibrating layer by layer"
             other_mode = ", or calibration_mode='parallel'" if self.stream == "quantized" else ""
             raise StreamTooLarge(
-                f"{what} would hold {total / 2**20:.0f} MiB of layer inputs ({len(self.feeds)} samples "
-                f"of {shapes}), over the limit of {self.max_stream_bytes / 2**20:.0f} MiB: use fewer or shorter "
-                f"calibration windows{other_mode}"
+                f"{what} would keep {total / 2**20:.0f} MiB of layer inputs ({len(self.feeds)} samples of {shapes}) "
+                f"in temporary files, over the limit of {self.max_stream_bytes / 2**20:.0f} MiB (by default half the "
+                f"free space of {tempfile.gettempdir()!r} less {SPILL_RESERVE_BYTES / 2**30:.0f} GiB): set TMPDIR to "
+                f"a folder with more room, or use fewer or shorter calibration windows{other_mode}"
             )
 
     def _set_hessians(self, extractor, layer: Layer, inputs: list[str], stream, outputs: list[str]) -> None:
@@ -260,7 +271,7 @@ class LayerSweep:
                 if outputs:
                     cut = {name: values[name] for name in outputs}
                     if sample == 0:
-                        self._check_memory(cut)
+                        self._check_room(cut)
                     stream[sample] = cut
                     del cut
                 del values

@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import shutil
 import tempfile
 from collections.abc import Mapping
 
 import numpy as np
+
+
+def free_bytes(directory: str | None = None) -> int:
+    """The bytes free on the file system of ``directory`` (default: the temporary files' folder)."""
+    return shutil.disk_usage(directory or tempfile.gettempdir()).free
 
 
 @dataclasses.dataclass(eq=False)

@@ -177,6 +177,12 @@ def test_memory_does_not_grow_with_layers():
     assert len(held) == 4 and all(later - earlier < 32 * 1024 for earlier, later in zip(held[1:], held[2:])), held
 
 
+@pytest.mark.parametrize("free_mib", [0, 1024, 1030, 50_000])
+def test_the_stream_may_take_half_the_temporary_folder_less_the_reserve(monkeypatch, free_mib):
+    monkeypatch.setattr(sequential, "free_bytes", lambda: free_mib * 2**20)
+    assert sequential.stream_room() == max(0, free_mib - 1024) * 2**20 // 2
+
+
 @pytest.mark.slow
 def test_sweep_refuses_a_stream_over_the_limit():
     with pytest.raises(ValueError, match=r"over the limit of 0 MiB.*calibration_mode='parallel'"):
@@ -751,15 +757,16 @@ def test_a_graph_the_sweep_cannot_cut_is_calibrated_whole(monkeypatch):
 
 
 @pytest.mark.slow
-def test_layer_inputs_larger_than_the_hessians_are_calibrated_whole(monkeypatch):
-    """Where every sample's layer inputs would take more memory than the layers' Hessians (and than the 2 GiB floor,
-    here 0), the float model is calibrated whole instead, with the same result."""
-    monkeypatch.setattr(sequential, "MAX_STREAM_BYTES", 0)
+def test_layer_inputs_without_room_in_the_temporary_folder_are_calibrated_whole(monkeypatch):
+    """Where every sample's layer inputs would not fit twice in the temporary folder (with 1 GiB to spare), the float
+    model is calibrated whole instead, with the same result."""
+    feeds = _feeds(48, tokens=64)  # 48 x 2 x 64 x 64 float32 = 1.5 MiB of inputs
+    monkeypatch.setattr(sequential, "free_bytes", lambda: sequential.SPILL_RESERVE_BYTES + 2 * 2**20)
     recipe = lowbit.Recipe(bits=3, group_size=16, method="gptq", axis="adadim", selector="block")
-    feeds = _feeds(48, tokens=64)  # 48 x 2 x 64 x 64 float32 = 1.5 MiB of inputs; the Hessians take 0.6 MiB
     whole, whole_tensors, by_layer, by_layer_tensors = _whole_and_by_layer(recipe, feeds)
     refused = {p.name: p.details for p in by_layer.report.passes}["QuantizeWeightsPass"]["by_layer_refused"]
-    assert "calibrating layer by layer would hold 2 MiB" in refused and refused.endswith("(calibrated whole instead)")
+    assert "calibrating layer by layer would keep 2 MiB" in refused and "over the limit of 1 MiB" in refused
+    assert "set TMPDIR" in refused and refused.endswith("(calibrated whole instead)")
     for name in whole_tensors:
         np.testing.assert_array_equal(by_layer_tensors[name], whole_tensors[name], err_msg=name)
 
