@@ -84,7 +84,7 @@ def weight_activations(model: ir.Model) -> dict[str, int]:
         if use.kind == "embedding":
             continue
         weight = analysis.weight_value_array(use)
-        transposed = use.node.op_type == "Gemm" and use.node.attributes.get_int("transB", 0)
+        transposed = analysis.stores_weight_transposed(use.node)
         activations[use.node.inputs[0].name] = weight.shape[1] if transposed else weight.shape[0]
     return activations
 

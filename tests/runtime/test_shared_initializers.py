@@ -11,6 +11,7 @@ import pytest
 
 from lowbit.runtime.session import (
     SMALL_EXTERNAL_TENSOR,
+    external_location,
     proto_sharing_initializers,
     session_feeding_weights,
     session_from_proto,
@@ -21,10 +22,9 @@ from tests.parity import serialized
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _location(proto: onnx.ModelProto, name: str) -> str:
+def _location(proto: onnx.ModelProto, name: str) -> str | None:
     """Where the proto's initializer ``name`` reads its external data."""
-    tensor = next(t for t in proto.graph.initializer if t.name == name)
-    return next(entry.value for entry in tensor.external_data if entry.key == "location")
+    return external_location(next(t for t in proto.graph.initializer if t.name == name))
 
 
 def test_large_initializers_are_references_to_the_models_arrays_and_the_outputs_are_the_same():
