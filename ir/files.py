@@ -117,21 +117,14 @@ def files_read(model: ir.Model) -> set[str]:
 
 def model_bytes(path: str | os.PathLike) -> int:
     """Size of a model file plus every external data file it names, each counted once (the file is parsed
-    without its weights, ``proto_stream.parse_without_weights``: only the locations are read)."""
+    without the bytes of any plain tensor, ``proto_stream.parse_without_weights``: only the locations are read,
+    so that sizing a written model holds no copy of its packed weights)."""
     path = pathlib.Path(path)
-    proto, _ = proto_stream.parse_without_weights(path, 0, _WHOLE_BYTE_ITEMSIZES)
+    proto, _ = proto_stream.parse_without_weights(path, 0, None)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     read = files_read(model) | {str(path.resolve())}
     return sum(pathlib.Path(file).stat().st_size for file in read)
-
-
-#: ONNX type number -> bytes per element, for the types whose elements take whole bytes.
-_WHOLE_BYTE_ITEMSIZES = {
-    dtype.value: int(dtype.itemsize)
-    for dtype in ir.DataType
-    if dtype not in (ir.DataType.UNDEFINED, ir.DataType.STRING) and float(dtype.itemsize).is_integer()
-}
 
 
 def refuse_input_files(targets: Iterable[str | os.PathLike], protected: set[str], what: str = "output") -> None:

@@ -238,14 +238,16 @@ def _rewritten(graphs: list[_Graph], size: int, lengths: Mapping[int, int]) -> l
 
 
 def read_without_weights(
-    path: str | os.PathLike, min_bytes: int, itemsizes: Mapping[int, int]
+    path: str | os.PathLike, min_bytes: int, itemsizes: Mapping[int, int] | None
 ) -> tuple[bytes, list[Weight]]:
     """The ModelProto bytes of the file at ``path`` with the ``raw_data`` of every main-graph initializer that
     ``ir.Tensor`` holds exactly emptied, and where each emptied tensor's bytes lie in the file.
 
     Emptied are the plain tensors (nothing but dims, data_type, name, doc_string and one ``raw_data``) of more
     than ``min_bytes``, of a data type in ``itemsizes`` (ONNX type number: bytes per element) whose bytes fill
-    their shape exactly; every other field, subgraphs and tensor attributes included, is kept as it is. The
+    their shape exactly (``itemsizes`` None: of any data type and length, for a reader that wants the graph and the
+    tensors' names, types, shapes and external locations, not their values); every other field, subgraphs and
+    tensor attributes included, is kept as it is. The
     file is read in small pieces, the weights not at all. Raises ValueError, naming the file, where the wire
     form is broken (what protobuf would refuse to parse in the parts walked here)."""
     with open(path, "rb") as file:
@@ -257,13 +259,9 @@ def read_without_weights(
         weights = []
         tensors = (tensor for graph in graphs for tensor in graph.tensors)
         for index, tensor in enumerate(tensors):
-            itemsize = itemsizes.get(tensor.data_type)
-            if (
-                tensor.plain
-                and tensor.raw_bytes > min_bytes
-                and itemsize is not None
-                and tensor.raw_bytes == (tensor.elements or 0) * itemsize
-            ):
+            itemsize = None if itemsizes is None else itemsizes.get(tensor.data_type)
+            exact = itemsize is not None and tensor.raw_bytes == (tensor.elements or 0) * itemsize
+            if tensor.plain and tensor.raw_bytes > min_bytes and (itemsizes is None or exact):
                 weights.append(Weight(index, tensor.raw_data, tensor.raw_bytes))
         pieces = _rewritten(graphs, size, {weight.index: 0 for weight in weights})
         data = bytearray(_size(pieces))
@@ -280,7 +278,7 @@ def read_without_weights(
 
 
 def parse_without_weights(
-    path: str | os.PathLike, min_bytes: int, itemsizes: Mapping[int, int]
+    path: str | os.PathLike, min_bytes: int, itemsizes: Mapping[int, int] | None
 ) -> tuple[onnx.ModelProto, list[Weight]]:
     """``read_without_weights`` parsed: the file's ModelProto with those weights empty, and where their bytes lie.
     A file that ``onnx.load`` reads as text (by its suffix: ``.json``, ``.textproto``, ...) is parsed whole, as

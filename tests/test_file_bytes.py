@@ -47,9 +47,16 @@ def test_file_bytes_with_a_data_file_is_an_upper_bound_within_the_offsets_digits
     assert written <= counted <= written + 20 * len(model.graph.initializers)
 
 
+def quantized_int4() -> ir.Model:
+    """Portable 3-bit codes: INT4/UINT4 tensors, whose bytes do not fill whole elements."""
+    model = factories.mlp(k=128, hidden=96, n=64)
+    return lowbit.optimize(model, lowbit.Recipe(bits=3, group_size=32, method="rtn", axis="oc")).model
+
+
 @pytest.mark.parametrize("suffix", [".onnx", ".textproto"])
-def test_model_bytes_counts_the_file_and_each_data_file_it_names_once(tmp_path, suffix):
-    model = factories.mlp()
+@pytest.mark.parametrize("make", [factories.mlp, quantized_int4], ids=["float", "int4"])
+def test_model_bytes_counts_the_file_and_each_data_file_it_names_once(tmp_path, suffix, make):
+    model = make()
     inline = tmp_path / f"inline{suffix}"
     onnx.save(ir.to_proto(model), inline)
     assert files.model_bytes(inline) == inline.stat().st_size

@@ -139,29 +139,25 @@ models = st.builds(
 )
 
 
-def _expected_weights(proto: onnx.ModelProto, min_bytes: int) -> list[int]:
-    """Positions of the initializers that ``read_without_weights`` must leave in the file."""
+def _expected_weights(proto: onnx.ModelProto, min_bytes: int, itemsizes: dict[int, int] | None) -> list[int]:
+    """Positions of the initializers that ``read_without_weights`` must leave in the file (``itemsizes`` None:
+    every plain one, whatever its type and length)."""
     plain = {"dims", "data_type", "name", "raw_data", "doc_string"}
     positions = []
     for index, tensor in enumerate(proto.graph.initializer):
         fields = {field.name for field, _ in tensor.ListFields()}
-        itemsize = ITEMSIZES.get(tensor.data_type)
-        if (
-            "raw_data" in fields
-            and fields <= plain
-            and itemsize is not None
-            and len(tensor.raw_data) > min_bytes
-            and len(tensor.raw_data) == int(np.prod(tensor.dims)) * itemsize
-        ):
+        itemsize = None if itemsizes is None else itemsizes.get(tensor.data_type)
+        exact = itemsize is not None and len(tensor.raw_data) == int(np.prod(tensor.dims)) * itemsize
+        if "raw_data" in fields and fields <= plain and len(tensor.raw_data) > min_bytes and (itemsizes is None or exact):
             positions.append(index)
     return positions
 
 
-def _check_read(path: pathlib.Path, min_bytes: int) -> None:
+def _check_read(path: pathlib.Path, min_bytes: int, itemsizes: dict[int, int] | None = ITEMSIZES) -> None:
     """``read_without_weights`` against ``onnx.load`` of the same file."""
     whole = onnx.load(path)
-    data, weights = proto_stream.read_without_weights(path, min_bytes, ITEMSIZES)
-    assert [weight.index for weight in weights] == _expected_weights(whole, min_bytes)
+    data, weights = proto_stream.read_without_weights(path, min_bytes, itemsizes)
+    assert [weight.index for weight in weights] == _expected_weights(whole, min_bytes, itemsizes)
     content = path.read_bytes()
     for weight in weights:
         tensor = whole.graph.initializer[weight.index]
@@ -171,12 +167,12 @@ def _check_read(path: pathlib.Path, min_bytes: int) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(models, st.sampled_from([0, 16, SMALL_EXTERNAL_TENSOR]))
-def test_the_file_read_without_weights_parses_as_onnx_load_reads_it_less_those_bytes(model, min_bytes):
+@given(models, st.sampled_from([0, 16, SMALL_EXTERNAL_TENSOR]), st.sampled_from([ITEMSIZES, None]))
+def test_the_file_read_without_weights_parses_as_onnx_load_reads_it_less_those_bytes(model, min_bytes, itemsizes):
     with tempfile.TemporaryDirectory() as folder:
         path = pathlib.Path(folder) / "model.onnx"
         onnx.save(model, path)
-        _check_read(path, min_bytes)
+        _check_read(path, min_bytes, itemsizes)
 
 
 def _loaded_as_before(path: pathlib.Path) -> ir.Model:
