@@ -19,6 +19,7 @@ from lowbit.passes.quant.gptq import HessianFactor, HessianNotPositiveDefinite, 
 from lowbit.passes.quant.rtn import QuantizedWeight, quantize_rtn
 from lowbit.passes.quant.scheme import QuantScheme
 from lowbit.passes.quant.tied import tied_hessian
+from lowbit.runtime.memory import release_free_memory
 from lowbit.runtime.threads import one_blas_thread
 
 #: The weight kinds that ``CandidateQuantizer.head_bits`` applies to.
@@ -118,6 +119,7 @@ def choose(
         plan.candidates = found
         if release_hessians:
             plan.release_hessian()
+            release_free_memory()  # the measures' temporaries
     details = None
     if selector is None or model is None:
         choices = axis_selectors.select_matrix(plans)
@@ -191,7 +193,9 @@ def _in_threads(quantizer: CandidateQuantizer, plans: list, work, desc: str, wor
     (its GPTQ factor made once), run with its own ``own`` copy of ``quantizer``; jobs run on ``workers`` threads
     (NumPy, BLAS and torch release the GIL), each calling BLAS on one thread where there are several workers
     (``threads.one_blas_thread``). A job computes what it would alone, so the results do not depend on the number
-    of threads."""
+    of threads. After each weight the heap's free pages go back to the system (``release_free_memory``): a
+    worker's temporaries below ``runtime.memory.LARGE_ALLOCATION_BYTES`` are freed into its own glibc arena and
+    stay resident there, so over a layer's weights they added up to more than the layer's candidates."""
     jobs: list[list] = []
     for plan in plans:
         if jobs and plan.hessian is not None and jobs[-1][-1].hessian is plan.hessian:
@@ -201,7 +205,11 @@ def _in_threads(quantizer: CandidateQuantizer, plans: list, work, desc: str, wor
 
     def run(job: list) -> list:
         own = dataclasses.replace(quantizer)  # a factor cache of its own
-        return [work(own, plan) for plan in job]
+        results = []
+        for plan in job:
+            results.append(work(own, plan))
+            release_free_memory()
+        return results
 
     results = []
     workers = min(len(jobs), workers or usable_cores()) or 1

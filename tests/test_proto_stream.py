@@ -148,7 +148,12 @@ def _expected_weights(proto: onnx.ModelProto, min_bytes: int, itemsizes: dict[in
         fields = {field.name for field, _ in tensor.ListFields()}
         itemsize = None if itemsizes is None else itemsizes.get(tensor.data_type)
         exact = itemsize is not None and len(tensor.raw_data) == int(np.prod(tensor.dims)) * itemsize
-        if "raw_data" in fields and fields <= plain and len(tensor.raw_data) > min_bytes and (itemsizes is None or exact):
+        if (
+            "raw_data" in fields
+            and fields <= plain
+            and len(tensor.raw_data) > min_bytes
+            and (itemsizes is None or exact)
+        ):
             positions.append(index)
     return positions
 
