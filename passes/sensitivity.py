@@ -21,6 +21,7 @@ are not measured; ``choose_within_budget`` keeps them at the recipe's width.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,6 +42,7 @@ from lowbit.runtime.session import (
     session_feeding_weights,
     session_options,
 )
+from lowbit.runtime.spill import SpilledSamples
 
 #: ``Recipe.budget_sensitivity``: ``output`` = the weight's own output error ``trace(dW^T H dW)``; ``kl`` = the
 #: model's output measured end to end (KL of the logits for an LM, relative squared error otherwise).
@@ -101,27 +103,33 @@ class _Distribution:
     ``y`` less its maximum), so each candidate costs one exponential per logit, not the two of a log-softmax and
     of ``p``. The identity holds for the ``p`` it is computed with, so ``p`` is kept in float32 (half the memory;
     the KL is then weighted by the rounded probabilities) and the rest is float64, a block of positions at a time;
-    a candidate whose logits are the float ones gives exactly 0."""
+    a candidate whose logits are the float ones gives exactly 0. ``p`` (positions x vocabulary: as large as the
+    logits) waits in a temporary file (``runtime.spill``), read back a block at a time: a budget's whole first
+    sweep keeps it, and in memory it would take as much as a layer's work."""
 
     def __init__(self, logits: np.ndarray):
         rows = logits.reshape(-1, logits.shape[-1])
-        self.p = np.empty(rows.shape, np.float32)
+        blocks = _blocks(len(rows))
+        self._p = SpilledSamples(len(blocks), what="the budget sensitivity's float probabilities")
+        weakref.finalize(self, self._p.close)
         self.p_dot = np.empty(len(rows))
         self.log_sum = np.empty(len(rows))
-        for block in _blocks(len(rows)):
+        self.p_sum = np.empty(len(rows))
+        for index, block in enumerate(blocks):
             z = _shifted(rows[block])
             self.log_sum[block] = np.log(np.exp(z).sum(axis=-1))
-            self.p[block] = np.exp(z - self.log_sum[block, None])
-            self.p_dot[block] = np.einsum("kv,kv->k", self.p[block], z)
-        self.p_sum = self.p.sum(axis=-1, dtype=np.float64)
+            p = np.exp(z - self.log_sum[block, None]).astype(np.float32)
+            self.p_dot[block] = np.einsum("kv,kv->k", p, z)
+            self.p_sum[block] = p.sum(axis=-1, dtype=np.float64)
+            self._p[index] = {"p": p}
 
     def kl(self, logits: np.ndarray) -> float:
         """``KL(p || softmax(logits))`` averaged over positions (nats per token)."""
         rows = logits.reshape(-1, logits.shape[-1])
         total = 0.0
-        for block in _blocks(len(rows)):
+        for index, block in enumerate(_blocks(len(rows))):
             z = _shifted(rows[block])
-            p_dot = np.einsum("kv,kv->k", self.p[block], z)
+            p_dot = np.einsum("kv,kv->k", self._p[index]["p"], z)
             log_sum = np.log(np.exp(z, out=z).sum(axis=-1))
             total += float(((self.p_dot[block] - p_dot) + (log_sum - self.log_sum[block]) * self.p_sum[block]).sum())
         return total / len(rows)
@@ -213,10 +221,12 @@ class OutputSensitivity:
                 cut = self._cuts[start]
                 session = self._session(self._extractor.extract_model([*self.session.input_names, *cut], [self.output]))
                 streams = self._float_stream
-            reference = [self._run(session, {}, sample, stream) for sample, stream in zip(self.samples, streams)]
-            layouts = [(output.shape, output.dtype) for output in reference]
-            if self.measure == "kl":
-                reference = [_Distribution(output) for output in reference]
+            reference, layouts = [], []
+            for sample, stream in zip(self.samples, streams):  # one sample's logits in memory at a time
+                output = self._run(session, {}, sample, stream)
+                layouts.append((output.shape, output.dtype))
+                reference.append(_Distribution(output) if self.measure == "kl" else output)
+                del output
             self._suffix = (start, session, reference, layouts)
         return self._suffix[1:]
 

@@ -1,4 +1,5 @@
-"""Per-sample arrays kept in temporary files instead of memory: the layer sweep's stream between two layers.
+"""Per-sample arrays kept in temporary files instead of memory: the layer sweep's stream between two layers, the
+budget sensitivity's float probabilities.
 
 A layer sweep keeps, for every calibration sample, the values that enter the next decoder layer (samples x
 tokens x hidden float32): on a small model at many samples that is a good part of what the whole run holds.
@@ -56,10 +57,12 @@ class SpilledSamples:
     replaced. Not for use from several threads at once (reads and writes seek one shared handle).
     """
 
-    def __init__(self, count: int, directory: str | None = None):
-        """``directory``: where the temporary files go (default ``tempfile``'s: ``TMPDIR``, else the system's)."""
+    def __init__(self, count: int, directory: str | None = None, what: str = "the layer sweep's layer inputs"):
+        """``directory``: where the temporary files go (default ``tempfile``'s: ``TMPDIR``, else the system's);
+        ``what``: what the samples are, for the errors."""
         self._entries = [_Entry(None)] * count
         self._directory = directory
+        self._what = what
         self._writing: _File | None = None
 
     def __len__(self) -> int:
@@ -90,7 +93,7 @@ class SpilledSamples:
                 _write_exactly(file.handle, file.size, array.reshape(-1).view(np.uint8))
             except OSError as error:  # e.g. the disk is full
                 raise OSError(
-                    f"the layer sweep could not write {array.nbytes} bytes of layer inputs to its temporary file in "
+                    f"could not write {array.nbytes} bytes of {self._what} to a temporary file in "
                     f"{self._folder()!r} ({error}); set TMPDIR to a folder with room for them"
                 ) from error
             stored.append((name, array.dtype, array.shape, file.size))
@@ -129,8 +132,8 @@ class SpilledSamples:
             handle = tempfile.TemporaryFile(dir=self._directory, buffering=0)
         except OSError as error:
             raise OSError(
-                f"the layer sweep keeps its samples' layer inputs in a temporary file in {self._folder()!r} and "
-                f"cannot create one there ({error}); set TMPDIR to a writable folder"
+                f"{self._what} are kept in temporary files in {self._folder()!r}, and none can be created there "
+                f"({error}); set TMPDIR to a writable folder"
             ) from error
         self._writing = _File(handle)
         if previous is not None and previous.live == 0:

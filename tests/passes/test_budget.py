@@ -3,6 +3,9 @@ exactly the chosen candidates."""
 
 from __future__ import annotations
 
+import gc
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -320,3 +323,23 @@ def test_budget_sensitivity_is_validated():
         SizeBudget(parse_budget("3"), sensitivity="hessian")
     with pytest.raises(ValueError, match="sensitivity_samples"):
         SizeBudget(parse_budget("3"), sensitivity="kl", sensitivity_samples=0)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's open files through /proc")
+def test_the_float_probabilities_wait_in_a_temporary_file_closed_with_the_distribution():
+    """``_Distribution`` keeps three float64 numbers per position in memory, not the ``positions x vocabulary``
+    probabilities: those are in a temporary file, closed once the distribution is gone."""
+    from lowbit.passes.sensitivity import _Distribution
+
+    rng = np.random.default_rng(0)
+    float_logits = rng.standard_normal((1, 40, 300)).astype(np.float32)
+    before = len(os.listdir("/proc/self/fd"))
+    distribution = _Distribution(float_logits)
+    held = sum(value.nbytes for value in vars(distribution).values() if isinstance(value, np.ndarray))
+    assert held == 3 * 40 * 8
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    logits = float_logits + 0.1 * rng.standard_normal(float_logits.shape).astype(np.float32)
+    assert distribution.kl(logits) == pytest.approx(reference_kl(float_logits, logits), rel=1e-6)
+    del distribution
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
