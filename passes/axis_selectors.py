@@ -346,31 +346,27 @@ class SubgraphSelector:
         weight_names = [plans[i].first.weight.name for i in module.plan_indices]
         sess = module_session(extractor, module, weight_names, data_dirs, memory_files)
 
-        inputs: dict[tuple[int, str], np.ndarray] = {}  # each candidate dequantized once, not once per trial
-
-        def session_input(i: int, axis: str) -> np.ndarray:
-            if (i, axis) not in inputs:
-                inputs[i, axis] = plans[i].session_input(axis)
-            return inputs[i, axis]
-
-        def error(assignment: dict[int, str]) -> float:
-            weights = {plans[i].first.weight.name: session_input(i, assignment[i]) for i in module.plan_indices}
+        def error(weights: dict[int, np.ndarray]) -> float:
+            feeds = {plans[i].first.weight.name: weights[i] for i in module.plan_indices}
             total = 0.0
             for sample in captured:
-                feeds = {name: sample[name] for name in module.inputs}
-                for got, name in zip(sess.run(module.outputs, {**feeds, **weights}), module.outputs):
+                boundary = {name: sample[name] for name in module.inputs}
+                for got, name in zip(sess.run(module.outputs, {**boundary, **feeds}), module.outputs):
                     total += float(np.sum((got.astype(np.float64) - sample[name]) ** 2))
             return total
 
+        # Each candidate is dequantized once; only the current assignment's inputs are kept, and one trial's.
         assignment = {i: choices[i] for i in module.plan_indices}
-        start = best = error(assignment)
+        current = {i: plans[i].session_input(assignment[i]) for i in module.plan_indices}
+        start = best = error(current)
         flips = 0
         for i in module.plan_indices:
             other = next(axis for axis in plans[i].candidates if axis != assignment[i])
-            trial = {**assignment, i: other}
+            trial = {**current, i: plans[i].session_input(other)}
             trial_error = error(trial)
             if trial_error < best:
-                assignment, best, flips = trial, trial_error, flips + 1
+                assignment[i], current, best, flips = other, trial, trial_error, flips + 1
+            del trial
         for i in module.plan_indices:
             choices[i] = assignment[i]
         return flips, start, best
