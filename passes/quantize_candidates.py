@@ -119,7 +119,8 @@ def choose(
         plan.candidates = found
         if release_hessians:
             plan.release_hessian()
-            release_free_memory()  # the measures' temporaries
+    if release_hessians:
+        release_free_memory()  # the measures' temporaries, freed into this thread's arena (see ``_in_threads``)
     details = None
     if selector is None or model is None:
         choices = axis_selectors.select_matrix(plans)
@@ -193,9 +194,10 @@ def _in_threads(quantizer: CandidateQuantizer, plans: list, work, desc: str, wor
     (its GPTQ factor made once), run with its own ``own`` copy of ``quantizer``; jobs run on ``workers`` threads
     (NumPy, BLAS and torch release the GIL), each calling BLAS on one thread where there are several workers
     (``threads.one_blas_thread``). A job computes what it would alone, so the results do not depend on the number
-    of threads. After each weight the heap's free pages go back to the system (``release_free_memory``): a
-    worker's temporaries below ``runtime.memory.LARGE_ALLOCATION_BYTES`` are freed into its own glibc arena and
-    stay resident there, so over a layer's weights they added up to more than the layer's candidates."""
+    of threads. After each job the heap's free pages go back to the system (``release_free_memory``): a worker's
+    temporaries below ``runtime.memory.LARGE_ALLOCATION_BYTES`` are freed into its own glibc arena and stay resident
+    there, so over a layer's weights they added up to more than the layer's candidates. (Once per job, not per
+    weight: pages handed back are faulted in again by the next weight's temporaries.)"""
     jobs: list[list] = []
     for plan in plans:
         if jobs and plan.hessian is not None and jobs[-1][-1].hessian is plan.hessian:
@@ -205,10 +207,8 @@ def _in_threads(quantizer: CandidateQuantizer, plans: list, work, desc: str, wor
 
     def run(job: list) -> list:
         own = dataclasses.replace(quantizer)  # a factor cache of its own
-        results = []
-        for plan in job:
-            results.append(work(own, plan))
-            release_free_memory()
+        results = [work(own, plan) for plan in job]
+        release_free_memory()
         return results
 
     results = []
