@@ -245,11 +245,11 @@ def read_without_weights(
 
     Emptied are the plain tensors (nothing but dims, data_type, name, doc_string and one ``raw_data``) of more
     than ``min_bytes``, of a data type in ``itemsizes`` (ONNX type number: bytes per element) whose bytes fill
-    their shape exactly (``itemsizes`` None: of any data type and length, for a reader that wants the graph and the
-    tensors' names, types, shapes and external locations, not their values); every other field, subgraphs and
-    tensor attributes included, is kept as it is. The
-    file is read in small pieces, the weights not at all. Raises ValueError, naming the file, where the wire
-    form is broken (what protobuf would refuse to parse in the parts walked here)."""
+    their shape exactly; with ``itemsizes`` None, of any data type and length (for a reader that wants the graph
+    and the tensors' names, types, shapes and external locations, not their values). Every other field, subgraphs
+    and tensor attributes included, is kept as it is. The file is read in small pieces, the weights not at all.
+    Raises ValueError, naming the file, where the wire form is broken (what protobuf would refuse to parse in the
+    parts walked here)."""
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         try:
