@@ -176,7 +176,7 @@ class LayerSweep:
         extractor = onnx.utils.Extractor(proto)
         del proto
         with (
-            SpilledSamples(len(self.feeds)) as stream,
+            SpilledSamples(len(self.feeds), what="the layer sweep's layer inputs") as stream,
             RunBehind() if self.stream == "float" else contextlib.nullcontext() as behind,
         ):
             self._prefix(extractor, stream)

@@ -57,9 +57,9 @@ class SpilledSamples:
     replaced. Not for use from several threads at once (reads and writes seek one shared handle).
     """
 
-    def __init__(self, count: int, directory: str | None = None, what: str = "the layer sweep's layer inputs"):
+    def __init__(self, count: int, directory: str | None = None, what: str = "samples"):
         """``directory``: where the temporary files go (default ``tempfile``'s: ``TMPDIR``, else the system's);
-        ``what``: what the samples are, for the errors."""
+        ``what``: what the samples are, as the errors name them."""
         self._entries = [_Entry(None)] * count
         self._directory = directory
         self._what = what
