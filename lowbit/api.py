@@ -5,12 +5,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import os
 import pathlib
 import shutil
 import signal
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -180,8 +182,11 @@ def load(path: str | os.PathLike, *, checker: bool = True) -> ir.Model:
     but the checker refuses, such as the genai builder's, which puts its contrib op
     ``SimplifiedLayerNormalization`` in the ONNX domain.
 
-    The file is parsed without the main graph's large weights (``_parse``), whose bytes are read into arrays of
-    their own; the other tensors hold their bytes themselves too (``_own_tensor_bytes``), not the parsed
+    The file is parsed without the main graph's large weights (``_parse``); each of those is read from the file
+    whenever a pass asks for its values (``_read_weights``), so that the model holds none of them until a pass
+    does, and a pass that replaces a weight (quantization, one layer after another) never held the others. The
+    file is kept open for that (a file moved or deleted afterwards is still read; one changed in place is
+    refused, naming it). The other tensors hold their bytes themselves (``_own_tensor_bytes``), not the parsed
     proto, which is dropped."""
     path = pathlib.Path(path)
     if not path.is_file():
@@ -223,24 +228,62 @@ def _parse(path: pathlib.Path) -> tuple[onnx.ModelProto, list[proto_stream.Weigh
 def _read_weights(
     model: ir.Model, proto: onnx.ModelProto, weights: list[proto_stream.Weight], path: pathlib.Path
 ) -> None:
-    """Give each main-graph initializer that ``_parse`` left empty an array of its own, read from the file, as
-    ``_own_tensor_bytes`` makes it from parsed bytes. Read, not mapped: a mapped file's pages count as the
+    """Give each main-graph initializer that ``_parse`` left empty a tensor read from the file whenever its values
+    are asked for (``ir.LazyTensor``, not cached: what a pass keeps of it, it holds itself), as
+    ``_own_tensor_bytes`` would make it from parsed bytes. Read, not mapped: a mapped file's pages count as the
     process's memory. Of initializers with one name, the model holds the last (``onnx_ir``), read only if empty."""
+    if not weights:
+        return
+    reader = _WeightReader(path)
     names = [tensor.name for tensor in proto.graph.initializer]
     last = {name: index for index, name in enumerate(names)}
-    with open(path, "rb") as file:
-        for weight in weights:
-            name = names[weight.index]
-            if last[name] != weight.index:
-                continue
-            value = model.graph.initializers[name]
-            tensor = value.const_value
-            array = np.empty(weight.length, np.uint8)
-            file.seek(weight.offset)
-            if file.readinto(array) != weight.length:
-                raise ValueError(f"{str(path)!r} changed while it was read: tensor {name!r} is cut short")
-            array.flags.writeable = False  # as the parsed bytes were
-            value.const_value = _plain_tensor(array, tensor)
+    for weight in weights:
+        name = names[weight.index]
+        if last[name] != weight.index:
+            continue
+        tensor = model.graph.initializers[name].const_value
+        dtype, dims, doc_string = tensor.dtype, tuple(tensor.raw.dims), tensor.doc_string or None
+        read = functools.partial(reader.tensor, weight, name, dtype, dims, doc_string)
+        model.graph.initializers[name].const_value = ir.LazyTensor(
+            read, dtype, ir.Shape(dims), name=name, doc_string=doc_string
+        )
+
+
+class _WeightReader:
+    """The file ``lowbit.load`` read a model from, held open (a file moved or deleted afterwards is still read) for
+    its weights' lazy tensors, which share it; closed when the last of them is gone. A file changed in place since
+    it was loaded (another size or modification time) is refused, naming it and the tensor."""
+
+    def __init__(self, path: pathlib.Path):
+        self._path = path
+        self._file = open(path, "rb", buffering=0)  # closed with the reader
+        weakref.finalize(self, self._file.close)
+        self._lock = threading.Lock()  # one position in the file
+        self._identity = self._stat()
+
+    def _stat(self) -> tuple[int, int]:
+        status = os.fstat(self._file.fileno())
+        return status.st_size, status.st_mtime_ns
+
+    def tensor(
+        self, weight: proto_stream.Weight, name: str, dtype: ir.DataType, dims: tuple[int, ...], doc_string: str | None
+    ) -> ir.Tensor:
+        """Tensor ``name`` (``weight``: where its bytes lie), as an ``ir.Tensor`` over a read-only array of its own."""
+        data = np.empty(weight.length, np.uint8)
+        view, done = memoryview(data), 0
+        with self._lock:
+            if self._stat() != self._identity:
+                raise ValueError(
+                    f"{str(self._path)!r} changed after lowbit.load read it (tensor {name!r} is read from it when "
+                    "needed): load it again"
+                )
+            self._file.seek(weight.offset)
+            while done < weight.length:  # a raw read may return fewer bytes than asked
+                count = self._file.readinto(view[done:])
+                if not count:
+                    raise ValueError(f"{str(self._path)!r} was cut short after lowbit.load read it (tensor {name!r})")
+                done += count
+        return _plain_tensor(data, dtype, dims, name, doc_string)
 
 
 #: The fields of a TensorProto whose tensor ``_own_tensor_bytes`` turns into a NumPy array: what ``ir.Tensor``
@@ -267,7 +310,8 @@ def _own_tensor_bytes(model: ir.Model) -> None:
             and fields <= _PLAIN_TENSOR_FIELDS
             and tensor.dtype in runtime_session.NUMPY_BYTES_TYPES
         ):
-            return _plain_tensor(np.frombuffer(proto.raw_data, np.uint8), tensor)
+            data = np.frombuffer(proto.raw_data, np.uint8)
+            return _plain_tensor(data, tensor.dtype, tuple(proto.dims), tensor.name, tensor.doc_string or None)
         copy = onnx.TensorProto()
         copy.CopyFrom(proto)
         return ir.serde.TensorProtoTensor(copy)
@@ -282,11 +326,14 @@ def _own_tensor_bytes(model: ir.Model) -> None:
             _own_attribute_tensors(node, owned)
 
 
-def _plain_tensor(data: np.ndarray, tensor: ir.serde.TensorProtoTensor) -> ir.Tensor:
-    """An ``ir.Tensor`` over ``data`` (the raw bytes of a plain tensor, uint8) with ``tensor``'s type, shape, name and
-    doc string: it serializes to the same TensorProto."""
-    array = data.view(tensor.dtype.numpy().newbyteorder("<")).reshape(tensor.raw.dims)
-    return ir.Tensor(array, dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string or None)
+def _plain_tensor(
+    data: np.ndarray, dtype: ir.DataType, dims: tuple[int, ...], name: str, doc_string: str | None
+) -> ir.Tensor:
+    """An ``ir.Tensor`` over ``data`` (the raw bytes of a plain tensor, uint8, made read-only) with the tensor's type,
+    shape, name and doc string: it serializes to the same TensorProto."""
+    data.flags.writeable = False  # as parsed bytes are
+    array = data.view(dtype.numpy().newbyteorder("<")).reshape(dims)
+    return ir.Tensor(array, dtype=dtype, name=name, doc_string=doc_string)
 
 
 def _own_attribute_tensors(node: ir.Node, owned) -> None:

@@ -20,6 +20,7 @@ module (``unmatched``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import warnings
 from collections.abc import Callable, Mapping
@@ -49,11 +50,24 @@ from lowbit.runtime.threads import NO_SPINNING
 
 @dataclasses.dataclass(frozen=True)
 class DeferredWeight:
-    """A weight read when first needed (``WeightPlan.weight``): a lazily computed initializer (a layer split's
-    cluster, ``ir.LazyTensor``), which a layer sweep then holds one layer at a time."""
+    """A weight read when first needed (``WeightPlan.weight``): a lazily computed or read initializer (a layer
+    split's cluster, a weight of a loaded file: ``ir.LazyTensor``), which a layer sweep then holds one layer at a
+    time."""
 
     shape: tuple[int, ...]  # [K, N]
     load: Callable[[], np.ndarray]
+
+
+def weight_source(
+    use: analysis.WeightUse, read: Callable[[analysis.WeightUse], np.ndarray]
+) -> np.ndarray | DeferredWeight:
+    """A plan's ``source``: ``read(use)`` (its ``[K, N]`` float32 value) now, or, where the initializer is computed or
+    read from its file when asked (``ir.LazyTensor``), when the plan first needs it."""
+    tensor = use.weight.const_value
+    if not isinstance(tensor, ir.LazyTensor):
+        return read(use)
+    shape = tuple(tensor.shape)[::-1] if analysis.stores_weight_transposed(use.node) else tuple(tensor.shape)
+    return DeferredWeight(shape, functools.partial(read, use))
 
 
 @dataclasses.dataclass

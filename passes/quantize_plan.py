@@ -17,7 +17,6 @@ with only that weight quantized); weights a feed cannot replace keep the recipe'
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 
@@ -27,7 +26,7 @@ import onnx_ir as ir
 from lowbit.ir import analysis, builders, files
 from lowbit.kernels import packing
 from lowbit.kernels.model import storage_scales
-from lowbit.passes.axis_selectors import DeferredWeight, WeightPlan, matrix_errors
+from lowbit.passes.axis_selectors import WeightPlan, matrix_errors, weight_source
 from lowbit.passes.quant import allocate
 from lowbit.passes.quant.rtn import MAX_MAGNITUDE, QuantizedWeight, check_weight
 from lowbit.passes.quant.scheme import SUPPORTED_BITS
@@ -123,13 +122,7 @@ def plan_weights(
             culprit, reason = skip
             skipped.append(SkippedWeight(culprit.weight.name or "", culprit.layer, culprit.kind, reason))
             continue
-        first = uses[0]
-        tensor = first.weight.const_value
-        if isinstance(tensor, ir.LazyTensor):  # read when its layer is quantized
-            shape = tuple(tensor.shape)[::-1] if analysis.stores_weight_transposed(first.node) else tuple(tensor.shape)
-            weight = DeferredWeight(shape, functools.partial(checked_weight, first))
-        else:
-            weight = checked_weight(first)
+        weight = weight_source(uses[0], checked_weight)  # a lazy one read when its layer is quantized
         if key in heads:
             plans.append(TiedTablePlan(uses, weight, None, head_hessian=hessian(heads[key])))
         else:

@@ -34,8 +34,9 @@ split only where RTN under ``scheme`` (each candidate axis, the best of them) lo
 error ``trace(dW^T H dW)`` (with calibration; else the Frobenius weight error) by at least
 ``split_min_gain`` times: the split triples the weight's bytes and MatMul work. The three cluster weights are
 tensors computed when read (``ir.LazyTensor`` over the weight and the clusters' value bounds): until
-QuantizeWeightsPass replaces them, the split model holds about what the model held, and the quantizing sweep
-computes one layer's clusters at a time.
+QuantizeWeightsPass replaces them, the split model holds at most what the model held (a weight that
+``lowbit.load`` reads from its file when needed is read again), and the quantizing sweep computes one layer's
+clusters at a time.
 
 Output heads stay whole unless ``include_lm_head`` (a tied head never: its table is shared with the
 embedding); embeddings are never touched. A Gemm keeps its (dense or middle) weight and gets the
@@ -58,7 +59,7 @@ from lowbit.ir import analysis
 from lowbit.ir.builders import NameAllocator, fresh_name
 from lowbit.kernels.model import OUTLIER_TYPES
 from lowbit.passes import sequential
-from lowbit.passes.axis_selectors import WeightPlan
+from lowbit.passes.axis_selectors import WeightPlan, weight_source
 from lowbit.passes.base import LowbitPass
 from lowbit.passes.quant import outliers
 from lowbit.passes.quant.hessian import HessianAccumulator
@@ -182,7 +183,7 @@ class SplitOutliersPass(LowbitPass):
         whole model collected for them here. Returns what the report says of it."""
         if statistics.feeds is None:
             raise ValueError("the layer split reads every weight's full H: pass calibration feeds, or full statistics")
-        plans = [WeightPlan(uses, self._weight_kn(uses[0]), None) for uses in targets]
+        plans = [WeightPlan(uses, weight_source(uses[0], self._weight_kn), None) for uses in targets]
         layers, rest = sequential.group_layers(plans)
         if layers:
             sequential.infer_missing_types(model)  # the sweep cuts the layers out as subgraphs
@@ -250,8 +251,7 @@ class SplitOutliersPass(LowbitPass):
     @staticmethod
     def _weight_kn(first: analysis.WeightUse) -> np.ndarray:
         """The weight as ``[K, N]`` float32."""
-        weight = np.asarray(analysis.weight_value_array(first), dtype=np.float32)
-        return analysis.gemm_weight_kn(first.node, weight) if first.node.op_type == "Gemm" else weight
+        return _as_kn(first.node, analysis.weight_value_array(first))
 
     def _rewrite(
         self,
@@ -287,9 +287,7 @@ class SplitOutliersPass(LowbitPass):
         if bounds is None:
             writer.keep_in_weight(uses, remaining)
         else:
-            clusters = _Clusters(
-                remaining, bounds, first.weight.const_value.numpy(), analysis.stores_weight_transposed(uses[0].node)
-            )
+            clusters = _Clusters.of(first, remaining, weight, bounds)
             writer.add_split(nodes, name, clusters)
             writer.keep_cluster_in_weight(uses, clusters)
 
@@ -319,6 +317,12 @@ class SplitOutliersPass(LowbitPass):
         return bounds if chosen else None
 
 
+def _as_kn(node: ir.Node, weight: np.ndarray) -> np.ndarray:
+    """The value of ``node``'s weight operand as ``[K, N]`` float32 (a Gemm's layout and alpha applied)."""
+    weight = np.asarray(weight, dtype=np.float32)
+    return analysis.gemm_weight_kn(node, weight) if node.op_type == "Gemm" else weight
+
+
 #: Clusters of a layer split: lower, middle (kept in the original MatMul), upper.
 _CLUSTERS = 3
 
@@ -326,34 +330,53 @@ _CLUSTERS = 3
 @dataclasses.dataclass(frozen=True)
 class _Clusters:
     """A split weight's clusters as tensors computed when read (``ir.LazyTensor``): until QuantizeWeightsPass
-    replaces them, the model holds the weight (``stored``, and its ``[K, N]`` float32 remainder where that is
-    another array) and the clusters' bounds, not three float arrays of its size."""
+    replaces them, the model holds the clusters' bounds and what gives the weight, not three float arrays of its
+    size: the weight's arrays, or, for a weight read from its file when needed (``lowbit.load``) and split without
+    outliers, nothing (read again for each layer's clusters)."""
 
-    weight: np.ndarray  # [K, N] float32 remainder (outliers zeroed), what the MatMul computes with (a Gemm's alpha in)
-    bounds: np.ndarray  # outliers.cluster_bounds of ``weight``
-    stored: np.ndarray  # the weight as its initializer holds it: its type, a Gemm's layout and values
+    remainder: Callable[[], np.ndarray]  # [K, N] float32, outliers zeroed: what the MatMul computes (a Gemm's alpha in)
+    stored: Callable[[], np.ndarray]  # the weight as its initializer holds it: its type, a Gemm's layout and values
+    bounds: np.ndarray  # outliers.cluster_bounds of the remainder
+    shape: tuple[int, ...]  # [K, N]
+    stored_shape: tuple[int, ...]
+    dtype: np.dtype  # the initializer's
     transposed: bool  # ``stored`` is [N, K] (a Gemm's B with transB)
     #: Each cluster's array while anything holds it: the readers of one layer (the sweep's session, the plan, the
     #: axis selector's sessions) share one copy.
     _alive: weakref.WeakValueDictionary = dataclasses.field(default_factory=weakref.WeakValueDictionary)
+
+    @staticmethod
+    def of(first: analysis.WeightUse, remaining: np.ndarray, weight: np.ndarray, bounds: np.ndarray) -> _Clusters:
+        """The clusters of ``first``'s weight (``weight``, ``[K, N]`` float32) whose remainder is ``remaining``
+        (before the initializer is replaced by the kept cluster, which reads this)."""
+        source = first.weight.const_value
+        if remaining is weight and isinstance(source, ir.LazyTensor):
+            remainder, stored = (lambda: _as_kn(first.node, source.numpy())), source.numpy
+        else:
+            stored_array = source.numpy()
+            remainder, stored = (lambda: remaining), (lambda: stored_array)
+        dtype = source.dtype.numpy()
+        transposed = analysis.stores_weight_transposed(first.node)
+        return _Clusters(remainder, stored, bounds, remaining.shape, tuple(source.shape), dtype, transposed)
 
     def part(self, cluster: int, name: str) -> ir.LazyTensor:
         """Cluster ``cluster`` (0 = lowest) for a MatMul of its own: ``[K, N]`` in the weight's type (its values,
         exact in it)."""
 
         def compute() -> np.ndarray:
-            return outliers.cluster_part(self.weight, self.bounds, cluster).astype(self.stored.dtype)
+            return outliers.cluster_part(self.remainder(), self.bounds, cluster).astype(self.dtype)
 
-        return self._lazy(cluster, compute, self.weight.shape, name)
+        return self._lazy(cluster, compute, self.shape, name)
 
     def kept(self, name: str) -> ir.LazyTensor:
         """The middle cluster in the initializer's own layout and values: the weight zeroed elsewhere."""
 
         def compute() -> np.ndarray:
-            mask = (outliers.cluster_labels(self.weight, self.bounds) == _CLUSTERS // 2) & (self.weight != 0)
-            return np.where(mask.T if self.transposed else mask, self.stored, np.zeros((), self.stored.dtype))
+            weight = self.remainder()
+            mask = (outliers.cluster_labels(weight, self.bounds) == _CLUSTERS // 2) & (weight != 0)
+            return np.where(mask.T if self.transposed else mask, self.stored(), np.zeros((), self.dtype))
 
-        return self._lazy(_CLUSTERS // 2, compute, self.stored.shape, name)
+        return self._lazy(_CLUSTERS // 2, compute, self.stored_shape, name)
 
     def _lazy(self, cluster: int, compute: Callable[[], np.ndarray], shape, name: str) -> ir.LazyTensor:
         def evaluate() -> ir.Tensor:
@@ -362,9 +385,7 @@ class _Clusters:
                 array = self._alive[cluster] = compute()
             return ir.tensor(array, name=name)
 
-        return ir.LazyTensor(
-            evaluate, dtype=ir.DataType.from_numpy(self.stored.dtype), shape=ir.Shape(shape), name=name
-        )
+        return ir.LazyTensor(evaluate, dtype=ir.DataType.from_numpy(self.dtype), shape=ir.Shape(shape), name=name)
 
 
 class _BranchWriter:

@@ -394,3 +394,48 @@ def test_gptq_damping_reaches_gptq():
     for bad in (0.0, -0.1):
         with pytest.raises(ValueError, match="gptq_damping must be > 0"):
             lowbit.Recipe(gptq_damping=bad)
+
+
+def test_large_weights_are_read_from_the_file_when_asked_for(tmp_path):
+    """lowbit.load reads no large weight: each is read from the file whenever its values are asked for (a new
+    read-only array each time: what a pass keeps, it holds itself), also after the file was moved or deleted; a
+    file changed in place is refused, naming it and the tensor. Saved, the tensors are the file's."""
+    import os
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "large",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    path = tmp_path / "large.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    model = lowbit.load(path)
+    tensor = model.graph.initializers["w"].const_value
+    assert isinstance(tensor, ir.LazyTensor)
+    first, second = tensor.numpy(), tensor.numpy()
+    assert first is not second and not first.flags.writeable
+    np.testing.assert_array_equal(first, weight)
+    saved = lowbit.save(model, tmp_path / "saved.onnx")
+    assert (
+        onnx.load(saved).graph.initializer[0].SerializeToString()
+        == onnx.load(path).graph.initializer[0].SerializeToString()
+    )
+
+    moved = tmp_path / "moved.onnx"
+    os.replace(path, moved)
+    np.testing.assert_array_equal(tensor.numpy(), weight)
+    with open(moved, "ab") as file:  # changed in place
+        file.write(b"\0")
+    with pytest.raises(ValueError, match=r"large\.onnx.* changed after lowbit.load read it \(tensor 'w'"):
+        tensor.numpy()
+
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    model = lowbit.load(path)
+    path.unlink()
+    np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), weight)

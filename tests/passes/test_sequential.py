@@ -918,3 +918,36 @@ def test_by_layer_calibration_of_a_graph_without_value_types(outlier_fraction, s
     assert details["QuantizeWeightsPass"]["calibration"]["layers"] == 2
     if split:
         assert details["SplitOutliersPass"]["calibration_by_layer"] == {"layers": 2, "refused": None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split, outlier_fraction", [(False, 0.0), (True, 0.0), (True, 0.02)])
+def test_a_loaded_model_reads_its_weights_when_their_layer_comes_and_quantizes_the_same(
+    tmp_path, split, outlier_fraction
+):
+    """``lowbit.load`` reads no weight: each is read from the file when a pass asks for it, and the layer split's
+    clusters of a weight split without outliers read it again rather than holding it. Plain and split recipes
+    write the same tensors from the loaded file as from the same model held in memory."""
+    from lowbit.passes import split_outliers
+
+    path = tmp_path / "llama.onnx"
+    path.write_bytes(_llama_proto(2))
+    recipe = lowbit.Recipe(
+        bits=3, group_size=16, method="gptq", axis="adadim", split=split, outlier_fraction=outlier_fraction
+    )
+    feeds = _feeds(4)
+    loaded = lowbit.load(path)
+    matrices = [value.const_value for value in loaded.graph.initializers.values() if len(value.shape) == 2]
+    assert len(matrices) > 14 and all(isinstance(tensor, ir.LazyTensor) for tensor in matrices)
+    made = []
+    of = split_outliers._Clusters.of
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(split_outliers._Clusters, "of", lambda *args: made.append(of(*args)) or made[-1])
+        _, from_file = _optimize(loaded, recipe, feeds)
+    _, in_memory = _optimize(_llama(), recipe, feeds)
+    assert from_file.keys() == in_memory.keys()
+    for name in in_memory:
+        np.testing.assert_array_equal(from_file[name], in_memory[name], err_msg=name)
+    assert bool(made) == recipe.split
+    held = [cell.cell_contents for clusters in made for cell in clusters.remainder.__closure__]
+    assert all(isinstance(value, np.ndarray) == (recipe.outlier_fraction > 0) for value in held if value is not None)
