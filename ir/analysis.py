@@ -129,6 +129,14 @@ def weight_value_array(use: WeightUse):
     return table.T
 
 
+def weight_shape(use: WeightUse) -> tuple[int, ...]:
+    """The shape of ``weight_value_array(use)``, from the tensors' shapes: no value is read (a weight that
+    ``lowbit.load`` left in its file stays there)."""
+    if use.weight.const_value is not None:
+        return tuple(use.weight.const_value.shape)
+    return tuple(use.weight.producer().inputs[0].const_value.shape)[::-1]
+
+
 def weight_layout(node: ir.Node) -> tuple:
     """How a node reads its weight: op, transB and alpha (a shared weight must be read one way)."""
     if node.op_type != "Gemm":

@@ -5,6 +5,8 @@ float initializer dropped when nothing else reads it, and the ``WeightRecord`` o
 
 from __future__ import annotations
 
+import math
+
 import onnx_ir as ir
 
 from lowbit.ir import analysis, builders
@@ -27,6 +29,16 @@ def write_weight(
     except ValueError as error:
         raise ValueError(f"weight {first.weight.name!r} of {first.layer!r}: {error}") from error
     reconstructed = quantized.dequantize()
+    # measured before the graph changes: a deferred weight is read from the initializer replaced below
+    weight_error = relative_error(plan.weight, reconstructed)
+    if plan.choice_errors is not None:  # chosen between other candidates: the written one is measured next
+        axis_errors = plan.choice_errors
+    else:
+        axis_errors = axis_selectors.matrix_errors(plan) if len(plan.candidates) > 1 and plan.calibrated else {}
+    if plan.choice_errors is None and axis in axis_errors:  # AdaDim already measured the written candidate
+        output_error = axis_errors[axis]
+    else:
+        output_error = plan.written_output_error(reconstructed)
     qdq = builders.dequantize_linear(names.allocate(first.layer, first.weight.name), quantized, float_dtype)
     for initializer in qdq.initializers:
         graph.register_initializer(initializer)
@@ -38,27 +50,19 @@ def write_weight(
             use.node.replace_input_with(use.input_index, qdq.output)
     if first.weight.is_initializer() and not first.weight.uses() and not first.weight.is_graph_output():
         graph.initializers.pop(first.weight.name).const_value = None  # out of the graph: its array may be freed
-    if plan.choice_errors is not None:  # chosen between other candidates: the written one is measured below
-        axis_errors = plan.choice_errors
-    else:
-        axis_errors = axis_selectors.matrix_errors(plan) if len(plan.candidates) > 1 and plan.calibrated else {}
-    if plan.choice_errors is None and axis in axis_errors:  # AdaDim already measured the written candidate
-        output_error = axis_errors[axis]
-    else:
-        output_error = plan.written_output_error(reconstructed)
     return WeightRecord(
         name=first.weight.name or "",
         layer=first.layer,
         kind=first.kind,
-        shape=list(plan.weight.shape),
+        shape=list(plan.shape),
         bits=quantized.bits,
         axis=axis,
         group_size=quantized.block_size,
         symmetric=quantized.symmetric,
         method="rtn" if first.kind == "embedding" and plan.tied_head_hessian is None else method,
-        bytes_before=int(plan.weight.size * float_dtype.itemsize),
+        bytes_before=int(math.prod(plan.shape) * float_dtype.itemsize),
         bytes_after=qdq.nbytes,
-        relative_error=relative_error(plan.weight, reconstructed),
+        relative_error=weight_error,
         output_error=output_error,
         axis_errors=axis_errors,
     )

@@ -284,10 +284,11 @@ class SplitOutliersPass(LowbitPass):
             nbytes = writer.add_sparse(nodes, name, sparse)
             record = {"name": name, "layer": layer, "shape": list(weight.shape), "nnz": sparse.nnz, "bytes": nbytes}
             self._records["outliers"].append(record)
+        remainder = _remainder(first, remaining, sparse)
         if bounds is None:
-            writer.keep_in_weight(uses, remaining)
+            writer.keep_in_weight(uses, remainder)
         else:
-            clusters = _Clusters.of(first, remaining, weight, bounds)
+            clusters = _Clusters.of(first, remainder, remaining.shape, bounds)
             writer.add_split(nodes, name, clusters)
             writer.keep_cluster_in_weight(uses, clusters)
 
@@ -323,6 +324,27 @@ def _as_kn(node: ir.Node, weight: np.ndarray) -> np.ndarray:
     return analysis.gemm_weight_kn(node, weight) if node.op_type == "Gemm" else weight
 
 
+def _remainder(
+    first: analysis.WeightUse, remaining: np.ndarray, sparse: outliers.SparseOutliers | None
+) -> Callable[[], np.ndarray]:
+    """What gives a weight's ``[K, N]`` float32 remainder (``remaining``: outliers zeroed) once the pass is done:
+    ``remaining`` itself, or, for a weight that ``lowbit.load`` reads from its file when needed, the weight read
+    again with its outliers zeroed (the same array), so that the model holds no weight the sweep has not reached."""
+    source = first.weight.const_value
+    if not isinstance(source, ir.LazyTensor):
+        return lambda: remaining
+
+    def read() -> np.ndarray:
+        weight = _as_kn(first.node, source.numpy())
+        if sparse is None or not sparse.nnz:
+            return weight
+        weight = weight.copy()
+        weight[sparse.rows, sparse.cols] = 0.0
+        return weight
+
+    return read
+
+
 #: Clusters of a layer split: lower, middle (kept in the original MatMul), upper.
 _CLUSTERS = 3
 
@@ -346,18 +368,19 @@ class _Clusters:
     _alive: weakref.WeakValueDictionary = dataclasses.field(default_factory=weakref.WeakValueDictionary)
 
     @staticmethod
-    def of(first: analysis.WeightUse, remaining: np.ndarray, weight: np.ndarray, bounds: np.ndarray) -> _Clusters:
-        """The clusters of ``first``'s weight (``weight``, ``[K, N]`` float32) whose remainder is ``remaining``
-        (before the initializer is replaced by the kept cluster, which reads this)."""
+    def of(
+        first: analysis.WeightUse, remainder: Callable[[], np.ndarray], shape: tuple[int, ...], bounds: np.ndarray
+    ) -> _Clusters:
+        """The clusters of ``first``'s weight (``remainder``: ``_remainder``, of ``shape``), made before the
+        initializer is replaced by the kept cluster, which reads this."""
         source = first.weight.const_value
-        if remaining is weight and isinstance(source, ir.LazyTensor):
-            remainder, stored = (lambda: _as_kn(first.node, source.numpy())), source.numpy
-        else:
-            stored_array = source.numpy()
-            remainder, stored = (lambda: remaining), (lambda: stored_array)
-        dtype = source.dtype.numpy()
-        transposed = analysis.stores_weight_transposed(first.node)
-        return _Clusters(remainder, stored, bounds, remaining.shape, tuple(source.shape), dtype, transposed)
+        stored_array = None if isinstance(source, ir.LazyTensor) else source.numpy()
+
+        def stored() -> np.ndarray:
+            return source.numpy() if stored_array is None else stored_array
+
+        dtype, transposed = source.dtype.numpy(), analysis.stores_weight_transposed(first.node)
+        return _Clusters(remainder, stored, bounds, tuple(shape), tuple(source.shape), dtype, transposed)
 
     def part(self, cluster: int, name: str) -> ir.LazyTensor:
         """Cluster ``cluster`` (0 = lowest) for a MatMul of its own: ``[K, N]`` in the weight's type (its values,
@@ -417,15 +440,24 @@ class _BranchWriter:
         self.nodes_added += 1
         return node
 
-    def keep_in_weight(self, uses: list[analysis.WeightUse], kept: np.ndarray) -> None:
-        """Zero the weight outside ``kept`` (``[K, N]``: the dense remainder). A Gemm's B keeps its own layout and
-        values (alpha stays in the Gemm; QuantizeWeightsPass folds it later)."""
-        weight = uses[0].weight
-        mask = kept != 0
-        if analysis.stores_weight_transposed(uses[0].node):
-            mask = mask.T
-        original = weight.const_value.numpy()
-        weight.const_value = ir.tensor(np.where(mask, original, np.zeros((), original.dtype)), name=weight.name)
+    def keep_in_weight(self, uses: list[analysis.WeightUse], remainder: Callable[[], np.ndarray]) -> None:
+        """Zero the weight outside ``remainder()`` (``[K, N]``: the dense remainder). A Gemm's B keeps its own layout
+        and values (alpha stays in the Gemm; QuantizeWeightsPass folds it later). A weight read from its file when
+        needed is zeroed when read, again each time."""
+        weight, transposed = uses[0].weight, analysis.stores_weight_transposed(uses[0].node)
+        source, name = weight.const_value, weight.name
+
+        def kept() -> ir.Tensor:
+            mask = remainder() != 0
+            original = source.numpy()
+            return ir.tensor(
+                np.where(mask.T if transposed else mask, original, np.zeros((), original.dtype)), name=name
+            )
+
+        if isinstance(source, ir.LazyTensor):
+            weight.const_value = ir.LazyTensor(kept, source.dtype, source.shape, name=name)
+        else:
+            weight.const_value = kept()
 
     def keep_cluster_in_weight(self, uses: list[analysis.WeightUse], clusters: _Clusters) -> None:
         """Let the weight hold the middle cluster (a Gemm's B in its own layout and values)."""

@@ -83,9 +83,8 @@ def weight_activations(model: ir.Model) -> dict[str, int]:
     for use in analysis.weight_uses(model.graph):
         if use.kind == "embedding":
             continue
-        weight = analysis.weight_value_array(use)
-        transposed = analysis.stores_weight_transposed(use.node)
-        activations[use.node.inputs[0].name] = weight.shape[1] if transposed else weight.shape[0]
+        shape = analysis.weight_shape(use)
+        activations[use.node.inputs[0].name] = shape[1] if analysis.stores_weight_transposed(use.node) else shape[0]
     return activations
 
 

@@ -393,3 +393,44 @@ def test_recipe_and_command_line_take_clip_search():
     assert result.report.recipe["clip_search"] is True
     plain = lowbit.optimize(factories.mlp(), lowbit.Recipe(bits=2, group_size=16))
     assert sum(w.relative_error for w in result.report.weights) < sum(w.relative_error for w in plain.report.weights)
+
+
+@pytest.mark.parametrize("model", [factories.tied_lm, factories.gemm, factories.transposed_weight, factories.mlp])
+def test_weight_shape_is_the_shape_of_the_weight_value_without_reading_it(model):
+    """``analysis.weight_shape`` gives ``weight_value_array``'s shape for every use (a tied head's transposed table
+    included) from the tensors' shapes alone: a weight whose value cannot be read is never asked for it."""
+    from lowbit.ir import analysis
+
+    graph = model().graph
+    uses = analysis.weight_uses(graph)
+    shapes = [analysis.weight_shape(use) for use in uses]
+    assert any(use.weight.const_value is None for use in uses) == (model is factories.tied_lm)
+
+    def unreadable():
+        raise AssertionError("read")
+
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        value.const_value = ir.LazyTensor(unreadable, tensor.dtype, tensor.shape, name=tensor.name)
+    assert [analysis.weight_shape(use) for use in uses] == shapes
+    assert shapes == [analysis.weight_value_array(use).shape for use in analysis.weight_uses(model().graph)]
+
+
+def test_a_budget_on_a_loaded_file_writes_and_reports_what_it_does_in_memory(tmp_path):
+    """A budget measures each weight again when it writes it: a weight that ``lowbit.load`` reads from its file when
+    needed is read before its initializer is replaced. The same tensors and per-weight errors as in memory."""
+    import lowbit
+
+    recipe = lowbit.Recipe(bits=3, group_size=8, budget="8")
+    path = lowbit.save(factories.mlp(), tmp_path / "mlp.onnx")
+    feeds = [factories.feeds_for(factories.mlp(), seed=seed) for seed in range(3)]
+    loaded = lowbit.load(path)
+    matrices = [value.const_value for value in loaded.graph.initializers.values() if len(value.shape) == 2]
+    assert len(matrices) == 2 and all(isinstance(tensor, ir.LazyTensor) for tensor in matrices)
+    results = [lowbit.optimize(model, recipe, calibration=feeds) for model in (loaded, factories.mlp())]
+    tensors = [{n: v.const_value.numpy() for n, v in r.model.graph.initializers.items()} for r in results]
+    assert tensors[0].keys() == tensors[1].keys()
+    for name in tensors[1]:
+        np.testing.assert_array_equal(tensors[0][name], tensors[1][name], err_msg=name)
+    records = [[(w.name, w.bits, w.relative_error, w.output_error) for w in r.report.weights] for r in results]
+    assert records[0] == records[1] and len(records[0]) == 2

@@ -921,33 +921,43 @@ def test_by_layer_calibration_of_a_graph_without_value_types(outlier_fraction, s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("split, outlier_fraction", [(False, 0.0), (True, 0.0), (True, 0.02)])
+@pytest.mark.parametrize(
+    "split, outlier_fraction, budget",
+    [(False, 0.0, None), (False, 0.02, None), (True, 0.0, None), (True, 0.02, None), (False, 0.0, "5")],
+)
 def test_a_loaded_model_reads_its_weights_when_their_layer_comes_and_quantizes_the_same(
-    tmp_path, split, outlier_fraction
+    tmp_path, split, outlier_fraction, budget
 ):
-    """``lowbit.load`` reads no weight: each is read from the file when a pass asks for it, and the layer split's
-    clusters of a weight split without outliers read it again rather than holding it. Plain and split recipes
-    write the same tensors from the loaded file as from the same model held in memory."""
+    """``lowbit.load`` reads no weight: each is read from the file when a pass asks for it, and a weight the layer
+    split or the dense-and-sparse outliers rewrite is read again (its outliers zeroed) rather than held until the
+    sweep reaches it. The recipes (a budget's too, which reads each weight again for its written error) write the
+    same tensors from the loaded file as from the same model in memory."""
     from lowbit.passes import split_outliers
 
     path = tmp_path / "llama.onnx"
     path.write_bytes(_llama_proto(2))
     recipe = lowbit.Recipe(
-        bits=3, group_size=16, method="gptq", axis="adadim", split=split, outlier_fraction=outlier_fraction
+        bits=3,
+        group_size=16,
+        method="gptq",
+        axis="adadim",
+        split=split,
+        outlier_fraction=outlier_fraction,
+        budget=budget,
     )
     feeds = _feeds(4)
     loaded = lowbit.load(path)
     matrices = [value.const_value for value in loaded.graph.initializers.values() if len(value.shape) == 2]
     assert len(matrices) > 14 and all(isinstance(tensor, ir.LazyTensor) for tensor in matrices)
-    made = []
-    of = split_outliers._Clusters.of
+    remainders = []
+    remainder = split_outliers._remainder
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(split_outliers._Clusters, "of", lambda *args: made.append(of(*args)) or made[-1])
+        patch.setattr(split_outliers, "_remainder", lambda *args: remainders.append(remainder(*args)) or remainders[-1])
         _, from_file = _optimize(loaded, recipe, feeds)
     _, in_memory = _optimize(_llama(), recipe, feeds)
     assert from_file.keys() == in_memory.keys()
     for name in in_memory:
         np.testing.assert_array_equal(from_file[name], in_memory[name], err_msg=name)
-    assert bool(made) == recipe.split
-    held = [cell.cell_contents for clusters in made for cell in clusters.remainder.__closure__]
-    assert all(isinstance(value, np.ndarray) == (recipe.outlier_fraction > 0) for value in held if value is not None)
+    assert bool(remainders) == (split or outlier_fraction > 0)
+    held = [cell.cell_contents for read in remainders for cell in read.__closure__]
+    assert all(not isinstance(value, np.ndarray) for value in held)
