@@ -251,8 +251,10 @@ def _read_weights(
 
 class _WeightReader:
     """The file ``lowbit.load`` read a model from, held open (a file moved or deleted afterwards is still read) for
-    its weights' lazy tensors, which share it; closed when the last of them is gone. A file changed in place since
-    it was loaded (another size or modification time) is refused, naming it and the tensor."""
+    its weights' lazy tensors, which share it; closed when the last of them is gone. A tensor's bytes are read once
+    while anything holds them: its readers at one time (a layer's session, its plan, a sensitivity session of the
+    rest of the model) share one array, as they shared the model's own when it held them. A file changed in place
+    since it was loaded (another size or modification time) is refused, naming it and the tensor."""
 
     def __init__(self, path: pathlib.Path):
         self._path = path
@@ -260,6 +262,7 @@ class _WeightReader:
         weakref.finalize(self, self._file.close)
         self._lock = threading.Lock()  # one position in the file
         self._identity = self._stat()
+        self._alive: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()  # by offset
 
     def _stat(self) -> tuple[int, int]:
         status = os.fstat(self._file.fileno())
@@ -268,22 +271,30 @@ class _WeightReader:
     def tensor(
         self, weight: proto_stream.Weight, name: str, dtype: ir.DataType, dims: tuple[int, ...], doc_string: str | None
     ) -> ir.Tensor:
-        """Tensor ``name`` (``weight``: where its bytes lie), as an ``ir.Tensor`` over a read-only array of its own."""
+        """Tensor ``name`` (``weight``: where its bytes lie), as an ``ir.Tensor`` over a read-only array: the one its
+        other readers hold, else read now."""
+        with self._lock:
+            data = self._alive.get(weight.offset)
+            if data is None:
+                data = self._alive[weight.offset] = self._read(weight, name)
+        return _plain_tensor(data, dtype, dims, name, doc_string)
+
+    def _read(self, weight: proto_stream.Weight, name: str) -> np.ndarray:
+        """The bytes of ``weight`` read now (under the reader's lock: one position in the file)."""
         data = np.empty(weight.length, np.uint8)
         view, done = memoryview(data), 0
-        with self._lock:
-            if self._stat() != self._identity:
-                raise ValueError(
-                    f"{str(self._path)!r} changed after lowbit.load read it (tensor {name!r} is read from it when "
-                    "needed): load it again"
-                )
-            self._file.seek(weight.offset)
-            while done < weight.length:  # a raw read may return fewer bytes than asked
-                count = self._file.readinto(view[done:])
-                if not count:
-                    raise ValueError(f"{str(self._path)!r} was cut short after lowbit.load read it (tensor {name!r})")
-                done += count
-        return _plain_tensor(data, dtype, dims, name, doc_string)
+        if self._stat() != self._identity:
+            raise ValueError(
+                f"{str(self._path)!r} changed after lowbit.load read it (tensor {name!r} is read from it when "
+                "needed): load it again"
+            )
+        self._file.seek(weight.offset)
+        while done < weight.length:  # a raw read may return fewer bytes than asked
+            count = self._file.readinto(view[done:])
+            if not count:
+                raise ValueError(f"{str(self._path)!r} was cut short after lowbit.load read it (tensor {name!r})")
+            done += count
+        return data
 
 
 #: The fields of a TensorProto whose tensor ``_own_tensor_bytes`` turns into a NumPy array: what ``ir.Tensor``

@@ -397,10 +397,12 @@ def test_gptq_damping_reaches_gptq():
 
 
 def test_large_weights_are_read_from_the_file_when_asked_for(tmp_path):
-    """lowbit.load reads no large weight: each is read from the file whenever its values are asked for (a new
-    read-only array each time: what a pass keeps, it holds itself), also after the file was moved or deleted; a
-    file changed in place is refused, naming it and the tensor. Saved, the tensors are the file's."""
+    """lowbit.load reads no large weight: each is read from the file when its values are asked for and nothing
+    holds them (readers at one time share one read-only array; none is kept once they let go), also after the file
+    was moved or deleted; a file changed in place is refused, naming it and the tensor. Saved, the tensors are the
+    file's."""
     import os
+    import weakref
 
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -419,8 +421,11 @@ def test_large_weights_are_read_from_the_file_when_asked_for(tmp_path):
     tensor = model.graph.initializers["w"].const_value
     assert isinstance(tensor, ir.LazyTensor)
     first, second = tensor.numpy(), tensor.numpy()
-    assert first is not second and not first.flags.writeable
+    assert np.shares_memory(first, second) and not first.flags.writeable
     np.testing.assert_array_equal(first, weight)
+    read = weakref.ref(first.base)
+    del first, second
+    assert read() is None
     saved = lowbit.save(model, tmp_path / "saved.onnx")
     assert (
         onnx.load(saved).graph.initializer[0].SerializeToString()
