@@ -129,12 +129,14 @@ def weight_value_array(use: WeightUse):
     return table.T
 
 
-def weight_shape(use: WeightUse) -> tuple[int, ...]:
-    """The shape of ``weight_value_array(use)``, from the tensors' shapes: no value is read (a weight that
-    ``lowbit.load`` left in its file stays there)."""
+def weight_shape_kn(use: WeightUse) -> tuple[int, int]:
+    """``[K, N]`` of the weight as its node reads it (a Gemm's transB undone), from the tensors' shapes: no value is
+    read (a weight that ``lowbit.load`` left in its file stays there)."""
     if use.weight.const_value is not None:
-        return tuple(use.weight.const_value.shape)
-    return tuple(use.weight.producer().inputs[0].const_value.shape)[::-1]
+        shape = tuple(use.weight.const_value.shape)
+    else:  # a tied head: the table, transposed
+        shape = tuple(use.weight.producer().inputs[0].const_value.shape)[::-1]
+    return shape[::-1] if stores_weight_transposed(use.node) else shape
 
 
 def weight_layout(node: ir.Node) -> tuple:

@@ -229,7 +229,7 @@ def _read_weights(
     model: ir.Model, proto: onnx.ModelProto, weights: list[proto_stream.Weight], path: pathlib.Path
 ) -> None:
     """Give each main-graph initializer that ``_parse`` left empty a tensor read from the file whenever its values
-    are asked for (``ir.LazyTensor``, not cached: what a pass keeps of it, it holds itself), as
+    are asked for (``ir.LazyTensor``, not cached: its readers at one time share one array, ``_WeightReader``), as
     ``_own_tensor_bytes`` would make it from parsed bytes. Read, not mapped: a mapped file's pages count as the
     process's memory. Of initializers with one name, the model holds the last (``onnx_ir``), read only if empty."""
     if not weights:

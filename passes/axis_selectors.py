@@ -63,11 +63,9 @@ def weight_source(
 ) -> np.ndarray | DeferredWeight:
     """A plan's ``source``: ``read(use)`` (its ``[K, N]`` float32 value) now, or, where the initializer is computed or
     read from its file when asked (``ir.LazyTensor``), when the plan first needs it."""
-    tensor = use.weight.const_value
-    if not isinstance(tensor, ir.LazyTensor):
+    if not isinstance(use.weight.const_value, ir.LazyTensor):
         return read(use)
-    shape = tuple(tensor.shape)[::-1] if analysis.stores_weight_transposed(use.node) else tuple(tensor.shape)
-    return DeferredWeight(shape, functools.partial(read, use))
+    return DeferredWeight(analysis.weight_shape_kn(use), functools.partial(read, use))
 
 
 @dataclasses.dataclass

@@ -83,8 +83,7 @@ def weight_activations(model: ir.Model) -> dict[str, int]:
     for use in analysis.weight_uses(model.graph):
         if use.kind == "embedding":
             continue
-        shape = analysis.weight_shape(use)
-        activations[use.node.inputs[0].name] = shape[1] if analysis.stores_weight_transposed(use.node) else shape[0]
+        activations[use.node.inputs[0].name] = analysis.weight_shape_kn(use)[0]
     return activations
 
 

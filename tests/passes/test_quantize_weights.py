@@ -396,14 +396,15 @@ def test_recipe_and_command_line_take_clip_search():
 
 
 @pytest.mark.parametrize("model", [factories.tied_lm, factories.gemm, factories.transposed_weight, factories.mlp])
-def test_weight_shape_is_the_shape_of_the_weight_value_without_reading_it(model):
-    """``analysis.weight_shape`` gives ``weight_value_array``'s shape for every use (a tied head's transposed table
-    included) from the tensors' shapes alone: a weight whose value cannot be read is never asked for it."""
+def test_weight_shape_kn_is_the_shape_of_the_weight_as_its_node_reads_it_without_reading_it(model):
+    """``analysis.weight_shape_kn`` gives the ``[K, N]`` shape of ``weight_value_array`` (a Gemm's transB undone, a
+    tied head's transposed table included) from the tensors' shapes alone: a weight whose value cannot be read is
+    never asked for it."""
     from lowbit.ir import analysis
 
     graph = model().graph
     uses = analysis.weight_uses(graph)
-    shapes = [analysis.weight_shape(use) for use in uses]
+    shapes = [analysis.weight_shape_kn(use) for use in uses]
     assert any(use.weight.const_value is None for use in uses) == (model is factories.tied_lm)
 
     def unreadable():
@@ -412,8 +413,9 @@ def test_weight_shape_is_the_shape_of_the_weight_value_without_reading_it(model)
     for value in graph.initializers.values():
         tensor = value.const_value
         value.const_value = ir.LazyTensor(unreadable, tensor.dtype, tensor.shape, name=tensor.name)
-    assert [analysis.weight_shape(use) for use in uses] == shapes
-    assert shapes == [analysis.weight_value_array(use).shape for use in analysis.weight_uses(model().graph)]
+    assert [analysis.weight_shape_kn(use) for use in uses] == shapes
+    values = [(use, analysis.weight_value_array(use)) for use in analysis.weight_uses(model().graph)]
+    assert shapes == [v.shape[::-1] if analysis.stores_weight_transposed(u.node) else v.shape for u, v in values]
 
 
 def test_a_budget_on_a_loaded_file_writes_and_reports_what_it_does_in_memory(tmp_path):
