@@ -155,9 +155,11 @@ class OutputSensitivity:
     the model's arrays).
 
     A weight in a decoder layer changes nothing before that layer, so its runs start there: the values that cross
-    into the layer (``sequential.layer_cuts``) are computed once per sample, and a session of the rest of the model
-    (one at a time, made when a weight of its layer is first measured) takes them as inputs. Weights outside the
-    decoder layers, and every weight of a graph that cannot be cut between its layers, run the whole model."""
+    into the layer (``sequential.layer_cuts``) are computed once per sample and wait in a temporary file
+    (``runtime.spill``) until their layer comes, and a session of the rest of the model (one at a time, made when
+    a weight of its layer is first measured) takes them as inputs. Weights outside the decoder layers, and every
+    weight of a graph that cannot be cut between its layers, run the whole model, in a session made when they are
+    measured (none is kept beside the rest-of-model sessions)."""
 
     def __init__(self, model: ir.Model, plans: Sequence[WeightPlan], samples: Sequence[dict[str, np.ndarray]]):
         if not samples:
@@ -182,21 +184,32 @@ class OutputSensitivity:
             model.graph, [plans[i] for i in self.measured], proto
         )
         self._extractor = onnx.utils.Extractor(proto) if self._cuts else None
-        whole = onnx.ModelProto()
-        whole.CopyFrom(proto)  # the extractor keeps ``proto``; the weights are shared, not copied
-        cut_names = list(dict.fromkeys(name for cut in self._cuts for name in cut))
-        whole.graph.output.extend(onnx.ValueInfoProto(name=name) for name in cut_names)
-        self.session = self._session(whole)
-        inputs = set(self.session.input_names)
+        #: The whole model with the cuts' values as outputs too (the extractor keeps ``proto``; the weights are
+        #: shared, not copied), for ``_whole_session``.
+        self._whole = onnx.ModelProto()
+        self._whole.CopyFrom(proto)
+        self._cut_names = list(dict.fromkeys(name for cut in self._cuts for name in cut))
+        self._whole.graph.output.extend(onnx.ValueInfoProto(name=name) for name in self._cut_names)
+        session = self._whole_session()
+        self.input_names = session.input_names  # what a caller feeds (the weights are fed by the sessions)
+        inputs = set(self.input_names)
         self.samples = [{name: value for name, value in sample.items() if name in inputs} for sample in samples]
-        self._float_stream, self._energy = [], 0.0
-        for sample in self.samples:
-            values = dict(zip([self.output, *cut_names], self.session.run([self.output, *cut_names], sample)))
+        #: Per cut and sample (``cut * len(samples) + sample``), the float values entering the cut's layer.
+        self._float_cuts = SpilledSamples(
+            len(self._cuts) * len(self.samples), what="the budget sensitivity's float values at the layer cuts"
+        )
+        weakref.finalize(self, self._float_cuts.close)
+        self._energy = 0.0
+        for index, sample in enumerate(self.samples):
+            values = dict(zip([self.output, *self._cut_names], session.run([self.output, *self._cut_names], sample)))
             self._energy += float(np.square(values.pop(self.output), dtype=np.float64).sum())
-            self._float_stream.append(values)
+            for number, cut in enumerate(self._cuts):
+                self._float_cuts[number * len(self.samples) + index] = {name: values[name] for name in cut}
+            del values
+        del session
         #: The rest of the model from one cut: (cut index, session, its float outputs as the measure compares them:
-        #: arrays, or ``_Distribution`` for ``kl``; and their ``(shape, dtype)``).
-        self._suffix: tuple[int | None, WeightFedSession, list, list] | None = None
+        #: arrays, or ``_Distribution`` for ``kl``; their ``(shape, dtype)``; the cut's float values per sample).
+        self._suffix: tuple[int | None, WeightFedSession, list, list, list] | None = None
         #: The cut values under the last ``context`` (a shallow copy of it, the values per sample).
         self._context_stream: tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]] | None = None
 
@@ -209,39 +222,46 @@ class OutputSensitivity:
             proto, self._data_dirs, options, memory_files=self._memory_files, also=self.names
         )
 
-    def _session_from(self, start: int | None) -> tuple[WeightFedSession, list, list]:
+    def _whole_session(self) -> WeightFedSession:
+        """A session of the whole model, the cuts' values among its outputs."""
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self._whole)
+        return self._session(proto)
+
+    def _session_from(self, start: int | None) -> tuple[WeightFedSession, list, list, list]:
         """The session that runs from cut ``start`` (None: the whole model), its float outputs (computed by that
         session, kept while it is the current one) in the form the measure compares (``_Distribution`` for ``kl``),
-        and their ``(shape, dtype)``."""
+        their ``(shape, dtype)``, and per sample the float values it takes at the cut (none for the whole model)."""
         if self._suffix is None or self._suffix[0] != start:
             self._suffix = None  # one rest-of-model session at a time
             if start is None:
-                session, streams = self.session, [{} for _ in self.samples]
+                session, streams = self._whole_session(), [{} for _ in self.samples]
             else:
                 cut = self._cuts[start]
-                session = self._session(self._extractor.extract_model([*self.session.input_names, *cut], [self.output]))
-                streams = self._float_stream
+                session = self._session(self._extractor.extract_model([*self.input_names, *cut], [self.output]))
+                count = len(self.samples)
+                streams = [self._float_cuts[start * count + index] for index in range(count)]
             reference, layouts = [], []
             for sample, stream in zip(self.samples, streams):  # one sample's logits in memory at a time
                 output = self._run(session, {}, sample, stream)
                 layouts.append((output.shape, output.dtype))
                 reference.append(_Distribution(output) if self.measure == "kl" else output)
                 del output
-            self._suffix = (start, session, reference, layouts)
+            self._suffix = (start, session, reference, layouts, streams)
         return self._suffix[1:]
 
     def _run(self, session: WeightFedSession, weights, sample, stream) -> np.ndarray:
         return np.asarray(session.run([self.output], {**sample, **stream, **weights})[0])
 
-    def _stream(self, context: dict[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
-        """Every sample's cut values with the weights as ``context`` sets them (None: float); computed again when
-        the context holds other arrays than the last one (the same arrays are taken to hold the same values)."""
-        if not context or not self._cuts:
-            return self._float_stream
+    def _context_values(self, context: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Every sample's values at every cut with the weights as ``context`` sets them, by a session of the whole
+        model; computed again when the context holds other arrays than the last one (the same arrays are taken to
+        hold the same values)."""
         cached = None if self._context_stream is None else self._context_stream[0]
         if cached is None or cached.keys() != context.keys() or any(context[k] is not cached[k] for k in context):
-            names = list(self._float_stream[0])
-            values = [dict(zip(names, self.session.run(names, {**sample, **context}))) for sample in self.samples]
+            self._context_stream = None
+            session, names = self._whole_session(), self._cut_names
+            values = [dict(zip(names, session.run(names, {**sample, **context}))) for sample in self.samples]
             self._context_stream = (dict(context), values)
         return self._context_stream[1]
 
@@ -249,8 +269,9 @@ class OutputSensitivity:
         """The output's error with measured weight ``position``'s weight replaced by ``weight`` (``[K, N]``), the
         others float, or as ``context`` (``contexts``: feeds by weight name) gives them."""
         start = self.start_layers[position]
-        session, reference, layouts = self._session_from(start)
-        streams = self._stream(context) if start is not None else [{} for _ in self.samples]
+        session, reference, layouts, streams = self._session_from(start)
+        if context and start is not None:
+            streams = self._context_values(context)
         feed = {**(context or {}), self.names[position]: np.ascontiguousarray(weight, dtype=self.dtypes[position])}
         total, output = 0.0, None
         for index, (sample, stream) in enumerate(zip(self.samples, streams)):

@@ -848,6 +848,7 @@ def test_budget_sensitivity_runs_from_each_weights_layer_and_equals_whole_model_
     its layer: the KL equals the whole model's, alone and beside the other weights' chosen candidates."""
     from lowbit.passes.quant.rtn import quantize_rtn
     from lowbit.passes.sensitivity import OutputSensitivity
+    from lowbit.runtime.session import WeightFedSession
 
     model, feeds = _llama(3), _feeds(2)
     plans = _plans(model)
@@ -869,6 +870,8 @@ def test_budget_sensitivity_runs_from_each_weights_layer_and_equals_whole_model_
             mix = {**context, **alone}
             assert in_context[position][column] == pytest.approx(_kl_to_float(model, mix, feeds), rel=1e-4)
         assert plain[position][0] > plain[position][1] > 0  # 2 bits cost more than 4
+    # Beside the rest-of-model session in use no session of the whole model is kept.
+    assert not [value for value in vars(sensitivity).values() if isinstance(value, WeightFedSession)]
     # A later context that changes a weight before the measured one's layer: its cut is computed again.
     changed = {**context, names[0]: candidates[0][1 - chosen[0]].dequantize()}
     weight = candidates[20][0].dequantize()
