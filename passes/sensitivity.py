@@ -35,10 +35,13 @@ from lowbit.passes import sequential
 from lowbit.passes.axis_selectors import WeightPlan
 from lowbit.passes.quant.rtn import QuantizedWeight
 from lowbit.runtime.calibration import keep_nodes_needed_for
+from lowbit.runtime.memory import release_free_memory
 from lowbit.runtime.session import (
     WeightFedSession,
     external_data_dirs,
+    external_location,
     proto_sharing_initializers,
+    proto_tensors,
     session_feeding_weights,
     session_options,
 )
@@ -237,8 +240,11 @@ class OutputSensitivity:
             if start is None:
                 session, streams = self._whole_session(), [{} for _ in self.samples]
             else:
-                cut = self._cuts[start]
-                session = self._session(self._extractor.extract_model([*self.input_names, *cut], [self.output]))
+                proto = self._extractor.extract_model([*self.input_names, *self._cuts[start]], [self.output])
+                # the weights before the cut are let go of (read again only where a whole-model session needs them)
+                self._memory_files.release({external_location(tensor) for tensor in proto_tensors(proto.graph)})
+                release_free_memory()  # they were read into the heap: their pages go back to the system
+                session = self._session(proto)
                 count = len(self.samples)
                 streams = [self._float_cuts[start * count + index] for index in range(count)]
             reference, layouts = [], []

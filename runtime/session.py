@@ -411,8 +411,9 @@ _SHARED_LOCATION = "lowbit-in-memory/"
 
 class MemoryFiles(Mapping[str, np.ndarray]):
     """``{location: uint8 array}`` of in-memory external data (``proto_sharing_initializers``). A lazily computed
-    initializer (``ir.LazyTensor``: a layer split's clusters) is computed when a session first reads its location
-    and kept until ``pop``: a sweep of the model's layers holds one layer's, not all of them at once."""
+    initializer (``ir.LazyTensor``: a weight ``lowbit.load`` reads from its file, a layer split's clusters) is
+    computed when a session first reads its location and kept until ``pop``, or until ``release`` lets go of it
+    (computed again if read again): a sweep of the model's layers holds one layer's, not all of them at once."""
 
     def __init__(self):
         self._arrays: dict[str, np.ndarray] = {}
@@ -426,14 +427,14 @@ class MemoryFiles(Mapping[str, np.ndarray]):
 
     def __getitem__(self, location: str) -> np.ndarray:
         if location not in self._arrays:
-            self.put(location, np.ascontiguousarray(self._deferred.pop(location).numpy()))
+            self._arrays[location] = np.ascontiguousarray(self._deferred[location].numpy()).reshape(-1).view(np.uint8)
         return self._arrays[location]
 
     def __iter__(self) -> Iterator[str]:
-        return iter([*self._arrays, *self._deferred])
+        return iter(dict.fromkeys([*self._arrays, *self._deferred]))
 
     def __len__(self) -> int:
-        return len(self._arrays) + len(self._deferred)
+        return len(self._arrays.keys() | self._deferred.keys())
 
     def __contains__(self, location: object) -> bool:
         return location in self._arrays or location in self._deferred
@@ -442,6 +443,13 @@ class MemoryFiles(Mapping[str, np.ndarray]):
         """Let go of ``location`` (its array, or what would compute it)."""
         self._deferred.pop(location, None)
         return self._arrays.pop(location, default)
+
+    def release(self, keep: Collection[str]) -> None:
+        """Let go of the computed arrays of the lazily computed locations not in ``keep``; a later read computes them
+        again (a weight read from its file: read again, or shared with whoever still holds it)."""
+        for location in [location for location in self._arrays if location in self._deferred]:
+            if location not in keep:
+                del self._arrays[location]
 
 
 def proto_sharing_initializers(model: ir.Model) -> tuple[onnx.ModelProto, MemoryFiles]:

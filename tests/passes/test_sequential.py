@@ -880,6 +880,31 @@ def test_budget_sensitivity_runs_from_each_weights_layer_and_equals_whole_model_
     assert got != pytest.approx(in_context[20][0], rel=1e-4)
 
 
+def test_budget_sensitivity_lets_go_of_a_loaded_models_weights_before_the_layer_it_runs_from(tmp_path):
+    """The rest-of-model session from a layer's cut reads the weights of that layer on: those before it, which a
+    loaded model reads from its file, are let go of (read again only for a whole-model session). The errors are
+    those of the same model in memory, bit for bit."""
+    from lowbit.passes.sensitivity import OutputSensitivity
+
+    path = tmp_path / "llama.onnx"
+    path.write_bytes(_llama_proto(3))
+    feeds = _feeds(2)
+    loaded, in_memory = lowbit.load(path), _llama(3)
+    sensitivities = [OutputSensitivity(model, _plans(model), feeds) for model in (loaded, in_memory)]
+    weights = [plan.weight * np.float32(1.01) for plan in _plans(in_memory)]
+    held = []
+    for position in (0, 7, 14, 20):  # layers 0, 1, 2, 2
+        from_file, from_memory = (sensitivity.error(position, weights[position]) for sensitivity in sensitivities)
+        assert from_file == from_memory > 0
+        held.append(len(sensitivities[0]._memory_files._arrays))
+    assert held[0] > held[1] > held[2] == held[3]  # a layer's 7 weights let go of at each cut
+    assert held[0] - held[2] == 14
+    plans = _plans(loaded)
+    context = {plan.first.weight.name: weight for plan, weight in zip(plans, weights)}
+    mixed = [sensitivity.error(0, weights[0], context) for sensitivity in sensitivities]  # a whole-model session
+    assert mixed[0] == mixed[1] > 0
+
+
 def test_kl_budget_on_a_graph_without_value_types_cuts_it_between_layers():
     """The sensitivity's rest-of-model sessions start at typed values: a file without value types gets them first."""
     model = _llama(2)

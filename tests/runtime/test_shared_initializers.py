@@ -50,7 +50,8 @@ def test_large_initializers_are_references_to_the_models_arrays_and_the_outputs_
 
 def test_a_lazily_computed_initializer_is_computed_when_a_session_reads_it_and_let_go_when_popped():
     """``ir.LazyTensor`` initializers (a layer split's clusters) are shared without being computed; a session that
-    reads one computes it once, and ``pop`` lets it go."""
+    reads one computes it once, ``release`` lets go of its array unless kept (a later read computes it again), and
+    ``pop`` lets go of it altogether."""
     model = factories.mlp()
     value = model.graph.initializers["w1"]
     array = value.const_value.numpy()
@@ -68,7 +69,17 @@ def test_a_lazily_computed_initializer_is_computed_when_a_session_reads_it_and_l
     shared = session_from_proto(proto, {}, memory_files=memory).run(None, feeds)
     assert len(computed) == 1
     np.testing.assert_array_equal(memory[location].view(array.dtype).reshape(array.shape), array)
-    assert len(computed) == 1  # kept until popped
+    assert len(computed) == 1  # kept until released or popped
+    memory.release(keep={location})
+    memory[location]
+    assert len(computed) == 1
+    memory.release(keep=())
+    assert location in memory and len(memory) == 2 and len(computed) == 1  # let go of, not computed yet
+    np.testing.assert_array_equal(memory[location].view(array.dtype).reshape(array.shape), array)
+    assert len(computed) == 2
+    before = len(memory)
+    memory.release(keep=())  # w2, in memory from the start, cannot be computed again: kept
+    assert len(memory) == before and all(memory[name].size for name in memory)
     value.const_value = ir.tensor(array)
     plain = session_from_proto(ir.to_proto(model), {}).run(None, feeds)
     for left, right in zip(shared, plain):
