@@ -160,9 +160,10 @@ class OutputSensitivity:
     A weight in a decoder layer changes nothing before that layer, so its runs start there: the values that cross
     into the layer (``sequential.layer_cuts``) are computed once per sample and wait in a temporary file
     (``runtime.spill``) until their layer comes, and a session of the rest of the model (one at a time, made when
-    a weight of its layer is first measured) takes them as inputs. Weights outside the decoder layers, and every
-    weight of a graph that cannot be cut between its layers, run the whole model, in a session made when they are
-    measured (none is kept beside the rest-of-model sessions)."""
+    a weight of its layer is first measured) takes them as inputs; the weights before its cut are let go of then
+    (``MemoryFiles.release``: those of a loaded model are read again only for a whole-model session). Weights
+    outside the decoder layers, and every weight of a graph that cannot be cut between its layers, run the whole
+    model, in a session made when they are measured (none is kept beside the rest-of-model sessions)."""
 
     def __init__(self, model: ir.Model, plans: Sequence[WeightPlan], samples: Sequence[dict[str, np.ndarray]]):
         if not samples:
@@ -202,10 +203,13 @@ class OutputSensitivity:
             len(self._cuts) * len(self.samples), what="the budget sensitivity's float values at the layer cuts"
         )
         weakref.finalize(self, self._float_cuts.close)
-        self._energy = 0.0
+        self._energy = 0.0  # relative_mse's denominator (a KL needs none: no float64 square of the logits)
         for index, sample in enumerate(self.samples):
             values = dict(zip([self.output, *self._cut_names], session.run([self.output, *self._cut_names], sample)))
-            self._energy += float(np.square(values.pop(self.output), dtype=np.float64).sum())
+            output = values.pop(self.output)
+            if self.measure != "kl":
+                self._energy += float(np.square(output, dtype=np.float64).sum())
+            del output
             for number, cut in enumerate(self._cuts):
                 self._float_cuts[number * len(self.samples) + index] = {name: values[name] for name in cut}
             del values
