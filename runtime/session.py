@@ -427,7 +427,7 @@ class MemoryFiles(Mapping[str, np.ndarray]):
 
     def __getitem__(self, location: str) -> np.ndarray:
         if location not in self._arrays:
-            self._arrays[location] = np.ascontiguousarray(self._deferred[location].numpy()).reshape(-1).view(np.uint8)
+            self.put(location, np.ascontiguousarray(self._deferred[location].numpy()))
         return self._arrays[location]
 
     def __iter__(self) -> Iterator[str]:
@@ -447,9 +447,8 @@ class MemoryFiles(Mapping[str, np.ndarray]):
     def release(self, keep: Collection[str]) -> None:
         """Let go of the computed arrays of the lazily computed locations not in ``keep``; a later read computes them
         again (a weight read from its file: read again, or shared with whoever still holds it)."""
-        for location in [location for location in self._arrays if location in self._deferred]:
-            if location not in keep:
-                del self._arrays[location]
+        for location in [location for location in self._arrays if location in self._deferred and location not in keep]:
+            del self._arrays[location]
 
 
 def proto_sharing_initializers(model: ir.Model) -> tuple[onnx.ModelProto, MemoryFiles]:
